@@ -1,0 +1,77 @@
+"""Shared pytest fixtures. Each part of the project keeps its fixtures in its own section."""
+
+# ---------------------------------------------------------------------------------------------
+# Editor fixtures (python/ultraedit; issue 4): tiny offline tokenizers and random-init models.
+# ---------------------------------------------------------------------------------------------
+import os as _ue_os
+import sys as _ue_sys
+
+import pytest as _ue_pytest
+
+_ue_os.environ.setdefault("HF_HUB_OFFLINE", "1")
+_UE_ROOT = _ue_os.path.dirname(_ue_os.path.dirname(_ue_os.path.abspath(__file__)))
+for _ue_p in (_UE_ROOT, _ue_os.path.join(_UE_ROOT, "python")):
+    if _ue_p not in _ue_sys.path:
+        _ue_sys.path.insert(0, _ue_p)
+
+UE_CORPUS = [
+    "The capital of France is Paris.",
+    "The capital of Germany is Berlin.",
+    "The capital of Italy is Rome.",
+    "The capital of Spain is Madrid.",
+    "The capital city of Japan is Tokyo, a large city.",
+    "Paris is in France and Berlin is in Germany.",
+    "The official language of Peru is Spanish.",
+    "The currency of Japan is the yen.",
+]
+
+
+def ue_make_tokenizer(with_bos=True):
+    """A small byte-level BPE tokenizer trained on UE_CORPUS (no hub access)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(UE_CORPUS, trainer)
+    if with_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   model_max_length=64)
+    return fast
+
+
+@_ue_pytest.fixture(scope="session")
+def ue_tokenizer():
+    return ue_make_tokenizer(with_bos=True)
+
+
+@_ue_pytest.fixture(scope="session")
+def ue_tokenizer_nobos():
+    return ue_make_tokenizer(with_bos=False)
+
+
+def ue_tiny_model(kind, vocab_size, seed=0):
+    """A random-init causal LM from a config: 'llama', 'gpt2' (Conv1D) or 'gptj'."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+                             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=64, tie_word_embeddings=False)
+    elif kind == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=3, n_head=4, n_positions=64)
+    elif kind == "gptj":
+        cfg = tf.GPTJConfig(vocab_size=vocab_size, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                            rotary_dim=4)
+    else:
+        raise ValueError(kind)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    return model.float().eval()
+# ------------------------------------------------------------------ end of editor fixtures ----
