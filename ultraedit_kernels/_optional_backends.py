@@ -1,0 +1,24 @@
+"""Registration of the optional backends (Triton kernels, the compiled extension).
+
+Kept apart from the op files so that importing an op never imports Triton: each optional
+module registers its implementations on import, and a failed import only leaves the op
+with fewer backends.  Nothing here touches CUDA.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Dict
+
+_log = logging.getLogger("ultraedit_kernels")
+
+# module -> why it could not be imported (None when it registered fine)
+OPTIONAL_MODULES = ()
+IMPORT_ERRORS: Dict[str, str] = {}
+
+for _name in OPTIONAL_MODULES:
+    try:
+        importlib.import_module(f"ultraedit_kernels.{_name}")
+    except Exception as _err:  # never break import
+        IMPORT_ERRORS[_name] = f"{type(_err).__name__}: {_err}"
+        _log.debug("optional backend module %s not registered: %s", _name, _err)

@@ -1,0 +1,52 @@
+"""Input checks shared by the ops: clear errors that name the argument and the problem."""
+from __future__ import annotations
+
+import torch
+
+
+def check_float_matrix(name: str, x, *, allow_empty: bool = False) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows x features), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0 and not allow_empty:
+        raise ValueError(f"{name} has no rows (N = 0): there is nothing to edit")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has zero columns, shape {tuple(x.shape)}")
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    """Raise if ``x`` holds NaN or Inf (one reduction; syncs on CUDA)."""
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} contains {bad} NaN/Inf value(s); refusing to use it")
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device; got {listing}")
+    return first
+
+
+def check_keys_grads(keys: torch.Tensor, values_grad: torch.Tensor, *, finite: bool = True) -> None:
+    """Validate the (keys, values_grad) pair that every UltraEdit op takes."""
+    check_float_matrix("keys", keys)
+    check_float_matrix("values_grad", values_grad)
+    if keys.shape[0] != values_grad.shape[0]:
+        raise ValueError(
+            f"keys and values_grad must have the same number of rows (one per answer token); "
+            f"got {keys.shape[0]} and {values_grad.shape[0]}")
+    check_same_device(keys=keys, values_grad=values_grad)
+    if finite:
+        check_finite("keys", keys)
+        check_finite("values_grad", values_grad)
+
+
+def check_ridge(ridge: float) -> None:
+    if not (float(ridge) > 0.0) or ridge != ridge or ridge == float("inf"):
+        raise ValueError(f"ridge must be a positive finite number (the system's λ), got {ridge}")

@@ -1,0 +1,103 @@
+"""Add the rank-N UltraEdit update ``ΔW = Kᵀ A`` to a weight in place.
+
+Formula (``K`` keys N x d_in, ``A`` factors N x d_out)::
+
+    nn.Linear  (weight d_out x d_in):  W += Aᵀ K        (= ΔWᵀ)
+    GPT-2 Conv1D (weight d_in x d_out): W += Kᵀ A        (= ΔW)
+
+No dense float32 ΔW is materialized for float32/float64 weights (one in-place ``addmm_``).
+bf16/fp16 weights are updated in row blocks: each block is computed in float32 and
+rounded once, so the temporary is at most ``_BLOCK_BYTES``.
+
+Equivalent PyTorch::
+
+    W += (A.T @ K.float()).to(W.dtype)        # Linear
+    W += (K.float().T @ A).to(W.dtype)        # Conv1D
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _backends
+from ._validation import check_finite, check_float_matrix
+
+OP = "apply_shift"
+LAYOUTS = ("linear", "conv1d")
+_BLOCK_BYTES = 64 << 20
+
+
+def apply_shift_reference(weight: torch.Tensor, keys: torch.Tensor, factors: torch.Tensor,
+                          linear: bool) -> None:
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    k = keys.to(compute)
+    a = factors.to(compute)
+    left, right = (a.T, k) if linear else (k.T, a)   # W += left @ right
+    if weight.dtype == compute:
+        weight.addmm_(left, right)
+        return
+    rows_per_block = max(1, _BLOCK_BYTES // (4 * weight.shape[1]))
+    for start in range(0, weight.shape[0], rows_per_block):
+        block = weight[start:start + rows_per_block]
+        update = torch.addmm(block.to(compute), left[start:start + rows_per_block], right)
+        block.copy_(update)
+
+
+@torch.library.custom_op("ultraedit::apply_shift_", mutates_args=("weight",))
+def apply_shift_op(weight: torch.Tensor, keys: torch.Tensor, factors: torch.Tensor,
+                   linear: bool) -> None:
+    _, fn = _backends.select(OP, weight.device, weight, keys, factors)
+    fn(weight, keys, factors, linear)
+
+
+@apply_shift_op.register_fake
+def _(weight, keys, factors, linear):
+    return None
+
+
+_backends.register_impl(OP, "torch", apply_shift_reference)
+
+
+def layout_of(module: torch.nn.Module) -> str:
+    """``"linear"`` for ``nn.Linear``, ``"conv1d"`` for GPT-2 style ``Conv1D``."""
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return "conv1d"
+    raise TypeError(
+        f"can only edit nn.Linear or GPT-2 Conv1D modules, got {type(module).__name__}")
+
+
+def apply_shift_(weight, keys: torch.Tensor, factors: torch.Tensor,
+                 layout: Optional[str] = None) -> None:
+    """In place: add ``ΔW = keysᵀ factors`` to ``weight`` (a tensor, or a Linear/Conv1D module).
+
+    ``layout`` is ``"linear"`` (weight d_out x d_in) or ``"conv1d"`` (weight d_in x d_out);
+    it is inferred when a module is passed.  See the module docstring for the formula.
+    """
+    if isinstance(weight, torch.nn.Module):
+        inferred = layout_of(weight)
+        if layout is not None and layout != inferred:
+            raise ValueError(f"layout={layout!r} contradicts the module type ({inferred})")
+        layout, weight = inferred, weight.weight
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS} (or pass the module), got {layout!r}")
+    if isinstance(weight, torch.nn.Parameter):
+        weight = weight.data
+    check_float_matrix("weight", weight)
+    check_float_matrix("keys", keys)
+    check_float_matrix("factors", factors)
+    if keys.shape[0] != factors.shape[0]:
+        raise ValueError(f"keys and factors must have the same rows, got {keys.shape[0]} and "
+                         f"{factors.shape[0]}")
+    expected = ((factors.shape[1], keys.shape[1]) if layout == "linear"
+                else (keys.shape[1], factors.shape[1]))
+    if tuple(weight.shape) != expected:
+        raise ValueError(f"{layout} weight has shape {tuple(weight.shape)} but keys/factors imply "
+                         f"{expected}")
+    if not (weight.device == keys.device == factors.device):
+        raise ValueError(f"weight ({weight.device}), keys ({keys.device}) and factors "
+                         f"({factors.device}) must be on one device")
+    check_finite("factors", factors)
+    apply_shift_op(weight, keys, factors, layout == "linear")
