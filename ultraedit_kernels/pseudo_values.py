@@ -65,6 +65,10 @@ def check_stats_for(keys: torch.Tensor, values_grad: torch.Tensor, stats: Runnin
         raise ValueError(f"stats live on {stats.device} but keys are on {keys.device}")
     if stats.count == 0:
         raise ValueError("stats are empty: update them with torch.cat([keys, values_grad], 1) first")
+    if not bool(torch.isfinite(stats.m2).all()):
+        raise ValueError(
+            "stats hold NaN/Inf (compat='official' reproduces the reference code, whose M2 "
+            "update is NaN after a one-row block); use compat='fixed' or larger blocks")
 
 
 def pseudo_values(keys: torch.Tensor, values_grad: torch.Tensor, stats: RunningStats,

@@ -26,7 +26,8 @@ OP = "spd_solve"
 
 def spd_solve_reference(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     factor, info = torch.linalg.cholesky_ex(a)
-    return torch.cholesky_solve(b, factor), info
+    # LAPACK hands back a column-major solution; callers (and the fake) expect row-major.
+    return torch.cholesky_solve(b, factor).contiguous(), info
 
 
 @torch.library.custom_op("ultraedit::spd_solve", mutates_args=())

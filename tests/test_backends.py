@@ -1,0 +1,104 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ultraedit_kernels as uk
+from ultraedit_kernels import _backends
+from fp64_reference import realistic_features
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
+                                                    os.environ.get("PYTHONPATH", "")])}
+
+
+def test_unknown_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("ULTRAEDIT_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="ULTRAEDIT_BACKEND='fastest' is not a backend"):
+        _backends.select("gram", torch.device("cpu"))
+
+
+def test_torch_backend_uses_references(monkeypatch):
+    monkeypatch.setenv("ULTRAEDIT_BACKEND", "torch")
+    for op in _backends.registered_ops():
+        assert _backends.select(op, torch.device("cpu"))[0] == "torch"
+
+
+def test_auto_never_fails_on_cpu(monkeypatch):
+    monkeypatch.setenv("ULTRAEDIT_BACKEND", "auto")
+    table = _backends.dispatch_table(torch.device("cpu"))
+    assert set(table) >= {"stats_update", "pseudo_values", "gram", "spd_solve", "apply_shift"}
+    assert not any(v.startswith("error") for v in table.values())
+
+
+def test_unavailable_backend_says_why_and_how(monkeypatch):
+    # CUDA kernels can never run on CPU tensors: the message must say so and how to get them.
+    keys, grads = realistic_features(5, 9, 4)
+    stats = uk.RunningStats(13).update(torch.cat([keys, grads], 1))
+    monkeypatch.setenv("ULTRAEDIT_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="ULTRAEDIT_BACKEND=cuda was requested but"):
+        uk.param_shift(keys, grads, stats)
+
+
+def test_register_impl_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend"):
+        _backends.register_impl("gram", "opencl", lambda *a: None)
+
+
+def test_import_does_not_initialize_cuda():
+    code = ("import torch, ultraedit_kernels, ultraedit_kernels.info; "
+            "import ultraedit_kernels._extension as e; e.extension(); "
+            "print(torch.cuda.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_info_cli_json():
+    out = subprocess.run([sys.executable, "-m", "ultraedit_kernels.info", "--json"], env=ENV,
+                         capture_output=True, text=True, check=True)
+    info = json.loads(out.stdout)
+    assert info["dispatch"]["cpu"]["param_shift" if "param_shift" in info["dispatch"]["cpu"] else "gram"]
+    assert set(info["backends"]) == {"torch", "triton", "cuda", "cpp"}
+    assert info["backends"]["torch"]["cpu"] == "available"
+    text = subprocess.run([sys.executable, "-m", "ultraedit_kernels.info"], env=ENV,
+                          capture_output=True, text=True, check=True).stdout
+    assert "dispatch with ULTRAEDIT_BACKEND=" in text
+
+
+def _opcheck_cases():
+    keys, grads = realistic_features(11, 19, 7, seed=2)
+    stats = uk.RunningStats(26).update(torch.cat([keys, grads], 1))
+    spd = keys @ keys.T + torch.eye(11)
+    return {
+        "stats_update": (uk.stats_update_op, (torch.cat([keys, grads], 1), stats.count_tensor,
+                                              stats.mean, stats.m2, False)),
+        "pseudo_values": (uk.pseudo_values_op, (keys, grads, stats.mean, stats.std, 1e-3, uk.EPS)),
+        "gram_rows": (uk.gram_op, (keys, 1.0, True)),
+        "gram_cols": (uk.gram_op, (keys, 1.0, False)),
+        "spd_solve": (uk.spd_solve_op, (spd, torch.randn(11, 5))),
+        "apply_shift": (uk.apply_shift_op, (torch.randn(7, 19), keys, torch.randn(11, 7), True)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_opcheck_cases()))
+def test_opcheck(name):
+    op, args = _opcheck_cases()[name]
+    torch.library.opcheck(op, args)
+
+
+def test_ops_compose_with_torch_compile():
+    keys, grads = realistic_features(11, 19, 7, seed=4)
+    stats = uk.RunningStats(26).update(torch.cat([keys, grads], 1))
+
+    def shift(k, g, mean, std):
+        v = uk.pseudo_values_op(k, g, mean, std, 1e-3, uk.EPS)
+        a, _ = uk.spd_solve_op(uk.gram_op(k, 1.0, True), v)
+        return k.T @ a
+
+    eager = shift(keys, grads, stats.mean, stats.std)
+    compiled = torch.compile(shift, backend="eager", fullgraph=True)(keys, grads, stats.mean, stats.std)
+    assert torch.allclose(eager, compiled)
