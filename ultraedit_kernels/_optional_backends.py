@@ -13,7 +13,7 @@ from typing import Dict
 _log = logging.getLogger("ultraedit_kernels")
 
 # module -> why it could not be imported (None when it registered fine)
-OPTIONAL_MODULES = ()
+OPTIONAL_MODULES = ("_triton.pseudo_values", "_triton.stats_update", "_triton.gram")
 IMPORT_ERRORS: Dict[str, str] = {}
 
 for _name in OPTIONAL_MODULES:

@@ -1,0 +1,72 @@
+"""The Gram kernel (``K Kᵀ + λI`` and ``Kᵀ K + λI``) vs float64 and vs torch.matmul in float32."""
+import pytest
+import torch
+
+import ultraedit_kernels as uk
+from ultraedit_kernels import _backends
+from tolerances import rel_err
+from triton_testing import (DEVICE, DTYPES, GRAM_FACTOR, TOLERANCES, odd_features,
+                            requires_kernels, use_backend)
+
+pytestmark = requires_kernels
+
+
+def _mod():
+    from ultraedit_kernels._triton import gram as mod
+    return mod
+
+
+def _references(x, ridge, rows):
+    xd = x.cpu().double()
+    ref = xd @ xd.T if rows else xd.T @ xd
+    ref.diagonal().add_(ridge)
+    xf = x.cpu().float()
+    torch32 = xf @ xf.T if rows else xf.T @ xf
+    torch32.diagonal().add_(ridge)
+    return ref, torch32
+
+
+# (n, d): one tile, two tile rows (off-diagonal tile mirrored), masked K slices (BLOCK_K = 32);
+# rows=True on (1030, 5) is the "large" configuration (BLOCK_M = 128, output >= 1024)
+SHAPES = [(37, 53), (70, 45), (5, 131)]
+
+
+@pytest.mark.parametrize("rows", [True, False], ids=["rows", "cols"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_fp64_as_well_as_torch(shape, dtype, rows):
+    keys, _ = odd_features(shape[0], shape[1], 1, seed=sum(shape), dtype=dtype)
+    got = _mod().gram_triton(keys, 0.7, rows)
+    ref, torch32 = _references(keys, 0.7, rows)
+    m = shape[0] if rows else shape[1]
+    assert got.dtype == torch.float32 and got.shape == (m, m)
+    bound = GRAM_FACTOR * rel_err(torch32, ref) + TOLERANCES["gram_floor"][dtype]
+    assert rel_err(got.cpu(), ref) <= bound
+    torch.testing.assert_close(got, got.T, rtol=1e-6, atol=1e-6)   # both triangles filled
+
+
+def test_large_configuration():
+    keys, _ = odd_features(1030, 5, 1, seed=1, dtype=torch.bfloat16)
+    assert _mod().choose_config(1030) == "large"
+    got = _mod().gram_triton(keys, 1.0, True)
+    ref, torch32 = _references(keys, 1.0, True)
+    bound = GRAM_FACTOR * rel_err(torch32, ref) + TOLERANCES["gram_floor"][torch.bfloat16]
+    assert rel_err(got.cpu(), ref) <= bound
+
+
+def test_strided_input_and_float64():
+    keys, _ = odd_features(40, 9, 1, seed=2)
+    view = keys.T.contiguous().T     # column-major: the kernel reads it through strides
+    ref, _ = _references(keys, 2.0, True)
+    assert rel_err(_mod().gram_triton(view, 2.0, True).cpu(), ref) < 1e-6
+    k64 = keys.double()
+    reference = _backends.implementations("gram")["torch"].fn
+    torch.testing.assert_close(_mod().gram_triton(k64, 2.0, False), reference(k64, 2.0, False))
+
+
+@pytest.mark.parametrize("rows", [True, False], ids=["rows", "cols"])
+def test_opcheck_with_triton_selected(monkeypatch, rows):
+    use_backend(monkeypatch, "triton")
+    keys, _ = odd_features(11, 19, 1, seed=2)
+    assert _backends.select("gram", DEVICE, keys)[0] == "triton"
+    torch.library.opcheck(uk.gram_op, (keys, 1.0, rows))

@@ -1,0 +1,119 @@
+"""Triton kernel for ``ultraedit::gram``: ``K Kᵀ + λI`` (dual) and ``Kᵀ K + λI`` (primal).
+
+Both are ``C = X Xᵀ + λI`` for ``X = K`` (rows) or ``X = Kᵀ`` (columns, by strides: no copy).
+Program ``(i, j)`` with ``i >= j`` computes the ``BLOCK_M x BLOCK_M`` tile ``X_i X_jᵀ`` with
+``tl.dot`` over ``BLOCK_K`` slices (float32 accumulation; float32 input uses
+``input_precision="ieee"``, i.e. no TF32), adds λ on the diagonal, stores it, and stores its
+transpose in the upper triangle: half the work of a general matmul, and the full matrix the
+op promises (``spd_solve`` reads only the lower triangle).  Programs with ``j > i`` exit.
+
+Under ``TRITON_INTERPRET=1`` bf16/fp16 tiles are cast to float32 before ``tl.dot`` (the
+interpreter's dot is NumPy's).  Float64 input goes to the reference (float64 result).
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _backends
+from ._common import INTERPRET, SUPPORTED_DTYPES, TRITON_DTYPE, AotSpec, auto_ok, available
+
+_op = importlib.import_module("ultraedit_kernels.gram")
+
+
+@triton.jit
+def _gram_kernel(x_ptr, c_ptr, m_size, k_size, stride_m, stride_k, stride_c, ridge,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+                 IEEE: tl.constexpr):
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    if pid_j > pid_i:
+        return
+    offs_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j = pid_j * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_i = offs_i < m_size
+    mask_j = offs_j < m_size
+    a_ptrs = x_ptr + offs_i.to(tl.int64)[:, None] * stride_m + offs_k[None, :] * stride_k
+    b_ptrs = x_ptr + offs_j.to(tl.int64)[None, :] * stride_m + offs_k[:, None] * stride_k
+    acc = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, k_size, BLOCK_K):
+        kmask = (k0 + offs_k) < k_size
+        a = tl.load(a_ptrs, mask=mask_i[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=kmask[:, None] & mask_j[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_k
+        b_ptrs += BLOCK_K * stride_k
+    acc += tl.where(offs_i[:, None] == offs_j[None, :], ridge, 0.0)
+    mask = mask_i[:, None] & mask_j[None, :]
+    ci = offs_i.to(tl.int64)
+    cj = offs_j.to(tl.int64)
+    tl.store(c_ptr + ci[:, None] * stride_c + cj[None, :], acc, mask=mask)
+    if pid_j < pid_i:   # mirror into the upper triangle
+        tl.store(c_ptr + cj[None, :] * stride_c + ci[:, None], acc, mask=mask)
+
+
+# (BLOCK_M, BLOCK_K, num_warps, num_stages) per input dtype size class; the launcher picks by
+# the output size; the AOT test compiles every entry for every dtype and layout.
+CONFIGS = {
+    "small": (64, 32, 4, 3),
+    "large": (128, 32, 8, 3),
+}
+LARGE_OUTPUT = 1024
+
+
+def choose_config(m_size: int) -> str:
+    return "large" if m_size >= LARGE_OUTPUT else "small"
+
+
+def gram_triton(x, ridge: float, rows: bool):
+    """Launcher with the signature of the op's implementations (see ``gram.py``)."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        return _op.gram_reference(x, ridge, rows)
+    if rows:
+        m_size, k_size = x.shape
+        stride_m, stride_k = x.stride(0), x.stride(1)
+    else:
+        k_size, m_size = x.shape
+        stride_m, stride_k = x.stride(1), x.stride(0)
+    out = torch.empty((m_size, m_size), dtype=torch.float32, device=x.device)
+    block_m, block_k, warps, stages = CONFIGS[choose_config(m_size)]
+    tiles = triton.cdiv(m_size, block_m)
+    _gram_kernel[(tiles, tiles)](
+        x, out, m_size, k_size, stride_m, stride_k, out.stride(0), float(ridge),
+        BLOCK_M=block_m, BLOCK_K=block_k, UPCAST=INTERPRET and x.dtype != torch.float32,
+        IEEE=x.dtype == torch.float32 or INTERPRET, num_warps=warps, num_stages=stages)
+    return out
+
+
+def aot_specs():
+    """Every configuration the launcher can launch on a GPU (both layouts, aligned strides)."""
+    specs = []
+    for dtype in SUPPORTED_DTYPES:
+        t = TRITON_DTYPE[dtype]
+        for cfg, (block_m, block_k, warps, stages) in CONFIGS.items():
+            for layout, unit in (("rows", "stride_k"), ("cols", "stride_m")):
+                other = "stride_m" if unit == "stride_k" else "stride_k"
+                specs.append(AotSpec(
+                    name=f"gram[{t},{cfg},{layout}]", kernel=_gram_kernel,
+                    signature={"x_ptr": f"*{t}", "c_ptr": "*fp32", "m_size": "i32",
+                               "k_size": "i32", other: "i32", "stride_c": "i32",
+                               "ridge": "fp32"},
+                    constexprs={unit: 1, "BLOCK_M": block_m, "BLOCK_K": block_k,
+                                "UPCAST": False, "IEEE": dtype == torch.float32},
+                    num_warps=warps, num_stages=stages,
+                    divisible=("x_ptr", "c_ptr", other, "stride_c")))
+    return specs
+
+
+_backends.register_impl(_op.OP, "triton", gram_triton, available=available,
+                        auto_priority=10, auto_ok=auto_ok)
