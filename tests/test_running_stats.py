@@ -102,3 +102,14 @@ def test_cuda_matches_cpu():
         gpu.update(b.cuda())
     assert gpu.device.type == "cuda"
     assert rel_err(gpu.mean.cpu(), cpu.mean) < 1e-12 and rel_err(gpu.m2.cpu(), cpu.m2) < 1e-10
+
+
+def test_update_pair_equals_update_of_concatenation():
+    g = torch.Generator().manual_seed(7)
+    keys, grads = torch.randn(9, 13, generator=g) + 2, torch.randn(9, 6, generator=g) * 1e-3
+    a = RunningStats(19).update(torch.cat([keys, grads], 1))
+    b = RunningStats(19).update_pair(keys, grads)
+    assert a.count == b.count
+    assert rel_err(b.mean, a.mean) < 1e-14 and rel_err(b.m2, a.m2) < 1e-13
+    with pytest.raises(ValueError, match="dim=19"):
+        b.update_pair(keys, grads[:, :5])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from .running_stats import EPS, RunningStats
 from .stats_update import stats_update_op
+from .stats_update2 import stats_update2_op, update_stats_pair
 from .pseudo_values import pseudo_values, pseudo_values_op
 from .gram import gram, gram_op
 from .spd_solve import spd_solve, spd_solve_op
@@ -31,4 +32,5 @@ __all__ = [
     "EPS", "METHODS", "RunningStats", "SolveError", "apply_shift_", "choose_method", "gram",
     "layout_of", "param_shift", "pseudo_values", "shift_factors", "spd_solve",
     "apply_shift_op", "gram_op", "pseudo_values_op", "spd_solve_op", "stats_update_op",
+    "stats_update2_op", "update_stats_pair",
 ]

@@ -118,11 +118,29 @@ def select(op: str, device: torch.device, *args) -> Tuple[str, Callable]:
 
 
 def dispatch_table(device: torch.device) -> Dict[str, str]:
-    """Which backend each op dispatches to on ``device`` right now (no shapes considered)."""
+    """Which backend each op dispatches to on ``device`` right now.
+
+    Under ``auto``, an implementation that is only chosen for some shapes (it has an
+    ``auto_ok`` veto) is shown as ``"<backend> by shape, else <fallback>"``.
+    """
     table = {}
     for op in registered_ops():
         try:
-            table[op] = select(op, device)[0]
-        except RuntimeError as err:
+            if requested_backend() != "auto":
+                table[op] = select(op, device)[0]
+                continue
+            ranked = sorted((i for i in _REGISTRY[op].values()
+                             if i.auto_priority >= 0 and i.backend != "torch"
+                             and i.available(device) is None), key=lambda i: -i.auto_priority)
+            shaped = []
+            for impl in ranked:
+                if impl.auto_ok is None:
+                    break
+                shaped.append(impl.backend)
+            else:
+                impl = None
+            chosen = impl.backend if impl is not None else "torch"
+            table[op] = (f"{' / '.join(shaped)} by shape, else {chosen}" if shaped else chosen)
+        except (RuntimeError, ValueError) as err:
             table[op] = f"error: {err}"
     return table

@@ -66,6 +66,12 @@ class RunningStats:
             x, self._count, self._mean, self._m2, self.compat == "official")
         return self
 
+    def update_pair(self, keys: torch.Tensor, values_grad: torch.Tensor, *,
+                    check_finite_values: bool = True) -> "RunningStats":
+        """``update(torch.cat([keys, values_grad], 1))`` without building the concatenation."""
+        from .stats_update2 import update_stats_pair
+        return update_stats_pair(self, keys, values_grad, check_finite_values=check_finite_values)
+
     # --------------------------------------------------------------- properties
     @property
     def count(self) -> int:
