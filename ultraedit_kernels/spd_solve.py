@@ -15,11 +15,15 @@ Equivalent PyTorch::
 """
 from __future__ import annotations
 
-from typing import Tuple
+import logging
+import math
+from typing import Optional, Tuple
 
 import torch
 
-from . import _backends
+from . import _backends, _extension
+
+_log = logging.getLogger("ultraedit_kernels")
 
 OP = "spd_solve"
 
@@ -42,6 +46,82 @@ def _(a, b):
 
 
 _backends.register_impl(OP, "torch", spd_solve_reference)
+
+
+# --- compiled implementations (csrc/: torch.ops.ultraedit_C.spd_solve) ------------------------
+
+def _fake_native(a, b):
+    return b.new_empty(b.shape), a.new_empty(a.shape[:-2], dtype=torch.int32)
+
+
+_native_fake_registered = False
+
+
+def _extension_ready(part: str) -> Optional[str]:
+    """``None`` when the ``part`` ("cpu" / "cuda") of the extension is loaded; registers the
+    fake (meta) implementation of ``ultraedit_C::spd_solve`` the first time it is."""
+    global _native_fake_registered
+    why = _extension.unavailable_reason(part)
+    if why is None and not _native_fake_registered:
+        _native_fake_registered = True
+        try:
+            torch.library.register_fake("ultraedit_C::spd_solve")(_fake_native)
+        except Exception as err:  # a fake registered elsewhere already, or an old torch
+            _log.debug("register_fake(ultraedit_C::spd_solve) skipped: %s", err)
+    return why
+
+
+def _cpp_available(device: torch.device) -> Optional[str]:
+    if device.type != "cpu":
+        return "the cpp backend computes CPU tensors only"
+    return _extension_ready("cpu")
+
+
+def _cuda_available(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return "the cuda backend computes CUDA tensors only"
+    return _extension_ready("cuda")
+
+
+def spd_solve_native(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The compiled blocked Cholesky (host build on CPU tensors, device build on CUDA)."""
+    return torch.ops.ultraedit_C.spd_solve(a, b)
+
+
+# Measured host-build / LAPACK (torch.linalg.cholesky_ex + cholesky_solve) median-time ratios
+# on CPU, float32, k = 1024 right-hand sides, host build with its built-in GEMM (the default),
+# from `pytest bench/bench_spd_solve.py` on a 2-core AMD EPYC (AVX-512) shared with other jobs
+# (load average ~11, see docs/cholesky.md for the command and raw numbers).  Key (n, batched);
+# None = not measured (the single-system ratio of the same n is used).  `auto` picks the host
+# build only where it measured at least 5% faster (ratio < 0.95) at the nearest measured n.
+CPU_MEASURED_RATIO = {
+    (100, False): 0.33, (400, False): 0.60, (1000, False): 0.67, (4000, False): 0.96,
+    (100, True): 0.29, (400, True): 0.25, (1000, True): 0.64, (4000, True): None,
+}
+CPU_FASTER_THAN = 0.95
+
+
+def cpu_prefers_native(n: int, batched: bool) -> bool:
+    """Whether ``auto`` uses the host build for an ``n x n`` system on CPU (measured table)."""
+    sizes = sorted({size for size, _ in CPU_MEASURED_RATIO})
+    nearest = min(sizes, key=lambda size: abs(math.log(max(n, 1)) - math.log(size)))
+    ratio = CPU_MEASURED_RATIO[(nearest, bool(batched))]
+    if ratio is None:
+        ratio = CPU_MEASURED_RATIO[(nearest, False)]
+    return ratio < CPU_FASTER_THAN
+
+
+def _cpp_auto_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    batched = a.dim() > 2 and a.numel() > a.shape[-1] * a.shape[-2]
+    return cpu_prefers_native(a.shape[-1], batched)
+
+
+_backends.register_impl(OP, "cpp", spd_solve_native, available=_cpp_available,
+                        auto_priority=1, auto_ok=_cpp_auto_ok)
+# No GPU has measured the device build against cuSOLVER yet, so `auto` keeps torch.linalg
+# (cuSOLVER) on CUDA: the device build runs only with ULTRAEDIT_BACKEND=cuda.
+_backends.register_impl(OP, "cuda", spd_solve_native, available=_cuda_available,
+                        auto_priority=-1)
 
 
 def spd_solve(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,206 @@
+// Built-in packed GEMM for the host Cholesky (torch-free): C += alpha op(A) op(B), row-major.
+//
+// BLIS-style: B is packed in KC x NR slivers, A in MR x KC slivers, and an MR x NR register
+// micro-kernel (GCC vector extensions, 64-byte vectors) accumulates them.  On x86-64 with GCC
+// the serial kernels are compiled three times (x86-64-v4 = AVX-512, v3 = AVX2+FMA, baseline)
+// and the loader picks one for the running CPU (target_clones); elsewhere the baseline build
+// is used.  Compile with -ffp-contract=fast so the multiply-adds become FMAs.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "host.h"
+#include "simd.h"
+
+
+namespace ultraedit {
+namespace cholesky {
+namespace {
+
+template <typename T>
+struct Vec {
+  typedef typename simd::Vec<T>::type type;
+  static constexpr int kNR = simd::Vec<T>::kWidth;
+};
+
+constexpr int kMR = 6;
+constexpr int64_t kKC = 256;
+constexpr int64_t kMC = 96;    // multiple of kMR; kMC x kKC of A stays in L2
+constexpr int64_t kNC = 1024;  // kKC x kNC of B
+
+template <typename T>
+UE_INLINE void pack_a(bool ta, const T* a, int64_t lda, int64_t i0, int64_t mc, int64_t p0,
+                      int64_t kc, T* dst) {
+  for (int64_t s = 0; s < mc; s += kMR) {
+    const int64_t rows = std::min<int64_t>(kMR, mc - s);
+    for (int64_t p = 0; p < kc; ++p) {
+      T* d = dst + (s * kc) + p * kMR;
+      int r = 0;
+      for (; r < rows; ++r) {
+        const int64_t i = i0 + s + r, q = p0 + p;
+        d[r] = ta ? a[q * lda + i] : a[i * lda + q];
+      }
+      for (; r < kMR; ++r) d[r] = T(0);
+    }
+  }
+}
+
+template <typename T>
+UE_INLINE void pack_b(bool tb, const T* b, int64_t ldb, int64_t p0, int64_t kc, int64_t j0,
+                      int64_t nc, T* dst) {
+  constexpr int NR = Vec<T>::kNR;
+  for (int64_t s = 0; s < nc; s += NR) {
+    const int64_t cols = std::min<int64_t>(NR, nc - s);
+    for (int64_t p = 0; p < kc; ++p) {
+      T* d = dst + s * kc + p * NR;
+      const int64_t q = p0 + p;
+      if (!tb && cols == NR) {
+        std::memcpy(d, b + q * ldb + j0 + s, sizeof(T) * NR);
+        continue;
+      }
+      int64_t c = 0;
+      for (; c < cols; ++c) {
+        const int64_t j = j0 + s + c;
+        d[c] = tb ? b[j * ldb + q] : b[q * ldb + j];
+      }
+      for (; c < NR; ++c) d[c] = T(0);
+    }
+  }
+}
+
+template <typename T>
+UE_INLINE void micro_kernel(int64_t kc, const T* __restrict__ ap, const T* __restrict__ bp,
+                            T* __restrict__ c, int64_t ldc, T alpha, int64_t mr, int64_t nr) {
+  typedef typename Vec<T>::type V;
+  constexpr int NR = Vec<T>::kNR;
+  V acc[kMR];
+  for (int r = 0; r < kMR; ++r) acc[r] = V{};
+  for (int64_t p = 0; p < kc; ++p) {
+    V bv;
+    std::memcpy(&bv, bp + p * NR, sizeof(V));
+    const T* av = ap + p * kMR;
+#pragma GCC unroll 6
+    for (int r = 0; r < kMR; ++r) acc[r] += av[r] * bv;
+  }
+  if (mr == kMR && nr == NR) {
+    for (int r = 0; r < kMR; ++r) {
+      V cv;
+      std::memcpy(&cv, c + r * ldc, sizeof(V));
+      cv += alpha * acc[r];
+      std::memcpy(c + r * ldc, &cv, sizeof(V));
+    }
+  } else {
+    for (int64_t r = 0; r < mr; ++r)
+      for (int64_t j = 0; j < nr; ++j) c[r * ldc + j] += alpha * acc[r][j];
+  }
+}
+
+template <typename T>
+UE_INLINE void gemm_serial(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha,
+                           const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
+                           T* abuf, T* bbuf) {
+  constexpr int NR = Vec<T>::kNR;
+  for (int64_t jc = 0; jc < n; jc += kNC) {
+    const int64_t nc = std::min(kNC, n - jc);
+    for (int64_t pc = 0; pc < k; pc += kKC) {
+      const int64_t kc = std::min(kKC, k - pc);
+      pack_b(tb, b, ldb, pc, kc, jc, nc, bbuf);
+      for (int64_t ic = 0; ic < m; ic += kMC) {
+        const int64_t mc = std::min(kMC, m - ic);
+        pack_a(ta, a, lda, ic, mc, pc, kc, abuf);
+        for (int64_t jr = 0; jr < nc; jr += NR) {
+          for (int64_t ir = 0; ir < mc; ir += kMR) {
+            micro_kernel<T>(kc, abuf + ir * kc, bbuf + jr * kc,
+                            c + (ic + ir) * ldc + jc + jr, ldc, alpha,
+                            std::min<int64_t>(kMR, mc - ir), std::min<int64_t>(NR, nc - jr));
+          }
+        }
+      }
+    }
+  }
+}
+
+UE_CLONES void gemm_serial_f32(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                               const float* a, int64_t lda, const float* b, int64_t ldb,
+                               float* c, int64_t ldc, float* abuf, float* bbuf) {
+  gemm_serial<float>(ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc, abuf, bbuf);
+}
+
+UE_CLONES void gemm_serial_f64(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha,
+                               const double* a, int64_t lda, const double* b, int64_t ldb,
+                               double* c, int64_t ldc, double* abuf, double* bbuf) {
+  gemm_serial<double>(ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc, abuf, bbuf);
+}
+
+inline void gemm_serial_any(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                            const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                            int64_t ldc, float* abuf, float* bbuf) {
+  gemm_serial_f32(ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc, abuf, bbuf);
+}
+inline void gemm_serial_any(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha,
+                            const double* a, int64_t lda, const double* b, int64_t ldb,
+                            double* c, int64_t ldc, double* abuf, double* bbuf) {
+  gemm_serial_f64(ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc, abuf, bbuf);
+}
+
+// Splits C into independent strips (columns when it is wide, rows otherwise) and runs the
+// serial kernel on each strip; every worker owns its packing buffers.
+template <typename T>
+void gemm_parallel(const ParallelFor& pfor, bool ta, bool tb, int64_t m, int64_t n, int64_t k,
+                   T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                   int64_t ldc) {
+  if (m <= 0 || n <= 0 || k <= 0) return;
+  constexpr int NR = Vec<T>::kNR;
+  const bool by_cols = n >= m;
+  const int64_t unit = by_cols ? 4 * 64 : kMC;  // columns (multiple of NR) or rows per unit
+  const int64_t extent = by_cols ? n : m;
+  const int64_t units = (extent + unit - 1) / unit;
+  const int64_t flops = m * n * k;
+  auto body = [&](int64_t lo, int64_t hi) {
+    std::vector<T> abuf(static_cast<size_t>(kMC * kKC));
+    std::vector<T> bbuf(static_cast<size_t>(kKC * (std::min(kNC, by_cols ? unit : n) + NR)));
+    for (int64_t u = lo; u < hi; ++u) {
+      const int64_t s = u * unit, len = std::min(unit, extent - s);
+      if (by_cols) {
+        gemm_serial_any(ta, tb, m, len, k, alpha, a, lda, tb ? b + s * ldb : b + s, ldb, c + s,
+                        ldc, abuf.data(), bbuf.data());
+      } else {
+        gemm_serial_any(ta, tb, len, n, k, alpha, ta ? a + s : a + s * lda, lda, b, ldb,
+                        c + s * ldc, ldc, abuf.data(), bbuf.data());
+      }
+    }
+  };
+  if (units == 1 || flops < (int64_t(1) << 18)) {
+    body(0, units);
+  } else {
+    pfor(0, units, 1, body);
+  }
+}
+
+}  // namespace
+
+void gemm_native(const ParallelFor& pfor, bool ta, bool tb, int64_t m, int64_t n, int64_t k,
+                 float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
+                 float* c, int64_t ldc) {
+  gemm_parallel<float>(pfor, ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc);
+}
+
+void gemm_native(const ParallelFor& pfor, bool ta, bool tb, int64_t m, int64_t n, int64_t k,
+                 double alpha, const double* a, int64_t lda, const double* b, int64_t ldb,
+                 double* c, int64_t ldc) {
+  gemm_parallel<double>(pfor, ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc);
+}
+
+const char* gemm_native_isa() {
+#if UE_HAVE_CLONES
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "avx512 (x86-64-v4 clone)";
+  if (__builtin_cpu_supports("x86-64-v3")) return "avx2 (x86-64-v3 clone)";
+  return "generic (baseline clone)";
+#else
+  return "generic";
+#endif
+}
+
+}  // namespace cholesky
+}  // namespace ultraedit
