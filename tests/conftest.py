@@ -55,25 +55,58 @@ def ue_tokenizer_nobos():
     return ue_make_tokenizer(with_bos=False)
 
 
-def ue_tiny_model(kind, vocab_size, seed=0):
+def ue_tiny_model(kind, vocab_size, seed=0, intermediate=48):
     """A random-init causal LM from a config: 'llama', 'gpt2' (Conv1D) or 'gptj'."""
     import torch
     import transformers as tf
 
     torch.manual_seed(seed)
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if kind == "llama":
-        cfg = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+        cfg = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=intermediate,
                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=64, tie_word_embeddings=False)
+                             max_position_embeddings=64, tie_word_embeddings=False, **ids)
     elif kind == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=3, n_head=4, n_positions=64)
+        cfg = tf.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                            **ids)
     elif kind == "gptj":
         cfg = tf.GPTJConfig(vocab_size=vocab_size, n_embd=32, n_layer=3, n_head=4, n_positions=64,
-                            rotary_dim=4)
+                            rotary_dim=4, **ids)
     else:
         raise ValueError(kind)
     model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     return model.float().eval()
+
+
+@_ue_pytest.fixture(scope="session")
+def ue_embedded():
+    """The embedded SmolLM2-135M-Instruct ``(model, tokenizer)``, loaded once per session.
+
+    Tests must restore any weight they edit (see ``ue_restore``)."""
+    import torch
+
+    from ultraedit.models import load_model
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    return load_model("default")
+
+
+@_ue_pytest.fixture
+def ue_restore():
+    """Call with ``(model, [module names])``; restores those modules' weights after the test."""
+    saved = []
+
+    def remember(model, names):
+        named = dict(model.named_modules())
+        for n in names:
+            saved.append((named[n].weight, named[n].weight.detach().clone()))
+
+    yield remember
+    import torch
+
+    with torch.no_grad():
+        for w, orig in saved:
+            w.copy_(orig)
 # ------------------------------------------------------------------ end of editor fixtures ----
 
 

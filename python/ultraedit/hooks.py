@@ -1,0 +1,161 @@
+"""Capture keys and output gradients of edited modules at answer positions, with hooks.
+
+For every edited module ``m`` (``d_in -> d_out``) and one micro-batch with answer mask
+``M`` (B x L, ``labels != -100``), a forward+backward of the loss gives
+
+    K_m = input(m)[M]            (n x d_in)    the module inputs at the answer positions
+    G_m = d loss / d output(m)[M] (n x d_out)  gradients w.r.t. the module OUTPUTS
+
+with rows in row-major order of ``M`` (batch, then position).
+
+No weight gradient is computed or stored: inside :class:`CaptureSession` every parameter has
+``requires_grad=False``; the forward hook of each edited module switches ``requires_grad`` on
+for its output when nothing upstream requires grad yet (the output of the earliest edited module
+is then a leaf that requires grad), so autograd builds the graph only from the earliest edited
+module on and the backward stops there. A tensor hook on each output (``output.register_hook``)
+receives ``G_m``. The model's own ``requires_grad`` flags and train/eval mode are restored on
+exit, also when an error is raised.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ["CaptureSession"]
+
+
+class _Slot:
+    """Per-module storage for one micro-batch."""
+
+    __slots__ = ("keys", "grads", "calls")
+
+    def __init__(self):
+        self.keys: Optional[torch.Tensor] = None
+        self.grads: Optional[torch.Tensor] = None
+        self.calls = 0
+
+
+class CaptureSession:
+    """Context manager capturing ``(K, G)`` of ``modules`` at the answer positions.
+
+    Usage::
+
+        with CaptureSession(model, {"name": module, ...}) as cap:
+            cap.set_mask(labels != -100)
+            loss = compute_loss(model(...))
+            loss.backward()
+            kg = cap.pop()          # {"name": (K (n x d_in), G (n x d_out))}, detached
+
+    Captured tensors keep the activation dtype and device of their module.
+    """
+
+    def __init__(self, model: nn.Module, modules: Dict[str, nn.Module]):
+        self.model = model
+        self.modules = dict(modules)
+        self._slots = {name: _Slot() for name in self.modules}
+        self._handles: List = []
+        self._saved_flags: List[Tuple[torch.nn.Parameter, bool]] = []
+        self._saved_training: Optional[bool] = None
+        self._flat_index: Optional[torch.Tensor] = None
+        self._index_cache: Dict[torch.device, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "CaptureSession":
+        self._saved_flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        self._saved_training = self.model.training
+        try:
+            for p, _ in self._saved_flags:
+                p.requires_grad_(False)
+            # eval: no dropout, so the captured gradients are those of the deterministic model
+            self.model.eval()
+            for name, module in self.modules.items():
+                self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for p, flag in self._saved_flags:
+            p.requires_grad_(flag)
+        self._saved_flags = []
+        if self._saved_training is not None:
+            self.model.train(self._saved_training)
+            self._saved_training = None
+
+    # ------------------------------------------------------------------ capture
+    def set_mask(self, mask: torch.Tensor) -> int:
+        """Set the answer mask (B x L bool) for the next forward; returns the number of rows."""
+        if mask.dim() != 2 or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a 2-D bool tensor, got {tuple(mask.shape)} {mask.dtype}")
+        self._flat_index = mask.reshape(-1).nonzero().squeeze(1)
+        self._mask_shape = tuple(mask.shape)
+        self._index_cache = {}
+        for slot in self._slots.values():
+            slot.keys = slot.grads = None
+            slot.calls = 0
+        return int(self._flat_index.numel())
+
+    def _index_on(self, device: torch.device) -> torch.Tensor:
+        # Modules of a model spread over devices each gather on their own device.
+        idx = self._index_cache.get(device)
+        if idx is None:
+            idx = self._flat_index.to(device)
+            self._index_cache[device] = idx
+        return idx
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[:2]) != self._mask_shape:
+            raise RuntimeError(f"activation of shape {tuple(x.shape)} does not match the answer "
+                               f"mask {self._mask_shape} (batch x length)")
+        # only the answer rows are copied: n x d, not B x L x d
+        return x.reshape(-1, x.shape[-1]).index_select(0, self._index_on(x.device))
+
+    def _make_hook(self, name: str):
+        slot = self._slots[name]
+
+        def forward_hook(module, inputs, output):
+            if self._flat_index is None:
+                raise RuntimeError("CaptureSession.set_mask() must be called before the forward")
+            slot.calls += 1
+            if slot.calls > 1:
+                raise RuntimeError(f"module {name!r} ran twice in one forward; an edited module "
+                                   f"must be called once per forward")
+            x = inputs[0] if isinstance(inputs, tuple) else inputs
+            slot.keys = self._rows(x.detach())
+            out = output[0] if isinstance(output, tuple) else output
+            if not out.requires_grad:
+                # Earliest edited module: its output starts the graph (a leaf; no weight grads).
+                out.requires_grad_(True)
+
+            def grad_hook(grad):
+                slot.grads = self._rows(grad.detach())
+
+            out.register_hook(grad_hook)
+            return None
+
+        return forward_hook
+
+    def pop(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """Return ``{name: (K, G)}`` of the last forward+backward and clear the slots."""
+        result = {}
+        for name, slot in self._slots.items():
+            if slot.keys is None:
+                raise RuntimeError(f"module {name!r} was not called in the forward (is it part "
+                                   f"of this model's computation?)")
+            if slot.grads is None:
+                raise RuntimeError(f"no gradient reached module {name!r}: the loss does not "
+                                   f"depend on its output")
+            result[name] = (slot.keys, slot.grads)
+            slot.keys = slot.grads = None
+            slot.calls = 0
+        return result

@@ -1,0 +1,184 @@
+"""Which modules an edit changes: defaults by architecture, and name/pattern overrides.
+
+An edited module is an ``nn.Linear`` (weight d_out x d_in) or a GPT-2 ``Conv1D``
+(``transformers.pytorch_utils.Conv1D``, weight d_in x d_out). Both map ``d_in -> d_out``.
+
+Defaults (``default_module_names``) are the UltraEdit paper's published choices where it has
+one, given for the reference depth and mapped proportionally to other depths
+(layer ``i`` of a ``ref``-layer model -> ``round(i * n_layers / ref)``):
+
+=============  =====  ============================================================
+model_type      ref   modules (reference model)
+=============  =====  ============================================================
+llama            32   mlp.gate_proj 11-15 + mlp.up_proj 18-24    (LLaMA-3-8B-Instruct)
+mistral          32   mlp.down_proj 29-30                        (Mistral-7B-v0.3)
+qwen2            28   mlp.gate_proj + mlp.up_proj 18-26          (Qwen2.5-7B-Instruct)
+gemma*           62   mlp.gate_proj + mlp.up_proj 52-60          (Gemma-3-27B)
+phi3             40   mlp.down_proj 30-38                        (Phi-4)
+phi              32   mlp.fc2 24-30               (no paper choice; Phi-4's relative depth)
+gptj             28   mlp.fc_out 18-26                           (GPT-J-6B)
+gpt2             48   mlp.c_proj 36-45  (no paper choice; GPT-J's relative depth)
+=============  =====  ============================================================
+
+The embedded SmolLM2-135M-Instruct (llama, 30 layers, hidden 576, MLP 1536) has its own
+*measured* default (``EMBEDDED_SMOLLM2``), chosen by the measurement in docs/editor.md.
+
+Overrides: a name, or a list of names, each one of
+  * an exact module name (``model.layers.3.mlp.down_proj``; a trailing ``.weight`` is dropped),
+  * a glob (``model.layers.2[2-8].mlp.down_proj``, ``*.mlp.c_proj``),
+  * a regular expression prefixed with ``re:`` (``re:model\\.layers\\.(2[2-8])\\.mlp\\.down_proj``).
+Every item must match at least one module, and every matched module must be Linear/Conv1D;
+otherwise ``resolve_modules`` raises before anything is touched.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch.nn as nn
+
+__all__ = ["resolve_modules", "default_module_names", "module_layout", "module_dims",
+           "ARCH_DEFAULTS", "EMBEDDED_SMOLLM2", "is_embedded_smollm2"]
+
+# model_type -> (reference depth, [(module template with {i}, first layer, last layer)])
+ARCH_DEFAULTS: Dict[str, Tuple[int, List[Tuple[str, int, int]]]] = {
+    "llama": (32, [("model.layers.{i}.mlp.gate_proj", 11, 15),
+                   ("model.layers.{i}.mlp.up_proj", 18, 24)]),
+    "mistral": (32, [("model.layers.{i}.mlp.down_proj", 29, 30)]),
+    "qwen2": (28, [("model.layers.{i}.mlp.gate_proj", 18, 26),
+                   ("model.layers.{i}.mlp.up_proj", 18, 26)]),
+    "gemma": (62, [("model.layers.{i}.mlp.gate_proj", 52, 60),
+                   ("model.layers.{i}.mlp.up_proj", 52, 60)]),
+    "phi3": (40, [("model.layers.{i}.mlp.down_proj", 30, 38)]),
+    "phi": (32, [("model.layers.{i}.mlp.fc2", 24, 30)]),
+    "gptj": (28, [("transformer.h.{i}.mlp.fc_out", 18, 26)]),
+    "gpt2": (48, [("transformer.h.{i}.mlp.c_proj", 36, 45)]),
+}
+for _alias in ("gemma2", "gemma3", "gemma3_text"):
+    ARCH_DEFAULTS[_alias] = ARCH_DEFAULTS["gemma"]
+ARCH_DEFAULTS["qwen3"] = ARCH_DEFAULTS["qwen2"]
+
+# The measured default for the embedded model (docs/editor.md): mlp.down_proj of layers 22-28.
+EMBEDDED_SMOLLM2 = [f"model.layers.{i}.mlp.down_proj" for i in range(22, 29)]
+
+
+def is_embedded_smollm2(model: nn.Module) -> bool:
+    """True for the SmolLM2-135M architecture (llama, 30 layers, hidden 576, MLP 1536)."""
+    cfg = getattr(model, "config", None)
+    return (getattr(cfg, "model_type", None) == "llama"
+            and getattr(cfg, "num_hidden_layers", None) == 30
+            and getattr(cfg, "hidden_size", None) == 576
+            and getattr(cfg, "intermediate_size", None) == 1536)
+
+
+def _n_layers(cfg) -> int:
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError(f"cannot tell the number of layers of a {type(cfg).__name__}; "
+                     f"pass modules=... explicitly")
+
+
+def default_module_names(model: nn.Module) -> List[str]:
+    """The default edited module names for ``model`` (see the module docstring)."""
+    if is_embedded_smollm2(model):
+        return list(EMBEDDED_SMOLLM2)
+    cfg = getattr(model, "config", None)
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in ARCH_DEFAULTS:
+        raise ValueError(f"no default edited modules for model_type {model_type!r} (known: "
+                         f"{sorted(ARCH_DEFAULTS)}); pass modules=[names or patterns]")
+    ref, groups = ARCH_DEFAULTS[model_type]
+    n = _n_layers(cfg)
+    names: List[str] = []
+    for template, first, last in groups:
+        layers = sorted({min(n - 1, round(i * n / ref)) for i in range(first, last + 1)})
+        names += [template.format(i=i) for i in layers]
+    # Some wrappers (e.g. multimodal Gemma 3) nest the text model one level deeper.
+    available = dict(model.named_modules())
+    if names and names[0] not in available:
+        for prefix in ("language_model.", "model.language_model."):
+            if prefix + names[0] in available:
+                names = [prefix + x for x in names]
+                break
+            stripped = names[0].split(".", 1)[1]
+            if prefix + stripped in available:
+                names = [prefix + x.split(".", 1)[1] for x in names]
+                break
+    return names
+
+
+def module_layout(module: nn.Module) -> str:
+    """``"linear"`` (weight d_out x d_in) or ``"conv1d"`` (GPT-2 Conv1D, weight d_in x d_out)."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency of the editor
+        Conv1D = ()
+    if Conv1D and isinstance(module, Conv1D):
+        return "conv1d"
+    raise TypeError(f"can only edit nn.Linear or GPT-2 Conv1D modules, got "
+                    f"{type(module).__module__}.{type(module).__name__}")
+
+
+def module_dims(module: nn.Module) -> Tuple[int, int]:
+    """``(d_in, d_out)`` of a Linear/Conv1D module."""
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if module_layout(module) == "linear" else (w.shape[0], w.shape[1])
+
+
+def _is_glob(item: str) -> bool:
+    return any(c in item for c in "*?[")
+
+
+def resolve_modules(model: nn.Module,
+                    spec: Optional[Union[str, Sequence[str]]] = None) -> List[Tuple[str, nn.Module]]:
+    """Resolve ``spec`` to ``[(name, module)]`` in the model's module order, without duplicates.
+
+    Raises ValueError for an item that matches no module (naming near misses) and TypeError for
+    a matched module that is not Linear/Conv1D. Nothing in the model is modified.
+    """
+    if spec is None:
+        items = default_module_names(model)
+    elif isinstance(spec, str):
+        items = [spec]
+    else:
+        items = list(spec)
+    if not items:
+        raise ValueError("no modules to edit (empty modules list)")
+    named = list(model.named_modules())
+    names = [n for n, _ in named if n]
+    chosen = set()
+    for raw in items:
+        if not isinstance(raw, str) or not raw:
+            raise ValueError(f"module names/patterns must be non-empty strings, got {raw!r}")
+        item = raw[:-len(".weight")] if raw.endswith(".weight") else raw
+        if item.startswith("re:"):
+            try:
+                rx = re.compile(item[3:])
+            except re.error as exc:
+                raise ValueError(f"invalid module regex {item!r}: {exc}") from None
+            hits = [n for n in names if rx.fullmatch(n)]
+        elif _is_glob(item):
+            hits = fnmatch.filter(names, item)
+        else:
+            hits = [item] if item in names else []
+        if not hits:
+            tail = item.rsplit(".", 1)[-1].strip("*?[]^$") or item
+            near = [n for n in names if n.endswith(tail)][:3]
+            hint = f"; modules with a similar name: {near}" if near else ""
+            raise ValueError(f"no module of {type(model).__name__} matches {raw!r}{hint}")
+        chosen.update(hits)
+    result = [(n, m) for n, m in named if n in chosen]
+    for name, module in result:
+        try:
+            module_layout(module)
+        except TypeError as exc:
+            raise TypeError(f"module {name!r}: {exc}") from None
+        if getattr(module, "weight", None) is None or module.weight.dim() != 2:
+            raise TypeError(f"module {name!r} has no 2-D weight to edit")
+    return result
