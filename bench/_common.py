@@ -86,7 +86,7 @@ def pick_rounds(one_call_s: float, budget_s: Optional[float] = None, lo: int = 5
 def op_cost(op: str, n: int, d_in: int, d_out: int) -> Dict[str, float]:
     """``{"flops", "bytes_moved"}`` of one call of a backend op (float32 inputs)."""
     d = d_in + d_out
-    if op == "stats_update":       # x (n, d) -> float64 count/mean/M2 (d,)
+    if op in ("stats_update", "stats_update2"):   # x (n, d) or K, G -> float64 count/mean/M2 (d,)
         return {"flops": 4.0 * n * d, "bytes_moved": F32 * n * d + 2 * 2 * F64 * d}
     if op == "pseudo_values":      # K, G, mean, std -> V (n, d_out)
         return {"flops": n * (3.0 * d_in + 4.0 * d_out),

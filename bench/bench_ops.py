@@ -1,6 +1,7 @@
 """Per-op benchmarks of the backend, for every available backend.
 
-Ops: ``stats_update``, ``pseudo_values``, ``gram`` (dual, ``K Kᵀ + λI``), ``spd_solve`` (N x N
+Ops: ``stats_update`` (from ``cat[K, G]``), ``stats_update2`` (from K and G, no concatenation),
+``pseudo_values``, ``gram`` (dual, ``K Kᵀ + λI``), ``spd_solve`` (N x N
 system, d_out right-hand sides), ``apply_shift`` (in place ``W += Aᵀ K`` on an fp32 Linear
 weight). Each case calls the registered ``torch.library`` op (what the editor calls) with
 ``ULTRAEDIT_BACKEND`` set to the backend under test, so the dispatch cost is included; backends
@@ -29,7 +30,10 @@ from ultraedit_kernels.stats_update import stats_update_op
 from _common import add_rates, device_label, op_cost, pick_rounds, random_features, summarize, time_call
 from memory import measure_peak
 
-OPS = ("stats_update", "pseudo_values", "gram", "spd_solve", "apply_shift")
+KNOWN_OPS = ("stats_update", "stats_update2", "pseudo_values", "gram", "spd_solve", "apply_shift")
+# every registered op this suite knows how to feed (a new op without a builder is reported below)
+OPS = tuple(op for op in KNOWN_OPS if op in _backends.registered_ops())
+UNBENCHED_OPS = tuple(op for op in _backends.registered_ops() if op not in KNOWN_OPS)
 
 SHAPES = []
 for _d_in, _d_out in ((4096, 14336), (14336, 4096)):
@@ -56,6 +60,11 @@ def _make_call(op, n, d_in, d_out, device):
         count = torch.tensor(1000.0, dtype=torch.float64, device=device)
         m2 = std.square() * 999
         return lambda: stats_update_op(x, count, mean, m2, False)
+    if op == "stats_update2":      # the same merge from K and G without the concatenation
+        from ultraedit_kernels.stats_update2 import stats_update2_op
+        count = torch.tensor(1000.0, dtype=torch.float64, device=device)
+        m2 = std.square() * 999
+        return lambda: stats_update2_op(keys, grads, count, mean, m2, False)
     if op == "pseudo_values":
         return lambda: pseudo_values_op(keys, grads, mean, std, 1e-6, EPS)
     if op == "gram":
@@ -69,6 +78,11 @@ def _make_call(op, n, d_in, d_out, device):
         factors = torch.randn(n, d_out, device=device) * 1e-6
         return lambda: apply_shift_op(weight, keys, factors, True)
     raise KeyError(op)
+
+
+def test_every_op_is_benchmarked():
+    """Fails (visibly, in the report) when the backend grows an op this suite does not cover."""
+    assert not UNBENCHED_OPS, f"ops without a benchmark builder: {UNBENCHED_OPS}"
 
 
 @pytest.mark.parametrize("d_in,d_out,n", SHAPES)

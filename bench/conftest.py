@@ -35,6 +35,10 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "heavy: slow benchmark case (deselected by --quick)")
+    threads = os.environ.get("ULTRAEDIT_BENCH_THREADS")
+    if threads:   # e.g. 1 on a machine shared with other jobs (less OpenMP barrier stalls)
+        import torch
+        torch.set_num_threads(int(threads))
 
 
 def _bench_requested(config) -> bool:

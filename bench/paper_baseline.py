@@ -34,6 +34,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -242,7 +243,10 @@ class PaperTurn:
                 try:
                     labels = batch["labels"]
                     mask_ref[0] = labels != -100
-                    with t("forward_backward"):
+                    with t("forward_backward"), warnings.catch_warnings():
+                        # the hooked modules' inputs need no grad (earlier layers are frozen):
+                        # torch warns that the full backward hook sees output gradients only
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
                         logits = self.model(input_ids=batch["input_ids"],
                                             attention_mask=batch["attention_mask"]).logits
                         loss = torch.nn.functional.cross_entropy(

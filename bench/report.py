@@ -149,7 +149,7 @@ def ops_table(benches: List[Dict]) -> List[str]:
     out = ["### Per-op (median [p20–p80]; GFLOP/s and GB/s from the cost model at the median)", "",
            "| op | backend | d_in -> d_out | N | time | vs torch | peak MiB | GFLOP/s | GB/s |",
            "|---|---|---|---|---|---|---|---|---|"]
-    order = ["stats_update", "pseudo_values", "gram", "spd_solve", "apply_shift"]
+    order = ["stats_update", "stats_update2", "pseudo_values", "gram", "spd_solve", "apply_shift"]
     for e in sorted(ops, key=lambda e: (order.index(e["op"]) if e["op"] in order else 99,
                                         e["d_in"], e["d_out"], e["n"], e["backend"])):
         base = ref.get((e["op"], e["d_in"], e["d_out"], e["n"]))
@@ -168,7 +168,7 @@ def plots(benches: List[Dict], out_dir: str) -> List[str]:
     os.makedirs(out_dir, exist_ok=True)
     written = []
     ops = [b["extra_info"] for b in benches if b.get("extra_info", {}).get("suite") == "ops"]
-    op_names = [o for o in ("stats_update", "pseudo_values", "gram", "spd_solve", "apply_shift")
+    op_names = [o for o in ("stats_update", "stats_update2", "pseudo_values", "gram", "spd_solve", "apply_shift")
                 if any(e["op"] == o for e in ops)]
     for key, label, fname, scale in (("median_s", "median time (s)", "ops_time_vs_n.png", 1.0),
                                      ("peak_bytes", "peak extra memory (MiB)", "ops_memory_vs_n.png", 1 / MiB)):
