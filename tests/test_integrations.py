@@ -261,3 +261,33 @@ def test_shift_from_normalizer_matches_fp64_and_checks_shapes():
         shift_from_normalizer(keys, grads[:, :10], norm, 1e-3)
     with pytest.raises(IntegrationError, match="std"):
         shift_from_normalizer(keys, grads, SimpleNamespace(mean=norm.mean), 1e-3)
+
+
+def test_official_cache_before_patch_falls_back_to_the_files(tmp_path, caplog):
+    editor = OfficialUltraEdit(official_config(MODULES, tmp_path, 8, 4, lr=LR), _model())
+    tuples = random_tuples(8, 4, VOCAB, seed=5)
+    editor.cache(tuples, 0)                 # unpatched: writes the files
+    expected = editor.predict_param_shifts(0)
+    apply_ultraedit_kernels(editor)
+    with caplog.at_level("WARNING", logger="ultraedit.integrations"):
+        got = editor.predict_param_shifts(0)
+    assert "nothing was cached in memory" in caplog.text
+    for name in expected:
+        assert torch.equal(got[name], expected[name])
+
+
+def test_only_feature_files_under_cache_dir_are_kept_in_memory(tmp_path):
+    from ultraedit.integrations import _FeatureStore, _saves_kept_in
+    store = _FeatureStore()
+    root = tmp_path / "cache"
+    (root / "run").mkdir(parents=True)
+    t = torch.arange(6.0).reshape(2, 3)
+    with _saves_kept_in(store, root):
+        torch.save(t, f"{root}/run/3_1_keys.pth")                 # kept
+        torch.save(t, str(tmp_path / "0_0_keys.pth"))              # outside cache_dir: written
+        torch.save(t, f"{root}/run/model.pth")                     # other name: written
+        torch.save({"a": t}, f"{root}/run/0_0_values_grad.pth")    # not a tensor: written
+    assert torch.save.__module__.startswith("torch")
+    assert set(store.tensors) == {(3, 1, "keys")} and store.tensors[(3, 1, "keys")] is t
+    assert sorted(os.listdir(root / "run")) == ["0_0_values_grad.pth", "model.pth"]
+    assert (tmp_path / "0_0_keys.pth").is_file()
