@@ -141,3 +141,15 @@ def test_cuda_matches_fp64(method):
     torch.backends.cuda.matmul.allow_tf32 = False
     got = param_shift(keys.cuda(), grads.cuda(), gstats, lr=1e-3, method=method)
     assert rel_err(got.cpu(), ref) < (SOLVE["dual"] if method == "dual" else SOLVE["primal"])
+
+
+def test_frozen_stats_equal_running_stats():
+    keys, grads, stats = _setup(37, 129, 61)
+    frozen = uk.FrozenStats(stats.mean.float(), stats.std.float())
+    ours = param_shift(keys, grads, stats, lr=1e-3)
+    theirs = param_shift(keys, grads, frozen, lr=1e-3)
+    assert rel_err(theirs, ours) < 1e-6
+    with pytest.raises(ValueError, match="dim=190"):
+        param_shift(keys[:, :100], grads, frozen)
+    with pytest.raises(ValueError, match="same, non-zero length"):
+        uk.FrozenStats(torch.zeros(3), torch.ones(4))

@@ -3,6 +3,7 @@
 Public API (plain tensors in, plain tensors out; no transformers dependency)::
 
     RunningStats(dim, compat="fixed" | "official")
+    FrozenStats(mean, std)          statistics kept elsewhere (another library's normalizer)
     pseudo_values(keys, values_grad, stats, lr=1e-6)                  -> V  (N x d_out)
     shift_factors(keys, values_grad, stats, lr=1e-6, ridge=1.0)       -> A  (N x d_out), ΔW = Kᵀ A
     param_shift(keys, values_grad, stats, lr, ridge, method="auto")   -> ΔW (d_in x d_out)
@@ -16,7 +17,7 @@ backend (Triton, the compiled extension) is missing.
 """
 from __future__ import annotations
 
-from .running_stats import EPS, RunningStats
+from .running_stats import EPS, FrozenStats, RunningStats
 from .stats_update import stats_update_op
 from .stats_update2 import stats_update2_op, update_stats_pair
 from .pseudo_values import pseudo_values, pseudo_values_op
@@ -29,7 +30,7 @@ from . import _optional_backends  # noqa: F401  (registers Triton / compiled imp
 __version__ = "0.1.0"
 
 __all__ = [
-    "EPS", "METHODS", "RunningStats", "SolveError", "apply_shift_", "choose_method", "gram",
+    "EPS", "METHODS", "FrozenStats", "RunningStats", "SolveError", "apply_shift_", "choose_method", "gram",
     "layout_of", "param_shift", "pseudo_values", "shift_factors", "spd_solve",
     "apply_shift_op", "gram_op", "pseudo_values_op", "spd_solve_op", "stats_update_op",
     "stats_update2_op", "update_stats_pair",

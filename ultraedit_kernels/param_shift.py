@@ -63,11 +63,12 @@ def _validated(keys, values_grad, stats, ridge):
     check_ridge(ridge)
 
 
-def shift_factors(keys: torch.Tensor, values_grad: torch.Tensor, stats: RunningStats,
+def shift_factors(keys: torch.Tensor, values_grad: torch.Tensor, stats,
                   lr: float = 1e-6, ridge: float = 1.0) -> torch.Tensor:
     """Dual factor ``A = (KKᵀ + λI)⁻¹ V`` (N x d_out, float32) with ``ΔW = keysᵀ A``.
 
-    ``stats`` must already include this turn's rows.  Never forms a d_in x d_in matrix.
+    ``stats`` (a RunningStats, or FrozenStats for statistics kept elsewhere) must already
+    include this turn's rows.  Never forms a d_in x d_in matrix.
     """
     _validated(keys, values_grad, stats, ridge)
     values = pseudo_values_op(keys, values_grad, stats.mean, stats.std, float(lr), EPS)
@@ -75,7 +76,7 @@ def shift_factors(keys: torch.Tensor, values_grad: torch.Tensor, stats: RunningS
     return _solve_checked(system, values, "shift_factors (dual)")
 
 
-def param_shift(keys: torch.Tensor, values_grad: torch.Tensor, stats: RunningStats,
+def param_shift(keys: torch.Tensor, values_grad: torch.Tensor, stats,
                 lr: float = 1e-6, ridge: float = 1.0, method: str = "auto") -> torch.Tensor:
     """Dense UltraEdit parameter shift ``ΔW`` (d_in x d_out, float32).
 

@@ -22,7 +22,7 @@ import torch
 
 from . import _backends
 from ._validation import check_keys_grads
-from .running_stats import EPS, RunningStats
+from .running_stats import EPS, FrozenStats, RunningStats
 
 OP = "pseudo_values"
 
@@ -53,9 +53,10 @@ def _(keys, values_grad, mean, std, lr, eps):
 _backends.register_impl(OP, "torch", pseudo_values_reference)
 
 
-def check_stats_for(keys: torch.Tensor, values_grad: torch.Tensor, stats: RunningStats) -> None:
-    if not isinstance(stats, RunningStats):
-        raise TypeError(f"stats must be a RunningStats, got {type(stats).__name__}")
+def check_stats_for(keys: torch.Tensor, values_grad: torch.Tensor, stats) -> None:
+    """Validate ``stats`` (a RunningStats or FrozenStats) against the features' shapes."""
+    if not isinstance(stats, (RunningStats, FrozenStats)):
+        raise TypeError(f"stats must be a RunningStats or FrozenStats, got {type(stats).__name__}")
     expected = keys.shape[1] + values_grad.shape[1]
     if stats.dim != expected:
         raise ValueError(
@@ -63,6 +64,10 @@ def check_stats_for(keys: torch.Tensor, values_grad: torch.Tensor, stats: Runnin
             f"{keys.shape[1]} + {values_grad.shape[1]} = {expected}")
     if stats.device != keys.device:
         raise ValueError(f"stats live on {stats.device} but keys are on {keys.device}")
+    if isinstance(stats, FrozenStats):
+        if not bool(torch.isfinite(stats.mean).all() & torch.isfinite(stats.std).all()):
+            raise ValueError("the given mean/std hold NaN/Inf")
+        return
     if stats.count == 0:
         raise ValueError("stats are empty: update them with torch.cat([keys, values_grad], 1) first")
     if not bool(torch.isfinite(stats.m2).all()):
@@ -71,7 +76,7 @@ def check_stats_for(keys: torch.Tensor, values_grad: torch.Tensor, stats: Runnin
             "update is NaN after a one-row block); use compat='fixed' or larger blocks")
 
 
-def pseudo_values(keys: torch.Tensor, values_grad: torch.Tensor, stats: RunningStats,
+def pseudo_values(keys: torch.Tensor, values_grad: torch.Tensor, stats,
                   lr: float = 1e-6) -> torch.Tensor:
     """UltraEdit pseudo-values ``V`` (N x d_out, float32); see the module docstring.
 

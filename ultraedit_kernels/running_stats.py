@@ -143,3 +143,49 @@ class RunningStats:
     def __repr__(self) -> str:
         return (f"RunningStats(dim={self.dim}, compat={self.compat!r}, count={self.count}, "
                 f"device={self.device})")
+
+
+class FrozenStats:
+    """Normalization statistics given directly as ``mean`` and ``std`` (length d_in + d_out).
+
+    For callers that keep their own normalizer (e.g. another library's running mean/std
+    buffers): ``pseudo_values``, ``shift_factors`` and ``param_shift`` accept it wherever they
+    accept a :class:`RunningStats`.  ``std`` is used as given (whatever formula produced it);
+    both are held in float64 on their device.
+
+    Equivalent PyTorch::
+
+        FrozenStats(mean, std)  ≙  normalize with (z - mean) / (std + eps)
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        for name, t in (("mean", mean), ("std", std)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor")
+        mean, std = mean.detach().reshape(-1), std.detach().reshape(-1)
+        if mean.numel() != std.numel() or mean.numel() == 0:
+            raise ValueError(f"mean ({mean.numel()}) and std ({std.numel()}) must have the same, "
+                             f"non-zero length")
+        if mean.device != std.device:
+            raise ValueError(f"mean is on {mean.device} but std is on {std.device}")
+        self._mean = mean.to(torch.float64)
+        self._std = std.to(torch.float64)
+        self.dim = mean.numel()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._mean
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self._std
+
+    @property
+    def device(self) -> torch.device:
+        return self._mean.device
+
+    def to(self, device) -> "FrozenStats":
+        return FrozenStats(self._mean.to(device), self._std.to(device))
+
+    def __repr__(self) -> str:
+        return f"FrozenStats(dim={self.dim}, device={self.device})"

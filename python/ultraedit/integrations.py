@@ -68,9 +68,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ultraedit_kernels import EPS, METHODS, SolveError, choose_method, gram_op, pseudo_values_op
-from ultraedit_kernels import spd_solve_op
-from ultraedit_kernels.spd_solve import spd_solve_reference
+from ultraedit_kernels import METHODS, FrozenStats, param_shift
 
 __all__ = [
     "IntegrationError", "KINDS", "apply_ultraedit_kernels", "revert_ultraedit_kernels",
@@ -96,19 +94,6 @@ def _normalizer_buffers(normalizer) -> Tuple[torch.Tensor, torch.Tensor]:
             f"the normalizer {type(normalizer).__name__} has no tensor buffer(s) {missing}; "
             f"expected a RunningMeanStd with buffers n, mean, var (M2) and std")
     return normalizer.mean, normalizer.std
-
-
-def _solve_spd(system: torch.Tensor, rhs: torch.Tensor, what: str) -> torch.Tensor:
-    solution, info = spd_solve_op(system, rhs)
-    if int(info.max()) == 0:
-        return solution
-    _log.warning("%s: Cholesky failed in %s (info=%d); retrying in float64", what, system.dtype,
-                 int(info.max()))
-    solution64, info64 = spd_solve_reference(system.double(), rhs.double())
-    if int(info64.max()) != 0 or not bool(torch.isfinite(solution64).all()):
-        raise SolveError(f"{what}: the system KᵀK + λI is not positive definite even in float64 "
-                         f"(info={int(info64.max())}); the cached keys hold NaN/Inf")
-    return solution64.to(rhs.dtype)
 
 
 def shift_from_normalizer(keys: torch.Tensor, values_grad: torch.Tensor, normalizer, lr: float,
@@ -138,16 +123,8 @@ def shift_from_normalizer(keys: torch.Tensor, values_grad: torch.Tensor, normali
     if mean.numel() != dim or std.numel() != dim:
         raise ValueError(f"the normalizer tracks {mean.numel()} features but d_in + d_out = "
                          f"{d_in} + {values_grad.shape[1]} = {dim}")
-    mean64 = mean.detach().reshape(-1).to(device=keys.device, dtype=torch.float64)
-    std64 = std.detach().reshape(-1).to(device=keys.device, dtype=torch.float64)
-    values = pseudo_values_op(keys, values_grad, mean64, std64, float(lr), EPS)
-    if method == "auto":
-        method = choose_method(n_rows, d_in)
-    keys32 = keys.float()
-    if method == "dual":   # Kᵀ (KKᵀ + λI)⁻¹ V : an N x N system
-        factors = _solve_spd(gram_op(keys, float(ridge), True), values, "dual solve")
-        return keys32.T @ factors
-    return _solve_spd(gram_op(keys, float(ridge), False), keys32.T @ values, "primal solve")
+    stats = FrozenStats(mean.to(keys.device), std.to(keys.device))
+    return param_shift(keys, values_grad, stats, lr=float(lr), ridge=float(ridge), method=method)
 
 
 # ------------------------------------------------------------------- reading the editors
