@@ -87,7 +87,8 @@ def ue_embedded():
 
     from ultraedit.models import load_model
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    # one thread: on a CPU shared with other jobs, 2 OpenMP threads run ~10x slower
+    torch.set_num_threads(1)
     return load_model("default")
 
 
