@@ -16,6 +16,7 @@ _LAZY = {
     "EditRequest": "ultraedit.editor",
     "TurnReport": "ultraedit.editor",
     "load_model": "ultraedit.models",
+    "apply_delta": "ultraedit.delta",
 }
 
 

@@ -40,6 +40,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .delta import DeltaTracker, check_captured
 from .hooks import CaptureSession
 from .modules import is_embedded_smollm2, module_dims, module_layout, resolve_modules
 from .tokenization import encode_edit_batch, encode_request
@@ -126,11 +127,16 @@ class UltraEditor:
         micro_batch: requests per forward+backward (the paper: 10).
         compat: "fixed" (default, the reference code's bugs fixed) or "official".
         normalizer: "shape" (one statistics object per weight shape, the paper) or "module".
+        accumulate: keep the accumulated Δ of each edited module in fp32 and write
+            ``W = round(W0 + Δ)`` once per turn; "auto" = on for bf16/fp16 weights (docs/state.md).
+        delta_device: where the base copy, Δ and history live (None = each module's device).
+        history: how many turns ``rollback`` can undo (each costs a copy of the edited weights).
     """
 
     def __init__(self, model, tokenizer, modules=None, lr: Optional[float] = None,
                  ridge: float = 1.0, micro_batch: int = 10, compat: str = "fixed",
-                 normalizer: str = "shape"):
+                 normalizer: str = "shape", accumulate="auto", delta_device=None,
+                 history: int = 1):
         from ultraedit_kernels import RunningStats  # noqa: F401  (fail early if missing)
 
         if compat not in ("fixed", "official"):
@@ -156,6 +162,8 @@ class UltraEditor:
         self._dims = {n: module_dims(m) for n, m in self.modules.items()}
         self.stats: Dict[str, Any] = {}  # stats key -> RunningStats, committed turns only
         self.turns = 0
+        self._delta = DeltaTracker(self.modules, self._layout, accumulate=accumulate,
+                                   device=delta_device, history=history)
         self._max_length = self._context_length(model)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
 
@@ -257,6 +265,10 @@ class UltraEditor:
                     captured[name].append(kg)
                 del loss
 
+        for name in names:  # NaN/Inf features or gradients: refuse the turn, naming the module
+            for k, g in captured[name]:
+                check_captured(name, k, g)
+
         # ---- statistics (on clones: committed only when every solve succeeded)
         new_stats: Dict[str, Any] = {}
 
@@ -312,16 +324,8 @@ class UltraEditor:
         capture_bytes += sum(u.numel() * u.element_size() for _, u in updates.values())
 
         # ---- apply in place, then commit the statistics
-        with torch.no_grad():
-            for name in names:
-                weight = self.modules[name].weight
-                dev = weight.device
-                method, u = updates[name]
-                if method == "dual":
-                    apply_shift_(weight, keys[name].to(dev), u.to(dev), layout=self._layout[name])
-                else:  # u = ΔW (d_in x d_out); Linear stores W as d_out x d_in
-                    delta = u.T if self._layout[name] == "linear" else u
-                    weight.add_(delta.to(device=dev, dtype=weight.dtype))
+        # all modules or none (ultraedit.delta: fp32 accumulation, rollback history)
+        self._delta.apply_turn(self, names, keys, updates)
         self.stats.update(new_stats)
         self.turns += 1
         turn_s = time.perf_counter() - t_start
@@ -348,6 +352,26 @@ class UltraEditor:
         return {"turns": self.turns, "lr": self.lr, "ridge": self.ridge, "compat": self.compat,
                 "normalizer": self.normalizer, "modules": list(self.modules),
                 "stats": {k: v.state_dict() for k, v in self.stats.items()}}
+
+    def save_state(self, path, include_delta: bool = True) -> str:
+        """Save statistics, configuration, turn count (and deltas) to ``path`` (docs/state.md)."""
+        from .state import save_state
+        return save_state(self, path, include_delta=include_delta)
+
+    @classmethod
+    def load_state(cls, path, model, tokenizer, **kwargs) -> "UltraEditor":
+        """An editor on ``model`` resumed from ``save_state`` (see ``ultraedit.state.load_state``)."""
+        from .state import load_state
+        return load_state(cls, path, model, tokenizer, **kwargs)
+
+    def rollback(self, turns: int = 1) -> None:
+        """Restore weights, statistics and turn count of before the last ``turns`` turns exactly."""
+        self._delta.rollback(self, turns)
+
+    def export_delta(self, path) -> str:
+        """Write the accumulated ΔW per module (safetensors + manifest); see ``ultraedit.apply_delta``."""
+        from .delta import export_delta
+        return export_delta(self, path)
 
 
 class _SavedBytes:

@@ -1,0 +1,89 @@
+"""Rollback restores weights, statistics and turn count of before the last turns bit for bit,
+within the bounded history the user sets."""
+import pytest
+import torch
+
+from _state_common import (MODULES, REQUESTS, assert_same, one_thread,  # noqa: F401 (autouse)
+                           snapshot, tiny_llama, turn_requests)
+from conftest import ue_make_tokenizer
+from ultraedit import UltraEditor
+from ultraedit.delta import RollbackError
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return ue_make_tokenizer(with_bos=True)
+
+
+def _editor(tok, dtype=torch.float32, **kw):
+    return UltraEditor(tiny_llama(len(tok), dtype), tok, modules=MODULES, lr=1e-2,
+                       micro_batch=3, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rollback_one_turn_is_bit_exact(tok, dtype):
+    ed = _editor(tok, dtype)
+    ed.edit(turn_requests(0))
+    before = snapshot(ed)
+    ed.edit(REQUESTS)                     # dual and primal updates
+    assert ed._delta.rollback_available == 1
+    ed.rollback()
+    assert_same(before, snapshot(ed))
+    # continuing after the rollback equals never having made the turn
+    ed.edit(turn_requests(1))
+    ref = _editor(tok, dtype)
+    ref.edit(turn_requests(0))
+    ref.edit(turn_requests(1))
+    assert_same(snapshot(ref), snapshot(ed))
+
+
+def test_rollback_several_turns_to_the_start(tok):
+    ed = _editor(tok, history=3)
+    start = snapshot(ed)
+    snaps = []
+    for t in range(4):
+        snaps.append(snapshot(ed))
+        ed.edit(turn_requests(t))
+    assert ed._delta.rollback_available == 3          # bounded: the oldest turn fell out
+    with pytest.raises(RollbackError, match="cannot roll back 4 turn.*holds 3.*history=3"):
+        ed.rollback(4)
+    ed.rollback(2)
+    assert_same(snaps[2], snapshot(ed))
+    assert ed.turns == 2
+    ed.rollback(1)
+    assert_same(snaps[1], snapshot(ed))
+    with pytest.raises(RollbackError, match="holds 0"):
+        ed.rollback(1)
+    assert start["turns"] == 0
+
+
+def test_rollback_to_turn_zero_with_accumulation(tok):
+    ed = _editor(tok, torch.bfloat16, history=2)
+    start = snapshot(ed)
+    ed.edit(turn_requests(0))
+    ed.edit(turn_requests(1))
+    ed.rollback(2)
+    assert_same(start, snapshot(ed))
+    assert ed.stats == {} and all(d is None for d in ed._delta.delta.values())
+
+
+def test_history_zero_disables_rollback(tok):
+    ed = _editor(tok, history=0)
+    ed.edit(turn_requests(0))
+    with pytest.raises(RollbackError, match="history=0"):
+        ed.rollback()
+    with pytest.raises(ValueError, match="positive integer"):
+        ed.rollback(0)
+
+
+def test_export_after_rollback_matches_weights(tok, tmp_path):
+    import ultraedit
+
+    ed = _editor(tok, torch.bfloat16, history=2)
+    ed.edit(turn_requests(0))
+    ed.edit(turn_requests(1))
+    ed.rollback()
+    ed.export_delta(tmp_path / "d")
+    fresh = ultraedit.apply_delta(tiny_llama(len(tok), torch.bfloat16), tmp_path / "d")
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, ed.model.state_dict()[k])
