@@ -163,62 +163,68 @@ _RESUME_SCRIPT = textwrap.dedent("""
     from _state_common import turn_requests
     from ultraedit import UltraEditor
     torch.set_num_threads({threads})
-    model = AutoModelForCausalLM.from_pretrained({model!r}, dtype=torch.{dtype},
-                                                 attn_implementation="eager").eval()
-    tok = AutoTokenizer.from_pretrained({model!r})
-    ed = UltraEditor.load_state({state!r}, model, tok)
-    for t in range({start}, {stop}):
-        ed.edit(turn_requests(t))
-    out = {{"w." + k: v.contiguous() for k, v in model.state_dict().items()}}
-    for key, st in ed.stats.items():
-        for p, v in st.state_dict().items():
-            out["s." + key + "." + p] = v
-    save_file(out, {out!r}, metadata={{"turns": str(ed.turns)}})
+    for dtype, model_dir, state, out in {cases!r}:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                     attn_implementation="eager").eval()
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        ed = UltraEditor.load_state(state, model, tok)
+        for t in range({start}, {stop}):
+            ed.edit(turn_requests(t))
+        tensors = {{"w." + k: v.contiguous() for k, v in model.state_dict().items()}}
+        for key, st in ed.stats.items():
+            for p, v in st.state_dict().items():
+                tensors["s." + key + "." + p] = v
+        save_file(tensors, out, metadata={{"turns": str(ed.turns)}})
 """)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_bit_exact_resume_in_a_new_process(tmp_path, tok, dtype):
+def test_bit_exact_resume_in_a_new_process(tmp_path, tok):
+    """N turns in one process == N/2 turns, save_state, a NEW process: load_state onto the base
+    model, N/2 turns; weights and statistics bit-identical (fp32, and bf16 with accumulation)."""
     from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
 
     n = 4
-    model_dir = tmp_path / "model"
-    tiny_llama(len(tok), getattr(torch, dtype)).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    cases, whole = [], {}
+    for dtype in ("float32", "bfloat16"):
+        model_dir = tmp_path / f"model-{dtype}"
+        tiny_llama(len(tok), getattr(torch, dtype)).save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
 
-    def fresh():
-        from transformers import AutoModelForCausalLM
-        m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
-                                                 attn_implementation="eager")
-        return UltraEditor(m.eval(), tok, modules=MODULES, lr=1e-2, micro_batch=3)
+        def fresh():
+            m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                     attn_implementation="eager")
+            return UltraEditor(m.eval(), tok, modules=MODULES, lr=1e-2, micro_batch=3)
 
-    whole = fresh()
-    for t in range(n):
-        whole.edit(turn_requests(t))
-    half = fresh()
-    for t in range(n // 2):
-        half.edit(turn_requests(t))
-    half.save_state(tmp_path / "state")
+        whole[dtype] = fresh()
+        for t in range(n):
+            whole[dtype].edit(turn_requests(t))
+        half = fresh()
+        for t in range(n // 2):
+            half.edit(turn_requests(t))
+        half.save_state(tmp_path / f"state-{dtype}")
+        cases.append((dtype, str(model_dir), str(tmp_path / f"state-{dtype}"),
+                      str(tmp_path / f"resumed-{dtype}.safetensors")))
 
-    out = tmp_path / "resumed.safetensors"
     script = _RESUME_SCRIPT.format(tests=str(ROOT / "tests"), threads=torch.get_num_threads(),
-                                   model=str(model_dir), dtype=dtype,
-                                   state=str(tmp_path / "state"), start=n // 2, stop=n,
-                                   out=str(out))
+                                   cases=cases, start=n // 2, stop=n)
     env = dict(os.environ, HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "python"),
                                            os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with safe_open(str(out), "pt") as f:
-        assert f.metadata()["turns"] == str(n)
-        for k, v in whole.model.state_dict().items():
-            got = f.get_tensor("w." + k)
-            assert got.dtype == v.dtype and torch.equal(got, v), f"weight {k} differs"
-        for key, st in whole.stats.items():
-            for p, v in st.state_dict().items():
-                assert torch.equal(f.get_tensor(f"s.{key}.{p}"), v), f"stats {key}.{p} differ"
+    for dtype, _, _, out in cases:
+        assert whole[dtype]._delta.accumulate is (dtype == "bfloat16")
+        with safe_open(out, "pt") as f:
+            assert f.metadata()["turns"] == str(n)
+            for k, v in whole[dtype].model.state_dict().items():
+                got = f.get_tensor("w." + k)
+                assert got.dtype == v.dtype and torch.equal(got, v), f"{dtype}: weight {k} differs"
+            for key, st in whole[dtype].stats.items():
+                for p, v in st.state_dict().items():
+                    assert torch.equal(f.get_tensor(f"s.{key}.{p}"), v), \
+                        f"{dtype}: stats {key}.{p} differ"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
