@@ -245,6 +245,10 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
     from ultraedit_kernels import RunningStats
 
     manifest, files = read_dir(path, expect_kind="state")
+    required = [STATS_FILE] + ([DELTA_FILE] if manifest.get("include_delta") else [])
+    missing = [f for f in required if f not in files]
+    if missing or not {"model", "config", "modules", "stats", "turns"} <= set(manifest):
+        raise StateError(f"{path}: incomplete state (missing {missing or 'manifest fields'})")
     check_model(model, manifest["model"])
     cfg = manifest["config"]
     named = dict(model.named_modules())
