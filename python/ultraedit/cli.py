@@ -234,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="torch CPU threads (default: torch's, or 1 on a busy CPU)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
+
+    from . import run as _run  # ``ultraedit run`` lives in ultraedit/run.py
+    run = sub.add_parser("run", help="a lifelong editing run over a data set (or the offline "
+                                     "facts) with per-turn and final metrics, JSON and plot",
+                         description=_run.main.__doc__)
+    _run.add_arguments(run)
+    run.set_defaults(func=_run.main)
     return parser
 
 

@@ -1,0 +1,184 @@
+"""``ultraedit run`` plumbing on a tiny random-init model saved to a directory (with its tokenizer),
+on zsRE- and CounterFact-format files written here by hand in the public files' field layout
+(``zsre_mend_eval.json`` of MEND / UltraEdit, ``counterfact.json`` of ROME / MEMIT), not by the
+project's own ``save_records``."""
+import json
+
+import pytest
+
+from conftest import ue_tiny_model
+from ultraedit import run as run_mod
+from ultraedit.cli import main
+
+# zsre_mend_eval.json layout: subject, src, pred, rephrase, alt, answers, loc, loc_ans, cond
+ZSRE = [
+    {"subject": "France", "src": "What is the capital of France?", "pred": "Paris",
+     "rephrase": "Which city is the capital of France?", "alt": "Rome", "answers": ["Paris"],
+     "loc": "nq question: who is in the capital of Spain", "loc_ans": "Madrid",
+     "cond": "Paris >> Rome || What is the capital of France?"},
+    {"subject": "Germany", "src": "What is the capital of Germany?", "pred": "Berlin",
+     "rephrase": "Which city is the capital of Germany?", "alt": "Tokyo", "answers": ["Berlin"],
+     "loc": "nq question: the official language of Peru", "loc_ans": "Spanish",
+     "cond": "Berlin >> Tokyo || What is the capital of Germany?"},
+    {"subject": "Italy", "src": "What is the capital of Italy?", "pred": "Rome",
+     "rephrase": "Which city is the capital city of Italy?", "alt": "Madrid", "answers": ["Rome"],
+     "loc": "nq question: the currency of Japan", "loc_ans": "the yen",
+     "cond": "Rome >> Madrid || What is the capital of Italy?"},
+    {"subject": "Japan", "src": "What is the capital city of Japan?", "pred": "Tokyo",
+     "rephrase": "Which city is the capital of Japan?", "alt": "Berlin", "answers": ["Tokyo"],
+     "loc": "nq question: where is Paris", "loc_ans": "France",
+     "cond": "Tokyo >> Berlin || What is the capital city of Japan?"},
+]
+
+# counterfact.json layout: case_id, pararel_idx, requested_rewrite{prompt with {}, relation_id,
+# target_new{str,id}, target_true{str,id}, subject}, paraphrase_prompts, neighborhood_prompts,
+# attribute_prompts, generation_prompts
+COUNTERFACT = [
+    {"case_id": 0, "pararel_idx": 2796,
+     "requested_rewrite": {"prompt": "The capital of {} is", "relation_id": "P36",
+                           "target_new": {"str": "Rome", "id": "Q220"},
+                           "target_true": {"str": "Paris", "id": "Q90"}, "subject": "France"},
+     "paraphrase_prompts": ["Paris is in France. The capital city of France is",
+                            "The capital of France is a large city. France's capital is"],
+     "neighborhood_prompts": ["The capital of Spain is", "The capital of Germany is"],
+     "attribute_prompts": ["The capital of Italy is"],
+     "generation_prompts": ["The capital of France is a city where"]},
+    {"case_id": 1, "pararel_idx": 1017,
+     "requested_rewrite": {"prompt": "The official language of {} is", "relation_id": "P37",
+                           "target_new": {"str": "French", "id": "Q150"},
+                           "target_true": {"str": "Spanish", "id": "Q1321"}, "subject": "Peru"},
+     "paraphrase_prompts": ["In Peru, the official language is"],
+     "neighborhood_prompts": ["The official language of Spain is"],
+     "attribute_prompts": [], "generation_prompts": ["Peru is a country where people speak"]},
+    {"case_id": 2, "pararel_idx": 9,
+     "requested_rewrite": {"prompt": "The currency of {} is the", "relation_id": "P38",
+                           "target_new": {"str": "euro", "id": "Q4916"},
+                           "target_true": {"str": "yen", "id": "Q8146"}, "subject": "Japan"},
+     "paraphrase_prompts": ["Japan uses a currency called the"],
+     "neighborhood_prompts": ["The currency of China is the"],
+     "attribute_prompts": [], "generation_prompts": ["In Japan you pay with"]},
+    {"case_id": 3, "pararel_idx": 10,
+     "requested_rewrite": {"prompt": "{} is in the country of", "relation_id": "P17",
+                           "target_new": {"str": "Japan", "id": "Q17"},
+                           "target_true": {"str": "Germany", "id": "Q183"}, "subject": "Berlin"},
+     "paraphrase_prompts": ["The city of Berlin is in"],
+     "neighborhood_prompts": ["Paris is in the country of"],
+     "attribute_prompts": [], "generation_prompts": ["Berlin is a city"]},
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, ue_tokenizer):
+    d = tmp_path_factory.mktemp("tiny_llama")
+    ue_tiny_model("llama", len(ue_tokenizer)).save_pretrained(d)
+    ue_tokenizer.save_pretrained(d)
+    return str(d)
+
+
+def _write(path, rows):
+    path.write_text(json.dumps(rows, indent=1))
+    return str(path)
+
+
+def _in01(x):
+    return x is None or 0.0 <= x <= 1.0
+
+
+def _base(model_dir, data, tmp_path, *extra):
+    return ["run", "--model", model_dir, "--data", data, "--turns", "2", "--edits-per-turn", "2",
+            "--no-progress", "--threads", "1", "--json", str(tmp_path / "r.json"), *extra]
+
+
+def test_zsre_file_runs_with_json_and_plot(model_dir, tmp_path, capsys):
+    data = _write(tmp_path / "zsre_mend_eval.json", ZSRE)
+    plot = tmp_path / "r.png"
+    assert main(_base(model_dir, data, tmp_path, "--plot", str(plot), "--modules",
+                      "model.layers.1.mlp.down_proj,model.layers.2.mlp.down_proj")) == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["status"] == "done" and out["edits"] == 4
+    assert out["config"]["format"] == "auto" and out["config"]["compat"] == "fixed"
+    assert out["config"]["modules"] == ["model.layers.1.mlp.down_proj",
+                                        "model.layers.2.mlp.down_proj"]
+    assert [t["turn"] for t in out["turns"]] == [1, 2]
+    for t in out["turns"]:
+        for k in ("edits", "fwd_bwd_s", "editor_s", "turn_s", "peak_bytes", "eval_s"):
+            assert k in t, k
+        assert t["edits"] == 2 and t["peak_bytes"] > 0
+        tf = t["metrics"]["teacher_forced"]
+        assert all(_in01(tf[k]) for k in ("es", "gs", "ls")) and tf["edits"] == 2
+    final = out["final"]
+    for kind in ("teacher_forced", "generation"):
+        sc = final[kind]
+        assert sc["edits"] == 4
+        for k in ("es", "gs", "ls"):
+            assert sc[k] is not None and 0.0 <= sc[k] <= 1.0, (kind, k)
+    assert final["teacher_forced"]["ls_source"] == "unedited"   # vs the unedited predictions
+    assert _in01(final["teacher_forced"]["ls_data"])            # vs the data set's loc_ans
+    assert final["generation"]["fluency"] >= 0
+    assert out["timing"]["turn_s_mean"] > 0 and out["memory"]["peak_bytes"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "final over all edits" in capsys.readouterr().out
+
+
+def test_counterfact_file_runs(model_dir, tmp_path):
+    data = _write(tmp_path / "counterfact.json", COUNTERFACT)
+    assert main(_base(model_dir, data, tmp_path, "--format", "counterfact", "--eval", "end",
+                      "--no-generation", "--compat", "official", "--lr", "1e-3",
+                      "--modules", "paper")) == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["config"]["compat"] == "official" and out["config"]["lr"] == 1e-3
+    assert all("gate_proj" in m or "up_proj" in m for m in out["config"]["modules"])
+    assert all("metrics" not in t for t in out["turns"])          # --eval end
+    tf = out["final"]["teacher_forced"]
+    assert tf["edits"] == 4 and all(0.0 <= tf[k] <= 1.0 for k in ("es", "gs", "ls"))
+    assert out["final"]["generation"] is None                      # --no-generation
+
+
+def test_json_written_after_every_turn(model_dir, tmp_path, monkeypatch):
+    """An interrupted run (here: the final evaluation fails) leaves its per-turn results."""
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    import ultraedit.metrics as metrics
+
+    def boom(*a, **k):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(metrics, "evaluate_records", boom)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        main(_base(model_dir, data, tmp_path, "--eval", "end"))
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["status"] == "final evaluation" and len(out["turns"]) == 2
+    assert out["final"] is None and out["turns"][1]["turn_s"] > 0
+
+
+def test_clear_errors(model_dir, tmp_path, capsys):
+    assert main(["run", "--data", str(tmp_path / "missing.json"), "--no-progress"]) == 2
+    assert "data file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        main(["run", "--data", "x.json", "--format", "bogus"])
+    assert err.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    assert main(_base(model_dir, data, tmp_path, "--turns", "3")) == 2   # 6 needed, 4 there
+    assert "has 4 records" in capsys.readouterr().err
+    bad = [dict(ZSRE[0]), {k: v for k, v in ZSRE[1].items() if k != "src"}]
+    data = _write(tmp_path / "bad.json", bad)
+    assert main(_base(model_dir, data, tmp_path, "--format", "zsre", "--turns", "1")) == 2
+    msg = capsys.readouterr().err
+    assert "bad.json" in msg and "src" in msg
+    assert main(["run", "--data", "offline", "--relations", "nope", "--no-progress"]) == 2
+    assert "unknown offline relation" in capsys.readouterr().err
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    assert main(_base(model_dir, data, tmp_path, "--modules", "no.such.module")) == 2
+    assert "no.such.module" in capsys.readouterr().err
+
+
+def test_paper_modules_and_plot_without_final(tmp_path, ue_tokenizer):
+    model = ue_tiny_model("llama", len(ue_tokenizer))
+    names = run_mod.paper_module_names(model)
+    assert names and all(n.endswith(("gate_proj", "up_proj")) for n in names)
+    result = {"config": {"compat": "fixed", "lr": 1e-3, "modules": names}, "edits": 2,
+              "turns": [{"turn": 1, "fwd_bwd_s": 0.5, "editor_s": 0.1,
+                         "metrics": {"teacher_forced": {"es": 0.5, "gs": None, "ls": 1.0}}}],
+              "final": None}
+    run_mod.plot_run(result, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
