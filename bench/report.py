@@ -25,7 +25,7 @@ MiB = 2 ** 20
 
 def load(paths: List[str]) -> Dict:
     """Merge several JSON files; the last one's machine_info/datetime win."""
-    merged = {"benchmarks": [], "machine_info": {}, "commit_info": {}, "datetime": None}
+    merged = {"benchmarks": [], "machine_info": {}, "commit_info": {}, "datetime": None, "runs": []}
     for path in paths:
         with open(path) as fh:
             data = json.load(fh)
@@ -33,6 +33,8 @@ def load(paths: List[str]) -> Dict:
         merged["machine_info"] = data.get("machine_info", merged["machine_info"])
         merged["commit_info"] = data.get("commit_info", merged["commit_info"])
         merged["datetime"] = data.get("datetime", merged["datetime"])
+        load_1m = data.get("machine_info", {}).get("ultraedit", {}).get("loadavg_1m")
+        merged["runs"].append((os.path.basename(path), data.get("datetime"), load_1m))
     return merged
 
 
@@ -65,13 +67,13 @@ def machine_lines(data: Dict) -> List[str]:
     lines.append(f"- CPU: {ue.get('cpu_model') or mi.get('cpu', {}).get('brand_raw', '?')}, "
                  f"{ue.get('cpu_count', '?')} cores visible, torch threads {ue.get('torch_threads', '?')}")
     lines.append(f"- torch {ue.get('torch', '?')}, Python {ue.get('python', mi.get('python_version', '?'))}")
-    if "loadavg_1m" in ue:
-        lines.append(f"- 1-minute load average when the run started: {ue['loadavg_1m']:.1f} "
-                     f"(other processes share the cores; see the caveat)")
+    for name, when, load_1m in data.get("runs", []):
+        if load_1m is not None:
+            lines.append(f"- `{name}`: written {when} (end of the run), 1-minute load average then {load_1m:.1f} on "
+                         f"{ue.get('cpu_count', '?')} cores (other processes share them; see the caveats)")
     ci = data.get("commit_info", {})
     if ci.get("id"):
-        lines.append(f"- commit {ci['id'][:12]}{' (dirty tree)' if ci.get('dirty') else ''}, "
-                     f"run {data.get('datetime', '')}")
+        lines.append(f"- commit {ci['id'][:12]}{' (dirty tree: other engineers were editing)' if ci.get('dirty') else ''}")
     return lines
 
 
@@ -91,8 +93,8 @@ def must_show_lines(benches: List[Dict]) -> List[str]:
             lines.append(
                 f"- embedded model turn ({e['n_edits']} edits, N = {e['n']} answer tokens, "
                 f"{e['n_modules']} modules): editor overhead **{100 * e['editor_overhead_fraction']:.1f}%** "
-                f"of forward+backward (need ≤ {100 * e['must_overhead_fraction']:.0f}%): {ok}; whole turn "
-                f"{e['speedup']:.2f}x faster than the paper-path turn")
+                f"of forward+backward (need ≤ {100 * e['must_overhead_fraction']:.0f}%): {ok}; paper-path turn "
+                f"time / editor turn time = {e['speedup']:.2f}x")
     return lines
 
 
@@ -135,7 +137,8 @@ def turn_tables(benches: List[Dict]) -> List[str]:
                 f"| paper path | {_spread(e, 'paper_')} | {_spread(e, 'paper_fwd_bwd_')} "
                 f"| {_spread(e, 'paper_overhead_')} | {100 * e['paper_overhead_fraction']:.1f}% "
                 f"| {_mib(e['paper_peak_bytes'])} |", "",
-                f"Whole turn: {e['speedup']:.2f}x faster; peak extra memory ratio {e['memory_ratio']:.3f}. "
+                f"Paper-path turn time / editor turn time: {e['speedup']:.2f}x (above 1: the editor is faster); "
+                f"peak extra memory editor / paper: {e['memory_ratio']:.3f}. "
                 f"The editor's forward+backward is its own (`TurnReport.fwd_bwd_s`: no weight gradients, "
                 f"logits only at answer columns); the paper's includes weight `.grad` and full logits.", ""]
     return out
@@ -174,8 +177,13 @@ def plots(benches: List[Dict], out_dir: str) -> List[str]:
                                      ("peak_bytes", "peak extra memory (MiB)", "ops_memory_vs_n.png", 1 / MiB)):
         if not op_names:
             break
-        fig, axes = plt.subplots(1, len(op_names), figsize=(4 * len(op_names), 3.6), squeeze=False)
-        for ax, op in zip(axes[0], op_names):
+        cols = min(3, len(op_names))
+        rows = (len(op_names) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
+        flat = [ax for row in axes for ax in row]
+        for ax in flat[len(op_names):]:
+            ax.axis("off")
+        for ax, op in zip(flat, op_names):
             series = defaultdict(list)
             for e in ops:
                 if e["op"] == op:
@@ -193,7 +201,7 @@ def plots(benches: List[Dict], out_dir: str) -> List[str]:
             if key == "median_s":
                 ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.3)
-        axes[0][0].legend(fontsize=7)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         path = os.path.join(out_dir, fname)
         fig.savefig(path, dpi=110)
@@ -226,7 +234,9 @@ def plots(benches: List[Dict], out_dir: str) -> List[str]:
         ax2.bar(xs, mem, color="tab:green")
         for x, m in zip(xs, mem):
             ax2.text(x, m, f"{m:.3f}", ha="center", va="bottom")
-        ax2.axhline(0.25, color="red", linestyle="--")
+        for x, e in zip(xs, turns):
+            if e.get("must_memory_ratio"):
+                ax2.hlines(e["must_memory_ratio"], x - 0.4, x + 0.4, colors="red", linestyles="--")
         ax2.set_xticks(list(xs), labels, fontsize=8)
         ax2.set_ylabel("peak extra memory / paper's")
         ax2.set_title("memory ratio (red: 1/4)")
