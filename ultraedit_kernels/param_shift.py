@@ -23,6 +23,7 @@ import logging
 
 import torch
 
+from ._profiling import nvtx_range
 from ._validation import check_keys_grads, check_ridge
 from .gram import gram_op
 from .pseudo_values import check_stats_for, pseudo_values, pseudo_values_op
@@ -71,9 +72,12 @@ def shift_factors(keys: torch.Tensor, values_grad: torch.Tensor, stats,
     include this turn's rows.  Never forms a d_in x d_in matrix.
     """
     _validated(keys, values_grad, stats, ridge)
-    values = pseudo_values_op(keys, values_grad, stats.mean, stats.std, float(lr), EPS)
-    system = gram_op(keys, float(ridge), True)
-    return _solve_checked(system, values, "shift_factors (dual)")
+    with nvtx_range("ultraedit/pseudo_values"):
+        values = pseudo_values_op(keys, values_grad, stats.mean, stats.std, float(lr), EPS)
+    with nvtx_range("ultraedit/gram"):
+        system = gram_op(keys, float(ridge), True)
+    with nvtx_range("ultraedit/solve"):
+        return _solve_checked(system, values, "shift_factors (dual)")
 
 
 def param_shift(keys: torch.Tensor, values_grad: torch.Tensor, stats,
@@ -93,9 +97,12 @@ def param_shift(keys: torch.Tensor, values_grad: torch.Tensor, stats,
     if method == "dual":
         factors = shift_factors(keys, values_grad, stats, lr, ridge)
         return keys32.T @ factors
-    values = pseudo_values_op(keys, values_grad, stats.mean, stats.std, float(lr), EPS)
-    system = gram_op(keys, float(ridge), False)
-    return _solve_checked(system, keys32.T @ values, "param_shift (primal)")
+    with nvtx_range("ultraedit/pseudo_values"):
+        values = pseudo_values_op(keys, values_grad, stats.mean, stats.std, float(lr), EPS)
+    with nvtx_range("ultraedit/gram"):
+        system = gram_op(keys, float(ridge), False)
+    with nvtx_range("ultraedit/solve"):
+        return _solve_checked(system, keys32.T @ values, "param_shift (primal)")
 
 
 __all__ = ["param_shift", "shift_factors", "pseudo_values", "choose_method", "SolveError",

@@ -29,7 +29,7 @@ import torch
 from . import _backends
 
 OP = "stats_update"
-_ROW_CHUNK = 4096  # bounds the float64 temporary of the reference to 4096 x D
+_ROW_CHUNK = 256  # bounds the float64 temporaries of the reference to 256 x D
 
 
 def chan_merge(count, mean, m2, block_count: int, block_mean, block_m2):
@@ -43,13 +43,13 @@ def chan_merge(count, mean, m2, block_count: int, block_mean, block_m2):
 
 
 def block_moments_reference(x: torch.Tensor, official: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """float64 (mean, M2) of the rows of ``x`` (the fixed or the reference code's M2)."""
+    """float64 (mean, M2) of the rows of ``x`` (the fixed or the reference code's M2).
+
+    Rows are converted to float64 ``_ROW_CHUNK`` at a time and Chan-merged, so the temporary
+    stays at ``_ROW_CHUNK x D`` whatever N is.  The reference code's ``B * var_unbiased`` equals
+    ``B / (B - 1)`` times the exact sum of squared deviations (NaN for a single row).
+    """
     rows = x.shape[0]
-    if official:
-        xb = x.double()
-        if rows == 1:  # the reference's unbiased variance of one row: NaN, reproduced quietly
-            return xb[0], torch.full_like(xb[0], float("nan"))
-        return xb.mean(0), rows * xb.var(0, unbiased=True)
     count = torch.zeros((), dtype=torch.float64, device=x.device)
     mean = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     m2 = torch.zeros_like(mean)
@@ -58,6 +58,8 @@ def block_moments_reference(x: torch.Tensor, official: bool) -> Tuple[torch.Tens
         mb = xb.mean(0)
         m2b = (xb - mb).square_().sum(0)
         count, mean, m2 = chan_merge(count, mean, m2, xb.shape[0], mb, m2b)
+    if official:
+        m2 = m2 * (rows / (rows - 1)) if rows > 1 else torch.full_like(m2, float("nan"))
     return mean, m2
 
 
