@@ -182,3 +182,30 @@ def test_paper_modules_and_plot_without_final(tmp_path, ue_tokenizer):
               "final": None}
     run_mod.plot_run(result, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_offline_selection(monkeypatch):
+    """--data offline: known facts only (filter stubbed: two of every three candidates), relations
+    interleaved, cities by population without the tuning subjects, edited locality dropped."""
+    import ultraedit.data.offline as offline
+
+    seen = []
+
+    def two_of_three(records, model, tokenizer, batch_size=32):
+        records = list(records)
+        seen.extend(records)
+        return [r for i, r in enumerate(records) if i % 3 != 2]
+
+    monkeypatch.setattr(offline, "filter_known", two_of_three)
+    recs = run_mod.offline_records(None, None, 60, relations=("capital", "city_country"))
+    assert len(recs) == 60
+    assert {r.relation for r in recs[:10]} == {"capital", "city_country"}
+    tuning = set(run_mod.tuning_subjects())
+    cities = [r for r in recs if r.relation == "city_country"]
+    assert cities and not tuning & {r.subject for r in cities}
+    pops = [r.extra["population"] for r in cities]
+    assert pops == sorted(pops, reverse=True)
+    edited = {r.prompt for r in recs} | {p for r in recs for p in r.paraphrases}
+    assert not any(lp.prompt in edited for r in recs for lp in r.locality)
+    with pytest.raises(ValueError, match="known to the model"):
+        run_mod.offline_records(None, None, 10 ** 6, relations=("capital",))

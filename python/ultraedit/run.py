@@ -91,13 +91,39 @@ def tuning_subjects() -> List[str]:
 
 
 def offline_records(model, tokenizer, n: int, relations: Sequence[str] = RUN_RELATIONS,
-                    seed: int = 0, exclude_tuning: bool = True) -> List[Any]:
-    """``n`` counterfactual offline records whose true answer the unedited model predicts."""
-    from .cli import demo_records
+                    seed: int = 0, exclude_tuning: bool = True, n_locality: int = 3,
+                    batch_size: int = 32) -> List[Any]:
+    """``n`` counterfactual offline records whose TRUE answer the unedited model predicts
+    (``filter_known``), relations interleaved round-robin.
 
-    exclude = tuning_subjects() if exclude_tuning and TUNING_RELATION in relations else ()
-    return demo_records(model, tokenizer, n, relations=relations, seed=seed,
-                        exclude_subjects=exclude)
+    Country relations are shuffled with ``seed``; cities are taken by population, largest first
+    (the model knows far more of them, so fewer candidates are checked), without the subjects
+    docs/editor_tuning.py may tune on (``exclude_tuning``). Locality prompts that are themselves
+    edited in the run are dropped. ValueError when fewer than ``n`` known facts exist."""
+    from .data.offline import filter_known, offline_facts
+
+    excluded = set(tuning_subjects()) if exclude_tuning and TUNING_RELATION in relations else set()
+    streams = []
+    for rel in relations:
+        recs = [r for r in offline_facts((rel,), seed=seed, n_locality=n_locality)
+                if r.subject not in excluded]
+        if not rel.startswith("city"):
+            random.Random(f"run:{seed}:{rel}").shuffle(recs)
+        streams.append(recs)
+    candidates: List[Any] = []
+    for i in range(max((len(s) for s in streams), default=0)):
+        candidates += [s[i] for s in streams if i < len(s)]
+    known: List[Any] = []
+    start = 0
+    while len(known) < n and start < len(candidates):
+        chunk = max(64, int(1.6 * (n - len(known))))
+        known += filter_known(candidates[start:start + chunk], model, tokenizer,
+                              batch_size=batch_size)
+        start += chunk
+    if len(known) < n:
+        raise ValueError(f"only {len(known)} facts of {list(relations)} are known to the model; "
+                         f"{n} needed (lower --turns/--edits-per-turn or add relations)")
+    return _drop_edited_locality(known[:n])
 
 
 def _drop_edited_locality(records: List[Any]) -> List[Any]:
@@ -346,6 +372,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's, or 1 on a busy CPU)")
     p.add_argument("--no-exclude-tuning", action="store_true",
                    help="offline: allow the subjects docs/editor_tuning.py tunes on")
+    p.add_argument("--records-out", metavar="PATH", default=None,
+                   help="save the edited records (.jsonl; rerun with --data PATH --format records)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -408,6 +436,11 @@ def main(args: argparse.Namespace) -> int:
     else:
         records = _drop_edited_locality(records)
     data_s = time.perf_counter() - t1
+    if args.records_out:
+        from .data import save_records
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.records_out)), exist_ok=True)
+        save_records(records, args.records_out)
 
     kwargs: Dict[str, Any] = {"micro_batch": args.micro_batch, "compat": args.compat,
                               "ridge": args.ridge, "normalizer": args.normalizer}
