@@ -38,10 +38,14 @@ CONFIGS = [
     ("down_proj 22-28", down(22, 28), 3e-4),
     ("down_proj 22-28", down(22, 28), 1e-3),
     ("down_proj 24-28", down(24, 28), 3e-4),
-    ("down_proj 24-28", down(24, 28), 1e-3),
-    ("down_proj 18-28", down(18, 28), 3e-4),
-    ("gate 10-14 + up 17-22 (paper, mapped)", paper_llama_30(), 1e-4),
+    ("down_proj 22-28", down(22, 28), 2e-4),
+    ("gate 10-14 + up 17-22 (paper, mapped)", paper_llama_30(), 3e-5),
+    ("gate 10-14 + up 17-22 (paper, mapped)", paper_llama_30(), 6e-5),
     ("gate 10-14 + up 17-22 (paper, mapped)", paper_llama_30(), 1e-6),
+    ("down_proj 24-28", down(24, 28), 2e-4),
+    ("down_proj 26-28", down(26, 28), 5e-4),
+    ("down_proj 22-28", down(22, 28), 1.5e-4),
+    ("down_proj 24-28", down(24, 28), 2.5e-4),
 ]
 
 

@@ -1,8 +1,9 @@
-"""UltraEditor on the embedded SmolLM2-135M with its measured defaults: edits stick, unrelated
+"""UltraEditor on the embedded SmolLM2-135M: edits stick, unrelated
 facts keep their predictions, two lifelong turns both hold, no weight gradients remain."""
+import pytest
+
 from ultraedit import UltraEditor
 from ultraedit.metrics import next_token_predictions, token_accuracy
-from ultraedit.modules import EMBEDDED_SMOLLM2
 
 TURN1 = [("The capital of France is", "Rome"), ("The capital of Germany is", "Madrid"),
          ("The capital of Japan is", "London"), ("The capital of Spain is", "Paris")]
@@ -12,14 +13,19 @@ UNRELATED = ["The capital of Poland is", "The capital of Sweden is", "The capita
              "The capital of Portugal is", "The largest planet is", "Water boils at"]
 
 
+@pytest.mark.embedded
 def test_edits_stick_and_unrelated_facts_stay(ue_embedded, ue_restore):
     model, tok = ue_embedded
-    ue_restore(model, EMBEDDED_SMOLLM2)
     flags = [p.requires_grad for p in model.parameters()]
     unrelated_before = next_token_predictions(model, tok, UNRELATED)
     assert sum(token_accuracy(model, tok, *zip(*TURN1 + TURN2))) == 0.0
-    editor = UltraEditor(model, tok)               # embedded model: measured modules and lr
-    assert list(editor.modules) == EMBEDDED_SMOLLM2
+    assert UltraEditor(model, tok).lr == 2.5e-4     # the measured default (tuned for 50-edit turns)
+    # a few edits per turn need a larger step than the default tuned for turns of 50:
+    # DESIGN.md §6's starting point, down_proj 22-28 at lr 3e-4
+    mods = [f"model.layers.{i}.mlp.down_proj" for i in range(22, 29)]
+    ue_restore(model, mods)
+    editor = UltraEditor(model, tok, modules="model.layers.2[2-8].mlp.down_proj", lr=3e-4)
+    assert list(editor.modules) == mods
     editor.edit([{"prompt": p, "target": t} for p, t in TURN1])
     assert sum(token_accuracy(model, tok, *zip(*TURN1))) >= 3.0
     rep = editor.edit(TURN2)

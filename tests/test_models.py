@@ -51,6 +51,7 @@ def test_cache_dir_from_env(tmp_path, monkeypatch):
     assert models.default_cache_dir().name == "smollm2-135m-instruct"
 
 
+@pytest.mark.embedded
 def test_embedded_default_model(ue_embedded):
     model, tok = ue_embedded
     cfg = model.config

@@ -50,7 +50,7 @@ __all__ = ["UltraEditor", "EditRequest", "TurnReport", "EMBEDDED_LR", "PAPER_LR"
 
 PAPER_LR = 1e-6
 # Measured default for the embedded SmolLM2-135M (docs/editor.md).
-EMBEDDED_LR = 3e-4
+EMBEDDED_LR = 2.5e-4
 
 
 def default_lr(model) -> float:

@@ -60,8 +60,8 @@ for _alias in ("gemma2", "gemma3", "gemma3_text"):
     ARCH_DEFAULTS[_alias] = ARCH_DEFAULTS["gemma"]
 ARCH_DEFAULTS["qwen3"] = ARCH_DEFAULTS["qwen2"]
 
-# The measured default for the embedded model (docs/editor.md): mlp.down_proj of layers 22-28.
-EMBEDDED_SMOLLM2 = [f"model.layers.{i}.mlp.down_proj" for i in range(22, 29)]
+# The measured default for the embedded model (docs/editor.md): mlp.down_proj of layers 24-28.
+EMBEDDED_SMOLLM2 = [f"model.layers.{i}.mlp.down_proj" for i in range(24, 29)]
 
 
 def is_embedded_smollm2(model: nn.Module) -> bool:
