@@ -63,7 +63,8 @@ class _Sums:
             var = (self.s2[key] - self.s1[key] ** 2 / n) / (n - 1)
             worst["count_equal"] &= (st.count == n)
             scale_m = st.std.cpu().clamp_min(1e-30)
-            worst["mean"] = max(worst["mean"], float(((st.mean.cpu() - mean).abs() / scale_m).max()))
+            err_m = float(((st.mean.cpu() - mean).abs() / scale_m).max())
+            worst["mean"] = max(worst["mean"], err_m)
             worst["var"] = max(worst["var"], float(((st.var.cpu() - var).abs()
                                                      / var.abs().clamp_min(1e-30)).max()))
         return worst

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ultraedit.editor as editor_mod
-from _state_common import (MODULES, REQUESTS, one_thread,  # noqa: F401 (autouse)
+from _state_common import (MODULES, one_thread,  # noqa: F401 (autouse)
                            tiny_llama, turn_requests)
 from conftest import ue_make_tokenizer
 from ultraedit import UltraEditor

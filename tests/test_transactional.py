@@ -172,7 +172,7 @@ def test_out_of_memory_while_applying(tok, dtype, monkeypatch):
     ed.edit(turn_requests(0))
     before = snapshot(ed)
     applied = []
-    if ed._delta.accumulate:                            # fail after Δ += update, before W is written
+    if ed._delta.accumulate:            # fail after Δ += update, before W is written
         real = delta_mod.reconstruct
 
         def flaky(*a, **k):

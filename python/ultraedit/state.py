@@ -173,8 +173,9 @@ def read_dir(path, expect_kind: str) -> Tuple[Dict[str, Any], Dict[str, Dict[str
         raise StateError(f"{mpath}: format_version {manifest.get('format_version')!r}; this "
                          f"ultraedit reads version {FORMAT_VERSION}")
     if manifest.get("kind") != expect_kind:
+        use = "apply_delta" if manifest.get("kind") == "delta" else "load_state"
         raise StateError(f"{path} holds a {manifest.get('kind')!r}, not a {expect_kind!r} "
-                         f"(use {'apply_delta' if manifest.get('kind') == 'delta' else 'load_state'})")
+                         f"(use {use})")
     tensors = {}
     for fname, meta in manifest.get("files", {}).items():
         fpath = path / fname
