@@ -87,3 +87,36 @@ def test_export_after_rollback_matches_weights(tok, tmp_path):
     fresh = ultraedit.apply_delta(tiny_llama(len(tok), torch.bfloat16), tmp_path / "d")
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, ed.model.state_dict()[k])
+
+
+def test_multi_application_turn_is_one_rollback_entry_and_atomic(tok):
+    """begin_turn / apply_step / commit_turn (a turn applied in several steps) gives one history
+    entry; abort_turn restores every step's changes."""
+    import ultraedit.delta as delta_mod
+
+    ed = _editor(tok, torch.bfloat16, history=2)
+    ed.edit(turn_requests(0))
+    before = snapshot(ed)
+    tracker = ed._delta
+    names = list(ed.modules)
+    gen = torch.Generator().manual_seed(0)
+    keys = {n: torch.randn(5, ed._dims[n][0], generator=gen) for n in names}
+    ups = {n: torch.randn(5, ed._dims[n][1], generator=gen) * 1e-2 for n in names}
+
+    rec = tracker.begin_turn(ed)
+    tracker.apply_step(ed, names, keys, ups)
+    tracker.apply_step(ed, names, keys, ups)
+    assert tracker.rollback_available == 1                 # the first edit() only
+    tracker.abort_turn(rec)
+    assert_same(before, snapshot(ed))
+
+    rec = tracker.begin_turn(ed)
+    tracker.apply_step(ed, names, keys, ups)
+    tracker.apply_step(ed, names, keys, ups)
+    tracker.commit_turn(rec)
+    ed.turns += 1
+    assert tracker.rollback_available == 2
+    assert not torch.equal(ed.modules[names[0]].weight, before["model"][names[0] + ".weight"])
+    ed.rollback()
+    assert_same(before, snapshot(ed))
+    assert isinstance(rec, delta_mod._TurnRecord)

@@ -156,6 +156,32 @@ class DeltaTracker:
         if self.history:
             self._records.append(record)
 
+    # -- a turn made of several applications (e.g. several capture/solve/apply steps):
+    #    rec = begin_turn(editor); apply_step(...) ...; commit_turn(rec)  (abort_turn(rec) on error)
+    def begin_turn(self, editor) -> _TurnRecord:
+        """Snapshot statistics and every module now: the turn's single rollback entry."""
+        return _TurnRecord(turn=int(editor.turns),
+                           stats={k: v.clone() for k, v in editor.stats.items()},
+                           saved={n: self._snapshot(n) for n in self.modules})
+
+    def apply_step(self, editor, names: Iterable[str], keys: Dict[str, torch.Tensor],
+                   updates: Dict[str, Any]) -> None:
+        """Like :meth:`apply_turn` (all modules or none) but without a history entry."""
+        history, self.history = self.history, 0
+        try:
+            self.apply_turn(editor, names, keys, updates)
+        finally:
+            self.history = history
+
+    def abort_turn(self, record: _TurnRecord) -> None:
+        """Restore every module to the record of :meth:`begin_turn` (statistics are the caller's)."""
+        self._restore(record)
+
+    def commit_turn(self, record: _TurnRecord) -> None:
+        """Keep the record of :meth:`begin_turn` as the turn's rollback entry."""
+        if self.history:
+            self._records.append(record)
+
     def _snapshot(self, name: str) -> Optional[torch.Tensor]:
         if self.accumulate:
             d = self.delta[name]
