@@ -46,7 +46,28 @@ CONFIGS = [
     ("down_proj 26-28", down(26, 28), 5e-4),
     ("down_proj 22-28", down(22, 28), 1.5e-4),
     ("down_proj 24-28", down(24, 28), 2.5e-4),
+    # 12+: the memory-free options (protect_mean = α of the mean-key row, steps per turn);
+    # every row passes both explicitly (the embedded defaults may change)
 ]
+BASE = {"protect_mean": 0.0, "steps": 1}
+CONFIGS = [c + (dict(BASE),) for c in CONFIGS]
+EXTRA = [
+    # (label, modules, lr, protect_mean, steps)
+    ("down_proj 24-28", down(24, 28), 2.5e-4, 1.0, 1),   # 12
+    ("down_proj 24-28", down(24, 28), 2.5e-4, 4.0, 1),   # 13
+    ("down_proj 24-28", down(24, 28), 5e-4, 4.0, 1),     # 14
+    ("down_proj 24-28", down(24, 28), 1.5e-4, 0.0, 2),   # 15
+    ("down_proj 24-28", down(24, 28), 1.5e-4, 4.0, 2),   # 16
+    ("down_proj 22-28", down(22, 28), 3e-4, 4.0, 1),     # 17
+    ("down_proj 24-28", down(24, 28), 1e-4, 4.0, 3),     # 18
+    ("down_proj 24-28", down(24, 28), 1e-3, 16.0, 1),    # 19
+    ("down_proj 24-28", down(24, 28), 5e-4, 16.0, 1),    # 20
+    ("down_proj 22-28", down(22, 28), 2e-4, 4.0, 2),     # 21
+    ("down_proj 24-28", down(24, 28), 2e-4, 16.0, 2),    # 22
+    ("down_proj 24-28", down(24, 28), 1e-4, 0.0, 3),     # 23
+]
+CONFIGS += [(label, mods, lr, {"protect_mean": pm, "steps": st})
+            for label, mods, lr, pm, st in EXTRA]
 
 
 def main():
@@ -71,11 +92,11 @@ def main():
     print(f"tuning facts: {len(records)} city_country (seed 1) in {time.time() - t0:.0f}s",
           file=sys.stderr)
     # originals of every module any config edits, to restore between configs
-    touched = sorted({m for _, mods, _ in CONFIGS for m in mods})
+    touched = sorted({m for _, mods, _, _ in CONFIGS for m in mods})
     named = dict(model.named_modules())
     originals = {m: named[m].weight.detach().clone() for m in touched}
     rows = []
-    for idx, (label, mods, lr) in enumerate(CONFIGS):
+    for idx, (label, mods, lr, extra) in enumerate(CONFIGS):
         if args.only is not None and idx not in args.only:
             continue
         with torch.no_grad():
@@ -83,13 +104,14 @@ def main():
                 named[m].weight.copy_(w)
         t1 = time.time()
         res = run_demo(model, tok, records, turns=2, edits_per_turn=50,
-                       editor_kwargs={"modules": mods, "lr": lr}, progress=False,
+                       editor_kwargs={"modules": mods, "lr": lr, **extra}, progress=False,
                        evaluate_before=False)
         a = res["metrics"]["after"]
-        row = {"config": idx, "modules": label, "lr": lr, **a,
+        row = {"config": idx, "modules": label, "lr": lr, **extra, **a,
                "overhead": res["timing"]["editor_overhead"], "wall_s": time.time() - t1}
         rows.append(row)
-        print(f"| {label} | {lr:g} | {a['es']:.2f} | {a['gs']:.2f} | {a['ls']:.2f} |", flush=True)
+        print(f"| {label} | {lr:g} | {extra['protect_mean']:g} | {extra['steps']} | "
+              f"{a['es']:.2f} | {a['gs']:.2f} | {a['ls']:.2f} |", flush=True)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(rows, fh, indent=2)

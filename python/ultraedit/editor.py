@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -46,16 +47,29 @@ from .modules import is_embedded_smollm2, module_dims, module_layout, resolve_mo
 from .tokenization import encode_edit_batch, encode_request
 
 __all__ = ["UltraEditor", "EditRequest", "TurnReport", "EMBEDDED_LR", "PAPER_LR",
-           "default_lr"]
+           "EMBEDDED_PROTECT_MEAN", "EMBEDDED_STEPS", "default_lr", "default_protect_mean",
+           "default_steps"]
 
 PAPER_LR = 1e-6
 # Measured default for the embedded SmolLM2-135M (docs/editor.md).
 EMBEDDED_LR = 2.5e-4
+EMBEDDED_PROTECT_MEAN = 0.0
+EMBEDDED_STEPS = 1
 
 
 def default_lr(model) -> float:
     """The measured lr for the embedded model, the paper's 1e-6 for every other model."""
     return EMBEDDED_LR if is_embedded_smollm2(model) else PAPER_LR
+
+
+def default_protect_mean(model) -> float:
+    """The measured mean-key protection for the embedded model, 0 (the paper) otherwise."""
+    return EMBEDDED_PROTECT_MEAN if is_embedded_smollm2(model) else 0.0
+
+
+def default_steps(model) -> int:
+    """The measured steps per turn for the embedded model, 1 (the paper) otherwise."""
+    return EMBEDDED_STEPS if is_embedded_smollm2(model) else 1
 
 
 @dataclass(frozen=True)
@@ -131,12 +145,21 @@ class UltraEditor:
             ``W = round(W0 + Δ)`` once per turn; "auto" = on for bf16/fp16 weights (docs/state.md).
         delta_device: where the base copy, Δ and history live (None = each module's device).
         history: how many turns ``rollback`` can undo (each costs a copy of the edited weights).
+        protect_mean: α ≥ 0 of the mean-key protection (docs/editor.md): each module's least
+            squares gets one more row ``sqrt(α·N)·μ_k`` with target 0 (``μ_k`` = the running mean
+            of the keys, ``stats.mean[:d_in]``, this turn included), so ``ΔWᵀμ_k ≈ 0`` and
+            prompts near the mean key (same template, other subjects) move less. 0 = the paper.
+            None = the measured default for the embedded model, else 0.
+        steps: capture + solve + apply this many times per turn on the same requests (each
+            step's rows are a new block of the statistics); the turn stays one transaction and
+            one rollback entry. None = the measured default for the embedded model, else 1.
     """
 
     def __init__(self, model, tokenizer, modules=None, lr: Optional[float] = None,
                  ridge: float = 1.0, micro_batch: int = 10, compat: str = "fixed",
                  normalizer: str = "shape", accumulate="auto", delta_device=None,
-                 history: int = 1):
+                 history: int = 1, protect_mean: Optional[float] = None,
+                 steps: Optional[int] = None):
         from ultraedit_kernels import RunningStats  # noqa: F401  (fail early if missing)
 
         if compat not in ("fixed", "official"):
@@ -150,6 +173,17 @@ class UltraEditor:
             raise ValueError(f"lr must be a positive finite number, got {lr!r}")
         if not (float(ridge) > 0 and float(ridge) != float("inf")):
             raise ValueError(f"ridge must be a positive finite number, got {ridge!r}")
+        if protect_mean is None:
+            protect_mean = default_protect_mean(model)
+        if (isinstance(protect_mean, bool) or not isinstance(protect_mean, (int, float))
+                or not (protect_mean >= 0 and protect_mean != float("inf"))):
+            raise ValueError(f"protect_mean must be a finite number >= 0, got {protect_mean!r}")
+        if steps is None:
+            steps = default_steps(model)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        self.protect_mean = float(protect_mean)
+        self.steps = int(steps)
         self.model = model
         self.tokenizer = tokenizer
         self.ridge = float(ridge)
@@ -215,6 +249,44 @@ class UltraEditor:
         labels = labels.to(logits.device)
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
+    def _protected_update(self, k: torch.Tensor, g: torch.Tensor, st):
+        """Ridge LS with the mean-key row: ``K' = [K; sqrt(α·N)·μ_k]``, ``V' = [V; 0]``.
+
+        Returns ``(("dual", A'), K')`` with ``ΔW = K'ᵀA'`` when N+1 <= d_in, else
+        ``(("primal", ΔW), K)``.
+        """
+        from ultraedit_kernels import choose_method, gram, pseudo_values
+        from ultraedit_kernels.param_shift import _solve_checked
+
+        n, d_in = k.shape
+        v = pseudo_values(k, g, st, lr=self.lr)
+        mu = st.mean[:d_in].to(device=k.device, dtype=torch.float32)
+        row = (math.sqrt(self.protect_mean * n) * mu).to(k.dtype)[None]
+        kp = torch.cat([k, row], 0)
+        vp = torch.cat([v, v.new_zeros(1, v.shape[1])], 0)
+        if choose_method(kp.shape[0], d_in) == "dual":
+            return ("dual", _solve_checked(gram(kp, self.ridge, True), vp,
+                                           "protect_mean (dual)")), kp
+        kp32 = kp.float()
+        dw = _solve_checked(gram(kp, self.ridge, False), kp32.T @ vp, "protect_mean (primal)")
+        return ("primal", dw), k
+
+    def _begin_steps(self):
+        """The turn-level record of a multi-step turn (weights and statistics before it)."""
+        from .delta import _TurnRecord
+        d = self._delta
+        return _TurnRecord(turn=int(self.turns), stats={k: v.clone() for k, v in self.stats.items()},
+                           saved={n: d._snapshot(n) for n in self.modules})
+
+    def _apply_step(self, names, keys, updates) -> None:
+        """One step's updates through the delta tracker, without a history entry of its own."""
+        d = self._delta
+        history, d.history = d.history, 0
+        try:
+            d.apply_turn(self, names, keys, updates)
+        finally:
+            d.history = history
+
     # ------------------------------------------------------------------ the turn
     def edit(self, requests: Iterable[Any]) -> TurnReport:
         """Apply one turn of edits in place and return its :class:`TurnReport`."""
@@ -240,36 +312,13 @@ class UltraEditor:
         param_ptrs = () if cuda_devices else {p.untyped_storage().data_ptr()
                                                 for p in self.model.parameters()}
         names = list(self.modules)
-        captured: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
         fwd_bwd = 0.0
         n_tokens = 0
         loss_sum = 0.0
         saved_peak = 0
-        with CaptureSession(self.model, self.modules) as cap:
-            for batch in batches:
-                n_tokens += cap.set_mask(batch["labels"] != -100)
-                saved = _SavedBytes(param_ptrs) if not cuda_devices else None
-                t0 = time.perf_counter()
-                with torch.enable_grad():
-                    if saved is not None:
-                        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-                            loss = self._forward_loss(batch)
-                    else:
-                        loss = self._forward_loss(batch)
-                    loss.backward()
-                fwd_bwd += time.perf_counter() - t0
-                if saved is not None:
-                    saved_peak = max(saved_peak, saved.total)
-                loss_sum += float(loss.detach())
-                for name, kg in cap.pop().items():
-                    captured[name].append(kg)
-                del loss
-
-        for name in names:  # NaN/Inf features or gradients: refuse the turn, naming the module
-            for k, g in captured[name]:
-                check_captured(name, k, g)
-
-        # ---- statistics (on clones: committed only when every solve succeeded)
+        capture_bytes = 0
+        # ---- statistics (on clones: committed only when every solve succeeded; with
+        # steps > 1 each step's rows are a new block of the same clones)
         new_stats: Dict[str, Any] = {}
 
         def stats_for(name: str, dev: torch.device):
@@ -285,47 +334,92 @@ class UltraEditor:
             # = st.update(torch.cat([k, g], 1)) without building the concatenation
             st.update_pair(k.to(st.device), g.to(st.device))
 
-        if self.compat == "official":
-            # The reference updates per micro-batch, module by module, in that order.
-            for b in range(len(batches)):
+        # steps > 1: capture + solve + apply again on the updated model (same requests);
+        # the turn is one transaction (and one rollback entry) over all its steps.
+        turn_record = self._begin_steps() if self.steps > 1 else None
+        try:
+            for step in range(self.steps):
+                captured: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
+                with CaptureSession(self.model, self.modules) as cap:
+                    for batch in batches:
+                        step_tokens = cap.set_mask(batch["labels"] != -100)
+                        if step == 0:  # the turn's answer tokens, counted once
+                            n_tokens += step_tokens
+                        saved = _SavedBytes(param_ptrs) if not cuda_devices else None
+                        t0 = time.perf_counter()
+                        with torch.enable_grad():
+                            if saved is not None:
+                                with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                                    loss = self._forward_loss(batch)
+                            else:
+                                loss = self._forward_loss(batch)
+                            loss.backward()
+                        fwd_bwd += time.perf_counter() - t0
+                        if saved is not None:
+                            saved_peak = max(saved_peak, saved.total)
+                        if step == 0:  # the report's loss: before this turn's first update
+                            loss_sum += float(loss.detach())
+                        for name, kg in cap.pop().items():
+                            captured[name].append(kg)
+                        del loss
+
+                for name in names:  # NaN/Inf features or gradients: refuse the turn, naming the module
+                    for k, g in captured[name]:
+                        check_captured(name, k, g)
+
+                if self.compat == "official":
+                    # The reference updates per micro-batch, module by module, in that order.
+                    for b in range(len(batches)):
+                        for name in names:
+                            k, g = captured[name][b]
+                            update(stats_for(name, k.device), k, g)
+                keys: Dict[str, torch.Tensor] = {}
+                grads: Dict[str, torch.Tensor] = {}
                 for name in names:
-                    k, g = captured[name][b]
-                    update(stats_for(name, k.device), k, g)
-        keys: Dict[str, torch.Tensor] = {}
-        grads: Dict[str, torch.Tensor] = {}
-        for name in names:
-            parts = captured[name]
-            keys[name] = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
-            grads[name] = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
-            if self.compat != "official":
-                update(stats_for(name, keys[name].device), keys[name], grads[name])
-        del captured
+                    parts = captured[name]
+                    keys[name] = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+                    grads[name] = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
+                    if self.compat != "official":
+                        update(stats_for(name, keys[name].device), keys[name], grads[name])
+                del captured
 
-        # ---- solves: every module's update before any weight changes. Dual (factored, rank-N
-        # in-place update) when N <= d_in, as DESIGN.md §2; a dense primal ΔW otherwise, where
-        # the d_in x d_in system is the smaller and better conditioned one.
-        updates: Dict[str, Tuple[str, torch.Tensor]] = {}
-        for name in names:
-            k, g = keys[name], grads[name]
-            st = new_stats[self.stats_key(name)]
-            if st.device != k.device:  # modules of one shape on several devices
-                st = st.clone().to(k.device)
-            if choose_method(k.shape[0], k.shape[1]) == "dual":
-                upd = ("dual", shift_factors(k, g, st, lr=self.lr, ridge=self.ridge))
-            else:
-                upd = ("primal", param_shift(k, g, st, lr=self.lr, ridge=self.ridge,
-                                             method="primal"))
-            if not bool(torch.isfinite(upd[1]).all()):
-                raise FloatingPointError(f"module {name!r}: the parameter shift is not finite; "
-                                         f"nothing was changed")
-            updates[name] = upd
-        capture_bytes = sum(t.numel() * t.element_size() for d in (keys, grads)
-                            for t in d.values())
-        capture_bytes += sum(u.numel() * u.element_size() for _, u in updates.values())
+                # ---- solves: every module's update before any weight changes. Dual (factored, rank-N
+                # in-place update) when N <= d_in, as DESIGN.md §2; a dense primal ΔW otherwise, where
+                # the d_in x d_in system is the smaller and better conditioned one.
+                updates: Dict[str, Tuple[str, torch.Tensor]] = {}
+                apply_keys: Dict[str, torch.Tensor] = dict(keys)  # [K; protection row] if protect_mean
+                for name in names:
+                    k, g = keys[name], grads[name]
+                    st = new_stats[self.stats_key(name)]
+                    if st.device != k.device:  # modules of one shape on several devices
+                        st = st.clone().to(k.device)
+                    if self.protect_mean > 0:
+                        upd, apply_keys[name] = self._protected_update(k, g, st)
+                    elif choose_method(k.shape[0], k.shape[1]) == "dual":
+                        upd = ("dual", shift_factors(k, g, st, lr=self.lr, ridge=self.ridge))
+                    else:
+                        upd = ("primal", param_shift(k, g, st, lr=self.lr, ridge=self.ridge,
+                                                     method="primal"))
+                    if not bool(torch.isfinite(upd[1]).all()):
+                        raise FloatingPointError(f"module {name!r}: the parameter shift is not finite; "
+                                                 f"nothing was changed")
+                    updates[name] = upd
+                capture_bytes = max(capture_bytes, sum(t.numel() * t.element_size() for d in (keys, grads)
+                                    for t in d.values())
+                                    + sum(u.numel() * u.element_size() for _, u in updates.values()))
 
-        # ---- apply in place, then commit the statistics
-        # all modules or none (ultraedit.delta: fp32 accumulation, rollback history)
-        self._delta.apply_turn(self, names, keys, updates)
+                # ---- apply in place, then commit the statistics
+                # all modules or none (ultraedit.delta: fp32 accumulation, rollback history)
+                if turn_record is None:
+                    self._delta.apply_turn(self, names, apply_keys, updates)
+                else:  # one step of a multi-step turn: the turn's record restores all of it on failure
+                    self._apply_step(names, apply_keys, updates)
+        except BaseException:
+            if turn_record is not None:
+                self._delta._restore(turn_record)
+            raise
+        if turn_record is not None and self._delta.history:
+            self._delta._records.append(turn_record)
         self.stats.update(new_stats)
         self.turns += 1
         turn_s = time.perf_counter() - t_start
