@@ -65,9 +65,24 @@ EXTRA = [
     ("down_proj 22-28", down(22, 28), 2e-4, 4.0, 2),     # 21
     ("down_proj 24-28", down(24, 28), 2e-4, 16.0, 2),    # 22
     ("down_proj 24-28", down(24, 28), 1e-4, 0.0, 3),     # 23
+    ("down_proj 24-28", down(24, 28), 2e-4, 4.0, 2),     # 24
+    ("down_proj 24-28", down(24, 28), 1.5e-4, 16.0, 3),  # 25
+    ("down_proj 24-28", down(24, 28), 2.5e-4, 4.0, 2),   # 26
+    ("down_proj 22-28", down(22, 28), 1.5e-4, 4.0, 2),   # 27
+    ("down_proj 24-28", down(24, 28), 1e-4, 4.0, 2),     # 28
+    ("down_proj 24-28", down(24, 28), 2e-4, 16.0, 3),    # 29
 ]
 CONFIGS += [(label, mods, lr, {"protect_mean": pm, "steps": st})
             for label, mods, lr, pm, st in EXTRA]
+# per-module statistics (μ_k of the module itself rather than of all down_proj inputs)
+CONFIGS += [("down_proj 24-28, normalizer=module", down(24, 28), lr,             # 30, 31, 32
+             {"protect_mean": pm, "steps": st, "normalizer": "module"})
+            for lr, pm, st in ((1.5e-4, 4.0, 2), (2.5e-4, 0.0, 1), (2e-4, 4.0, 2))]
+# the plain method's frontier near LS 0.75, re-measured with the same code as the rows above
+CONFIGS += [("down_proj 24-28", down(24, 28), lr, dict(BASE)) for lr in (3.5e-4, 4e-4)]  # 33, 34
+# steps alone near the LS 0.75 boundary                                                 # 35, 36
+CONFIGS += [("down_proj 24-28", down(24, 28), lr, {"protect_mean": 0.0, "steps": st})
+            for lr, st in ((1.75e-4, 2), (1.25e-4, 3))]
 
 
 def main():

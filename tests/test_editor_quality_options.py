@@ -197,3 +197,12 @@ def test_bad_values_are_clear_errors(ue_tokenizer, kwargs, match):
 def test_non_embedded_models_keep_the_papers_behaviour(ue_tokenizer):
     ed = UltraEditor(model_for(ue_tokenizer), ue_tokenizer, modules=MODS)
     assert ed.protect_mean == 0.0 and ed.steps == 1
+
+
+def test_options_survive_save_and_load(ue_tokenizer, tmp_path):
+    model = model_for(ue_tokenizer)
+    ed = UltraEditor(model, ue_tokenizer, modules=MODS, lr=1e-2, steps=2, protect_mean=3.0)
+    ed.edit(REQUESTS[:3])
+    ed.save_state(tmp_path / "st")
+    back = UltraEditor.load_state(tmp_path / "st", model, ue_tokenizer)
+    assert back.steps == 2 and back.protect_mean == 3.0

@@ -226,7 +226,8 @@ def save_state(editor, path, include_delta: bool = True) -> str:
                    "compat": editor.compat, "normalizer": editor.normalizer,
                    "accumulate": tracker.accumulate, "history": tracker.history,
                    "delta_device": None if tracker.device is None else str(tracker.device),
-                   "modules": list(editor.modules)},
+                   "modules": list(editor.modules),
+                   "protect_mean": editor.protect_mean, "steps": editor.steps},
         "turns": int(editor.turns), "base_turn": int(tracker.base_turn),
         "include_delta": bool(include_delta),
         "modules": modules, "stats": stats_meta,
@@ -304,7 +305,9 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
                  micro_batch=cfg["micro_batch"], compat=cfg["compat"],
                  normalizer=cfg["normalizer"], accumulate=cfg["accumulate"],
                  delta_device=cfg.get("delta_device") if delta_device is None else delta_device,
-                 history=cfg["history"] if history is None else history)
+                 history=cfg["history"] if history is None else history,
+                 # states saved before these options existed were made without them
+                 protect_mean=cfg.get("protect_mean", 0.0), steps=cfg.get("steps", 1))
     for name in editor.modules:
         devices.setdefault(editor.stats_key(name), editor.modules[name].weight.device)
     stats = {}
