@@ -19,12 +19,14 @@ def test_edits_stick_and_unrelated_facts_stay(ue_embedded, ue_restore):
     flags = [p.requires_grad for p in model.parameters()]
     unrelated_before = next_token_predictions(model, tok, UNRELATED)
     assert sum(token_accuracy(model, tok, *zip(*TURN1 + TURN2))) == 0.0
-    assert UltraEditor(model, tok).lr == 2.5e-4     # the measured default (tuned for 50-edit turns)
+    ed = UltraEditor(model, tok)                     # the measured defaults (50-edit turns)
+    assert ed.lr == 1e-4 and ed.steps == 3 and ed.protect_mean == 0.0
     # a few edits per turn need a larger step than the default tuned for turns of 50:
     # DESIGN.md §6's starting point, down_proj 22-28 at lr 3e-4
     mods = [f"model.layers.{i}.mlp.down_proj" for i in range(22, 29)]
     ue_restore(model, mods)
-    editor = UltraEditor(model, tok, modules="model.layers.2[2-8].mlp.down_proj", lr=3e-4)
+    editor = UltraEditor(model, tok, modules="model.layers.2[2-8].mlp.down_proj", lr=3e-4,
+                         steps=1)
     assert list(editor.modules) == mods
     editor.edit([{"prompt": p, "target": t} for p, t in TURN1])
     assert sum(token_accuracy(model, tok, *zip(*TURN1))) >= 3.0
