@@ -127,6 +127,7 @@ def test_counterfact_file_runs(model_dir, tmp_path):
                       "--modules", "paper")) == 0
     out = json.loads((tmp_path / "r.json").read_text())
     assert out["config"]["compat"] == "official" and out["config"]["lr"] == 1e-3
+    assert out["config"]["steps"] == 1
     assert all("gate_proj" in m or "up_proj" in m for m in out["config"]["modules"])
     assert all("metrics" not in t for t in out["turns"])          # --eval end
     tf = out["final"]["teacher_forced"]

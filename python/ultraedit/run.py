@@ -212,7 +212,9 @@ def run_records(model, tokenizer, records: Sequence[Any], turns: int, edits_per_
     result.setdefault("config", {}).update(
         {"turns": turns, "edits_per_turn": edits_per_turn, "lr": editor.lr,
          "ridge": editor.ridge, "micro_batch": editor.micro_batch, "compat": editor.compat,
-         "normalizer": editor.normalizer, "modules": list(editor.modules), "eval": eval_mode,
+         "normalizer": editor.normalizer, "steps": getattr(editor, "steps", 1),
+         "protect_mean": getattr(editor, "protect_mean", 0.0),
+         "modules": list(editor.modules), "eval": eval_mode,
          "generation": generation, "turn_generation": turn_generation})
     result.update({"edits": len(records), "status": "running", "turns": [], "final": None})
 
@@ -358,6 +360,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--normalizer", choices=("shape", "module"), default="shape")
     p.add_argument("--compat", choices=("fixed", "official"), default="fixed")
     p.add_argument("--micro-batch", type=int, default=10, help="requests per forward (10)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="capture+solve+apply steps per turn (default: the editor's; 1 with "
+                        "--compat official)")
     p.add_argument("--eval", dest="eval_mode", choices=("every", "end", "both"), default="both",
                    help="after every turn on its edits, at the end on all edits, or both")
     p.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True,
@@ -446,6 +451,10 @@ def main(args: argparse.Namespace) -> int:
                               "ridge": args.ridge, "normalizer": args.normalizer}
     if args.lr is not None:
         kwargs["lr"] = args.lr
+    if args.steps is not None:
+        kwargs["steps"] = args.steps
+    elif args.compat == "official":
+        kwargs["steps"] = 1      # the paper: one capture+solve per turn (not the embedded default)
     if args.modules:
         try:
             kwargs["modules"] = (paper_module_names(model) if args.modules.strip() == "paper"
