@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from ultraedit.cli import _drop_edited_locality, build_parser, main
+from ultraedit.cli import build_parser, main
+from ultraedit.data.records import drop_edited_locality as _drop_edited_locality
 
 
 def test_parser_defaults_and_options():

@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+from .data.records import drop_edited_locality
+
 __all__ = ["main", "build_parser", "cmd_demo", "demo_records", "run_demo"]
 
 DEMO_RELATIONS = ("capital", "language")
@@ -66,18 +68,7 @@ def demo_records(model, tokenizer, n: int, relations: Sequence[str] = DEMO_RELAT
     if len(known) < need:
         raise ValueError(f"only {len(known)} facts of {list(relations)} are known to the model; "
                          f"{need} needed (lower --turns/--edits-per-turn or add relations)")
-    return _drop_edited_locality(known[skip:need])
-
-
-def _drop_edited_locality(records: List[Any]) -> List[Any]:
-    import dataclasses
-
-    edited = set()
-    for r in records:
-        edited.add(r.prompt)
-        edited.update(r.paraphrases)
-    return [dataclasses.replace(r, locality=[lp for lp in r.locality if lp.prompt not in edited])
-            for r in records]
+    return drop_edited_locality(known[skip:need])
 
 
 def _scores(result: Dict[str, Any]) -> Dict[str, float]:

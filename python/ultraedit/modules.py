@@ -86,6 +86,12 @@ def default_module_names(model: nn.Module) -> List[str]:
     """The default edited module names for ``model`` (see the module docstring)."""
     if is_embedded_smollm2(model):
         return list(EMBEDDED_SMOLLM2)
+    return paper_module_names(model)
+
+
+def paper_module_names(model: nn.Module) -> List[str]:
+    """The paper's module choice for ``model``'s architecture, mapped to its depth
+    (``ARCH_DEFAULTS``); also for the embedded SmolLM2, whose editor default differs."""
     cfg = getattr(model, "config", None)
     model_type = getattr(cfg, "model_type", None)
     if model_type not in ARCH_DEFAULTS:

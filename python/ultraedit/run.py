@@ -30,7 +30,6 @@ The JSON (rewritten after every turn, so an interrupted run leaves its partial r
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -38,6 +37,9 @@ import random
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
+
+from .data.records import drop_edited_locality
+from .modules import paper_module_names
 
 __all__ = ["add_arguments", "main", "run_records", "offline_records", "paper_module_names",
            "plot_run", "RUN_RELATIONS", "DATA_FORMATS"]
@@ -58,26 +60,6 @@ def _split_csv(text: Optional[str]) -> Optional[List[str]]:
         return None
     items = [x.strip() for x in text.split(",") if x.strip()]
     return items or None
-
-
-def paper_module_names(model) -> List[str]:
-    """The UltraEdit paper's module choice for ``model``'s architecture, mapped by depth
-    (``ultraedit.modules.ARCH_DEFAULTS``), also for the embedded SmolLM2 (whose editor default
-    is the project's measured one instead)."""
-    from .modules import ARCH_DEFAULTS, _n_layers
-
-    cfg = getattr(model, "config", None)
-    model_type = getattr(cfg, "model_type", None)
-    if model_type not in ARCH_DEFAULTS:
-        raise ValueError(f"no paper module choice for model_type {model_type!r}; "
-                         f"pass --modules names")
-    ref, groups = ARCH_DEFAULTS[model_type]
-    n = _n_layers(cfg)
-    names: List[str] = []
-    for template, first, last in groups:
-        layers = sorted({min(n - 1, round(i * n / ref)) for i in range(first, last + 1)})
-        names += [template.format(i=i) for i in layers]
-    return names
 
 
 def tuning_subjects() -> List[str]:
@@ -123,16 +105,7 @@ def offline_records(model, tokenizer, n: int, relations: Sequence[str] = RUN_REL
     if len(known) < n:
         raise ValueError(f"only {len(known)} facts of {list(relations)} are known to the model; "
                          f"{n} needed (lower --turns/--edits-per-turn or add relations)")
-    return _drop_edited_locality(known[:n])
-
-
-def _drop_edited_locality(records: List[Any]) -> List[Any]:
-    edited = set()
-    for r in records:
-        edited.add(r.prompt)
-        edited.update(r.paraphrases)
-    return [dataclasses.replace(r, locality=[lp for lp in r.locality if lp.prompt not in edited])
-            for r in records]
+    return drop_edited_locality(known[:n])
 
 
 def _num(x) -> Optional[float]:
@@ -439,7 +412,7 @@ def main(args: argparse.Namespace) -> int:
         except ValueError as err:
             return _error(str(err))
     else:
-        records = _drop_edited_locality(records)
+        records = drop_edited_locality(records)
     data_s = time.perf_counter() - t1
     if args.records_out:
         from .data import save_records

@@ -6,10 +6,10 @@
   UltraEditBench, EasyEdit files and this project's own record files.
 """
 
-from .records import EditRecord, LocalityPrompt, RecordValidationError
+from .records import EditRecord, LocalityPrompt, RecordValidationError, drop_edited_locality
 from .formats import FORMATS, DataFormatError, load_records, save_records
 from .offline import OFFLINE_RELATIONS, filter_known, offline_facts
 
 __all__ = ["EditRecord", "LocalityPrompt", "RecordValidationError", "OFFLINE_RELATIONS",
            "filter_known", "offline_facts", "FORMATS", "DataFormatError", "load_records",
-           "save_records"]
+           "save_records", "drop_edited_locality"]

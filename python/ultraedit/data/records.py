@@ -164,3 +164,16 @@ class EditRecord:
             if key not in data:
                 raise RecordValidationError(key, "missing")
         return cls(**data)
+
+
+def drop_edited_locality(records):
+    """Drop locality prompts that are themselves edited (a rewrite prompt or a paraphrase of
+    any record in ``records``): their predictions are meant to change."""
+    import dataclasses
+
+    edited = set()
+    for r in records:
+        edited.add(r.prompt)
+        edited.update(r.paraphrases)
+    return [dataclasses.replace(r, locality=[lp for lp in r.locality if lp.prompt not in edited])
+            for r in records]
