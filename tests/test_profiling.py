@@ -35,3 +35,19 @@ def test_refresh_rereads_environment(monkeypatch):
     monkeypatch.delenv(_profiling.ENV_VAR)
     _profiling.refresh()
     assert nvtx_enabled() is False
+
+
+def test_editor_stages_show_in_profiler_trace(ue_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from ultraedit import UltraEditor
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(ue_tokenizer), hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    editor = UltraEditor(model, ue_tokenizer, modules=["model.layers.1.mlp.down_proj"], lr=1e-3)
+    with torch.profiler.profile() as prof:
+        editor.edit([("The capital of France is", "Rome")])
+    names = {e.name for e in prof.events()}
+    assert {"ultraedit/capture", "ultraedit/stats", "ultraedit/apply", "ultraedit/solve"} <= names

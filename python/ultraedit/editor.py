@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from .delta import DeltaTracker, check_captured
+from ultraedit_kernels._profiling import nvtx_range
+
 from .hooks import CaptureSession
 from .modules import is_embedded_smollm2, module_dims, module_layout, resolve_modules
 from .tokenization import encode_edit_batch, encode_request
@@ -334,7 +336,8 @@ class UltraEditor:
 
         def update(st, k, g):
             # = st.update(torch.cat([k, g], 1)) without building the concatenation
-            st.update_pair(k.to(st.device), g.to(st.device))
+            with nvtx_range("ultraedit/stats"):
+                st.update_pair(k.to(st.device), g.to(st.device))
 
         # steps > 1: capture + solve + apply again on the updated model (same requests);
         # the turn is one transaction (and one rollback entry) over all its steps.
@@ -342,7 +345,7 @@ class UltraEditor:
         try:
             for step in range(self.steps):
                 captured: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
-                with CaptureSession(self.model, self.modules) as cap:
+                with nvtx_range("ultraedit/capture"), CaptureSession(self.model, self.modules) as cap:
                     for batch in batches:
                         step_tokens = cap.set_mask(batch["labels"] != -100)
                         if step == 0:  # the turn's answer tokens, counted once
@@ -412,10 +415,11 @@ class UltraEditor:
 
                 # ---- apply in place, then commit the statistics
                 # all modules or none (ultraedit.delta: fp32 accumulation, rollback history)
-                if turn_record is None:
-                    self._delta.apply_turn(self, names, apply_keys, updates)
-                else:  # one step of a multi-step turn: the turn's record restores all of it on failure
-                    self._apply_step(names, apply_keys, updates)
+                with nvtx_range("ultraedit/apply"):
+                    if turn_record is None:
+                        self._delta.apply_turn(self, names, apply_keys, updates)
+                    else:  # one step of a multi-step turn: its record restores all of it on failure
+                        self._apply_step(names, apply_keys, updates)
         except BaseException:
             if turn_record is not None:
                 self._delta._restore(turn_record)
