@@ -1,13 +1,13 @@
 """UltraEditor on tiny random-init models: the update equals the backend's dense param_shift,
 official compat equals an independent float64 implementation of the reference code, lifelong
 statistics, atomic failure, no weight gradients."""
-import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ultraedit_kernels
+from _autograd_reference import reference_capture
+from _state_common import REQUESTS
 from conftest import ue_tiny_model
 from ultraedit import EditRequest, TurnReport, UltraEditor
 from ultraedit.modules import module_dims, module_layout
@@ -16,49 +16,11 @@ from ultraedit_kernels import RunningStats, param_shift
 
 EPS32 = torch.finfo(torch.float32).eps
 
-REQUESTS = [
-    ("The capital of France is", "Rome"),
-    ("The capital of Germany is", "Madrid, a large city"),
-    ("The capital of Italy is", "Berlin"),
-    ("The capital of Spain is", "Tokyo"),
-    ("The capital city of Japan is", "Paris"),
-    ("The official language of Peru is", "Japanese"),
-    ("The currency of Japan is the", "euro"),
-    ("Paris is in", "Japan and Peru"),
-    ("Berlin is in", "Italy"),
-    ("The capital of Peru is", "Rome is the capital"),
-    ("The currency of Peru is the", "yen"),
-    ("Rome is in", "France"),
-    ("Tokyo is in", "Germany"),
-]
-
-
-def _loss(model, batch):
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
-
 
 def reference_kg(model, tok, pairs, names):
-    """Independent capture: trainable copy, retain_grad on module outputs, float64 results."""
-    model = copy.deepcopy(model)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    named = dict(model.named_modules())
-    seen = {}
-
-    def hook(name):
-        def f(mod, inp, out):
-            out.retain_grad()
-            seen[name] = (inp[0].detach(), out)
-        return f
-
-    hs = [named[n].register_forward_hook(hook(n)) for n in names]
+    """Independent capture (retain_grad on a trainable copy), float64 results."""
     batch = encode_edit_batch(tok, [p for p, _ in pairs], [t for _, t in pairs])
-    _loss(model, batch).backward()
-    for h in hs:
-        h.remove()
-    mask = batch["labels"] != -100
-    return {n: (x[mask].double(), out.grad[mask].double()) for n, (x, out) in seen.items()}
+    return {n: (k.double(), g.double()) for n, (k, g) in reference_capture(model, names, batch).items()}
 
 
 def weights(model, names):

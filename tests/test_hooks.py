@@ -1,10 +1,9 @@
 """CaptureSession: exact K and G at answer positions, no weight gradients, flags restored."""
-import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from _autograd_reference import lm_loss, reference_capture
 from conftest import ue_tiny_model
 from ultraedit.hooks import CaptureSession
 from ultraedit.modules import resolve_modules
@@ -14,43 +13,16 @@ PROMPTS = ["The capital of France is", "The currency of Japan is the", "Paris is
 TARGETS = ["Rome", "euro and more", "Germany"]
 
 
-def _loss(model, batch):
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
-
-
-def _reference(model, names, batch):
-    """Plain autograd on a copy with trainable weights: inputs and output grads at answer rows."""
-    model = copy.deepcopy(model)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    named = dict(model.named_modules())
-    seen = {}
-
-    def hook(name):
-        def f(mod, inp, out):
-            out.retain_grad()
-            seen[name] = (inp[0].detach(), out)
-        return f
-
-    hs = [named[n].register_forward_hook(hook(n)) for n in names]
-    _loss(model, batch).backward()
-    for h in hs:
-        h.remove()
-    mask = batch["labels"] != -100
-    return {n: (x[mask], out.grad[mask]) for n, (x, out) in seen.items()}
-
-
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "gptj"])
 def test_capture_matches_autograd(kind, ue_tokenizer):
     model = ue_tiny_model(kind, len(ue_tokenizer))
     names = [n for n, _ in resolve_modules(model, "re:.*\\.(1|2)\\.mlp\\.(down_proj|c_proj|fc_out)")]
     batch = encode_edit_batch(ue_tokenizer, PROMPTS, TARGETS)
-    ref = _reference(model, names, batch)
+    ref = reference_capture(model, names, batch)
     with CaptureSession(model, {n: dict(model.named_modules())[n] for n in names}) as cap:
         n_rows = cap.set_mask(batch["labels"] != -100)
         with torch.enable_grad():
-            _loss(model, batch).backward()
+            lm_loss(model, batch).backward()
         got = cap.pop()
     assert n_rows == int((batch["labels"] != -100).sum())
     for n in names:
@@ -75,7 +47,7 @@ def test_no_weight_grads_flags_and_mode_restored(ue_tokenizer):
         assert not any(p.requires_grad for p in model.parameters())
         cap.set_mask(batch["labels"] != -100)
         with torch.enable_grad():
-            _loss(model, batch).backward()
+            lm_loss(model, batch).backward()
         cap.pop()
     h.remove()
     assert early == [False]                       # the backward stops at the earliest edited module
