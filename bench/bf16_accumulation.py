@@ -34,19 +34,14 @@ import torch  # noqa: E402
 
 def run(model_state, tok, model, records, lr, accumulate, turns, edits, micro_batch):
     from ultraedit import UltraEditor
-    from ultraedit.delta import DeltaTracker
+    from ultraedit.delta import DeltaTracker, dense_update
 
     model.load_state_dict(model_state)
     intended = {}
     real = DeltaTracker._apply_module
 
     def record(self, name, k, method, u):
-        linear = self.layouts[name] == "linear"
-        if method == "dual":
-            upd = u.double().T @ k.double() if linear else k.double().T @ u.double()
-        else:
-            upd = u.double().T if linear else u.double()
-        intended[name] = intended.get(name, 0) + upd
+        intended[name] = intended.get(name, 0) + dense_update(self.layouts[name], k, method, u)
         return real(self, name, k, method, u)
 
     DeltaTracker._apply_module = record

@@ -11,7 +11,7 @@ from _state_common import (MODULES, one_thread,  # noqa: F401 (autouse)
                            tiny_llama, turn_requests)
 from conftest import ue_make_tokenizer
 from ultraedit import UltraEditor
-from ultraedit.delta import DeltaTracker
+from ultraedit.delta import DeltaTracker, dense_update
 from ultraedit.hooks import CaptureSession
 
 TURNS = 60
@@ -66,12 +66,7 @@ def _lost_fraction(dtype, accumulate, turns, monkeypatch, tok):
     real = DeltaTracker._apply_module
 
     def record(self, name, k, method, u):
-        linear = self.layouts[name] == "linear"
-        if method == "dual":
-            upd = u.double().T @ k.double() if linear else k.double().T @ u.double()
-        else:
-            upd = u.double().T if linear else u.double()
-        intended[name] = intended.get(name, 0) + upd
+        intended[name] = intended.get(name, 0) + dense_update(self.layouts[name], k, method, u)
         return real(self, name, k, method, u)
 
     monkeypatch.setattr(DeltaTracker, "_apply_module", record)

@@ -85,6 +85,18 @@ class _TurnRecord:
     saved: Dict[str, Optional[torch.Tensor]] = field(default_factory=dict)  # name -> snapshot
 
 
+def dense_update(layout: str, k: torch.Tensor, method: str, u: torch.Tensor) -> torch.Tensor:
+    """The float64 value of one module update in the weight's layout (for measurements).
+
+    ``method="dual"``: ``u`` is the factor A, ΔW = Kᵀ A; ``"primal"``: ``u`` is ΔW (d_in x d_out).
+    Linear weights are d_out x d_in (ΔWᵀ), Conv1D weights d_in x d_out (ΔW).
+    """
+    linear = layout == "linear"
+    if method == "dual":
+        return u.double().T @ k.double() if linear else k.double().T @ u.double()
+    return u.double().T if linear else u.double()
+
+
 class DeltaTracker:
     """Applies a turn's updates to the edited modules; keeps base, fp32 Δ and the history.
 
