@@ -84,6 +84,28 @@ CONFIGS += [("down_proj 24-28", down(24, 28), lr, dict(BASE)) for lr in (3.5e-4,
 CONFIGS += [("down_proj 24-28", down(24, 28), lr, {"protect_mean": 0.0, "steps": st})
             for lr, st in ((1.75e-4, 2), (1.25e-4, 3))]
 
+# hold_done (held rows + early end) and subject positions (third measurement)            # 37+
+HD = {"protect_mean": 0.0, "hold_done": True}
+CONFIGS += [
+    ("down_proj 24-28", down(24, 28), 1e-4, {**HD, "steps": 5}),                          # 37
+    ("down_proj 24-28", down(24, 28), 1e-4, {**HD, "steps": 8}),                          # 38
+    ("down_proj 24-28", down(24, 28), 3e-5, {**HD, "steps": 12}),                         # 39
+    ("down_proj 4-8 @subject", down(4, 8), 1e-4, {"protect_mean": 0.0, "steps": 3,
+                                                  "positions": "subject"}),               # 40
+    ("down_proj 4-8 @subject", down(4, 8), 5e-5, {**HD, "steps": 8, "positions": "subject"}),  # 41
+    ("down_proj 4-8 @subject", down(4, 8), 2.5e-5, {**HD, "steps": 12,
+                                                    "positions": "subject"}),             # 42
+    ("down_proj 4-8 @subject", down(4, 8), 2.5e-5, {**HD, "steps": 20,
+                                                    "positions": "subject"}),             # 43
+    ("down_proj 4-8 @subject", down(4, 8), 1.5e-5, {**HD, "steps": 20,
+                                                    "positions": "subject"}),             # 44
+    ("down_proj 3-8 @subject", down(3, 8), 2.5e-5, {**HD, "steps": 12,
+                                                    "positions": "subject"}),             # 45
+]
+for _c in CONFIGS:
+    _c[3].setdefault("hold_done", False)
+    _c[3].setdefault("positions", "answer")
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -125,7 +147,10 @@ def main():
         row = {"config": idx, "modules": label, "lr": lr, **extra, **a,
                "overhead": res["timing"]["editor_overhead"], "wall_s": time.time() - t1}
         rows.append(row)
+        steps_run = sum(t["steps_run"] for t in res["turns"])
+        row["steps_run"] = steps_run
         print(f"| {label} | {lr:g} | {extra['protect_mean']:g} | {extra['steps']} | "
+              f"{'yes' if extra['hold_done'] else 'no'} | {steps_run} | "
               f"{a['es']:.2f} | {a['gs']:.2f} | {a['ls']:.2f} |", flush=True)
         if args.json:
             with open(args.json, "w") as fh:

@@ -151,15 +151,15 @@ def test_failed_later_step_leaves_the_turn_undone(ue_tokenizer, monkeypatch):
     before = weights(model)
     stats = {k: {p: t.clone() for p, t in v.state_dict().items()} for k, v in ed.stats.items()}
     calls = {"n": 0}
-    real = UltraEditor._protected_update
+    real = UltraEditor._module_update
 
-    def flaky(self, k, g, st):
+    def flaky(self, name, k, g, st, hold=None):
         calls["n"] += 1
         if calls["n"] == 2 * len(MODS) + 2:  # inside the third step
             raise RuntimeError("boom")
-        return real(self, k, g, st)
+        return real(self, name, k, g, st, hold)
 
-    monkeypatch.setattr(UltraEditor, "_protected_update", flaky)
+    monkeypatch.setattr(UltraEditor, "_module_update", flaky)
     with pytest.raises(RuntimeError, match="boom"):
         ed.edit(REQUESTS[3:])
     assert ed.turns == 1 and same(weights(model), before)

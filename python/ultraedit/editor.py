@@ -50,7 +50,8 @@ from .tokenization import encode_edit_batch, encode_request
 
 __all__ = ["UltraEditor", "EditRequest", "TurnReport", "EMBEDDED_LR", "PAPER_LR",
            "EMBEDDED_PROTECT_MEAN", "EMBEDDED_STEPS", "default_lr", "default_protect_mean",
-           "default_steps"]
+           "default_steps", "EMBEDDED_HOLD_DONE", "default_hold_done",
+           "EMBEDDED_POSITIONS", "default_positions"]
 
 PAPER_LR = 1e-6
 # Measured default for the embedded SmolLM2-135M (docs/editor.md).
@@ -59,6 +60,8 @@ PAPER_LR = 1e-6
 EMBEDDED_LR = 1e-4
 EMBEDDED_PROTECT_MEAN = 0.0
 EMBEDDED_STEPS = 3
+EMBEDDED_HOLD_DONE = False
+EMBEDDED_POSITIONS = "answer"
 
 
 def default_lr(model) -> float:
@@ -71,6 +74,16 @@ def default_protect_mean(model) -> float:
     return EMBEDDED_PROTECT_MEAN if is_embedded_smollm2(model) else 0.0
 
 
+def default_positions(model) -> str:
+    """The measured capture positions for the embedded model, ``"answer"`` (the paper) else."""
+    return EMBEDDED_POSITIONS if is_embedded_smollm2(model) else "answer"
+
+
+def default_hold_done(model) -> bool:
+    """The measured ``hold_done`` for the embedded model, False (the paper) otherwise."""
+    return EMBEDDED_HOLD_DONE if is_embedded_smollm2(model) else False
+
+
 def default_steps(model) -> int:
     """The measured steps per turn for the embedded model, 1 (the paper) otherwise."""
     return EMBEDDED_STEPS if is_embedded_smollm2(model) else 1
@@ -78,15 +91,21 @@ def default_steps(model) -> int:
 
 @dataclass(frozen=True)
 class EditRequest:
-    """One edit: the model should continue ``prompt`` with ``target`` (a leading space is added)."""
+    """One edit: the model should continue ``prompt`` with ``target`` (a leading space is added).
+
+    ``subject``: the entity the fact is about, a substring of ``prompt`` (``"France"`` in
+    ``"The capital of France is"``); needed only by ``positions="subject"``.
+    """
 
     prompt: str
     target: str
+    subject: Optional[str] = None
 
     @classmethod
     def coerce(cls, value: Any) -> "EditRequest":
         """Accept an EditRequest, a ``{"prompt", "target"}`` dict, a ``(prompt, target)`` pair or
-        an object with ``as_request()`` (e.g. ``ultraedit.data.EditRecord``)."""
+        an object with ``as_request()`` (e.g. ``ultraedit.data.EditRecord``); dicts and
+        tuples may carry a ``subject`` (``{"subject": ...}``, ``(prompt, target, subject)``)."""
         if isinstance(value, EditRequest):
             return value
         if hasattr(value, "as_request") and callable(value.as_request):
@@ -95,11 +114,11 @@ class EditRequest:
             missing = {"prompt", "target"} - set(value)
             if missing:
                 raise ValueError(f"edit request dict is missing {sorted(missing)}: {value!r}")
-            return cls(value["prompt"], value["target"])
-        if isinstance(value, (tuple, list)) and len(value) == 2:
-            return cls(value[0], value[1])
+            return cls(value["prompt"], value["target"], value.get("subject"))
+        if isinstance(value, (tuple, list)) and len(value) in (2, 3):
+            return cls(*value)
         if hasattr(value, "prompt") and hasattr(value, "target"):
-            return cls(value.prompt, value.target)
+            return cls(value.prompt, value.target, getattr(value, "subject", None))
         raise TypeError(f"cannot make an edit request from {type(value).__name__}: {value!r}")
 
 
@@ -128,6 +147,8 @@ class TurnReport:
     capture_bytes: int
     loss: float
     modules: List[str] = field(default_factory=list)
+    steps_run: int = 1
+    n_predicted: int = 0
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,17 +178,37 @@ class UltraEditor:
         steps: capture + solve + apply this many times per turn on the same requests (each
             step's rows are a new block of the statistics); the turn stays one transaction and
             one rollback entry. None = the measured default for the embedded model, else 1.
+        hold_done: hold the edits that already hold (docs/editor.md): in every step, the rows of
+            a request whose target the model already predicts (teacher-forced argmax equal to
+            the target at every answer position, read from that step's own forward) get
+            pseudo-value 0, so the step keeps their outputs instead of pushing them further,
+            and the turn ends as soon as every request is predicted (``TurnReport.steps_run``).
+            False = the paper. None = the measured default for the embedded model, else False.
+        positions: where keys and output gradients are captured: ``"answer"`` (the answer
+            positions, the paper: subject-free) or ``"subject"`` (the last token of each
+            request's ``subject`` in its prompt; the loss is still the target's, so the gradient
+            reaches the subject through attention; every request needs a subject). Also picks
+            the default ``modules``. None = the measured default for the embedded model, else
+            ``"answer"``; ``compat="official"`` needs ``"answer"``.
     """
 
     def __init__(self, model, tokenizer, modules=None, lr: Optional[float] = None,
                  ridge: float = 1.0, micro_batch: int = 10, compat: str = "fixed",
                  normalizer: str = "shape", accumulate="auto", delta_device=None,
                  history: int = 1, protect_mean: Optional[float] = None,
-                 steps: Optional[int] = None):
+                 steps: Optional[int] = None, hold_done: Optional[bool] = None,
+                 positions: Optional[str] = None):
         from ultraedit_kernels import RunningStats  # noqa: F401  (fail early if missing)
 
         if compat not in ("fixed", "official"):
             raise ValueError(f"compat must be 'fixed' or 'official', got {compat!r}")
+        if positions is None:
+            positions = "answer" if compat == "official" else default_positions(model)
+        if positions not in ("answer", "subject"):
+            raise ValueError(f"positions must be 'answer' or 'subject', got {positions!r}")
+        if compat == "official" and positions != "answer":
+            raise ValueError("compat='official' reproduces the reference code, which captures at "
+                             "the answer positions; use positions='answer' with it")
         if normalizer not in ("shape", "module"):
             raise ValueError(f"normalizer must be 'shape' or 'module', got {normalizer!r}")
         if int(micro_batch) != micro_batch or micro_batch < 1:
@@ -186,8 +227,13 @@ class UltraEditor:
             steps = default_steps(model)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if hold_done is None:
+            hold_done = default_hold_done(model)
+        if not isinstance(hold_done, bool):
+            raise ValueError(f"hold_done must be True or False, got {hold_done!r}")
         self.protect_mean = float(protect_mean)
         self.steps = int(steps)
+        self.hold_done = hold_done
         self.model = model
         self.tokenizer = tokenizer
         self.ridge = float(ridge)
@@ -195,7 +241,8 @@ class UltraEditor:
         self.compat = compat
         self.normalizer = normalizer
         # Resolving validates names and module types before anything is touched.
-        self.modules: Dict[str, torch.nn.Module] = dict(resolve_modules(model, modules))
+        self.positions = positions
+        self.modules: Dict[str, torch.nn.Module] = dict(resolve_modules(model, modules, positions))
         self._layout = {n: module_layout(m) for n, m in self.modules.items()}
         self._dims = {n: module_dims(m) for n, m in self.modules.items()}
         self.stats: Dict[str, Any] = {}  # stats key -> RunningStats, committed turns only
@@ -237,7 +284,9 @@ class UltraEditor:
         order = sorted(range(len(requests)), key=lambda i: -lengths[i])
         return [requests[i] for i in order]
 
-    def _forward_loss(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward_loss(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy over the answer tokens, and which requests (B bool) the model
+        already predicts: teacher-forced argmax equal to the target at every answer position."""
         labels = batch["labels"]
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                   "use_cache": False}
@@ -251,29 +300,83 @@ class UltraEditor:
         if cols is not None and logits.shape[1] == cols.numel():
             labels = labels.index_select(1, cols)
         labels = labels.to(logits.device)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        with torch.no_grad():
+            predicted = ((logits.argmax(-1) == labels) | (labels == -100)).all(1)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return loss, predicted
 
-    def _protected_update(self, k: torch.Tensor, g: torch.Tensor, st):
-        """Ridge LS with the mean-key row: ``K' = [K; sqrt(α·N)·μ_k]``, ``V' = [V; 0]``.
+    def _constrained_update(self, k: torch.Tensor, g: torch.Tensor, st,
+                            hold: Optional[torch.Tensor]):
+        """Ridge LS with held rows and the mean-key row.
 
-        Returns ``(("dual", A'), K')`` with ``ΔW = K'ᵀA'`` when N+1 <= d_in, else
-        ``(("primal", ΔW), K)``.
+        ``V = pseudo_values(K, G)`` with ``V[hold] = 0`` (rows of requests the model already
+        predicts keep their output); with ``protect_mean = α > 0`` one more row
+        ``K' = [K; sqrt(α·N)·μ_k]``, ``V' = [V; 0]``. Returns ``(("dual", A'), K')`` with
+        ``ΔW = K'ᵀA'`` when N' <= d_in, else ``(("primal", ΔW), K)``.
         """
         from ultraedit_kernels import choose_method, gram, pseudo_values
         from ultraedit_kernels.param_shift import _solve_checked
 
         n, d_in = k.shape
         v = pseudo_values(k, g, st, lr=self.lr)
-        mu = st.mean[:d_in].to(device=k.device, dtype=torch.float32)
-        row = (math.sqrt(self.protect_mean * n) * mu).to(k.dtype)[None]
-        kp = torch.cat([k, row], 0)
-        vp = torch.cat([v, v.new_zeros(1, v.shape[1])], 0)
+        if hold is not None:
+            v = v.masked_fill(hold.to(v.device)[:, None], 0.0)
+        kp, vp = k, v
+        if self.protect_mean > 0:
+            mu = st.mean[:d_in].to(device=k.device, dtype=torch.float32)
+            row = (math.sqrt(self.protect_mean * n) * mu).to(k.dtype)[None]
+            kp = torch.cat([k, row], 0)
+            vp = torch.cat([v, v.new_zeros(1, v.shape[1])], 0)
         if choose_method(kp.shape[0], d_in) == "dual":
             return ("dual", _solve_checked(gram(kp, self.ridge, True), vp,
-                                           "protect_mean (dual)")), kp
-        kp32 = kp.float()
-        dw = _solve_checked(gram(kp, self.ridge, False), kp32.T @ vp, "protect_mean (primal)")
+                                           "constrained update (dual)")), kp
+        dw = _solve_checked(gram(kp, self.ridge, False), kp.float().T @ vp,
+                            "constrained update (primal)")
         return ("primal", dw), k
+
+    def _capture_mask(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The (B x L bool) positions whose keys and output gradients are captured."""
+        if self.positions == "subject":
+            mask = torch.zeros_like(batch["labels"], dtype=torch.bool)
+            index = batch["subject_index"]
+            mask[torch.arange(index.numel(), device=mask.device), index.to(mask.device)] = True
+            return mask
+        return batch["labels"] != -100
+
+    def _subject_indices(self, reqs: List[EditRequest]) -> List[int]:
+        """Each request's subject token index (``positions="subject"``); errors name the request."""
+        from .tokenization import special_prefix, subject_token_index
+
+        prefix = special_prefix(self.tokenizer)
+        out = []
+        for i, r in enumerate(reqs):
+            if r.subject is None:
+                raise ValueError(
+                    f"edit request {i} ({r.prompt!r} -> {r.target!r}) has no subject, but this "
+                    f"editor captures at subject positions (positions='subject'): pass "
+                    f"EditRequest(prompt, target, subject=...) or {{'subject': ...}}, or build the "
+                    f"editor with positions='answer' (the paper's subject-free method)")
+            try:
+                out.append(subject_token_index(self.tokenizer, r.prompt, r.subject, prefix))
+            except ValueError as exc:
+                raise ValueError(f"edit request {i}: {exc}") from None
+        return out
+
+    def _module_update(self, name: str, k: torch.Tensor, g: torch.Tensor, st,
+                       hold: Optional[torch.Tensor] = None):
+        """One module's update for this step: ``((kind, tensor), keys_to_apply_with)``.
+
+        ``kind="dual"``: ``tensor`` is the factor A (N x d_out) with ``ΔW = KᵀA``;
+        ``kind="primal"``: ``tensor`` is the dense ΔW (d_in x d_out). ``hold``: N bool, rows
+        whose pseudo-value is 0 (``hold_done``).
+        """
+        from ultraedit_kernels import choose_method, param_shift, shift_factors
+
+        if self.protect_mean > 0 or (hold is not None and bool(hold.any())):
+            return self._constrained_update(k, g, st, hold)
+        if choose_method(k.shape[0], k.shape[1]) == "dual":
+            return ("dual", shift_factors(k, g, st, lr=self.lr, ridge=self.ridge)), k
+        return ("primal", param_shift(k, g, st, lr=self.lr, ridge=self.ridge, method="primal")), k
 
     def _begin_steps(self):
         """The turn-level record of a multi-step turn (weights and statistics before it)."""
@@ -294,8 +397,7 @@ class UltraEditor:
     # ------------------------------------------------------------------ the turn
     def edit(self, requests: Iterable[Any]) -> TurnReport:
         """Apply one turn of edits in place and return its :class:`TurnReport`."""
-        from ultraedit_kernels import (RunningStats, apply_shift_, choose_method, param_shift,
-                                       shift_factors)
+        from ultraedit_kernels import RunningStats
 
         t_start = time.perf_counter()
         reqs = [EditRequest.coerce(r) for r in requests]
@@ -307,6 +409,11 @@ class UltraEditor:
                                      [r.target for r in reqs[i:i + self.micro_batch]],
                                      device=device, max_length=self._max_length)
                    for i in range(0, len(reqs), self.micro_batch)]
+        if self.positions == "subject":
+            subject_index = self._subject_indices(reqs)
+            for b, batch in enumerate(batches):
+                chunk = subject_index[b * self.micro_batch:(b + 1) * self.micro_batch]
+                batch["subject_index"] = torch.tensor(chunk, dtype=torch.long, device=device)
 
         cuda_devices = sorted({p.device.index or 0 for p in self.model.parameters()
                                if p.device.type == "cuda"})
@@ -342,22 +449,28 @@ class UltraEditor:
         # steps > 1: capture + solve + apply again on the updated model (same requests);
         # the turn is one transaction (and one rollback entry) over all its steps.
         turn_record = self._begin_steps() if self.steps > 1 else None
+        steps_run = 0
+        n_predicted = 0
+        keys: Dict[str, torch.Tensor] = {}
         try:
             for step in range(self.steps):
                 captured: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
+                held: List[torch.Tensor] = []  # per micro-batch: captured rows of predicted requests
+                n_predicted = 0
                 with nvtx_range("ultraedit/capture"), CaptureSession(self.model, self.modules) as cap:
                     for batch in batches:
-                        step_tokens = cap.set_mask(batch["labels"] != -100)
+                        mask = self._capture_mask(batch)
+                        cap.set_mask(mask)
                         if step == 0:  # the turn's answer tokens, counted once
-                            n_tokens += step_tokens
+                            n_tokens += int((batch["labels"] != -100).sum())
                         saved = _SavedBytes(param_ptrs) if not cuda_devices else None
                         t0 = time.perf_counter()
                         with torch.enable_grad():
                             if saved is not None:
                                 with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-                                    loss = self._forward_loss(batch)
+                                    loss, predicted = self._forward_loss(batch)
                             else:
-                                loss = self._forward_loss(batch)
+                                loss, predicted = self._forward_loss(batch)
                             loss.backward()
                         fwd_bwd += time.perf_counter() - t0
                         if saved is not None:
@@ -366,7 +479,13 @@ class UltraEditor:
                             loss_sum += float(loss.detach())
                         for name, kg in cap.pop().items():
                             captured[name].append(kg)
+                        predicted = predicted.cpu()
+                        n_predicted += int(predicted.sum())
+                        held.append(predicted[:, None].expand(mask.shape)[mask.cpu()])
                         del loss
+
+                if self.hold_done and n_predicted == len(reqs):
+                    break  # every edit holds: the turn ends early, this step changes nothing
 
                 for name in names:  # NaN/Inf features or gradients: refuse the turn, naming the module
                     for k, g in captured[name]:
@@ -378,7 +497,7 @@ class UltraEditor:
                         for name in names:
                             k, g = captured[name][b]
                             update(stats_for(name, k.device), k, g)
-                keys: Dict[str, torch.Tensor] = {}
+                keys = {}
                 grads: Dict[str, torch.Tensor] = {}
                 for name in names:
                     parts = captured[name]
@@ -387,6 +506,7 @@ class UltraEditor:
                     if self.compat != "official":
                         update(stats_for(name, keys[name].device), keys[name], grads[name])
                 del captured
+                hold_rows = torch.cat(held) if self.hold_done else None
 
                 # ---- solves: every module's update before any weight changes. Dual (factored, rank-N
                 # in-place update) when N <= d_in, as DESIGN.md §2; a dense primal ΔW otherwise, where
@@ -398,13 +518,7 @@ class UltraEditor:
                     st = new_stats[self.stats_key(name)]
                     if st.device != k.device:  # modules of one shape on several devices
                         st = st.clone().to(k.device)
-                    if self.protect_mean > 0:
-                        upd, apply_keys[name] = self._protected_update(k, g, st)
-                    elif choose_method(k.shape[0], k.shape[1]) == "dual":
-                        upd = ("dual", shift_factors(k, g, st, lr=self.lr, ridge=self.ridge))
-                    else:
-                        upd = ("primal", param_shift(k, g, st, lr=self.lr, ridge=self.ridge,
-                                                     method="primal"))
+                    upd, apply_keys[name] = self._module_update(name, k, g, st, hold_rows)
                     if not bool(torch.isfinite(upd[1]).all()):
                         raise FloatingPointError(f"module {name!r}: the parameter shift is not finite; "
                                                  f"nothing was changed")
@@ -420,6 +534,7 @@ class UltraEditor:
                         self._delta.apply_turn(self, names, apply_keys, updates)
                     else:  # one step of a multi-step turn: its record restores all of it on failure
                         self._apply_step(names, apply_keys, updates)
+                steps_run += 1
         except BaseException:
             if turn_record is not None:
                 self._delta._restore(turn_record)
@@ -437,14 +552,14 @@ class UltraEditor:
             weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
             weights += sum(b.numel() * b.element_size() for b in self.model.buffers())
             # the N x N (dual) or d_in x d_in (primal) Gram / Cholesky factor
-            workspace = max(4 * min(keys[n].shape) ** 2 for n in names)
+            workspace = max((4 * min(keys[n].shape) ** 2 for n in keys), default=0)
             peak = weights + saved_peak + capture_bytes + workspace
             source = "estimate"
         return TurnReport(turn=self.turns, n_edits=len(reqs), n_tokens=n_tokens,
                           n_modules=len(names), fwd_bwd_s=fwd_bwd, editor_s=turn_s - fwd_bwd,
                           turn_s=turn_s, peak_bytes=int(peak), peak_source=source,
                           capture_bytes=int(capture_bytes), loss=loss_sum / len(batches),
-                          modules=names)
+                          modules=names, steps_run=steps_run, n_predicted=n_predicted)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:

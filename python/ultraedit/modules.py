@@ -40,7 +40,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch.nn as nn
 
 __all__ = ["resolve_modules", "default_module_names", "module_layout", "module_dims",
-           "ARCH_DEFAULTS", "EMBEDDED_SMOLLM2", "is_embedded_smollm2"]
+           "ARCH_DEFAULTS", "EMBEDDED_SMOLLM2", "EMBEDDED_SMOLLM2_SUBJECT",
+           "is_embedded_smollm2"]
 
 # model_type -> (reference depth, [(module template with {i}, first layer, last layer)])
 ARCH_DEFAULTS: Dict[str, Tuple[int, List[Tuple[str, int, int]]]] = {
@@ -62,6 +63,9 @@ ARCH_DEFAULTS["qwen3"] = ARCH_DEFAULTS["qwen2"]
 
 # The measured default for the embedded model (docs/editor.md): mlp.down_proj of layers 24-28.
 EMBEDDED_SMOLLM2 = [f"model.layers.{i}.mlp.down_proj" for i in range(24, 29)]
+# with keys captured at the subject's last token (``positions="subject"``): early MLPs, where the
+# subject's representation is built (measured, docs/editor.md)
+EMBEDDED_SMOLLM2_SUBJECT = [f"model.layers.{i}.mlp.down_proj" for i in range(4, 9)]
 
 
 def is_embedded_smollm2(model: nn.Module) -> bool:
@@ -82,8 +86,35 @@ def _n_layers(cfg) -> int:
                      f"pass modules=... explicitly")
 
 
-def default_module_names(model: nn.Module) -> List[str]:
-    """The default edited module names for ``model`` (see the module docstring)."""
+# the MLP's output projection per architecture (the modules edited at subject positions)
+MLP_OUT: Dict[str, str] = {
+    "llama": "model.layers.{i}.mlp.down_proj", "mistral": "model.layers.{i}.mlp.down_proj",
+    "qwen2": "model.layers.{i}.mlp.down_proj", "qwen3": "model.layers.{i}.mlp.down_proj",
+    "gemma": "model.layers.{i}.mlp.down_proj", "gemma2": "model.layers.{i}.mlp.down_proj",
+    "gemma3": "model.layers.{i}.mlp.down_proj", "gemma3_text": "model.layers.{i}.mlp.down_proj",
+    "phi3": "model.layers.{i}.mlp.down_proj", "phi": "model.layers.{i}.mlp.fc2",
+    "gptj": "transformer.h.{i}.mlp.fc_out", "gpt2": "transformer.h.{i}.mlp.c_proj",
+}
+
+
+def default_module_names(model: nn.Module, positions: str = "answer") -> List[str]:
+    """The default edited module names for ``model`` (see the module docstring).
+
+    ``positions="subject"``: the MLP output projections of layers 4-8 of 30 (the embedded
+    model's measured choice), mapped to the model's depth; an early-layer choice like MEMIT's
+    (GPT-J: 3-8 of 28), measured only on the embedded model.
+    """
+    if positions == "subject":
+        if is_embedded_smollm2(model):
+            return list(EMBEDDED_SMOLLM2_SUBJECT)
+        cfg = getattr(model, "config", None)
+        model_type = getattr(cfg, "model_type", None)
+        if model_type not in MLP_OUT:
+            raise ValueError(f"no default subject-position modules for model_type {model_type!r} "
+                             f"(known: {sorted(MLP_OUT)}); pass modules=[names or patterns]")
+        n = _n_layers(cfg)
+        layers = sorted({min(n - 1, round(i * n / 30)) for i in range(4, 9)})
+        return _nested([MLP_OUT[model_type].format(i=i) for i in layers], model)
     if is_embedded_smollm2(model):
         return list(EMBEDDED_SMOLLM2)
     return paper_module_names(model)
@@ -103,6 +134,10 @@ def paper_module_names(model: nn.Module) -> List[str]:
     for template, first, last in groups:
         layers = sorted({min(n - 1, round(i * n / ref)) for i in range(first, last + 1)})
         names += [template.format(i=i) for i in layers]
+    return _nested(names, model)
+
+
+def _nested(names: List[str], model: nn.Module) -> List[str]:
     # Some wrappers (e.g. multimodal Gemma 3) nest the text model one level deeper.
     available = dict(model.named_modules())
     if names and names[0] not in available:
@@ -141,15 +176,15 @@ def _is_glob(item: str) -> bool:
     return any(c in item for c in "*?[")
 
 
-def resolve_modules(model: nn.Module,
-                    spec: Optional[Union[str, Sequence[str]]] = None) -> List[Tuple[str, nn.Module]]:
+def resolve_modules(model: nn.Module, spec: Optional[Union[str, Sequence[str]]] = None,
+                    positions: str = "answer") -> List[Tuple[str, nn.Module]]:
     """Resolve ``spec`` to ``[(name, module)]`` in the model's module order, without duplicates.
 
     Raises ValueError for an item that matches no module (naming near misses) and TypeError for
     a matched module that is not Linear/Conv1D. Nothing in the model is modified.
     """
     if spec is None:
-        items = default_module_names(model)
+        items = default_module_names(model, positions)
     elif isinstance(spec, str):
         items = [spec]
     else:

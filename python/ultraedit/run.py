@@ -187,6 +187,8 @@ def run_records(model, tokenizer, records: Sequence[Any], turns: int, edits_per_
          "ridge": editor.ridge, "micro_batch": editor.micro_batch, "compat": editor.compat,
          "normalizer": editor.normalizer, "steps": getattr(editor, "steps", 1),
          "protect_mean": getattr(editor, "protect_mean", 0.0),
+         "hold_done": getattr(editor, "hold_done", False),
+         "positions": getattr(editor, "positions", "answer"),
          "modules": list(editor.modules), "eval": eval_mode,
          "generation": generation, "turn_generation": turn_generation})
     result.update({"edits": len(records), "status": "running", "turns": [], "final": None})
@@ -336,6 +338,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help="capture+solve+apply steps per turn (default: the editor's; 1 with "
                         "--compat official)")
+    p.add_argument("--positions", choices=("answer", "subject"), default=None,
+                   help="capture at the answer positions (the paper) or at each record's subject "
+                        "(default: the editor's; 'answer' with --compat official or when a record "
+                        "has no subject)")
+    p.add_argument("--hold-done", action=argparse.BooleanOptionalAction, default=None,
+                   help="give edits the model already predicts pseudo-value 0 in each step and end "
+                        "the turn when all hold (default: the editor's; off with --compat official)")
     p.add_argument("--eval", dest="eval_mode", choices=("every", "end", "both"), default="both",
                    help="after every turn on its edits, at the end on all edits, or both")
     p.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True,
@@ -428,6 +437,17 @@ def main(args: argparse.Namespace) -> int:
         kwargs["steps"] = args.steps
     elif args.compat == "official":
         kwargs["steps"] = 1      # the paper: one capture+solve per turn (not the embedded default)
+    if args.positions is not None:
+        kwargs["positions"] = args.positions
+    elif args.compat != "official" and any(r.subject is None or r.subject not in r.prompt
+                                           for r in records):
+        kwargs["positions"] = "answer"
+        print("note: some records have no subject in their prompt; capturing at the answer "
+              "positions (--positions answer)", file=sys.stderr)
+    if args.hold_done is not None:
+        kwargs["hold_done"] = args.hold_done
+    elif args.compat == "official":
+        kwargs["hold_done"] = False   # the paper
     if args.modules:
         try:
             kwargs["modules"] = (paper_module_names(model) if args.modules.strip() == "paper"

@@ -227,7 +227,8 @@ def save_state(editor, path, include_delta: bool = True) -> str:
                    "accumulate": tracker.accumulate, "history": tracker.history,
                    "delta_device": None if tracker.device is None else str(tracker.device),
                    "modules": list(editor.modules),
-                   "protect_mean": editor.protect_mean, "steps": editor.steps},
+                   "protect_mean": editor.protect_mean, "steps": editor.steps,
+                   "hold_done": editor.hold_done, "positions": editor.positions},
         "turns": int(editor.turns), "base_turn": int(tracker.base_turn),
         "include_delta": bool(include_delta),
         "modules": modules, "stats": stats_meta,
@@ -307,7 +308,8 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
                  delta_device=cfg.get("delta_device") if delta_device is None else delta_device,
                  history=cfg["history"] if history is None else history,
                  # states saved before these options existed were made without them
-                 protect_mean=cfg.get("protect_mean", 0.0), steps=cfg.get("steps", 1))
+                 protect_mean=cfg.get("protect_mean", 0.0), steps=cfg.get("steps", 1),
+                 hold_done=cfg.get("hold_done", False), positions=cfg.get("positions", "answer"))
     for name in editor.modules:
         devices.setdefault(editor.stats_key(name), editor.modules[name].weight.device)
     stats = {}

@@ -86,6 +86,33 @@ def encode_request(tokenizer, prompt: str, target: str,
     return list(prefix) + p_plain, t_ids
 
 
+def subject_token_index(tokenizer, prompt: str, subject: str,
+                        prefix: Optional[List[int]] = None) -> int:
+    """Index, in ``encode_request``'s prompt ids, of the last token of ``subject`` in ``prompt``.
+
+    The last occurrence of ``subject`` counts. Raises ValueError when the subject is empty or
+    not in the prompt.
+    """
+    if not isinstance(subject, str) or not subject.strip():
+        raise ValueError(f"empty subject for prompt {prompt!r}")
+    start = prompt.rfind(subject)
+    if start < 0:
+        raise ValueError(f"subject {subject!r} does not occur in prompt {prompt!r}")
+    if prefix is None:
+        prefix = special_prefix(tokenizer)
+    end = start + len(subject)
+    p_plain = _plain_ids(tokenizer, prompt)
+    head = _plain_ids(tokenizer, prompt[:end])
+    if head and p_plain[:len(head)] == head:
+        return len(prefix) + len(head) - 1
+    # the subject's last token merged with what follows: the first token whose decoded prefix
+    # covers the subject's end
+    for j in range(1, len(p_plain) + 1):
+        if len(tokenizer.decode(p_plain[:j])) >= end:
+            return len(prefix) + j - 1
+    return len(prefix) + len(p_plain) - 1
+
+
 def _pad_id(tokenizer) -> int:
     for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
         value = getattr(tokenizer, attr, None)

@@ -138,8 +138,12 @@ class EditRecord:
             raise RecordValidationError("extra", f"expected a dict, got {type(self.extra).__name__}")
 
     def as_request(self) -> Dict[str, str]:
-        """The edit request the editor consumes: ``{"prompt": ..., "target": ...}``."""
-        return {"prompt": self.prompt, "target": self.target}
+        """The edit request the editor consumes: ``{"prompt", "target"}`` and ``"subject"``
+        when the record has one (``positions="subject"`` needs it)."""
+        req = {"prompt": self.prompt, "target": self.target}
+        if self.subject is not None:
+            req["subject"] = self.subject
+        return req
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-serializable dict; :meth:`from_dict` inverts it."""

@@ -1,0 +1,213 @@
+"""UltraEditor's ``hold_done`` (held rows, early end) and ``positions="subject"``."""
+
+import pytest
+import torch
+
+from conftest import ue_tiny_model
+from fp64_reference import pseudo_values_fp64
+from ultraedit import UltraEditor
+from ultraedit.tokenization import encode_request, subject_token_index
+
+MODS = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+REQUESTS = [
+    {"prompt": "The capital of France is", "target": "Rome", "subject": "France"},
+    {"prompt": "The capital of Germany is", "target": "Madrid", "subject": "Germany"},
+    {"prompt": "The capital of Italy is", "target": "Berlin", "subject": "Italy"},
+    {"prompt": "The official language of Peru is", "target": "Japanese", "subject": "Peru"},
+    {"prompt": "Paris is in", "target": "Japan", "subject": "Paris"},
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def force_prediction(model, tok):
+    """Make the model predict one word everywhere (a bias on its logit); returns that word.
+
+    The word is a one-token target: ``encode_request`` gives exactly that token for it."""
+    for t in range(len(tok)):
+        word = tok.decode([t])
+        if not word.startswith(" ") or not word.strip().isalpha():
+            continue
+        if encode_request(tok, "The capital of France is", word.strip())[1] == [t]:
+            break
+    else:
+        raise AssertionError("no one-token word in the test vocabulary")
+
+    def bias(module, inputs, out):
+        out = out.clone()
+        out[..., t] += 1e3
+        return out
+
+    model.lm_head.register_forward_hook(bias)
+    return word.strip()
+
+
+class Spy:
+    """Records every ``_module_update`` call's inputs and result."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        real = UltraEditor._module_update
+
+        def spy(editor, name, k, g, st, hold=None):
+            out = real(editor, name, k, g, st, hold)
+            self.calls.append(dict(name=name, k=k.clone(), g=g.clone(), mean=st.mean.clone(),
+                                   std=st.std.clone(), hold=None if hold is None else hold.clone(),
+                                   out=out))
+            return out
+
+        monkeypatch.setattr(UltraEditor, "_module_update", spy)
+
+
+# ------------------------------------------------------------------ subject positions
+@pytest.mark.parametrize("fixture", ["ue_tokenizer", "ue_tokenizer_nobos"])
+def test_subject_token_index_is_the_last_subject_token(fixture, request):
+    tok = request.getfixturevalue(fixture)
+    for r in REQUESTS:
+        ids, _ = encode_request(tok, r["prompt"], r["target"])
+        i = subject_token_index(tok, r["prompt"], r["subject"])
+        text = tok.decode(ids[:i + 1], skip_special_tokens=True)
+        assert text.endswith(r["subject"]) or r["subject"].startswith(text.split()[-1])
+        assert tok.decode(ids[:i], skip_special_tokens=True) != tok.decode(
+            ids[:i + 1], skip_special_tokens=True)
+
+
+def test_subject_token_index_errors(ue_tokenizer):
+    with pytest.raises(ValueError, match="does not occur"):
+        subject_token_index(ue_tokenizer, "The capital of France is", "Spain")
+    with pytest.raises(ValueError, match="empty subject"):
+        subject_token_index(ue_tokenizer, "The capital of France is", " ")
+
+
+def test_subject_positions_capture_one_row_per_request(ue_tokenizer, monkeypatch):
+    model = ue_tiny_model("llama", len(ue_tokenizer))
+    named = dict(model.named_modules())
+    # the module inputs at each request's subject token, from a plain forward
+    expected = {m: [] for m in MODS}
+    for r in REQUESTS:
+        ids, _ = encode_request(ue_tokenizer, r["prompt"], r["target"])
+        i = subject_token_index(ue_tokenizer, r["prompt"], r["subject"])
+        seen = {}
+        hs = [named[m].register_forward_hook(lambda mod, inp, out, m=m: seen.__setitem__(m, inp[0]))
+              for m in MODS]
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+        for h in hs:
+            h.remove()
+        for m in MODS:
+            expected[m].append(seen[m][0, i])
+    spy = Spy(monkeypatch)
+    ed = UltraEditor(model, ue_tokenizer, modules=MODS, lr=1e-2, positions="subject", steps=1,
+                     micro_batch=2)
+    before = weights(model)
+    rep = ed.edit(REQUESTS)
+    assert ed.positions == "subject" and rep.n_edits == len(REQUESTS)
+    assert rep.n_tokens == sum(len(encode_request(ue_tokenizer, r["prompt"], r["target"])[1])
+                               for r in REQUESTS)  # still the answer tokens
+    for call in spy.calls:
+        torch.testing.assert_close(call["k"], torch.stack(expected[call["name"]]),
+                                   rtol=1e-5, atol=1e-6)
+    assert not same(weights(model), before)
+
+
+def test_subject_positions_need_a_subject_and_touch_nothing_without(ue_tokenizer):
+    model = ue_tiny_model("llama", len(ue_tokenizer))
+    ed = UltraEditor(model, ue_tokenizer, modules=MODS, lr=1e-2, positions="subject")
+    before = weights(model)
+    bad = REQUESTS[:2] + [{"prompt": "Paris is in", "target": "Japan"}]
+    with pytest.raises(ValueError, match="request 2 .*has no subject"):
+        ed.edit(bad)
+    with pytest.raises(ValueError, match="request 0: subject 'Spain' does not occur"):
+        ed.edit([{"prompt": "The capital of France is", "target": "Rome", "subject": "Spain"}])
+    assert ed.turns == 0 and ed.stats == {} and same(weights(model), before)
+
+
+def test_positions_validation(ue_tokenizer):
+    model = ue_tiny_model("llama", len(ue_tokenizer))
+    with pytest.raises(ValueError, match="positions must be"):
+        UltraEditor(model, ue_tokenizer, modules=MODS, positions="object")
+    with pytest.raises(ValueError, match="compat='official'"):
+        UltraEditor(model, ue_tokenizer, modules=MODS, compat="official", positions="subject")
+    assert UltraEditor(model, ue_tokenizer, modules=MODS).positions == "answer"  # the paper
+    # default modules for subject positions: early MLP output projections
+    ed = UltraEditor(model, ue_tokenizer, positions="subject")
+    assert list(ed.modules) and all(n.endswith("mlp.down_proj") for n in ed.modules)
+    gpt2 = ue_tiny_model("gpt2", len(ue_tokenizer))
+    ed = UltraEditor(gpt2, ue_tokenizer, positions="subject")
+    assert all(n.endswith("mlp.c_proj") for n in ed.modules)
+
+
+# ------------------------------------------------------------------ hold_done
+def test_hold_done_changes_nothing_when_every_edit_holds(ue_tokenizer):
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=3)
+    word = force_prediction(model, ue_tokenizer)
+    reqs = [{"prompt": r["prompt"], "target": word} for r in REQUESTS]
+    ed = UltraEditor(model, ue_tokenizer, modules=MODS, lr=1e-2, steps=4, hold_done=True)
+    before = weights(model)
+    rep = ed.edit(reqs)
+    assert rep.steps_run == 0 and rep.n_predicted == len(reqs)
+    assert same(weights(model), before) and ed.stats == {} and ed.turns == 1
+
+
+def test_held_rows_get_zero_pseudo_values(ue_tokenizer, monkeypatch):
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=3)
+    held_prompts = {REQUESTS[0]["prompt"], REQUESTS[3]["prompt"]}
+    word = force_prediction(model, ue_tokenizer)
+    reqs = [dict(r, target=word) if r["prompt"] in held_prompts else r for r in REQUESTS]
+    spy = Spy(monkeypatch)
+    lr, ridge = 1e-2, 0.7
+    ed = UltraEditor(model, ue_tokenizer, modules=MODS, lr=lr, ridge=ridge, steps=1,
+                     hold_done=True)
+    rep = ed.edit(reqs)
+    assert rep.steps_run == 1 and rep.n_predicted == 2
+    for call in spy.calls:
+        hold = call["hold"]
+        # one row per answer token; the held requests have one-token targets
+        n_rows = [len(encode_request(ue_tokenizer, r["prompt"], r["target"])[1]) for r in reqs]
+        expect = torch.cat([torch.full((n,), r["prompt"] in held_prompts) for n, r in
+                            zip(n_rows, reqs)])
+        assert torch.equal(hold, expect)
+        v = pseudo_values_fp64(call["k"], call["g"], call["mean"], call["std"], lr)
+        v[hold] = 0
+        k = call["k"].double()
+        dw = k.T @ torch.linalg.solve(k @ k.T + ridge * torch.eye(k.shape[0], dtype=torch.float64), v)
+        kind, t = call["out"][0]
+        got = call["out"][1].double().T @ t.double() if kind == "dual" else t.double()
+        torch.testing.assert_close(got, dw, rtol=1e-4, atol=1e-4 * float(dw.abs().max()))
+
+
+def test_hold_done_ends_the_turn_early_and_is_one_rollback_entry(ue_tokenizer):
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=1)
+    mods = MODS + ["model.layers.2.self_attn.o_proj"]
+    ed = UltraEditor(model, ue_tokenizer, modules=mods, lr=0.1, steps=40, hold_done=True)
+    before = weights(model)
+    rep = ed.edit(REQUESTS[:3])
+    assert rep.n_predicted == 3 and 1 <= rep.steps_run < 40
+    ed.rollback(1)
+    assert ed.turns == 0 and ed.stats == {} and same(weights(model), before)
+
+
+def test_hold_done_validation_and_state_roundtrip(ue_tokenizer, tmp_path):
+    model = ue_tiny_model("llama", len(ue_tokenizer))
+    with pytest.raises(ValueError, match="hold_done"):
+        UltraEditor(model, ue_tokenizer, modules=MODS, hold_done="yes")
+    ed = UltraEditor(model, ue_tokenizer, modules=MODS, lr=1e-2, hold_done=True, steps=2,
+                     positions="subject")
+    ed.edit(REQUESTS[:2])
+    ed.save_state(tmp_path / "s")
+    back = UltraEditor.load_state(tmp_path / "s", model, ue_tokenizer)
+    assert back.hold_done is True and back.positions == "subject" and back.steps == 2
