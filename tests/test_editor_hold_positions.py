@@ -56,6 +56,13 @@ def force_prediction(model, tok):
     return word.strip()
 
 
+def stats_equal(a, b):
+    return a.keys() == b.keys() and all(
+        a[k].state_dict().keys() == b[k].state_dict().keys()
+        and all(torch.equal(a[k].state_dict()[p], b[k].state_dict()[p]) for p in a[k].state_dict())
+        for k in a)
+
+
 class Spy:
     """Records every ``_module_update`` call's inputs and result."""
 
@@ -211,3 +218,51 @@ def test_hold_done_validation_and_state_roundtrip(ue_tokenizer, tmp_path):
     ed.save_state(tmp_path / "s")
     back = UltraEditor.load_state(tmp_path / "s", model, ue_tokenizer)
     assert back.hold_done is True and back.positions == "subject" and back.steps == 2
+
+
+# ------------------------------------------------------------------ key memory
+def test_memory_second_turn_solves_with_the_first_turns_keys(ue_tokenizer, monkeypatch):
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=2)
+    spy = Spy(monkeypatch)
+    lr, ridge, nu = 1e-2, 0.5, 3.0
+    ed = UltraEditor(model, ue_tokenizer, modules=MODS, lr=lr, ridge=ridge, memory=nu, steps=1)
+    ed.edit(REQUESTS[:3])
+    first = {c["name"]: c["k"].double() for c in spy.calls}
+    for name, k in first.items():
+        mem = ed.stats[f"memory:{name}"]
+        torch.testing.assert_close(mem.gram, k.T @ k)
+        assert int(mem.count) == k.shape[0]
+    spy.calls.clear()
+    ed.edit(REQUESTS[3:])
+    for call in spy.calls:
+        k = call["k"].double()
+        v = pseudo_values_fp64(call["k"], call["g"], call["mean"], call["std"], lr)
+        m = first[call["name"]]
+        system = k.T @ k + nu * (m.T @ m) + ridge * torch.eye(k.shape[1], dtype=torch.float64)
+        dw = torch.linalg.solve(system, k.T @ v)
+        kind, t = call["out"][0]
+        assert kind == "primal"
+        torch.testing.assert_close(t.double(), dw, rtol=1e-4, atol=1e-4 * float(dw.abs().max()))
+
+
+def test_memory_rolls_back_and_survives_save_load(ue_tokenizer, tmp_path):
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=2)
+    ed = UltraEditor(model, ue_tokenizer, modules=MODS, lr=1e-2, memory=1.0, steps=2, history=2)
+    ed.edit(REQUESTS[:2])
+    after_one = {k: v.clone() for k, v in ed.stats.items()}
+    ed.edit(REQUESTS[2:])
+    assert not stats_equal(ed.stats, after_one)
+    ed.save_state(tmp_path / "s")
+    back = UltraEditor.load_state(tmp_path / "s", ue_tiny_model("llama", len(ue_tokenizer), seed=2),
+                                  ue_tokenizer)
+    assert back.memory == 1.0 and stats_equal(back.stats, ed.stats)
+    ed.rollback(1)
+    assert stats_equal(ed.stats, after_one)
+
+
+def test_memory_validation(ue_tokenizer):
+    model = ue_tiny_model("llama", len(ue_tokenizer))
+    for bad in (-1.0, float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="memory"):
+            UltraEditor(model, ue_tokenizer, modules=MODS, memory=bad)
+    assert UltraEditor(model, ue_tokenizer, modules=MODS).memory == 0.0  # the paper

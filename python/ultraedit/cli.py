@@ -111,6 +111,7 @@ def run_demo(model, tokenizer, records: Sequence[Any], turns: int, edits_per_tur
                      "compat": editor.compat, "normalizer": editor.normalizer,
                      "steps": editor.steps, "protect_mean": editor.protect_mean,
                      "hold_done": editor.hold_done, "positions": editor.positions,
+                     "memory": editor.memory,
                      "modules": list(editor.modules)},
         "metrics": {"before": before, "after": after},
         "timing": {"turn_s": [r.turn_s for r in reports], "fwd_bwd_s": fwd, "editor_s": ed,

@@ -51,7 +51,7 @@ from .tokenization import encode_edit_batch, encode_request
 __all__ = ["UltraEditor", "EditRequest", "TurnReport", "EMBEDDED_LR", "PAPER_LR",
            "EMBEDDED_PROTECT_MEAN", "EMBEDDED_STEPS", "default_lr", "default_protect_mean",
            "default_steps", "EMBEDDED_HOLD_DONE", "default_hold_done",
-           "EMBEDDED_POSITIONS", "default_positions"]
+           "EMBEDDED_POSITIONS", "default_positions", "EMBEDDED_MEMORY", "default_memory"]
 
 PAPER_LR = 1e-6
 # Measured default for the embedded SmolLM2-135M (docs/editor.md).
@@ -62,6 +62,7 @@ EMBEDDED_PROTECT_MEAN = 0.0
 EMBEDDED_STEPS = 3
 EMBEDDED_HOLD_DONE = False
 EMBEDDED_POSITIONS = "answer"
+EMBEDDED_MEMORY = 0.0
 
 
 def default_lr(model) -> float:
@@ -72,6 +73,11 @@ def default_lr(model) -> float:
 def default_protect_mean(model) -> float:
     """The measured mean-key protection for the embedded model, 0 (the paper) otherwise."""
     return EMBEDDED_PROTECT_MEAN if is_embedded_smollm2(model) else 0.0
+
+
+def default_memory(model) -> float:
+    """The measured key-memory weight ν for the embedded model, 0 (the paper) otherwise."""
+    return EMBEDDED_MEMORY if is_embedded_smollm2(model) else 0.0
 
 
 def default_positions(model) -> str:
@@ -190,6 +196,11 @@ class UltraEditor:
             reaches the subject through attention; every request needs a subject). Also picks
             the default ``modules``. None = the measured default for the embedded model, else
             ``"answer"``; ``compat="official"`` needs ``"answer"``.
+        memory: ν ≥ 0 of the key memory (``ultraedit.memory``): each module keeps ``M = Σ KᵀK``
+            of the keys of its committed turns and solves ``(KᵀK + νM + λI) ΔW = KᵀV``, so a
+            turn leaves the outputs on earlier edits' keys unchanged (costs a d_in x d_in float64
+            matrix per module). 0 = the paper (no state besides the normalizer). None = the
+            measured default for the embedded model, else 0.
     """
 
     def __init__(self, model, tokenizer, modules=None, lr: Optional[float] = None,
@@ -197,7 +208,7 @@ class UltraEditor:
                  normalizer: str = "shape", accumulate="auto", delta_device=None,
                  history: int = 1, protect_mean: Optional[float] = None,
                  steps: Optional[int] = None, hold_done: Optional[bool] = None,
-                 positions: Optional[str] = None):
+                 positions: Optional[str] = None, memory: Optional[float] = None):
         from ultraedit_kernels import RunningStats  # noqa: F401  (fail early if missing)
 
         if compat not in ("fixed", "official"):
@@ -231,6 +242,12 @@ class UltraEditor:
             hold_done = default_hold_done(model)
         if not isinstance(hold_done, bool):
             raise ValueError(f"hold_done must be True or False, got {hold_done!r}")
+        if memory is None:
+            memory = default_memory(model)
+        if (isinstance(memory, bool) or not isinstance(memory, (int, float))
+                or not (memory >= 0 and memory != float("inf"))):
+            raise ValueError(f"memory must be a finite number >= 0, got {memory!r}")
+        self.memory = float(memory)
         self.protect_mean = float(protect_mean)
         self.steps = int(steps)
         self.hold_done = hold_done
@@ -305,15 +322,17 @@ class UltraEditor:
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         return loss, predicted
 
-    def _constrained_update(self, k: torch.Tensor, g: torch.Tensor, st,
+    def _constrained_update(self, name: str, k: torch.Tensor, g: torch.Tensor, st,
                             hold: Optional[torch.Tensor]):
-        """Ridge LS with held rows and the mean-key row.
+        """Ridge LS with held rows, the mean-key row and the key memory.
 
         ``V = pseudo_values(K, G)`` with ``V[hold] = 0`` (rows of requests the model already
         predicts keep their output); with ``protect_mean = α > 0`` one more row
         ``K' = [K; sqrt(α·N)·μ_k]``, ``V' = [V; 0]``. Returns ``(("dual", A'), K')`` with
-        ``ΔW = K'ᵀA'`` when N' <= d_in, else ``(("primal", ΔW), K)``.
+        ``ΔW = K'ᵀA'`` when N' <= d_in, else ``(("primal", ΔW), K)``; with ``memory = ν > 0``
+        always the primal ``ΔW = (K'ᵀK' + νM + λI)⁻¹K'ᵀV'`` in float64 (``ultraedit.memory``).
         """
+        from .memory import memory_key, memory_system
         from ultraedit_kernels import choose_method, gram, pseudo_values
         from ultraedit_kernels.param_shift import _solve_checked
 
@@ -327,6 +346,10 @@ class UltraEditor:
             row = (math.sqrt(self.protect_mean * n) * mu).to(k.dtype)[None]
             kp = torch.cat([k, row], 0)
             vp = torch.cat([v, v.new_zeros(1, v.shape[1])], 0)
+        if self.memory > 0:
+            system = memory_system(kp, self.stats.get(memory_key(name)), self.memory, self.ridge)
+            dw = _solve_checked(system, kp.double().T @ vp.double(), "memory update (primal)")
+            return ("primal", dw.float()), k
         if choose_method(kp.shape[0], d_in) == "dual":
             return ("dual", _solve_checked(gram(kp, self.ridge, True), vp,
                                            "constrained update (dual)")), kp
@@ -372,8 +395,9 @@ class UltraEditor:
         """
         from ultraedit_kernels import choose_method, param_shift, shift_factors
 
-        if self.protect_mean > 0 or (hold is not None and bool(hold.any())):
-            return self._constrained_update(k, g, st, hold)
+        if (self.protect_mean > 0 or self.memory > 0
+                or (hold is not None and bool(hold.any()))):
+            return self._constrained_update(name, k, g, st, hold)
         if choose_method(k.shape[0], k.shape[1]) == "dual":
             return ("dual", shift_factors(k, g, st, lr=self.lr, ridge=self.ridge)), k
         return ("primal", param_shift(k, g, st, lr=self.lr, ridge=self.ridge, method="primal")), k
@@ -452,6 +476,7 @@ class UltraEditor:
         steps_run = 0
         n_predicted = 0
         keys: Dict[str, torch.Tensor] = {}
+        applied_keys: Dict[str, torch.Tensor] = {}
         try:
             for step in range(self.steps):
                 captured: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
@@ -535,12 +560,19 @@ class UltraEditor:
                     else:  # one step of a multi-step turn: its record restores all of it on failure
                         self._apply_step(names, apply_keys, updates)
                 steps_run += 1
+                applied_keys = keys
         except BaseException:
             if turn_record is not None:
                 self._delta._restore(turn_record)
             raise
         if turn_record is not None and self._delta.history:
             self._delta._records.append(turn_record)
+        if self.memory > 0:
+            from .memory import KeyMemory, memory_key
+            for name, k in applied_keys.items():
+                old = self.stats.get(memory_key(name))
+                mem = old.clone() if old is not None else KeyMemory(k.shape[1], device=k.device)
+                new_stats[memory_key(name)] = mem.add(k)
         self.stats.update(new_stats)
         self.turns += 1
         turn_s = time.perf_counter() - t_start

@@ -189,6 +189,7 @@ def run_records(model, tokenizer, records: Sequence[Any], turns: int, edits_per_
          "protect_mean": getattr(editor, "protect_mean", 0.0),
          "hold_done": getattr(editor, "hold_done", False),
          "positions": getattr(editor, "positions", "answer"),
+         "memory": getattr(editor, "memory", 0.0),
          "modules": list(editor.modules), "eval": eval_mode,
          "generation": generation, "turn_generation": turn_generation})
     result.update({"edits": len(records), "status": "running", "turns": [], "final": None})
@@ -342,6 +343,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="capture at the answer positions (the paper) or at each record's subject "
                         "(default: the editor's; 'answer' with --compat official or when a record "
                         "has no subject)")
+    p.add_argument("--memory", type=float, default=None,
+                   help="weight of the key memory of earlier turns (default: the editor's; 0 with "
+                        "--compat official)")
     p.add_argument("--hold-done", action=argparse.BooleanOptionalAction, default=None,
                    help="give edits the model already predicts pseudo-value 0 in each step and end "
                         "the turn when all hold (default: the editor's; off with --compat official)")
@@ -444,6 +448,10 @@ def main(args: argparse.Namespace) -> int:
         kwargs["positions"] = "answer"
         print("note: some records have no subject in their prompt; capturing at the answer "
               "positions (--positions answer)", file=sys.stderr)
+    if args.memory is not None:
+        kwargs["memory"] = args.memory
+    elif args.compat == "official":
+        kwargs["memory"] = 0.0        # the paper
     if args.hold_done is not None:
         kwargs["hold_done"] = args.hold_done
     elif args.compat == "official":

@@ -203,6 +203,11 @@ def save_state(editor, path, include_delta: bool = True) -> str:
     stats_meta = []
     for key, st in editor.stats.items():
         sd = st.state_dict()
+        if getattr(st, "kind", None) == "memory":  # ultraedit.memory.KeyMemory
+            for part in ("count", "gram"):
+                stats_t[f"{key}.{part}"] = sd[part]
+            stats_meta.append({"key": key, "dim": st.dim, "kind": "memory"})
+            continue
         for part in ("count", "mean", "m2"):
             stats_t[f"{key}.{part}"] = sd[part]
         stats_meta.append({"key": key, "dim": st.dim, "compat": st.compat})
@@ -228,7 +233,8 @@ def save_state(editor, path, include_delta: bool = True) -> str:
                    "delta_device": None if tracker.device is None else str(tracker.device),
                    "modules": list(editor.modules),
                    "protect_mean": editor.protect_mean, "steps": editor.steps,
-                   "hold_done": editor.hold_done, "positions": editor.positions},
+                   "hold_done": editor.hold_done, "positions": editor.positions,
+                   "memory": editor.memory},
         "turns": int(editor.turns), "base_turn": int(tracker.base_turn),
         "include_delta": bool(include_delta),
         "modules": modules, "stats": stats_meta,
@@ -246,6 +252,8 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
     ``history``/``delta_device`` override the saved settings (the history itself is not saved).
     """
     from ultraedit_kernels import RunningStats
+
+    from .memory import KeyMemory, memory_key
 
     manifest, files = read_dir(path, expect_kind="state")
     required = [STATS_FILE] + ([DELTA_FILE] if manifest.get("include_delta") else [])
@@ -309,17 +317,22 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
                  history=cfg["history"] if history is None else history,
                  # states saved before these options existed were made without them
                  protect_mean=cfg.get("protect_mean", 0.0), steps=cfg.get("steps", 1),
-                 hold_done=cfg.get("hold_done", False), positions=cfg.get("positions", "answer"))
+                 hold_done=cfg.get("hold_done", False), positions=cfg.get("positions", "answer"),
+                 memory=cfg.get("memory", 0.0))
     for name in editor.modules:
         devices.setdefault(editor.stats_key(name), editor.modules[name].weight.device)
+        devices[memory_key(name)] = editor.modules[name].weight.device
     stats = {}
     for meta in manifest["stats"]:
         key = meta["key"]
         if key not in devices:
             raise StateError(f"{path}: statistics {key!r} belong to no edited module")
-        st = RunningStats(meta["dim"], compat=meta["compat"], device=devices[key])
+        memory = meta.get("kind") == "memory"
+        st = (KeyMemory(meta["dim"], device=devices[key]) if memory
+              else RunningStats(meta["dim"], compat=meta["compat"], device=devices[key]))
+        parts = ("count", "gram") if memory else ("count", "mean", "m2")
         try:
-            st.load_state_dict({p: stats_t[f"{key}.{p}"] for p in ("count", "mean", "m2")})
+            st.load_state_dict({p: stats_t[f"{key}.{p}"] for p in parts})
         except (KeyError, ValueError) as exc:
             raise StateError(f"{path}: statistics {key!r}: {exc}") from None
         stats[key] = st

@@ -1,0 +1,98 @@
+"""Key memory: the second moment of the keys of earlier turns, so later turns keep them.
+
+With ``UltraEditor(memory=ν)``, each edited module keeps ``M = Σ_t K_tᵀ K_t`` over the keys its
+committed turns were applied with (the last applied step of each turn), and a turn solves
+
+    ΔW = argmin ||K ΔW - V||² + ν Σ_t ||K_t ΔW||² + λ||ΔW||²  =  (KᵀK + νM + λI)⁻¹ KᵀV
+
+i.e. the new update must leave the module's outputs on earlier edits' keys unchanged (the
+lifelong preservation term of sequential MEMIT/AlphaEdit-style editors; the paper's UltraEdit
+has ν = 0 and keeps no such state). Cost: one d_in x d_in float64 matrix per edited module and
+a d_in x d_in Cholesky per module and step instead of the N x N one.
+
+Equivalent PyTorch::
+
+    M = sum(K_t.double().T @ K_t.double() for K_t in earlier_turns_keys)
+    dW = torch.linalg.solve(K.T @ K + nu * M + ridge * torch.eye(d_in), K.T @ V)
+
+``KeyMemory`` objects live in ``UltraEditor.stats`` under ``"memory:<module name>"``, so they
+are committed, rolled back, saved and loaded together with the normalizer statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+__all__ = ["KeyMemory", "MEMORY_PREFIX", "memory_key"]
+
+MEMORY_PREFIX = "memory:"
+
+
+def memory_key(module_name: str) -> str:
+    """The ``UltraEditor.stats`` key of a module's key memory."""
+    return MEMORY_PREFIX + module_name
+
+
+class KeyMemory:
+    """``gram = Σ kkᵀ`` (d x d, float64) and ``count`` (rows) of the keys of committed turns."""
+
+    kind = "memory"
+
+    def __init__(self, dim: int, device=None):
+        if int(dim) != dim or dim < 1:
+            raise ValueError(f"KeyMemory dim must be a positive integer, got {dim!r}")
+        self.dim = int(dim)
+        self.gram = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.gram.device
+
+    def add(self, keys: torch.Tensor) -> "KeyMemory":
+        """Add the rows of ``keys`` (n x d) in place."""
+        if keys.dim() != 2 or keys.shape[1] != self.dim:
+            raise ValueError(f"keys must be n x {self.dim}, got {tuple(keys.shape)}")
+        k = keys.detach().to(device=self.device, dtype=torch.float64)
+        self.gram.addmm_(k.T, k)
+        self.count += k.shape[0]
+        return self
+
+    def clone(self) -> "KeyMemory":
+        out = KeyMemory.__new__(KeyMemory)
+        out.dim, out.gram, out.count = self.dim, self.gram.clone(), self.count.clone()
+        return out
+
+    def to(self, device) -> "KeyMemory":
+        self.gram, self.count = self.gram.to(device), self.count.to(device)
+        return self
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {"gram": self.gram, "count": self.count}
+
+    def load_state_dict(self, sd: Dict[str, torch.Tensor]) -> None:
+        gram = sd["gram"]
+        if tuple(gram.shape) != (self.dim, self.dim):
+            raise ValueError(f"key memory of shape {tuple(gram.shape)} does not fit dim {self.dim}")
+        self.gram = gram.to(device=self.device, dtype=torch.float64).clone()
+        self.count = sd["count"].to(device=self.device, dtype=torch.float64).clone().reshape(())
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, KeyMemory) and self.dim == other.dim
+                and torch.equal(self.gram, other.gram) and torch.equal(self.count, other.count))
+
+    def __repr__(self) -> str:
+        return f"KeyMemory(dim={self.dim}, rows={int(self.count)})"
+
+
+def memory_system(k: torch.Tensor, memory: Optional[KeyMemory], nu: float,
+                  ridge: float) -> torch.Tensor:
+    """``KᵀK + νM + λI`` in float64 on ``k``'s device (M = 0 when there is no memory yet)."""
+    kd = k.detach().double()
+    system = kd.T @ kd
+    if memory is not None and nu > 0:
+        system += nu * memory.gram.to(kd.device)
+    system.diagonal().add_(ridge)
+    return system
