@@ -102,7 +102,22 @@ CONFIGS += [
     ("down_proj 3-8 @subject", down(3, 8), 2.5e-5, {**HD, "steps": 12,
                                                     "positions": "subject"}),             # 45
 ]
+# with the key memory of earlier turns                                                    # 46+
+CONFIGS += [
+    ("down_proj 4-8 @subject", down(4, 8), 5e-5, {**HD, "steps": 8, "positions": "subject",
+                                                  "memory": 1.0}),                        # 46
+    ("down_proj 4-8 @subject", down(4, 8), 2.5e-5, {**HD, "steps": 12, "positions": "subject",
+                                                    "memory": 1.0}),                      # 47
+    ("down_proj 24-28", down(24, 28), 5e-5, {**HD, "steps": 10, "memory": 1.0}),          # 48
+    ("down_proj 4-8 @subject", down(4, 8), 5e-5, {**HD, "steps": 12, "positions": "subject",
+                                                  "memory": 4.0}),                        # 49
+    ("down_proj 4-8 @subject", down(4, 8), 1e-4, {**HD, "steps": 8, "positions": "subject",
+                                                  "memory": 4.0}),                        # 50
+    ("down_proj 4-8 @subject", down(4, 8), 2.5e-5, {**HD, "steps": 20, "positions": "subject",
+                                                    "memory": 1.0}),                      # 51
+]
 for _c in CONFIGS:
+    _c[3].setdefault("memory", 0.0)
     _c[3].setdefault("hold_done", False)
     _c[3].setdefault("positions", "answer")
 

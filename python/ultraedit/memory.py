@@ -7,8 +7,10 @@ committed turns were applied with (the last applied step of each turn), and a tu
 
 i.e. the new update must leave the module's outputs on earlier edits' keys unchanged (the
 lifelong preservation term of sequential MEMIT/AlphaEdit-style editors; the paper's UltraEdit
-has ν = 0 and keeps no such state). Cost: one d_in x d_in float64 matrix per edited module and
-a d_in x d_in Cholesky per module and step instead of the N x N one.
+has ν = 0 and keeps no such state). Cost: one d_in x d_in float64 matrix per edited module, one
+d_in x d_in Cholesky of ``νM + λI`` per module and turn, and per step the Woodbury form
+``ΔW = Y (I + KY)⁻¹ V`` with ``Y = (νM + λI)⁻¹Kᵀ`` (N right-hand sides and an N x N system,
+applied as a rank-N update like the dual path).
 
 Equivalent PyTorch::
 
@@ -21,7 +23,7 @@ are committed, rolled back, saved and loaded together with the normalizer statis
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
@@ -87,12 +89,12 @@ class KeyMemory:
         return f"KeyMemory(dim={self.dim}, rows={int(self.count)})"
 
 
-def memory_system(k: torch.Tensor, memory: Optional[KeyMemory], nu: float,
-                  ridge: float) -> torch.Tensor:
-    """``KᵀK + νM + λI`` in float64 on ``k``'s device (M = 0 when there is no memory yet)."""
-    kd = k.detach().double()
-    system = kd.T @ kd
-    if memory is not None and nu > 0:
-        system += nu * memory.gram.to(kd.device)
+def memory_factor(memory: KeyMemory, nu: float, ridge: float) -> torch.Tensor:
+    """The lower Cholesky factor of ``νM + λI`` (float64; SPD with eigenvalues ≥ λ)."""
+    system = nu * memory.gram
     system.diagonal().add_(ridge)
-    return system
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) != 0:
+        raise FloatingPointError(f"the key memory's system νM + λI is not positive definite "
+                                 f"(info={int(info)}); the memory holds non-finite keys")
+    return factor
