@@ -31,9 +31,7 @@ def test_edited_prompts_are_not_locality():
 def test_demo_small_run(tmp_path, ue_embedded, capsys):
     path = tmp_path / "out.json"
     rc = main(["demo", "--turns", "2", "--edits-per-turn", "3", "--json", str(path),
-               "--no-progress", "--threads", "1",
-               # few edits per turn: DESIGN.md §6's stronger starting point, not the 50-edit default
-               "--modules", "model.layers.2[2-8].mlp.down_proj", "--lr", "3e-4"])
+               "--no-progress", "--threads", "1"])
     assert rc == 0
     data = json.loads(path.read_text())
     before, after = data["metrics"]["before"], data["metrics"]["after"]

@@ -19,14 +19,12 @@ def test_edits_stick_and_unrelated_facts_stay(ue_embedded, ue_restore):
     flags = [p.requires_grad for p in model.parameters()]
     unrelated_before = next_token_predictions(model, tok, UNRELATED)
     assert sum(token_accuracy(model, tok, *zip(*TURN1 + TURN2))) == 0.0
-    ed = UltraEditor(model, tok)                     # the measured defaults (50-edit turns)
-    assert ed.lr == 1e-4 and ed.steps == 3 and ed.protect_mean == 0.0
-    # a few edits per turn need a larger step than the default tuned for turns of 50:
-    # DESIGN.md §6's starting point, down_proj 22-28 at lr 3e-4
+    # the paper's subject-free method (answer positions, one step, no held rows or memory);
+    # a few edits per turn: DESIGN.md §6's starting point, down_proj 22-28 at lr 3e-4
     mods = [f"model.layers.{i}.mlp.down_proj" for i in range(22, 29)]
     ue_restore(model, mods)
     editor = UltraEditor(model, tok, modules="model.layers.2[2-8].mlp.down_proj", lr=3e-4,
-                         steps=1)
+                         steps=1, positions="answer", hold_done=False, memory=0.0)
     assert list(editor.modules) == mods
     editor.edit([{"prompt": p, "target": t} for p, t in TURN1])
     assert sum(token_accuracy(model, tok, *zip(*TURN1))) >= 3.0
@@ -38,3 +36,28 @@ def test_edits_stick_and_unrelated_facts_stay(ue_embedded, ue_restore):
     assert rep.n_edits == 4 and rep.editor_s < rep.fwd_bwd_s
     assert all(p.grad is None for p in model.parameters())
     assert [p.requires_grad for p in model.parameters()] == flags
+
+
+SUBJECTS1 = ["France", "Germany", "Japan", "Spain"]
+SUBJECTS2 = ["Russia", "Egypt", "China", "Canada"]
+
+
+@pytest.mark.embedded
+def test_default_subject_edits_stick_and_unrelated_facts_stay(ue_embedded, ue_restore):
+    model, tok = ue_embedded
+    unrelated_before = next_token_predictions(model, tok, UNRELATED)
+    ed = UltraEditor(model, tok)                     # the measured defaults
+    assert (ed.positions, ed.lr, ed.steps, ed.hold_done, ed.memory) == ("subject", 5e-5, 12,
+                                                                        True, 4.0)
+    assert list(ed.modules) == [f"model.layers.{i}.mlp.down_proj" for i in range(4, 9)]
+    ue_restore(model, list(ed.modules))
+    turn1 = [{"prompt": p, "target": t, "subject": s} for (p, t), s in zip(TURN1, SUBJECTS1)]
+    turn2 = [{"prompt": p, "target": t, "subject": s} for (p, t), s in zip(TURN2, SUBJECTS2)]
+    ed.edit(turn1)
+    rep = ed.edit(turn2)
+    acc1, acc2 = token_accuracy(model, tok, *zip(*TURN1)), token_accuracy(model, tok, *zip(*TURN2))
+    assert sum(acc1) >= 3.0 and sum(acc2) >= 3.0     # both turns hold after the second
+    assert 1 <= rep.steps_run <= 12
+    unrelated_after = next_token_predictions(model, tok, UNRELATED)
+    assert sum(a == b for a, b in zip(unrelated_before, unrelated_after)) >= len(UNRELATED) - 2
+    assert all(p.grad is None for p in model.parameters())

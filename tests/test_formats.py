@@ -95,7 +95,8 @@ def test_zsre(tmp_path):
     assert a.locality == [LocalityPrompt("nq question: who played desmond doss father in "
                                          "hacksaw ridge", "Hugo Weaving")]
     assert a.subject == "Watts Humphrey" and a.extra["pred"] == "Trinity College"
-    assert a.as_request() == {"prompt": a.prompt, "target": "University of Michigan"}
+    assert a.as_request() == {"prompt": a.prompt, "target": "University of Michigan",
+                              "subject": "Watts Humphrey"}
     # empty alt: the answer itself is the target (training-set variant); EasyEdit portability
     assert b.target == "Lecanorales" and b.target_true is None
     assert b.portability == [("Which order contains Ramalinaceae's family?", "Lecanoromycetes")]

@@ -56,7 +56,7 @@ def test_records_are_clean(all_records):
             assert r.target in answers                          # drawn from the same relation
             assert len(r.paraphrases) == len(TEMPLATES[rel][1]) == 3
             assert all(r.subject in p for p in [r.prompt, *r.paraphrases])
-            assert r.as_request() == {"prompt": r.prompt, "target": r.target}
+            assert r.as_request() == {"prompt": r.prompt, "target": r.target, "subject": r.subject}
 
 
 def test_locality_is_other_subjects_of_the_same_relation_with_true_answers(all_records):

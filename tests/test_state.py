@@ -286,7 +286,7 @@ def test_embedded_model_edit_export_save_pretrained(tmp_path):
 
     model, tok = load_model("default", dtype=torch.bfloat16)
     ed = UltraEditor(model, tok, modules=["model.layers.27.mlp.down_proj"], micro_batch=2)
-    ed.edit([("The capital of France is", "Rome"), ("The capital of Spain is", "Tokyo")])
+    ed.edit([("The capital of France is", "Rome", "France"), ("The capital of Spain is", "Tokyo", "Spain")])
     ed.export_delta(tmp_path / "delta")
     fresh, _ = load_model("default", dtype=torch.bfloat16)
     ultraedit.apply_delta(fresh, tmp_path / "delta")

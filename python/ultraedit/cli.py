@@ -181,6 +181,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     b, a = result["metrics"]["before"], result["metrics"]["after"]
     s = result["settings"]
     print(f"\n{n} edits in {args.turns} turns of {args.edits_per_turn}; lr={s['lr']:g}, "
+          f"{s['steps']} steps, {s['positions']} positions, memory={s['memory']:g}, "
           f"{len(s['modules'])} modules ({s['modules'][0]} ...)")
     print("            ES     GS     LS")
     print(f"before   {_fmt(b['es'])}  {_fmt(b['gs'])}  {_fmt(b['ls'])}")

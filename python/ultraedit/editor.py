@@ -229,21 +229,24 @@ class UltraEditor:
             raise ValueError(f"lr must be a positive finite number, got {lr!r}")
         if not (float(ridge) > 0 and float(ridge) != float("inf")):
             raise ValueError(f"ridge must be a positive finite number, got {ridge!r}")
+        # compat="official" is the reference code: its unset options are the paper's, not the
+        # embedded model's measured ones
+        paper = compat == "official"
         if protect_mean is None:
-            protect_mean = default_protect_mean(model)
+            protect_mean = 0.0 if paper else default_protect_mean(model)
         if (isinstance(protect_mean, bool) or not isinstance(protect_mean, (int, float))
                 or not (protect_mean >= 0 and protect_mean != float("inf"))):
             raise ValueError(f"protect_mean must be a finite number >= 0, got {protect_mean!r}")
         if steps is None:
-            steps = default_steps(model)
+            steps = 1 if paper else default_steps(model)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if hold_done is None:
-            hold_done = default_hold_done(model)
+            hold_done = False if paper else default_hold_done(model)
         if not isinstance(hold_done, bool):
             raise ValueError(f"hold_done must be True or False, got {hold_done!r}")
         if memory is None:
-            memory = default_memory(model)
+            memory = 0.0 if paper else default_memory(model)
         if (isinstance(memory, bool) or not isinstance(memory, (int, float))
                 or not (memory >= 0 and memory != float("inf"))):
             raise ValueError(f"memory must be a finite number >= 0, got {memory!r}")
