@@ -110,7 +110,9 @@ def main(argv=None):
     records = offline_facts("all", seed=0, limit=args.turns * args.edits)
     if len(records) < args.turns * args.edits:
         raise SystemExit(f"only {len(records)} offline records for {args.turns * args.edits} edits")
-    ed = UltraEditor(model, tok, lr=args.lr, micro_batch=args.micro_batch)
+    # the paper's method (one step at the answer positions): what the precision check is about
+    ed = UltraEditor(model, tok, lr=args.lr, micro_batch=args.micro_batch, positions="answer",
+                     steps=1, hold_done=False, memory=0.0)
     sums = _Sums()
 
     class Recording(CaptureSession):

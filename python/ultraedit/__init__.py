@@ -3,7 +3,7 @@
     from ultraedit import UltraEditor, EditRequest, load_model
     model, tok = load_model()                       # embedded SmolLM2-135M-Instruct
     editor = UltraEditor(model, tok)                # default modules/lr for the architecture
-    report = editor.edit([EditRequest("The capital of France is", "Rome")])
+    report = editor.edit([EditRequest("The capital of France is", "Rome", subject="France")])
 
 Imports are lazy so that ``import ultraedit`` (and the CLI's ``--help``) stays fast: torch and
 transformers load only when an editor, request type or model loader is first used.
