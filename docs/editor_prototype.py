@@ -101,10 +101,11 @@ class Proto(E.UltraEditor):
             v = pseudo_values(k, g, st, lr=self.lr).double()
             v[done] = 0
             kd = k.double()
-            if self.nu:
+            if self.nu or self.mu0:
                 self.pending[name] = kd
                 M = kd.T @ kd + self.ridge * torch.eye(kd.shape[1], dtype=torch.float64)
-                if name in self.cprev: M += self.nu * self.cprev[name]
+                if self.nu and name in self.cprev: M += self.nu * self.cprev[name]
+                if self.mu0: M += self.mu0 * self.C0[name]
                 return ("primal", torch.linalg.solve(M, kd.T @ v).float()), k
             A = torch.linalg.solve(kd @ kd.T + self.ridge * torch.eye(kd.shape[0], dtype=torch.float64), v)
             return ("dual", A.float()), k
@@ -136,13 +137,18 @@ def main():
     ap.add_argument("--cache", default="out/editor_prototype", help="facts and generic text cache")
     ap.add_argument("--turns", type=int, default=2)
     ap.add_argument("--ept", type=int, default=50)
+    ap.add_argument("--facts-file", default=None,
+                    help="records JSON (e.g. docs/editor_tuning.py --facts-cache) instead of the "
+                         "city -> country tuning facts")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, tok = load_model()
     os.makedirs(args.cache, exist_ok=True)
     fc = os.path.join(args.cache, "facts.json")
     n = args.turns * args.ept
-    if os.path.exists(fc):
+    if args.facts_file:
+        records = [EditRecord.from_dict(d) for d in json.load(open(args.facts_file))]
+    elif os.path.exists(fc):
         records = [EditRecord.from_dict(d) for d in json.load(open(fc))]
     else:
         records = demo_records(model, tok, 200, relations=("city_country",), seed=1)

@@ -115,6 +115,11 @@ CONFIGS += [
                                                   "memory": 4.0}),                        # 50
     ("down_proj 4-8 @subject", down(4, 8), 2.5e-5, {**HD, "steps": 20, "positions": "subject",
                                                     "memory": 1.0}),                      # 51
+    # the mean-key row at subject positions (μ_k = the mean subject key)
+    ("down_proj 4-8 @subject", down(4, 8), 5e-5, {**HD, "steps": 12, "positions": "subject",
+                                                  "memory": 4.0, "protect_mean": 16.0}),  # 52
+    ("down_proj 4-8 @subject", down(4, 8), 5e-5, {**HD, "steps": 12, "positions": "subject",
+                                                  "memory": 4.0, "protect_mean": 64.0}),  # 53
 ]
 for _c in CONFIGS:
     _c[3].setdefault("memory", 0.0)
@@ -129,6 +134,9 @@ def main():
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is far faster on a CPU shared with other jobs)")
     ap.add_argument("--facts-cache", default=None, help="JSON file to reuse the tuning facts")
+    ap.add_argument("--facts", choices=("cities", "countries"), default="cities",
+                    help="tuning facts: 100 city -> country (seed 1), or 90 continent/currency/region "
+                         "facts of countries that the demo does not edit (seed 1)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model()
@@ -137,11 +145,19 @@ def main():
         with open(args.facts_cache) as fh:
             records = [EditRecord.from_dict(d) for d in json.load(fh)]
     else:
-        records = demo_records(model, tok, 100, relations=("city_country",), seed=1)
+        if args.facts == "countries":
+            # second tuning set: country subjects like the demo's, but other relations and none
+            # of the demo's subjects (ultraedit demo: capital + language, seed 0, 100 edits)
+            demo = demo_records(model, tok, 100, seed=0)
+            # (92 such facts are known to the model: 2 turns of 45)
+            records = demo_records(model, tok, 90, relations=("continent", "currency", "region"), seed=1,
+                                   exclude_subjects=[r.subject for r in demo])
+        else:
+            records = demo_records(model, tok, 100, relations=("city_country",), seed=1)
         if args.facts_cache:
             with open(args.facts_cache, "w") as fh:
                 json.dump([r.to_dict() for r in records], fh)
-    print(f"tuning facts: {len(records)} city_country (seed 1) in {time.time() - t0:.0f}s",
+    print(f"tuning facts: {len(records)} {args.facts} (seed 1) in {time.time() - t0:.0f}s",
           file=sys.stderr)
     # originals of every module any config edits, to restore between configs
     touched = sorted({m for _, mods, _, _ in CONFIGS for m in mods})
@@ -155,7 +171,7 @@ def main():
             for m, w in originals.items():
                 named[m].weight.copy_(w)
         t1 = time.time()
-        res = run_demo(model, tok, records, turns=2, edits_per_turn=50,
+        res = run_demo(model, tok, records, turns=2, edits_per_turn=len(records) // 2,
                        editor_kwargs={"modules": mods, "lr": lr, **extra}, progress=False,
                        evaluate_before=False)
         a = res["metrics"]["after"]

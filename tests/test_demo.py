@@ -13,6 +13,11 @@ def test_parser_defaults_and_options():
     args = build_parser().parse_args(["demo", "--turns", "3", "--edits-per-turn", "7", "--lr", "1e-4",
                                       "--modules", "a,b", "--model", "/m", "--json", "o.json"])
     assert (args.turns, args.edits_per_turn, args.lr, args.modules, args.model) == (3, 7, 1e-4, "a,b", "/m")
+    args = build_parser().parse_args(["demo", "--steps", "4", "--positions", "answer", "--memory",
+                                      "0", "--no-hold-done"])
+    assert (args.steps, args.positions, args.memory, args.hold_done) == (4, "answer", 0.0, False)
+    args = build_parser().parse_args(["demo"])
+    assert (args.steps, args.positions, args.memory, args.hold_done) == (None,) * 4  # the editor's
     with pytest.raises(SystemExit):
         build_parser().parse_args([])
 

@@ -166,6 +166,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         kwargs["lr"] = args.lr
     if args.modules:
         kwargs["modules"] = _split_csv(args.modules)
+    for opt in ("steps", "positions", "memory", "hold_done"):
+        if getattr(args, opt) is not None:
+            kwargs[opt] = getattr(args, opt)
     print(f"model: {args.model or 'default (SmolLM2-135M-Instruct)'}  loaded in {load_s:.1f}s; "
           f"{n} counterfactual edits of {relations} known to the model ({facts_s:.1f}s)",
           file=sys.stderr)
@@ -221,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "the paper's 1e-6 otherwise)")
     demo.add_argument("--modules", default=None,
                       help="comma-separated module names or glob/re: patterns")
+    demo.add_argument("--steps", type=int, default=None,
+                      help="capture+solve+apply steps per turn (default: the editor's)")
+    demo.add_argument("--positions", choices=("answer", "subject"), default=None,
+                      help="capture at the answer positions (the paper) or at the subject "
+                           "(default: the editor's)")
+    demo.add_argument("--memory", type=float, default=None,
+                      help="key-memory weight of earlier turns (default: the editor's)")
+    demo.add_argument("--hold-done", action=argparse.BooleanOptionalAction, default=None,
+                      help="hold edits the model already predicts (default: the editor's)")
     demo.add_argument("--relations", default=None,
                       help=f"comma-separated offline relations ({','.join(DEMO_RELATIONS)})")
     demo.add_argument("--micro-batch", type=int, default=10, help="requests per forward (10)")
