@@ -120,6 +120,9 @@ CONFIGS += [
                                                   "memory": 4.0, "protect_mean": 16.0}),  # 52
     ("down_proj 4-8 @subject", down(4, 8), 5e-5, {**HD, "steps": 12, "positions": "subject",
                                                   "memory": 4.0, "protect_mean": 64.0}),  # 53
+    # fewer steps: the conservative end of the held-edit frontier
+    ("down_proj 4-8 @subject", down(4, 8), 2.5e-5, {**HD, "steps": 6, "positions": "subject",
+                                                    "memory": 1.0}),                      # 54
 ]
 for _c in CONFIGS:
     _c[3].setdefault("memory", 0.0)

@@ -217,7 +217,8 @@ def run_records(model, tokenizer, records: Sequence[Any], turns: int, edits_per_
                                "fwd_bwd_s": rep.fwd_bwd_s, "editor_s": rep.editor_s,
                                "turn_s": rep.turn_s, "peak_bytes": rep.peak_bytes,
                                "peak_source": rep.peak_source,
-                               "capture_bytes": rep.capture_bytes}
+                               "capture_bytes": rep.capture_bytes,
+                               "steps_run": rep.steps_run, "n_predicted": rep.n_predicted}
         post = {"edits/s": f"{len(chunk) / rep.turn_s:.1f}" if rep.turn_s > 0 else "inf"}
         if every:
             te = time.perf_counter()
