@@ -21,6 +21,13 @@ One turn (``UltraEditor.edit(requests)``), for requests ``(prompt, target)``:
    module's own device, and only then are
    the new statistics committed. A turn that fails leaves weights and statistics untouched.
 
+Options beyond the paper (docs/editor.md; off for every model but the embedded one):
+``steps`` (capture + solve + apply repeated on the updated model), ``hold_done`` (rows of
+requests the model already predicts get pseudo-value 0, and the turn ends when all hold),
+``positions="subject"`` (capture at the last subject token instead of the answer positions),
+``memory=ν`` (``(KᵀK + νM + λI)ΔW = KᵀV`` with ``M`` the keys of earlier turns,
+``ultraedit.memory``) and ``protect_mean`` (a mean-key row with target 0).
+
 ``compat="official"`` reproduces the reference code's computation for a turn: requests sorted by
 tokenized length (longest first) before forming micro-batches, statistics updated per
 micro-batch and module with its variance formula (``RunningStats(compat="official")``). Its
