@@ -98,6 +98,34 @@ def _write_build_info(with_cuda: bool) -> str:
     return inc
 
 
+def cuda_wheel_include_dirs() -> List[str]:
+    """Header folders of the ``nvidia-*`` wheels that a pip-installed CUDA torch depends on.
+
+    torch's ``ATen/cuda/CUDAContext.h`` includes cuBLAS/cuSPARSE/cuSOLVER headers; a CUDA
+    toolkit without those libraries (e.g. nvcc and the runtime only) finds them here. Only the
+    local site-packages are looked at.
+    """
+    import site
+    import sysconfig
+
+    roots = {sysconfig.get_paths().get("purelib"), sysconfig.get_paths().get("platlib")}
+    try:
+        roots.update(site.getsitepackages())
+    except AttributeError:
+        pass
+    found = []
+    for root in sorted(r for r in roots if r):
+        nvidia = os.path.join(root, "nvidia")
+        if not os.path.isdir(nvidia):
+            continue
+        for sub in sorted(os.listdir(nvidia)):
+            inc = os.path.join(nvidia, sub, "include")
+            if os.path.isfile(os.path.join(inc, "cusparse.h")) or os.path.isfile(
+                    os.path.join(inc, "cublas_v2.h")):
+                found.append(inc)
+    return found
+
+
 def native_extensions() -> list:
     """The extensions to build: ``[]`` (with a note on stderr) when nothing can be built."""
     if _on("ULTRAEDIT_SKIP_NATIVE_BUILD"):
@@ -116,6 +144,7 @@ def native_extensions() -> list:
     include_dirs = [os.path.join(ROOT, "csrc"), _write_build_info(with_cuda)]
     if with_cuda:
         os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()  # read by torch's BuildExtension
+        include_dirs += cuda_wheel_include_dirs()
         _note(f"building host + CUDA kernels for TORCH_CUDA_ARCH_LIST={cuda_arch_list()}")
         return [CUDAExtension(
             EXT_NAME, [_rel(p) for p in HOST_SOURCES + cuda_sources()],
