@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from _state_common import one_thread  # noqa: F401 (autouse: one torch thread)
 from conftest import ue_tiny_model
 from fp64_reference import pseudo_values_fp64
 from ultraedit import UltraEditor
@@ -16,14 +17,6 @@ REQUESTS = [
     {"prompt": "The official language of Peru is", "target": "Japanese", "subject": "Peru"},
     {"prompt": "Paris is in", "target": "Japan", "subject": "Paris"},
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def weights(model):

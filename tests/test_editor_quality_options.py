@@ -1,6 +1,5 @@
 """UltraEditor's memory-free quality options: ``protect_mean`` (mean-key row) and ``steps``."""
 
-import importlib.util
 import subprocess
 import sys
 import types
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _state_common import one_thread  # noqa: F401 (autouse: one torch thread)
 from conftest import ue_tiny_model
 from ultraedit import UltraEditor
 
@@ -26,14 +26,6 @@ REQUESTS = [
 ]
 MODS = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj",
         "model.layers.2.self_attn.o_proj"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def model_for(tok, seed=0):

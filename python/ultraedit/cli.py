@@ -145,6 +145,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from .models import load_model
+    from .run import method_kwargs
 
     if args.turns < 1 or args.edits_per_turn < 1:
         print("error: --turns and --edits-per-turn must be at least 1", file=sys.stderr)
@@ -166,9 +167,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         kwargs["lr"] = args.lr
     if args.modules:
         kwargs["modules"] = _split_csv(args.modules)
-    for opt in ("steps", "positions", "memory", "hold_done"):
-        if getattr(args, opt) is not None:
-            kwargs[opt] = getattr(args, opt)
+    kwargs.update(method_kwargs(args))
     print(f"model: {args.model or 'default (SmolLM2-135M-Instruct)'}  loaded in {load_s:.1f}s; "
           f"{n} counterfactual edits of {relations} known to the model ({facts_s:.1f}s)",
           file=sys.stderr)
@@ -210,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    from . import run as _run  # ``ultraedit run`` lives in ultraedit/run.py
+
     demo = sub.add_parser("demo", help="counterfactual edits on the embedded model, with "
                                        "before/after ES/GS/LS and timings",
                           description=cmd_demo.__doc__)
@@ -224,15 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "the paper's 1e-6 otherwise)")
     demo.add_argument("--modules", default=None,
                       help="comma-separated module names or glob/re: patterns")
-    demo.add_argument("--steps", type=int, default=None,
-                      help="capture+solve+apply steps per turn (default: the editor's)")
-    demo.add_argument("--positions", choices=("answer", "subject"), default=None,
-                      help="capture at the answer positions (the paper) or at the subject "
-                           "(default: the editor's)")
-    demo.add_argument("--memory", type=float, default=None,
-                      help="key-memory weight of earlier turns (default: the editor's)")
-    demo.add_argument("--hold-done", action=argparse.BooleanOptionalAction, default=None,
-                      help="hold edits the model already predicts (default: the editor's)")
+    _run.add_method_options(demo)
     demo.add_argument("--relations", default=None,
                       help=f"comma-separated offline relations ({','.join(DEMO_RELATIONS)})")
     demo.add_argument("--micro-batch", type=int, default=10, help="requests per forward (10)")
@@ -242,7 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
 
-    from . import run as _run  # ``ultraedit run`` lives in ultraedit/run.py
     run = sub.add_parser("run", help="a lifelong editing run over a data set (or the offline "
                                      "facts) with per-turn and final metrics, JSON and plot",
                          description=_run.main.__doc__)

@@ -43,7 +43,7 @@ import inspect
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -340,8 +340,9 @@ class UltraEditor:
         ``V = pseudo_values(K, G)`` with ``V[hold] = 0`` (rows of requests the model already
         predicts keep their output); with ``protect_mean = α > 0`` one more row
         ``K' = [K; sqrt(α·N)·μ_k]``, ``V' = [V; 0]``. Returns ``(("dual", A'), K')`` with
-        ``ΔW = K'ᵀA'`` when N' <= d_in, else ``(("primal", ΔW), K)``; with ``memory = ν > 0``
-        always the primal ``ΔW = (K'ᵀK' + νM + λI)⁻¹K'ᵀV'`` in float64 (``ultraedit.memory``).
+        ``ΔW = K'ᵀA'`` when N' <= d_in, else ``(("primal", ΔW), K)``. With a key memory
+        (``memory = ν > 0`` and earlier turns), ``ΔW = (K'ᵀK' + νM + λI)⁻¹K'ᵀV'`` in float64 by
+        Woodbury: ``(("dual", A), Yᵀ)`` with ``Y = (νM + λI)⁻¹K'ᵀ``, ``ΔW = Y A``.
         """
         from .memory import memory_factor, memory_key
         from ultraedit_kernels import choose_method, gram, pseudo_values
@@ -413,32 +414,15 @@ class UltraEditor:
 
         ``kind="dual"``: ``tensor`` is the factor A (N x d_out) with ``ΔW = KᵀA``;
         ``kind="primal"``: ``tensor`` is the dense ΔW (d_in x d_out). ``hold``: N bool, rows
-        whose pseudo-value is 0 (``hold_done``).
+        whose pseudo-value is 0 (``hold_done``; None when no row is held).
         """
         from ultraedit_kernels import choose_method, param_shift, shift_factors
 
-        if (self.protect_mean > 0 or self.memory > 0
-                or (hold is not None and bool(hold.any()))):
+        if self.protect_mean > 0 or self.memory > 0 or hold is not None:
             return self._constrained_update(name, k, g, st, hold)
         if choose_method(k.shape[0], k.shape[1]) == "dual":
             return ("dual", shift_factors(k, g, st, lr=self.lr, ridge=self.ridge)), k
         return ("primal", param_shift(k, g, st, lr=self.lr, ridge=self.ridge, method="primal")), k
-
-    def _begin_steps(self):
-        """The turn-level record of a multi-step turn (weights and statistics before it)."""
-        from .delta import _TurnRecord
-        d = self._delta
-        return _TurnRecord(turn=int(self.turns), stats={k: v.clone() for k, v in self.stats.items()},
-                           saved={n: d._snapshot(n) for n in self.modules})
-
-    def _apply_step(self, names, keys, updates) -> None:
-        """One step's updates through the delta tracker, without a history entry of its own."""
-        d = self._delta
-        history, d.history = d.history, 0
-        try:
-            d.apply_turn(self, names, keys, updates)
-        finally:
-            d.history = history
 
     # ------------------------------------------------------------------ the turn
     def edit(self, requests: Iterable[Any]) -> TurnReport:
@@ -495,7 +479,7 @@ class UltraEditor:
 
         # steps > 1: capture + solve + apply again on the updated model (same requests);
         # the turn is one transaction (and one rollback entry) over all its steps.
-        turn_record = self._begin_steps() if self.steps > 1 else None
+        turn_record = self._delta.begin_turn(self) if self.steps > 1 else None
         steps_run = 0
         n_predicted = 0
         keys: Dict[str, torch.Tensor] = {}
@@ -503,8 +487,8 @@ class UltraEditor:
         try:
             for step in range(self.steps):
                 captured: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
-                held: List[torch.Tensor] = []  # per micro-batch: captured rows of predicted requests
-                n_predicted = 0
+                predictions: List[torch.Tensor] = []  # per micro-batch: B bool
+                held: List[torch.Tensor] = []  # hold_done: per micro-batch, the predicted rows
                 with nvtx_range("ultraedit/capture"), CaptureSession(self.model, self.modules) as cap:
                     for batch in batches:
                         mask = self._capture_mask(batch)
@@ -527,10 +511,12 @@ class UltraEditor:
                             loss_sum += float(loss.detach())
                         for name, kg in cap.pop().items():
                             captured[name].append(kg)
-                        predicted = predicted.cpu()
-                        n_predicted += int(predicted.sum())
-                        held.append(predicted[:, None].expand(mask.shape)[mask.cpu()])
+                        predictions.append(predicted)
+                        if self.hold_done:
+                            predicted = predicted.to(mask.device)
+                            held.append(predicted[:, None].expand(mask.shape)[mask])
                         del loss
+                n_predicted = int(sum(p.sum() for p in predictions))  # one sync per step
 
                 if self.hold_done and n_predicted == len(reqs):
                     break  # every edit holds: the turn ends early, this step changes nothing
@@ -554,7 +540,7 @@ class UltraEditor:
                     if self.compat != "official":
                         update(stats_for(name, keys[name].device), keys[name], grads[name])
                 del captured
-                hold_rows = torch.cat(held) if self.hold_done else None
+                hold_rows = torch.cat(held) if self.hold_done and n_predicted else None
 
                 # ---- solves: every module's update before any weight changes. Dual (factored, rank-N
                 # in-place update) when N <= d_in, as DESIGN.md §2; a dense primal ΔW otherwise, where
@@ -581,15 +567,17 @@ class UltraEditor:
                     if turn_record is None:
                         self._delta.apply_turn(self, names, apply_keys, updates)
                     else:  # one step of a multi-step turn: its record restores all of it on failure
-                        self._apply_step(names, apply_keys, updates)
+                        self._delta.apply_step(self, names, apply_keys, updates)
                 steps_run += 1
                 applied_keys = keys
         except BaseException:
+            self._memory_factors = {}
             if turn_record is not None:
-                self._delta._restore(turn_record)
+                self._delta.abort_turn(turn_record)
             raise
-        if turn_record is not None and self._delta.history:
-            self._delta._records.append(turn_record)
+        self._memory_factors = {}  # derived from the memory of before this turn
+        if turn_record is not None:
+            self._delta.commit_turn(turn_record)
         if self.memory > 0:
             from .memory import KeyMemory, memory_key
             for name, k in applied_keys.items():

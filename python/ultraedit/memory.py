@@ -40,8 +40,6 @@ def memory_key(module_name: str) -> str:
 class KeyMemory:
     """``gram = Σ kkᵀ`` (d x d, float64) and ``count`` (rows) of the keys of committed turns."""
 
-    kind = "memory"
-
     def __init__(self, dim: int, device=None):
         if int(dim) != dim or dim < 1:
             raise ValueError(f"KeyMemory dim must be a positive integer, got {dim!r}")
@@ -67,10 +65,6 @@ class KeyMemory:
         out.dim, out.gram, out.count = self.dim, self.gram.clone(), self.count.clone()
         return out
 
-    def to(self, device) -> "KeyMemory":
-        self.gram, self.count = self.gram.to(device), self.count.to(device)
-        return self
-
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {"gram": self.gram, "count": self.count}
 
@@ -80,10 +74,6 @@ class KeyMemory:
             raise ValueError(f"key memory of shape {tuple(gram.shape)} does not fit dim {self.dim}")
         self.gram = gram.to(device=self.device, dtype=torch.float64).clone()
         self.count = sd["count"].to(device=self.device, dtype=torch.float64).clone().reshape(())
-
-    def __eq__(self, other) -> bool:
-        return (isinstance(other, KeyMemory) and self.dim == other.dim
-                and torch.equal(self.gram, other.gram) and torch.equal(self.count, other.count))
 
     def __repr__(self) -> str:
         return f"KeyMemory(dim={self.dim}, rows={int(self.count)})"

@@ -316,6 +316,32 @@ def plot_run(result: Dict[str, Any], path: str) -> None:
 
 
 # ------------------------------------------------------------------------------ CLI
+METHOD_OPTIONS = ("steps", "positions", "memory", "hold_done")
+
+
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    """The editor's options beyond the paper; unset = the editor's default (the paper's with
+    ``--compat official``). Shared by ``ultraedit run`` and ``ultraedit demo``."""
+    p.add_argument("--steps", type=int, default=None,
+                   help="capture+solve+apply steps per turn (default: the editor's; 1 with "
+                        "--compat official)")
+    p.add_argument("--positions", choices=("answer", "subject"), default=None,
+                   help="capture at the answer positions (the paper) or at each record's subject "
+                        "(default: the editor's; 'answer' with --compat official or when a record "
+                        "has no subject)")
+    p.add_argument("--memory", type=float, default=None,
+                   help="weight of the key memory of earlier turns (default: the editor's; 0 with "
+                        "--compat official)")
+    p.add_argument("--hold-done", action=argparse.BooleanOptionalAction, default=None,
+                   help="give edits the model already predicts pseudo-value 0 in each step and end "
+                        "the turn when all hold (default: the editor's; off with --compat official)")
+
+
+def method_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """The ``UltraEditor`` keyword arguments of the options :func:`add_method_options` set."""
+    return {opt: getattr(args, opt) for opt in METHOD_OPTIONS if getattr(args, opt) is not None}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default="default",
                    help="'default' (embedded SmolLM2-135M-Instruct) or a local HF model directory")
@@ -337,19 +363,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--normalizer", choices=("shape", "module"), default="shape")
     p.add_argument("--compat", choices=("fixed", "official"), default="fixed")
     p.add_argument("--micro-batch", type=int, default=10, help="requests per forward (10)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="capture+solve+apply steps per turn (default: the editor's; 1 with "
-                        "--compat official)")
-    p.add_argument("--positions", choices=("answer", "subject"), default=None,
-                   help="capture at the answer positions (the paper) or at each record's subject "
-                        "(default: the editor's; 'answer' with --compat official or when a record "
-                        "has no subject)")
-    p.add_argument("--memory", type=float, default=None,
-                   help="weight of the key memory of earlier turns (default: the editor's; 0 with "
-                        "--compat official)")
-    p.add_argument("--hold-done", action=argparse.BooleanOptionalAction, default=None,
-                   help="give edits the model already predicts pseudo-value 0 in each step and end "
-                        "the turn when all hold (default: the editor's; off with --compat official)")
+    add_method_options(p)
     p.add_argument("--eval", dest="eval_mode", choices=("every", "end", "both"), default="both",
                    help="after every turn on its edits, at the end on all edits, or both")
     p.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True,
@@ -438,25 +452,12 @@ def main(args: argparse.Namespace) -> int:
                               "ridge": args.ridge, "normalizer": args.normalizer}
     if args.lr is not None:
         kwargs["lr"] = args.lr
-    if args.steps is not None:
-        kwargs["steps"] = args.steps
-    elif args.compat == "official":
-        kwargs["steps"] = 1      # the paper: one capture+solve per turn (not the embedded default)
-    if args.positions is not None:
-        kwargs["positions"] = args.positions
-    elif args.compat != "official" and any(r.subject is None or r.subject not in r.prompt
-                                           for r in records):
+    kwargs.update(method_kwargs(args))
+    if (args.positions is None and args.compat != "official"
+            and any(r.subject is None or r.subject not in r.prompt for r in records)):
         kwargs["positions"] = "answer"
         print("note: some records have no subject in their prompt; capturing at the answer "
               "positions (--positions answer)", file=sys.stderr)
-    if args.memory is not None:
-        kwargs["memory"] = args.memory
-    elif args.compat == "official":
-        kwargs["memory"] = 0.0        # the paper
-    if args.hold_done is not None:
-        kwargs["hold_done"] = args.hold_done
-    elif args.compat == "official":
-        kwargs["hold_done"] = False   # the paper
     if args.modules:
         try:
             kwargs["modules"] = (paper_module_names(model) if args.modules.strip() == "paper"

@@ -198,12 +198,14 @@ def save_state(editor, path, include_delta: bool = True) -> str:
     saved separately (e.g. ``save_pretrained``) and loaded with the state; when accumulating in
     fp32 the sub-rounding part of Δ is then not carried over (the resume is not bit-exact).
     """
+    from .memory import KeyMemory
+
     tracker = editor._delta
     stats_t: Dict[str, torch.Tensor] = {}
     stats_meta = []
     for key, st in editor.stats.items():
         sd = st.state_dict()
-        if getattr(st, "kind", None) == "memory":  # ultraedit.memory.KeyMemory
+        if isinstance(st, KeyMemory):
             for part in ("count", "gram"):
                 stats_t[f"{key}.{part}"] = sd[part]
             stats_meta.append({"key": key, "dim": st.dim, "kind": "memory"})
