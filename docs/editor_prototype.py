@@ -75,6 +75,11 @@ class Proto(E.UltraEditor):
         return out
     C0 = {}
     mu0 = 0.0
+    ent = 0.0          # weight of the entity-key preservation term
+    EK = {}            # module -> (n_entities x contexts, d) float64 entity keys
+    ENAMES = []        # entity name per row of EK
+    turn_subjects = set()
+    excl = True
     nu = 0.0
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -101,11 +106,17 @@ class Proto(E.UltraEditor):
             v = pseudo_values(k, g, st, lr=self.lr).double()
             v[done] = 0
             kd = k.double()
-            if self.nu or self.mu0:
+            if self.nu or self.mu0 or self.ent:
                 self.pending[name] = kd
                 M = kd.T @ kd + self.ridge * torch.eye(kd.shape[1], dtype=torch.float64)
                 if self.nu and name in self.cprev: M += self.nu * self.cprev[name]
                 if self.mu0: M += self.mu0 * self.C0[name]
+                if self.ent:
+                    if name not in self.pgram:
+                        keep = torch.tensor([n not in self.turn_subjects for n in self.ENAMES])
+                        ek = self.EK[name][keep]
+                        self.pgram[name] = ek.T @ ek
+                    M += self.ent * self.pgram[name]
                 return ("primal", torch.linalg.solve(M, kd.T @ v).float()), k
             A = torch.linalg.solve(kd @ kd.T + self.ridge * torch.eye(kd.shape[0], dtype=torch.float64), v)
             return ("dual", A.float()), k
@@ -121,6 +132,8 @@ class Proto(E.UltraEditor):
         self.pending[name] = kd
         return ("primal", dw.float()), k
     def edit(self, reqs):
+        self.pgram = {}
+        type(self).turn_subjects = set() if not self.excl else {q.subject if hasattr(q, "subject") else q["subject"] for q in reqs}
         r = super().edit(reqs)
         for n, kd in self.pending.items():
             self.cprev[n] = self.cprev.get(n, 0) + kd.T @ kd
@@ -170,6 +183,37 @@ def main():
     allm = down(0, 29)
     orig = {m: named[m].weight.detach().clone() for m in allm}
     K0 = capture_keys(model, allm, seqs)
+    from ultraedit.data.offline import country_table, city_table, _in_sentence
+    from ultraedit.tokenization import subject_token_index
+
+    def entity_keys(mods, ctxs, n_cities):
+        names = [r["name"] for r in country_table()] + [c["name"] for c in city_table()[:n_cities]]
+        texts, idx, owners = [], [], []
+        for nm in names:
+            for c in ctxs:
+                t = c.format(s=_in_sentence(nm))
+                t = t[:1].upper() + t[1:]
+                texts.append(t); owners.append(nm)
+                idx.append(subject_token_index(tok, t, nm if nm in t else nm.split(' ', 1)[1]))
+        acc = {m: [] for m in mods}
+        hs = [named[m].register_forward_hook(lambda mod, inp, out, m=m: acc[m].append(inp[0].detach().double()))
+              for m in mods]
+        from ultraedit.tokenization import encode_request
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        rows = [encode_request(tok, t, "x")[0] for t in texts]
+        with torch.no_grad():
+            for s0 in range(0, len(rows), 64):
+                chunk = rows[s0:s0 + 64]
+                w = max(map(len, chunk))
+                ids = torch.full((len(chunk), w), pad); att = torch.zeros((len(chunk), w), dtype=torch.long)
+                for b, r in enumerate(chunk):
+                    ids[b, :len(r)] = torch.tensor(r); att[b, :len(r)] = 1
+                model(input_ids=ids, attention_mask=att)
+                pos = torch.tensor(idx[s0:s0 + 64])
+                for m in mods: acc[m][-1] = acc[m][-1][torch.arange(len(chunk)), pos]
+        for h in hs: h.remove()
+        return {m: torch.cat(v) for m, v in acc.items()}, owners
+    EKC = {}
     for c in args.cfg:
         cfg = json.loads(c)
         with torch.no_grad():
@@ -179,6 +223,16 @@ def main():
         Proto.stop = cfg.pop("stop", False)
         Proto.mu0 = cfg.pop("mu0", 0.0); Proto.nu = cfg.pop("nu", 0.0)
         Proto.C0 = {m: K0[m].T @ K0[m] / K0[m].shape[0] for m in mods}
+        Proto.ent = cfg.pop("ent", 0.0)
+        Proto.excl = cfg.pop("ent_excl", True)
+        ctxs = tuple(cfg.pop("ent_ctx", ["{s}", "I read a long article about {s}"]))
+        ncity = cfg.pop("ent_cities", 1000)
+        if Proto.ent:
+            key = (tuple(mods), ctxs, ncity)
+            if key not in EKC:
+                t0 = time.time(); EKC[key] = entity_keys(mods, ctxs, ncity)
+                print(f"entity keys {EKC[key][0][mods[0]].shape} in {time.time()-t0:.0f}s", file=sys.stderr)
+            Proto.EK, Proto.ENAMES = EKC[key]
         E.UltraEditor = Proto
         t = time.time()
         res = run_demo(model, tok, records, turns=args.turns, edits_per_turn=args.ept,

@@ -43,7 +43,7 @@ import inspect
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,8 @@ from .tokenization import encode_edit_batch, encode_request
 __all__ = ["UltraEditor", "EditRequest", "TurnReport", "EMBEDDED_LR", "PAPER_LR",
            "EMBEDDED_PROTECT_MEAN", "EMBEDDED_STEPS", "default_lr", "default_protect_mean",
            "default_steps", "EMBEDDED_HOLD_DONE", "default_hold_done",
-           "EMBEDDED_POSITIONS", "default_positions", "EMBEDDED_MEMORY", "default_memory"]
+           "EMBEDDED_POSITIONS", "default_positions", "EMBEDDED_MEMORY", "default_memory",
+           "EMBEDDED_PRESERVE", "default_preserve"]
 
 PAPER_LR = 1e-6
 # Measured defaults for the embedded SmolLM2-135M (docs/editor.md, third measurement): keys at
@@ -70,6 +71,7 @@ EMBEDDED_STEPS = 12
 EMBEDDED_HOLD_DONE = True
 EMBEDDED_POSITIONS = "subject"
 EMBEDDED_MEMORY = 4.0
+EMBEDDED_PRESERVE = 0.0
 
 
 def default_lr(model) -> float:
@@ -85,6 +87,11 @@ def default_protect_mean(model) -> float:
 def default_memory(model) -> float:
     """The measured key-memory weight ν for the embedded model, 0 (the paper) otherwise."""
     return EMBEDDED_MEMORY if is_embedded_smollm2(model) else 0.0
+
+
+def default_preserve(model) -> float:
+    """The measured preserved-subject weight μ for the embedded model, 0 (the paper) otherwise."""
+    return EMBEDDED_PRESERVE if is_embedded_smollm2(model) else 0.0
 
 
 def default_positions(model) -> str:
@@ -208,6 +215,16 @@ class UltraEditor:
             turn leaves the outputs on earlier edits' keys unchanged (costs a d_in x d_in float64
             matrix per module). 0 = the paper (no state besides the normalizer). None = the
             measured default for the embedded model, else 0.
+        preserve: μ ≥ 0 of the preserved subjects (``ultraedit.preserve``): at construction,
+            each module's inputs at the last token of every subject of ``preserve_subjects`` in
+            a few neutral contexts are captured from the model as it is then, and every solve
+            adds ``μ K_pᵀK_p`` (without the rows of the subjects the turn edits), so edits leave
+            the outputs on other entities' keys unchanged. Costs one truncated forward over
+            those texts at construction (``editor.preserve_s``). 0 = the paper. None = the
+            measured default for the embedded model, else 0.
+        preserve_subjects: the subject names to preserve (matched against
+            ``EditRequest.subject`` by exact string); None = every country of the offline
+            tables and its 1,000 most populous cities (``ultraedit.preserve.default_subjects``).
     """
 
     def __init__(self, model, tokenizer, modules=None, lr: Optional[float] = None,
@@ -215,7 +232,9 @@ class UltraEditor:
                  normalizer: str = "shape", accumulate="auto", delta_device=None,
                  history: int = 1, protect_mean: Optional[float] = None,
                  steps: Optional[int] = None, hold_done: Optional[bool] = None,
-                 positions: Optional[str] = None, memory: Optional[float] = None):
+                 positions: Optional[str] = None, memory: Optional[float] = None,
+                 preserve: Optional[float] = None,
+                 preserve_subjects: Optional[Sequence[str]] = None):
         from ultraedit_kernels import RunningStats  # noqa: F401  (fail early if missing)
 
         if compat not in ("fixed", "official"):
@@ -258,6 +277,14 @@ class UltraEditor:
                 or not (memory >= 0 and memory != float("inf"))):
             raise ValueError(f"memory must be a finite number >= 0, got {memory!r}")
         self.memory = float(memory)
+        if preserve is None:
+            preserve = 0.0 if paper else default_preserve(model)
+        if (isinstance(preserve, bool) or not isinstance(preserve, (int, float))
+                or not (preserve >= 0 and preserve != float("inf"))):
+            raise ValueError(f"preserve must be a finite number >= 0, got {preserve!r}")
+        if isinstance(preserve_subjects, str):
+            raise ValueError("preserve_subjects must be a list of subject names, not one string")
+        self.preserve = float(preserve)
         self.protect_mean = float(protect_mean)
         self.steps = int(steps)
         self.hold_done = hold_done
@@ -279,6 +306,17 @@ class UltraEditor:
                                    device=delta_device, history=history)
         self._max_length = self._context_length(model)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # preserve > 0: keys of the preserved subjects, captured once from the model as it is now
+        self.preserved: Dict[str, Any] = {}
+        self.preserve_s = 0.0
+        self._turn_subjects: frozenset = frozenset()
+        if self.preserve > 0:
+            from .preserve import capture_subject_keys, default_subjects
+
+            t0 = time.perf_counter()
+            subjects = default_subjects() if preserve_subjects is None else list(preserve_subjects)
+            self.preserved = capture_subject_keys(model, tokenizer, self.modules, subjects)
+            self.preserve_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -359,13 +397,16 @@ class UltraEditor:
             kp = torch.cat([k, row], 0)
             vp = torch.cat([v, v.new_zeros(1, v.shape[1])], 0)
         memory = self.stats.get(memory_key(name)) if self.memory > 0 else None
-        if memory is not None:
-            # Woodbury with P = νM + λI, factored once per turn (M changes only between turns):
-            # (KᵀK + P)⁻¹KᵀV = Y (I + KY)⁻¹ V with Y = P⁻¹Kᵀ (d_in x N), applied as the rank-N
-            # update Yᵀ-factor: W += (Y A)ᵀ.
+        preserved = self.preserved.get(name) if self.preserve > 0 else None
+        if memory is not None or preserved is not None:
+            # Woodbury with P = νM + μK_pᵀK_p + λI, factored once per turn (M and the preserved
+            # rows change only between turns): (KᵀK + P)⁻¹KᵀV = Y (I + KY)⁻¹ V with
+            # Y = P⁻¹Kᵀ (d_in x N), applied as the rank-N update Yᵀ-factor: W += (Y A)ᵀ.
             factor = self._memory_factors.get(name)
             if factor is None:
-                factor = memory_factor(memory, self.memory, self.ridge)
+                gram_p = (preserved.gram_without(self._turn_subjects)
+                          if preserved is not None else None)
+                factor = memory_factor(memory, self.memory, self.ridge, gram_p, self.preserve)
                 self._memory_factors[name] = factor
             kd = kp.to(device=factor.device, dtype=torch.float64)
             y = torch.cholesky_solve(kd.T, factor)
@@ -418,7 +459,7 @@ class UltraEditor:
         """
         from ultraedit_kernels import choose_method, param_shift, shift_factors
 
-        if self.protect_mean > 0 or self.memory > 0 or hold is not None:
+        if self.protect_mean > 0 or self.memory > 0 or self.preserve > 0 or hold is not None:
             return self._constrained_update(name, k, g, st, hold)
         if choose_method(k.shape[0], k.shape[1]) == "dual":
             return ("dual", shift_factors(k, g, st, lr=self.lr, ridge=self.ridge)), k
@@ -435,6 +476,8 @@ class UltraEditor:
         if not reqs:
             raise ValueError("edit() needs at least one request")
         reqs = self._order(reqs)
+        # this turn's subjects: their preserved keys are left out (they are meant to change)
+        self._turn_subjects = frozenset(r.subject for r in reqs if r.subject)
         device = self._input_device()
         batches = [encode_edit_batch(self.tokenizer, [r.prompt for r in reqs[i:i + self.micro_batch]],
                                      [r.target for r in reqs[i:i + self.micro_batch]],

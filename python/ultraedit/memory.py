@@ -23,7 +23,7 @@ are committed, rolled back, saved and loaded together with the normalizer statis
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -79,12 +79,24 @@ class KeyMemory:
         return f"KeyMemory(dim={self.dim}, rows={int(self.count)})"
 
 
-def memory_factor(memory: KeyMemory, nu: float, ridge: float) -> torch.Tensor:
-    """The lower Cholesky factor of ``νM + λI`` (float64; SPD with eigenvalues ≥ λ)."""
-    system = nu * memory.gram
+def memory_factor(memory: Optional[KeyMemory], nu: float, ridge: float,
+                  preserved: Optional[torch.Tensor] = None, mu: float = 0.0) -> torch.Tensor:
+    """The lower Cholesky factor of ``νM + μP + λI`` (float64; SPD with eigenvalues ≥ λ).
+
+    ``memory`` may be None (no earlier turn); ``preserved`` is the Gram ``P`` of the preserved
+    subject keys of this turn (``ultraedit.preserve``), None for none."""
+    if memory is None and preserved is None:
+        raise ValueError("memory_factor needs a key memory or preserved keys")
+    base = memory.gram if memory is not None else preserved
+    system = torch.zeros_like(base, dtype=torch.float64)
+    if memory is not None:
+        system.add_(memory.gram, alpha=nu)
+    if preserved is not None:
+        system.add_(preserved.to(device=system.device, dtype=torch.float64), alpha=mu)
     system.diagonal().add_(ridge)
     factor, info = torch.linalg.cholesky_ex(system)
     if int(info) != 0:
-        raise FloatingPointError(f"the key memory's system νM + λI is not positive definite "
-                                 f"(info={int(info)}); the memory holds non-finite keys")
+        raise FloatingPointError(f"the key memory's system νM + μP + λI is not positive definite "
+                                 f"(info={int(info)}); the memory or the preserved keys hold "
+                                 f"non-finite values")
     return factor

@@ -9,6 +9,9 @@ A state is a directory::
                          (float64, the exact RunningStats state)
     delta.safetensors    (``include_delta=True``) per module ``base.<name>`` (W0, weight dtype)
                          and ``delta.<name>`` (Δ with ``W = round(W0 + Δ)`` exactly)
+    preserve.safetensors (``preserve > 0``) per module ``<name>`` the preserved subject keys
+                         (float32, captured from the unedited model); their owners are the
+                         manifest's ``preserve_owners``
 
 Everything is written into a temporary sibling directory, flushed, and renamed over ``path``
 (``os.replace``), so a crash never leaves a half-written state where a previous one was; an
@@ -43,6 +46,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATS_FILE = "stats.safetensors"
 DELTA_FILE = "delta.safetensors"
+PRESERVE_FILE = "preserve.safetensors"
 
 
 class StateError(ValueError):
@@ -226,6 +230,10 @@ def save_state(editor, path, include_delta: bool = True) -> str:
             delta_t[f"base.{name}"] = tracker.base[name]
             delta_t[f"delta.{name}"] = tracker.current_delta(name)
         files[DELTA_FILE] = delta_t
+    owners = None
+    if editor.preserved:
+        files[PRESERVE_FILE] = {name: pk.keys for name, pk in editor.preserved.items()}
+        owners = next(iter(editor.preserved.values())).owners
     manifest = {
         "kind": "state",
         "model": model_info(editor.model),
@@ -236,7 +244,8 @@ def save_state(editor, path, include_delta: bool = True) -> str:
                    "modules": list(editor.modules),
                    "protect_mean": editor.protect_mean, "steps": editor.steps,
                    "hold_done": editor.hold_done, "positions": editor.positions,
-                   "memory": editor.memory},
+                   "memory": editor.memory, "preserve": editor.preserve},
+        "preserve_owners": owners,
         "turns": int(editor.turns), "base_turn": int(tracker.base_turn),
         "include_delta": bool(include_delta),
         "modules": modules, "stats": stats_meta,
@@ -320,7 +329,8 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
                  # states saved before these options existed were made without them
                  protect_mean=cfg.get("protect_mean", 0.0), steps=cfg.get("steps", 1),
                  hold_done=cfg.get("hold_done", False), positions=cfg.get("positions", "answer"),
-                 memory=cfg.get("memory", 0.0))
+                 memory=cfg.get("memory", 0.0),
+                 preserve=0.0)  # the saved keys are set below: the model may be edited already
     for name in editor.modules:
         devices.setdefault(editor.stats_key(name), editor.modules[name].weight.device)
         devices[memory_key(name)] = editor.modules[name].weight.device
@@ -339,6 +349,22 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
             raise StateError(f"{path}: statistics {key!r}: {exc}") from None
         stats[key] = st
 
+    # ---- preserved subject keys
+    preserved = {}
+    if cfg.get("preserve", 0.0) > 0:
+        from .preserve import PreservedKeys
+
+        keys = files.get(PRESERVE_FILE)
+        owners = manifest.get("preserve_owners")
+        if keys is None or not owners or set(keys) != set(editor.modules):
+            raise StateError(f"{path}: preserve={cfg['preserve']} but the preserved keys of the "
+                             f"edited modules are missing")
+        try:
+            preserved = {name: PreservedKeys(keys[name].to(editor.modules[name].weight.device),
+                                             owners) for name in editor.modules}
+        except (ValueError, FloatingPointError) as exc:
+            raise StateError(f"{path}: preserved keys: {exc}") from None
+
     # ---- commit
     with torch.no_grad():
         for name, value in writes.items():
@@ -351,4 +377,6 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
     editor.stats.clear()
     editor.stats.update(stats)
     editor.turns = int(manifest["turns"])
+    editor.preserve = float(cfg.get("preserve", 0.0))
+    editor.preserved = preserved
     return editor

@@ -1,0 +1,177 @@
+"""Preserved subjects: keys of named entities whose outputs an edit turn must keep.
+
+With ``UltraEditor(preserve=μ)`` every edited module gets, once, the keys ``K_p`` of a list of
+subjects (entity names: by default the offline tables' countries and most populous cities),
+captured from the UNEDITED model at the last token of each subject in a few neutral contexts
+(:data:`DEFAULT_CONTEXTS`), and every solve becomes
+
+    ΔW = argmin ||K ΔW - V||² + ν Σ_t ||K_t ΔW||² + μ ||K_p' ΔW||² + λ||ΔW||²
+       = (KᵀK + νM + μ K_p'ᵀK_p' + λI)⁻¹ KᵀV
+
+where ``K_p'`` leaves out the rows of the subjects this turn edits (their outputs are supposed
+to change; ``EditRequest.subject`` is matched by exact string). Keys at a subject's last token
+in early and middle layers are mostly the subject's own representation, so an edit of one
+entity then leaves the module's output on other entities' keys, whatever prompt they appear
+in, nearly unchanged: the neighbourhood locality that the paper's subject-free update loses
+(docs/editor.md, "Preserved subjects"). This is the preservation term of MEMIT/AlphaEdit-style
+editors, restricted to entity keys instead of a covariance of generic text (which was measured
+to slide along the old efficacy/locality curve instead of moving it).
+
+Cost: one forward of the unedited model over ``len(subjects) x len(contexts)`` short texts,
+cut after the deepest edited module, at construction (``UltraEditor.preserve_s``); per edited
+module an ``n x d_in`` float32 key matrix and its ``d_in x d_in`` float64 Gram; per turn one
+``d_in x d_in`` Cholesky that the key memory's factor shares (``ultraedit.memory``).
+
+Equivalent PyTorch for one module (``keys`` = the preserved rows not edited this turn)::
+
+    dW = torch.linalg.solve(K.T @ K + nu * M + mu * keys.T @ keys + ridge * I, K.T @ V)
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Sequence
+
+import torch
+
+__all__ = ["DEFAULT_CONTEXTS", "DEFAULT_CITIES", "PreservedKeys", "default_subjects",
+           "capture_subject_keys"]
+
+# Neutral left contexts: a subject's key depends only on the tokens up to it, so these differ
+# from any relation's prompt ("The capital of {s}") while keeping the subject's representation.
+DEFAULT_CONTEXTS = ("{s}", "I read a long article about {s}")
+# Cities of the default subject list, most populous first (with every country).
+DEFAULT_CITIES = 1000
+
+
+class PreservedKeys:
+    """One module's preserved keys: ``keys`` (n x d_in, float32), ``owners`` (the subject of each
+    row) and ``gram = keysᵀkeys`` (d_in x d_in, float64)."""
+
+    def __init__(self, keys: torch.Tensor, owners: Sequence[str]):
+        if keys.dim() != 2 or keys.shape[0] != len(owners):
+            raise ValueError(f"keys must be len(owners) x d_in = {len(owners)} x d_in, "
+                             f"got {tuple(keys.shape)}")
+        if not bool(torch.isfinite(keys).all()):
+            raise FloatingPointError("preserved keys hold NaN/Inf values")
+        self.keys = keys.detach().to(torch.float32).contiguous()
+        self.owners = list(owners)
+        k = self.keys.to(torch.float64)
+        self.gram = k.T @ k
+        self._rows: Dict[str, List[int]] = {}
+        for i, owner in enumerate(self.owners):
+            self._rows.setdefault(owner, []).append(i)
+
+    @property
+    def dim(self) -> int:
+        return self.keys.shape[1]
+
+    def gram_without(self, subjects: Iterable[str]) -> torch.Tensor:
+        """``Σ kkᵀ`` over the rows whose owner is not in ``subjects`` (a new tensor)."""
+        rows = [i for s in set(subjects) for i in self._rows.get(s, ())]
+        if not rows:
+            return self.gram.clone()
+        k = self.keys[rows].to(torch.float64)
+        return self.gram - k.T @ k
+
+    def to(self, device) -> "PreservedKeys":
+        return PreservedKeys(self.keys.to(device), self.owners)
+
+    def __repr__(self) -> str:
+        return (f"PreservedKeys(rows={self.keys.shape[0]}, subjects={len(self._rows)}, "
+                f"dim={self.dim})")
+
+
+def default_subjects(n_cities: int = DEFAULT_CITIES) -> List[str]:
+    """Every country of the offline tables, then its ``n_cities`` most populous cities
+    (``ultraedit.data.offline``): real entities a small model is likely to know."""
+    from .data.offline import city_table, country_table
+
+    names = [r["name"] for r in country_table()]
+    names += [c["name"] for c in city_table()[:n_cities]]
+    return list(dict.fromkeys(names))
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once every module has seen its input: the rest of the
+    forward is not needed."""
+
+
+def capture_subject_keys(model, tokenizer, modules: Dict[str, torch.nn.Module],
+                         subjects: Sequence[str], contexts: Sequence[str] = DEFAULT_CONTEXTS,
+                         batch_size: int = 64, progress: bool = False) -> Dict[str, PreservedKeys]:
+    """The input of each module at the last token of each subject in each context.
+
+    Texts are ``context.format(s=subject)`` with the first letter capitalized, tokenized like an
+    edit prompt (``encode_request``; BOS where the tokenizer adds one) and right-padded, so the
+    subject's position is unaffected by padding. Returns ``{module name: PreservedKeys}`` with
+    rows in subject-major order (``len(subjects) * len(contexts)`` rows).
+    """
+    from .tokenization import encode_request, special_prefix, subject_token_index
+
+    subjects = list(subjects)
+    if not subjects:
+        raise ValueError("preserve_subjects is empty: give at least one subject name")
+    for s in subjects:
+        if not isinstance(s, str) or not s.strip():
+            raise ValueError(f"preserve_subjects holds {s!r}; every subject must be a non-empty string")
+    for c in contexts:
+        if "{s}" not in c:
+            raise ValueError(f"preserve context {c!r} has no '{{s}}' for the subject")
+    prefix = special_prefix(tokenizer)
+    rows, index, owners = [], [], []
+    for s in subjects:
+        for c in contexts:
+            text = c.format(s=s)
+            text = text[:1].upper() + text[1:]
+            subject = s if s in text else s[:1].upper() + s[1:]
+            rows.append(encode_request(tokenizer, text, "x", prefix)[0])
+            index.append(subject_token_index(tokenizer, text, subject, prefix))
+            owners.append(s)
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    device = next(model.parameters()).device
+    acc: Dict[str, List[torch.Tensor]] = {n: [] for n in modules}
+    state = {"pos": None, "seen": set()}
+
+    def hook(name):
+        def pre(module, args):
+            x = args[0]
+            rows_ = torch.arange(x.shape[0], device=x.device)
+            acc[name].append(x[rows_, state["pos"].to(x.device)].detach().float())
+            state["seen"].add(name)
+            if len(state["seen"]) == len(modules):
+                raise _StopForward
+        return pre
+
+    from tqdm.auto import tqdm
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            starts = range(0, len(rows), batch_size)
+            for s0 in tqdm(starts, desc="preserved subject keys", unit="batch", disable=not progress):
+                chunk = rows[s0:s0 + batch_size]
+                width = max(map(len, chunk))
+                ids = torch.full((len(chunk), width), int(pad), dtype=torch.long)
+                att = torch.zeros((len(chunk), width), dtype=torch.long)
+                for b, r in enumerate(chunk):
+                    ids[b, :len(r)] = torch.tensor(r)
+                    att[b, :len(r)] = 1
+                state["pos"] = torch.tensor(index[s0:s0 + batch_size])
+                state["seen"] = set()
+                try:
+                    model(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+                missing = set(modules) - state["seen"]
+                if missing:
+                    raise RuntimeError(f"modules {sorted(missing)} were not called in the forward "
+                                       f"pass; they cannot be edited")
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: PreservedKeys(torch.cat(v), owners) for n, v in acc.items()}
