@@ -124,7 +124,18 @@ CONFIGS += [
     ("down_proj 4-8 @subject", down(4, 8), 2.5e-5, {**HD, "steps": 6, "positions": "subject",
                                                     "memory": 1.0}),                      # 54
 ]
+# with preserved subjects (ultraedit.preserve: countries + 1,000 largest cities)           # 55+
+SUBJ4 = {**HD, "positions": "subject", "memory": 4.0}
+CONFIGS += [
+    ("down_proj 4-8 @subject", down(4, 8), 5e-5, {**SUBJ4, "steps": 12, "preserve": 1.0}),   # 55
+    ("down_proj 4-8 @subject", down(4, 8), 5e-5, {**SUBJ4, "steps": 12, "preserve": 3.0}),   # 56
+    ("down_proj 4-8 @subject", down(4, 8), 1e-4, {**SUBJ4, "steps": 12, "preserve": 3.0}),   # 57
+    ("down_proj 4-8 @subject", down(4, 8), 1e-4, {**SUBJ4, "steps": 12, "preserve": 1.0}),   # 58
+    ("down_proj 4-8 @subject", down(4, 8), 5e-5, {**SUBJ4, "steps": 20, "preserve": 1.0}),   # 59
+    ("down_proj 4-8 @subject", down(4, 8), 5e-5, {**SUBJ4, "steps": 12, "preserve": 0.3}),   # 60
+]
 for _c in CONFIGS:
+    _c[3].setdefault("preserve", 0.0)
     _c[3].setdefault("memory", 0.0)
     _c[3].setdefault("hold_done", False)
     _c[3].setdefault("positions", "answer")
@@ -183,7 +194,7 @@ def main():
         rows.append(row)
         steps_run = sum(t["steps_run"] for t in res["turns"])
         row["steps_run"] = steps_run
-        print(f"| {label} | {lr:g} | {extra['protect_mean']:g} | {extra['steps']} | "
+        print(f"| {label} | {lr:g} | ν={extra['memory']:g} μ={extra['preserve']:g} | {extra['steps']} | "
               f"{'yes' if extra['hold_done'] else 'no'} | {steps_run} | "
               f"{a['es']:.2f} | {a['gs']:.2f} | {a['ls']:.2f} |", flush=True)
         if args.json:

@@ -111,12 +111,13 @@ def run_demo(model, tokenizer, records: Sequence[Any], turns: int, edits_per_tur
                      "compat": editor.compat, "normalizer": editor.normalizer,
                      "steps": editor.steps, "protect_mean": editor.protect_mean,
                      "hold_done": editor.hold_done, "positions": editor.positions,
-                     "memory": editor.memory,
+                     "memory": editor.memory, "preserve": editor.preserve,
                      "modules": list(editor.modules)},
         "metrics": {"before": before, "after": after},
         "timing": {"turn_s": [r.turn_s for r in reports], "fwd_bwd_s": fwd, "editor_s": ed,
                    "editor_overhead": sum(ed) / sum(fwd) if sum(fwd) > 0 else None,
-                   "eval_before_s": eval_before_s, "eval_after_s": eval_after_s},
+                   "eval_before_s": eval_before_s, "eval_after_s": eval_after_s,
+                   "preserve_s": editor.preserve_s},
         "memory": {"peak_bytes": max(r.peak_bytes for r in reports),
                    "peak_source": reports[0].peak_source,
                    "capture_bytes": max(r.capture_bytes for r in reports)},
@@ -184,7 +185,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     s = result["settings"]
     print(f"\n{n} edits in {args.turns} turns of {args.edits_per_turn}; lr={s['lr']:g}, "
           f"{s['steps']} steps, {s['positions']} positions, memory={s['memory']:g}, "
-          f"{len(s['modules'])} modules ({s['modules'][0]} ...)")
+          f"preserve={s['preserve']:g}, {len(s['modules'])} modules ({s['modules'][0]} ...)")
+    if s["preserve"] > 0:
+        print(f"preserved subjects' keys captured once, before the first turn, in "
+              f"{result['timing']['preserve_s']:.1f}s")
     print("            ES     GS     LS")
     print(f"before   {_fmt(b['es'])}  {_fmt(b['gs'])}  {_fmt(b['ls'])}")
     print(f"after    {_fmt(a['es'])}  {_fmt(a['gs'])}  {_fmt(a['ls'])}")

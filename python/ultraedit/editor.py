@@ -315,7 +315,8 @@ class UltraEditor:
 
             t0 = time.perf_counter()
             subjects = default_subjects() if preserve_subjects is None else list(preserve_subjects)
-            self.preserved = capture_subject_keys(model, tokenizer, self.modules, subjects)
+            self.preserved = capture_subject_keys(model, tokenizer, self.modules, subjects,
+                                                  progress=len(subjects) > 256)
             self.preserve_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ helpers

@@ -190,6 +190,7 @@ def run_records(model, tokenizer, records: Sequence[Any], turns: int, edits_per_
          "hold_done": getattr(editor, "hold_done", False),
          "positions": getattr(editor, "positions", "answer"),
          "memory": getattr(editor, "memory", 0.0),
+         "preserve": getattr(editor, "preserve", 0.0),
          "modules": list(editor.modules), "eval": eval_mode,
          "generation": generation, "turn_generation": turn_generation})
     result.update({"edits": len(records), "status": "running", "turns": [], "final": None})
@@ -198,7 +199,8 @@ def run_records(model, tokenizer, records: Sequence[Any], turns: int, edits_per_
     ref = locality_reference(model, tokenizer, records,
                              generation=(generation and at_end) or turn_generation)
     ref_s = time.perf_counter() - t0
-    result["timing"] = {"locality_reference_s": ref_s}
+    result["timing"] = {"locality_reference_s": ref_s,
+                        "preserve_s": getattr(editor, "preserve_s", 0.0)}
     _write_json(result, json_path)
 
     bar = tqdm(range(turns), desc="edit turns", unit="turn", disable=not progress,
@@ -316,7 +318,7 @@ def plot_run(result: Dict[str, Any], path: str) -> None:
 
 
 # ------------------------------------------------------------------------------ CLI
-METHOD_OPTIONS = ("steps", "positions", "memory", "hold_done")
+METHOD_OPTIONS = ("steps", "positions", "memory", "hold_done", "preserve")
 
 
 def add_method_options(p: argparse.ArgumentParser) -> None:
@@ -335,6 +337,9 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hold-done", action=argparse.BooleanOptionalAction, default=None,
                    help="give edits the model already predicts pseudo-value 0 in each step and end "
                         "the turn when all hold (default: the editor's; off with --compat official)")
+    p.add_argument("--preserve", type=float, default=None,
+                   help="weight of the preserved subjects' keys (countries and large cities of the "
+                        "offline tables; default: the editor's; 0 with --compat official)")
 
 
 def method_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
