@@ -133,6 +133,7 @@ CONFIGS += [
     ("down_proj 4-8 @subject", down(4, 8), 1e-4, {**SUBJ4, "steps": 12, "preserve": 1.0}),   # 58
     ("down_proj 4-8 @subject", down(4, 8), 5e-5, {**SUBJ4, "steps": 20, "preserve": 1.0}),   # 59
     ("down_proj 4-8 @subject", down(4, 8), 5e-5, {**SUBJ4, "steps": 12, "preserve": 0.3}),   # 60
+    ("down_proj 4-8 @subject", down(4, 8), 1e-4, {**SUBJ4, "steps": 12, "preserve": 0.3}),   # 61
 ]
 for _c in CONFIGS:
     _c[3].setdefault("preserve", 0.0)
@@ -148,9 +149,11 @@ def main():
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is far faster on a CPU shared with other jobs)")
     ap.add_argument("--facts-cache", default=None, help="JSON file to reuse the tuning facts")
-    ap.add_argument("--facts", choices=("cities", "countries"), default="cities",
-                    help="tuning facts: 100 city -> country (seed 1), or 90 continent/currency/region "
-                         "facts of countries that the demo does not edit (seed 1)")
+    ap.add_argument("--facts", choices=("cities", "countries", "demo-relations"), default="cities",
+                    help="tuning facts: 100 city -> country (seed 1), 90 continent/currency/region "
+                         "facts of countries that the demo does not edit (seed 1), or the demo's "
+                         "relations (capital, language; seed 1) of countries the demo does not "
+                         "edit (42 known facts: 2 turns of 21)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model()
@@ -165,6 +168,11 @@ def main():
             demo = demo_records(model, tok, 100, seed=0)
             # (92 such facts are known to the model: 2 turns of 45)
             records = demo_records(model, tok, 90, relations=("continent", "currency", "region"), seed=1,
+                                   exclude_subjects=[r.subject for r in demo])
+        elif args.facts == "demo-relations":
+            # the demo's own relations, none of its subjects: only 42 such facts are known
+            demo = demo_records(model, tok, 100, seed=0)
+            records = demo_records(model, tok, 42, relations=("capital", "language"), seed=1,
                                    exclude_subjects=[r.subject for r in demo])
         else:
             records = demo_records(model, tok, 100, relations=("city_country",), seed=1)

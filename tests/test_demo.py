@@ -14,10 +14,12 @@ def test_parser_defaults_and_options():
                                       "--modules", "a,b", "--model", "/m", "--json", "o.json"])
     assert (args.turns, args.edits_per_turn, args.lr, args.modules, args.model) == (3, 7, 1e-4, "a,b", "/m")
     args = build_parser().parse_args(["demo", "--steps", "4", "--positions", "answer", "--memory",
-                                      "0", "--no-hold-done"])
-    assert (args.steps, args.positions, args.memory, args.hold_done) == (4, "answer", 0.0, False)
+                                      "0", "--no-hold-done", "--preserve", "2"])
+    assert (args.steps, args.positions, args.memory, args.hold_done, args.preserve) == (
+        4, "answer", 0.0, False, 2.0)
     args = build_parser().parse_args(["demo"])
-    assert (args.steps, args.positions, args.memory, args.hold_done) == (None,) * 4  # the editor's
+    assert (args.steps, args.positions, args.memory, args.hold_done,
+            args.preserve) == (None,) * 5  # the editor's
     with pytest.raises(SystemExit):
         build_parser().parse_args([])
 
@@ -46,5 +48,6 @@ def test_demo_small_run(tmp_path, ue_embedded, capsys):
     assert data["edits"] == 6
     assert len(data["timing"]["turn_s"]) == len(data["timing"]["fwd_bwd_s"]) == 2
     assert data["memory"]["peak_bytes"] > 0
+    assert data["settings"]["preserve"] == 0.3 and data["timing"]["preserve_s"] > 0
     out = capsys.readouterr().out
     assert "before" in out and "after" in out and "forward+backward" in out

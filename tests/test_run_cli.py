@@ -135,6 +135,17 @@ def test_counterfact_file_runs(model_dir, tmp_path):
     assert out["final"]["generation"] is None                      # --no-generation
 
 
+def test_preserve_option_reaches_the_editor(model_dir, tmp_path):
+    data = _write(tmp_path / "counterfact.json", COUNTERFACT)
+    assert main(_base(model_dir, data, tmp_path, "--format", "counterfact", "--eval", "end",
+                      "--no-generation", "--positions", "subject", "--preserve", "2.5",
+                      "--memory", "1")) == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["config"]["preserve"] == 2.5 and out["config"]["memory"] == 1.0
+    assert out["timing"]["preserve_s"] > 0
+    assert out["final"]["teacher_forced"]["edits"] == 4
+
+
 def test_json_written_after_every_turn(model_dir, tmp_path, monkeypatch):
     """An interrupted run (here: the final evaluation fails) leaves its per-turn results."""
     data = _write(tmp_path / "zsre.json", ZSRE)
