@@ -135,6 +135,14 @@ CONFIGS += [
     ("down_proj 4-8 @subject", down(4, 8), 5e-5, {**SUBJ4, "steps": 12, "preserve": 0.3}),   # 60
     ("down_proj 4-8 @subject", down(4, 8), 1e-4, {**SUBJ4, "steps": 12, "preserve": 0.3}),   # 61
 ]
+# more neutral contexts around each preserved subject                                       # 62+
+CTX4 = ("{s}", "I read a long article about {s}", "The history of {s}", "People who live in {s}")
+CONFIGS += [
+    ("down_proj 4-8 @subject", down(4, 8), 5e-5, {**SUBJ4, "steps": 12, "preserve": 0.3,
+                                                  "preserve_contexts": CTX4}),            # 62
+    ("down_proj 4-8 @subject", down(4, 8), 1e-4, {**SUBJ4, "steps": 12, "preserve": 0.3,
+                                                  "preserve_contexts": CTX4}),            # 63
+]
 for _c in CONFIGS:
     _c[3].setdefault("preserve", 0.0)
     _c[3].setdefault("memory", 0.0)

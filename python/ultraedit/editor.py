@@ -226,6 +226,8 @@ class UltraEditor:
         preserve_subjects: the subject names to preserve (matched against
             ``EditRequest.subject`` by exact string); None = every country of the offline
             tables and its 1,000 most populous cities (``ultraedit.preserve.default_subjects``).
+        preserve_contexts: the texts around each subject (``"{s}"`` marks it; only the text up
+            to the subject matters); None = ``ultraedit.preserve.DEFAULT_CONTEXTS``.
     """
 
     def __init__(self, model, tokenizer, modules=None, lr: Optional[float] = None,
@@ -235,7 +237,8 @@ class UltraEditor:
                  steps: Optional[int] = None, hold_done: Optional[bool] = None,
                  positions: Optional[str] = None, memory: Optional[float] = None,
                  preserve: Optional[float] = None,
-                 preserve_subjects: Optional[Sequence[str]] = None):
+                 preserve_subjects: Optional[Sequence[str]] = None,
+                 preserve_contexts: Optional[Sequence[str]] = None):
         from ultraedit_kernels import RunningStats  # noqa: F401  (fail early if missing)
 
         if compat not in ("fixed", "official"):
@@ -312,12 +315,13 @@ class UltraEditor:
         self.preserve_s = 0.0
         self._turn_subjects: frozenset = frozenset()
         if self.preserve > 0:
-            from .preserve import capture_subject_keys, default_subjects
+            from .preserve import DEFAULT_CONTEXTS, capture_subject_keys, default_subjects
 
             t0 = time.perf_counter()
             subjects = default_subjects() if preserve_subjects is None else list(preserve_subjects)
+            contexts = DEFAULT_CONTEXTS if preserve_contexts is None else tuple(preserve_contexts)
             self.preserved = capture_subject_keys(model, tokenizer, self.modules, subjects,
-                                                  progress=len(subjects) > 256)
+                                                  contexts, progress=len(subjects) > 256)
             self.preserve_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ helpers

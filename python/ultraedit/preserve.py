@@ -114,8 +114,11 @@ def capture_subject_keys(model, tokenizer, modules: Dict[str, torch.nn.Module],
     for s in subjects:
         if not isinstance(s, str) or not s.strip():
             raise ValueError(f"preserve_subjects holds {s!r}; every subject must be a non-empty string")
+    if isinstance(contexts, str) or not contexts:
+        raise ValueError(f"preserve_contexts must be a non-empty list of texts with '{{s}}', "
+                         f"got {contexts!r}")
     for c in contexts:
-        if "{s}" not in c:
+        if not isinstance(c, str) or "{s}" not in c:
             raise ValueError(f"preserve context {c!r} has no '{{s}}' for the subject")
     prefix = special_prefix(tokenizer)
     rows, index, owners = [], [], []
@@ -151,16 +154,18 @@ def capture_subject_keys(model, tokenizer, modules: Dict[str, torch.nn.Module],
     model.eval()
     try:
         with torch.no_grad():
-            starts = range(0, len(rows), batch_size)
+            # similar lengths per batch: less padding to run through the layers
+            order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+            starts = range(0, len(order), batch_size)
             for s0 in tqdm(starts, desc="preserved subject keys", unit="batch", disable=not progress):
-                chunk = rows[s0:s0 + batch_size]
-                width = max(map(len, chunk))
-                ids = torch.full((len(chunk), width), int(pad), dtype=torch.long)
-                att = torch.zeros((len(chunk), width), dtype=torch.long)
-                for b, r in enumerate(chunk):
-                    ids[b, :len(r)] = torch.tensor(r)
-                    att[b, :len(r)] = 1
-                state["pos"] = torch.tensor(index[s0:s0 + batch_size])
+                idx = order[s0:s0 + batch_size]
+                width = max(len(rows[i]) for i in idx)
+                ids = torch.full((len(idx), width), int(pad), dtype=torch.long)
+                att = torch.zeros((len(idx), width), dtype=torch.long)
+                for b, i in enumerate(idx):
+                    ids[b, :len(rows[i])] = torch.tensor(rows[i])
+                    att[b, :len(rows[i])] = 1
+                state["pos"] = torch.tensor([index[i] for i in idx])
                 state["seen"] = set()
                 try:
                     model(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False)
@@ -174,4 +179,6 @@ def capture_subject_keys(model, tokenizer, modules: Dict[str, torch.nn.Module],
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {n: PreservedKeys(torch.cat(v), owners) for n, v in acc.items()}
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))
+    return {n: PreservedKeys(torch.cat(v)[back.to(v[0].device)], owners) for n, v in acc.items()}
