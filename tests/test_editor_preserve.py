@@ -146,6 +146,13 @@ def test_preserve_validation(ue_tokenizer):
         UltraEditor(model, ue_tokenizer, modules=MODS, preserve=1.0, preserve_subjects=[])
     with pytest.raises(ValueError, match="non-empty string"):
         UltraEditor(model, ue_tokenizer, modules=MODS, preserve=1.0, preserve_subjects=["a", " "])
+    for bad in ("{s}", [], ["no subject here"], [3]):
+        with pytest.raises(ValueError, match="preserve_contexts|'\\{s\\}'"):
+            UltraEditor(model, ue_tokenizer, modules=MODS, preserve=1.0, preserve_subjects=["a"],
+                        preserve_contexts=bad)
+    ed = UltraEditor(model, ue_tokenizer, modules=MODS, preserve=1.0, preserve_subjects=SUBJECTS,
+                     preserve_contexts=["In {s}", "{s}", "We went to {s}"])
+    assert ed.preserved[MODS[0]].keys.shape[0] == 3 * len(SUBJECTS)
     ed = UltraEditor(model, ue_tokenizer, modules=MODS)
     assert ed.preserve == 0.0 and ed.preserved == {}  # the paper; nothing captured
     assert UltraEditor(model, ue_tokenizer, modules=MODS, compat="official").preserve == 0.0
