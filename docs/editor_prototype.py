@@ -237,7 +237,7 @@ def main():
         t = time.time()
         res = run_demo(model, tok, records, turns=args.turns, edits_per_turn=args.ept,
                        editor_kwargs={"modules": mods, "positions": "answer", "hold_done": False,
-                                      "memory": 0.0, "protect_mean": 0.0, **cfg}, progress=False, evaluate_before=False)
+                                      "memory": 0.0, "protect_mean": 0.0, "preserve": 0.0, **cfg}, progress=False, evaluate_before=False)
         a = res["metrics"]["after"]
         row = {"cfg": c, **a, "wall": time.time() - t, "ovh": res["timing"]["editor_overhead"]}
         print(json.dumps(row), flush=True)
