@@ -5,6 +5,8 @@ Same protocol as docs/editor_tuning.py (tuning facts: 100 city -> country counte
 with float64 solves: ``pos`` (answer | subject | both capture positions), ``stop`` (held rows:
 pseudo-value 0 for edits the model already predicts), ``nu`` (key memory of earlier turns),
 ``mu0`` (preservation of keys of self-generated generic text: ``(KᵀK + μ0·E[k kᵀ] + λI)⁻¹KᵀV``),
+``ent`` (preserved subjects, as ``UltraEditor(preserve=)``: keys of country and city names in
+``ent_ctx`` contexts, ``ent_cities`` cities; ``ent_excl=false`` keeps the edited subjects' rows),
 ``ridge``, ``layers``. Rows are appended to ``--out`` as JSON lines
 (bench/results/editor_prototype.jsonl holds the measured ones).
 
