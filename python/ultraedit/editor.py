@@ -26,7 +26,9 @@ Options beyond the paper (docs/editor.md; off for every model but the embedded o
 requests the model already predicts get pseudo-value 0, and the turn ends when all hold),
 ``positions="subject"`` (capture at the last subject token instead of the answer positions),
 ``memory=ν`` (``(KᵀK + νM + λI)ΔW = KᵀV`` with ``M`` the keys of earlier turns,
-``ultraedit.memory``) and ``protect_mean`` (a mean-key row with target 0).
+``ultraedit.memory``), ``preserve=μ`` (``+ μ K_pᵀK_p`` with ``K_p`` the keys of preserved
+subject names, captured once, without the turn's own subjects; ``ultraedit.preserve``) and
+``protect_mean`` (a mean-key row with target 0).
 
 ``compat="official"`` reproduces the reference code's computation for a turn: requests sorted by
 tokenized length (longest first) before forming micro-batches, statistics updated per
