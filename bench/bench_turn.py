@@ -51,7 +51,8 @@ MODULE_SHAPES = [
     pytest.param(14336, 4096, 3, id="14336x4096", marks=pytest.mark.heavy),
 ]
 
-PAPER_METHOD = {"positions": "answer", "steps": 1, "hold_done": False, "memory": 0.0}
+PAPER_METHOD = {"positions": "answer", "steps": 1, "hold_done": False, "memory": 0.0,
+                "preserve": 0.0}
 
 
 def _env_int(name, default):

@@ -47,7 +47,8 @@ def run(model_state, tok, model, records, lr, accumulate, turns, edits, micro_ba
     DeltaTracker._apply_module = record
     try:
         ed = UltraEditor(model, tok, lr=lr, micro_batch=micro_batch, accumulate=accumulate,
-                         history=0, positions="answer", steps=1, hold_done=False, memory=0.0)
+                         history=0, positions="answer", steps=1, hold_done=False, memory=0.0,
+                         preserve=0.0)
         rows = []
         for t in range(turns):
             reqs = [r.as_request() for r in records[t * edits:(t + 1) * edits]]

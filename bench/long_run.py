@@ -112,7 +112,7 @@ def main(argv=None):
         raise SystemExit(f"only {len(records)} offline records for {args.turns * args.edits} edits")
     # the paper's method (one step at the answer positions): what the precision check is about
     ed = UltraEditor(model, tok, lr=args.lr, micro_batch=args.micro_batch, positions="answer",
-                     steps=1, hold_done=False, memory=0.0)
+                     steps=1, hold_done=False, memory=0.0, preserve=0.0)
     sums = _Sums()
 
     class Recording(CaptureSession):

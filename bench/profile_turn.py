@@ -67,7 +67,7 @@ def _turn_work(args, device):
     model, tok = load_model("default")
     requests = [r.as_request() for r in offline_facts(("capital",), limit=args.edits)]
     editor = UltraEditor(model, tok, micro_batch=args.micro_batch, positions="answer", steps=1,
-                         hold_done=False, memory=0.0)   # the paper's per-turn computation
+                         hold_done=False, memory=0.0, preserve=0.0)  # the paper's per-turn computation
     editor.edit(requests)                     # first turn: creates the statistics (not profiled)
 
     def ours():
