@@ -142,6 +142,9 @@ CONFIGS += [
                                                   "preserve_contexts": CTX4}),            # 62
     ("down_proj 4-8 @subject", down(4, 8), 1e-4, {**SUBJ4, "steps": 12, "preserve": 0.3,
                                                   "preserve_contexts": CTX4}),            # 63
+    # other layers: are other subjects' keys more separable there?
+    ("down_proj 2-6 @subject", down(2, 6), 5e-5, {**SUBJ4, "steps": 12, "preserve": 0.3}),   # 64
+    ("down_proj 6-10 @subject", down(6, 10), 5e-5, {**SUBJ4, "steps": 12, "preserve": 0.3}),  # 65
 ]
 for _c in CONFIGS:
     _c[3].setdefault("preserve", 0.0)

@@ -50,7 +50,7 @@ def test_default_subject_edits_stick_and_unrelated_facts_stay(ue_embedded, ue_re
     assert (ed.positions, ed.lr, ed.steps, ed.hold_done, ed.memory, ed.preserve) == (
         "subject", 5e-5, 12, True, 4.0, 0.3)
     assert "France" in ed.preserved[next(iter(ed.modules))].owners  # default subjects
-    assert list(ed.modules) == [f"model.layers.{i}.mlp.down_proj" for i in range(4, 9)]
+    assert list(ed.modules) == [f"model.layers.{i}.mlp.down_proj" for i in range(2, 7)]
     ue_restore(model, list(ed.modules))
     turn1 = [{"prompt": p, "target": t, "subject": s} for (p, t), s in zip(TURN1, SUBJECTS1)]
     turn2 = [{"prompt": p, "target": t, "subject": s} for (p, t), s in zip(TURN2, SUBJECTS2)]

@@ -65,9 +65,9 @@ __all__ = ["UltraEditor", "EditRequest", "TurnReport", "EMBEDDED_LR", "PAPER_LR"
 
 PAPER_LR = 1e-6
 # Measured defaults for the embedded SmolLM2-135M (docs/editor.md, third and fourth
-# measurements): keys at the subject's last token of down_proj 4-8, 12 steps of lr 5e-5 with
-# held edits, the key memory (ν = 4) and preserved subjects (μ = 0.3): ES / LS 0.90 / 0.93
-# (cities), 0.95 / 0.93 (countries), 0.52 / 0.84 (the demo's relations, other countries).
+# measurements): keys at the subject's last token of down_proj 2-6, 12 steps of lr 5e-5 with
+# held edits, the key memory (ν = 4) and preserved subjects (μ = 0.3): ES / LS 0.90 / 0.92
+# (cities), 0.96 / 0.96 (countries), 0.55 / 0.88 (the demo's relations, other countries).
 EMBEDDED_LR = 5e-5
 EMBEDDED_PROTECT_MEAN = 0.0
 EMBEDDED_STEPS = 12

@@ -64,8 +64,9 @@ ARCH_DEFAULTS["qwen3"] = ARCH_DEFAULTS["qwen2"]
 # The measured default for the embedded model (docs/editor.md): mlp.down_proj of layers 24-28.
 EMBEDDED_SMOLLM2 = [f"model.layers.{i}.mlp.down_proj" for i in range(24, 29)]
 # with keys captured at the subject's last token (``positions="subject"``): early MLPs, where the
-# subject's representation is built (measured, docs/editor.md)
-EMBEDDED_SMOLLM2_SUBJECT = [f"model.layers.{i}.mlp.down_proj" for i in range(4, 9)]
+# subject's representation is built (measured, docs/editor.md: 4-8 without preserved subjects,
+# 2-6 with them, the default)
+EMBEDDED_SMOLLM2_SUBJECT = [f"model.layers.{i}.mlp.down_proj" for i in range(2, 7)]
 
 
 def is_embedded_smollm2(model: nn.Module) -> bool:
@@ -100,9 +101,10 @@ MLP_OUT: Dict[str, str] = {
 def default_module_names(model: nn.Module, positions: str = "answer") -> List[str]:
     """The default edited module names for ``model`` (see the module docstring).
 
-    ``positions="subject"``: the MLP output projections of layers 4-8 of 30 (the embedded
-    model's measured choice), mapped to the model's depth; an early-layer choice like MEMIT's
-    (GPT-J: 3-8 of 28), measured only on the embedded model.
+    ``positions="subject"``: for the embedded model its measured choice (down_proj 2-6, with
+    preserved subjects); otherwise the MLP output projections of layers 4-8 of 30 (the embedded
+    model's choice without preserved subjects), mapped to the model's depth; an early-layer
+    choice like MEMIT's (GPT-J: 3-8 of 28), measured only on the embedded model.
     """
     if positions == "subject":
         if is_embedded_smollm2(model):
