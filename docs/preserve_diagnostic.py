@@ -6,7 +6,9 @@ language of 42 countries the demo never edits, 2 turns of 21) edit with the embe
 at: the edited subjects' last tokens, the locality prompts' subject tokens, their other tokens
 and their last token (the table in docs/run.md).
 
-    PYTHONPATH=.:python python docs/preserve_diagnostic.py --preserve 0 0.3 3
+    PYTHONPATH=.:python python docs/preserve_diagnostic.py --preserve 0 0.3 3 \
+        --modules 'model.layers.[4-8].mlp.down_proj'
+    PYTHONPATH=.:python python docs/preserve_diagnostic.py --preserve 0.3   # the default modules
 """
 import argparse
 import json
@@ -50,13 +52,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preserve", type=float, nargs="+", default=[0.0, 0.3, 3.0])
     ap.add_argument("--facts-cache", default=None)
+    ap.add_argument("--modules", nargs="*", default=None,
+                    help="edited modules (names, globs, re: patterns); default: the editor's")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, tok = load_model()
     records = tuning_facts(model, tok, args.facts_cache)
     countries = sorted({r["name"] for r in country_table()}, key=len, reverse=True)
     for mu in args.preserve:
-        editor = UltraEditor(model, tok, preserve=mu)
+        editor = UltraEditor(model, tok, preserve=mu, modules=args.modules)
         mods = editor.modules
         w0 = {n: m.weight.detach().clone() for n, m in mods.items()}
         loc = [lp.prompt for r in records for lp in r.locality]
