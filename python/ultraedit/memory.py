@@ -85,14 +85,13 @@ def memory_factor(memory: Optional[KeyMemory], nu: float, ridge: float,
 
     ``memory`` may be None (no earlier turn); ``preserved`` is the Gram ``P`` of the preserved
     subject keys of this turn (``ultraedit.preserve``), None for none."""
-    if memory is None and preserved is None:
+    terms = [(t, w) for t, w in ((None if memory is None else memory.gram, nu), (preserved, mu))
+             if t is not None]
+    if not terms:
         raise ValueError("memory_factor needs a key memory or preserved keys")
-    base = memory.gram if memory is not None else preserved
-    system = torch.zeros_like(base, dtype=torch.float64)
-    if memory is not None:
-        system.add_(memory.gram, alpha=nu)
-    if preserved is not None:
-        system.add_(preserved.to(device=system.device, dtype=torch.float64), alpha=mu)
+    system = torch.zeros_like(terms[0][0], dtype=torch.float64)
+    for term, weight in terms:
+        system.add_(term.to(device=system.device, dtype=torch.float64), alpha=weight)
     system.diagonal().add_(ridge)
     factor, info = torch.linalg.cholesky_ex(system)
     if int(info) != 0:

@@ -61,10 +61,6 @@ class PreservedKeys:
         for i, owner in enumerate(self.owners):
             self._rows.setdefault(owner, []).append(i)
 
-    @property
-    def dim(self) -> int:
-        return self.keys.shape[1]
-
     def gram_without(self, subjects: Iterable[str]) -> torch.Tensor:
         """``Σ kkᵀ`` over the rows whose owner is not in ``subjects`` (a new tensor)."""
         rows = [i for s in set(subjects) for i in self._rows.get(s, ())]
@@ -73,12 +69,9 @@ class PreservedKeys:
         k = self.keys[rows].to(torch.float64)
         return self.gram - k.T @ k
 
-    def to(self, device) -> "PreservedKeys":
-        return PreservedKeys(self.keys.to(device), self.owners)
-
     def __repr__(self) -> str:
         return (f"PreservedKeys(rows={self.keys.shape[0]}, subjects={len(self._rows)}, "
-                f"dim={self.dim})")
+                f"dim={self.keys.shape[1]})")
 
 
 def default_subjects(n_cities: int = DEFAULT_CITIES) -> List[str]:
@@ -106,7 +99,7 @@ def capture_subject_keys(model, tokenizer, modules: Dict[str, torch.nn.Module],
     subject's position is unaffected by padding. Returns ``{module name: PreservedKeys}`` with
     rows in subject-major order (``len(subjects) * len(contexts)`` rows).
     """
-    from .tokenization import encode_request, special_prefix, subject_token_index
+    from .tokenization import _pad_id, encode_request, special_prefix, subject_token_index
 
     subjects = list(subjects)
     if not subjects:
@@ -130,9 +123,7 @@ def capture_subject_keys(model, tokenizer, modules: Dict[str, torch.nn.Module],
             rows.append(encode_request(tokenizer, text, "x", prefix)[0])
             index.append(subject_token_index(tokenizer, text, subject, prefix))
             owners.append(s)
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad = _pad_id(tokenizer)
     device = next(model.parameters()).device
     acc: Dict[str, List[torch.Tensor]] = {n: [] for n in modules}
     state = {"pos": None, "seen": set()}
@@ -160,7 +151,7 @@ def capture_subject_keys(model, tokenizer, modules: Dict[str, torch.nn.Module],
             for s0 in tqdm(starts, desc="preserved subject keys", unit="batch", disable=not progress):
                 idx = order[s0:s0 + batch_size]
                 width = max(len(rows[i]) for i in idx)
-                ids = torch.full((len(idx), width), int(pad), dtype=torch.long)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
                 att = torch.zeros((len(idx), width), dtype=torch.long)
                 for b, i in enumerate(idx):
                     ids[b, :len(rows[i])] = torch.tensor(rows[i])
