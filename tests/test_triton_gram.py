@@ -42,7 +42,7 @@ def test_matches_fp64_as_well_as_torch(shape, dtype, rows):
     assert got.dtype == torch.float32 and got.shape == (m, m)
     bound = GRAM_FACTOR * rel_err(torch32, ref) + TOLERANCES["gram_floor"][dtype]
     assert rel_err(got.cpu(), ref) <= bound
-    torch.testing.assert_close(got, got.T, rtol=1e-6, atol=1e-6)   # both triangles filled
+    assert torch.equal(got, got.T)   # both triangles filled, symmetric by construction
 
 
 def test_large_configuration():
@@ -57,8 +57,9 @@ def test_large_configuration():
 def test_strided_input_and_float64():
     keys, _ = odd_features(40, 9, 1, seed=2)
     view = keys.T.contiguous().T     # column-major: the kernel reads it through strides
-    ref, _ = _references(keys, 2.0, True)
-    assert rel_err(_mod().gram_triton(view, 2.0, True).cpu(), ref) < 1e-6
+    ref, torch32 = _references(keys, 2.0, True)
+    bound = GRAM_FACTOR * rel_err(torch32, ref) + TOLERANCES["gram_floor"][torch.float32]
+    assert rel_err(_mod().gram_triton(view, 2.0, True).cpu(), ref) <= bound
     k64 = keys.double()
     reference = _backends.implementations("gram")["torch"].fn
     torch.testing.assert_close(_mod().gram_triton(k64, 2.0, False), reference(k64, 2.0, False))

@@ -3,9 +3,11 @@
 Both are ``C = X Xᵀ + λI`` for ``X = K`` (rows) or ``X = Kᵀ`` (columns, by strides: no copy).
 Program ``(i, j)`` with ``i >= j`` computes the ``BLOCK_M x BLOCK_M`` tile ``X_i X_jᵀ`` with
 ``tl.dot`` over ``BLOCK_K`` slices (float32 accumulation; float32 input uses
-``input_precision="ieee"``, i.e. no TF32), adds λ on the diagonal, stores it, and stores its
-transpose in the upper triangle: half the work of a general matmul, and the full matrix the
-op promises (``spd_solve`` reads only the lower triangle).  Programs with ``j > i`` exit.
+``input_precision="ieee"``, i.e. no TF32), adds λ on the diagonal, stores the part of it on
+or below the diagonal, and stores the transpose of the part strictly below it in the upper
+triangle: half the work of a general matmul, and the full matrix the op promises, exactly
+symmetric by construction (``spd_solve`` reads only the lower triangle).  Programs with
+``j > i`` exit.
 
 Under ``TRITON_INTERPRET=1`` bf16/fp16 tiles are cast to float32 before ``tl.dot`` (the
 interpreter's dot is NumPy's).  Float64 input goes to the reference (float64 result).
@@ -57,9 +59,13 @@ def _gram_kernel(x_ptr, c_ptr, m_size, k_size, stride_m, stride_k, stride_c, rid
     mask = mask_i[:, None] & mask_j[None, :]
     ci = offs_i.to(tl.int64)
     cj = offs_j.to(tl.int64)
-    tl.store(c_ptr + ci[:, None] * stride_c + cj[None, :], acc, mask=mask)
-    if pid_j < pid_i:   # mirror into the upper triangle
-        tl.store(c_ptr + cj[None, :] * stride_c + ci[:, None], acc, mask=mask)
+    # Only the lower triangle is stored as computed; the upper triangle is its mirror, so the
+    # result is symmetric bit for bit (a diagonal tile's own dot need not be: its two halves
+    # are summed in different orders by some BLAS/MMA paths).
+    lower = ci[:, None] >= cj[None, :]
+    strictly_lower = ci[:, None] > cj[None, :]
+    tl.store(c_ptr + ci[:, None] * stride_c + cj[None, :], acc, mask=mask & lower)
+    tl.store(c_ptr + cj[None, :] * stride_c + ci[:, None], acc, mask=mask & strictly_lower)
 
 
 # (BLOCK_M, BLOCK_K, num_warps, num_stages) per input dtype size class; the launcher picks by
