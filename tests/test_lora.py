@@ -96,3 +96,24 @@ def test_refuses_mixed_orientations_and_unknown_modules(tmp_path, ue_tokenizer):
         write_peft_adapter(tmp_path, model, {"a": d, "b": d}, {"a": "linear", "b": "conv1d"})
     with pytest.raises(ValueError, match="not in this"):
         write_peft_adapter(tmp_path, model, {"nope": d}, {"nope": "linear"})
+
+
+def test_tensor_names_and_shapes_match_the_models_own(tmp_path, ue_tokenizer):
+    """What a server checks: every tensor is ``base_model.model.<name>.lora_{A,B}.weight`` for a
+    ``<name>.weight`` of the model, A is r x in_features and B is out_features x r."""
+    from safetensors.torch import load_file
+
+    from ultraedit.lora import ADAPTER_WEIGHTS
+
+    modules = ["model.layers.0.mlp.down_proj", "model.layers.2.self_attn.o_proj"]
+    edited, deltas, _ = _edited("llama", ue_tokenizer, modules)
+    summary = write_peft_adapter(tmp_path, edited, deltas, {n: "linear" for n in modules})
+    tensors = load_file(str(tmp_path / ADAPTER_WEIGHTS))
+    own = edited.state_dict()
+    assert len(tensors) == 2 * len(modules)
+    for key, t in tensors.items():
+        prefix, name, part = key[:len("base_model.model.")], key[len("base_model.model."):-len(".lora_A.weight")], key[-len("lora_A.weight"):]
+        assert prefix == "base_model.model." and part in ("lora_A.weight", "lora_B.weight")
+        out_features, in_features = own[f"{name}.weight"].shape
+        expected = (summary["rank"], in_features) if part == "lora_A.weight" else (out_features, summary["rank"])
+        assert tuple(t.shape) == expected and t.dtype == torch.float32
