@@ -24,6 +24,28 @@ def test_parser_defaults_and_options():
         build_parser().parse_args([])
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--json", "{tmp}"], "is a folder"),
+    (["--json", "{tmp}/no/such/out.json"], "does not exist"),
+    (["--threads", "-1"], "--threads"),
+    (["--turns", "0"], "--turns"),
+    (["--relations", "capital,nope"], "nope"),
+])
+def test_bad_arguments_fail_before_any_work(tmp_path, capsys, monkeypatch, args, needle):
+    """Checked before the model loads: exit 2, one line, nothing written."""
+    import ultraedit.models
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(ultraedit.models, "load_model", no_work)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(["demo", "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ultraedit demo: error: ") and needle in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_edited_prompts_are_not_locality():
     from ultraedit.data.records import EditRecord
     a = EditRecord(prompt="The capital of A is", target="X", paraphrases=["A's capital is"],

@@ -3,11 +3,11 @@ on zsRE- and CounterFact-format files written here by hand in the public files' 
 (``zsre_mend_eval.json`` of MEND / UltraEdit, ``counterfact.json`` of ROME / MEMIT), not by the
 project's own ``save_records``."""
 import json
+import os
 
 import pytest
 
 from conftest import ue_tiny_model
-from ultraedit import run as run_mod
 from ultraedit.cli import main
 
 # zsre_mend_eval.json layout: subject, src, pred, rephrase, alt, answers, loc, loc_ans, cond
@@ -149,12 +149,12 @@ def test_preserve_option_reaches_the_editor(model_dir, tmp_path):
 def test_json_written_after_every_turn(model_dir, tmp_path, monkeypatch):
     """An interrupted run (here: the final evaluation fails) leaves its per-turn results."""
     data = _write(tmp_path / "zsre.json", ZSRE)
-    import ultraedit.metrics as metrics
+    import ultraedit.eval.loop as loop
 
     def boom(*a, **k):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(metrics, "evaluate_records", boom)
+    monkeypatch.setattr(loop, "evaluate_records", boom)
     with pytest.raises(RuntimeError, match="interrupted"):
         main(_base(model_dir, data, tmp_path, "--eval", "end"))
     out = json.loads((tmp_path / "r.json").read_text())
@@ -177,6 +177,10 @@ def test_clear_errors(model_dir, tmp_path, capsys):
     assert main(_base(model_dir, data, tmp_path, "--format", "zsre", "--turns", "1")) == 2
     msg = capsys.readouterr().err
     assert "bad.json" in msg and "src" in msg
+    data = _write(tmp_path / "empty_alt.json", [dict(ZSRE[0]), {**ZSRE[1], "alt": ""}])
+    assert main(_base(model_dir, data, tmp_path, "--format", "zsre", "--turns", "1")) == 2
+    msg = capsys.readouterr().err
+    assert "empty_alt.json" in msg and "record 1" in msg and "'alt'" in msg
     assert main(["run", "--data", "offline", "--relations", "nope", "--no-progress"]) == 2
     assert "unknown offline relation" in capsys.readouterr().err
     data = _write(tmp_path / "zsre.json", ZSRE)
@@ -185,21 +189,25 @@ def test_clear_errors(model_dir, tmp_path, capsys):
 
 
 def test_paper_modules_and_plot_without_final(tmp_path, ue_tokenizer):
+    from ultraedit.eval.plot import plot_run
+    from ultraedit.modules import paper_module_names
+
     model = ue_tiny_model("llama", len(ue_tokenizer))
-    names = run_mod.paper_module_names(model)
+    names = paper_module_names(model)
     assert names and all(n.endswith(("gate_proj", "up_proj")) for n in names)
     result = {"config": {"compat": "fixed", "lr": 1e-3, "modules": names}, "edits": 2,
               "turns": [{"turn": 1, "fwd_bwd_s": 0.5, "editor_s": 0.1,
                          "metrics": {"teacher_forced": {"es": 0.5, "gs": None, "ls": 1.0}}}],
               "final": None}
-    run_mod.plot_run(result, str(tmp_path / "p.png"))
+    plot_run(result, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
 def test_offline_selection(monkeypatch):
     """--data offline: known facts only (filter stubbed: two of every three candidates), relations
-    interleaved, cities by population without the tuning subjects, edited locality dropped."""
-    import ultraedit.data.offline as offline
+    interleaved, cities by population without the excluded subjects, edited locality dropped."""
+    import ultraedit.eval.facts as facts
+    from ultraedit.data import offline_facts
 
     seen = []
 
@@ -208,16 +216,125 @@ def test_offline_selection(monkeypatch):
         seen.extend(records)
         return [r for i, r in enumerate(records) if i % 3 != 2]
 
-    monkeypatch.setattr(offline, "filter_known", two_of_three)
-    recs = run_mod.offline_records(None, None, 60, relations=("capital", "city_country"))
+    monkeypatch.setattr(facts, "filter_known", two_of_three)
+    largest = [r.subject for r in offline_facts(("city_country",))[:40:2]]
+    recs = facts.offline_records(None, None, 60, relations=("capital", "city_country"),
+                                 exclude_subjects=largest)
     assert len(recs) == 60
     assert {r.relation for r in recs[:10]} == {"capital", "city_country"}
-    tuning = set(run_mod.tuning_subjects())
     cities = [r for r in recs if r.relation == "city_country"]
-    assert cities and not tuning & {r.subject for r in cities}
+    assert cities and not set(largest) & {r.subject for r in cities}
     pops = [r.extra["population"] for r in cities]
     assert pops == sorted(pops, reverse=True)
     edited = {r.prompt for r in recs} | {p for r in recs for p in r.paraphrases}
     assert not any(lp.prompt in edited for r in recs for lp in r.locality)
     with pytest.raises(ValueError, match="known to the model"):
-        run_mod.offline_records(None, None, 10 ** 6, relations=("capital",))
+        facts.offline_records(None, None, 10 ** 6, relations=("capital",))
+
+
+def _one_line_error(capsys, *needles):
+    """The error is one line, the last on stderr, and no traceback."""
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert err.rstrip().endswith(errors[0]) and errors[0].startswith("ultraedit run: error: ")
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+
+
+def test_bad_modules_and_threads_are_one_line_errors(model_dir, tmp_path, capsys):
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    assert main(_base(model_dir, data, tmp_path, "--modules", "model.layers.1.mlp")) == 2
+    _one_line_error(capsys, "model.layers.1.mlp", "Linear")
+    args = _base(model_dir, data, tmp_path)
+    args[args.index("--threads") + 1] = "-1"
+    assert main(args) == 2
+    _one_line_error(capsys, "--threads")
+
+
+def _read_only_folder(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if not os.access(ro, os.W_OK):
+        return str(ro)
+    if os.path.isdir("/sys"):           # root writes into any folder: a read-only file system
+        return "/sys"
+    pytest.skip("no read-only folder here")
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot", "--records-out"])
+@pytest.mark.parametrize("problem", ["directory", "missing parent", "parent is a file",
+                                     "read-only folder"])
+def test_output_paths_checked_before_any_work(model_dir, tmp_path, capsys, monkeypatch, flag,
+                                              problem):
+    import ultraedit.models
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded before the output paths were checked")
+
+    monkeypatch.setattr(ultraedit.models, "load_model", no_work)
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    (tmp_path / "afile").write_text("x")
+    path = {"directory": str(tmp_path),
+            "missing parent": str(tmp_path / "no" / "such" / "out.json"),
+            "parent is a file": str(tmp_path / "afile" / "out.json"),
+            "read-only folder": None}[problem]
+    if path is None:
+        path = os.path.join(_read_only_folder(tmp_path), "out.json")
+    args = ["run", "--model", model_dir, "--data", data, "--turns", "2", "--edits-per-turn",
+            "2", "--no-progress", "--threads", "1", flag, path]
+    assert main(args) == 2
+    _one_line_error(capsys, flag, path)
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["zsre.json", "afile"] + (["ro"] if problem == "read-only folder" else []))
+
+
+def test_same_file_for_two_outputs_is_refused(model_dir, tmp_path, capsys):
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    assert main(_base(model_dir, data, tmp_path, "--plot", str(tmp_path / "r.json"))) == 2
+    _one_line_error(capsys, "--json", "--plot")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_interrupt_marks_the_json_interrupted(model_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the second turn: exit 130, one line, the JSON keeps turn 1 and says so."""
+    from ultraedit.editor import UltraEditor
+
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    real_edit = UltraEditor.edit
+    calls = []
+
+    def edit(self, requests):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_edit(self, requests)
+
+    monkeypatch.setattr(UltraEditor, "edit", edit)
+    assert main(_base(model_dir, data, tmp_path)) == 130
+    assert "interrupted" in capsys.readouterr().err
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["status"] == "interrupted" and len(out["turns"]) == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_progress_per_step_and_per_evaluation_batch(model_dir, tmp_path, capsys):
+    """The bars move per micro-batch of every step of a turn and per evaluation batch (the
+    per-turn and the final evaluation), and the one-time preserved-key capture is announced."""
+    data = _write(tmp_path / "counterfact.json", COUNTERFACT)
+    args = [a for a in _base(model_dir, data, tmp_path, "--format", "counterfact", "--steps", "3",
+                             "--micro-batch", "1", "--positions", "subject", "--preserve", "1",
+                             "--no-hold-done") if a != "--no-progress"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    for step in (1, 2, 3):
+        for batch in (1, 2):
+            assert f"turn 2/2, step {step}/3, micro-batch {batch}/2" in err, (step, batch)
+    assert "unedited locality reference" in err
+    assert "evaluating turn 1" in err and "evaluating turn 2" in err
+    final = [ln for ln in err.replace("\r", "\n").splitlines() if "final evaluation" in ln]
+    assert len(final) > 2                    # the final evaluation moves, batch by batch
+    assert "capturing the preserved subjects' keys" in err
+    assert err.index("capturing the preserved") < err.index("editing")

@@ -1,4 +1,4 @@
-"""Metrics on tiny random-init models and a deterministic bigram 'LM' (tests/conftest.py)."""
+"""Evaluation (ultraedit.eval) on tiny random-init models and a deterministic bigram 'LM' (tests/conftest.py)."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("transformers")
 
 from conftest import data_bigram_lm, ue_tiny_model  # noqa: E402
-from ultraedit import metrics as M  # noqa: E402
+from ultraedit import eval as M  # noqa: E402
 from ultraedit.data import EditRecord  # noqa: E402
 from ultraedit.tokenization import encode_edit_batch, encode_request, special_prefix  # noqa: E402
 
@@ -180,3 +180,25 @@ def test_missing_reference_key_raises(tiny):
         M.evaluate_records(model, tok, records, locality_reference=ref)
     M.locality_reference(model, tok, records, reference=ref)     # extend in place
     assert M.evaluate_records(model, tok, records, locality_reference=ref)["ls"] == 1.0
+
+
+@pytest.mark.parametrize("generation", [False, True])
+def test_progress_counts_every_prompt_batch_by_batch(tiny, generation):
+    """The progress callback sees every batch of the reference and of the evaluation, and adds
+    up to what locality_work/evaluation_work announce; the scores do not change."""
+    from ultraedit.eval.locality import locality_work
+
+    model, tok = tiny
+    records = _records()
+    calls = []
+    ref = M.locality_reference(model, tok, records, generation=generation, batch_size=1,
+                               progress=calls.append)
+    assert calls and all(n == 1 for n in calls)
+    assert sum(calls) == locality_work(records, generation) > 0
+    calls.clear()
+    kwargs = dict(locality_reference=ref, generation=generation, batch_size=2,
+                  fluency_prompts=["The capital of", "Paris"])
+    out = M.evaluate_records(model, tok, records, progress=calls.append, **kwargs)
+    assert sum(calls) == M.evaluation_work(records, ref, generation, ["The capital of", "Paris"])
+    assert len(calls) > 3 and max(calls) <= 2
+    assert out == M.evaluate_records(model, tok, records, **kwargs)
