@@ -53,64 +53,12 @@ import torch.nn.functional as F
 from .delta import DeltaTracker, check_captured
 from ultraedit_kernels._profiling import nvtx_range
 
+from .config import EditConfig, resolve_config
 from .hooks import CaptureSession
-from .modules import is_embedded_smollm2, module_dims, module_layout, resolve_modules
+from .modules import module_dims, module_layout, resolve_modules
 from .tokenization import encode_edit_batch, encode_request
 
-__all__ = ["UltraEditor", "EditRequest", "TurnReport", "EMBEDDED_LR", "PAPER_LR",
-           "EMBEDDED_PROTECT_MEAN", "EMBEDDED_STEPS", "default_lr", "default_protect_mean",
-           "default_steps", "EMBEDDED_HOLD_DONE", "default_hold_done",
-           "EMBEDDED_POSITIONS", "default_positions", "EMBEDDED_MEMORY", "default_memory",
-           "EMBEDDED_PRESERVE", "default_preserve"]
-
-PAPER_LR = 1e-6
-# Measured defaults for the embedded SmolLM2-135M (docs/editor.md, third and fourth
-# measurements): keys at the subject's last token of down_proj 2-6, 12 steps of lr 5e-5 with
-# held edits, the key memory (ν = 4) and preserved subjects (μ = 0.3): ES / LS 0.90 / 0.92
-# (cities), 0.96 / 0.96 (countries), 0.55 / 0.88 (the demo's relations, other countries).
-EMBEDDED_LR = 5e-5
-EMBEDDED_PROTECT_MEAN = 0.0
-EMBEDDED_STEPS = 12
-EMBEDDED_HOLD_DONE = True
-EMBEDDED_POSITIONS = "subject"
-EMBEDDED_MEMORY = 4.0
-EMBEDDED_PRESERVE = 0.3
-
-
-def default_lr(model) -> float:
-    """The measured lr for the embedded model, the paper's 1e-6 for every other model."""
-    return EMBEDDED_LR if is_embedded_smollm2(model) else PAPER_LR
-
-
-def default_protect_mean(model) -> float:
-    """The measured mean-key protection for the embedded model, 0 (the paper) otherwise."""
-    return EMBEDDED_PROTECT_MEAN if is_embedded_smollm2(model) else 0.0
-
-
-def default_memory(model) -> float:
-    """The measured key-memory weight ν for the embedded model, 0 (the paper) otherwise."""
-    return EMBEDDED_MEMORY if is_embedded_smollm2(model) else 0.0
-
-
-def default_preserve(model) -> float:
-    """The measured preserved-subject weight μ for the embedded model, 0 (the paper) otherwise."""
-    return EMBEDDED_PRESERVE if is_embedded_smollm2(model) else 0.0
-
-
-def default_positions(model) -> str:
-    """The measured capture positions for the embedded model, ``"answer"`` (the paper) else."""
-    return EMBEDDED_POSITIONS if is_embedded_smollm2(model) else "answer"
-
-
-def default_hold_done(model) -> bool:
-    """The measured ``hold_done`` for the embedded model, False (the paper) otherwise."""
-    return EMBEDDED_HOLD_DONE if is_embedded_smollm2(model) else False
-
-
-def default_steps(model) -> int:
-    """The measured steps per turn for the embedded model, 1 (the paper) otherwise."""
-    return EMBEDDED_STEPS if is_embedded_smollm2(model) else 1
-
+__all__ = ["UltraEditor", "EditRequest", "TurnReport", "EditConfig"]
 
 @dataclass(frozen=True)
 class EditRequest:
@@ -232,84 +180,27 @@ class UltraEditor:
             to the subject matters); None = ``ultraedit.preserve.DEFAULT_CONTEXTS``.
     """
 
-    def __init__(self, model, tokenizer, modules=None, lr: Optional[float] = None,
-                 ridge: float = 1.0, micro_batch: int = 10, compat: str = "fixed",
-                 normalizer: str = "shape", accumulate="auto", delta_device=None,
-                 history: int = 1, protect_mean: Optional[float] = None,
-                 steps: Optional[int] = None, hold_done: Optional[bool] = None,
-                 positions: Optional[str] = None, memory: Optional[float] = None,
-                 preserve: Optional[float] = None,
-                 preserve_subjects: Optional[Sequence[str]] = None,
-                 preserve_contexts: Optional[Sequence[str]] = None):
+    def __init__(self, model, tokenizer, config: Optional[EditConfig] = None, **overrides):
         from ultraedit_kernels import RunningStats  # noqa: F401  (fail early if missing)
 
-        if compat not in ("fixed", "official"):
-            raise ValueError(f"compat must be 'fixed' or 'official', got {compat!r}")
-        if positions is None:
-            positions = "answer" if compat == "official" else default_positions(model)
-        if positions not in ("answer", "subject"):
-            raise ValueError(f"positions must be 'answer' or 'subject', got {positions!r}")
-        if compat == "official" and positions != "answer":
-            raise ValueError("compat='official' reproduces the reference code, which captures at "
-                             "the answer positions; use positions='answer' with it")
-        if normalizer not in ("shape", "module"):
-            raise ValueError(f"normalizer must be 'shape' or 'module', got {normalizer!r}")
-        if int(micro_batch) != micro_batch or micro_batch < 1:
-            raise ValueError(f"micro_batch must be a positive integer, got {micro_batch!r}")
-        self.lr = float(default_lr(model) if lr is None else lr)
-        if not (self.lr > 0 and self.lr != float("inf")):
-            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-        if not (float(ridge) > 0 and float(ridge) != float("inf")):
-            raise ValueError(f"ridge must be a positive finite number, got {ridge!r}")
-        # compat="official" is the reference code: its unset options are the paper's, not the
-        # embedded model's measured ones
-        paper = compat == "official"
-        if protect_mean is None:
-            protect_mean = 0.0 if paper else default_protect_mean(model)
-        if (isinstance(protect_mean, bool) or not isinstance(protect_mean, (int, float))
-                or not (protect_mean >= 0 and protect_mean != float("inf"))):
-            raise ValueError(f"protect_mean must be a finite number >= 0, got {protect_mean!r}")
-        if steps is None:
-            steps = 1 if paper else default_steps(model)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        if hold_done is None:
-            hold_done = False if paper else default_hold_done(model)
-        if not isinstance(hold_done, bool):
-            raise ValueError(f"hold_done must be True or False, got {hold_done!r}")
-        if memory is None:
-            memory = 0.0 if paper else default_memory(model)
-        if (isinstance(memory, bool) or not isinstance(memory, (int, float))
-                or not (memory >= 0 and memory != float("inf"))):
-            raise ValueError(f"memory must be a finite number >= 0, got {memory!r}")
-        self.memory = float(memory)
-        if preserve is None:
-            preserve = 0.0 if paper else default_preserve(model)
-        if (isinstance(preserve, bool) or not isinstance(preserve, (int, float))
-                or not (preserve >= 0 and preserve != float("inf"))):
-            raise ValueError(f"preserve must be a finite number >= 0, got {preserve!r}")
-        if isinstance(preserve_subjects, str):
-            raise ValueError("preserve_subjects must be a list of subject names, not one string")
-        self.preserve = float(preserve)
-        self.protect_mean = float(protect_mean)
-        self.steps = int(steps)
-        self.hold_done = hold_done
+        self.config = resolve_config(model, config, overrides)
+        cfg = self.config
         self.model = model
         self.tokenizer = tokenizer
-        self.ridge = float(ridge)
-        self.micro_batch = int(micro_batch)
-        self.compat = compat
-        self.normalizer = normalizer
+        self.lr, self.ridge, self.micro_batch = cfg.lr, cfg.ridge, cfg.micro_batch
+        self.compat, self.normalizer, self.positions = cfg.compat, cfg.normalizer, cfg.positions
+        self.protect_mean, self.steps, self.hold_done = cfg.protect_mean, cfg.steps, cfg.hold_done
+        self.memory, self.preserve = cfg.memory, cfg.preserve
         # Resolving validates names and module types before anything is touched.
-        self.positions = positions
         self._memory_factors: Dict[str, torch.Tensor] = {}
-        self.modules: Dict[str, torch.nn.Module] = dict(resolve_modules(model, modules, positions))
+        self.modules: Dict[str, torch.nn.Module] = dict(
+            resolve_modules(model, None if cfg.modules is None else list(cfg.modules), cfg.positions))
         self._layout = {n: module_layout(m) for n, m in self.modules.items()}
         self._dims = {n: module_dims(m) for n, m in self.modules.items()}
         self.stats: Dict[str, Any] = {}  # stats key -> RunningStats, committed turns only
         self.turns = 0
-        self._delta = DeltaTracker(self.modules, self._layout, accumulate=accumulate,
-                                   device=delta_device, history=history)
+        self._delta = DeltaTracker(self.modules, self._layout, accumulate=cfg.accumulate,
+                                   device=cfg.delta_device, history=cfg.history)
         self._max_length = self._context_length(model)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         # preserve > 0: keys of the preserved subjects, captured once from the model as it is now
@@ -320,8 +211,9 @@ class UltraEditor:
             from .preserve import DEFAULT_CONTEXTS, capture_subject_keys, default_subjects
 
             t0 = time.perf_counter()
-            subjects = default_subjects() if preserve_subjects is None else list(preserve_subjects)
-            contexts = DEFAULT_CONTEXTS if preserve_contexts is None else tuple(preserve_contexts)
+            subjects = (default_subjects() if cfg.preserve_subjects is None
+                        else list(cfg.preserve_subjects))
+            contexts = DEFAULT_CONTEXTS if cfg.preserve_contexts is None else cfg.preserve_contexts
             self.preserved = capture_subject_keys(model, tokenizer, self.modules, subjects,
                                                   contexts, progress=len(subjects) > 256)
             self.preserve_s = time.perf_counter() - t0

@@ -378,5 +378,6 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
     editor.stats.update(stats)
     editor.turns = int(manifest["turns"])
     editor.preserve = float(cfg.get("preserve", 0.0))
+    editor.config = editor.config.replace(preserve=editor.preserve)
     editor.preserved = preserved
     return editor
