@@ -96,8 +96,8 @@ def test_zsre_file_runs_with_json_and_plot(model_dir, tmp_path, capsys):
                       "model.layers.1.mlp.down_proj,model.layers.2.mlp.down_proj")) == 0
     out = json.loads((tmp_path / "r.json").read_text())
     assert out["status"] == "done" and out["edits"] == 4
-    assert out["config"]["format"] == "auto" and out["config"]["compat"] == "fixed"
-    assert out["config"]["modules"] == ["model.layers.1.mlp.down_proj",
+    assert out["config"]["format"] == "auto" and out["edit_config"]["compat"] == "fixed"
+    assert out["edit_config"]["modules"] == ["model.layers.1.mlp.down_proj",
                                         "model.layers.2.mlp.down_proj"]
     assert [t["turn"] for t in out["turns"]] == [1, 2]
     for t in out["turns"]:
@@ -126,9 +126,9 @@ def test_counterfact_file_runs(model_dir, tmp_path):
                       "--no-generation", "--compat", "official", "--lr", "1e-3",
                       "--modules", "paper")) == 0
     out = json.loads((tmp_path / "r.json").read_text())
-    assert out["config"]["compat"] == "official" and out["config"]["lr"] == 1e-3
-    assert out["config"]["steps"] == 1
-    assert all("gate_proj" in m or "up_proj" in m for m in out["config"]["modules"])
+    assert out["edit_config"]["compat"] == "official" and out["edit_config"]["lr"] == 1e-3
+    assert out["edit_config"]["steps"] == 1
+    assert all("gate_proj" in m or "up_proj" in m for m in out["edit_config"]["modules"])
     assert all("metrics" not in t for t in out["turns"])          # --eval end
     tf = out["final"]["teacher_forced"]
     assert tf["edits"] == 4 and all(0.0 <= tf[k] <= 1.0 for k in ("es", "gs", "ls"))
@@ -141,7 +141,7 @@ def test_preserve_option_reaches_the_editor(model_dir, tmp_path):
                       "--no-generation", "--positions", "subject", "--preserve", "2.5",
                       "--memory", "1")) == 0
     out = json.loads((tmp_path / "r.json").read_text())
-    assert out["config"]["preserve"] == 2.5 and out["config"]["memory"] == 1.0
+    assert out["edit_config"]["preserve"] == 2.5 and out["edit_config"]["memory"] == 1.0
     assert out["timing"]["preserve_s"] > 0
     assert out["final"]["teacher_forced"]["edits"] == 4
 
@@ -338,3 +338,31 @@ def test_progress_per_step_and_per_evaluation_batch(model_dir, tmp_path, capsys)
     assert len(final) > 2                    # the final evaluation moves, batch by batch
     assert "capturing the preserved subjects' keys" in err
     assert err.index("capturing the preserved") < err.index("editing")
+
+
+def test_preset_and_the_recorded_config_reproduce_a_run(model_dir, tmp_path, capsys):
+    """The run JSON records EditConfig.to_dict() (modules resolved); given back as --preset FILE
+    it edits the same way. An unknown preset is a one-line error."""
+    from ultraedit.config import EditConfig
+
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    assert main(_base(model_dir, data, tmp_path, "--preset", "official", "--lr", "1e-3",
+                      "--eval", "end", "--no-generation")) == 0
+    first = json.loads((tmp_path / "r.json").read_text())
+    cfg = first["edit_config"]
+    assert EditConfig.from_dict(cfg) == EditConfig.official(lr=1e-3, modules=cfg["modules"])
+    assert first["config"]["preset"] == "official"
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    args = _base(model_dir, data, tmp_path, "--preset", str(tmp_path / "cfg.json"), "--eval",
+                 "end", "--no-generation")
+    args[args.index("--json") + 1] = str(tmp_path / "again.json")
+    assert main(args) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["edit_config"] == cfg
+    assert again["final"] == first["final"]
+    assert [t["loss"] for t in again["turns"]] == [t["loss"] for t in first["turns"]]
+    capsys.readouterr()
+    assert main(_base(model_dir, data, tmp_path, "--preset", "nope")) == 2
+    _one_line_error(capsys, "nope")
+    assert main(_base(model_dir, data, tmp_path, "--steps", "0")) == 2
+    _one_line_error(capsys, "steps")

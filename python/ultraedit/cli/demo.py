@@ -17,7 +17,7 @@ from typing import Any, Dict
 
 from ._common import (EXIT_INTERRUPTED, UsageError, check_output_paths, check_threads, error, fmt,
                       set_threads, split_csv, write_json)
-from .options import add_method_options, build_editor, editor_kwargs, editor_settings
+from .options import add_method_options, build_editor, resolve, resolved_config
 
 DEMO_RELATIONS = ("capital", "language")   # = ultraedit.eval.DEMO_RELATIONS, without importing it
 
@@ -77,7 +77,7 @@ def _demo(args: argparse.Namespace) -> int:
     except (FileNotFoundError, OSError, ValueError) as err:
         raise UsageError(f"cannot load model {args.model or 'default'!r}: {err}") from None
     load_s = time.perf_counter() - t0
-    kwargs = editor_kwargs(args, model)
+    config = resolve(args, model)
     n = args.turns * args.edits_per_turn
     t1 = time.perf_counter()
     try:
@@ -88,12 +88,12 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"model: {args.model or 'default (SmolLM2-135M-Instruct)'}  loaded in {load_s:.1f}s; "
           f"{n} counterfactual edits of {relations} known to the model ({facts_s:.1f}s)",
           file=sys.stderr)
-    editor = build_editor(model, tok, kwargs, progress=not args.no_progress)
+    editor = build_editor(model, tok, config, progress=not args.no_progress)
     run = lifelong_run(model, tok, records, editor, args.turns, args.edits_per_turn,
                        eval_before=True, eval_end=True, progress=not args.no_progress)
     result = demo_result(run, editor)
-    result.update({"model": args.model or "default", "seed": args.seed, "relations": relations,
-                   "threads": threads})
+    result.update({"model": args.model or "default", "preset": args.preset, "seed": args.seed,
+                   "relations": relations, "threads": threads})
     result["timing"].update({"load_s": load_s, "facts_s": facts_s})
     print_demo(result, args.turns, args.edits_per_turn)
     if args.json:
@@ -114,8 +114,8 @@ def demo_result(run: Dict[str, Any], editor) -> Dict[str, Any]:
     t = run["timing"]
     return {
         "edits": run["edits"],
-        "settings": {"turns": len(rows), "edits_per_turn": max(r["edits"] for r in rows),
-                     **editor_settings(editor)},
+        "settings": {"turns": len(rows), "edits_per_turn": max(r["edits"] for r in rows)},
+        "edit_config": resolved_config(editor),
         "metrics": {"before": _scores(run["before"]["teacher_forced"]),
                     "after": _scores(run["final"]["teacher_forced"])},
         "timing": {"turn_s": [r["turn_s"] for r in rows], "fwd_bwd_s": fwd, "editor_s": ed,
@@ -129,7 +129,7 @@ def demo_result(run: Dict[str, Any], editor) -> Dict[str, Any]:
 
 def print_demo(result: Dict[str, Any], turns: int, edits_per_turn: int) -> None:
     b, a = result["metrics"]["before"], result["metrics"]["after"]
-    s = result["settings"]
+    s = result["edit_config"]
     print(f"\n{result['edits']} edits in {turns} turns of {edits_per_turn}; lr={s['lr']:g}, "
           f"{s['steps']} steps, {s['positions']} positions, memory={s['memory']:g}, "
           f"preserve={s['preserve']:g}, {len(s['modules'])} modules ({s['modules'][0]} ...)")

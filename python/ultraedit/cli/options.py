@@ -1,88 +1,119 @@
-"""The editing-method options of ``ultraedit demo`` and ``ultraedit run``, and the editor they
-build."""
+"""The editing-method options of ``ultraedit demo`` and ``ultraedit run``, derived from
+:class:`ultraedit.config.EditConfig` (one flag per field, its help from the field's metadata),
+and the editor they build.
+
+``--preset NAME|FILE`` picks the starting config (default: the measured preset for the model,
+else the paper's, as ``UltraEditor(model, tok)`` does); every flag given overrides one field.
+List fields take comma-separated values or ``@FILE`` (one value per line).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
-from typing import Any, Dict
+from typing import Any, Callable, Dict, List
 
-from ._common import UsageError, split_csv
+from ..config import EditConfig
+from ._common import UsageError
 
-METHOD_OPTIONS = ("steps", "positions", "memory", "hold_done", "preserve")
+_DEST = "config_"   # argparse dest prefix of the EditConfig fields
+
+
+def _list(text: str) -> List[str]:
+    if text.startswith("@"):
+        try:
+            with open(text[1:], encoding="utf-8") as fh:
+                return [ln.strip() for ln in fh if ln.strip()]
+        except OSError as err:
+            raise argparse.ArgumentTypeError(f"cannot read {text[1:]!r}: {err.strerror}")
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated values, got {text!r}")
+    return items
+
+
+def _str_or_bool(text: str):
+    low = text.lower()
+    if low in ("true", "yes", "on", "1"):
+        return True
+    if low in ("false", "no", "off", "0"):
+        return False
+    return text
+
+
+_TYPES: Dict[str, Callable[[str], Any]] = {"float": float, "int": int, "str": str,
+                                           "Optional[str]": str, "Union[str, bool]": _str_or_bool}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def add_method_options(p: argparse.ArgumentParser) -> None:
-    """The editor's settings; unset = the editor's default (the paper's with
-    ``--compat official``)."""
-    g = p.add_argument_group("editing method (unset: the editor's default for the model)")
-    g.add_argument("--modules", default=None,
-                   help="comma-separated module names / globs / re: patterns, or 'paper' for the "
-                        "paper's choice for the architecture")
-    g.add_argument("--lr", type=float, default=None,
-                   help="pseudo-value lr (default: measured for the embedded model, 1e-6 else)")
-    g.add_argument("--ridge", type=float, default=1.0, help="ridge lambda (1)")
-    g.add_argument("--normalizer", choices=("shape", "module"), default="shape",
-                   help="one running normalizer per weight shape (the paper) or per module")
-    g.add_argument("--compat", choices=("fixed", "official"), default="fixed",
-                   help="official: the reference code's numerics and the paper's settings")
-    g.add_argument("--micro-batch", type=int, default=10, help="requests per forward (10)")
-    g.add_argument("--steps", type=int, default=None,
-                   help="capture+solve+apply steps per turn (1 with --compat official)")
-    g.add_argument("--positions", choices=("answer", "subject"), default=None,
-                   help="capture at the answer positions (the paper) or at each record's subject "
-                        "('answer' with --compat official)")
-    g.add_argument("--memory", type=float, default=None,
-                   help="weight of the key memory of earlier turns (0 with --compat official)")
-    g.add_argument("--hold-done", action=argparse.BooleanOptionalAction, default=None,
-                   help="give edits the model already predicts pseudo-value 0 in each step and "
-                        "end the turn when all hold (off with --compat official)")
-    g.add_argument("--preserve", type=float, default=None,
-                   help="weight of the preserved subjects' keys (0 with --compat official)")
+    """``--preset`` and one flag per :class:`EditConfig` field (unset = the preset's value)."""
+    g = p.add_argument_group(
+        "editing method", "the fields of ultraedit.EditConfig; an option not given keeps the "
+                          "preset's value")
+    g.add_argument("--preset", metavar="NAME|FILE", default=None,
+                   help="'paper', 'official', a measured preset (ultraedit/presets) or a preset "
+                        "or config JSON file (default: the measured preset for the model, else "
+                        "the paper's; with --compat official the paper's options)")
+    for f in dataclasses.fields(EditConfig):
+        meta = dict(f.metadata)
+        kwargs: Dict[str, Any] = {"dest": _DEST + f.name, "default": None,
+                                  "help": meta.get("help", "")}
+        if meta.get("cli_type") == "list":
+            kwargs.update(type=_list, metavar="A,B,...|@FILE")
+            if f.name == "modules":
+                kwargs["help"] += "; 'paper': the paper's modules for the architecture"
+        elif f.type == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif "choices" in meta:
+            kwargs["choices"] = tuple(meta["choices"])
+        elif f.type in _TYPES:
+            kwargs["type"] = _TYPES[f.type]
+            kwargs["metavar"] = f.name.upper()
+        else:  # a new kind of field: give it a parser here
+            raise TypeError(f"EditConfig.{f.name}: no command-line parser for type {f.type!r}")
+        g.add_argument(_flag(f.name), **kwargs)
 
 
-def editor_kwargs(args: argparse.Namespace, model) -> Dict[str, Any]:
-    """The ``UltraEditor`` keyword arguments of the options :func:`add_method_options` set."""
+def given_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The EditConfig fields given on the command line."""
+    return {f.name: getattr(args, _DEST + f.name) for f in dataclasses.fields(EditConfig)
+            if getattr(args, _DEST + f.name, None) is not None}
+
+
+def resolve(args: argparse.Namespace, model, **changes) -> EditConfig:
+    """The config of ``--preset`` with the given flags (and ``changes``) applied; a bad value is
+    a :class:`UsageError` naming it."""
+    from ..config import resolve_config
     from ..modules import paper_module_names
 
-    kwargs: Dict[str, Any] = {"micro_batch": args.micro_batch, "compat": args.compat,
-                              "ridge": args.ridge, "normalizer": args.normalizer}
-    if args.lr is not None:
-        kwargs["lr"] = args.lr
-    kwargs.update({opt: getattr(args, opt) for opt in METHOD_OPTIONS
-                   if getattr(args, opt) is not None})
-    if args.modules:
-        try:
-            kwargs["modules"] = (paper_module_names(model) if args.modules.strip() == "paper"
-                                 else split_csv(args.modules))
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-    return kwargs
+    given = {**given_options(args), **changes}
+    try:
+        if given.get("modules") == ["paper"]:
+            given["modules"] = paper_module_names(model)
+        return resolve_config(model, args.preset, given)
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None
 
 
-def _preserves(model, kwargs: Dict[str, Any]) -> bool:
-    from ..editor import default_preserve
-
-    preserve = kwargs.get("preserve")
-    if preserve is None:
-        preserve = 0.0 if kwargs.get("compat") == "official" else default_preserve(model)
-    return preserve > 0
-
-
-def build_editor(model, tokenizer, kwargs: Dict[str, Any], progress: bool = True):
-    """``UltraEditor(model, tokenizer, **kwargs)``; says so first when it captures the preserved
-    subjects' keys (once, seconds to minutes). A setting the editor refuses (a module that is not
-    a Linear, a bad value) is a :class:`UsageError`."""
+def build_editor(model, tokenizer, config: EditConfig, progress: bool = True):
+    """``UltraEditor(model, tokenizer, config)``; says so first when it captures the preserved
+    subjects' keys (once, seconds to minutes). A setting the editor refuses (a module that is
+    not a Linear, a name that matches nothing) is a :class:`UsageError`."""
     from ..editor import UltraEditor
 
-    announce = progress and _preserves(model, kwargs)
+    announce = progress and config.preserve > 0
     if announce:
         print("capturing the preserved subjects' keys once, before the first turn ...",
               file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
-        editor = UltraEditor(model, tokenizer, **kwargs)
+        editor = UltraEditor(model, tokenizer, config)
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
     if announce:
@@ -91,10 +122,8 @@ def build_editor(model, tokenizer, kwargs: Dict[str, Any], progress: bool = True
     return editor
 
 
-def editor_settings(editor) -> Dict[str, Any]:
-    """The editor's resolved settings, as recorded in result files."""
-    return {"lr": editor.lr, "ridge": editor.ridge, "micro_batch": editor.micro_batch,
-            "compat": editor.compat, "normalizer": editor.normalizer, "steps": editor.steps,
-            "protect_mean": editor.protect_mean, "hold_done": editor.hold_done,
-            "positions": editor.positions, "memory": editor.memory,
-            "preserve": editor.preserve, "modules": list(editor.modules)}
+def resolved_config(editor) -> Dict[str, Any]:
+    """The editor's config with its modules resolved to names: the ``to_dict()`` that, given
+    back as ``--preset FILE`` or ``EditConfig.from_dict``, edits the same modules the same way."""
+    return dataclasses.replace(editor.config, modules=tuple(editor.modules)).to_dict()
+

@@ -31,7 +31,7 @@ from typing import Any, Dict, List
 
 from ._common import (EXIT_INTERRUPTED, UsageError, check_output_paths, check_threads, error, fmt,
                       machine, set_threads, split_csv, write_json)
-from .options import add_method_options, build_editor, editor_kwargs, editor_settings
+from .options import add_method_options, build_editor, resolve, resolved_config
 
 DATA_FORMATS = ("auto", "zsre", "counterfact", "fever", "wikibigedit", "ultraeditbench",
                 "easyedit", "records")
@@ -139,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, OSError, ValueError) as err:
         raise UsageError(f"cannot load model {args.model!r}: {err}") from None
     load_s = time.perf_counter() - t0
-    kwargs = editor_kwargs(args, model)
+    config = resolve(args, model)
     t1 = time.perf_counter()
     if offline:
         try:
@@ -154,9 +154,9 @@ def _run(args: argparse.Namespace) -> int:
         from ..data import save_records
 
         save_records(records, args.records_out)
-    if (args.positions is None and args.compat != "official"
+    if (config.positions == "subject" and args.config_positions is None
             and any(r.subject is None or r.subject not in r.prompt for r in records)):
-        kwargs["positions"] = "answer"
+        config = resolve(args, model, positions="answer")
         print("note: some records have no subject in their prompt; capturing at the answer "
               "positions (--positions answer)", file=sys.stderr)
 
@@ -166,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"model {args.model} loaded in {load_s:.1f}s; {len(records)} records from "
           f"{args.data} ({data_s:.1f}s): {rel_count}", file=sys.stderr)
     progress = not args.no_progress
-    editor = build_editor(model, tok, kwargs, progress=progress)
+    editor = build_editor(model, tok, config, progress=progress)
     at_end = args.eval_mode in ("end", "both")
     result: Dict[str, Any] = {
         "command": " ".join(["ultraedit"] + sys.argv[1:]),
@@ -175,9 +175,10 @@ def _run(args: argparse.Namespace) -> int:
                    "relations": relations if offline else None, "seed": args.seed,
                    "excluded_subjects": len(excluded) if offline else None,
                    "threads": torch.get_num_threads(), "turns": args.turns,
-                   "edits_per_turn": args.edits_per_turn, **editor_settings(editor),
+                   "edits_per_turn": args.edits_per_turn, "preset": args.preset,
                    "eval": args.eval_mode, "generation": args.generation,
                    "turn_generation": args.turn_generation},
+        "edit_config": resolved_config(editor),
         "machine": machine(),
         "data": {"records": len(records), "by_relation": rel_count, "load_model_s": load_s,
                  "prepare_s": data_s},
@@ -202,7 +203,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(result: Dict[str, Any], args) -> None:
-    cfg = result["config"]
+    cfg = result["edit_config"]
     print(f"{result['edits']} edits in {len(result['turns'])} turns; compat={cfg['compat']} "
           f"lr={cfg['lr']:g} modules={len(cfg['modules'])} ({cfg['modules'][0]} ...)")
     final = result.get("final") or {}

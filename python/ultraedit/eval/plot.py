@@ -36,7 +36,7 @@ def plot_run(result: Dict[str, Any], path: str) -> None:
                          label=f"{k.upper()} final, all edits ({kind.replace('_', '-')})")
     ax1.set_ylim(-0.02, 1.02)
     ax1.set_ylabel("score")
-    cfg = result.get("config", {})
+    cfg = result.get("edit_config") or result.get("config") or {}
     ax1.set_title(f"ultraedit run: {result.get('edits', '?')} edits, compat={cfg.get('compat')}, "
                   f"lr={cfg.get('lr')}, {len(cfg.get('modules', []))} modules", fontsize=10)
     ax1.grid(alpha=0.3)
