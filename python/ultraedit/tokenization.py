@@ -1,4 +1,4 @@
-"""Tokenization of edit requests into (input_ids, attention_mask, labels), DESIGN.md §1.
+"""Tokenization of edit requests into (input_ids, attention_mask, labels).
 
 For one request with prompt tokens ``p_1..p_P`` (including the tokenizer's leading special
 tokens, e.g. BOS) and target tokens ``a_1..a_T`` (the target with one leading space)::
@@ -52,7 +52,7 @@ def special_prefix(tokenizer) -> List[int]:
 
 
 def _target_text(target: str) -> str:
-    # Exactly one leading space (DESIGN.md §1): " Paris", whether the caller wrote "Paris" or " Paris".
+    # Exactly one leading space: " Paris", whether the caller wrote "Paris" or " Paris".
     return " " + target.lstrip(" ")
 
 

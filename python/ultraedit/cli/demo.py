@@ -25,7 +25,7 @@ DEMO_RELATIONS = ("capital", "language")   # = ultraedit.eval.DEMO_RELATIONS, wi
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="counterfactual edits on the embedded model, with "
                                     "before/after ES/GS/LS and timings",
-                       description=__doc__.split("\n\n")[0])
+                       description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--turns", type=int, default=2, help="number of lifelong turns (2)")
     p.add_argument("--edits-per-turn", type=int, default=50, help="edits per turn (50)")
     p.add_argument("--model", metavar="DIR", default=None,

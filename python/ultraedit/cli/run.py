@@ -42,7 +42,7 @@ RUN_RELATIONS = ("capital", "language", "currency", "continent", "region", "city
 def add_parser(sub) -> None:
     p = sub.add_parser("run", help="a lifelong editing run over a data set (or the offline "
                                    "facts) with per-turn and final metrics, JSON and plot",
-                       description=__doc__.split("\n\n")[0])
+                       description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--model", default="default",
                    help="'default' (embedded SmolLM2-135M-Instruct) or a local HF model directory")
     p.add_argument("--data", default="offline",

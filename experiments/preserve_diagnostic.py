@@ -1,24 +1,24 @@
 """Where an edit turn still moves other subjects: the output change per prompt position.
 
-On the demo-relations tuning facts (``docs/editor_tuning.py --facts demo-relations``: capital /
+On the demo-relations tuning facts (``experiments/editor_tuning.py --facts demo-relations``: capital /
 language of 42 countries the demo never edits, 2 turns of 21) edit with the embedded default and
 ``preserve=μ``, then report ``Σ_modules ||ΔW k||`` with ``k`` the UNEDITED model's module inputs
 at: the edited subjects' last tokens, the locality prompts' subject tokens, their other tokens
-and their last token (the table in docs/run.md).
+and their last token (the table in experiments/lifelong_runs.md).
 
-    PYTHONPATH=.:python python docs/preserve_diagnostic.py --preserve 0 0.3 3 \
+    python experiments/preserve_diagnostic.py --preserve 0 0.3 3 \
         --modules 'model.layers.[4-8].mlp.down_proj'
-    PYTHONPATH=.:python python docs/preserve_diagnostic.py --preserve 0.3   # the default modules
+    python experiments/preserve_diagnostic.py --preserve 0.3   # the default modules
 """
 import argparse
 import json
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import _common  # noqa: E402,F401  (puts the repository on sys.path)
 import torch  # noqa: E402
 
 from ultraedit import UltraEditor  # noqa: E402
-from ultraedit.cli import demo_records  # noqa: E402
+from ultraedit.eval import demo_records  # noqa: E402
 from ultraedit.data.offline import country_table  # noqa: E402
 from ultraedit.data.records import EditRecord  # noqa: E402
 from ultraedit.models import load_model  # noqa: E402

@@ -1,4 +1,4 @@
-"""Measure edit quality of candidate defaults on the embedded model (the table in docs/editor.md).
+"""Measure edit quality of candidate defaults on the embedded model (the tables in experiments/tuning.md).
 
 Protocol = the demo's (2 lifelong turns of 50 counterfactual edits, micro-batches of 10,
 teacher-forced ES/GS/LS against the unedited model) but on TUNING facts that the demo's reported
@@ -6,7 +6,7 @@ numbers never use: the ``city_country`` relation (cities, so no subject is share
 demo's countries) with seed 1. The winning setting is then checked, unchanged, by
 ``ultraedit demo`` on its own facts (capital + language, seed 0).
 
-    PYTHONPATH=.:python python docs/editor_tuning.py --json /tmp/tuning.json
+    python experiments/editor_tuning.py --json /tmp/tuning.json
 """
 
 import argparse
@@ -15,10 +15,10 @@ import os
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from _common import run_demo  # noqa: E402  (puts the repository on sys.path)
 import torch  # noqa: E402
 
-from ultraedit.cli import demo_records, run_demo  # noqa: E402
+from ultraedit.eval import demo_records  # noqa: E402
 from ultraedit.data.records import EditRecord  # noqa: E402
 from ultraedit.models import load_model  # noqa: E402
 

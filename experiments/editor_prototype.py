@@ -1,6 +1,6 @@
-"""Prototype of the edit-quality ideas measured before they went into UltraEditor (docs/editor.md).
+"""Prototype of the edit-quality ideas measured before they went into UltraEditor (experiments/tuning.md).
 
-Same protocol as docs/editor_tuning.py (tuning facts: 100 city -> country counterfactuals, seed
+Same protocol as experiments/editor_tuning.py (tuning facts: 100 city -> country counterfactuals, seed
 1; 2 lifelong turns of 50; teacher-forced ES/GS/LS), but the ideas are patched into a subclass
 with float64 solves: ``pos`` (answer | subject | both capture positions), ``stop`` (held rows:
 pseudo-value 0 for edits the model already predicts), ``nu`` (key memory of earlier turns),
@@ -8,9 +8,9 @@ pseudo-value 0 for edits the model already predicts), ``nu`` (key memory of earl
 ``ent`` (preserved subjects, as ``UltraEditor(preserve=)``: keys of country and city names in
 ``ent_ctx`` contexts, ``ent_cities`` cities; ``ent_excl=false`` keeps the edited subjects' rows),
 ``ridge``, ``layers``. Rows are appended to ``--out`` as JSON lines
-(bench/results/editor_prototype.jsonl holds the measured ones).
+(experiments/results/editor_prototype.jsonl holds the measured ones).
 
-    python docs/editor_prototype.py --cfg '{"lr":1e-4,"steps":3}' '{"lr":1e-4,"steps":3,"mu0":100}'
+    python experiments/editor_prototype.py --cfg '{"lr":1e-4,"steps":3}' '{"lr":1e-4,"steps":3,"mu0":100}'
 """
 import argparse, json, os, sys, time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,7 +18,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "python")]
 import ultraedit.editor as E
-from ultraedit.cli import demo_records, run_demo
+from ultraedit.eval import demo_records
+from _common import run_demo
 from ultraedit.data.records import EditRecord
 from ultraedit.models import load_model
 from ultraedit_kernels import pseudo_values
@@ -153,7 +154,7 @@ def main():
     ap.add_argument("--turns", type=int, default=2)
     ap.add_argument("--ept", type=int, default=50)
     ap.add_argument("--facts-file", default=None,
-                    help="records JSON (e.g. docs/editor_tuning.py --facts-cache) instead of the "
+                    help="records JSON (e.g. experiments/editor_tuning.py --facts-cache) instead of the "
                          "city -> country tuning facts")
     args = ap.parse_args()
     torch.set_num_threads(1)
