@@ -366,3 +366,45 @@ def test_preset_and_the_recorded_config_reproduce_a_run(model_dir, tmp_path, cap
     _one_line_error(capsys, "nope")
     assert main(_base(model_dir, data, tmp_path, "--steps", "0")) == 2
     _one_line_error(capsys, "steps")
+
+
+def test_sigint_leaves_an_interrupted_json(model_dir, tmp_path):
+    """A real SIGINT to a running ``ultraedit run``: exit 130, one line, and the JSON keeps the
+    finished turns with ``"status": "interrupted"``."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = [{**ZSRE[i % 4], "subject": f"S{i}", "src": f"What is the capital of S{i}?"}
+            for i in range(4000)]
+    data = _write(tmp_path / "many.json", rows)
+    out = tmp_path / "r.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(root, "python"), root])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ultraedit.cli", "run", "--model", model_dir, "--data", data,
+         "--turns", "2000", "--edits-per-turn", "2", "--eval", "every", "--no-progress",
+         "--threads", "1", "--json", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if json.loads(out.read_text())["turns"]:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        "ultraedit run: interrupted")
+    result = json.loads(out.read_text())
+    assert result["status"] == "interrupted" and 1 <= len(result["turns"]) < 2000
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

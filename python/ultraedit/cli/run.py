@@ -82,7 +82,8 @@ def main(args: argparse.Namespace) -> int:
     except UsageError as err:
         return error("run", str(err))
     except KeyboardInterrupt:
-        where = f"; the partial results are in {args.json}" if args.json else ""
+        where = (f"; the partial results are in {args.json}"
+                 if args.json and os.path.isfile(args.json) else "")
         print(f"ultraedit run: interrupted{where}", file=sys.stderr)
         return EXIT_INTERRUPTED
 

@@ -101,7 +101,7 @@ class _TurnProgress:
         finally:
             handle.remove()
         # a turn that ended early (every edit already held) skips its remaining steps
-        self.bar.update(self.start + self.steps * self.n_batches - self.bar.n)
+        self.bar.update(max(0, self.start + self.steps * self.n_batches - self.bar.n))
 
 
 def _editor_setting(editor, name: str, default):
