@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..tokenization import encode_edit_batch, encode_request, special_prefix
+from ..tokenization import _pad_id, encode_edit_batch, encode_request, special_prefix
 
 __all__ = ["token_accuracy", "next_token_predictions", "greedy_continuations",
            "generation_scores", "Progress"]
@@ -47,14 +47,6 @@ def _eval(model):
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _pad_id(tokenizer) -> int:
-    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return int(value)
-    return 0
 
 
 def _split_head(model):
