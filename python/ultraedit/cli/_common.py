@@ -129,5 +129,15 @@ def machine() -> Dict[str, Any]:
     return info
 
 
+def peak_rss_bytes() -> Optional[int]:
+    """The process's peak resident memory so far (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)   # bytes on macOS, KiB else
+
+
 def fmt(x: Optional[float]) -> str:
     return "  n/a" if x is None else f"{x:5.3f}"

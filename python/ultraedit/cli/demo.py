@@ -16,7 +16,7 @@ import time
 from typing import Any, Dict
 
 from ._common import (EXIT_INTERRUPTED, UsageError, check_output_paths, check_threads, error, fmt,
-                      set_threads, split_csv, write_json)
+                      peak_rss_bytes, set_threads, split_csv, write_json)
 from .options import add_method_options, build_editor, resolve, resolved_config
 
 DEMO_RELATIONS = ("capital", "language")   # = ultraedit.eval.DEMO_RELATIONS, without importing it
@@ -95,6 +95,7 @@ def _demo(args: argparse.Namespace) -> int:
     result.update({"model": args.model or "default", "preset": args.preset, "seed": args.seed,
                    "relations": relations, "threads": threads})
     result["timing"].update({"load_s": load_s, "facts_s": facts_s})
+    result["memory"]["process_peak_rss_bytes"] = peak_rss_bytes()
     print_demo(result, args.turns, args.edits_per_turn)
     if args.json:
         write_json(result, args.json, indent=2)
@@ -144,5 +145,9 @@ def print_demo(result: Dict[str, Any], turns: int, edits_per_turn: int) -> None:
     for i, (f, e, tt) in enumerate(zip(t["fwd_bwd_s"], t["editor_s"], t["turn_s"]), 1):
         print(f"{i:4d}  {f:15.3f}s  {e:13.3f}s ({100 * e / f:4.1f}%)  {tt:6.3f}s")
     mem = result["memory"]
-    print(f"peak memory: {mem['peak_bytes'] / 2**20:.0f} MiB ({mem['peak_source']}); "
-          f"editor's captured rows and factors: {mem['capture_bytes'] / 2**20:.2f} MiB")
+    what = ("CUDA allocator peak" if mem["peak_source"] == "cuda" else
+            "estimate: weights, saved activations, captured rows, solver workspace")
+    rss = mem.get("process_peak_rss_bytes")
+    print(f"peak memory of a turn: {mem['peak_bytes'] / 2**20:.0f} MiB ({what}); editor's "
+          f"captured rows and factors: {mem['capture_bytes'] / 2**20:.2f} MiB"
+          + (f"; whole process (peak RSS): {rss / 2**20:.0f} MiB" if rss else ""))

@@ -30,7 +30,7 @@ import time
 from typing import Any, Dict, List
 
 from ._common import (EXIT_INTERRUPTED, UsageError, check_output_paths, check_threads, error, fmt,
-                      machine, set_threads, split_csv, write_json)
+                      machine, peak_rss_bytes, set_threads, split_csv, write_json)
 from .options import add_method_options, build_editor, resolve, resolved_config
 
 DATA_FORMATS = ("auto", "zsre", "counterfact", "fever", "wikibigedit", "ultraeditbench",
@@ -194,6 +194,7 @@ def _run(args: argparse.Namespace) -> int:
         result["machine"]["loadavg_end"] = list(os.getloadavg())
     except (AttributeError, OSError):
         pass
+    result.setdefault("memory", {})["process_peak_rss_bytes"] = peak_rss_bytes()
     write_json(result, args.json)
     if args.plot:
         from ..eval.plot import plot_run

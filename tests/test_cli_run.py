@@ -116,6 +116,7 @@ def test_zsre_file_runs_with_json_and_plot(model_dir, tmp_path, capsys):
     assert _in01(final["teacher_forced"]["ls_data"])            # vs the data set's loc_ans
     assert final["generation"]["fluency"] >= 0
     assert out["timing"]["turn_s_mean"] > 0 and out["memory"]["peak_bytes"] > 0
+    assert out["memory"]["process_peak_rss_bytes"] > 0      # beside the turn's estimate
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "final over all edits" in capsys.readouterr().out
 
