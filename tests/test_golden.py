@@ -172,7 +172,7 @@ def embedded_case(model, tok, restore):
     for t, turn in enumerate(EMBEDDED_TURNS):
         reports.append(report_numbers(ed.edit(requests(turn, True))))
         for k, v in editor_tensors(ed).items():
-            out[f"turn{t}.{k}"] = v.detach().cpu()
+            out[f"turn{t}.{k}"] = v.detach().cpu().clone()  # the state may change in place
     # full tensors only through their sha256; a fixed random projection of each for tolerances
     projected, shas = {}, {}
     for k, v in out.items():
