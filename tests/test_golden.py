@@ -114,20 +114,23 @@ def requests(turn, subjects):
     return [{"prompt": p, "target": t, **({"subject": s} if subjects else {})} for p, t, s in turn]
 
 
-def editor_tensors(ed, project=None):
-    """Every tensor the golden test compares: ``{name: tensor}`` (weights as ΔW = W - W0 is
-    formed at comparison time from ``base.*``)."""
+def editor_tensors(ed):
+    """Every tensor the golden test compares: ``{name: tensor}`` (ΔW = W - W0 is formed at
+    comparison time from ``base.*``); key memories under ``stats.memory:<module>.*``."""
     out = {}
     for name, module in ed.modules.items():
         out[f"weight.{name}"] = module.weight.detach()
-        out[f"base.{name}"] = ed._delta.base[name]
-        d = ed._delta.delta.get(name)
+        out[f"base.{name}"] = ed.journal.base[name]
+        d = ed.journal.delta.get(name)
         if d is not None:
             out[f"delta.{name}"] = d
-    for key, st in ed.stats.items():
+    for key, st in ed.state.stats.items():
         for part, t in st.state_dict().items():
             out[f"stats.{key}.{part}"] = t
-    for name, pk in getattr(ed, "preserved", {}).items():
+    for name, mem in ed.state.memory.items():
+        for part, t in mem.state_dict().items():
+            out[f"stats.memory:{name}.{part}"] = t
+    for name, pk in ed.state.preserved.items():
         out[f"preserved.{name}"] = pk.keys
     return out
 
@@ -172,7 +175,7 @@ def embedded_case(model, tok, restore):
     for t, turn in enumerate(EMBEDDED_TURNS):
         reports.append(report_numbers(ed.edit(requests(turn, True))))
         for k, v in editor_tensors(ed).items():
-            out[f"turn{t}.{k}"] = v.detach().cpu()
+            out[f"turn{t}.{k}"] = v.detach().cpu().clone()  # the state may change in place
     # full tensors only through their sha256; a fixed random projection of each for tolerances
     projected, shas = {}, {}
     for k, v in out.items():

@@ -14,7 +14,7 @@ from _state_common import (MODULES, REQUESTS, assert_same, one_thread,  # noqa: 
                            snapshot, tiny_llama, turn_requests)
 from conftest import ue_make_tokenizer
 from ultraedit import UltraEditor
-from ultraedit.state import StateError
+from ultraedit.serialization import StateError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def test_atomic_overwrite_and_failed_write(tmp_path, tok, monkeypatch):
 
 
 def test_no_pickle_in_state_code():
-    for name in ("state.py", "delta.py"):
+    for name in ("state.py", "checkpoint.py", "serialization.py"):
         src = (ROOT / "python" / "ultraedit" / name).read_text()
         for bad in ("torch.save(", "torch.load(", "import pickle"):
             assert bad not in src, f"{name} uses {bad}"
@@ -215,7 +215,7 @@ def test_bit_exact_resume_in_a_new_process(tmp_path, tok):
                           text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for dtype, _, _, out in cases:
-        assert whole[dtype]._delta.accumulate is (dtype == "bfloat16")
+        assert whole[dtype].journal.accumulate is (dtype == "bfloat16")
         with safe_open(out, "pt") as f:
             assert f.metadata()["turns"] == str(n)
             for k, v in whole[dtype].model.state_dict().items():
@@ -291,7 +291,7 @@ def test_embedded_model_edit_export_save_pretrained(tmp_path):
     fresh, _ = load_model("default", dtype=torch.bfloat16)
     ultraedit.apply_delta(fresh, tmp_path / "delta")
     w = "model.layers.27.mlp.down_proj.weight"
-    assert not torch.equal(fresh.state_dict()[w], ed._delta.base["model.layers.27.mlp.down_proj"])
+    assert not torch.equal(fresh.state_dict()[w], ed.journal.base["model.layers.27.mlp.down_proj"])
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), f"{k} differs after apply_delta"
     assert getattr(fresh.config, "quantization_config", None) is None

@@ -17,7 +17,7 @@ _LAZY = {
     "TurnReport": "ultraedit.editor",
     "EditConfig": "ultraedit.config",
     "load_model": "ultraedit.models",
-    "apply_delta": "ultraedit.delta",
+    "apply_delta": "ultraedit.checkpoint",
 }
 
 
