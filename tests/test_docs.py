@@ -41,6 +41,19 @@ def test_relative_links_resolve(path):
         assert os.path.exists(os.path.normpath(os.path.join(base, target))), (path, target)
 
 
+_PATH = re.compile(r"(?<![\w/.])((?:python|tests|bench|docs|experiments|scripts|csrc|"
+                   r"ultraedit_kernels)/[\w./-]*\.[A-Za-z0-9]+)(?![\w/{*])")
+
+
+@pytest.mark.parametrize("path", _markdown_files())
+def test_repository_paths_named_in_the_docs_exist(path):
+    """A file named by its repository path exists (outputs under bench/out aside)."""
+    missing = [p for p in _PATH.findall(_read(path))
+               if not p.startswith("bench/out") and "*" not in p
+               and not os.path.exists(os.path.join(ROOT, p))]
+    assert not missing, (path, missing)
+
+
 def test_every_config_field_and_flag_is_documented():
     from ultraedit.config import EditConfig
 
