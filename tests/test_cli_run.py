@@ -409,3 +409,24 @@ def test_sigint_leaves_an_interrupted_json(model_dir, tmp_path):
     result = json.loads(out.read_text())
     assert result["status"] == "interrupted" and 1 <= len(result["turns"]) < 2000
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_offline_run_leaves_out_the_excluded_subjects(model_dir, tmp_path, monkeypatch, capsys):
+    """--data offline --exclude-subjects FILE: the listed subjects are never edited (the known-
+    fact filter is stubbed: the tiny model knows nothing); a missing file is a one-line error."""
+    import ultraedit.eval.facts as facts
+    from ultraedit.data import load_records, offline_facts
+
+    monkeypatch.setattr(facts, "filter_known", lambda recs, *a, **k: list(recs))
+    first = [r.subject for r in offline_facts(("capital",))[:50]]
+    (tmp_path / "skip.txt").write_text("# tuned on\n" + "\n".join(first) + "\n")
+    out = tmp_path / "records.jsonl"
+    args = ["run", "--model", model_dir, "--data", "offline", "--relations", "capital",
+            "--turns", "1", "--edits-per-turn", "4", "--eval", "end", "--no-generation",
+            "--no-progress", "--threads", "1", "--records-out", str(out)]
+    assert main(args + ["--exclude-subjects", str(tmp_path / "skip.txt")]) == 0
+    edited = {r.subject for r in load_records(str(out))}
+    assert len(edited) == 4 and not edited & set(first)
+    capsys.readouterr()
+    assert main(args + ["--exclude-subjects", str(tmp_path / "missing.txt")]) == 2
+    _one_line_error(capsys, "missing.txt")
