@@ -191,8 +191,9 @@ class UltraEditor:
             labels = labels.to(logits.device)
             with torch.no_grad():
                 predicted = ((logits.argmax(-1) == labels) | (labels == -100)).all(1)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                   ignore_index=-100)
+            if logits.dtype != torch.float64:
+                logits = logits.float()
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
             loss.backward()
         return loss.detach(), predicted
 
