@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ultraedit_kernels._profiling import nvtx_range
 
 from .config import EditConfig, resolve_config
-from .hooks import CaptureSession
+from .hooks import CaptureSession, check_editable
 from .modules import module_dims, module_layout, resolve_modules
 from .solver import Prior, Update, first_non_finite, solve
 from .state import EditorState, KeyMemory, TurnJournal
@@ -73,6 +73,7 @@ class UltraEditor:
         modules = None if cfg.modules is None else list(cfg.modules)
         self.modules: Dict[str, torch.nn.Module] = dict(resolve_modules(model, modules,
                                                                         cfg.positions))
+        check_editable(model, self.modules, input_device(model))
         self._layout = {n: module_layout(m) for n, m in self.modules.items()}
         self._dims = {n: module_dims(m) for n, m in self.modules.items()}
         self.state = EditorState()
