@@ -266,3 +266,21 @@ def test_memory_validation(ue_tokenizer):
         with pytest.raises(ValueError, match="memory"):
             UltraEditor(model, ue_tokenizer, modules=MODS, memory=bad)
     assert UltraEditor(model, ue_tokenizer, modules=MODS).memory == 0.0  # the paper
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_rollback_after_a_turn_that_changed_nothing_undoes_only_that_turn(ue_tokenizer, steps):
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=3)
+    word = force_prediction(model, ue_tokenizer)
+    ed = UltraEditor(model, ue_tokenizer, modules=MODS, lr=1e-2, steps=steps, hold_done=True,
+                     history=3)
+    base = weights(model)
+    ed.edit(REQUESTS[:3])                                       # a real turn
+    after_real = weights(model)
+    stats = {k: v.clone() for k, v in ed.stats.items()}
+    rep = ed.edit([dict(r, target=word) for r in REQUESTS[3:]])  # every edit already holds
+    assert rep.steps_run == 0 and ed.turns == 2 and same(weights(model), after_real)
+    ed.rollback()                                               # undoes the no-op turn only
+    assert ed.turns == 1 and same(weights(model), after_real) and stats_equal(ed.stats, stats)
+    ed.rollback()
+    assert ed.turns == 0 and same(weights(model), base) and ed.stats == {}

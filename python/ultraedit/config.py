@@ -83,7 +83,7 @@ class EditConfig:
                                     "'module'", choices=("shape", "module"))
     accumulate: Union[str, bool] = _opt(
         "auto", "keep the accumulated delta in fp32 and write W = round(W0 + delta): True, "
-                "False or 'auto' (on for bf16/fp16 weights)")
+                "False or 'auto' (on for bf16/fp16/float64 weights)")
     delta_device: Optional[str] = _opt(None, "device of the base copy, delta and rollback "
                                              "history (default: each module's device)")
     history: int = _opt(1, "turns that rollback() can undo (each keeps a copy of the edited "

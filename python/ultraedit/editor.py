@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ultraedit_kernels._profiling import nvtx_range
 
 from .config import EditConfig, resolve_config
-from .hooks import CaptureSession
+from .hooks import CaptureSession, check_editable
 from .modules import module_dims, module_layout, resolve_modules
 from .solver import Prior, Update, first_non_finite, solve
 from .state import EditorState, KeyMemory, TurnJournal
@@ -73,6 +73,7 @@ class UltraEditor:
         modules = None if cfg.modules is None else list(cfg.modules)
         self.modules: Dict[str, torch.nn.Module] = dict(resolve_modules(model, modules,
                                                                         cfg.positions))
+        check_editable(model, self.modules, input_device(model))
         self._layout = {n: module_layout(m) for n, m in self.modules.items()}
         self._dims = {n: module_dims(m) for n, m in self.modules.items()}
         self.state = EditorState()
@@ -191,8 +192,9 @@ class UltraEditor:
             labels = labels.to(logits.device)
             with torch.no_grad():
                 predicted = ((logits.argmax(-1) == labels) | (labels == -100)).all(1)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                   ignore_index=-100)
+            if logits.dtype != torch.float64:
+                logits = logits.float()
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
             loss.backward()
         return loss.detach(), predicted
 

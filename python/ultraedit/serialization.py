@@ -10,9 +10,10 @@ Layout of a directory written by :func:`write_dir`::
 Guarantees:
 
 * **Integrity.** ``manifest_sha256`` is the sha256 of the canonical JSON of every other field
-  (sorted keys, no whitespace), and each file's sha256 is in the manifest: a changed bit
-  anywhere is a :class:`StateError` on reading, never a wrong value. Format version 1 (before
-  the manifest checksum) is still read.
+  (sorted keys, no whitespace), the file must be byte for byte what the writer makes of its
+  contents (so an equivalent spelling, ``1E-06`` for ``1e-06``, is refused too), and each
+  file's sha256 is in the manifest: a changed bit anywhere is a :class:`StateError` on reading,
+  never a wrong value. Format version 1 (before the manifest checksum) is still read.
 * **Only our own directories are replaced.** An existing ``path`` is replaced only when it is
   empty or holds one of our manifests and nothing besides the files that manifest lists;
   anything else is refused and left as it is.
@@ -103,6 +104,10 @@ def _manifest_digest(manifest: Dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _manifest_bytes(manifest: Dict[str, Any]) -> bytes:
+    return (json.dumps(manifest, indent=1, ensure_ascii=True) + "\n").encode("ascii")
+
+
 def _sibling(path: Path, suffix: str) -> Path:
     return path.parent / f".{path.name}{suffix}"
 
@@ -111,7 +116,8 @@ def _sibling(path: Path, suffix: str) -> Path:
 def _parse_manifest(mpath: Path) -> Dict[str, Any]:
     """The verified manifest at ``mpath`` (format, version and checksum), else StateError."""
     try:
-        manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+        raw = mpath.read_bytes()
+        manifest = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise StateError(f"{mpath} is not a readable ultraedit manifest ({exc}); the file is "
                          f"corrupt") from None
@@ -125,7 +131,7 @@ def _parse_manifest(mpath: Path) -> Dict[str, Any]:
                          f"{list(READABLE_VERSIONS)} (a newer ultraedit wrote it, or the file is "
                          f"corrupt)")
     if version >= 2:
-        if manifest.get(CHECKSUM) != _manifest_digest(manifest):
+        if manifest.get(CHECKSUM) != _manifest_digest(manifest) or raw != _manifest_bytes(manifest):
             raise StateError(f"{mpath}: the manifest's checksum does not match its contents: the "
                              f"file is corrupt or was modified")
     files = manifest.get("files")
@@ -212,8 +218,8 @@ def write_dir(path, files: Dict[str, Dict[str, torch.Tensor]], manifest: Dict[st
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 **manifest, "files": listing}
         full[CHECKSUM] = _manifest_digest(full)
-        with open(new / MANIFEST, "w") as f:
-            json.dump(full, f, indent=1)
+        with open(new / MANIFEST, "wb") as f:
+            f.write(_manifest_bytes(full))
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(new)

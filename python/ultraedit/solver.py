@@ -108,15 +108,17 @@ def solve(keys: torch.Tensor, grads: torch.Tensor, stats, *, lr: float, ridge: f
     """The update of one module for one step (see the module docstring for the system).
 
     ``keys`` (N x d_in) and ``grads`` (N x d_out) are this step's captured rows, already
-    checked finite; ``stats`` (RunningStats on their device) holds this turn's rows.
+    checked finite; ``stats`` (RunningStats on their device) holds this turn's rows. The
+    solve runs in float32, in float64 for float64 keys (the factors then are float64 too).
     """
     n, d_in = keys.shape
-    v = pseudo_values_op(keys, grads, stats.mean, stats.std, float(lr), EPS)
+    c = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    v = pseudo_values_op(keys, grads, stats.mean, stats.std, float(lr), EPS).to(c)
     if hold is not None:
         v = v.masked_fill(hold.to(v.device)[:, None], 0.0)
     k1, v1 = keys, v
     if protect_mean > 0:
-        mu = stats.mean[:d_in].to(device=keys.device, dtype=torch.float32)
+        mu = stats.mean[:d_in].to(device=keys.device, dtype=c)
         row = (math.sqrt(protect_mean * n) * mu).to(keys.dtype)[None]
         k1 = torch.cat([keys, row], 0)
         v1 = torch.cat([v, v.new_zeros(1, v.shape[1])], 0)
@@ -126,10 +128,10 @@ def solve(keys: torch.Tensor, grads: torch.Tensor, stats, *, lr: float, ridge: f
         inner = kd @ y
         inner.diagonal().add_(1.0)
         a = _spd_solve(inner, v1.to(torch.float64), "update with the key memory/preserved keys")
-        return Update("dual", a.float(), y.T.to(keys.dtype).contiguous())
+        return Update("dual", a.to(c), y.T.to(keys.dtype).contiguous())
     if choose_method(k1.shape[0], d_in) == "dual":
         return Update("dual", _spd_solve(gram(k1, ridge, True), v1, "update (dual)"), k1)
-    return Update("primal", _spd_solve(gram(k1, ridge, False), k1.float().T @ v1,
+    return Update("primal", _spd_solve(gram(k1, ridge, False), k1.to(c).T @ v1,
                                        "update (primal)"), keys)
 
 

@@ -34,7 +34,9 @@ __all__ = ["EditorState", "KeyMemory", "TurnJournal", "TurnRecord", "RollbackErr
            "reconstruct", "dense_update"]
 
 _BLOCK_BYTES = 64 << 20
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
+# "auto" accumulates for these weights: bf16/fp16 lose small updates to rounding, and for
+# float64 weights W - W0 cannot always be stored so that W0 + Δ rounds back to W exactly
+_ACCUMULATE_AUTO = (torch.bfloat16, torch.float16, torch.float64)
 
 
 class RollbackError(ValueError):
@@ -193,7 +195,7 @@ class TurnJournal:
     Args:
         modules: ``{name: module}`` (Linear / GPT-2 Conv1D), in the editor's order.
         layouts: ``{name: "linear" | "conv1d"}``.
-        accumulate: ``"auto"`` (on when any edited weight is bf16/fp16), True or False.
+        accumulate: ``"auto"`` (on when any edited weight is bf16, fp16 or float64), True or False.
         device: where base, Δ and history live: None = each module's weight device.
         history: how many turns :meth:`rollback` can undo (0 disables rollback).
     """
@@ -207,7 +209,7 @@ class TurnJournal:
         self.modules = dict(modules)
         self.layouts = dict(layouts)
         if accumulate == "auto":
-            accumulate = any(m.weight.dtype in _LOW_PRECISION for m in self.modules.values())
+            accumulate = any(m.weight.dtype in _ACCUMULATE_AUTO for m in self.modules.values())
         self.accumulate = bool(accumulate)
         self.device = None if device is None else torch.device(device)
         self.history = int(history)
@@ -340,8 +342,9 @@ class TurnJournal:
         for d in candidates:
             if torch.equal(reconstruct(base, d, weight.dtype).to(weight.device), weight):
                 return d
-        raise RuntimeError(f"module {name!r}: W - W0 does not reconstruct W exactly "
-                           f"(non-finite weights?)")
+        raise RuntimeError(f"module {name!r}: W - W0 does not reconstruct W exactly (non-finite "
+                           f"weights, or float64 weights edited with accumulate=False: use "
+                           f"accumulate=True to export or save their deltas)")
 
     def set_state(self, base: Dict[str, torch.Tensor], delta: Dict[str, Optional[torch.Tensor]],
                   base_turn: int) -> None:
