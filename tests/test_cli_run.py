@@ -430,3 +430,18 @@ def test_offline_run_leaves_out_the_excluded_subjects(model_dir, tmp_path, monke
     capsys.readouterr()
     assert main(args + ["--exclude-subjects", str(tmp_path / "missing.txt")]) == 2
     _one_line_error(capsys, "missing.txt")
+
+
+def test_plot_without_matplotlib_fails_before_any_work(model_dir, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    import ultraedit.models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(ultraedit.models, "load_model",
+                        lambda *a, **k: pytest.fail("the model was loaded"))
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    assert main(_base(model_dir, data, tmp_path, "--plot", str(tmp_path / "r.png"))) == 2
+    _one_line_error(capsys, "matplotlib")

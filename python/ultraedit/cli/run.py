@@ -24,6 +24,7 @@ per-turn metrics and the time per turn.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -103,6 +104,8 @@ def _run(args: argparse.Namespace) -> int:
     check_threads(args.threads)
     check_output_paths([("--json", args.json), ("--plot", args.plot),
                         ("--records-out", args.records_out)])
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib")
     offline = args.data == "offline"
     if not offline and not os.path.isfile(args.data):
         raise UsageError(f"data file not found: {args.data!r} (or use --data offline)")
