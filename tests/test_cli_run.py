@@ -445,3 +445,16 @@ def test_plot_without_matplotlib_fails_before_any_work(model_dir, tmp_path, caps
     data = _write(tmp_path / "zsre.json", ZSRE)
     assert main(_base(model_dir, data, tmp_path, "--plot", str(tmp_path / "r.png"))) == 2
     _one_line_error(capsys, "matplotlib")
+
+
+def test_a_request_the_editor_refuses_is_a_one_line_error(model_dir, tmp_path, capsys):
+    """A record too long for the model's context: exit 2 with the editor's message, and the
+    JSON keeps the finished turns with the error."""
+    rows = [dict(r) for r in ZSRE]
+    rows[2]["src"] = "What is the capital of Italy, " + "the country, " * 200 + "?"
+    data = _write(tmp_path / "long.json", rows)
+    assert main(_base(model_dir, data, tmp_path, "--eval", "end")) == 2
+    _one_line_error(capsys)
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert len(out["turns"]) == 1 and out["status"] == "running"
+    assert out["error"].startswith("ValueError")

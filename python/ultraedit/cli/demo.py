@@ -89,8 +89,11 @@ def _demo(args: argparse.Namespace) -> int:
           f"{n} counterfactual edits of {relations} known to the model ({facts_s:.1f}s)",
           file=sys.stderr)
     editor = build_editor(model, tok, config, progress=not args.no_progress)
-    run = lifelong_run(model, tok, records, editor, args.turns, args.edits_per_turn,
-                       eval_before=True, eval_end=True, progress=not args.no_progress)
+    try:
+        run = lifelong_run(model, tok, records, editor, args.turns, args.edits_per_turn,
+                           eval_before=True, eval_end=True, progress=not args.no_progress)
+    except ValueError as err:   # a request the editor refuses: its own message
+        raise UsageError(str(err)) from None
     result = demo_result(run, editor)
     result.update({"model": args.model or "default", "preset": args.preset, "seed": args.seed,
                    "relations": relations, "threads": threads})

@@ -188,11 +188,14 @@ def _run(args: argparse.Namespace) -> int:
                  "prepare_s": data_s},
         "timing": {"preserve_s": editor.preserve_s},
     }
-    result = lifelong_run(model, tok, records, editor, args.turns, args.edits_per_turn,
-                          eval_every=args.eval_mode in ("every", "both"), eval_end=at_end,
-                          generation=args.generation, turn_generation=args.turn_generation,
-                          progress=progress, result=result,
-                          on_update=lambda r: write_json(r, args.json))
+    try:
+        result = lifelong_run(model, tok, records, editor, args.turns, args.edits_per_turn,
+                              eval_every=args.eval_mode in ("every", "both"), eval_end=at_end,
+                              generation=args.generation, turn_generation=args.turn_generation,
+                              progress=progress, result=result,
+                              on_update=lambda r: write_json(r, args.json))
+    except ValueError as err:   # a request the editor refuses: its own message, nothing changed
+        raise UsageError(str(err)) from None
     try:
         result["machine"]["loadavg_end"] = list(os.getloadavg())
     except (AttributeError, OSError):
