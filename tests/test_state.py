@@ -306,3 +306,28 @@ def test_embedded_model_edit_export_save_pretrained(tmp_path):
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+def test_editor_state_dict_round_trip(tok):
+    from ultraedit.state import EditorState
+
+    ed = _editor(tok, positions="subject", memory=2.0, preserve=0.5,
+                 preserve_subjects=["France", "Lima"])
+    ed.edit([("The capital of France is", "Rome", "France"), ("Paris is in", "Peru", "Paris")])
+    sd = ed.state.state_dict()
+    assert set(sd) == {"turns", "stats", "compat", "memory", "preserved"}
+    devices = {**{ed.stats_key(n): torch.device("cpu") for n in ed.modules},
+               **{n: torch.device("cpu") for n in ed.modules}}
+    back = EditorState()
+    back.load_state_dict(sd, devices)
+    again = back.state_dict()
+    assert again["turns"] == 1 and again["compat"] == sd["compat"]
+    for part in ("stats", "memory", "preserved"):
+        assert again[part].keys() == sd[part].keys()
+        for key, fields in sd[part].items():
+            for f, v in fields.items():
+                got = again[part][key][f]
+                assert torch.equal(got, v) if isinstance(v, torch.Tensor) else got == v
+    with pytest.raises(ValueError, match="belong to no edited module"):
+        back.load_state_dict(sd, {})
+    assert back.state_dict()["turns"] == 1 and back.stats.keys() == ed.stats.keys()
