@@ -89,7 +89,8 @@ def save_state(editor, path, include_delta: bool = True) -> str:
     config = {k: config[k] for k in _SAVED_CONFIG}
     config.update(accumulate=journal.accumulate, modules=list(editor.modules))
     manifest = {"kind": "state", "model": model_info(editor.model), "config": config,
-                "preserve_owners": state.state_dict()["preserve_owners"],
+                "preserve_owners": (next(iter(state.preserved.values())).owners
+                                    if state.preserved else None),
                 "turns": int(state.turns), "base_turn": int(journal.base_turn),
                 "include_delta": bool(include_delta), "modules": modules, "stats": stats_meta}
     write_dir(path, files, manifest)
@@ -197,7 +198,8 @@ def _state_dict_from_files(path, manifest, files, editor, turns) -> Dict[str, An
     """The ``EditorState.state_dict()`` stored in a state directory."""
     stats_t = files[STATS_FILE]
     sd: Dict[str, Any] = {"turns": turns, "stats": {}, "compat": {}, "memory": {},
-                          "preserved": {}, "preserve_owners": manifest.get("preserve_owners")}
+                          "preserved": {}}
+    owners = manifest.get("preserve_owners")
     for meta in field(manifest, path, "stats", kind=list):
         key = field(meta, path, "key", kind=str)
         memory = meta.get("kind") == "memory"
@@ -214,10 +216,10 @@ def _state_dict_from_files(path, manifest, files, editor, turns) -> Dict[str, An
     preserve = float(manifest["config"].get("preserve", 0.0) or 0.0)
     if preserve > 0:
         keys = files.get(PRESERVE_FILE)
-        if keys is None or not sd["preserve_owners"] or set(keys) != set(editor.modules):
+        if keys is None or not owners or set(keys) != set(editor.modules):
             raise StateError(f"{path}: preserve={preserve} but the preserved keys of the "
                              f"edited modules are missing")
-        sd["preserved"] = {name: {"keys": keys[name]} for name in editor.modules}
+        sd["preserved"] = {name: {"keys": keys[name], "owners": owners} for name in editor.modules}
     return sd
 
 

@@ -35,7 +35,7 @@ from ultraedit_kernels._profiling import nvtx_range
 from .config import EditConfig, resolve_config
 from .hooks import CaptureSession, check_editable
 from .modules import module_dims, module_layout, resolve_modules
-from .solver import Prior, Update, first_non_finite, solve
+from .solver import Prior, Update, check_updates, first_non_finite, solve
 from .state import EditorState, KeyMemory, TurnJournal
 from .turn import (EditRequest, TurnMeter, TurnReport, capture_mask, context_length,
                    input_device, prepare_turn)
@@ -243,12 +243,7 @@ class UltraEditor:
         with nvtx_range("ultraedit/solve"):
             for name, k in keys.items():
                 out[name] = self._solve_module(name, k, grads[name], hold, priors, subjects)
-        bad = first_non_finite({n: u.tensor for n, u in out.items()})
-        if bad is not None:
-            hint = (" (compat='official' statistics are NaN after a one-row block)"
-                    if cfg.compat == "official" else "")
-            raise FloatingPointError(f"module {bad!r}: the parameter shift is not finite{hint}; "
-                                     f"nothing was changed")
+        check_updates(out, cfg.lr, cfg.ridge, official=cfg.compat == "official")
         return out
 
     def _solve_module(self, name, k, g, hold, priors, subjects) -> Update:

@@ -70,6 +70,15 @@ class PreservedKeys:
         k = self.keys[rows].to(torch.float64)
         return self.gram - k.T @ k
 
+    def state_dict(self) -> Dict[str, object]:
+        """``{"keys": n x d_in float32, "owners": [subject of each row]}``."""
+        return {"keys": self.keys, "owners": list(self.owners)}
+
+    @classmethod
+    def from_state_dict(cls, sd: Dict[str, object], device=None) -> "PreservedKeys":
+        """The inverse of :meth:`state_dict` (checks shapes and finiteness)."""
+        return cls(sd["keys"].to(device), sd["owners"])
+
     def __repr__(self) -> str:
         return (f"PreservedKeys(rows={self.keys.shape[0]}, subjects={len(self._rows)}, "
                 f"dim={self.keys.shape[1]})")

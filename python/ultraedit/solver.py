@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
@@ -43,7 +44,7 @@ import torch
 
 from ultraedit_kernels import EPS, SolveError, choose_method, gram, pseudo_values_op, spd_solve
 
-__all__ = ["Update", "Prior", "solve", "first_non_finite", "SolveError"]
+__all__ = ["Update", "Prior", "solve", "check_updates", "first_non_finite", "SolveError"]
 
 _log = logging.getLogger("ultraedit")
 
@@ -133,6 +134,29 @@ def solve(keys: torch.Tensor, grads: torch.Tensor, stats, *, lr: float, ridge: f
         return Update("dual", _spd_solve(gram(k1, ridge, True), v1, "update (dual)"), k1)
     return Update("primal", _spd_solve(gram(k1, ridge, False), k1.to(c).T @ v1,
                                        "update (primal)"), keys)
+
+
+def check_updates(updates: Dict[str, Update], lr: float, ridge: float,
+                  official: bool = False) -> None:
+    """Refuse a step whose update is not finite in some module (FloatingPointError naming it);
+    warn when it is exactly zero in every module. One host synchronization per device."""
+    by_device: Dict[torch.device, list] = {}
+    for name, u in updates.items():
+        by_device.setdefault(u.tensor.device, []).append(name)
+    zero = True
+    for names in by_device.values():
+        ts = [updates[n].tensor for n in names]
+        flags = torch.stack([torch.isfinite(t).all() for t in ts]
+                            + [(t != 0).any() for t in ts]).cpu()
+        if not bool(flags[:len(ts)].all()):
+            bad = names[int((~flags[:len(ts)]).nonzero()[0])]
+            hint = " (compat='official' statistics are NaN after a one-row block)" if official else ""
+            raise FloatingPointError(f"module {bad!r}: the parameter shift is not finite{hint}; "
+                                     f"nothing was changed")
+        zero = zero and not bool(flags[len(ts):].any())
+    if zero and updates:
+        warnings.warn(f"the update is exactly zero in every module (lr={lr:g}, ridge={ridge:g}): "
+                      f"this step leaves the weights as they were", stacklevel=4)
 
 
 def first_non_finite(tensors: Dict[str, torch.Tensor]) -> Optional[str]:

@@ -109,15 +109,14 @@ class EditorState:
         self.turns = snap["turns"]
 
     def state_dict(self) -> Dict[str, Any]:
-        """``{"turns", "stats": {key: {count, mean, m2}}, "memory": {module: {gram, count}},
-        "preserved": {module: {"keys"}}, "preserve_owners"}`` (tensors and plain values)."""
-        owners = next(iter(self.preserved.values())).owners if self.preserved else None
+        """``{"turns", "stats": {key: {count, mean, m2}}, "compat": {key: str},
+        "memory": {module: {gram, count}}, "preserved": {module: {keys, owners}}}`` (tensors
+        and plain values; each part is its object's own ``state_dict()``)."""
         return {"turns": self.turns,
                 "stats": {k: dict(v.state_dict()) for k, v in self.stats.items()},
                 "compat": {k: v.compat for k, v in self.stats.items()},
                 "memory": {k: dict(v.state_dict()) for k, v in self.memory.items()},
-                "preserved": {k: {"keys": v.keys} for k, v in self.preserved.items()},
-                "preserve_owners": owners}
+                "preserved": {k: v.state_dict() for k, v in self.preserved.items()}}
 
     def load_state_dict(self, sd: Dict[str, Any], devices: Dict[str, torch.device]) -> None:
         """Replace the state with ``sd`` (:meth:`state_dict`); ``devices`` maps each stats key
@@ -140,11 +139,10 @@ class EditorState:
             mem = KeyMemory(parts["gram"].shape[0], device=devices[name])
             mem.load_state_dict(parts)
             memory[name] = mem
-        owners = sd.get("preserve_owners")
         for name, parts in sd.get("preserved", {}).items():
-            if name not in devices or not owners:
-                raise ValueError(f"preserved keys {name!r}: no such module or no owners")
-            preserved[name] = PreservedKeys(parts["keys"].to(devices[name]), owners)
+            if name not in devices:
+                raise ValueError(f"preserved keys {name!r} belong to no edited module")
+            preserved[name] = PreservedKeys.from_state_dict(parts, devices[name])
         self.stats, self.memory, self.preserved = stats, memory, preserved
         self.turns = int(sd.get("turns", 0))
 

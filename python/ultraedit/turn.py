@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from .tokenization import encode_edit_batch, encode_request, special_prefix, subject_token_index
+from .tokenization import (encode_edit_batch, encode_request, shown, special_prefix,
+                           subject_token_index)
 
 __all__ = ["EditRequest", "TurnReport", "TurnMeter", "prepare_turn", "encode_turn"]
 
@@ -44,13 +46,15 @@ class EditRequest:
         if isinstance(value, dict):
             missing = {"prompt", "target"} - set(value)
             if missing:
-                raise ValueError(f"edit request dict is missing {sorted(missing)}: {value!r}")
+                raise ValueError(f"edit request dict is missing {sorted(missing)}: "
+                                 f"{shown(repr(value))}")
             return cls(value["prompt"], value["target"], value.get("subject"))
         if isinstance(value, (tuple, list)) and len(value) in (2, 3):
             return cls(*value)
         if hasattr(value, "prompt") and hasattr(value, "target"):
             return cls(value.prompt, value.target, getattr(value, "subject", None))
-        raise TypeError(f"cannot make an edit request from {type(value).__name__}: {value!r}")
+        raise TypeError(f"cannot make an edit request from {type(value).__name__}: "
+                        f"{shown(repr(value))}")
 
 
 @dataclass
@@ -63,8 +67,10 @@ class TurnReport:
     ``peak_bytes``: on CUDA, ``torch.cuda.max_memory_allocated`` during the turn summed over the
     devices used (``peak_source="cuda"``); on CPU an estimate (``peak_source="estimate"``):
     parameter and buffer bytes + the largest micro-batch's autograd-saved activations and
-    logits + the captured rows and solver workspace of the turn. ``capture_bytes``: the largest
-    step's captured keys and gradients plus its solved factors.
+    logits + the captured rows and solver workspace of the turn. Either counts tensors only:
+    not the allocator's cached or freed memory, the interpreter, the tokenizer or libraries, so
+    a process's resident memory grows by more. ``capture_bytes``: the largest step's captured
+    keys and gradients plus its solved factors.
     """
 
     turn: int
@@ -88,14 +94,28 @@ class TurnReport:
 
 def prepare_turn(tokenizer, requests, config, device, max_length):
     """``(requests, micro-batches)`` of a turn: each request coerced (:meth:`EditRequest.coerce`),
-    in the reference code's order with ``compat="official"``, tokenized (:func:`encode_turn`)."""
+    in the reference code's order with ``compat="official"``, tokenized (:func:`encode_turn`).
+    Warns about subjects that are not used (``positions="answer"``) and about a prompt given
+    two targets in one turn."""
     reqs = [EditRequest.coerce(r) for r in requests]
     if not reqs:
         raise ValueError("edit() needs at least one request")
     if config.compat == "official":
         reqs = official_order(tokenizer, reqs)
-    return reqs, encode_turn(tokenizer, reqs, config.micro_batch, config.positions, device,
-                             max_length)
+    batches = encode_turn(tokenizer, reqs, config.micro_batch, config.positions, device,
+                          max_length)
+    if config.positions == "answer" and any(r.subject is not None for r in reqs):
+        warnings.warn("edit requests carry subjects, but keys are captured at the answer "
+                      "positions (positions='answer'): the subjects are not used", stacklevel=3)
+    targets: Dict[str, set] = {}
+    for r in reqs:
+        targets.setdefault(r.prompt, set()).add(r.target)
+    for prompt, ts in targets.items():
+        if len(ts) > 1:
+            warnings.warn(f"prompt {shown(prompt)} has {len(ts)} targets in one turn "
+                          f"({', '.join(sorted(map(shown, ts))[:3])}): their updates pull "
+                          f"against each other", stacklevel=3)
+    return reqs, batches
 
 
 def encode_turn(tokenizer, reqs: List[EditRequest], micro_batch: int, positions: str,
@@ -146,7 +166,7 @@ def subject_indices(tokenizer, reqs: List[EditRequest]) -> List[int]:
     for i, r in enumerate(reqs):
         if r.subject is None:
             raise ValueError(
-                f"edit request {i} ({r.prompt!r} -> {r.target!r}) has no subject, but this "
+                f"edit request {i} ({shown(r.prompt)} -> {shown(r.target)}) has no subject, but this "
                 f"editor captures at subject positions (positions='subject'): pass "
                 f"EditRequest(prompt, target, subject=...) or {{'subject': ...}}, or build the "
                 f"editor with positions='answer' (the paper's subject-free method)")
@@ -154,6 +174,13 @@ def subject_indices(tokenizer, reqs: List[EditRequest]) -> List[int]:
             out.append(subject_token_index(tokenizer, r.prompt, r.subject, prefix))
         except ValueError as exc:
             raise ValueError(f"edit request {i}: {exc}") from None
+        start = r.prompt.rfind(r.subject)
+        end = start + len(r.subject)
+        if (start > 0 and r.prompt[start - 1].isalnum() and r.subject[0].isalnum()) or (
+                end < len(r.prompt) and r.prompt[end].isalnum() and r.subject[-1].isalnum()):
+            warnings.warn(f"edit request {i}: the subject {shown(r.subject)} is part of a longer "
+                          f"word in {shown(r.prompt)}; keys are captured at its last token, "
+                          f"which may not be the entity's", stacklevel=4)
     return out
 
 
