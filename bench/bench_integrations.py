@@ -1,6 +1,6 @@
 """The one-line patch of existing UltraEdit editors, on the embedded model, same process.
 
-Case (issue 10's "Must show"): SmolLM2-135M-Instruct (float32), 7 ``down_proj`` modules (layers
+Case: SmolLM2-135M-Instruct (float32), 7 ``down_proj`` modules (layers
 22-28, 1536 -> 576), one 100-edit turn in micro-batches of 10 (country-capital counterfactuals
 from ``ultraedit.data.offline_facts`` when available, else inline pairs).  Two stand-in editors
 that follow the official UltraEdit interface (tests/integration_standins.py) run the same turn:

@@ -18,7 +18,7 @@
     in the untimed ``setup`` of the project's rounds, so the two alternate (load drift on a shared
     machine hits both alike). ``extra_info`` holds both summaries, the paper's per-stage times,
     ``speedup`` (paper median / project median), ``memory_ratio`` (project peak / paper peak)
-    and whether the issue's "Must show" thresholds are met.
+    and whether the targets are met.
 
 (b) ``test_editor_turn``: the whole editor turn (``UltraEditor.edit``, 100 offline capital edits,
     micro-batches of 10) on the embedded SmolLM2-135M: the editor's own split into model

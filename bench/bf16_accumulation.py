@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 def run(model_state, tok, model, records, lr, accumulate, turns, edits, micro_batch):
     from ultraedit import UltraEditor
-    from ultraedit.delta import DeltaTracker, dense_update
+    from ultraedit.state import TurnJournal as DeltaTracker, dense_update
 
     model.load_state_dict(model_state)
     intended = {}
@@ -55,11 +55,11 @@ def run(model_state, tok, model, records, lr, accumulate, turns, edits, micro_ba
             rep = ed.edit(reqs)
             err = tot = 0.0
             for name in ed.modules:
-                change = ed.modules[name].weight.detach().double() - ed._delta.base[name].double()
+                change = ed.modules[name].weight.detach().double() - ed.journal.base[name].double()
                 err += float((change - intended[name]).norm() ** 2)
                 tot += float(intended[name].norm() ** 2)
             rel = (tot ** 0.5) / sum(float(b.double().norm() ** 2)
-                                     for b in ed._delta.base.values()) ** 0.5
+                                     for b in ed.journal.base.values()) ** 0.5
             rows.append({"turn": t + 1, "lost": (err / tot) ** 0.5, "delta_rel_norm": rel,
                          "turn_s": rep.turn_s})
             print(f"lr {lr:g} accumulate={accumulate} turn {t + 1}: lost {rows[-1]['lost']:.4f} "

@@ -125,7 +125,7 @@ def main(argv=None):
     editor_mod.CaptureSession = Recording
     out = Path(args.out)
     payload = {"settings": {**vars(args), "lr": ed.lr, "modules": list(ed.modules),
-                            "accumulate": ed._delta.accumulate, "history": ed._delta.history,
+                            "accumulate": ed.journal.accumulate, "history": ed.journal.history,
                             "threads": torch.get_num_threads()},
                "device": f"{platform.processor() or platform.machine()}, "
                          f"{os.cpu_count()} CPUs, torch {torch.__version__}",

@@ -1,8 +1,8 @@
 """The paper's computation path (the official UltraEdit code's ``cache`` + ``predict_param_shifts``),
 kept only as the speed/memory baseline of the benchmarks.
 
-Written from the description of the reference implementation in DESIGN.md §1 and issue 7 (no code
-copied). Each step names what it mirrors. It reproduces the reference code's *computation* and its
+Written from the description of the reference implementation (docs/concepts.md, "The reference
+code's quirks"; no code copied). Each step names what it mirrors. It reproduces the reference code's *computation* and its
 costs (disk round trip, d_in x d_in LU solve, dense fp32 ΔW, weight gradients), including its
 quirks that affect the numbers:
 

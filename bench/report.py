@@ -257,7 +257,7 @@ def render(data: Dict, command: Optional[str], images: List[str], md_dir: str) -
         lines += ["## Command", "", "```", command, "```", ""]
     must = must_show_lines(benches)
     if must:
-        lines += ["## Must show (issue 7)", ""] + must + [""]
+        lines += ["## Targets", ""] + must + [""]
     lines += ["## Per turn", ""] + turn_tables(benches)
     lines += ops_table(benches)
     if images:

@@ -43,13 +43,16 @@ def turn_requests(t, n=4):
 
 
 def snapshot(editor):
-    """Everything a turn may change: model state dict, statistics, turn count, Δ accumulators."""
+    """Everything a turn may change: model state dict, statistics, key memories, turn count, Δ
+    accumulators."""
     return {
         "model": {k: v.detach().clone() for k, v in editor.model.state_dict().items()},
         "stats": {k: {p: t.clone() for p, t in v.state_dict().items()}
                   for k, v in editor.stats.items()},
+        "memory": {k: {p: t.clone() for p, t in v.state_dict().items()}
+                   for k, v in editor.state.memory.items()},
         "turns": editor.turns,
-        "delta": {k: (None if v is None else v.clone()) for k, v in editor._delta.delta.items()},
+        "delta": {k: (None if v is None else v.clone()) for k, v in editor.journal.delta.items()},
     }
 
 
@@ -64,6 +67,10 @@ def assert_same(a, b):
     for k in a["stats"]:
         for p in a["stats"][k]:
             assert torch.equal(a["stats"][k][p], b["stats"][k][p]), f"stats {k}.{p} differ"
+    assert a["memory"].keys() == b["memory"].keys()
+    for k in a["memory"]:
+        for p in a["memory"][k]:
+            assert torch.equal(a["memory"][k][p], b["memory"][k][p]), f"memory {k}.{p} differ"
     assert a["delta"].keys() == b["delta"].keys()
     for k in a["delta"]:
         x, y = a["delta"][k], b["delta"][k]

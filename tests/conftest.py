@@ -1,7 +1,7 @@
 """Shared pytest fixtures. Each part of the project keeps its fixtures in its own section."""
 
 # ---------------------------------------------------------------------------------------------
-# Editor fixtures (python/ultraedit; issue 4): tiny offline tokenizers and random-init models.
+# Editor fixtures (python/ultraedit): tiny offline tokenizers and random-init models.
 # ---------------------------------------------------------------------------------------------
 import os as _ue_os
 import sys as _ue_sys
@@ -112,7 +112,7 @@ def ue_restore():
 
 
 # ---------------------------------------------------------------------------------------------
-# Data and metrics fixtures (python/ultraedit/data, python/ultraedit/metrics.py; issue 8).
+# Data and metrics fixtures (python/ultraedit/data, python/ultraedit/eval).
 # ---------------------------------------------------------------------------------------------
 def data_bigram_lm(tokenizer, pairs):
     """A deterministic causal 'LM' whose next-token argmax depends only on the current token:

@@ -1,6 +1,6 @@
 """An independent float64 implementation of UltraEdit's update (the test oracle).
 
-Written from the formulas in DESIGN.md §1, sharing no code with ultraedit_kernels.
+Written from the method's formulas (docs/concepts.md), sharing no code with ultraedit_kernels.
 """
 import torch
 

@@ -181,14 +181,17 @@ def test_failed_turn_changes_nothing(ue_tokenizer, monkeypatch):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     stats = {k: v.state_dict() for k, v in ed.stats.items()}
     calls = []
-    real = ultraedit_kernels.shift_factors
+    import ultraedit.editor as editor_mod
+    real = editor_mod.solve
 
     def second_fails(*a, **kw):
         calls.append(1)
         out = real(*a, **kw)
-        return out * float("nan") if len(calls) == 2 else out
+        if len(calls) == 2:
+            out.tensor = out.tensor * float("nan")
+        return out
 
-    monkeypatch.setattr(ultraedit_kernels, "shift_factors", second_fails)
+    monkeypatch.setattr(editor_mod, "solve", second_fails)
     with pytest.raises(FloatingPointError, match="model.layers.2.mlp.down_proj.*not finite"):
         ed.edit(REQUESTS[3:7])
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
@@ -219,3 +222,16 @@ def test_request_forms_and_errors(ue_tokenizer):
     with pytest.raises(ValueError, match="no module"):
         UltraEditor(model, ue_tokenizer, modules=["model.layers.7.mlp.down_proj"])
     assert UltraEditor(model, ue_tokenizer).lr == 1e-6     # the paper's lr off the embedded model
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_modules_no_turn_can_edit_are_refused_at_construction(ue_tokenizer, kind):
+    model = ue_tiny_model(kind, len(ue_tokenizer))
+    model.unused = torch.nn.Linear(32, 32)  # a Linear that the forward never calls
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="'lm_head' is the output embedding"):
+        UltraEditor(model, ue_tokenizer, modules=["lm_head"])
+    with pytest.raises(ValueError, match=r"\['unused'\] are not called .* forward"):
+        UltraEditor(model, ue_tokenizer, modules=["unused"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training and all(p.requires_grad for p in model.parameters())

@@ -3,7 +3,7 @@ facts keep their predictions, two lifelong turns both hold, no weight gradients 
 import pytest
 
 from ultraedit import UltraEditor
-from ultraedit.metrics import next_token_predictions, token_accuracy
+from ultraedit.eval import next_token_predictions, token_accuracy
 
 TURN1 = [("The capital of France is", "Rome"), ("The capital of Germany is", "Madrid"),
          ("The capital of Japan is", "London"), ("The capital of Spain is", "Paris")]
@@ -20,7 +20,7 @@ def test_edits_stick_and_unrelated_facts_stay(ue_embedded, ue_restore):
     unrelated_before = next_token_predictions(model, tok, UNRELATED)
     assert sum(token_accuracy(model, tok, *zip(*TURN1 + TURN2))) == 0.0
     # the paper's subject-free method (answer positions, one step, no held rows or memory);
-    # a few edits per turn: DESIGN.md §6's starting point, down_proj 22-28 at lr 3e-4
+    # a few edits per turn: the first measured setting, down_proj 22-28 at lr 3e-4
     mods = [f"model.layers.{i}.mlp.down_proj" for i in range(22, 29)]
     ue_restore(model, mods)
     editor = UltraEditor(model, tok, modules="model.layers.2[2-8].mlp.down_proj", lr=3e-4,

@@ -57,20 +57,24 @@ def stats_equal(a, b):
 
 
 class Spy:
-    """Records every ``_module_update`` call's inputs and result."""
+    """Records every module's solve of every step: inputs and the update
+    (``out = ((kind, tensor), keys)``, ``ΔW = keysᵀ tensor`` for ``kind="dual"``)."""
 
     def __init__(self, monkeypatch):
         self.calls = []
-        real = UltraEditor._module_update
+        real = UltraEditor._solve
 
-        def spy(editor, name, k, g, st, hold=None):
-            out = real(editor, name, k, g, st, hold)
-            self.calls.append(dict(name=name, k=k.clone(), g=g.clone(), mean=st.mean.clone(),
-                                   std=st.std.clone(), hold=None if hold is None else hold.clone(),
-                                   out=out))
+        def spy(editor, keys, grads, hold, *args):
+            out = real(editor, keys, grads, hold, *args)
+            for name, upd in out.items():
+                st = editor.state.stats[editor.stats_key(name)]
+                self.calls.append(dict(name=name, k=keys[name].clone(), g=grads[name].clone(),
+                                       mean=st.mean.clone(), std=st.std.clone(),
+                                       hold=None if hold is None else hold.clone(),
+                                       out=((upd.kind, upd.tensor), upd.keys)))
             return out
 
-        monkeypatch.setattr(UltraEditor, "_module_update", spy)
+        monkeypatch.setattr(UltraEditor, "_solve", spy)
 
 
 # ------------------------------------------------------------------ subject positions
@@ -222,7 +226,7 @@ def test_memory_second_turn_solves_with_the_first_turns_keys(ue_tokenizer, monke
     ed.edit(REQUESTS[:3])
     first = {c["name"]: c["k"].double() for c in spy.calls}
     for name, k in first.items():
-        mem = ed.stats[f"memory:{name}"]
+        mem = ed.state.memory[name]
         torch.testing.assert_close(mem.gram, k.T @ k)
         assert int(mem.count) == k.shape[0]
     spy.calls.clear()
@@ -242,15 +246,18 @@ def test_memory_rolls_back_and_survives_save_load(ue_tokenizer, tmp_path):
     model = ue_tiny_model("llama", len(ue_tokenizer), seed=2)
     ed = UltraEditor(model, ue_tokenizer, modules=MODS, lr=1e-2, memory=1.0, steps=2, history=2)
     ed.edit(REQUESTS[:2])
-    after_one = {k: v.clone() for k, v in ed.stats.items()}
+    after_one = ed.state.snapshot()
     ed.edit(REQUESTS[2:])
-    assert not stats_equal(ed.stats, after_one)
+    assert not stats_equal(ed.state.memory, after_one["memory"])
+    assert not stats_equal(ed.stats, after_one["stats"])
     ed.save_state(tmp_path / "s")
     back = UltraEditor.load_state(tmp_path / "s", ue_tiny_model("llama", len(ue_tokenizer), seed=2),
                                   ue_tokenizer)
     assert back.memory == 1.0 and stats_equal(back.stats, ed.stats)
+    assert stats_equal(back.state.memory, ed.state.memory)
     ed.rollback(1)
-    assert stats_equal(ed.stats, after_one)
+    assert stats_equal(ed.stats, after_one["stats"])
+    assert stats_equal(ed.state.memory, after_one["memory"])
 
 
 def test_memory_validation(ue_tokenizer):
@@ -259,3 +266,21 @@ def test_memory_validation(ue_tokenizer):
         with pytest.raises(ValueError, match="memory"):
             UltraEditor(model, ue_tokenizer, modules=MODS, memory=bad)
     assert UltraEditor(model, ue_tokenizer, modules=MODS).memory == 0.0  # the paper
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_rollback_after_a_turn_that_changed_nothing_undoes_only_that_turn(ue_tokenizer, steps):
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=3)
+    word = force_prediction(model, ue_tokenizer)
+    ed = UltraEditor(model, ue_tokenizer, modules=MODS, lr=1e-2, steps=steps, hold_done=True,
+                     history=3)
+    base = weights(model)
+    ed.edit(REQUESTS[:3])                                       # a real turn
+    after_real = weights(model)
+    stats = {k: v.clone() for k, v in ed.stats.items()}
+    rep = ed.edit([dict(r, target=word) for r in REQUESTS[3:]])  # every edit already holds
+    assert rep.steps_run == 0 and ed.turns == 2 and same(weights(model), after_real)
+    ed.rollback()                                               # undoes the no-op turn only
+    assert ed.turns == 1 and same(weights(model), after_real) and stats_equal(ed.stats, stats)
+    ed.rollback()
+    assert ed.turns == 0 and same(weights(model), base) and ed.stats == {}

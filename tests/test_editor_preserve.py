@@ -123,6 +123,7 @@ def test_preserve_survives_save_load_and_rollback(ue_tokenizer, tmp_path):
     fresh = ue_tiny_model("llama", len(ue_tokenizer), seed=2)
     back = UltraEditor.load_state(tmp_path / "s", fresh, ue_tokenizer)
     assert back.preserve == 2.0 and stats_equal(back.stats, ed.stats)
+    assert stats_equal(back.state.memory, ed.state.memory)
     for m in MODS:  # the saved keys (of the unedited model), not keys of the edited one
         assert back.preserved[m].owners == ed.preserved[m].owners
         assert torch.equal(back.preserved[m].keys, ed.preserved[m].keys)

@@ -40,17 +40,35 @@ def same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def old_editor_class():
+def _module_before(name, alias=None):
+    """``python/ultraedit/<name>.py`` as it was at BEFORE, as module ``ultraedit.<alias>``."""
     try:
-        src = subprocess.run(["git", "show", f"{BEFORE}:python/ultraedit/editor.py"], cwd=ROOT,
+        src = subprocess.run(["git", "show", f"{BEFORE}:python/ultraedit/{name}.py"], cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("the pre-option editor is not in this checkout's git history")
-    mod = types.ModuleType("ultraedit._editor_before_options")
+    mod = types.ModuleType(f"ultraedit.{alias or name}")
     mod.__package__ = "ultraedit"
     sys.modules[mod.__name__] = mod
-    exec(compile(src, "editor_before_options.py", "exec"), mod.__dict__)
-    return mod.UltraEditor
+    exec(compile(src, f"{name}_before_options.py", "exec"), mod.__dict__)
+    return mod
+
+
+def old_editor_class():
+    import ultraedit
+
+    # the old editor imports its weight tracker from ``.delta`` (since merged into ``.state``)
+    delta = _module_before("delta", "_delta_before_options")
+    saved = sys.modules.get("ultraedit.delta")
+    sys.modules["ultraedit.delta"] = delta
+    try:
+        return _module_before("editor", "_editor_before_options").UltraEditor
+    finally:
+        if saved is None:
+            sys.modules.pop("ultraedit.delta", None)
+            ultraedit.__dict__.pop("delta", None)
+        else:
+            sys.modules["ultraedit.delta"] = saved
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"protect_mean": 0.0, "steps": 1},
@@ -143,15 +161,16 @@ def test_failed_later_step_leaves_the_turn_undone(ue_tokenizer, monkeypatch):
     before = weights(model)
     stats = {k: {p: t.clone() for p, t in v.state_dict().items()} for k, v in ed.stats.items()}
     calls = {"n": 0}
-    real = UltraEditor._module_update
+    import ultraedit.editor as editor_mod
+    real = editor_mod.solve
 
-    def flaky(self, name, k, g, st, hold=None):
+    def flaky(*args, **kwargs):  # one call per module and step
         calls["n"] += 1
         if calls["n"] == 2 * len(MODS) + 2:  # inside the third step
             raise RuntimeError("boom")
-        return real(self, name, k, g, st, hold)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(UltraEditor, "_module_update", flaky)
+    monkeypatch.setattr(editor_mod, "solve", flaky)
     with pytest.raises(RuntimeError, match="boom"):
         ed.edit(REQUESTS[3:])
     assert ed.turns == 1 and same(weights(model), before)

@@ -16,7 +16,7 @@ ZSRE = [
      "loc_ans": "Hugo Weaving",
      "cond": "Trinity College >> University of Michigan || What university did Watts Humphrey attend?"},
     {"subject": "Ramalinaceae", "src": "Which family does Ramalinaceae belong to?",
-     "rephrase": "What family are Ramalinaceae?", "alt": "", "answers": ["Lecanorales"],
+     "rephrase": "What family are Ramalinaceae?", "alt": "Ostropales", "answers": ["Lecanorales"],
      "loc": "nq question: types of skiing in the winter olympics 2018", "loc_ans": "Downhill",
      "portability": {"New Question": "Which order contains Ramalinaceae's family?",
                      "New Answer": "Lecanoromycetes"}},
@@ -97,8 +97,8 @@ def test_zsre(tmp_path):
     assert a.subject == "Watts Humphrey" and a.extra["pred"] == "Trinity College"
     assert a.as_request() == {"prompt": a.prompt, "target": "University of Michigan",
                               "subject": "Watts Humphrey"}
-    # empty alt: the answer itself is the target (training-set variant); EasyEdit portability
-    assert b.target == "Lecanorales" and b.target_true is None
+    # EasyEdit portability
+    assert b.target == "Ostropales" and b.target_true == "Lecanorales"
     assert b.portability == [("Which order contains Ramalinaceae's family?", "Lecanoromycetes")]
     assert load_records(_write(tmp_path, "z.json", ZSRE), format="zsre")[0] == a
 
@@ -168,7 +168,10 @@ def test_own_records_round_trip(tmp_path):
     ("zsre", [ZSRE[0], {**ZSRE[0], "src": ""}], 1, "src"),
     ("zsre", [{k: v for k, v in ZSRE[0].items() if k != "src"}], 0, "src | prompt"),
     ("zsre", [ZSRE[0], ZSRE[0], {**ZSRE[0], "rephrase": ["ok", 3]}], 2, "rephrase[1]"),
-    ("zsre", [{**ZSRE[0], "alt": "", "answers": []}], 0, "alt | answers"),
+    ("zsre", [{**ZSRE[0], "alt": "", "answers": []}], 0, "alt"),
+    ("zsre", [ZSRE[0], {**ZSRE[0], "alt": ""}], 1, "alt"),          # not an edit towards answers
+    ("zsre", [ZSRE[0], ZSRE[1], {**ZSRE[0], "alt": "  "}], 2, "alt"),
+    ("zsre", [{k: v for k, v in ZSRE[0].items() if k != "alt"}], 0, "alt | target_new"),
     ("zsre", [{**ZSRE[0], "loc_ans": 5}], 0, "loc_ans"),
     ("counterfact", [{**COUNTERFACT[0], "requested_rewrite": {
         **COUNTERFACT[0]["requested_rewrite"], "target_new": {"str": ""}}}], 0,

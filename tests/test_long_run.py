@@ -11,7 +11,7 @@ from _state_common import (MODULES, one_thread,  # noqa: F401 (autouse)
                            tiny_llama, turn_requests)
 from conftest import ue_make_tokenizer
 from ultraedit import UltraEditor
-from ultraedit.delta import DeltaTracker, dense_update
+from ultraedit.state import TurnJournal, dense_update
 from ultraedit.hooks import CaptureSession
 
 TURNS = 60
@@ -63,13 +63,13 @@ def _lost_fraction(dtype, accumulate, turns, monkeypatch, tok):
     """||(W_T - W_0) - Σ_t ΔW_t|| / ||Σ_t ΔW_t|| over the edited modules, where ΔW_t is the
     float64 value of each turn's computed update."""
     intended = {}
-    real = DeltaTracker._apply_module
+    real = TurnJournal._apply_module
 
     def record(self, name, k, method, u):
         intended[name] = intended.get(name, 0) + dense_update(self.layouts[name], k, method, u)
         return real(self, name, k, method, u)
 
-    monkeypatch.setattr(DeltaTracker, "_apply_module", record)
+    monkeypatch.setattr(TurnJournal, "_apply_module", record)
     ed = UltraEditor(tiny_llama(len(tok), dtype), tok, modules=MODULES, lr=1e-5, micro_batch=4,
                      accumulate=accumulate, history=0)
     for t in range(turns):
@@ -77,7 +77,7 @@ def _lost_fraction(dtype, accumulate, turns, monkeypatch, tok):
     monkeypatch.undo()
     err = tot = 0.0
     for name in MODULES:
-        change = ed.modules[name].weight.detach().double() - ed._delta.base[name].double()
+        change = ed.modules[name].weight.detach().double() - ed.journal.base[name].double()
         err += float((change - intended[name]).norm() ** 2)
         tot += float(intended[name].norm() ** 2)
     return (err / tot) ** 0.5
@@ -85,7 +85,7 @@ def _lost_fraction(dtype, accumulate, turns, monkeypatch, tok):
 
 def test_fp32_accumulation_keeps_small_bf16_updates(tok, monkeypatch):
     assert UltraEditor(tiny_llama(len(tok), torch.bfloat16), tok,
-                       modules=MODULES)._delta.accumulate          # on by default for bf16
+                       modules=MODULES).journal.accumulate          # on by default for bf16
     lost_rounded = _lost_fraction(torch.bfloat16, False, 40, monkeypatch, tok)
     lost_acc = _lost_fraction(torch.bfloat16, True, 40, monkeypatch, tok)
     lost_fp32 = _lost_fraction(torch.float32, False, 40, monkeypatch, tok)

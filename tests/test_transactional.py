@@ -1,20 +1,18 @@
 """Transactional turns: bad input, NaN/Inf features or gradients, a non-positive-definite system
 and an out-of-memory during the turn each raise a clear error (the solver first retries in
 float64, as documented) and leave the model weights and the editor state bit-identical."""
-import importlib
-
 import pytest
 import torch
 
-import ultraedit_kernels
 from _state_common import (MODULES, REQUESTS, assert_same, one_thread,  # noqa: F401 (autouse)
                            snapshot, tiny_llama, turn_requests)
 from conftest import ue_make_tokenizer
 from ultraedit import UltraEditor
-from ultraedit.delta import DeltaTracker
+import ultraedit.editor as editor_mod
+import ultraedit.solver as solver_mod
+from ultraedit.state import TurnJournal
 from ultraedit_kernels import SolveError
 
-ps = importlib.import_module("ultraedit_kernels.param_shift")  # the module, not the function
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +105,7 @@ def test_non_positive_definite_system_raises_solve_error(tok, monkeypatch):
         calls.append(a.dtype)
         return torch.zeros_like(b), torch.ones(a.shape[:-2], dtype=torch.int32)
 
-    monkeypatch.setattr(ps, "spd_solve_op", failing)
-    monkeypatch.setattr(ps, "spd_solve_reference", failing)
+    monkeypatch.setattr(solver_mod, "spd_solve", failing)
     with pytest.raises(SolveError, match="not positive definite even in float64"):
         ed.edit(turn_requests(1))
     assert calls == [torch.float32, torch.float64]       # the float64 retry was tried
@@ -122,7 +119,7 @@ def test_failed_factorization_recovers_in_float64(tok, monkeypatch):
 
     ed = _editor(tok)
     ed.edit(turn_requests(0))
-    real = ps.spd_solve_op
+    real = solver_mod.spd_solve
     state = {"failed": 0}
 
     def once(a, b):
@@ -131,7 +128,7 @@ def test_failed_factorization_recovers_in_float64(tok, monkeypatch):
             return torch.zeros_like(b), torch.ones(a.shape[:-2], dtype=torch.int32)
         return real(a, b)
 
-    monkeypatch.setattr(ps, "spd_solve_op", once)
+    monkeypatch.setattr(solver_mod, "spd_solve", once)
     ed.edit(turn_requests(1))                             # documented recovery: float64 retry
     assert state["failed"] == 1 and ed.turns == 2
     for k, v in ref.model.state_dict().items():
@@ -140,7 +137,7 @@ def test_failed_factorization_recovers_in_float64(tok, monkeypatch):
 
 def test_out_of_memory_in_the_solves(tok, monkeypatch):
     ed = _editor(tok)
-    real = ultraedit_kernels.shift_factors
+    real = editor_mod.solve
     calls = []
 
     def oom_second(*a, **k):
@@ -150,7 +147,7 @@ def test_out_of_memory_in_the_solves(tok, monkeypatch):
         return real(*a, **k)
 
     ed.edit(turn_requests(0))
-    monkeypatch.setattr(ultraedit_kernels, "shift_factors", oom_second)
+    monkeypatch.setattr(editor_mod, "solve", oom_second)
     calls.clear()
     before = snapshot(ed)
     with pytest.raises(torch.OutOfMemoryError, match="simulated"):
@@ -162,7 +159,7 @@ def test_out_of_memory_in_the_solves(tok, monkeypatch):
 def test_out_of_memory_while_applying(tok, dtype, monkeypatch):
     """The first module is already changed (and, accumulating, the second module's Δ too) when
     the error hits: everything is restored from the turn's snapshots."""
-    import ultraedit.delta as delta_mod
+    import ultraedit.state as state_mod
 
     ref = _editor(tok, dtype)
     ref.edit(turn_requests(0))
@@ -172,8 +169,8 @@ def test_out_of_memory_while_applying(tok, dtype, monkeypatch):
     ed.edit(turn_requests(0))
     before = snapshot(ed)
     applied = []
-    if ed._delta.accumulate:            # fail after Δ += update, before W is written
-        real = delta_mod.reconstruct
+    if ed.journal.accumulate:            # fail after Δ += update, before W is written
+        real = state_mod.reconstruct
 
         def flaky(*a, **k):
             applied.append(1)
@@ -181,9 +178,9 @@ def test_out_of_memory_while_applying(tok, dtype, monkeypatch):
                 raise torch.OutOfMemoryError("simulated: out of memory writing the weight")
             return real(*a, **k)
 
-        monkeypatch.setattr(delta_mod, "reconstruct", flaky)
+        monkeypatch.setattr(state_mod, "reconstruct", flaky)
     else:
-        real = DeltaTracker._apply_module
+        real = TurnJournal._apply_module
 
         def flaky(self, *a, **k):
             applied.append(1)
@@ -191,7 +188,7 @@ def test_out_of_memory_while_applying(tok, dtype, monkeypatch):
                 raise torch.OutOfMemoryError("simulated: out of memory applying the update")
             return real(self, *a, **k)
 
-        monkeypatch.setattr(DeltaTracker, "_apply_module", flaky)
+        monkeypatch.setattr(TurnJournal, "_apply_module", flaky)
     with pytest.raises(torch.OutOfMemoryError, match="simulated"):
         ed.edit(turn_requests(1))
     assert len(applied) >= 2            # (restoring may call reconstruct again)

@@ -1,5 +1,5 @@
 """End to end with ``ULTRAEDIT_BACKEND=triton``: statistics, pseudo-values and Gram all run the
-Triton kernels, and the parameter shift matches the float64 oracle (issue 5: 1e-5)."""
+Triton kernels, and the parameter shift matches the float64 oracle (1e-5)."""
 import dataclasses
 
 import pytest

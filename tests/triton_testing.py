@@ -41,7 +41,7 @@ TOLERANCES = {
     "gpu": {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5},
 }
 GRAM_FACTOR = 2.0
-PARAM_SHIFT_RTOL = 1e-5   # issue 5: param_shift with the triton backend vs float64
+PARAM_SHIFT_RTOL = 1e-5   # param_shift with the triton backend vs float64
 
 
 def use_backend(monkeypatch, name):

@@ -9,14 +9,15 @@ Imports are lazy so that ``import ultraedit`` (and the CLI's ``--help``) stays f
 transformers load only when an editor, request type or model loader is first used.
 """
 
-__all__ = ["UltraEditor", "EditRequest", "TurnReport", "load_model"]
+__all__ = ["UltraEditor", "EditRequest", "TurnReport", "EditConfig", "load_model", "apply_delta"]
 
 _LAZY = {
     "UltraEditor": "ultraedit.editor",
     "EditRequest": "ultraedit.editor",
     "TurnReport": "ultraedit.editor",
+    "EditConfig": "ultraedit.config",
     "load_model": "ultraedit.models",
-    "apply_delta": "ultraedit.delta",
+    "apply_delta": "ultraedit.checkpoint",
 }
 
 

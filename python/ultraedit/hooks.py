@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["CaptureSession"]
+__all__ = ["CaptureSession", "check_editable"]
 
 
 class _Slot:
@@ -159,3 +159,39 @@ class CaptureSession:
             slot.keys = slot.grads = None
             slot.calls = 0
         return result
+
+
+def check_editable(model: nn.Module, modules: Dict[str, nn.Module], device) -> None:
+    """Refuse modules no turn can edit, before anything is changed (ValueError naming them):
+
+    * the output embedding (``model.get_output_embeddings()``, e.g. ``lm_head``): its input is
+      cut to the answer columns (``logits_to_keep``) and its weight is the vocabulary
+      projection, often tied to the input embeddings;
+    * modules a forward pass does not call (found with one forward of one token in eval mode,
+      no gradient): no loss gradient reaches them.
+    """
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for name, module in modules.items():
+        if out is not None and module is out:
+            raise ValueError(
+                f"module {name!r} is the output embedding (the vocabulary projection; its input "
+                f"is cut to the answer positions and its weight is often tied to the input "
+                f"embeddings): it cannot be edited; choose MLP projections, e.g. the "
+                f"architecture's default (modules=None)")
+    called = set()
+    handles = [m.register_forward_hook(lambda mod, args, output, n=n: called.add(n))
+               for n, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    missing = [n for n in modules if n not in called]
+    if missing:
+        raise ValueError(f"modules {missing} are not called in {type(model).__name__}'s forward "
+                         f"pass, so no loss gradient reaches them and they cannot be edited")

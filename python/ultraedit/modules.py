@@ -21,7 +21,7 @@ gpt2             48   mlp.c_proj 36-45  (no paper choice; GPT-J's relative depth
 =============  =====  ============================================================
 
 The embedded SmolLM2-135M-Instruct (llama, 30 layers, hidden 576, MLP 1536) has its own
-*measured* default (``EMBEDDED_SMOLLM2``), chosen by the measurement in docs/editor.md.
+*measured* default (``EMBEDDED_SMOLLM2``), chosen by the measurement in experiments/tuning.md.
 
 Overrides: a name, or a list of names, each one of
   * an exact module name (``model.layers.3.mlp.down_proj``; a trailing ``.weight`` is dropped),
@@ -61,10 +61,10 @@ for _alias in ("gemma2", "gemma3", "gemma3_text"):
     ARCH_DEFAULTS[_alias] = ARCH_DEFAULTS["gemma"]
 ARCH_DEFAULTS["qwen3"] = ARCH_DEFAULTS["qwen2"]
 
-# The measured default for the embedded model (docs/editor.md): mlp.down_proj of layers 24-28.
+# The measured default for the embedded model (experiments/tuning.md): mlp.down_proj of layers 24-28.
 EMBEDDED_SMOLLM2 = [f"model.layers.{i}.mlp.down_proj" for i in range(24, 29)]
 # with keys captured at the subject's last token (``positions="subject"``): early MLPs, where the
-# subject's representation is built (measured, docs/editor.md: 4-8 without preserved subjects,
+# subject's representation is built (measured, experiments/tuning.md: 4-8 without preserved subjects,
 # 2-6 with them, the default)
 EMBEDDED_SMOLLM2_SUBJECT = [f"model.layers.{i}.mlp.down_proj" for i in range(2, 7)]
 

@@ -20,7 +20,7 @@ to slide along the old efficacy/locality curve instead of moving it).
 Cost: one forward of the unedited model over ``len(subjects) x len(contexts)`` short texts,
 cut after the deepest edited module, at construction (``UltraEditor.preserve_s``); per edited
 module an ``n x d_in`` float32 key matrix and its ``d_in x d_in`` float64 Gram; per turn one
-``d_in x d_in`` Cholesky that the key memory's factor shares (``ultraedit.memory``).
+``d_in x d_in`` Cholesky that the key memory's factor shares (``ultraedit.solver.Prior``).
 
 Equivalent PyTorch for one module (``keys`` = the preserved rows not edited this turn)::
 
@@ -29,12 +29,13 @@ Equivalent PyTorch for one module (``keys`` = the preserved rows not edited this
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Sequence
+import time
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 
 __all__ = ["DEFAULT_CONTEXTS", "DEFAULT_CITIES", "PreservedKeys", "default_subjects",
-           "capture_subject_keys"]
+           "capture_subject_keys", "capture_preserved"]
 
 # Neutral left contexts: a subject's key depends only on the tokens up to it, so these differ
 # from any relation's prompt ("The capital of {s}") while keeping the subject's representation.
@@ -69,6 +70,15 @@ class PreservedKeys:
         k = self.keys[rows].to(torch.float64)
         return self.gram - k.T @ k
 
+    def state_dict(self) -> Dict[str, object]:
+        """``{"keys": n x d_in float32, "owners": [subject of each row]}``."""
+        return {"keys": self.keys, "owners": list(self.owners)}
+
+    @classmethod
+    def from_state_dict(cls, sd: Dict[str, object], device=None) -> "PreservedKeys":
+        """The inverse of :meth:`state_dict` (checks shapes and finiteness)."""
+        return cls(sd["keys"].to(device), sd["owners"])
+
     def __repr__(self) -> str:
         return (f"PreservedKeys(rows={self.keys.shape[0]}, subjects={len(self._rows)}, "
                 f"dim={self.keys.shape[1]})")
@@ -82,6 +92,18 @@ def default_subjects(n_cities: int = DEFAULT_CITIES) -> List[str]:
     names = [r["name"] for r in country_table()]
     names += [c["name"] for c in city_table()[:n_cities]]
     return list(dict.fromkeys(names))
+
+
+def capture_preserved(editor, config) -> Tuple[Dict[str, "PreservedKeys"], float]:
+    """The preserved keys of ``editor``'s modules for ``config`` (its subjects and contexts,
+    defaults where None), captured from the model as it is now, and the seconds it took."""
+    t0 = time.perf_counter()
+    subjects = (default_subjects() if config.preserve_subjects is None
+                else list(config.preserve_subjects))
+    contexts = DEFAULT_CONTEXTS if config.preserve_contexts is None else config.preserve_contexts
+    keys = capture_subject_keys(editor.model, editor.tokenizer, editor.modules, subjects,
+                                contexts, progress=len(subjects) > 256)
+    return keys, time.perf_counter() - t0
 
 
 class _StopForward(Exception):

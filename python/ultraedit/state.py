@@ -1,382 +1,356 @@
-"""Saving and loading an editor's lifelong state: safetensors + a JSON manifest, atomically.
+"""The editor's lifelong state and the turn journal that makes every turn a transaction.
 
-A state is a directory::
+:class:`EditorState` is everything a turn reads and commits besides the weights:
 
-    manifest.json        format, versions that wrote it, model architecture, configuration,
-                         turn count, edited modules (shape, dtype, sha256 of the weights),
-                         normalizer keys, and the sha256 + size of every tensor file
-    stats.safetensors    per normalizer key: ``<key>.count`` (0-d), ``<key>.mean``, ``<key>.m2``
-                         (float64, the exact RunningStats state)
-    delta.safetensors    (``include_delta=True``) per module ``base.<name>`` (W0, weight dtype)
-                         and ``delta.<name>`` (Δ with ``W = round(W0 + Δ)`` exactly)
-    preserve.safetensors (``preserve > 0``) per module ``<name>`` the preserved subject keys
-                         (float32, captured from the unedited model); their owners are the
-                         manifest's ``preserve_owners``
+* ``stats``: the normalizer, ``{stats key: RunningStats}`` of ``z = [k ; g]``, keyed
+  ``"shape:<d_in>x<d_out>"`` (one per weight shape, the paper) or ``"module:<name>"``;
+* ``memory``: ``{module: KeyMemory}``, ``M = Σ_t K_tᵀK_t`` over committed turns' keys;
+* ``preserved``: ``{module: PreservedKeys}``, captured once at construction (read-only);
+* ``turns``: committed turns.
 
-Everything is written into a temporary sibling directory, flushed, and renamed over ``path``
-(``os.replace``), so a crash never leaves a half-written state where a previous one was; an
-existing directory is replaced only if it holds one of our manifests. No pickle: tensors go
-through safetensors, everything else through JSON.
+:class:`TurnJournal` owns the edited weights' record: ``base`` (``W0``, the weights before the
+first edit), in **accumulate** mode the fp32 ``delta`` ``Δ = Σ_t ΔW_t`` with
+``W = round(W0 + Δ)`` written once per step (updates far below bf16's rounding step add up
+instead of vanishing), and a bounded history of turn records. :meth:`TurnJournal.transaction`
+snapshots the state and the weights (or Δ) before a turn; if anything fails inside, both are
+restored bit for bit before the error propagates; on success the snapshot becomes the turn's
+rollback entry. :meth:`TurnJournal.rollback` restores the last turns' snapshots.
 
-Loading verifies the checksums, the model's class and ``config.model_type``, every module's
-shape and dtype, and that the model's weights are either the base the deltas start from (then
-the edited weights are written) or the edited weights themselves; anything else raises
-:class:`StateError` before the model or editor is touched.
+Memory: ``base`` is one copy of the edited weights; ``delta`` one float32 copy when
+accumulating; each history entry one more copy (weight dtype, or float32 when accumulating)
+plus the statistics and key memories. ``device="cpu"`` keeps all of it off the accelerator.
 """
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import json
-import os
-import platform
-import shutil
-import tempfile
-from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+import collections
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, Optional, Union
 
 import torch
 
-__all__ = ["save_state", "load_state", "StateError", "FORMAT", "FORMAT_VERSION",
-           "tensor_sha256", "file_sha256"]
+__all__ = ["EditorState", "KeyMemory", "TurnJournal", "TurnRecord", "RollbackError",
+           "reconstruct", "dense_update"]
 
-FORMAT = "ultraedit-state"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-STATS_FILE = "stats.safetensors"
-DELTA_FILE = "delta.safetensors"
-PRESERVE_FILE = "preserve.safetensors"
+_BLOCK_BYTES = 64 << 20
+# "auto" accumulates for these weights: bf16/fp16 lose small updates to rounding, and for
+# float64 weights W - W0 cannot always be stored so that W0 + Δ rounds back to W exactly
+_ACCUMULATE_AUTO = (torch.bfloat16, torch.float16, torch.float64)
 
 
-class StateError(ValueError):
-    """A saved state or delta is corrupt, incomplete, or does not fit the given model."""
+class RollbackError(ValueError):
+    """More turns were asked to be rolled back than the history keeps."""
 
 
-# ---------------------------------------------------------------------- small helpers
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+# ---------------------------------------------------------------------- key memory
+class KeyMemory:
+    """``gram = Σ kkᵀ`` (d x d, float64) and ``count`` (rows) of the keys of committed turns."""
+
+    def __init__(self, dim: int, device=None):
+        if int(dim) != dim or dim < 1:
+            raise ValueError(f"KeyMemory dim must be a positive integer, got {dim!r}")
+        self.dim = int(dim)
+        self.gram = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.gram.device
+
+    def add(self, keys: torch.Tensor) -> "KeyMemory":
+        """Add the rows of ``keys`` (n x d) in place."""
+        if keys.dim() != 2 or keys.shape[1] != self.dim:
+            raise ValueError(f"keys must be n x {self.dim}, got {tuple(keys.shape)}")
+        k = keys.detach().to(device=self.device, dtype=torch.float64)
+        self.gram.addmm_(k.T, k)
+        self.count += k.shape[0]
+        return self
+
+    def clone(self) -> "KeyMemory":
+        out = KeyMemory.__new__(KeyMemory)
+        out.dim, out.gram, out.count = self.dim, self.gram.clone(), self.count.clone()
+        return out
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {"gram": self.gram, "count": self.count}
+
+    def load_state_dict(self, sd: Dict[str, torch.Tensor]) -> None:
+        gram, count = sd["gram"], sd["count"]
+        if tuple(gram.shape) != (self.dim, self.dim):
+            raise ValueError(f"key memory of shape {tuple(gram.shape)} does not fit dim {self.dim}")
+        if count.numel() != 1 or not bool(torch.isfinite(gram).all()) or float(count) < 0:
+            raise ValueError("key memory holds NaN/Inf values or a negative count")
+        self.gram = gram.to(device=self.device, dtype=torch.float64).clone()
+        self.count = count.to(device=self.device, dtype=torch.float64).clone().reshape(())
+
+    def __repr__(self) -> str:
+        return f"KeyMemory(dim={self.dim}, rows={int(self.count)})"
 
 
-def tensor_sha256(t: torch.Tensor) -> str:
-    """sha256 of a tensor's raw bytes (row-major), independent of its device."""
-    flat = t.detach().contiguous().reshape(-1).cpu()
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+# ---------------------------------------------------------------------- the state
+class EditorState:
+    """Statistics, key memories, preserved keys and the turn count (see the module docstring)."""
+
+    def __init__(self):
+        self.stats: Dict[str, Any] = {}
+        self.memory: Dict[str, KeyMemory] = {}
+        self.preserved: Dict[str, Any] = {}
+        self.turns = 0
+
+    def snapshot(self) -> Dict[str, Any]:
+        """Copies of everything a turn may change (the preserved keys never change)."""
+        return {"stats": {k: v.clone() for k, v in self.stats.items()},
+                "memory": {k: v.clone() for k, v in self.memory.items()}, "turns": self.turns}
+
+    def restore(self, snap: Dict[str, Any]) -> None:
+        self.stats = {k: v.clone() for k, v in snap["stats"].items()}
+        self.memory = {k: v.clone() for k, v in snap["memory"].items()}
+        self.turns = snap["turns"]
+
+    def state_dict(self) -> Dict[str, Any]:
+        """``{"turns", "stats": {key: {count, mean, m2}}, "compat": {key: str},
+        "memory": {module: {gram, count}}, "preserved": {module: {keys, owners}}}`` (tensors
+        and plain values; each part is its object's own ``state_dict()``)."""
+        return {"turns": self.turns,
+                "stats": {k: dict(v.state_dict()) for k, v in self.stats.items()},
+                "compat": {k: v.compat for k, v in self.stats.items()},
+                "memory": {k: dict(v.state_dict()) for k, v in self.memory.items()},
+                "preserved": {k: v.state_dict() for k, v in self.preserved.items()}}
+
+    def load_state_dict(self, sd: Dict[str, Any], devices: Dict[str, torch.device]) -> None:
+        """Replace the state with ``sd`` (:meth:`state_dict`); ``devices`` maps each stats key
+        and module name to its device. Raises ValueError before changing anything."""
+        from ultraedit_kernels import RunningStats
+
+        from .preserve import PreservedKeys
+
+        stats, memory, preserved = {}, {}, {}
+        for key, parts in sd.get("stats", {}).items():
+            if key not in devices:
+                raise ValueError(f"statistics {key!r} belong to no edited module")
+            st = RunningStats(parts["mean"].numel(), compat=sd.get("compat", {}).get(key, "fixed"),
+                              device=devices[key])
+            st.load_state_dict(parts)
+            stats[key] = st
+        for name, parts in sd.get("memory", {}).items():
+            if name not in devices:
+                raise ValueError(f"key memory {name!r} belongs to no edited module")
+            mem = KeyMemory(parts["gram"].shape[0], device=devices[name])
+            mem.load_state_dict(parts)
+            memory[name] = mem
+        for name, parts in sd.get("preserved", {}).items():
+            if name not in devices:
+                raise ValueError(f"preserved keys {name!r} belong to no edited module")
+            preserved[name] = PreservedKeys.from_state_dict(parts, devices[name])
+        self.stats, self.memory, self.preserved = stats, memory, preserved
+        self.turns = int(sd.get("turns", 0))
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def versions() -> Dict[str, str]:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("ultraedit_kernels", "transformers", "safetensors"):
-        try:
-            out[mod] = getattr(__import__(mod), "__version__", "unknown")
-        except ImportError:
-            out[mod] = "missing"
+# ---------------------------------------------------------------------- weights
+def reconstruct(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(base.to(c) + delta.to(c)).to(dtype)`` with ``c`` = float64 if ``delta`` is float64 else
+    float32, in row blocks (bounded temporaries). Writes into ``out`` when given (any device)."""
+    c = torch.float64 if delta.dtype == torch.float64 else torch.float32
+    if out is None:
+        out = torch.empty(base.shape, dtype=dtype, device=delta.device)
+    rows = max(1, _BLOCK_BYTES // (8 * max(1, base.shape[-1])))
+    for s in range(0, base.shape[0], rows):
+        blk = base[s:s + rows].to(device=delta.device, dtype=c) + delta[s:s + rows].to(c)
+        out[s:s + rows].copy_(blk.to(dtype))
     return out
 
 
-def model_info(model) -> Dict[str, Any]:
-    cfg = getattr(model, "config", None)
-    return {"class": type(model).__name__, "model_type": getattr(cfg, "model_type", None),
-            "name_or_path": str(getattr(cfg, "_name_or_path", "") or "")}
+def dense_update(layout: str, k: torch.Tensor, method: str, u: torch.Tensor) -> torch.Tensor:
+    """The float64 value of one module update in the weight's layout (for measurements).
 
-
-def check_model(model, info: Dict[str, Any]) -> None:
-    got = model_info(model)
-    for key in ("class", "model_type"):
-        if info.get(key) != got[key]:
-            raise StateError(f"the state was written for a {info.get('class')} "
-                             f"(model_type={info.get('model_type')!r}), not this {got['class']} "
-                             f"(model_type={got['model_type']!r})")
-
-
-# ---------------------------------------------------------------------- atomic directories
-def write_dir(path, files: Dict[str, Dict[str, torch.Tensor]], manifest: Dict[str, Any]) -> None:
-    """Write ``files`` (file name -> tensors) and ``manifest.json`` atomically into ``path``."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    if path.exists() and not (path.is_dir() and ((path / MANIFEST).is_file()
-                                                  or not any(path.iterdir()))):
-        raise StateError(f"{path} exists and is not an ultraedit state directory; refusing to "
-                         f"overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=str(path.parent)))
-    old = None
-    try:
-        listing = {}
-        for fname, tensors in files.items():
-            target = tmp / fname
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(target),
-                      metadata={"format": FORMAT})
-            _fsync(target)
-            listing[fname] = {"sha256": file_sha256(target), "bytes": target.stat().st_size}
-        full = {"format": FORMAT, "format_version": FORMAT_VERSION, "written_by": versions(),
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                **manifest, "files": listing}
-        with open(tmp / MANIFEST, "w") as f:
-            json.dump(full, f, indent=1, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists() and any(path.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=str(path.parent)))
-            os.replace(path, old / "state")
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if old is not None and not path.exists():
-            os.replace(old / "state", path)  # put the previous state back
-        raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def read_dir(path, expect_kind: str) -> Tuple[Dict[str, Any], Dict[str, Dict[str, torch.Tensor]]]:
-    """Read and verify a directory written by :func:`write_dir`: manifest, checksums, tensors."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise StateError(f"{path} is not an ultraedit {expect_kind} directory (no {MANIFEST})")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StateError(f"{mpath} is not valid JSON: {exc}") from None
-    if manifest.get("format") != FORMAT:
-        raise StateError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise StateError(f"{mpath}: format_version {manifest.get('format_version')!r}; this "
-                         f"ultraedit reads version {FORMAT_VERSION}")
-    if manifest.get("kind") != expect_kind:
-        use = "apply_delta" if manifest.get("kind") == "delta" else "load_state"
-        raise StateError(f"{path} holds a {manifest.get('kind')!r}, not a {expect_kind!r} "
-                         f"(use {use})")
-    tensors = {}
-    for fname, meta in manifest.get("files", {}).items():
-        fpath = path / fname
-        if not fpath.is_file():
-            raise StateError(f"{path}: {fname} is missing")
-        digest = file_sha256(fpath)
-        if digest != meta.get("sha256"):
-            raise StateError(f"{path}: checksum mismatch for {fname} (sha256 {digest[:16]}..., "
-                             f"manifest {str(meta.get('sha256'))[:16]}...): the file is corrupt "
-                             f"or was modified")
-        tensors[fname] = load_file(str(fpath))
-    return manifest, tensors
-
-
-# ---------------------------------------------------------------------- save / load
-def save_state(editor, path, include_delta: bool = True) -> str:
-    """Write the editor's lifelong state to the directory ``path`` (see the module docstring).
-
-    ``include_delta=False`` writes only statistics and configuration: the model must then be
-    saved separately (e.g. ``save_pretrained``) and loaded with the state; when accumulating in
-    fp32 the sub-rounding part of Δ is then not carried over (the resume is not bit-exact).
+    ``method="dual"``: ``u`` is the factor A, ΔW = Kᵀ A; ``"primal"``: ``u`` is ΔW (d_in x d_out).
+    Linear weights are d_out x d_in (ΔWᵀ), Conv1D weights d_in x d_out (ΔW).
     """
-    from .memory import KeyMemory
-
-    tracker = editor._delta
-    stats_t: Dict[str, torch.Tensor] = {}
-    stats_meta = []
-    for key, st in editor.stats.items():
-        sd = st.state_dict()
-        if isinstance(st, KeyMemory):
-            for part in ("count", "gram"):
-                stats_t[f"{key}.{part}"] = sd[part]
-            stats_meta.append({"key": key, "dim": st.dim, "kind": "memory"})
-            continue
-        for part in ("count", "mean", "m2"):
-            stats_t[f"{key}.{part}"] = sd[part]
-        stats_meta.append({"key": key, "dim": st.dim, "compat": st.compat})
-    files = {STATS_FILE: stats_t}
-    modules = []
-    for name, module in editor.modules.items():
-        w = module.weight
-        modules.append({"name": name, "layout": editor._layout[name], "shape": list(w.shape),
-                        "dtype": dtype_name(w.dtype), "weight_sha256": tensor_sha256(w),
-                        "base_sha256": tensor_sha256(tracker.base[name])})
-    if include_delta:
-        delta_t = {}
-        for name in editor.modules:
-            delta_t[f"base.{name}"] = tracker.base[name]
-            delta_t[f"delta.{name}"] = tracker.current_delta(name)
-        files[DELTA_FILE] = delta_t
-    owners = None
-    if editor.preserved:
-        files[PRESERVE_FILE] = {name: pk.keys for name, pk in editor.preserved.items()}
-        owners = next(iter(editor.preserved.values())).owners
-    manifest = {
-        "kind": "state",
-        "model": model_info(editor.model),
-        "config": {"lr": editor.lr, "ridge": editor.ridge, "micro_batch": editor.micro_batch,
-                   "compat": editor.compat, "normalizer": editor.normalizer,
-                   "accumulate": tracker.accumulate, "history": tracker.history,
-                   "delta_device": None if tracker.device is None else str(tracker.device),
-                   "modules": list(editor.modules),
-                   "protect_mean": editor.protect_mean, "steps": editor.steps,
-                   "hold_done": editor.hold_done, "positions": editor.positions,
-                   "memory": editor.memory, "preserve": editor.preserve},
-        "preserve_owners": owners,
-        "turns": int(editor.turns), "base_turn": int(tracker.base_turn),
-        "include_delta": bool(include_delta),
-        "modules": modules, "stats": stats_meta,
-    }
-    write_dir(path, files, manifest)
-    return str(path)
+    linear = layout == "linear"
+    if method == "dual":
+        return u.double().T @ k.double() if linear else k.double().T @ u.double()
+    return u.double().T if linear else u.double()
 
 
-def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta_device=None,
-               verify_weights: bool = True):
-    """Build a ``cls`` (UltraEditor) on ``model`` from the state saved at ``path``.
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    ``model`` may hold the base weights (when the state includes deltas, the edited weights are
-    written into it) or the edited weights (e.g. reloaded with ``from_pretrained``).
-    ``history``/``delta_device`` override the saved settings (the history itself is not saved).
+
+@dataclass
+class TurnRecord:
+    """What a turn changes, as it was before: the state's snapshot and, per module, the weight
+    (or, accumulating, Δ; None = no Δ yet)."""
+
+    state: Dict[str, Any]
+    saved: Dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
+
+
+class TurnJournal:
+    """Applies updates to the edited modules; keeps base, fp32 Δ and the rollback history.
+
+    Args:
+        modules: ``{name: module}`` (Linear / GPT-2 Conv1D), in the editor's order.
+        layouts: ``{name: "linear" | "conv1d"}``.
+        accumulate: ``"auto"`` (on when any edited weight is bf16, fp16 or float64), True or False.
+        device: where base, Δ and history live: None = each module's weight device.
+        history: how many turns :meth:`rollback` can undo (0 disables rollback).
     """
-    from ultraedit_kernels import RunningStats
 
-    from .memory import KeyMemory, memory_key
+    def __init__(self, modules: Dict[str, torch.nn.Module], layouts: Dict[str, str],
+                 accumulate: Union[str, bool] = "auto", device=None, history: int = 1):
+        if accumulate not in ("auto", True, False):
+            raise ValueError(f"accumulate must be 'auto', True or False, got {accumulate!r}")
+        if int(history) != history or history < 0:
+            raise ValueError(f"history must be a non-negative integer, got {history!r}")
+        self.modules = dict(modules)
+        self.layouts = dict(layouts)
+        if accumulate == "auto":
+            accumulate = any(m.weight.dtype in _ACCUMULATE_AUTO for m in self.modules.values())
+        self.accumulate = bool(accumulate)
+        self.device = None if device is None else torch.device(device)
+        self.history = int(history)
+        self._records: "collections.deque[TurnRecord]" = collections.deque(maxlen=self.history)
+        self.base: Dict[str, torch.Tensor] = {n: self._copy(m.weight) for n, m in
+                                              self.modules.items()}
+        self.delta: Dict[str, Optional[torch.Tensor]] = {n: None for n in self.modules}
+        self.base_turn = 0  # editor turn at which ``base`` was taken (non-zero after a resume)
 
-    manifest, files = read_dir(path, expect_kind="state")
-    required = [STATS_FILE] + ([DELTA_FILE] if manifest.get("include_delta") else [])
-    missing = [f for f in required if f not in files]
-    if missing or not {"model", "config", "modules", "stats", "turns"} <= set(manifest):
-        raise StateError(f"{path}: incomplete state (missing {missing or 'manifest fields'})")
-    check_model(model, manifest["model"])
-    cfg = manifest["config"]
-    named = dict(model.named_modules())
-    for entry in manifest["modules"]:
-        module = named.get(entry["name"])
-        if module is None or getattr(module, "weight", None) is None:
-            raise StateError(f"{path}: edited module {entry['name']!r} is not in this "
-                             f"{type(model).__name__}")
-        w = module.weight
-        if list(w.shape) != entry["shape"]:
-            raise StateError(f"{path}: module {entry['name']!r} has weight shape {list(w.shape)}, "
-                             f"the state was written for {entry['shape']}")
-        if dtype_name(w.dtype) != entry["dtype"]:
-            raise StateError(f"{path}: module {entry['name']!r} is {dtype_name(w.dtype)}, the "
-                             f"state was written for {entry['dtype']} weights")
+    def _dev(self, name: str) -> torch.device:
+        return self.device if self.device is not None else self.modules[name].weight.device
 
-    # ---- weights: decide what to write, before anything is changed
-    writes: Dict[str, torch.Tensor] = {}
-    base: Dict[str, torch.Tensor] = {}
-    delta: Dict[str, torch.Tensor] = {}
-    if manifest.get("include_delta"):
-        from .delta import reconstruct
+    def _copy(self, weight: torch.Tensor) -> torch.Tensor:
+        dev = self.device if self.device is not None else weight.device
+        return weight.detach().to(device=dev, copy=True)
 
-        tensors = files.get(DELTA_FILE, {})
-        for entry in manifest["modules"]:
-            name = entry["name"]
-            b, d = tensors.get(f"base.{name}"), tensors.get(f"delta.{name}")
-            if b is None or d is None:
-                raise StateError(f"{path}: {DELTA_FILE} lacks the base or delta of {name!r}")
-            w = named[name].weight.detach()
-            edited = reconstruct(b, d, w.dtype)
-            if torch.equal(w.cpu(), b):
-                writes[name] = edited
-            elif not torch.equal(w.cpu(), edited):
-                raise StateError(f"{path}: the weights of {name!r} are neither the base model's "
-                                 f"nor the edited ones this state records; load the base model "
-                                 f"(or the model saved at turn {manifest['turns']})")
-            base[name], delta[name] = b, d
-    elif verify_weights:
-        for entry in manifest["modules"]:
-            if tensor_sha256(named[entry["name"]].weight) != entry["weight_sha256"]:
-                raise StateError(
-                    f"{path}: module {entry['name']!r} does not hold the weights the state was "
-                    f"saved with (sha256 differs) and the state has no deltas to rebuild them: "
-                    f"load the edited model saved at turn {manifest['turns']} "
-                    f"(or pass verify_weights=False)")
+    @property
+    def rollback_available(self) -> int:
+        """How many turns :meth:`rollback` can undo now."""
+        return len(self._records)
 
-    # ---- statistics
-    stats_t = files[STATS_FILE]
-    devices = {}
-    editor = cls(model, tokenizer, modules=cfg["modules"], lr=cfg["lr"], ridge=cfg["ridge"],
-                 micro_batch=cfg["micro_batch"], compat=cfg["compat"],
-                 normalizer=cfg["normalizer"], accumulate=cfg["accumulate"],
-                 delta_device=cfg.get("delta_device") if delta_device is None else delta_device,
-                 history=cfg["history"] if history is None else history,
-                 # states saved before these options existed were made without them
-                 protect_mean=cfg.get("protect_mean", 0.0), steps=cfg.get("steps", 1),
-                 hold_done=cfg.get("hold_done", False), positions=cfg.get("positions", "answer"),
-                 memory=cfg.get("memory", 0.0),
-                 preserve=0.0)  # the saved keys are set below: the model may be edited already
-    for name in editor.modules:
-        devices.setdefault(editor.stats_key(name), editor.modules[name].weight.device)
-        devices[memory_key(name)] = editor.modules[name].weight.device
-    stats = {}
-    for meta in manifest["stats"]:
-        key = meta["key"]
-        if key not in devices:
-            raise StateError(f"{path}: statistics {key!r} belong to no edited module")
-        memory = meta.get("kind") == "memory"
-        st = (KeyMemory(meta["dim"], device=devices[key]) if memory
-              else RunningStats(meta["dim"], compat=meta["compat"], device=devices[key]))
-        parts = ("count", "gram") if memory else ("count", "mean", "m2")
+    # ------------------------------------------------------------------ transactions
+    @contextlib.contextmanager
+    def transaction(self, state: EditorState) -> Iterator[TurnRecord]:
+        """Snapshot ``state`` and every module; restore both if the block raises, else keep the
+        snapshot as the turn's rollback entry."""
+        record = TurnRecord(state=state.snapshot(),
+                            saved={n: self._snapshot(n) for n in self.modules})
         try:
-            st.load_state_dict({p: stats_t[f"{key}.{p}"] for p in parts})
-        except (KeyError, ValueError) as exc:
-            raise StateError(f"{path}: statistics {key!r}: {exc}") from None
-        stats[key] = st
+            yield record
+        except BaseException:
+            self._restore(record, state)
+            raise
+        if self.history:
+            self._records.append(record)
 
-    # ---- preserved subject keys
-    preserved = {}
-    if cfg.get("preserve", 0.0) > 0:
-        from .preserve import PreservedKeys
+    def _snapshot(self, name: str) -> Optional[torch.Tensor]:
+        if self.accumulate:
+            d = self.delta[name]
+            return None if d is None else d.clone()
+        return self._copy(self.modules[name].weight)
 
-        keys = files.get(PRESERVE_FILE)
-        owners = manifest.get("preserve_owners")
-        if keys is None or not owners or set(keys) != set(editor.modules):
-            raise StateError(f"{path}: preserve={cfg['preserve']} but the preserved keys of the "
-                             f"edited modules are missing")
-        try:
-            preserved = {name: PreservedKeys(keys[name].to(editor.modules[name].weight.device),
-                                             owners) for name in editor.modules}
-        except (ValueError, FloatingPointError) as exc:
-            raise StateError(f"{path}: preserved keys: {exc}") from None
+    def apply(self, updates: Dict[str, Any]) -> None:
+        """Add every module's update (``solver.Update``) in place; checked finite by the caller.
 
-    # ---- commit
-    with torch.no_grad():
-        for name, value in writes.items():
-            named[name].weight.data.copy_(value.to(named[name].weight.device))
-    if manifest.get("include_delta"):
-        editor._delta.set_state(base, delta, manifest.get("base_turn", 0))
-    else:
-        editor._delta.set_state({n: m.weight for n, m in editor.modules.items()}, {},
-                                manifest["turns"])
-    editor.stats.clear()
-    editor.stats.update(stats)
-    editor.turns = int(manifest["turns"])
-    editor.preserve = float(cfg.get("preserve", 0.0))
-    editor.preserved = preserved
-    return editor
+        Linear ``W += (keysᵀA)ᵀ``, Conv1D ``W += keysᵀA`` (dual); ``W += ΔWᵀ`` / ``ΔW``
+        (primal); accumulating, the same is added to Δ and ``W = round(W0 + Δ)`` is written.
+        Only inside :meth:`transaction`, which undoes a partial application.
+        """
+        with torch.no_grad():
+            for name, upd in updates.items():
+                self._apply_module(name, upd.keys, upd.kind, upd.tensor)
+
+    def _apply_module(self, name: str, k: torch.Tensor, method: str, u: torch.Tensor) -> None:
+        from ultraedit_kernels import apply_shift_op
+
+        weight = self.modules[name].weight
+        linear = self.layouts[name] == "linear"
+        if not self.accumulate:
+            dev = weight.device
+            if method == "dual":
+                apply_shift_op(weight.data, k.to(dev), u.to(dev), linear)
+            else:  # u = ΔW (d_in x d_out); Linear stores W as d_out x d_in
+                weight.data.add_((u.T if linear else u).to(device=dev, dtype=weight.dtype))
+            return
+        dev = self._dev(name)
+        c = _acc_dtype(weight.dtype)
+        d = self.delta[name]
+        if d is None:
+            d = torch.zeros(weight.shape, dtype=c, device=dev)
+        u = u.to(device=dev, dtype=c)  # ``d`` changes in place: the turn's snapshot is a clone
+        if method == "primal":
+            d.add_(u.T if linear else u)
+        else:
+            k = k.to(device=dev, dtype=c)
+            if linear:
+                d.addmm_(u.T, k)        # (d_out x d_in) += Aᵀ K
+            else:
+                d.addmm_(k.T, u)        # (d_in x d_out) += Kᵀ A
+        self.delta[name] = d
+        reconstruct(self.base[name], d, weight.dtype, out=weight.data)
+
+    def _write_from(self, name: str, saved: Optional[torch.Tensor]) -> None:
+        weight = self.modules[name].weight
+        if self.accumulate:
+            self.delta[name] = None if saved is None else saved.clone()
+            if saved is None:
+                weight.data.copy_(self.base[name])
+            else:
+                reconstruct(self.base[name], saved, weight.dtype, out=weight.data)
+        else:
+            weight.data.copy_(saved)
+
+    def _restore(self, record: TurnRecord, state: EditorState) -> None:
+        with torch.no_grad():
+            for name, saved in record.saved.items():
+                self._write_from(name, saved)
+        state.restore(record.state)
+
+    # ------------------------------------------------------------------ rollback
+    def rollback(self, state: EditorState, turns: int = 1) -> None:
+        """Restore weights and ``state`` of before the last ``turns`` turns, bit for bit."""
+        if isinstance(turns, bool) or int(turns) != turns or turns < 1:
+            raise ValueError(f"turns must be a positive integer, got {turns!r}")
+        if turns > len(self._records):
+            raise RollbackError(
+                f"cannot roll back {turns} turn(s): the history holds {len(self._records)} "
+                f"(history={self.history}; pass UltraEditor(..., history=n) to keep more)")
+        for _ in range(int(turns)):
+            self._restore(self._records.pop(), state)
+
+    def clear_history(self) -> None:
+        self._records.clear()
+
+    # ------------------------------------------------------------------ deltas
+    def current_delta(self, name: str) -> torch.Tensor:
+        """``Δ`` of a module in weight layout such that ``reconstruct(base, Δ, W.dtype) == W``.
+
+        Accumulating: the float32 accumulator itself. Otherwise ``W - W0`` computed in float64,
+        stored as float32 when that reconstructs ``W`` exactly (checked), else as float64.
+        """
+        weight = self.modules[name].weight.detach()
+        base = self.base[name]
+        if self.accumulate:
+            d = self.delta[name]
+            return d if d is not None else torch.zeros(weight.shape, dtype=_acc_dtype(weight.dtype),
+                                                        device=base.device)
+        d64 = weight.to(device=base.device, dtype=torch.float64) - base.double()
+        candidates = [d64.float(), d64] if weight.dtype != torch.float64 else [d64]
+        for d in candidates:
+            if torch.equal(reconstruct(base, d, weight.dtype).to(weight.device), weight):
+                return d
+        raise RuntimeError(f"module {name!r}: W - W0 does not reconstruct W exactly (non-finite "
+                           f"weights, or float64 weights edited with accumulate=False: use "
+                           f"accumulate=True to export or save their deltas)")
+
+    def set_state(self, base: Dict[str, torch.Tensor], delta: Dict[str, Optional[torch.Tensor]],
+                  base_turn: int) -> None:
+        """Replace base and Δ (used when a saved state is loaded); clears the history."""
+        for name in self.modules:
+            self.base[name] = base[name].detach().to(self._dev(name), copy=True)
+            d = delta.get(name)
+            self.delta[name] = None if (d is None or not self.accumulate) else \
+                d.to(device=self._dev(name), dtype=_acc_dtype(base[name].dtype))
+        self.base_turn = int(base_turn)
+        self._records.clear()

@@ -1,4 +1,4 @@
-"""Tokenization of edit requests into (input_ids, attention_mask, labels), DESIGN.md §1.
+"""Tokenization of edit requests into (input_ids, attention_mask, labels).
 
 For one request with prompt tokens ``p_1..p_P`` (including the tokenizer's leading special
 tokens, e.g. BOS) and target tokens ``a_1..a_T`` (the target with one leading space)::
@@ -52,8 +52,15 @@ def special_prefix(tokenizer) -> List[int]:
 
 
 def _target_text(target: str) -> str:
-    # Exactly one leading space (DESIGN.md §1): " Paris", whether the caller wrote "Paris" or " Paris".
+    # Exactly one leading space: " Paris", whether the caller wrote "Paris" or " Paris".
     return " " + target.lstrip(" ")
+
+
+def shown(text, limit: int = 80) -> str:
+    """``repr(text)``, cut to about ``limit`` characters for error messages."""
+    if isinstance(text, str) and len(text) > limit:
+        return f"{text[:limit - 20]!r}... ({len(text):,} characters)"
+    return repr(text)
 
 
 def encode_request(tokenizer, prompt: str, target: str,
@@ -68,12 +75,12 @@ def encode_request(tokenizer, prompt: str, target: str,
     if not prompt.strip():
         raise ValueError("empty prompt in edit request")
     if not target.strip():
-        raise ValueError(f"empty target in edit request for prompt {prompt!r}")
+        raise ValueError(f"empty target in edit request for prompt {shown(prompt)}")
     if prefix is None:
         prefix = special_prefix(tokenizer)
     p_plain = _plain_ids(tokenizer, prompt)
     if not p_plain:
-        raise ValueError(f"prompt {prompt!r} tokenizes to no tokens")
+        raise ValueError(f"prompt {shown(prompt)} tokenizes to no tokens")
     t_text = _target_text(target)
     joint = _plain_ids(tokenizer, prompt + t_text)
     if joint[:len(p_plain)] == p_plain and len(joint) > len(p_plain):
@@ -82,7 +89,7 @@ def encode_request(tokenizer, prompt: str, target: str,
         # The boundary merged prompt and target tokens; tokenize the target on its own.
         t_ids = _plain_ids(tokenizer, t_text)
     if not t_ids:
-        raise ValueError(f"target {target!r} tokenizes to no tokens")
+        raise ValueError(f"target {shown(target)} tokenizes to no tokens")
     return list(prefix) + p_plain, t_ids
 
 
@@ -93,11 +100,14 @@ def subject_token_index(tokenizer, prompt: str, subject: str,
     The last occurrence of ``subject`` counts. Raises ValueError when the subject is empty or
     not in the prompt.
     """
-    if not isinstance(subject, str) or not subject.strip():
-        raise ValueError(f"empty subject for prompt {prompt!r}")
+    if not isinstance(subject, str):
+        raise ValueError(f"the subject must be a string, got {type(subject).__name__} "
+                         f"{shown(subject)} (prompt {shown(prompt)})")
+    if not subject.strip():
+        raise ValueError(f"empty subject for prompt {shown(prompt)}")
     start = prompt.rfind(subject)
     if start < 0:
-        raise ValueError(f"subject {subject!r} does not occur in prompt {prompt!r}")
+        raise ValueError(f"subject {shown(subject)} does not occur in prompt {shown(prompt)}")
     if prefix is None:
         prefix = special_prefix(tokenizer)
     end = start + len(subject)
@@ -159,7 +169,7 @@ def encode_edit_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str],
         p_ids, t_ids = encode_request(tokenizer, prompt, target, prefix)
         ids = p_ids + t_ids[:-1]
         if limit is not None and len(ids) > limit:
-            raise ValueError(f"edit request {prompt!r} -> {target!r} is {len(ids)} tokens long, "
+            raise ValueError(f"edit request {shown(prompt)} -> {shown(target)} is {len(ids)} tokens long, "
                              f"longer than the model's context of {limit} tokens")
         labels = [-100] * (len(p_ids) - 1) + t_ids
         rows.append((ids, labels))

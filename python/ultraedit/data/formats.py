@@ -10,9 +10,10 @@ Field mapping (source key -> EditRecord field; ``a | b`` = the first key present
 zsre (MEND / MALMEN / RLEdit / UltraEdit ``zsre_mend_*.json``)::
 
     src                       -> prompt
-    alt                       -> target          (falls back to answers[0] when alt is absent
-                                                  or empty: the "inject the true answer" variant)
-    answers[0] | pred         -> target_true     (only when alt gave the target)
+    alt                       -> target          (required and non-empty: a record without a new
+                                                  target is an error, never an edit towards
+                                                  its own true answer)
+    answers[0] | pred         -> target_true
     rephrase                  -> paraphrases      (a string or a list)
     loc, loc_ans              -> locality = [(loc, loc_ans)]
     subject                   -> subject
@@ -164,17 +165,13 @@ def _map_zsre(rec: dict) -> Tuple[dict, Dict[str, str]]:
     truth = _first_answer(ans_key, answers)
     if isinstance(alt, dict) and "str" in alt:
         alt = alt["str"]
-    if alt is not None and not isinstance(alt, str):
-        raise _FieldError(alt_key, f"expected a string, got {type(alt).__name__}")
-    if alt and alt.strip():
-        target, target_key = alt, alt_key
-        target_true = truth
-        if target_true is None:
-            target_true = _first_answer("pred", rec.get("pred"))
-    elif truth is not None:
-        target, target_key, target_true = truth, ans_key, None
-    else:
-        raise _FieldError(f"{alt_key} | {ans_key}", "missing (no new target and no answers)")
+    if alt is None:
+        raise _FieldError("alt | target_new", "missing: the new target of the edit")
+    # an empty alt is not an edit: falling back to the true answer would "edit" towards it
+    target, target_key = _str(alt_key, alt), alt_key
+    target_true = truth
+    if target_true is None:
+        target_true = _first_answer("pred", rec.get("pred"))
     reph_key, rephrase = _get(rec, "rephrase", "rephrase_prompt")
     loc_key, loc = _get(rec, "loc", "locality_prompt")
     la_key, loc_ans = _get(rec, "loc_ans", "locality_ground_truth")

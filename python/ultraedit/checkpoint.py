@@ -1,0 +1,288 @@
+"""Saving and loading an editor's lifelong state, exporting and applying its weight deltas.
+
+Both are directories written by :mod:`ultraedit.serialization` (atomic, checksummed manifest).
+
+A **state** (``kind="state"``)::
+
+    manifest.json        + "model", "config" (EditConfig.to_dict()), "turns", "base_turn",
+                         "include_delta", "modules" (shape, dtype, sha256 of weight and base),
+                         "stats" (key, dim, compat or kind="memory"), "preserve_owners"
+    stats.safetensors    ``<key>.count``, ``<key>.mean``, ``<key>.m2`` per normalizer key
+                         (float64, the exact RunningStats state); ``memory:<module>.gram``,
+                         ``memory:<module>.count`` per key memory
+    delta.safetensors    (``include_delta=True``) ``base.<module>`` (W0, weight dtype) and
+                         ``delta.<module>`` (Δ with ``W = round(W0 + Δ)`` exactly)
+    preserve.safetensors (``preserve > 0``) ``<module>``: the preserved subject keys
+
+A **delta** (``kind="delta"``): ``delta.safetensors`` (``<module>`` -> ΔW, weight layout) and a
+manifest with the architecture, module shapes and dtypes and the sha256 of the base weights
+each ΔW belongs to. :func:`apply_delta` computes ``W = (W0.to(c) + Δ.to(c)).to(W.dtype)``
+(``c`` = float64 if Δ is float64 else float32), the editor's own rounding, so the result equals
+the edited weights bit for bit.
+
+Loading verifies checksums, the model's class and ``config.model_type``, every module's shape
+and dtype, and that the model's weights are the base the deltas start from (the edited weights
+are then written) or the edited weights themselves; anything else raises
+:class:`StateError` before the model or editor is touched. States written by format version 1
+load unchanged (same files; only the manifest checksum is new).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .serialization import (StateError, check_model, dtype_name, field, model_info, read_dir,
+                            tensor_sha256, write_dir)
+from .state import reconstruct
+
+__all__ = ["save_state", "load_state", "export_delta", "apply_delta", "StateError"]
+
+STATS_FILE = "stats.safetensors"
+DELTA_FILE = "delta.safetensors"
+PRESERVE_FILE = "preserve.safetensors"
+MEMORY_PREFIX = "memory:"
+# the config fields a state records; the rest (preserve_subjects/contexts) are in the keys
+_SAVED_CONFIG = ("lr", "ridge", "micro_batch", "compat", "normalizer", "accumulate", "history",
+                 "delta_device", "modules", "protect_mean", "steps", "hold_done", "positions",
+                 "memory", "preserve")
+# options that states written before them were made without
+_OLD_DEFAULTS = {"protect_mean": 0.0, "steps": 1, "hold_done": False, "positions": "answer",
+                 "memory": 0.0, "preserve": 0.0}
+
+
+# ---------------------------------------------------------------------- state
+def save_state(editor, path, include_delta: bool = True) -> str:
+    """Write the editor's lifelong state to the directory ``path`` (see the module docstring).
+
+    ``include_delta=False`` writes only statistics and configuration: the model must then be
+    saved separately (e.g. ``save_pretrained``) and loaded with the state; when accumulating in
+    fp32 the sub-rounding part of Δ is then not carried over (the resume is not bit-exact).
+    """
+    journal, state = editor.journal, editor.state
+    stats_t: Dict[str, torch.Tensor] = {}
+    stats_meta = []
+    for key, st in state.stats.items():
+        for part, t in st.state_dict().items():
+            stats_t[f"{key}.{part}"] = t
+        stats_meta.append({"key": key, "dim": st.dim, "compat": st.compat})
+    for name, mem in state.memory.items():
+        for part, t in mem.state_dict().items():
+            stats_t[f"{MEMORY_PREFIX}{name}.{part}"] = t
+        stats_meta.append({"key": MEMORY_PREFIX + name, "dim": mem.dim, "kind": "memory"})
+    files = {STATS_FILE: stats_t}
+    modules = []
+    for name, module in editor.modules.items():
+        w = module.weight
+        modules.append({"name": name, "layout": journal.layouts[name], "shape": list(w.shape),
+                        "dtype": dtype_name(w.dtype), "weight_sha256": tensor_sha256(w),
+                        "base_sha256": tensor_sha256(journal.base[name])})
+    if include_delta:
+        files[DELTA_FILE] = {}
+        for name in editor.modules:
+            files[DELTA_FILE][f"base.{name}"] = journal.base[name]
+            files[DELTA_FILE][f"delta.{name}"] = journal.current_delta(name)
+    if state.preserved:
+        files[PRESERVE_FILE] = {name: pk.keys for name, pk in state.preserved.items()}
+    config = editor.config.to_dict()
+    config = {k: config[k] for k in _SAVED_CONFIG}
+    config.update(accumulate=journal.accumulate, modules=list(editor.modules))
+    manifest = {"kind": "state", "model": model_info(editor.model), "config": config,
+                "preserve_owners": (next(iter(state.preserved.values())).owners
+                                    if state.preserved else None),
+                "turns": int(state.turns), "base_turn": int(journal.base_turn),
+                "include_delta": bool(include_delta), "modules": modules, "stats": stats_meta}
+    write_dir(path, files, manifest)
+    return str(path)
+
+
+def _check_modules(path, model, entries) -> Dict[str, torch.nn.Module]:
+    named = dict(model.named_modules())
+    for i, entry in enumerate(entries):
+        name = field(entry, path, "name", kind=str)
+        shape, dtype = field(entry, path, "shape", kind=list), field(entry, path, "dtype", kind=str)
+        module = named.get(name)
+        if module is None or getattr(module, "weight", None) is None:
+            raise StateError(f"{path}: edited module {name!r} is not in this "
+                             f"{type(model).__name__}")
+        w = module.weight
+        if list(w.shape) != shape:
+            raise StateError(f"{path}: module {name!r} has weight shape {list(w.shape)}, "
+                             f"the state was written for {shape}")
+        if dtype_name(w.dtype) != dtype:
+            raise StateError(f"{path}: module {name!r} is {dtype_name(w.dtype)}, the "
+                             f"state was written for {dtype} weights")
+    return named
+
+
+def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta_device=None,
+               verify_weights: bool = True):
+    """Build a ``cls`` (UltraEditor) on ``model`` from the state saved at ``path``.
+
+    ``model`` may hold the base weights (when the state includes deltas, the edited weights are
+    written into it) or the edited weights (e.g. reloaded with ``from_pretrained``).
+    ``history``/``delta_device`` override the saved settings (the history itself is not saved).
+    """
+    from .config import EditConfig
+
+    manifest, files = read_dir(path, expect_kind="state")
+    include_delta = bool(manifest.get("include_delta"))
+    required = [STATS_FILE] + ([DELTA_FILE] if include_delta else [])
+    missing = [f for f in required if f not in files]
+    if missing:
+        raise StateError(f"{path}: incomplete state (missing {missing})")
+    check_model(model, field(manifest, path, "model", kind=dict))
+    saved = field(manifest, path, "config", kind=dict)
+    turns = field(manifest, path, "turns", kind=int)
+    entries = field(manifest, path, "modules", kind=list)
+    named = _check_modules(path, model, entries)
+    try:
+        config = EditConfig.from_dict({**_OLD_DEFAULTS, **saved})
+        overrides = {"history": history, "delta_device": delta_device}
+        config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
+    except (TypeError, ValueError) as exc:
+        raise StateError(f"{path}: the saved configuration is invalid: {exc}") from None
+
+    # ---- weights: decide what to write, before anything is changed
+    writes: Dict[str, torch.Tensor] = {}
+    base: Dict[str, torch.Tensor] = {}
+    delta: Dict[str, torch.Tensor] = {}
+    if include_delta:
+        tensors = files[DELTA_FILE]
+        for entry in entries:
+            name = entry["name"]
+            b, d = tensors.get(f"base.{name}"), tensors.get(f"delta.{name}")
+            if b is None or d is None:
+                raise StateError(f"{path}: {DELTA_FILE} lacks the base or delta of {name!r}")
+            w = named[name].weight.detach()
+            edited = reconstruct(b, d, w.dtype)
+            if torch.equal(w.cpu(), b):
+                writes[name] = edited
+            elif not torch.equal(w.cpu(), edited):
+                raise StateError(f"{path}: the weights of {name!r} are neither the base model's "
+                                 f"nor the edited ones this state records; load the base model "
+                                 f"(or the model saved at turn {turns})")
+            base[name], delta[name] = b, d
+    elif verify_weights:
+        for entry in entries:
+            if tensor_sha256(named[entry["name"]].weight) != entry.get("weight_sha256"):
+                raise StateError(
+                    f"{path}: module {entry['name']!r} does not hold the weights the state was "
+                    f"saved with (sha256 differs) and the state has no deltas to rebuild them: "
+                    f"load the edited model saved at turn {turns} (or pass verify_weights=False)")
+
+    # ---- the editor (its preserved keys come from the file: the model may be edited already)
+    editor = cls(model, tokenizer, config.replace(preserve=0.0))
+    sd = _state_dict_from_files(path, manifest, files, editor, turns)
+    devices = {editor.stats_key(n): m.weight.device for n, m in editor.modules.items()}
+    devices.update({n: m.weight.device for n, m in editor.modules.items()})
+    try:
+        editor.state.load_state_dict(sd, devices)
+    except (KeyError, ValueError, FloatingPointError) as exc:
+        raise StateError(f"{path}: {exc}") from None
+
+    # ---- commit
+    with torch.no_grad():
+        for name, value in writes.items():
+            named[name].weight.data.copy_(value.to(named[name].weight.device))
+    if include_delta:
+        editor.journal.set_state(base, delta, manifest.get("base_turn", 0))
+    else:
+        editor.journal.set_state({n: m.weight for n, m in editor.modules.items()}, {}, turns)
+    editor.config = config
+    return editor
+
+
+def _state_dict_from_files(path, manifest, files, editor, turns) -> Dict[str, Any]:
+    """The ``EditorState.state_dict()`` stored in a state directory."""
+    stats_t = files[STATS_FILE]
+    sd: Dict[str, Any] = {"turns": turns, "stats": {}, "compat": {}, "memory": {},
+                          "preserved": {}}
+    owners = manifest.get("preserve_owners")
+    for meta in field(manifest, path, "stats", kind=list):
+        key = field(meta, path, "key", kind=str)
+        memory = meta.get("kind") == "memory"
+        parts = ("count", "gram") if memory else ("count", "mean", "m2")
+        missing = [p for p in parts if f"{key}.{p}" not in stats_t]
+        if missing:
+            raise StateError(f"{path}: statistics {key!r} lack {missing}")
+        values = {p: stats_t[f"{key}.{p}"] for p in parts}
+        if memory:
+            sd["memory"][key[len(MEMORY_PREFIX):]] = values
+        else:
+            sd["stats"][key] = values
+            sd["compat"][key] = meta.get("compat", "fixed")
+    preserve = float(manifest["config"].get("preserve", 0.0) or 0.0)
+    if preserve > 0:
+        keys = files.get(PRESERVE_FILE)
+        if keys is None or not owners or set(keys) != set(editor.modules):
+            raise StateError(f"{path}: preserve={preserve} but the preserved keys of the "
+                             f"edited modules are missing")
+        sd["preserved"] = {name: {"keys": keys[name], "owners": owners} for name in editor.modules}
+    return sd
+
+
+# ---------------------------------------------------------------------- deltas
+def export_delta(editor, path) -> str:
+    """Write ``ΔW`` of every edited module (weight layout) to the directory ``path``.
+
+    Files: ``delta.safetensors`` (``<module>`` -> ΔW) and ``manifest.json`` (architecture, module
+    shapes and dtypes, sha256 of the base weights each ΔW belongs to, of the edited weights and of
+    the file, versions). Written atomically. Returns the path.
+    """
+    journal = editor.journal
+    tensors = {name: journal.current_delta(name).contiguous().cpu() for name in journal.modules}
+    modules = []
+    for name, module in journal.modules.items():
+        w = module.weight
+        modules.append({"name": name, "layout": journal.layouts[name], "shape": list(w.shape),
+                        "dtype": dtype_name(w.dtype),
+                        "delta_dtype": dtype_name(tensors[name].dtype),
+                        "base_sha256": tensor_sha256(journal.base[name]),
+                        "weight_sha256": tensor_sha256(w)})
+    manifest = {"kind": "delta", "model": model_info(editor.model),
+                "turns": int(editor.turns), "base_turn": int(journal.base_turn),
+                "accumulate": journal.accumulate, "modules": modules}
+    write_dir(path, {DELTA_FILE: tensors}, manifest)
+    return str(path)
+
+
+def apply_delta(model, path, check_base: bool = True, check_architecture: bool = True):
+    """Add an exported ``ΔW`` (:func:`export_delta`) to ``model`` in place and return it.
+
+    ``model`` must be a fresh copy of the base model the edits started from: with ``check_base``
+    each module's weight is compared with the sha256 recorded at export (a mismatch raises
+    ValueError before anything changes). The result equals the editor's weights bit for bit.
+    """
+    manifest, files = read_dir(path, expect_kind="delta")
+    if check_architecture:
+        check_model(model, field(manifest, path, "model", kind=dict))
+    named = dict(model.named_modules())
+    tensors = files.get(DELTA_FILE, {})
+    plan: List[Tuple[torch.Tensor, torch.Tensor]] = []
+    for entry in field(manifest, path, "modules", kind=list):
+        name = field(entry, path, "name", kind=str)
+        module = named.get(name)
+        if module is None or getattr(module, "weight", None) is None:
+            raise ValueError(f"{path}: module {name!r} is not in this {type(model).__name__}")
+        w = module.weight
+        if list(w.shape) != entry.get("shape"):
+            raise ValueError(f"{path}: module {name!r} has weight shape {list(w.shape)}, the delta "
+                             f"was exported for {entry.get('shape')}")
+        if dtype_name(w.dtype) != entry.get("dtype"):
+            raise ValueError(f"{path}: module {name!r} is {dtype_name(w.dtype)}, the delta "
+                             f"was exported for {entry.get('dtype')} weights (load the base model "
+                             f"in that dtype)")
+        if check_base and tensor_sha256(w) != entry.get("base_sha256"):
+            raise ValueError(f"{path}: module {name!r} is not the base weight the delta was "
+                             f"exported against (sha256 differs): apply it to a fresh copy of the "
+                             f"base model, or pass check_base=False")
+        d = tensors.get(name)
+        if d is None or list(d.shape) != entry["shape"]:
+            raise ValueError(f"{path}: the delta of {name!r} is missing or has the wrong shape")
+        plan.append((w, d))
+    with torch.no_grad():
+        for w, d in plan:
+            reconstruct(w.detach(), d.to(w.device), w.dtype, out=w.data)
+    return model

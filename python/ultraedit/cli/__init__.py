@@ -1,0 +1,39 @@
+"""The ``ultraedit`` command line, one module per subcommand:
+
+- ``ultraedit demo`` (:mod:`ultraedit.cli.demo`): counterfactual edits on the embedded model with
+  before/after scores and timings;
+- ``ultraedit run`` (:mod:`ultraedit.cli.run`): a lifelong editing run over a data set or the
+  offline facts, with per-turn and final scores, JSON and plot.
+
+Exit status: 0 done, 2 a bad argument, path or input (one line on stderr, nothing done), 130
+interrupted. Importing this package and ``--help`` load neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from . import demo, run
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ultraedit", description="Lifelong knowledge editing with UltraEdit.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    demo.add_parser(sub)
+    run.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

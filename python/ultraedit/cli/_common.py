@@ -1,0 +1,143 @@
+"""What every subcommand shares: one-line errors, output paths checked before any work, atomic
+JSON files, CPU threads and a description of the machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+EXIT_USAGE = 2          # a bad argument, path or input: one line on stderr, nothing done
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
+class UsageError(Exception):
+    """A bad argument, path or input: reported as one line, exit status 2."""
+
+
+def error(command: str, msg: str) -> int:
+    """Print ``ultraedit COMMAND: error: MSG`` (one line) and return the exit status 2."""
+    print(f"ultraedit {command}: error: {' '.join(str(msg).split())}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def split_csv(text: Optional[str]) -> Optional[List[str]]:
+    if text is None:
+        return None
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    return items or None
+
+
+def check_output_paths(paths: Sequence[Tuple[str, Optional[str]]]) -> None:
+    """Check, before any work, that every ``(flag, path)`` given can be written: not an existing
+    folder, its folder exists and accepts a new file, no two flags name the same file. Raises
+    :class:`UsageError` naming the flag and the path."""
+    seen: Dict[str, str] = {}
+    for flag, path in paths:
+        if not path:
+            continue
+        full = os.path.abspath(path)
+        if full in seen:
+            raise UsageError(f"{seen[full]} and {flag} both name {path!r}; give different files")
+        seen[full] = flag
+        if os.path.isdir(full):
+            raise UsageError(f"{flag} {path!r} is a folder; give a file name")
+        folder = os.path.dirname(full)
+        if not os.path.isdir(folder):
+            what = "is not a folder" if os.path.exists(folder) else "does not exist"
+            raise UsageError(f"{flag} {path!r}: {folder!r} {what}")
+        try:   # the way the file will be written: a new file in that folder, then a rename
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".ultraedit-check-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise UsageError(f"{flag} {path!r}: cannot write to {folder!r} "
+                             f"({err.strerror or err})") from None
+        if os.path.exists(full) and not os.access(full, os.W_OK):
+            raise UsageError(f"{flag} {path!r} exists and is read-only")
+
+
+def write_json(result: Dict[str, Any], path: Optional[str], indent: int = 1) -> None:
+    """Write ``result`` to ``path`` atomically (a temporary file in the same folder, renamed over
+    the path); the temporary file never stays behind."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(result, fh, indent=indent)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def default_threads() -> Optional[int]:
+    """1 thread when the CPU is oversubscribed (load average above the core count): OpenMP
+    threads that wait for each other are then many times slower than one thread. Otherwise
+    None (torch's default)."""
+    try:
+        busy = os.getloadavg()[0] > (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return None
+    return 1 if busy else None
+
+
+def check_threads(threads: Optional[int]) -> None:
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+
+
+def set_threads(threads: Optional[int]) -> int:
+    """Apply ``--threads`` (or :func:`default_threads`); returns torch's thread count."""
+    import torch
+
+    threads = threads or default_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def machine() -> Dict[str, Any]:
+    """Platform, Python, torch, CPU, threads, GPU and load average, for result files."""
+    import torch
+
+    info: Dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                            "threads": torch.get_num_threads(),
+                            "cuda": torch.cuda.get_device_name(0)
+                            if torch.cuda.is_available() else None}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        info["loadavg_start"] = list(os.getloadavg())
+    except (AttributeError, OSError):
+        pass
+    return info
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """The process's peak resident memory so far (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)   # bytes on macOS, KiB else
+
+
+def fmt(x: Optional[float]) -> str:
+    return "  n/a" if x is None else f"{x:5.3f}"

@@ -1,0 +1,156 @@
+"""``ultraedit demo``: lifelong counterfactual edits on the embedded (or a local) model.
+
+Loads the model, builds counterfactual edits from real country facts that the unedited model
+answers correctly (``ultraedit.eval.demo_records``), applies them in lifelong turns and prints
+Efficacy / Generalization / Locality before and after (``ultraedit.eval``) and the time per turn
+split into the model's forward+backward and the editor's own overhead. Locality prompts that are
+themselves edited in the run are dropped from every record: their answers are supposed to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Dict
+
+from ._common import (EXIT_INTERRUPTED, UsageError, check_output_paths, check_threads, error, fmt,
+                      peak_rss_bytes, set_threads, split_csv, write_json)
+from .options import add_method_options, build_editor, resolve, resolved_config
+
+DEMO_RELATIONS = ("capital", "language")   # = ultraedit.eval.DEMO_RELATIONS, without importing it
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="counterfactual edits on the embedded model, with "
+                                    "before/after ES/GS/LS and timings",
+                       description=__doc__.split("\n\n")[0].replace("``", ""))
+    p.add_argument("--turns", type=int, default=2, help="number of lifelong turns (2)")
+    p.add_argument("--edits-per-turn", type=int, default=50, help="edits per turn (50)")
+    p.add_argument("--model", metavar="DIR", default=None,
+                   help="a local Hugging Face model directory (default: embedded SmolLM2)")
+    p.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON")
+    p.add_argument("--seed", type=int, default=0, help="fact selection seed (0)")
+    p.add_argument("--relations", default=None,
+                   help=f"comma-separated offline relations ({','.join(DEMO_RELATIONS)})")
+    add_method_options(p)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, or 1 on a busy CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return _demo(args)
+    except UsageError as err:
+        return error("demo", str(err))
+    except KeyboardInterrupt:
+        print("ultraedit demo: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _demo(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.turns < 1 or args.edits_per_turn < 1:
+        raise UsageError("--turns and --edits-per-turn must be at least 1")
+    check_threads(args.threads)
+    check_output_paths([("--json", args.json)])
+    relations = split_csv(args.relations) or list(DEMO_RELATIONS)
+    from ..data import OFFLINE_RELATIONS
+
+    bad = [r for r in relations if r not in OFFLINE_RELATIONS]
+    if bad:
+        raise UsageError(f"unknown offline relation(s) {bad}; choose from {OFFLINE_RELATIONS}")
+
+    import torch
+
+    from ..eval import demo_records, lifelong_run
+    from ..models import load_model
+
+    threads = set_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    try:
+        model, tok = load_model(args.model or "default")
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise UsageError(f"cannot load model {args.model or 'default'!r}: {err}") from None
+    load_s = time.perf_counter() - t0
+    config = resolve(args, model)
+    n = args.turns * args.edits_per_turn
+    t1 = time.perf_counter()
+    try:
+        records = demo_records(model, tok, n, relations=relations, seed=args.seed)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    facts_s = time.perf_counter() - t1
+    print(f"model: {args.model or 'default (SmolLM2-135M-Instruct)'}  loaded in {load_s:.1f}s; "
+          f"{n} counterfactual edits of {relations} known to the model ({facts_s:.1f}s)",
+          file=sys.stderr)
+    editor = build_editor(model, tok, config, progress=not args.no_progress)
+    try:
+        run = lifelong_run(model, tok, records, editor, args.turns, args.edits_per_turn,
+                           eval_before=True, eval_end=True, progress=not args.no_progress)
+    except ValueError as err:   # a request the editor refuses: its own message
+        raise UsageError(str(err)) from None
+    result = demo_result(run, editor)
+    result.update({"model": args.model or "default", "preset": args.preset, "seed": args.seed,
+                   "relations": relations, "threads": threads})
+    result["timing"].update({"load_s": load_s, "facts_s": facts_s})
+    result["memory"]["process_peak_rss_bytes"] = peak_rss_bytes()
+    print_demo(result, args.turns, args.edits_per_turn)
+    if args.json:
+        write_json(result, args.json, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _scores(tf: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: tf.get(k) for k in ("es", "gs", "ls")}
+
+
+def demo_result(run: Dict[str, Any], editor) -> Dict[str, Any]:
+    """The demo's JSON from a :func:`ultraedit.eval.lifelong_run` result."""
+    rows = run["turns"]
+    fwd = [r["fwd_bwd_s"] for r in rows]
+    ed = [r["editor_s"] for r in rows]
+    t = run["timing"]
+    return {
+        "edits": run["edits"],
+        "settings": {"turns": len(rows), "edits_per_turn": max(r["edits"] for r in rows)},
+        "edit_config": resolved_config(editor),
+        "metrics": {"before": _scores(run["before"]["teacher_forced"]),
+                    "after": _scores(run["final"]["teacher_forced"])},
+        "timing": {"turn_s": [r["turn_s"] for r in rows], "fwd_bwd_s": fwd, "editor_s": ed,
+                   "editor_overhead": sum(ed) / sum(fwd) if sum(fwd) > 0 else None,
+                   "eval_before_s": t["locality_reference_s"] + t["eval_before_s"],
+                   "eval_after_s": t["eval_end_s"], "preserve_s": editor.preserve_s},
+        "memory": run["memory"],
+        "turns": rows,
+    }
+
+
+def print_demo(result: Dict[str, Any], turns: int, edits_per_turn: int) -> None:
+    b, a = result["metrics"]["before"], result["metrics"]["after"]
+    s = result["edit_config"]
+    print(f"\n{result['edits']} edits in {turns} turns of {edits_per_turn}; lr={s['lr']:g}, "
+          f"{s['steps']} steps, {s['positions']} positions, memory={s['memory']:g}, "
+          f"preserve={s['preserve']:g}, {len(s['modules'])} modules ({s['modules'][0]} ...)")
+    if s["preserve"] > 0:
+        print(f"preserved subjects' keys captured once, before the first turn, in "
+              f"{result['timing']['preserve_s']:.1f}s")
+    print("            ES     GS     LS")
+    print(f"before   {fmt(b['es'])}  {fmt(b['gs'])}  {fmt(b['ls'])}")
+    print(f"after    {fmt(a['es'])}  {fmt(a['gs'])}  {fmt(a['ls'])}")
+    print("turn  forward+backward  editor overhead   total")
+    t = result["timing"]
+    for i, (f, e, tt) in enumerate(zip(t["fwd_bwd_s"], t["editor_s"], t["turn_s"]), 1):
+        print(f"{i:4d}  {f:15.3f}s  {e:13.3f}s ({100 * e / f:4.1f}%)  {tt:6.3f}s")
+    mem = result["memory"]
+    what = ("CUDA allocator peak" if mem["peak_source"] == "cuda" else
+            "estimate: weights, saved activations, captured rows, solver workspace")
+    rss = mem.get("process_peak_rss_bytes")
+    print(f"peak memory of a turn: {mem['peak_bytes'] / 2**20:.0f} MiB ({what}); editor's "
+          f"captured rows and factors: {mem['capture_bytes'] / 2**20:.2f} MiB"
+          + (f"; whole process (peak RSS): {rss / 2**20:.0f} MiB" if rss else ""))

@@ -1,0 +1,129 @@
+"""The editing-method options of ``ultraedit demo`` and ``ultraedit run``, derived from
+:class:`ultraedit.config.EditConfig` (one flag per field, its help from the field's metadata),
+and the editor they build.
+
+``--preset NAME|FILE`` picks the starting config (default: the measured preset for the model,
+else the paper's, as ``UltraEditor(model, tok)`` does); every flag given overrides one field.
+List fields take comma-separated values or ``@FILE`` (one value per line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from typing import Any, Callable, Dict, List
+
+from ..config import EditConfig
+from ._common import UsageError
+
+_DEST = "config_"   # argparse dest prefix of the EditConfig fields
+
+
+def _list(text: str) -> List[str]:
+    if text.startswith("@"):
+        try:
+            with open(text[1:], encoding="utf-8") as fh:
+                return [ln.strip() for ln in fh if ln.strip()]
+        except OSError as err:
+            raise argparse.ArgumentTypeError(f"cannot read {text[1:]!r}: {err.strerror}")
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated values, got {text!r}")
+    return items
+
+
+def _str_or_bool(text: str):
+    low = text.lower()
+    if low in ("true", "yes", "on", "1"):
+        return True
+    if low in ("false", "no", "off", "0"):
+        return False
+    return text
+
+
+_TYPES: Dict[str, Callable[[str], Any]] = {"float": float, "int": int, "str": str,
+                                           "Optional[str]": str, "Union[str, bool]": _str_or_bool}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    """``--preset`` and one flag per :class:`EditConfig` field (unset = the preset's value)."""
+    g = p.add_argument_group(
+        "editing method", "the fields of ultraedit.EditConfig; an option not given keeps the "
+                          "preset's value")
+    g.add_argument("--preset", metavar="NAME|FILE", default=None,
+                   help="'paper', 'official', a measured preset (ultraedit/presets) or a preset "
+                        "or config JSON file (default: the measured preset for the model, else "
+                        "the paper's; with --compat official the paper's options)")
+    for f in dataclasses.fields(EditConfig):
+        meta = dict(f.metadata)
+        kwargs: Dict[str, Any] = {"dest": _DEST + f.name, "default": None,
+                                  "help": meta.get("help", "")}
+        if meta.get("cli_type") == "list":
+            kwargs.update(type=_list, metavar="A,B,...|@FILE")
+            if f.name == "modules":
+                kwargs["help"] += "; 'paper': the paper's modules for the architecture"
+        elif f.type == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif "choices" in meta:
+            kwargs["choices"] = tuple(meta["choices"])
+        elif f.type in _TYPES:
+            kwargs["type"] = _TYPES[f.type]
+            kwargs["metavar"] = f.name.upper()
+        else:  # a new kind of field: give it a parser here
+            raise TypeError(f"EditConfig.{f.name}: no command-line parser for type {f.type!r}")
+        g.add_argument(_flag(f.name), **kwargs)
+
+
+def given_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The EditConfig fields given on the command line."""
+    return {f.name: getattr(args, _DEST + f.name) for f in dataclasses.fields(EditConfig)
+            if getattr(args, _DEST + f.name, None) is not None}
+
+
+def resolve(args: argparse.Namespace, model, **changes) -> EditConfig:
+    """The config of ``--preset`` with the given flags (and ``changes``) applied; a bad value is
+    a :class:`UsageError` naming it."""
+    from ..config import resolve_config
+    from ..modules import paper_module_names
+
+    given = {**given_options(args), **changes}
+    try:
+        if given.get("modules") == ["paper"]:
+            given["modules"] = paper_module_names(model)
+        return resolve_config(model, args.preset, given)
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None
+
+
+def build_editor(model, tokenizer, config: EditConfig, progress: bool = True):
+    """``UltraEditor(model, tokenizer, config)``; says so first when it captures the preserved
+    subjects' keys (once, seconds to minutes). A setting the editor refuses (a module that is
+    not a Linear, a name that matches nothing) is a :class:`UsageError`."""
+    from ..editor import UltraEditor
+
+    announce = progress and config.preserve > 0
+    if announce:
+        print("capturing the preserved subjects' keys once, before the first turn ...",
+              file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        editor = UltraEditor(model, tokenizer, config)
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None
+    if announce:
+        print(f"preserved subjects' keys captured in {time.perf_counter() - t0:.1f}s",
+              file=sys.stderr, flush=True)
+    return editor
+
+
+def resolved_config(editor) -> Dict[str, Any]:
+    """The editor's config with its modules resolved to names: the ``to_dict()`` that, given
+    back as ``--preset FILE`` or ``EditConfig.from_dict``, edits the same modules the same way."""
+    return dataclasses.replace(editor.config, modules=tuple(editor.modules)).to_dict()
+

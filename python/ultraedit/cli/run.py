@@ -1,0 +1,231 @@
+"""``ultraedit run``: a lifelong editing run over a data set, scored the way the field scores it.
+
+    ultraedit run --data offline --turns 10 --edits-per-turn 100 --json run.json --plot run.png
+    ultraedit run --data zsre_mend_eval.json --format zsre --turns 20 --edits-per-turn 100
+    ultraedit run --data offline ... --compat official --lr 1e-6 --modules paper   # the paper
+
+Records come from a data file (``ultraedit.data.load_records``: zsRE, CounterFact, FEVER,
+WikiBigEdit, UltraEditBench, EasyEdit or this project's own files) or from the offline stand-in
+facts (``--data offline``: counterfactuals of facts the UNEDITED model answers correctly,
+``ultraedit.eval.offline_records``). They are edited in ``--turns`` lifelong turns of
+``--edits-per-turn`` with one editor and evaluated by ``ultraedit.eval.lifelong_run``:
+``--eval every`` scores each turn's edits after that turn, ``--eval end`` all edits once after
+the last turn (the paper's protocol; with greedy-generation scores and fluency unless
+``--no-generation``), ``--eval both`` (default) does both.
+
+The JSON (rewritten after every turn, so an interrupted run keeps its turns; ``status`` says
+``done``, ``interrupted`` or where it stopped) holds ``command``, ``config``, ``machine``,
+``data``, ``turns`` (per turn: edits, tokens, ``fwd_bwd_s``/``editor_s``/``turn_s``/``eval_s``,
+``peak_bytes``, ``metrics`` when evaluated), ``final.teacher_forced`` and ``final.generation``
+(``es``, ``gs``, ``ls`` in 0..1, ``edits``, ...), ``timing`` and ``memory``. ``--plot`` draws the
+per-turn metrics and the time per turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from typing import Any, Dict, List
+
+from ._common import (EXIT_INTERRUPTED, UsageError, check_output_paths, check_threads, error, fmt,
+                      machine, peak_rss_bytes, set_threads, split_csv, write_json)
+from .options import add_method_options, build_editor, resolve, resolved_config
+
+DATA_FORMATS = ("auto", "zsre", "counterfact", "fever", "wikibigedit", "ultraeditbench",
+                "easyedit", "records")
+# = ultraedit.eval.RUN_RELATIONS, spelled here so that --help does not import torch
+RUN_RELATIONS = ("capital", "language", "currency", "continent", "region", "city_country")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="a lifelong editing run over a data set (or the offline "
+                                   "facts) with per-turn and final metrics, JSON and plot",
+                       description=__doc__.split("\n\n")[0].replace("``", ""))
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded SmolLM2-135M-Instruct) or a local HF model directory")
+    p.add_argument("--data", default="offline",
+                   help="a data file (.json/.jsonl) or 'offline' (stand-in country/city facts "
+                        "known to the model)")
+    p.add_argument("--format", default="auto", choices=DATA_FORMATS,
+                   help="data file format (auto: detected from the first record's keys)")
+    p.add_argument("--relations", default=None,
+                   help=f"offline relations, comma-separated (default {','.join(RUN_RELATIONS)})")
+    p.add_argument("--exclude-subjects", metavar="FILE", default=None,
+                   help="offline: never edit the subjects listed in FILE, one per line (e.g. "
+                        "facts a setting was tuned on)")
+    p.add_argument("--turns", type=int, default=10, help="lifelong turns (10)")
+    p.add_argument("--edits-per-turn", type=int, default=100, help="edits per turn (100)")
+    add_method_options(p)
+    p.add_argument("--eval", dest="eval_mode", choices=("every", "end", "both"), default="both",
+                   help="after every turn on its edits, at the end on all edits, or both")
+    p.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True,
+                   help="greedy-generation scores and fluency in the final evaluation")
+    p.add_argument("--turn-generation", action="store_true",
+                   help="also generation scores in the per-turn evaluation (slower)")
+    p.add_argument("--json", metavar="PATH", default=None,
+                   help="write results as JSON (rewritten after every turn)")
+    p.add_argument("--plot", metavar="PATH", default=None, help="write a PNG plot")
+    p.add_argument("--records-out", metavar="PATH", default=None,
+                   help="save the edited records (.jsonl; rerun with --data PATH --format records)")
+    p.add_argument("--seed", type=int, default=0, help="fact selection / torch seed (0)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, or 1 on a busy CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except UsageError as err:
+        return error("run", str(err))
+    except KeyboardInterrupt:
+        where = (f"; the partial results are in {args.json}"
+                 if args.json and os.path.isfile(args.json) else "")
+        print(f"ultraedit run: interrupted{where}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _read_subjects(path: str) -> List[str]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return [line.strip() for line in fh if line.strip() and not line.startswith("#")]
+    except OSError as err:
+        raise UsageError(f"--exclude-subjects {path!r}: {err.strerror or err}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.turns < 1 or args.edits_per_turn < 1:
+        raise UsageError("--turns and --edits-per-turn must be at least 1")
+    check_threads(args.threads)
+    check_output_paths([("--json", args.json), ("--plot", args.plot),
+                        ("--records-out", args.records_out)])
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib")
+    offline = args.data == "offline"
+    if not offline and not os.path.isfile(args.data):
+        raise UsageError(f"data file not found: {args.data!r} (or use --data offline)")
+    if (args.relations or args.exclude_subjects) and not offline:
+        raise UsageError("--relations and --exclude-subjects apply to --data offline only")
+    n = args.turns * args.edits_per_turn
+    from ..data import OFFLINE_RELATIONS, DataFormatError, drop_edited_locality, load_records
+
+    relations = split_csv(args.relations) or list(RUN_RELATIONS)
+    excluded = _read_subjects(args.exclude_subjects) if args.exclude_subjects else []
+    if offline:
+        bad = [r for r in relations if r not in OFFLINE_RELATIONS]
+        if bad:
+            raise UsageError(f"unknown offline relation(s) {bad}; choose from {OFFLINE_RELATIONS}")
+    records = None
+    if not offline:       # read the file before the model: bad files fail fast
+        try:
+            records = load_records(args.data, args.format, limit=n)
+        except (DataFormatError, ValueError) as err:
+            raise UsageError(str(err)) from None
+        if len(records) < n:
+            raise UsageError(f"{args.data} has {len(records)} records; --turns {args.turns} x "
+                             f"--edits-per-turn {args.edits_per_turn} needs {n}")
+
+    import torch
+
+    from ..eval import lifelong_run, offline_records
+    from ..models import load_model
+
+    set_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    try:
+        model, tok = load_model(args.model)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise UsageError(f"cannot load model {args.model!r}: {err}") from None
+    load_s = time.perf_counter() - t0
+    config = resolve(args, model)
+    t1 = time.perf_counter()
+    if offline:
+        try:
+            records = offline_records(model, tok, n, relations=relations, seed=args.seed,
+                                      exclude_subjects=excluded)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    else:
+        records = drop_edited_locality(records)
+    data_s = time.perf_counter() - t1
+    if args.records_out:
+        from ..data import save_records
+
+        save_records(records, args.records_out)
+    if (config.positions == "subject" and args.config_positions is None
+            and any(r.subject is None or r.subject not in r.prompt for r in records)):
+        config = resolve(args, model, positions="answer")
+        print("note: some records have no subject in their prompt; capturing at the answer "
+              "positions (--positions answer)", file=sys.stderr)
+
+    rel_count: Dict[str, int] = {}
+    for r in records:
+        rel_count[r.relation or "?"] = rel_count.get(r.relation or "?", 0) + 1
+    print(f"model {args.model} loaded in {load_s:.1f}s; {len(records)} records from "
+          f"{args.data} ({data_s:.1f}s): {rel_count}", file=sys.stderr)
+    progress = not args.no_progress
+    editor = build_editor(model, tok, config, progress=progress)
+    at_end = args.eval_mode in ("end", "both")
+    result: Dict[str, Any] = {
+        "command": " ".join(["ultraedit"] + sys.argv[1:]),
+        "config": {"model": args.model, "data": args.data,
+                   "format": "offline" if offline else args.format,
+                   "relations": relations if offline else None, "seed": args.seed,
+                   "excluded_subjects": len(excluded) if offline else None,
+                   "threads": torch.get_num_threads(), "turns": args.turns,
+                   "edits_per_turn": args.edits_per_turn, "preset": args.preset,
+                   "eval": args.eval_mode, "generation": args.generation,
+                   "turn_generation": args.turn_generation},
+        "edit_config": resolved_config(editor),
+        "machine": machine(),
+        "data": {"records": len(records), "by_relation": rel_count, "load_model_s": load_s,
+                 "prepare_s": data_s},
+        "timing": {"preserve_s": editor.preserve_s},
+    }
+    try:
+        result = lifelong_run(model, tok, records, editor, args.turns, args.edits_per_turn,
+                              eval_every=args.eval_mode in ("every", "both"), eval_end=at_end,
+                              generation=args.generation, turn_generation=args.turn_generation,
+                              progress=progress, result=result,
+                              on_update=lambda r: write_json(r, args.json))
+    except ValueError as err:   # a request the editor refuses: its own message, nothing changed
+        raise UsageError(str(err)) from None
+    try:
+        result["machine"]["loadavg_end"] = list(os.getloadavg())
+    except (AttributeError, OSError):
+        pass
+    result.setdefault("memory", {})["process_peak_rss_bytes"] = peak_rss_bytes()
+    write_json(result, args.json)
+    if args.plot:
+        from ..eval.plot import plot_run
+
+        plot_run(result, args.plot)
+    _print_summary(result, args)
+    return 0
+
+
+def _print_summary(result: Dict[str, Any], args) -> None:
+    cfg = result["edit_config"]
+    print(f"{result['edits']} edits in {len(result['turns'])} turns; compat={cfg['compat']} "
+          f"lr={cfg['lr']:g} modules={len(cfg['modules'])} ({cfg['modules'][0]} ...)")
+    final = result.get("final") or {}
+    if final:
+        print("final over all edits     ES     GS     LS     PT")
+        for kind in ("teacher_forced", "generation"):
+            sc = final.get(kind)
+            if sc:
+                print(f"{kind:22s} {fmt(sc['es'])}  {fmt(sc['gs'])}  {fmt(sc['ls'])}  "
+                      f"{fmt(sc.get('pt'))}")
+    t = result["timing"]
+    print(f"time per turn {t['turn_s_mean']:.2f}s (forward+backward {t['fwd_bwd_s']:.1f}s, "
+          f"editor {t['editor_s']:.1f}s in total); {t['edits_per_s'] or 0:.1f} edits/s")
+    if args.json:
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {args.plot}")

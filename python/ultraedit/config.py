@@ -1,0 +1,290 @@
+"""EditConfig: every setting of the editing method in one validated, serializable object.
+
+    from ultraedit import EditConfig, UltraEditor
+    cfg = EditConfig.paper()                   # the paper's method (lr 1e-6, ridge 1, answer positions)
+    cfg = EditConfig.official()                # the reference code's numerics (compat="official")
+    cfg = EditConfig.for_model(model)          # the measured preset for this model, else the paper's
+    cfg = EditConfig.from_preset("smollm2-135m")
+    editor = UltraEditor(model, tok, cfg, lr=1e-4)   # keyword overrides are EditConfig fields
+
+Values are checked once, in ``__post_init__`` (also after ``dataclasses.replace``), so a bad
+value fails before any model is touched. ``to_dict()``/``from_dict()`` are the one spelling of
+the options used by state files and run records; a command line derives its flags from
+``dataclasses.fields(EditConfig)`` (each field's ``metadata["help"]``).
+
+Measured presets are JSON files in ``ultraedit/presets/`` (``{"name", "description",
+"fingerprint", "config"}``). :meth:`EditConfig.for_model` picks the preset whose
+**model fingerprint** equals the model's: the values of ``config.model_type``,
+``num_hidden_layers``, ``hidden_size``, ``intermediate_size`` and ``vocab_size``
+(:func:`model_fingerprint`); every other model gets :meth:`EditConfig.paper`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+__all__ = ["EditConfig", "resolve_config", "model_fingerprint", "preset_names", "PAPER_LR", "BEYOND_PAPER",
+           "FINGERPRINT_KEYS"]
+
+PAPER_LR = 1e-6
+# the options beyond the paper's method (all off in EditConfig.paper())
+BEYOND_PAPER = ("protect_mean", "steps", "hold_done", "positions", "memory", "preserve")
+FINGERPRINT_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
+                    "vocab_size")
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _check_number(name: str, value, positive: bool) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok:
+        value = float(value)
+        ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        what = "a positive finite number" if positive else "a finite number >= 0"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return value
+
+
+def _check_names(name: str, value, what: str) -> Optional[Tuple[str, ...]]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise ValueError(f"{name} must be a list of {what}, not one string")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """The editing method's settings; defaults are the paper's (:meth:`paper`).
+
+    See each field's ``metadata["help"]``; the formulas are in ``ultraedit.solver``.
+    """
+
+    modules: Optional[Tuple[str, ...]] = _opt(
+        None, "edited modules: names, globs or 're:' regexes (default: the architecture's "
+              "choice for the capture positions, ultraedit.modules)", cli_type="list")
+    lr: float = _opt(PAPER_LR, "pseudo-value step: V = -lr * ||k^||^2 * g^ (the paper: 1e-6)")
+    ridge: float = _opt(1.0, "ridge lambda of the least squares (the paper: 1)")
+    micro_batch: int = _opt(10, "requests per forward+backward (the paper: 10)")
+    compat: str = _opt("fixed", "'fixed' (the reference code's bugs fixed) or 'official' (its "
+                                "numerics: length-sorted requests, per-micro-batch statistics)",
+                       choices=("fixed", "official"))
+    normalizer: str = _opt("shape", "running statistics per weight 'shape' (the paper) or per "
+                                    "'module'", choices=("shape", "module"))
+    accumulate: Union[str, bool] = _opt(
+        "auto", "keep the accumulated delta in fp32 and write W = round(W0 + delta): True, "
+                "False or 'auto' (on for bf16/fp16/float64 weights)")
+    delta_device: Optional[str] = _opt(None, "device of the base copy, delta and rollback "
+                                             "history (default: each module's device)")
+    history: int = _opt(1, "turns that rollback() can undo (each keeps a copy of the edited "
+                           "weights)")
+    protect_mean: float = _opt(0.0, "alpha >= 0 of the mean-key row sqrt(alpha*N)*mu_k with "
+                                    "target 0 (0 = the paper)")
+    steps: int = _opt(1, "capture + solve + apply steps per turn on the same requests "
+                         "(1 = the paper)")
+    hold_done: bool = _opt(False, "rows of requests the model already predicts get "
+                                  "pseudo-value 0; the turn ends when all hold")
+    positions: str = _opt("answer", "capture keys at the 'answer' positions (the paper) or at "
+                                    "the last 'subject' token", choices=("answer", "subject"))
+    memory: float = _opt(0.0, "nu >= 0 of the key memory nu*M of earlier turns' keys "
+                              "(0 = the paper)")
+    preserve: float = _opt(0.0, "mu >= 0 of the preserved subjects' keys mu*Kp^T Kp "
+                                "(0 = the paper)")
+    preserve_subjects: Optional[Tuple[str, ...]] = _opt(
+        None, "subject names to preserve (default: the offline tables' countries and 1,000 "
+              "largest cities)", cli_type="list")
+    preserve_contexts: Optional[Tuple[str, ...]] = _opt(
+        None, "texts around each preserved subject, '{s}' marks it (default: "
+              "ultraedit.preserve.DEFAULT_CONTEXTS)", cli_type="list")
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if self.modules is not None:
+            set_("modules", (self.modules,) if isinstance(self.modules, str)
+                 else tuple(self.modules))
+        if self.compat not in ("fixed", "official"):
+            raise ValueError(f"compat must be 'fixed' or 'official', got {self.compat!r}")
+        if self.positions not in ("answer", "subject"):
+            raise ValueError(f"positions must be 'answer' or 'subject', got {self.positions!r}")
+        if self.compat == "official" and self.positions != "answer":
+            raise ValueError("compat='official' reproduces the reference code, which captures at "
+                             "the answer positions; use positions='answer' with it")
+        if self.normalizer not in ("shape", "module"):
+            raise ValueError(f"normalizer must be 'shape' or 'module', got {self.normalizer!r}")
+        mb = self.micro_batch
+        if isinstance(mb, bool) or not isinstance(mb, (int, float)) or int(mb) != mb or mb < 1:
+            raise ValueError(f"micro_batch must be a positive integer, got {mb!r}")
+        set_("micro_batch", int(mb))
+        try:
+            lr = float(self.lr)
+        except (TypeError, ValueError):
+            lr = float("nan")
+        if not (lr > 0 and lr != float("inf")):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        set_("lr", lr)
+        try:
+            ridge = float(self.ridge)
+        except (TypeError, ValueError):
+            ridge = float("nan")
+        if not (ridge > 0 and ridge != float("inf")):
+            raise ValueError(f"ridge must be a positive finite number, got {self.ridge!r}")
+        set_("ridge", ridge)
+        for name in ("protect_mean", "memory", "preserve"):
+            set_(name, _check_number(name, getattr(self, name), positive=False))
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if not isinstance(self.hold_done, bool):
+            raise ValueError(f"hold_done must be True or False, got {self.hold_done!r}")
+        if self.accumulate not in ("auto", True, False):
+            raise ValueError(f"accumulate must be 'auto', True or False, got {self.accumulate!r}")
+        h = self.history
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or int(h) != h or h < 0:
+            raise ValueError(f"history must be a non-negative integer, got {h!r}")
+        set_("history", int(h))
+        if self.delta_device is not None:
+            set_("delta_device", str(self.delta_device))
+        set_("preserve_subjects", _check_names("preserve_subjects", self.preserve_subjects,
+                                               "subject names"))
+        if self.preserve_contexts is not None and isinstance(self.preserve_contexts, str):
+            raise ValueError(f"preserve_contexts must be a non-empty list of texts with '{{s}}', "
+                             f"got {self.preserve_contexts!r}")
+        set_("preserve_contexts", _check_names("preserve_contexts", self.preserve_contexts,
+                                               "texts"))
+        if self.preserve == 0 and (self.preserve_subjects is not None
+                                   or self.preserve_contexts is not None):
+            warnings.warn("preserve_subjects/preserve_contexts have no effect with preserve=0",
+                          stacklevel=3)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def paper(cls, **overrides) -> "EditConfig":
+        """The paper's method: lr 1e-6, ridge 1, micro-batches of 10, answer positions, one
+        step, no state beyond the normalizer."""
+        return cls(**overrides)
+
+    @classmethod
+    def official(cls, **overrides) -> "EditConfig":
+        """The paper's settings with the reference code's numerics (``compat="official"``)."""
+        return cls(**{"compat": "official", **overrides})
+
+    @classmethod
+    def from_preset(cls, name_or_path: Union[str, Path], **overrides) -> "EditConfig":
+        """``"paper"``, ``"official"``, a preset name of ``ultraedit/presets`` (see
+        :func:`preset_names`) or the path of a preset / config JSON file."""
+        if name_or_path in ("paper", "official"):
+            return getattr(cls, str(name_or_path))(**overrides)
+        path = Path(name_or_path)
+        if not path.suffix and (PRESET_DIR / f"{name_or_path}.json").is_file():
+            path = PRESET_DIR / f"{name_or_path}.json"
+        if not path.is_file():
+            raise ValueError(f"no preset {str(name_or_path)!r}: give 'paper', 'official', one of "
+                             f"{preset_names()} or the path of a preset JSON file")
+        data = _read_json(path)
+        values = data.get("config", data) if isinstance(data, dict) else None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: a preset is a JSON object with a 'config' object")
+        return cls.from_dict({**values, **overrides})
+
+    @classmethod
+    def for_model(cls, model, **overrides) -> "EditConfig":
+        """The measured preset whose fingerprint equals ``model_fingerprint(model)``, else the
+        paper's config."""
+        fp = model_fingerprint(model)
+        for name in preset_names():
+            data = _read_json(PRESET_DIR / f"{name}.json")
+            want = data.get("fingerprint", {})
+            if want and all(fp.get(k) == v for k, v in want.items()):
+                return cls.from_dict({**data["config"], **overrides})
+        return cls.paper(**overrides)
+
+    # ------------------------------------------------------------------ (de)serialization
+    def to_dict(self) -> Dict[str, Any]:
+        """Every field as a JSON value (tuples as lists)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "EditConfig":
+        """The inverse of :meth:`to_dict`; unknown keys are an error naming them."""
+        if not isinstance(data, dict):
+            raise TypeError(f"EditConfig.from_dict needs a dict, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown EditConfig option(s) {unknown}; the options are "
+                             f"{list(cls.field_names())}")
+        return cls(**data)
+
+    @classmethod
+    def field_names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def replace(self, **changes) -> "EditConfig":
+        """A copy with ``changes`` (validated); unknown names are an error naming them."""
+        unknown = sorted(set(changes) - set(self.field_names()))
+        if unknown:
+            raise TypeError(f"unknown editor option(s) {unknown}; the options are "
+                            f"{list(self.field_names())}")
+        return dataclasses.replace(self, **changes)
+
+    def beyond_paper(self) -> Dict[str, Any]:
+        """The options that differ from the paper's method (empty for the paper's config)."""
+        paper = EditConfig()
+        return {k: getattr(self, k) for k in BEYOND_PAPER if getattr(self, k) != getattr(paper, k)}
+
+
+def resolve_config(model, config=None, overrides: Optional[Dict[str, Any]] = None) -> EditConfig:
+    """The config an editor on ``model`` runs with.
+
+    ``config``: an :class:`EditConfig`, a dict (:meth:`EditConfig.from_dict`), a preset name or
+    path (:meth:`EditConfig.from_preset`), or None for :meth:`EditConfig.for_model` (then, with
+    ``compat="official"`` among the overrides, the options beyond the paper are the paper's:
+    the reference code has none). ``overrides``: EditConfig fields; a None value means "not
+    given" (the config's value is kept)."""
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(EditConfig.field_names()))
+    if unknown:
+        raise TypeError(f"unknown editor option(s) {unknown}; the options are "
+                        f"{list(EditConfig.field_names())}")
+    if config is None:
+        config = EditConfig.for_model(model)
+        if given.get("compat") == "official":
+            paper = EditConfig()
+            config = dataclasses.replace(config, **{k: getattr(paper, k) for k in BEYOND_PAPER})
+    elif isinstance(config, dict):
+        config = EditConfig.from_dict(config)
+    elif isinstance(config, (str, Path)):
+        config = EditConfig.from_preset(config)
+    elif not isinstance(config, EditConfig):
+        raise TypeError(f"config must be an EditConfig, a dict, a preset name or None, got "
+                        f"{type(config).__name__} (pass modules=... and the other options as "
+                        f"keywords)")
+    return config.replace(**given) if given else config
+
+
+def model_fingerprint(model) -> Dict[str, Any]:
+    """What identifies a model for its measured preset: ``config.model_type``, the numbers of
+    layers, the hidden and MLP sizes and the vocabulary size (None where the config lacks one)."""
+    cfg = getattr(model, "config", None)
+    return {k: getattr(cfg, k, None) for k in FINGERPRINT_KEYS}
+
+
+def preset_names() -> List[str]:
+    """The measured presets shipped in ``ultraedit/presets``."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read the preset {path}: {exc}") from None

@@ -1,0 +1,34 @@
+"""Evaluation of edits: probing, scores, locality, fluency, fact selection and the lifelong loop.
+
+- :mod:`~ultraedit.eval.probing`: teacher-forced token accuracy, next-token predictions,
+  greedy decoding and generation scores;
+- :mod:`~ultraedit.eval.locality`: the unedited model's reference on locality prompts;
+- :mod:`~ultraedit.eval.fluency`: ROME/MEMIT n-gram-entropy fluency;
+- :mod:`~ultraedit.eval.scores`: ES/GS/LS/PT (teacher-forced and generation) of records;
+- :mod:`~ultraedit.eval.facts`: keep the facts the unedited model knows;
+- :mod:`~ultraedit.eval.loop`: the lifelong edit-and-evaluate loop of ``ultraedit demo``/``run``;
+- :mod:`~ultraedit.eval.plot`: a PNG of a run's per-turn and final scores and times.
+"""
+
+from .facts import DEMO_RELATIONS, RUN_RELATIONS, demo_records, filter_known, offline_records
+from .fluency import DEFAULT_FLUENCY_PROMPTS, fluency, ngram_entropy
+from .locality import FREE_LOCALITY_TOKENS, LocalityReference, locality_reference
+from .loop import lifelong_run
+from .probing import (generation_scores, greedy_continuations, next_token_predictions,
+                      token_accuracy)
+from .scores import evaluate_records, evaluation_work
+
+__all__ = [
+    "token_accuracy", "next_token_predictions", "greedy_continuations", "generation_scores",
+    "ngram_entropy", "fluency", "DEFAULT_FLUENCY_PROMPTS", "locality_reference",
+    "LocalityReference", "FREE_LOCALITY_TOKENS", "evaluate_records", "evaluation_work", "filter_known", "demo_records",
+    "offline_records", "DEMO_RELATIONS", "RUN_RELATIONS", "lifelong_run", "plot_run",
+]
+
+
+def __getattr__(name):
+    if name == "plot_run":   # matplotlib loads only when a plot is drawn
+        from .plot import plot_run
+
+        return plot_run
+    raise AttributeError(f"module 'ultraedit.eval' has no attribute {name!r}")

@@ -1,0 +1,221 @@
+"""The lifelong loop shared by ``ultraedit demo`` and ``ultraedit run``.
+
+:func:`lifelong_run` edits ``records`` in ``turns`` turns of ``edits_per_turn`` with one editor
+(statistics carried across turns) and evaluates them:
+
+* the unedited model's locality predictions are captured before the first edit
+  (:func:`~ultraedit.eval.locality_reference`);
+* ``eval_before``: every record once before editing (teacher-forced);
+* ``eval_every``: after each turn, that turn's edits (teacher-forced; generation scores too with
+  ``turn_generation``);
+* ``eval_end``: once after the last turn over ALL edits (the paper's protocol), teacher-forced
+  and, with ``generation``, greedy-generation scores and fluency.
+
+It returns a result dict (``status``, ``edits``, ``turns`` with one row per turn, ``before``,
+``final``, ``timing``, ``memory``) and hands it to ``on_update`` whenever it changes, so that a
+caller can keep a file of the partial results. An interrupted run (Ctrl-C) is marked
+``"status": "interrupted"`` before the interrupt goes on; an error is recorded as ``error``
+(``status`` then names the stage it stopped in) before it goes on.
+
+With ``progress``, bars on stderr show the locality reference and every evaluation batch, and
+the editing bar moves once per micro-batch forward of every step of a turn.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+
+from .locality import locality_reference, locality_work
+from .scores import evaluate_records, evaluation_work
+
+__all__ = ["lifelong_run", "teacher_forced_scores", "generation_scores_of"]
+
+
+def _num(x) -> Optional[float]:
+    return None if x is None else float(x)
+
+
+def teacher_forced_scores(res: Dict[str, Any]) -> Dict[str, Any]:
+    """The teacher-forced part of an :func:`~ultraedit.eval.evaluate_records` result."""
+    out = {k: _num(res.get(k)) for k in ("es", "gs", "ls", "ls_data", "pt")}
+    out["ls_source"] = res.get("ls_source")
+    out["edits"] = int(res.get("n", 0))
+    return out
+
+
+def generation_scores_of(res: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The generation part of an :func:`~ultraedit.eval.evaluate_records` result (None when it
+    was evaluated without generation)."""
+    if "gen_es" not in res:
+        return None
+    out = {k: _num(res.get("gen_" + k)) for k in ("es", "gs", "ls", "pt")}
+    out.update({k + "_prefix": _num(res.get(f"gen_{k}_prefix")) for k in ("es", "gs", "ls", "pt")})
+    out["fluency"] = _num(res.get("fluency"))
+    out["edits"] = int(res.get("n", 0))
+    return out
+
+
+def _bar(progress: bool, total: int, desc: str, unit: str, leave: bool = True):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, file=sys.stderr,
+                dynamic_ncols=True, leave=leave, mininterval=0)
+
+
+@contextmanager
+def _measured(progress: bool, total: int, desc: str, leave: bool = False) -> Iterator[Callable]:
+    """A bar over ``total`` prompts; yields the ``progress`` callback the eval functions take."""
+    bar = _bar(progress, total, desc, "prompt", leave=leave)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+class _TurnProgress:
+    """Moves the editing bar once per forward pass of the model during a turn: the editor runs
+    one forward per micro-batch per step, so the count tells the step and the micro-batch."""
+
+    def __init__(self, bar, model, turn: int, turns: int, n_batches: int, steps: int):
+        self.bar, self.model = bar, model
+        self.turn, self.turns, self.n_batches, self.steps = turn, turns, n_batches, steps
+        self.count = 0
+        self.start = bar.n
+
+    def _hook(self, module, args, output):
+        self.count += 1
+        step = min(self.steps, (self.count - 1) // self.n_batches + 1)
+        batch = (self.count - 1) % self.n_batches + 1
+        self.bar.set_postfix_str(f"turn {self.turn}/{self.turns}, step {step}/{self.steps}, "
+                                 f"micro-batch {batch}/{self.n_batches}", refresh=False)
+        self.bar.update(1)
+
+    @contextmanager
+    def watch(self):
+        handle = self.model.register_forward_hook(self._hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+        # a turn that ended early (every edit already held) skips its remaining steps
+        self.bar.update(max(0, self.start + self.steps * self.n_batches - self.bar.n))
+
+
+def _editor_setting(editor, name: str, default):
+    config = getattr(editor, "config", None)
+    if config is not None and hasattr(config, name):
+        return getattr(config, name)
+    return getattr(editor, name, default)
+
+
+def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
+                 edits_per_turn: int, eval_before: bool = False, eval_every: bool = False,
+                 eval_end: bool = True, generation: bool = False, turn_generation: bool = False,
+                 progress: bool = True, result: Optional[Dict[str, Any]] = None,
+                 on_update: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Edit ``records`` with ``editor`` in lifelong turns and evaluate (see the module
+    docstring); returns the result dict, ``result``'s keys kept."""
+    records = list(records)
+    notify = on_update or (lambda r: None)
+    result = dict(result or {})
+    result.update({"edits": len(records), "status": "running", "turns": [], "before": None,
+                   "final": None})
+    result.setdefault("timing", {})
+    steps = int(_editor_setting(editor, "steps", 1))
+    micro_batch = int(_editor_setting(editor, "micro_batch", 10))
+    try:
+        t0 = time.perf_counter()
+        ref_generation = (generation and eval_end) or turn_generation
+        with _measured(progress, locality_work(records, ref_generation),
+                       "unedited locality reference") as tick:
+            ref = locality_reference(model, tokenizer, records, generation=ref_generation,
+                                     progress=tick)
+        result["timing"]["locality_reference_s"] = time.perf_counter() - t0
+        if eval_before:
+            result["status"] = "evaluation before editing"
+            t0 = time.perf_counter()
+            with _measured(progress, evaluation_work(records, ref), "evaluation before editing",
+                           leave=True) as tick:
+                res = evaluate_records(model, tokenizer, records, locality_reference=ref,
+                                       progress=tick)
+            result["before"] = {"teacher_forced": teacher_forced_scores(res)}
+            result["timing"]["eval_before_s"] = time.perf_counter() - t0
+            result["status"] = "running"
+        notify(result)
+
+        chunks = [records[t * edits_per_turn:(t + 1) * edits_per_turn] for t in range(turns)]
+        chunks = [c for c in chunks if c]
+        batches = [math.ceil(len(c) / micro_batch) for c in chunks]
+        bar = _bar(progress, steps * sum(batches), "editing", "forward")
+        edited = 0
+        try:
+            for turn, (chunk, n_batches) in enumerate(zip(chunks, batches), 1):
+                watcher = _TurnProgress(bar, model, turn, len(chunks), n_batches, steps)
+                with watcher.watch():
+                    rep = editor.edit([r.as_request() for r in chunk])
+                edited += len(chunk)
+                row: Dict[str, Any] = {
+                    "turn": turn, "edits": len(chunk), "edits_total": edited,
+                    "tokens": rep.n_tokens, "loss": rep.loss, "fwd_bwd_s": rep.fwd_bwd_s,
+                    "editor_s": rep.editor_s, "turn_s": rep.turn_s, "peak_bytes": rep.peak_bytes,
+                    "peak_source": rep.peak_source, "capture_bytes": rep.capture_bytes,
+                    "steps_run": rep.steps_run, "n_predicted": rep.n_predicted}
+                post = {"edits/s": f"{len(chunk) / rep.turn_s:.1f}" if rep.turn_s > 0 else "inf"}
+                if eval_every:
+                    te = time.perf_counter()
+                    with _measured(progress, evaluation_work(chunk, ref, turn_generation),
+                                   f"evaluating turn {turn}") as tick:
+                        res = evaluate_records(model, tokenizer, chunk, locality_reference=ref,
+                                               generation=turn_generation, progress=tick)
+                    row["eval_s"] = time.perf_counter() - te
+                    row["metrics"] = {"teacher_forced": teacher_forced_scores(res),
+                                      "generation": generation_scores_of(res)}
+                    tf = row["metrics"]["teacher_forced"]
+                    for k in ("es", "gs", "ls"):
+                        if tf[k] is not None:
+                            post[k.upper()] = f"{tf[k]:.2f}"
+                bar.set_postfix(post)
+                result["turns"].append(row)
+                notify(result)
+        finally:
+            bar.close()
+
+        rows = result["turns"]
+        edit_s = sum(r["turn_s"] for r in rows)
+        result["timing"].update({
+            "edit_s": edit_s, "turn_s_mean": edit_s / max(1, len(rows)),
+            "fwd_bwd_s": sum(r["fwd_bwd_s"] for r in rows),
+            "editor_s": sum(r["editor_s"] for r in rows),
+            "eval_every_s": sum(r.get("eval_s", 0.0) for r in rows),
+            "edits_per_s": edited / edit_s if edit_s > 0 else None})
+        if rows:
+            result["memory"] = {"peak_bytes": max(r["peak_bytes"] for r in rows),
+                                "peak_source": rows[0]["peak_source"],
+                                "capture_bytes": max(r["capture_bytes"] for r in rows)}
+        if eval_end:
+            result["status"] = "final evaluation"
+            notify(result)
+            done = records[:edited]
+            te = time.perf_counter()
+            with _measured(progress, evaluation_work(done, ref, generation),
+                           f"final evaluation of {len(done)} edits", leave=True) as tick:
+                res = evaluate_records(model, tokenizer, done, locality_reference=ref,
+                                       generation=generation, progress=tick)
+            result["timing"]["eval_end_s"] = time.perf_counter() - te
+            result["final"] = {"teacher_forced": teacher_forced_scores(res),
+                               "generation": generation_scores_of(res), "edits": len(done)}
+    except KeyboardInterrupt:
+        result["status"] = "interrupted"
+        notify(result)
+        raise
+    except Exception as err:    # the status keeps the stage it stopped in
+        result["error"] = f"{type(err).__name__}: {err}"
+        notify(result)
+        raise
+    result["status"] = "done"
+    notify(result)
+    return result

@@ -1,0 +1,60 @@
+"""A PNG of a lifelong run: per-turn teacher-forced scores, the final scores over all edits, and
+the time per turn split into the model's forward+backward and the editor's own work."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict
+
+__all__ = ["plot_run"]
+
+
+def plot_run(result: Dict[str, Any], path: str) -> None:
+    """PNG of the per-turn metrics (and the final ones) and the time per turn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result.get("turns", [])
+    x = [r["turn"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    colors = {"es": "tab:blue", "gs": "tab:orange", "ls": "tab:green", "pt": "tab:purple"}
+    for k, c in colors.items():
+        pts = [(r["turn"], r["metrics"]["teacher_forced"][k]) for r in rows
+               if r.get("metrics") and r["metrics"]["teacher_forced"].get(k) is not None]
+        if pts:
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=c,
+                     label=f"{k.upper()} (turn's edits)")
+    final = result.get("final") or {}
+    last = max(x) if x else 1
+    for kind, marker in (("teacher_forced", "*"), ("generation", "x")):
+        sc = final.get(kind) or {}
+        for k, c in colors.items():
+            if sc.get(k) is not None:
+                ax1.plot([last + 0.3], [sc[k]], marker, color=c, markersize=11,
+                         label=f"{k.upper()} final, all edits ({kind.replace('_', '-')})")
+    ax1.set_ylim(-0.02, 1.02)
+    ax1.set_ylabel("score")
+    cfg = result.get("edit_config") or result.get("config") or {}
+    ax1.set_title(f"ultraedit run: {result.get('edits', '?')} edits, compat={cfg.get('compat')}, "
+                  f"lr={cfg.get('lr')}, {len(cfg.get('modules', []))} modules", fontsize=10)
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=7, loc="lower left", ncol=2)
+    if rows:
+        fb = [r["fwd_bwd_s"] for r in rows]
+        ed = [r["editor_s"] for r in rows]
+        ax2.bar(x, fb, label="forward+backward", color="tab:gray")
+        ax2.bar(x, ed, bottom=fb, label="editor", color="tab:red")
+        ev = [r.get("eval_s") for r in rows]
+        if any(v is not None for v in ev):
+            ax2.plot(x, [v or 0 for v in ev], "s--", color="tab:blue", label="per-turn eval")
+    ax2.set_xlabel("turn")
+    ax2.set_ylabel("seconds")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

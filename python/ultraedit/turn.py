@@ -1,0 +1,259 @@
+"""What a turn takes and gives: edit requests, their encoding, and the turn's report.
+
+:class:`EditRequest` is one edit ``(prompt, target[, subject])``; :func:`encode_turn` checks and
+tokenizes a turn's requests into micro-batches (with each request's subject token index for
+``positions="subject"``); :class:`TurnReport` is what the turn did and cost, measured by
+:class:`TurnMeter`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .tokenization import (encode_edit_batch, encode_request, shown, special_prefix,
+                           subject_token_index)
+
+__all__ = ["EditRequest", "TurnReport", "TurnMeter", "prepare_turn", "encode_turn"]
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One edit: the model should continue ``prompt`` with ``target`` (a leading space is added).
+
+    ``subject``: the entity the fact is about, a substring of ``prompt`` (``"France"`` in
+    ``"The capital of France is"``); needed only by ``positions="subject"``.
+    """
+
+    prompt: str
+    target: str
+    subject: Optional[str] = None
+
+    @classmethod
+    def coerce(cls, value: Any) -> "EditRequest":
+        """Accept an EditRequest, a ``{"prompt", "target"}`` dict, a ``(prompt, target)`` pair or
+        an object with ``as_request()`` (e.g. ``ultraedit.data.EditRecord``); dicts and
+        tuples may carry a ``subject`` (``{"subject": ...}``, ``(prompt, target, subject)``)."""
+        if isinstance(value, EditRequest):
+            return value
+        if hasattr(value, "as_request") and callable(value.as_request):
+            return cls.coerce(value.as_request())
+        if isinstance(value, dict):
+            missing = {"prompt", "target"} - set(value)
+            if missing:
+                raise ValueError(f"edit request dict is missing {sorted(missing)}: "
+                                 f"{shown(repr(value))}")
+            return cls(value["prompt"], value["target"], value.get("subject"))
+        if isinstance(value, (tuple, list)) and len(value) in (2, 3):
+            return cls(*value)
+        if hasattr(value, "prompt") and hasattr(value, "target"):
+            return cls(value.prompt, value.target, getattr(value, "subject", None))
+        raise TypeError(f"cannot make an edit request from {type(value).__name__}: "
+                        f"{shown(repr(value))}")
+
+
+@dataclass
+class TurnReport:
+    """What one turn did and cost.
+
+    ``fwd_bwd_s``: time of the model's forward + loss + backward (all micro-batches and steps);
+    ``editor_s = turn_s - fwd_bwd_s``: everything else the editor does (tokenization, hooks'
+    row gathering outside the timed region, statistics, solves, in-place updates);
+    ``peak_bytes``: on CUDA, ``torch.cuda.max_memory_allocated`` during the turn summed over the
+    devices used (``peak_source="cuda"``); on CPU an estimate (``peak_source="estimate"``):
+    parameter and buffer bytes + the largest micro-batch's autograd-saved activations and
+    logits + the captured rows and solver workspace of the turn. Either counts tensors only:
+    not the allocator's cached or freed memory, the interpreter, the tokenizer or libraries, so
+    a process's resident memory grows by more. ``capture_bytes``: the largest step's captured
+    keys and gradients plus its solved factors.
+    """
+
+    turn: int
+    n_edits: int
+    n_tokens: int
+    n_modules: int
+    fwd_bwd_s: float
+    editor_s: float
+    turn_s: float
+    peak_bytes: int
+    peak_source: str
+    capture_bytes: int
+    loss: float
+    modules: List[str] = field(default_factory=list)
+    steps_run: int = 1
+    n_predicted: int = 0
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def prepare_turn(tokenizer, requests, config, device, max_length):
+    """``(requests, micro-batches)`` of a turn: each request coerced (:meth:`EditRequest.coerce`),
+    in the reference code's order with ``compat="official"``, tokenized (:func:`encode_turn`).
+    Warns about subjects that are not used (``positions="answer"``) and about a prompt given
+    two targets in one turn."""
+    reqs = [EditRequest.coerce(r) for r in requests]
+    if not reqs:
+        raise ValueError("edit() needs at least one request")
+    if config.compat == "official":
+        reqs = official_order(tokenizer, reqs)
+    batches = encode_turn(tokenizer, reqs, config.micro_batch, config.positions, device,
+                          max_length)
+    if config.positions == "answer" and any(r.subject is not None for r in reqs):
+        warnings.warn("edit requests carry subjects, but keys are captured at the answer "
+                      "positions (positions='answer'): the subjects are not used", stacklevel=3)
+    targets: Dict[str, set] = {}
+    for r in reqs:
+        targets.setdefault(r.prompt, set()).add(r.target)
+    for prompt, ts in targets.items():
+        if len(ts) > 1:
+            warnings.warn(f"prompt {shown(prompt)} has {len(ts)} targets in one turn "
+                          f"({', '.join(sorted(map(shown, ts))[:3])}): their updates pull "
+                          f"against each other", stacklevel=3)
+    return reqs, batches
+
+
+def encode_turn(tokenizer, reqs: List[EditRequest], micro_batch: int, positions: str,
+                device, max_length: Optional[int]) -> List[Dict[str, torch.Tensor]]:
+    """The turn's micro-batches (``encode_edit_batch``), with ``subject_index`` (B long) when
+    keys are captured at the subject's last token."""
+    batches = [encode_edit_batch(tokenizer, [r.prompt for r in reqs[i:i + micro_batch]],
+                                 [r.target for r in reqs[i:i + micro_batch]],
+                                 device=device, max_length=max_length)
+               for i in range(0, len(reqs), micro_batch)]
+    if positions == "subject":
+        index = subject_indices(tokenizer, reqs)
+        for b, batch in enumerate(batches):
+            chunk = index[b * micro_batch:(b + 1) * micro_batch]
+            batch["subject_index"] = torch.tensor(chunk, dtype=torch.long, device=device)
+    return batches
+
+
+def input_device(model) -> torch.device:
+    """Where the model's input ids go: its input embedding's device."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device
+    return next(model.parameters()).device
+
+
+def context_length(model) -> Optional[int]:
+    """The model's maximum sequence length from its config, None if it has none."""
+    cfg = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def official_order(tokenizer, reqs: List[EditRequest]) -> List[EditRequest]:
+    """The reference code's order: by tokenized length, longest first (stable for ties)."""
+    lengths = [sum(len(x) for x in encode_request(tokenizer, r.prompt, r.target)) - 1
+               for r in reqs]
+    return [reqs[i] for i in sorted(range(len(reqs)), key=lambda i: -lengths[i])]
+
+
+def subject_indices(tokenizer, reqs: List[EditRequest]) -> List[int]:
+    """Each request's subject token index (``positions="subject"``); errors name the request."""
+    prefix = special_prefix(tokenizer)
+    out = []
+    for i, r in enumerate(reqs):
+        if r.subject is None:
+            raise ValueError(
+                f"edit request {i} ({shown(r.prompt)} -> {shown(r.target)}) has no subject, but this "
+                f"editor captures at subject positions (positions='subject'): pass "
+                f"EditRequest(prompt, target, subject=...) or {{'subject': ...}}, or build the "
+                f"editor with positions='answer' (the paper's subject-free method)")
+        try:
+            out.append(subject_token_index(tokenizer, r.prompt, r.subject, prefix))
+        except ValueError as exc:
+            raise ValueError(f"edit request {i}: {exc}") from None
+        start = r.prompt.rfind(r.subject)
+        end = start + len(r.subject)
+        if (start > 0 and r.prompt[start - 1].isalnum() and r.subject[0].isalnum()) or (
+                end < len(r.prompt) and r.prompt[end].isalnum() and r.subject[-1].isalnum()):
+            warnings.warn(f"edit request {i}: the subject {shown(r.subject)} is part of a longer "
+                          f"word in {shown(r.prompt)}; keys are captured at its last token, "
+                          f"which may not be the entity's", stacklevel=4)
+    return out
+
+
+def capture_mask(batch: Dict[str, torch.Tensor], positions: str) -> torch.Tensor:
+    """The (B x L bool) positions whose keys and output gradients are captured."""
+    if positions == "subject":
+        mask = torch.zeros_like(batch["labels"], dtype=torch.bool)
+        index = batch["subject_index"]
+        mask[torch.arange(index.numel(), device=mask.device), index.to(mask.device)] = True
+        return mask
+    return batch["labels"] != -100
+
+
+class TurnMeter:
+    """Times the forward/backward passes and measures (CUDA) or estimates (CPU) peak memory."""
+
+    def __init__(self, model):
+        self.model = model
+        self.start = time.perf_counter()
+        self.cuda = sorted({p.device.index or 0 for p in model.parameters()
+                            if p.device.type == "cuda"})
+        for d in self.cuda:
+            torch.cuda.reset_peak_memory_stats(d)
+        self._params = () if self.cuda else {p.untyped_storage().data_ptr()
+                                             for p in model.parameters()}
+        self.fwd_bwd = 0.0
+        self.saved_peak = 0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def run(self, fn):
+        """``fn()`` timed as forward/backward, counting (CPU) the bytes autograd saves."""
+        t0 = time.perf_counter()
+        if self.cuda:
+            out = fn()
+        else:
+            saved = _SavedBytes(self._params)
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                out = fn()
+            self.saved_peak = max(self.saved_peak, saved.total)
+        self.fwd_bwd += time.perf_counter() - t0
+        return out
+
+    def peak(self, capture_bytes: int, keys: Dict[str, torch.Tensor]):
+        """``(peak_bytes, peak_source)`` (see :class:`TurnReport`)."""
+        if self.cuda:
+            return sum(torch.cuda.max_memory_allocated(d) for d in self.cuda), "cuda"
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        weights += sum(b.numel() * b.element_size() for b in self.model.buffers())
+        # the N x N (dual) or d_in x d_in (primal) Gram / Cholesky factor
+        workspace = max((4 * min(k.shape) ** 2 for k in keys.values()), default=0)
+        return weights + self.saved_peak + capture_bytes + workspace, "estimate"
+
+
+class _SavedBytes:
+    """Counts the bytes autograd saves for backward (CPU memory estimate), each storage once."""
+
+    def __init__(self, exclude=()):
+        self.total = 0
+        self._seen = set(exclude)  # parameter storages are counted with the weights already
+
+    def pack(self, t: torch.Tensor):
+        try:
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key not in self._seen:
+                self._seen.add(key)
+                self.total += storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. sparse)
+            pass
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t

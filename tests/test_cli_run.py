@@ -1,0 +1,460 @@
+"""``ultraedit run`` plumbing on a tiny random-init model saved to a directory (with its tokenizer),
+on zsRE- and CounterFact-format files written here by hand in the public files' field layout
+(``zsre_mend_eval.json`` of MEND / UltraEdit, ``counterfact.json`` of ROME / MEMIT), not by the
+project's own ``save_records``."""
+import json
+import os
+
+import pytest
+
+from conftest import ue_tiny_model
+from ultraedit.cli import main
+
+# zsre_mend_eval.json layout: subject, src, pred, rephrase, alt, answers, loc, loc_ans, cond
+ZSRE = [
+    {"subject": "France", "src": "What is the capital of France?", "pred": "Paris",
+     "rephrase": "Which city is the capital of France?", "alt": "Rome", "answers": ["Paris"],
+     "loc": "nq question: who is in the capital of Spain", "loc_ans": "Madrid",
+     "cond": "Paris >> Rome || What is the capital of France?"},
+    {"subject": "Germany", "src": "What is the capital of Germany?", "pred": "Berlin",
+     "rephrase": "Which city is the capital of Germany?", "alt": "Tokyo", "answers": ["Berlin"],
+     "loc": "nq question: the official language of Peru", "loc_ans": "Spanish",
+     "cond": "Berlin >> Tokyo || What is the capital of Germany?"},
+    {"subject": "Italy", "src": "What is the capital of Italy?", "pred": "Rome",
+     "rephrase": "Which city is the capital city of Italy?", "alt": "Madrid", "answers": ["Rome"],
+     "loc": "nq question: the currency of Japan", "loc_ans": "the yen",
+     "cond": "Rome >> Madrid || What is the capital of Italy?"},
+    {"subject": "Japan", "src": "What is the capital city of Japan?", "pred": "Tokyo",
+     "rephrase": "Which city is the capital of Japan?", "alt": "Berlin", "answers": ["Tokyo"],
+     "loc": "nq question: where is Paris", "loc_ans": "France",
+     "cond": "Tokyo >> Berlin || What is the capital city of Japan?"},
+]
+
+# counterfact.json layout: case_id, pararel_idx, requested_rewrite{prompt with {}, relation_id,
+# target_new{str,id}, target_true{str,id}, subject}, paraphrase_prompts, neighborhood_prompts,
+# attribute_prompts, generation_prompts
+COUNTERFACT = [
+    {"case_id": 0, "pararel_idx": 2796,
+     "requested_rewrite": {"prompt": "The capital of {} is", "relation_id": "P36",
+                           "target_new": {"str": "Rome", "id": "Q220"},
+                           "target_true": {"str": "Paris", "id": "Q90"}, "subject": "France"},
+     "paraphrase_prompts": ["Paris is in France. The capital city of France is",
+                            "The capital of France is a large city. France's capital is"],
+     "neighborhood_prompts": ["The capital of Spain is", "The capital of Germany is"],
+     "attribute_prompts": ["The capital of Italy is"],
+     "generation_prompts": ["The capital of France is a city where"]},
+    {"case_id": 1, "pararel_idx": 1017,
+     "requested_rewrite": {"prompt": "The official language of {} is", "relation_id": "P37",
+                           "target_new": {"str": "French", "id": "Q150"},
+                           "target_true": {"str": "Spanish", "id": "Q1321"}, "subject": "Peru"},
+     "paraphrase_prompts": ["In Peru, the official language is"],
+     "neighborhood_prompts": ["The official language of Spain is"],
+     "attribute_prompts": [], "generation_prompts": ["Peru is a country where people speak"]},
+    {"case_id": 2, "pararel_idx": 9,
+     "requested_rewrite": {"prompt": "The currency of {} is the", "relation_id": "P38",
+                           "target_new": {"str": "euro", "id": "Q4916"},
+                           "target_true": {"str": "yen", "id": "Q8146"}, "subject": "Japan"},
+     "paraphrase_prompts": ["Japan uses a currency called the"],
+     "neighborhood_prompts": ["The currency of China is the"],
+     "attribute_prompts": [], "generation_prompts": ["In Japan you pay with"]},
+    {"case_id": 3, "pararel_idx": 10,
+     "requested_rewrite": {"prompt": "{} is in the country of", "relation_id": "P17",
+                           "target_new": {"str": "Japan", "id": "Q17"},
+                           "target_true": {"str": "Germany", "id": "Q183"}, "subject": "Berlin"},
+     "paraphrase_prompts": ["The city of Berlin is in"],
+     "neighborhood_prompts": ["Paris is in the country of"],
+     "attribute_prompts": [], "generation_prompts": ["Berlin is a city"]},
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, ue_tokenizer):
+    d = tmp_path_factory.mktemp("tiny_llama")
+    ue_tiny_model("llama", len(ue_tokenizer)).save_pretrained(d)
+    ue_tokenizer.save_pretrained(d)
+    return str(d)
+
+
+def _write(path, rows):
+    path.write_text(json.dumps(rows, indent=1))
+    return str(path)
+
+
+def _in01(x):
+    return x is None or 0.0 <= x <= 1.0
+
+
+def _base(model_dir, data, tmp_path, *extra):
+    return ["run", "--model", model_dir, "--data", data, "--turns", "2", "--edits-per-turn", "2",
+            "--no-progress", "--threads", "1", "--json", str(tmp_path / "r.json"), *extra]
+
+
+def test_zsre_file_runs_with_json_and_plot(model_dir, tmp_path, capsys):
+    data = _write(tmp_path / "zsre_mend_eval.json", ZSRE)
+    plot = tmp_path / "r.png"
+    assert main(_base(model_dir, data, tmp_path, "--plot", str(plot), "--modules",
+                      "model.layers.1.mlp.down_proj,model.layers.2.mlp.down_proj")) == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["status"] == "done" and out["edits"] == 4
+    assert out["config"]["format"] == "auto" and out["edit_config"]["compat"] == "fixed"
+    assert out["edit_config"]["modules"] == ["model.layers.1.mlp.down_proj",
+                                        "model.layers.2.mlp.down_proj"]
+    assert [t["turn"] for t in out["turns"]] == [1, 2]
+    for t in out["turns"]:
+        for k in ("edits", "fwd_bwd_s", "editor_s", "turn_s", "peak_bytes", "eval_s"):
+            assert k in t, k
+        assert t["edits"] == 2 and t["peak_bytes"] > 0
+        tf = t["metrics"]["teacher_forced"]
+        assert all(_in01(tf[k]) for k in ("es", "gs", "ls")) and tf["edits"] == 2
+    final = out["final"]
+    for kind in ("teacher_forced", "generation"):
+        sc = final[kind]
+        assert sc["edits"] == 4
+        for k in ("es", "gs", "ls"):
+            assert sc[k] is not None and 0.0 <= sc[k] <= 1.0, (kind, k)
+    assert final["teacher_forced"]["ls_source"] == "unedited"   # vs the unedited predictions
+    assert _in01(final["teacher_forced"]["ls_data"])            # vs the data set's loc_ans
+    assert final["generation"]["fluency"] >= 0
+    assert out["timing"]["turn_s_mean"] > 0 and out["memory"]["peak_bytes"] > 0
+    assert out["memory"]["process_peak_rss_bytes"] > 0      # beside the turn's estimate
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "final over all edits" in capsys.readouterr().out
+
+
+def test_counterfact_file_runs(model_dir, tmp_path):
+    data = _write(tmp_path / "counterfact.json", COUNTERFACT)
+    assert main(_base(model_dir, data, tmp_path, "--format", "counterfact", "--eval", "end",
+                      "--no-generation", "--compat", "official", "--lr", "1e-3",
+                      "--modules", "paper")) == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["edit_config"]["compat"] == "official" and out["edit_config"]["lr"] == 1e-3
+    assert out["edit_config"]["steps"] == 1
+    assert all("gate_proj" in m or "up_proj" in m for m in out["edit_config"]["modules"])
+    assert all("metrics" not in t for t in out["turns"])          # --eval end
+    tf = out["final"]["teacher_forced"]
+    assert tf["edits"] == 4 and all(0.0 <= tf[k] <= 1.0 for k in ("es", "gs", "ls"))
+    assert out["final"]["generation"] is None                      # --no-generation
+
+
+def test_preserve_option_reaches_the_editor(model_dir, tmp_path):
+    data = _write(tmp_path / "counterfact.json", COUNTERFACT)
+    assert main(_base(model_dir, data, tmp_path, "--format", "counterfact", "--eval", "end",
+                      "--no-generation", "--positions", "subject", "--preserve", "2.5",
+                      "--memory", "1")) == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["edit_config"]["preserve"] == 2.5 and out["edit_config"]["memory"] == 1.0
+    assert out["timing"]["preserve_s"] > 0
+    assert out["final"]["teacher_forced"]["edits"] == 4
+
+
+def test_json_written_after_every_turn(model_dir, tmp_path, monkeypatch):
+    """An interrupted run (here: the final evaluation fails) leaves its per-turn results."""
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    import ultraedit.eval.loop as loop
+
+    def boom(*a, **k):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(loop, "evaluate_records", boom)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        main(_base(model_dir, data, tmp_path, "--eval", "end"))
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["status"] == "final evaluation" and len(out["turns"]) == 2
+    assert out["final"] is None and out["turns"][1]["turn_s"] > 0
+
+
+def test_clear_errors(model_dir, tmp_path, capsys):
+    assert main(["run", "--data", str(tmp_path / "missing.json"), "--no-progress"]) == 2
+    assert "data file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        main(["run", "--data", "x.json", "--format", "bogus"])
+    assert err.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    assert main(_base(model_dir, data, tmp_path, "--turns", "3")) == 2   # 6 needed, 4 there
+    assert "has 4 records" in capsys.readouterr().err
+    bad = [dict(ZSRE[0]), {k: v for k, v in ZSRE[1].items() if k != "src"}]
+    data = _write(tmp_path / "bad.json", bad)
+    assert main(_base(model_dir, data, tmp_path, "--format", "zsre", "--turns", "1")) == 2
+    msg = capsys.readouterr().err
+    assert "bad.json" in msg and "src" in msg
+    data = _write(tmp_path / "empty_alt.json", [dict(ZSRE[0]), {**ZSRE[1], "alt": ""}])
+    assert main(_base(model_dir, data, tmp_path, "--format", "zsre", "--turns", "1")) == 2
+    msg = capsys.readouterr().err
+    assert "empty_alt.json" in msg and "record 1" in msg and "'alt'" in msg
+    assert main(["run", "--data", "offline", "--relations", "nope", "--no-progress"]) == 2
+    assert "unknown offline relation" in capsys.readouterr().err
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    assert main(_base(model_dir, data, tmp_path, "--modules", "no.such.module")) == 2
+    assert "no.such.module" in capsys.readouterr().err
+
+
+def test_paper_modules_and_plot_without_final(tmp_path, ue_tokenizer):
+    from ultraedit.eval.plot import plot_run
+    from ultraedit.modules import paper_module_names
+
+    model = ue_tiny_model("llama", len(ue_tokenizer))
+    names = paper_module_names(model)
+    assert names and all(n.endswith(("gate_proj", "up_proj")) for n in names)
+    result = {"config": {"compat": "fixed", "lr": 1e-3, "modules": names}, "edits": 2,
+              "turns": [{"turn": 1, "fwd_bwd_s": 0.5, "editor_s": 0.1,
+                         "metrics": {"teacher_forced": {"es": 0.5, "gs": None, "ls": 1.0}}}],
+              "final": None}
+    plot_run(result, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_offline_selection(monkeypatch):
+    """--data offline: known facts only (filter stubbed: two of every three candidates), relations
+    interleaved, cities by population without the excluded subjects, edited locality dropped."""
+    import ultraedit.eval.facts as facts
+    from ultraedit.data import offline_facts
+
+    seen = []
+
+    def two_of_three(records, model, tokenizer, batch_size=32):
+        records = list(records)
+        seen.extend(records)
+        return [r for i, r in enumerate(records) if i % 3 != 2]
+
+    monkeypatch.setattr(facts, "filter_known", two_of_three)
+    largest = [r.subject for r in offline_facts(("city_country",))[:40:2]]
+    recs = facts.offline_records(None, None, 60, relations=("capital", "city_country"),
+                                 exclude_subjects=largest)
+    assert len(recs) == 60
+    assert {r.relation for r in recs[:10]} == {"capital", "city_country"}
+    cities = [r for r in recs if r.relation == "city_country"]
+    assert cities and not set(largest) & {r.subject for r in cities}
+    pops = [r.extra["population"] for r in cities]
+    assert pops == sorted(pops, reverse=True)
+    edited = {r.prompt for r in recs} | {p for r in recs for p in r.paraphrases}
+    assert not any(lp.prompt in edited for r in recs for lp in r.locality)
+    with pytest.raises(ValueError, match="known to the model"):
+        facts.offline_records(None, None, 10 ** 6, relations=("capital",))
+
+
+def _one_line_error(capsys, *needles):
+    """The error is one line, the last on stderr, and no traceback."""
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert err.rstrip().endswith(errors[0]) and errors[0].startswith("ultraedit run: error: ")
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+
+
+def test_bad_modules_and_threads_are_one_line_errors(model_dir, tmp_path, capsys):
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    assert main(_base(model_dir, data, tmp_path, "--modules", "model.layers.1.mlp")) == 2
+    _one_line_error(capsys, "model.layers.1.mlp", "Linear")
+    args = _base(model_dir, data, tmp_path)
+    args[args.index("--threads") + 1] = "-1"
+    assert main(args) == 2
+    _one_line_error(capsys, "--threads")
+
+
+def _read_only_folder(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if not os.access(ro, os.W_OK):
+        return str(ro)
+    if os.path.isdir("/sys"):           # root writes into any folder: a read-only file system
+        return "/sys"
+    pytest.skip("no read-only folder here")
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot", "--records-out"])
+@pytest.mark.parametrize("problem", ["directory", "missing parent", "parent is a file",
+                                     "read-only folder"])
+def test_output_paths_checked_before_any_work(model_dir, tmp_path, capsys, monkeypatch, flag,
+                                              problem):
+    import ultraedit.models
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded before the output paths were checked")
+
+    monkeypatch.setattr(ultraedit.models, "load_model", no_work)
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    (tmp_path / "afile").write_text("x")
+    path = {"directory": str(tmp_path),
+            "missing parent": str(tmp_path / "no" / "such" / "out.json"),
+            "parent is a file": str(tmp_path / "afile" / "out.json"),
+            "read-only folder": None}[problem]
+    if path is None:
+        path = os.path.join(_read_only_folder(tmp_path), "out.json")
+    args = ["run", "--model", model_dir, "--data", data, "--turns", "2", "--edits-per-turn",
+            "2", "--no-progress", "--threads", "1", flag, path]
+    assert main(args) == 2
+    _one_line_error(capsys, flag, path)
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["zsre.json", "afile"] + (["ro"] if problem == "read-only folder" else []))
+
+
+def test_same_file_for_two_outputs_is_refused(model_dir, tmp_path, capsys):
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    assert main(_base(model_dir, data, tmp_path, "--plot", str(tmp_path / "r.json"))) == 2
+    _one_line_error(capsys, "--json", "--plot")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_interrupt_marks_the_json_interrupted(model_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the second turn: exit 130, one line, the JSON keeps turn 1 and says so."""
+    from ultraedit.editor import UltraEditor
+
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    real_edit = UltraEditor.edit
+    calls = []
+
+    def edit(self, requests):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_edit(self, requests)
+
+    monkeypatch.setattr(UltraEditor, "edit", edit)
+    assert main(_base(model_dir, data, tmp_path)) == 130
+    assert "interrupted" in capsys.readouterr().err
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["status"] == "interrupted" and len(out["turns"]) == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_progress_per_step_and_per_evaluation_batch(model_dir, tmp_path, capsys):
+    """The bars move per micro-batch of every step of a turn and per evaluation batch (the
+    per-turn and the final evaluation), and the one-time preserved-key capture is announced."""
+    data = _write(tmp_path / "counterfact.json", COUNTERFACT)
+    args = [a for a in _base(model_dir, data, tmp_path, "--format", "counterfact", "--steps", "3",
+                             "--micro-batch", "1", "--positions", "subject", "--preserve", "1",
+                             "--no-hold-done") if a != "--no-progress"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    for step in (1, 2, 3):
+        for batch in (1, 2):
+            assert f"turn 2/2, step {step}/3, micro-batch {batch}/2" in err, (step, batch)
+    assert "unedited locality reference" in err
+    assert "evaluating turn 1" in err and "evaluating turn 2" in err
+    final = [ln for ln in err.replace("\r", "\n").splitlines() if "final evaluation" in ln]
+    assert len(final) > 2                    # the final evaluation moves, batch by batch
+    assert "capturing the preserved subjects' keys" in err
+    assert err.index("capturing the preserved") < err.index("editing")
+
+
+def test_preset_and_the_recorded_config_reproduce_a_run(model_dir, tmp_path, capsys):
+    """The run JSON records EditConfig.to_dict() (modules resolved); given back as --preset FILE
+    it edits the same way. An unknown preset is a one-line error."""
+    from ultraedit.config import EditConfig
+
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    assert main(_base(model_dir, data, tmp_path, "--preset", "official", "--lr", "1e-3",
+                      "--eval", "end", "--no-generation")) == 0
+    first = json.loads((tmp_path / "r.json").read_text())
+    cfg = first["edit_config"]
+    assert EditConfig.from_dict(cfg) == EditConfig.official(lr=1e-3, modules=cfg["modules"])
+    assert first["config"]["preset"] == "official"
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    args = _base(model_dir, data, tmp_path, "--preset", str(tmp_path / "cfg.json"), "--eval",
+                 "end", "--no-generation")
+    args[args.index("--json") + 1] = str(tmp_path / "again.json")
+    assert main(args) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["edit_config"] == cfg
+    assert again["final"] == first["final"]
+    assert [t["loss"] for t in again["turns"]] == [t["loss"] for t in first["turns"]]
+    capsys.readouterr()
+    assert main(_base(model_dir, data, tmp_path, "--preset", "nope")) == 2
+    _one_line_error(capsys, "nope")
+    assert main(_base(model_dir, data, tmp_path, "--steps", "0")) == 2
+    _one_line_error(capsys, "steps")
+
+
+def test_sigint_leaves_an_interrupted_json(model_dir, tmp_path):
+    """A real SIGINT to a running ``ultraedit run``: exit 130, one line, and the JSON keeps the
+    finished turns with ``"status": "interrupted"``."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = [{**ZSRE[i % 4], "subject": f"S{i}", "src": f"What is the capital of S{i}?"}
+            for i in range(4000)]
+    data = _write(tmp_path / "many.json", rows)
+    out = tmp_path / "r.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(root, "python"), root])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ultraedit.cli", "run", "--model", model_dir, "--data", data,
+         "--turns", "2000", "--edits-per-turn", "2", "--eval", "every", "--no-progress",
+         "--threads", "1", "--json", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if json.loads(out.read_text())["turns"]:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        "ultraedit run: interrupted")
+    result = json.loads(out.read_text())
+    assert result["status"] == "interrupted" and 1 <= len(result["turns"]) < 2000
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_offline_run_leaves_out_the_excluded_subjects(model_dir, tmp_path, monkeypatch, capsys):
+    """--data offline --exclude-subjects FILE: the listed subjects are never edited (the known-
+    fact filter is stubbed: the tiny model knows nothing); a missing file is a one-line error."""
+    import ultraedit.eval.facts as facts
+    from ultraedit.data import load_records, offline_facts
+
+    monkeypatch.setattr(facts, "filter_known", lambda recs, *a, **k: list(recs))
+    first = [r.subject for r in offline_facts(("capital",))[:50]]
+    (tmp_path / "skip.txt").write_text("# tuned on\n" + "\n".join(first) + "\n")
+    out = tmp_path / "records.jsonl"
+    args = ["run", "--model", model_dir, "--data", "offline", "--relations", "capital",
+            "--turns", "1", "--edits-per-turn", "4", "--eval", "end", "--no-generation",
+            "--no-progress", "--threads", "1", "--records-out", str(out)]
+    assert main(args + ["--exclude-subjects", str(tmp_path / "skip.txt")]) == 0
+    edited = {r.subject for r in load_records(str(out))}
+    assert len(edited) == 4 and not edited & set(first)
+    capsys.readouterr()
+    assert main(args + ["--exclude-subjects", str(tmp_path / "missing.txt")]) == 2
+    _one_line_error(capsys, "missing.txt")
+
+
+def test_plot_without_matplotlib_fails_before_any_work(model_dir, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    import ultraedit.models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(ultraedit.models, "load_model",
+                        lambda *a, **k: pytest.fail("the model was loaded"))
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    assert main(_base(model_dir, data, tmp_path, "--plot", str(tmp_path / "r.png"))) == 2
+    _one_line_error(capsys, "matplotlib")
+
+
+def test_a_request_the_editor_refuses_is_a_one_line_error(model_dir, tmp_path, capsys):
+    """A record too long for the model's context: exit 2 with the editor's message, and the
+    JSON keeps the finished turns with the error."""
+    rows = [dict(r) for r in ZSRE]
+    rows[2]["src"] = "What is the capital of Italy, " + "the country, " * 200 + "?"
+    data = _write(tmp_path / "long.json", rows)
+    assert main(_base(model_dir, data, tmp_path, "--eval", "end")) == 2
+    _one_line_error(capsys)
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert len(out["turns"]) == 1 and out["status"] == "running"
+    assert out["error"].startswith("ValueError")
