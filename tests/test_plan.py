@@ -114,6 +114,12 @@ def test_builtin_configs_and_cli(capsys, tmp_path):
     # a budget that is too small: exit 1 and the reason names the largest item
     rc = main(["--config", "mistral-7b", "--edits", "100", "--budget-gib", "8"])
     assert rc == 1 and "does not fit in 8 GiB" in capsys.readouterr().out
+    # the remedies the reason names do lower the peak
+    full = plan_turn("llama-3-8b", "bf16", edits=100)
+    assert not full.fits and "delta record" in full.reason and "history=0" in full.reason
+    assert plan_turn("llama-3-8b", "bf16", edits=100, history=0).total_bytes < full.total_bytes
+    host = plan_turn("llama-3-8b", "bf16", edits=100, delta_device="cpu")
+    assert host.fits and host.total_bytes < full.total_bytes - full.item("delta record")
     # a local config.json, as JSON
     (tmp_path / "config.json").write_text(json.dumps(BUILTIN_CONFIGS["smollm2-135m"]))
     assert main(["--config", str(tmp_path), "--dtype", "fp32", "--json"]) == 0

@@ -226,7 +226,8 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
               answer_tokens: int = 4, seq_len: int = 32, positions: str = "answer",
               accumulate="auto", history: int = 1, memory: float = 0.0, preserve: float = 0.0,
               preserved_rows: int = 0, steps: int = 1, attn_implementation: Optional[str] = None,
-              act_dtype=None, logit_columns: Optional[int] = None) -> TurnPlan:
+              act_dtype=None, logit_columns: Optional[int] = None,
+              delta_device: Optional[str] = None) -> TurnPlan:
     """Predict the peak memory of one turn (see the module docstring).
 
     Args:
@@ -248,6 +249,9 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
         steps: capture/solve/apply steps per turn (a multi-step turn snapshots before its first).
         attn_implementation: "sdpa" (default) or "eager".
         act_dtype: the activations' dtype (default: ``dtype``).
+        delta_device: ``"cpu"`` when the editor keeps base, delta and history off the device
+            (``UltraEditor(delta_device="cpu")``): those items are listed as ``host`` and not
+            counted in the device's peak.
     """
     from .modules import module_dims, paper_module_names, resolve_modules
 
@@ -376,8 +380,14 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
                  "the turn's own snapshot" + (", float32 copies of K and A for the apply"
                                               if acc else ""), "solve/apply"),
     ]
-    kept = sum(i.bytes for i in items)
-    fb_total, sa_total = sum(i.bytes for i in fb), sum(i.bytes for i in sa)
+    off_device = delta_device is not None and str(delta_device) == "cpu"
+    if off_device:
+        for it in items + sa:
+            if it.name in ("delta record", "rollback history"):
+                it.phase = "host"
+    kept = sum(i.bytes for i in items if i.phase != "host")
+    fb_total = sum(i.bytes for i in fb)
+    sa_total = sum(i.bytes for i in sa if i.phase != "host")
     if fb_total >= sa_total:
         phase, peak_items = "forward/backward", fb
     else:
@@ -390,10 +400,14 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
         reason = (f"fits in {budget_gib:g} GiB: peak {total / GiB:.2f} GiB "
                   f"({(budget_bytes - total) / GiB:.2f} GiB to spare)")
     else:
-        big = max(items[:len(items) - len(fb) - len(sa)] + peak_items, key=lambda i: i.bytes)
+        counted = [i for i in items[:len(items) - len(fb) - len(sa)] + peak_items
+                   if i.phase != "host" and i.name != "weights"]
+        big = sorted(counted, key=lambda i: -i.bytes)[:2]
         reason = (f"does not fit in {budget_gib:g} GiB: peak {total / GiB:.2f} GiB, "
-                  f"{(total - budget_bytes) / GiB:.2f} GiB over; largest item: {big.name} "
-                  f"({big.bytes / GiB:.2f} GiB)")
+                  f"{(total - budget_bytes) / GiB:.2f} GiB over; weights {weights / GiB:.2f} GiB, "
+                  f"then " + ", ".join(f"{i.name} {i.bytes / GiB:.2f} GiB ({i.phase})" for i in big)
+                  + ". Lower it with fewer edited modules, history=0, delta_device='cpu' or a "
+                  "smaller micro_batch")
     model_name = config if isinstance(config, str) else getattr(cfg, "model_type", "model")
     return TurnPlan(model=str(model_name), dtype=dname, modules=names, edits=int(edits),
                     micro_batch=int(micro_batch), n_rows=N, seq_len=L, items=items,
@@ -402,7 +416,8 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
                     settings=dict(answer_tokens=answer_tokens, logit_columns=logit_columns, positions=positions,
                                   accumulate=acc, history=history, memory=memory,
                                   preserve=preserve, preserved_rows=preserved_rows, steps=steps,
-                                  attn_implementation=attn, act_dtype=aname))
+                                  attn_implementation=attn, act_dtype=aname,
+                                  delta_device=delta_device))
 
 
 # ------------------------------------------------------------------------------ command line
@@ -423,6 +438,8 @@ def build_parser(prog: str = "ultraedit plan") -> argparse.ArgumentParser:
     p.add_argument("--memory", type=float, default=0.0)
     p.add_argument("--preserve", type=float, default=0.0)
     p.add_argument("--preserved-rows", type=int, default=0)
+    p.add_argument("--delta-device", default=None, help="cpu: base, delta and history kept on "
+                   "the host (UltraEditor(delta_device='cpu'))")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -436,7 +453,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "ultraedit plan") -> 
                          micro_batch=args.micro_batch, budget_bytes=int(args.budget_gib * GiB),
                          answer_tokens=args.answer_tokens, seq_len=args.seq_len,
                          history=args.history, memory=args.memory, preserve=args.preserve,
-                         preserved_rows=args.preserved_rows)
+                         preserved_rows=args.preserved_rows, delta_device=args.delta_device)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
