@@ -9,4 +9,6 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 export PYTHONPATH="$ROOT:$ROOT/python:$ROOT/bench${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec "${PYTHON:-python}" bench/gpu_acceptance.py "$@"
+# PYTHON picks the interpreter; else python3 (on CUDA images the one that holds torch), else python
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+exec "$PY" bench/gpu_acceptance.py "$@"
