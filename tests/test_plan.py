@@ -22,10 +22,12 @@ PAPER = dict(lr=1e-6, positions="answer", steps=1, hold_done=False, memory=0.0, 
              protect_mean=0.0)
 SUBJECTS = ["France", "Germany", "Italy", "Spain", "Japan", "Peru"]
 TARGETS = ["Paris", "Berlin", "Rome tower", "Madrid city", "Tokyo"]
+PRESERVED = ["Paris", "Berlin", "Rome", "Madrid", "Tokyo", "Lima"]
 
 
 def _requests(n):
-    return [(f"The capital of {SUBJECTS[i % 6]} is", TARGETS[i % 5]) for i in range(n)]
+    return [(f"The capital of {SUBJECTS[i % 6]} is", TARGETS[i % 5], SUBJECTS[i % 6])
+            for i in range(n)]
 
 
 def _model(dtype, hidden=256, inter=688, layers=6, vocab=300, attn="sdpa"):
@@ -45,7 +47,7 @@ def _measure(model, tok, requests, turns, **kwargs):
         editor = UltraEditor(model, tok, **{**PAPER, **kwargs})
         for _ in range(turns):
             editor.edit(requests)
-    return weights + pm.peak_bytes, list(editor.modules)
+    return weights + pm.peak_bytes, list(editor.modules), editor
 
 
 CASES = {
@@ -58,7 +60,16 @@ CASES = {
     "fp32-eager-attention": dict(dtype=torch.float32, edits=30, micro_batch=10, attn="eager",
                                  modules=["model.layers.1.self_attn.q_proj"]),
     "fp32-key-memory": dict(dtype=torch.float32, edits=20, micro_batch=10, memory=1.0, hidden=128,
-                            inter=344, layers=4, modules=["model.layers.1.mlp.down_proj"]),
+                            inter=344, layers=4, turns=3, modules=["model.layers.1.mlp.down_proj"]),
+    # the options beyond the paper: keys at the subject, key memory, preserved subjects, steps
+    "fp32-subject-memory-preserve": dict(dtype=torch.float32, edits=30, micro_batch=10, turns=3,
+                                         positions="subject", memory=1.0, preserve=0.3,
+                                         modules=["model.layers.1.mlp.down_proj",
+                                                  "model.layers.2.mlp.down_proj"]),
+    "fp32-three-steps": dict(dtype=torch.float32, edits=30, micro_batch=10, turns=3, steps=3,
+                             positions="subject", memory=1.0, preserve=0.3,
+                             modules=["model.layers.1.mlp.down_proj",
+                                      "model.layers.2.mlp.down_proj"]),
     "bf16-large-vocab-no-history": dict(dtype=torch.bfloat16, edits=40, micro_batch=10, history=0,
                                         vocab=2000, modules=["model.layers.0.mlp.up_proj"]),
 }
@@ -73,12 +84,15 @@ def test_prediction_within_15_percent_of_measured_peak(case, ue_tokenizer):
     torch.set_num_threads(1)
     model = _model(dtype, attn=attn, **shape)
     requests = _requests(c["edits"])
-    measured, modules = _measure(model, ue_tokenizer, requests, turns,
-                                 modules=c["modules"], micro_batch=c["micro_batch"],
-                                 history=c.get("history", 1), memory=c.get("memory", 0.0))
+    options = {k: c[k] for k in ("positions", "memory", "preserve", "steps") if k in c}
+    extra = dict(options, lr=1e-4, preserve_subjects=PRESERVED) if options else {}
+    measured, modules, editor = _measure(model, ue_tokenizer, requests, turns,
+                                         modules=c["modules"], micro_batch=c["micro_batch"],
+                                         history=c.get("history", 1), **extra)
+    rows = max((len(p.owners) for p in editor.preserved.values()), default=0)
     plan = plan_turn(model, dtype, modules, edits=c["edits"], micro_batch=c["micro_batch"],
-                     history=c.get("history", 1), memory=c.get("memory", 0.0),
-                     attn_implementation=attn,
+                     history=c.get("history", 1), attn_implementation=attn,
+                     preserved_rows=rows, **options,
                      **request_shape(ue_tokenizer, requests, c["micro_batch"]))
     ratio = plan.total_bytes / measured
     print(f"{case}: predicted {plan.total_bytes / 2**20:.2f} MiB, measured "
@@ -94,9 +108,11 @@ def test_embedded_model_prediction(ue_embedded, ue_restore):
     requests = [(f"The capital of {s} is", t) for s, t in zip(SUBJECTS, TARGETS)] * 2
     modules = paper_module_names(model)
     ue_restore(model, modules)
-    measured, _ = _measure(model, tok, requests, 2, modules=modules, micro_batch=10, history=1)
+    measured, _, _ = _measure(model, tok, requests, 2, modules=modules, micro_batch=10, history=1)
     plan = plan_turn(model, "fp32", modules, edits=len(requests), micro_batch=10,
                      **request_shape(tok, requests, 10))
+    print(f"embedded: predicted {plan.total_bytes / 2**20:.1f} MiB, measured "
+          f"{measured / 2**20:.1f} MiB, ratio {plan.total_bytes / measured:.3f}")
     assert 0.85 <= plan.total_bytes / measured <= 1.15, plan.format()
 
 

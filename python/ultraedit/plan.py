@@ -131,7 +131,8 @@ class TurnPlan:
         for it in self.items:
             lines.append(f"{it.name:<18} {it.phase:<17} {it.bytes / MiB:>10.1f}  {it.detail}")
         lines.append(f"{'peak':<18} {self.peak_phase:<17} {self.total_bytes / MiB:>10.1f}  "
-                     f"= {self.total_bytes / GiB:.2f} GiB (kept items + the larger phase)")
+                     f"= {self.total_bytes / GiB:.2f} GiB (kept items + the larger phase; the "
+                     f"solve/apply phase counts its solves or its apply, whichever is larger)")
         lines.append(self.reason)
         return "\n".join(lines)
 
@@ -331,15 +332,20 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
     delta = w_edit * acc_e if acc else 0
     snap_e = acc_e if acc else e_w
     # steady state: `history` snapshots kept, one more taken during the turn
-    kept_snaps = int(history) * w_edit * snap_e
     turn_snap = w_edit * snap_e if (history or steps > 1) else 0
+    mem_bytes = sum(8 * dims[n][0] ** 2 for n in names) if memory > 0 else 0
+    # a turn record holds the weights' snapshot and a copy of the statistics (key memory too)
+    stats_copy = stats // 2 + mem_bytes
+    kept_snaps = int(history) * (w_edit * snap_e + stats_copy)
     factors_A = sum(4 * N * dims[n][1] for n in names)
     one_solve = max(4 * N * dims[n][1] + 2 * 4 * min(N, dims[n][0]) ** 2 for n in names)
     apply_tmp = max(4 * N * (dims[n][0] + dims[n][1]) for n in names) if acc else 0
     mem_bytes = sum(8 * dims[n][0] ** 2 for n in names) if memory > 0 else 0
     # the turn's system (transient) and Cholesky factor of νM + μP + λI, per module
-    mem_turn = sum(8 * dims[n][0] ** 2 for n in names) + 8 * max(dims[n][0] for n in names) ** 2 \
-        if (memory > 0 or preserve > 0) else 0
+    # (the preserved Gram without the turn's subjects is one more transient copy)
+    mem_factors = sum(8 * dims[n][0] ** 2 for n in names) if (memory > 0 or preserve > 0) else 0
+    mem_turn = (mem_factors + 8 * max(dims[n][0] for n in names) ** 2 * (2 if preserve > 0 else 1)
+                if mem_factors else 0)
     pres = (sum(4 * int(preserved_rows) * dims[n][0] + 8 * dims[n][0] ** 2 for n in names)
             if preserve > 0 else 0)
 
@@ -350,7 +356,8 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
                  f"base copy of {len(names)} edited weights ({w_edit / 1e6:.1f} M values, "
                  f"{dname})" + (f" + float32 accumulated delta" if acc else "")),
         PlanItem("rollback history", kept_snaps,
-                 f"{history} snapshot(s) of the edited weights ({'float32 delta' if acc else dname})"),
+                 f"{history} snapshot(s) of the edited weights ({'float32 delta' if acc else dname})"
+                 " and of the statistics" + (" and key memory" if mem_bytes else "")),
         PlanItem("statistics", stats, f"running count/mean/M2 (float64) of {len(shapes)} "
                  f"weight shape(s), committed + the turn's copy"),
     ]
@@ -368,6 +375,14 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
         PlanItem("captured rows", rows_total - per_mb_rows,
                  f"K and G of the micro-batches before the last (N = {N})", "forward/backward"),
     ]
+    if steps > 1:   # a later step captures while the previous step's rows and factors live on
+        fb.append(PlanItem("solver", rows_total + factors_A + mem_factors,
+                           "the previous step's stacked K and G, its factors A"
+                           + (" and the turn's memory/preserved factors" if mem_factors else ""),
+                           "forward/backward"))
+        fb.append(PlanItem("rollback history", turn_snap + stats_copy,
+                           "the multi-step turn's snapshot, taken before its first step",
+                           "forward/backward"))
     sa = [
         PlanItem("captured rows", rows_total * (2 if n_mb > 1 else 1),
                  f"K (N x d_in) and G (N x d_out) in {aname}, N = {N}"
@@ -376,10 +391,14 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
                  f"A (N x d_out, float32) of every module, one module's pseudo-values, Gram and "
                  f"factor" + (", the memory/preserved system and factor" if mem_turn else ""),
                  "solve/apply"),
-        PlanItem("rollback history", turn_snap + apply_tmp,
+        PlanItem("rollback history", turn_snap + stats_copy * (2 if steps > 1 else 1) + apply_tmp,
                  "the turn's own snapshot" + (", float32 copies of K and A for the apply"
                                               if acc else ""), "solve/apply"),
     ]
+    # the solves end before the apply starts: their transients and the turn's snapshot do not
+    # coexist (the factors A and the memory factors do)
+    solve_part = sa[1].bytes
+    apply_part = factors_A + mem_factors + (0 if delta_device == "cpu" else sa[2].bytes)
     off_device = delta_device is not None and str(delta_device) == "cpu"
     if off_device:
         for it in items + sa:
@@ -387,7 +406,7 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
                 it.phase = "host"
     kept = sum(i.bytes for i in items if i.phase != "host")
     fb_total = sum(i.bytes for i in fb)
-    sa_total = sum(i.bytes for i in sa if i.phase != "host")
+    sa_total = sa[0].bytes + max(solve_part, apply_part)
     if fb_total >= sa_total:
         phase, peak_items = "forward/backward", fb
     else:
