@@ -4,9 +4,9 @@ The measured peak is the weights plus the highest running total of the CPU alloc
 (``bench/memory.py``: the profiler's memory events, not RSS) over the editor's construction and
 its turns (the steady state: rollback history filled). The prediction must be within 15%.
 """
+import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -15,8 +15,13 @@ from conftest import ue_make_tokenizer
 from ultraedit import UltraEditor
 from ultraedit.plan import BUILTIN_CONFIGS, main, plan_turn, request_shape
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-from memory import PeakMemory  # noqa: E402
+# bench/memory.py, loaded from its path (the bench folder is not a package)
+_spec = importlib.util.spec_from_file_location(
+    "_bench_memory", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "bench", "memory.py"))
+_bench_memory = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_bench_memory)
+PeakMemory = _bench_memory.PeakMemory
 
 PAPER = dict(lr=1e-6, positions="answer", steps=1, hold_done=False, memory=0.0, preserve=0.0,
              protect_mean=0.0)
