@@ -69,7 +69,7 @@ BUILTIN_CONFIGS: Dict[str, Dict[str, Any]] = {
                        max_position_embeddings=32768),
     "llama-3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
                        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, tie_word_embeddings=False, rope_theta=500000.0,
+                       num_key_value_heads=8, tie_word_embeddings=False,
                        max_position_embeddings=8192),
     "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
                        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
