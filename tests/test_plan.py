@@ -66,6 +66,9 @@ CASES = {
                                  modules=["model.layers.1.self_attn.q_proj"]),
     "fp32-key-memory": dict(dtype=torch.float32, edits=20, micro_batch=10, memory=1.0, hidden=128,
                             inter=344, layers=4, turns=3, modules=["model.layers.1.mlp.down_proj"]),
+    # N = 224 rows > d_in = 64: the dense primal ΔW
+    "fp32-primal": dict(dtype=torch.float32, edits=40, micro_batch=10, hidden=64, inter=172,
+                        layers=4, modules=["model.layers.1.mlp.gate_proj"]),
     # the options beyond the paper: keys at the subject, key memory, preserved subjects, steps
     "fp32-subject-memory-preserve": dict(dtype=torch.float32, edits=30, micro_batch=10, turns=3,
                                          positions="subject", memory=1.0, preserve=0.3,

@@ -224,7 +224,7 @@ def request_shape(tokenizer, requests, micro_batch: int = 10) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------ the plan
 def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[str]]] = None,
               edits: int = 100, micro_batch: int = 10, budget_bytes: int = 24 * GiB,
-              answer_tokens: int = 4, seq_len: int = 32, positions: str = "answer",
+              answer_tokens: float = 4, seq_len: int = 32, positions: str = "answer",
               accumulate="auto", history: int = 1, memory: float = 0.0, preserve: float = 0.0,
               preserved_rows: int = 0, steps: int = 1, attn_implementation: Optional[str] = None,
               act_dtype=None, logit_columns: Optional[int] = None,
@@ -310,7 +310,11 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
         kept_layers = n_layers - first - 1
         is_mlp = any(s in sub for s in ("mlp", "fc", "ffn", "feed_forward"))
         if is_mlp and any(s in sub for s in ("down_proj", "fc_out", "c_proj", "fc2", "w2")):
-            first_part = 0
+            first_part = 0                      # nothing of its layer is kept after it
+        elif is_mlp and "up_proj" in sub:
+            first_part = mlp_part // 3          # act(gate) for the product's gradient
+        elif is_mlp and "gate_proj" in sub:
+            first_part = 2 * mlp_part // 3      # gate's output for act's gradient, up's output
         else:
             first_part = mlp_part if is_mlp else per_token_layer
     saved = T * (kept_layers * per_token_layer + first_part + 4 * h + 4)
@@ -337,10 +341,10 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
     # a turn record holds the weights' snapshot and a copy of the statistics (key memory too)
     stats_copy = stats // 2 + mem_bytes
     kept_snaps = int(history) * (w_edit * snap_e + stats_copy)
-    factors_A = sum(4 * N * dims[n][1] for n in names)
+    # dual (N <= d_in): A is N x d_out; primal: the dense ΔW, d_in x d_out
+    factors_A = sum(4 * min(N, dims[n][0]) * dims[n][1] for n in names)
     one_solve = max(4 * N * dims[n][1] + 2 * 4 * min(N, dims[n][0]) ** 2 for n in names)
     apply_tmp = max(4 * N * (dims[n][0] + dims[n][1]) for n in names) if acc else 0
-    mem_bytes = sum(8 * dims[n][0] ** 2 for n in names) if memory > 0 else 0
     # the turn's system (transient) and Cholesky factor of νM + μP + λI, per module
     # (the preserved Gram without the turn's subjects is one more transient copy)
     mem_factors = sum(8 * dims[n][0] ** 2 for n in names) if (memory > 0 or preserve > 0) else 0
@@ -367,11 +371,12 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
         items.append(PlanItem("preserved keys", pres, f"{preserved_rows} rows (float32) and "
                               f"their float64 Gram per module"))
     fb = [
-        PlanItem("activations", saved + logits + backward_ws,
+        # the backward frees the logits' tensors before it reaches the layers' working set
+        PlanItem("activations", saved + max(logits, backward_ws),
                  f"one micro-batch of {B} x {L} tokens: kept by autograd from "
                  f"{names[0]} on ({kept_layers} whole layers) {saved / MiB:.0f} MiB, logits of "
-                 f"{logit_cols} answer columns {logits / MiB:.0f} MiB, backward working set "
-                 f"{backward_ws / MiB:.0f} MiB", "forward/backward"),
+                 f"{logit_cols} answer columns {logits / MiB:.0f} MiB or the backward's working set "
+                 f"{backward_ws / MiB:.0f} MiB, whichever is larger", "forward/backward"),
         PlanItem("captured rows", rows_total - per_mb_rows,
                  f"K and G of the micro-batches before the last (N = {N})", "forward/backward"),
     ]
@@ -388,7 +393,8 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
                  f"K (N x d_in) and G (N x d_out) in {aname}, N = {N}"
                  + (", per micro-batch and stacked" if n_mb > 1 else ""), "solve/apply"),
         PlanItem("solver", factors_A + one_solve + mem_turn,
-                 f"A (N x d_out, float32) of every module, one module's pseudo-values, Gram and "
+                 f"A (N x d_out, float32; the dense ΔW when N > d_in) of every module, one "
+                 f"module's pseudo-values, Gram and "
                  f"factor" + (", the memory/preserved system and factor" if mem_turn else ""),
                  "solve/apply"),
         PlanItem("rollback history", turn_snap + stats_copy * (2 if steps > 1 else 1) + apply_tmp,
