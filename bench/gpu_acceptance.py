@@ -633,6 +633,9 @@ def run_all(args) -> int:
                               "started_utc": _now(), "budget_s": args.budget_s,
                               "command": " ".join(["bash scripts/gpu_acceptance.sh"] + args.argv),
                               "steps": {}}
+    child_env = dict(os.environ)
+    if not args.cpu_smoke:   # real kernel launches: never the interpreter on a GPU
+        child_env.pop("TRITON_INTERPRET", None)
     carry = 0.0
     for step in steps:
         left = deadline - time.time()
@@ -654,7 +657,7 @@ def run_all(args) -> int:
         log_path = os.path.join(args.out, "steps", f"{step}.log")
         with open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, env=child_env)
             try:
                 rc = proc.wait(timeout=allowed + 5)
             except subprocess.TimeoutExpired:   # SIGTERM: the step records what it has
