@@ -446,9 +446,17 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
 
 
 # ------------------------------------------------------------------------------ command line
+DESCRIPTION = "Predict a turn's peak memory, item by item, and whether it fits a budget."
+
+
 def build_parser(prog: str = "ultraedit plan") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Predict a turn's peak memory, item by "
-                                "item, and whether it fits a budget.")
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``ultraedit plan`` (shared by this module's ``main`` and the CLI)."""
     p.add_argument("--config", required=True, help="built-in name (" + ", ".join(
         sorted(BUILTIN_CONFIGS)) + ") or a config.json / model folder")
     p.add_argument("--dtype", default="bf16", help="weights' dtype: bf16, fp16, fp32 (default bf16)")
@@ -466,13 +474,16 @@ def build_parser(prog: str = "ultraedit plan") -> argparse.ArgumentParser:
     p.add_argument("--delta-device", default=None, help="cpu: base, delta and history kept on "
                    "the host (UltraEditor(delta_device='cpu'))")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    return p
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "ultraedit plan") -> int:
     """``ultraedit plan --config mistral-7b --dtype bf16 --edits 100``: exit 0 when the turn
     fits the budget, 1 when it does not, 2 on a usage error."""
-    args = build_parser(prog).parse_args(argv)
+    return run(build_parser(prog).parse_args(argv), prog)
+
+
+def run(args: argparse.Namespace, prog: str = "ultraedit plan") -> int:
+    """Plan from parsed :func:`add_arguments` options; print the table (or JSON)."""
     try:
         plan = plan_turn(args.config, args.dtype, args.modules, edits=args.edits,
                          micro_batch=args.micro_batch, budget_bytes=int(args.budget_gib * GiB),

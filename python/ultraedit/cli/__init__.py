@@ -3,7 +3,9 @@
 - ``ultraedit demo`` (:mod:`ultraedit.cli.demo`): counterfactual edits on the embedded model with
   before/after scores and timings;
 - ``ultraedit run`` (:mod:`ultraedit.cli.run`): a lifelong editing run over a data set or the
-  offline facts, with per-turn and final scores, JSON and plot.
+  offline facts, with per-turn and final scores, JSON and plot;
+- ``ultraedit plan`` (:mod:`ultraedit.cli.plan`): a turn's peak memory predicted item by item
+  from a model config, and whether it fits a budget (exit 1 when it does not).
 
 Exit status: 0 done, 2 a bad argument, path or input (one line on stderr, nothing done), 130
 interrupted. Importing this package and ``--help`` load neither torch nor transformers.
@@ -15,7 +17,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import demo, run
+from . import demo, plan, run
 
 __all__ = ["main", "build_parser"]
 
@@ -27,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     demo.add_parser(sub)
     run.add_parser(sub)
+    plan.add_parser(sub)
     return parser
 
 
