@@ -81,7 +81,8 @@ REPORT_FIELDS = ("n_edits", "n_tokens", "n_modules", "steps_run", "n_predicted",
 
 
 def fingerprint():
-    """What decides the rounding of this machine's results (stored with every recording)."""
+    """What decides the rounding of this machine's results (stored with every recording). The
+    cases run on one thread; on the CPU ``auto`` never picks the Triton interpreter."""
     cpu = {"processor": platform.processor()}
     try:  # the first processor's identity: model, family/model/stepping, cache, feature flags
         for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
@@ -100,9 +101,7 @@ def fingerprint():
             "machine": platform.machine(), "torch": torch.__version__,
             "torch_config": hashlib.sha256(torch.__config__.show().encode()).hexdigest(),
             "backend": os.environ.get("ULTRAEDIT_BACKEND", "auto"),
-            "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
-            "cpp_extension": _extension.unavailable_reason("cpu") is None,
-            "threads": torch.get_num_threads()}
+            "cpp_extension": _extension.unavailable_reason("cpu") is None}
 
 
 def sha(t):

@@ -331,3 +331,14 @@ def test_editor_state_dict_round_trip(tok):
     with pytest.raises(ValueError, match="belong to no edited module"):
         back.load_state_dict(sd, {})
     assert back.state_dict()["turns"] == 1 and back.stats.keys() == ed.stats.keys()
+
+
+def test_the_whole_config_round_trips_through_a_state(tok, tmp_path):
+    ed = _editor(tok, steps=2, protect_mean=1.5, positions="subject", preserve=0.5,
+                 preserve_subjects=["France", "Lima"], preserve_contexts=["{s}"], history=2)
+    ed.edit([("The capital of France is", "Rome", "France")])
+    ed.save_state(tmp_path / "st")
+    back = UltraEditor.load_state(tmp_path / "st", tiny_llama(len(tok)), tok)
+    assert back.config == ed.config.replace(modules=tuple(ed.modules),
+                                            accumulate=ed.journal.accumulate)
+    assert back.config.preserve_subjects == ("France", "Lima")

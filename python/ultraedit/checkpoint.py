@@ -4,7 +4,7 @@ Both are directories written by :mod:`ultraedit.serialization` (atomic, checksum
 
 A **state** (``kind="state"``)::
 
-    manifest.json        + "model", "config" (EditConfig.to_dict()), "turns", "base_turn",
+    manifest.json        + "model", "config" (``EditConfig.to_dict()``), "turns", "base_turn",
                          "include_delta", "modules" (shape, dtype, sha256 of weight and base),
                          "stats" (key, dim, compat or kind="memory"), "preserve_owners"
     stats.safetensors    ``<key>.count``, ``<key>.mean``, ``<key>.m2`` per normalizer key
@@ -43,10 +43,6 @@ STATS_FILE = "stats.safetensors"
 DELTA_FILE = "delta.safetensors"
 PRESERVE_FILE = "preserve.safetensors"
 MEMORY_PREFIX = "memory:"
-# the config fields a state records; the rest (preserve_subjects/contexts) are in the keys
-_SAVED_CONFIG = ("lr", "ridge", "micro_batch", "compat", "normalizer", "accumulate", "history",
-                 "delta_device", "modules", "protect_mean", "steps", "hold_done", "positions",
-                 "memory", "preserve")
 # options that states written before them were made without
 _OLD_DEFAULTS = {"protect_mean": 0.0, "steps": 1, "hold_done": False, "positions": "answer",
                  "memory": 0.0, "preserve": 0.0}
@@ -85,8 +81,7 @@ def save_state(editor, path, include_delta: bool = True) -> str:
             files[DELTA_FILE][f"delta.{name}"] = journal.current_delta(name)
     if state.preserved:
         files[PRESERVE_FILE] = {name: pk.keys for name, pk in state.preserved.items()}
-    config = editor.config.to_dict()
-    config = {k: config[k] for k in _SAVED_CONFIG}
+    config = editor.config.to_dict()  # with the modules and accumulation as resolved
     config.update(accumulate=journal.accumulate, modules=list(editor.modules))
     manifest = {"kind": "state", "model": model_info(editor.model), "config": config,
                 "preserve_owners": (next(iter(state.preserved.values())).owners
@@ -173,7 +168,8 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
                     f"load the edited model saved at turn {turns} (or pass verify_weights=False)")
 
     # ---- the editor (its preserved keys come from the file: the model may be edited already)
-    editor = cls(model, tokenizer, config.replace(preserve=0.0))
+    editor = cls(model, tokenizer, config.replace(preserve=0.0, preserve_subjects=None,
+                                                  preserve_contexts=None))
     sd = _state_dict_from_files(path, manifest, files, editor, turns)
     devices = {editor.stats_key(n): m.weight.device for n, m in editor.modules.items()}
     devices.update({n: m.weight.device for n, m in editor.modules.items()})

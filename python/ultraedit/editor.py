@@ -38,7 +38,7 @@ from .modules import module_dims, module_layout, resolve_modules
 from .solver import Prior, Update, check_updates, first_non_finite, solve
 from .state import EditorState, KeyMemory, TurnJournal
 from .turn import (EditRequest, TurnMeter, TurnReport, capture_mask, context_length,
-                   input_device, prepare_turn)
+                   input_device, nbytes, prepare_turn)
 
 __all__ = ["UltraEditor", "EditRequest", "TurnReport", "EditConfig"]
 
@@ -123,14 +123,14 @@ class UltraEditor:
         with self.journal.transaction(self.state):
             for step in range(cfg.steps):
                 parts, n_predicted, hold, first = self._capture(batches, meter, step == 0)
-                loss, n_tokens = first if step == 0 else (loss, n_tokens)
+                if step == 0:  # the report's loss and tokens: before this turn's first update
+                    loss, n_tokens = first
                 if cfg.hold_done and n_predicted == len(reqs):
                     break  # every edit holds: the turn ends early, this step changes nothing
                 keys, grads = self._rows(parts)
                 self._update_stats(parts, keys, grads)
                 updates = self._solve(keys, grads, hold, priors, subjects)
-                capture_bytes = max(capture_bytes, sum(t.numel() * t.element_size() for d in (
-                    keys, grads) for t in d.values()) + sum(u.nbytes() for u in updates.values()))
+                capture_bytes = max(capture_bytes, nbytes(keys, grads, updates))
                 with nvtx_range("ultraedit/apply"):
                     self.journal.apply(updates)
                 steps_run, applied = steps_run + 1, keys
@@ -162,7 +162,7 @@ class UltraEditor:
                 if first:
                     n_tokens += int((batch["labels"] != -100).sum())
                 loss, predicted = meter.run(lambda: self._forward_backward(batch))
-                if first:  # the report's loss: before this turn's first update
+                if first:
                     loss_sum += float(loss)
                 for name, kg in cap.pop().items():
                     parts[name].append(kg)

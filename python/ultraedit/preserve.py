@@ -77,7 +77,8 @@ class PreservedKeys:
     @classmethod
     def from_state_dict(cls, sd: Dict[str, object], device=None) -> "PreservedKeys":
         """The inverse of :meth:`state_dict` (checks shapes and finiteness)."""
-        return cls(sd["keys"].to(device), sd["owners"])
+        keys = sd["keys"] if device is None else sd["keys"].to(device)
+        return cls(keys, sd["owners"])
 
     def __repr__(self) -> str:
         return (f"PreservedKeys(rows={self.keys.shape[0]}, subjects={len(self._rows)}, "

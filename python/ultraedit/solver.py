@@ -16,15 +16,16 @@ with the terms beyond the paper composed into ``K'``, ``V'`` and ``P``:
   of earlier turns and the preserved subjects' keys ``K_p`` (without the subjects this turn
   edits); without them ``P = λ I`` (the paper).
 
-How it is solved (all through ``ultraedit_kernels``: ``pseudo_values_op``, ``gram``,
-``spd_solve``; a failed factorization is retried once in float64):
+How it is solved (through ``ultraedit_kernels``: ``pseudo_values_op``, ``gram``, ``spd_solve``;
+a failed factorization is retried once in float64):
 
 * ``P = λI``, ``N' <= d_in``: the dual factor ``A = (K'K'ᵀ + λI)⁻¹ V'`` (N' x d_out) with
   ``ΔW = K'ᵀA``, applied as a rank-N' update (``kind="dual"``, ``keys = K'``);
 * ``P = λI``, ``N' > d_in``: the dense primal ``ΔW = (K'ᵀK' + λI)⁻¹K'ᵀV'`` (``kind="primal"``);
 * a prior: Woodbury in float64, ``ΔW = Y (I + K'Y)⁻¹ V'`` with ``Y = P⁻¹K'ᵀ`` (d_in x N'),
   applied as the rank-N' update ``ΔW = (Yᵀ)ᵀ A`` (``kind="dual"``, ``keys = Yᵀ``). ``P`` is
-  constant during a turn, so it is factored once per turn and module.
+  constant during a turn, so it is factored once per turn and module (``torch.linalg``: the
+  backend's ``spd_solve`` factors its matrix on every call) and reused by every step.
 
 Equivalent PyTorch (float64)::
 

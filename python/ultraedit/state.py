@@ -104,8 +104,10 @@ class EditorState:
                 "memory": {k: v.clone() for k, v in self.memory.items()}, "turns": self.turns}
 
     def restore(self, snap: Dict[str, Any]) -> None:
-        self.stats = {k: v.clone() for k, v in snap["stats"].items()}
-        self.memory = {k: v.clone() for k, v in snap["memory"].items()}
+        """Back to :meth:`snapshot`'s contents (the dicts keep their identity)."""
+        for mine, saved in ((self.stats, snap["stats"]), (self.memory, snap["memory"])):
+            mine.clear()
+            mine.update({k: v.clone() for k, v in saved.items()})
         self.turns = snap["turns"]
 
     def state_dict(self) -> Dict[str, Any]:
@@ -143,7 +145,9 @@ class EditorState:
             if name not in devices:
                 raise ValueError(f"preserved keys {name!r} belong to no edited module")
             preserved[name] = PreservedKeys.from_state_dict(parts, devices[name])
-        self.stats, self.memory, self.preserved = stats, memory, preserved
+        for mine, new in ((self.stats, stats), (self.memory, memory), (self.preserved, preserved)):
+            mine.clear()
+            mine.update(new)
         self.turns = int(sd.get("turns", 0))
 
 

@@ -194,6 +194,12 @@ def capture_mask(batch: Dict[str, torch.Tensor], positions: str) -> torch.Tensor
     return batch["labels"] != -100
 
 
+def nbytes(keys: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor], updates) -> int:
+    """Bytes of a step's captured keys and gradients and of its solved factors (``Update``)."""
+    rows = sum(t.numel() * t.element_size() for d in (keys, grads) for t in d.values())
+    return rows + sum(u.nbytes() for u in updates.values())
+
+
 class TurnMeter:
     """Times the forward/backward passes and measures (CUDA) or estimates (CPU) peak memory."""
 
