@@ -35,6 +35,7 @@ import torch
 
 from .serialization import (StateError, check_model, dtype_name, field, model_info, read_dir,
                             tensor_sha256, write_dir)
+from .placement import weight_slots
 from .state import reconstruct
 
 __all__ = ["save_state", "load_state", "export_delta", "apply_delta", "StateError"]
@@ -69,8 +70,8 @@ def save_state(editor, path, include_delta: bool = True) -> str:
         stats_meta.append({"key": MEMORY_PREFIX + name, "dim": mem.dim, "kind": "memory"})
     files = {STATS_FILE: stats_t}
     modules = []
-    for name, module in editor.modules.items():
-        w = module.weight
+    for name in editor.modules:
+        w = journal.weight(name)
         modules.append({"name": name, "layout": journal.layouts[name], "shape": list(w.shape),
                         "dtype": dtype_name(w.dtype), "weight_sha256": tensor_sha256(w),
                         "base_sha256": tensor_sha256(journal.base[name])})
@@ -132,6 +133,7 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
     turns = field(manifest, path, "turns", kind=int)
     entries = field(manifest, path, "modules", kind=list)
     named = _check_modules(path, model, entries)
+    slots = weight_slots(model, {e["name"]: named[e["name"]] for e in entries})
     try:
         config = EditConfig.from_dict({**_OLD_DEFAULTS, **saved})
         overrides = {"history": history, "delta_device": delta_device}
@@ -150,7 +152,7 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
             b, d = tensors.get(f"base.{name}"), tensors.get(f"delta.{name}")
             if b is None or d is None:
                 raise StateError(f"{path}: {DELTA_FILE} lacks the base or delta of {name!r}")
-            w = named[name].weight.detach()
+            w = slots[name].read().detach()
             edited = reconstruct(b, d, w.dtype)
             if torch.equal(w.cpu(), b):
                 writes[name] = edited
@@ -161,7 +163,7 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
             base[name], delta[name] = b, d
     elif verify_weights:
         for entry in entries:
-            if tensor_sha256(named[entry["name"]].weight) != entry.get("weight_sha256"):
+            if tensor_sha256(slots[entry["name"]].read()) != entry.get("weight_sha256"):
                 raise StateError(
                     f"{path}: module {entry['name']!r} does not hold the weights the state was "
                     f"saved with (sha256 differs) and the state has no deltas to rebuild them: "
@@ -171,8 +173,9 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
     editor = cls(model, tokenizer, config.replace(preserve=0.0, preserve_subjects=None,
                                                   preserve_contexts=None))
     sd = _state_dict_from_files(path, manifest, files, editor, turns)
-    devices = {editor.stats_key(n): m.weight.device for n, m in editor.modules.items()}
-    devices.update({n: m.weight.device for n, m in editor.modules.items()})
+    where = {n: s.execution_device for n, s in editor.journal.slots.items()}
+    devices = {editor.stats_key(n): where[n] for n in editor.modules}
+    devices.update(where)
     try:
         editor.state.load_state_dict(sd, devices)
     except (KeyError, ValueError, FloatingPointError) as exc:
@@ -181,11 +184,11 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
     # ---- commit
     with torch.no_grad():
         for name, value in writes.items():
-            named[name].weight.data.copy_(value.to(named[name].weight.device))
+            slots[name].write(value.to(slots[name].device))
     if include_delta:
         editor.journal.set_state(base, delta, manifest.get("base_turn", 0))
     else:
-        editor.journal.set_state({n: m.weight for n, m in editor.modules.items()}, {}, turns)
+        editor.journal.set_state({n: editor.journal.weight(n) for n in editor.modules}, {}, turns)
     editor.config = config
     return editor
 
@@ -230,8 +233,8 @@ def export_delta(editor, path) -> str:
     journal = editor.journal
     tensors = {name: journal.current_delta(name).contiguous().cpu() for name in journal.modules}
     modules = []
-    for name, module in journal.modules.items():
-        w = module.weight
+    for name in journal.modules:
+        w = journal.weight(name)
         modules.append({"name": name, "layout": journal.layouts[name], "shape": list(w.shape),
                         "dtype": dtype_name(w.dtype),
                         "delta_dtype": dtype_name(tensors[name].dtype),
@@ -256,13 +259,14 @@ def apply_delta(model, path, check_base: bool = True, check_architecture: bool =
         check_model(model, field(manifest, path, "model", kind=dict))
     named = dict(model.named_modules())
     tensors = files.get(DELTA_FILE, {})
-    plan: List[Tuple[torch.Tensor, torch.Tensor]] = []
+    plan: List[Tuple[Any, torch.Tensor]] = []
     for entry in field(manifest, path, "modules", kind=list):
         name = field(entry, path, "name", kind=str)
         module = named.get(name)
         if module is None or getattr(module, "weight", None) is None:
             raise ValueError(f"{path}: module {name!r} is not in this {type(model).__name__}")
-        w = module.weight
+        slot = weight_slots(model, {name: module})[name]
+        w = slot.read()
         if list(w.shape) != entry.get("shape"):
             raise ValueError(f"{path}: module {name!r} has weight shape {list(w.shape)}, the delta "
                              f"was exported for {entry.get('shape')}")
@@ -277,8 +281,11 @@ def apply_delta(model, path, check_base: bool = True, check_architecture: bool =
         d = tensors.get(name)
         if d is None or list(d.shape) != entry["shape"]:
             raise ValueError(f"{path}: the delta of {name!r} is missing or has the wrong shape")
-        plan.append((w, d))
+        plan.append((slot, d))
     with torch.no_grad():
-        for w, d in plan:
-            reconstruct(w.detach(), d.to(w.device), w.dtype, out=w.data)
+        for slot, d in plan:
+            w = slot.read()
+            reconstruct(w.detach(), d.to(w.device), w.dtype, out=w)
+            if not slot.live:
+                slot.write(w)
     return model

@@ -147,7 +147,9 @@ def capture_subject_keys(model, tokenizer, modules: Dict[str, torch.nn.Module],
             index.append(subject_token_index(tokenizer, text, subject, prefix))
             owners.append(s)
     pad = _pad_id(tokenizer)
-    device = next(model.parameters()).device
+    from .turn import input_device
+
+    device = input_device(model)
     acc: Dict[str, List[torch.Tensor]] = {n: [] for n in modules}
     state = {"pos": None, "seen": set()}
 
