@@ -100,6 +100,13 @@ def test_offloaded_edit_equals_the_unsplit_edit(tmp_path, ue_tokenizer, kind, dt
     for name, p in ref.named_parameters():     # every weight, the edited ones included
         assert torch.equal(saved[name], p), name
 
+    # the LoRA export of an offloaded edit is the unsplit edit's
+    from safetensors.torch import load_file
+    got = load_file(editor.export_delta(tmp_path / "a", format="peft") + "/adapter_model.safetensors")
+    want = load_file(ref_editor.export_delta(tmp_path / "b", format="peft")
+                     + "/adapter_model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
     # rollback restores the offloaded values of before the last turn
     editor.rollback()
     ref_editor.rollback()

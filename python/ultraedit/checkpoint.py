@@ -29,16 +29,20 @@ load unchanged (same files; only the manifest checksum is new).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from .placement import weight_slots
 from .serialization import (StateError, check_model, dtype_name, field, model_info, read_dir,
                             tensor_sha256, write_dir)
-from .placement import weight_slots
 from .state import reconstruct
 
-__all__ = ["save_state", "load_state", "export_delta", "apply_delta", "StateError"]
+__all__ = ["save_state", "load_state", "export_delta", "apply_delta", "StateError",
+           "EXPORT_FORMATS"]
 
 STATS_FILE = "stats.safetensors"
 DELTA_FILE = "delta.safetensors"
@@ -223,13 +227,115 @@ def _state_dict_from_files(path, manifest, files, editor, turns) -> Dict[str, An
 
 
 # ---------------------------------------------------------------------- deltas
-def export_delta(editor, path) -> str:
-    """Write ``ΔW`` of every edited module (weight layout) to the directory ``path``.
+EXPORT_FORMATS = ("delta", "peft", "merged")
 
-    Files: ``delta.safetensors`` (``<module>`` -> ΔW) and ``manifest.json`` (architecture, module
-    shapes and dtypes, sha256 of the base weights each ΔW belongs to, of the edited weights and of
-    the file, versions). Written atomically. Returns the path.
+
+def export_delta(editor, path, format: str = "delta", rank: Optional[int] = None,
+                 max_shard_size: Union[int, str] = "5GB") -> str:
+    """Write the edit to the directory ``path`` in one of three formats; returns the path.
+
+    * ``"delta"``: ``delta.safetensors`` (``<module>`` -> ΔW, weight layout) and ``manifest.json``
+      (architecture, module shapes and dtypes, sha256 of the base weights each ΔW belongs to, of
+      the edited weights and of the file, versions); :func:`apply_delta` adds it to the base
+      model bit for bit.
+    * ``"peft"``: a LoRA adapter (``adapter_config.json``, ``adapter_model.safetensors``) of the
+      accumulated delta ``Δ`` (the journal's fp32 record; ``ultraedit.lora``): ``B A = Δ`` to
+      float32 rounding at Δ's numerical rank, or with ``rank=r`` the best rank-r approximation,
+      whose relative error ``||Δ - B A||_F / ||Δ||_F`` is printed and written per module to
+      ``ultraedit_export.json``. PEFT, vLLM and SGLang load it (docs/deployment.md).
+    * ``"merged"``: the edited model's full ``save_pretrained`` checkpoint in its own dtype,
+      sharded at ``max_shard_size``, with the tokenizer: any server loads it as a model.
+
+    ``path`` is checked before any work: an existing non-empty directory is replaced only if it
+    is an export of ours (its ``manifest.json`` or ``ultraedit_export.json`` lists every file in
+    it); anything else is refused (StateError). The new directory is written beside ``path`` and
+    moved into place, so a failure leaves ``path`` as it was.
     """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
+    if rank is not None and (isinstance(rank, bool) or int(rank) != rank or rank < 1):
+        raise ValueError(f"rank must be a positive integer or None, got {rank!r}")
+    if rank is not None and format != "peft":
+        raise ValueError(f"rank={rank} truncates a LoRA adapter; it has no meaning for "
+                         f"format={format!r}")
+    if format == "delta":
+        return _export_raw_delta(editor, path)
+    return _export_folder(editor, Path(path), format, rank, max_shard_size)
+
+
+def _export_folder(editor, path: Path, format: str, rank, max_shard_size) -> str:
+    import json
+
+    from .lora import EXPORT_SUMMARY, write_peft_adapter
+
+    _check_export_target(path)
+    journal = editor.journal
+    new, old = path.parent / f".{path.name}.ultraedit-new", path.parent / f".{path.name}.ultraedit-old"
+    for stale in (new, old):
+        if stale.exists():
+            raise StateError(f"{stale} exists (an interrupted export?); move it away to export "
+                             f"to {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new.mkdir()
+    try:
+        if format == "peft":
+            deltas = {n: journal.current_delta(n) for n in journal.modules}
+            weights = {n: journal.weight(n) for n in journal.modules}
+            summary = write_peft_adapter(new, editor.model, deltas, journal.layouts, rank=rank,
+                                         weights=weights)
+            kind = "exact" if summary["exact"] else f"truncated to rank {summary['rank']}"
+            print(f"LoRA adapter {path}: rank {summary['rank']} ({kind}), largest relative "
+                  f"error ||Δ - BA||/||Δ|| = {summary['max_rel_error']:.3e}")
+        else:
+            editor.model.save_pretrained(new, max_shard_size=max_shard_size)
+            if editor.tokenizer is not None:
+                editor.tokenizer.save_pretrained(new)
+            summary = {}
+        files = sorted(p.name for p in new.iterdir() if p.name != EXPORT_SUMMARY)
+        summary = {"format": format, "turns": int(editor.turns), "model": model_info(editor.model),
+                   "modules": summary.get("modules", list(journal.modules)),
+                   **{k: v for k, v in summary.items() if k != "modules"}, "files": files}
+        (new / EXPORT_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(new, path)
+    except BaseException:
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        raise
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return str(path)
+
+
+def _check_export_target(path: Path) -> None:
+    """Refuse (StateError) an existing ``path`` that is not empty and not an export of ours."""
+    import json
+
+    from .lora import EXPORT_SUMMARY
+    from .serialization import MANIFEST, _is_ours
+
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise StateError(f"{path} exists and is not a directory; refusing to overwrite it")
+    entries = {p.name for p in path.iterdir()}
+    if not entries or (MANIFEST in entries and _is_ours(path)[0]):
+        return
+    listed = None
+    if EXPORT_SUMMARY in entries:
+        try:
+            listed = json.loads((path / EXPORT_SUMMARY).read_text()).get("files")
+        except (OSError, ValueError, AttributeError):
+            listed = None
+    if not isinstance(listed, list) or entries - {EXPORT_SUMMARY} - set(listed):
+        raise StateError(f"{path} exists, is not empty and is not an ultraedit export (files "
+                         f"{sorted(entries)[:5]}); refusing to overwrite it: choose a new or "
+                         f"empty directory")
+
+
+def _export_raw_delta(editor, path) -> str:
     journal = editor.journal
     tensors = {name: journal.current_delta(name).contiguous().cpu() for name in journal.modules}
     modules = []

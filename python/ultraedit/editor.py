@@ -286,10 +286,13 @@ class UltraEditor:
         """Restore weights and state of before the last ``turns`` turns exactly."""
         self.journal.rollback(self.state, turns)
 
-    def export_delta(self, path) -> str:
-        """Write the accumulated ΔW per module (see ``ultraedit.apply_delta``)."""
+    def export_delta(self, path, format: str = "delta", rank: Optional[int] = None,
+                     max_shard_size="5GB") -> str:
+        """Write the edit: ``"delta"`` (ΔW per module, ``ultraedit.apply_delta``), ``"peft"`` (a
+        LoRA adapter; ``rank`` truncates) or ``"merged"`` (a full checkpoint); see
+        ``ultraedit.checkpoint.export_delta``."""
         from .checkpoint import export_delta
-        return export_delta(self, path)
+        return export_delta(self, path, format=format, rank=rank, max_shard_size=max_shard_size)
 
 
 for _name in EditConfig.field_names():
