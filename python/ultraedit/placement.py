@@ -44,7 +44,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["PlacementError", "WeightSlot", "weight_slots", "offload_store", "execution_device"]
+__all__ = ["PlacementError", "WeightSlot", "weight_slots", "offload_store", "execution_device",
+           "tensor_values"]
 
 
 class PlacementError(ValueError):
@@ -79,21 +80,34 @@ def execution_device(module: nn.Module) -> Optional[torch.device]:
     return None
 
 
-def offload_store(model: nn.Module, name: str):
-    """``(mapping, key, hook's execution device)`` holding ``<name>.weight`` of an offloaded
+def offload_store(model: nn.Module, name: str, tensor: str = "weight"):
+    """``(mapping, key, hook's execution device)`` holding ``<name>.<tensor>`` of an offloaded
     module: the nearest module on the path to ``name`` with an offload hook; None if none has."""
-    parts = name.split(".")
+    parts = name.split(".") if name else []
     for cut in range(len(parts), -1, -1):
         parent = ".".join(parts[:cut])
         module = model.get_submodule(parent)
         for hook in _offload_hooks(module):
-            rel = ".".join(parts[cut:] + ["weight"])
+            rel = ".".join(parts[cut:] + [tensor])
             mapping, prefix = _unwrap(hook.weights_map)
             dev = getattr(hook, "execution_device", None)
             dev = None if dev is None else torch.device(dev if not isinstance(dev, int)
                                                         else f"cuda:{dev}")
             return mapping, prefix + rel, dev
     return None
+
+
+def tensor_values(model: nn.Module, qualified: str, t: torch.Tensor) -> torch.Tensor:
+    """The values of the parameter or buffer ``qualified`` (``t`` itself unless it is an
+    offloaded meta tensor, then what its offload hook loads); PlacementError if none does."""
+    if t.device.type != "meta":
+        return t
+    module, _, tensor = qualified.rpartition(".")
+    found = offload_store(model, module, tensor)
+    if found is None:
+        raise PlacementError(f"{qualified!r} is a meta tensor that no accelerate offload hook "
+                             f"provides")
+    return found[0][found[1]]
 
 
 class WeightSlot:
