@@ -268,7 +268,7 @@ def _export_folder(editor, path: Path, format: str, rank, max_shard_size) -> str
 
     from .lora import EXPORT_SUMMARY, write_peft_adapter
 
-    _check_export_target(path)
+    check_export_target(path)
     journal = editor.journal
     new, old = path.parent / f".{path.name}.ultraedit-new", path.parent / f".{path.name}.ultraedit-old"
     for stale in (new, old):
@@ -309,7 +309,7 @@ def _export_folder(editor, path: Path, format: str, rank, max_shard_size) -> str
     return str(path)
 
 
-def _check_export_target(path: Path) -> None:
+def check_export_target(path: Path) -> None:
     """Refuse (StateError) an existing ``path`` that is not empty and not an export of ours."""
     import json
 
