@@ -44,7 +44,8 @@ def test_second_editor_loads_the_keys_bit_identical(tmp_path, ue_tokenizer, monk
     assert second.state.preserved[MODULES[0]].owners == fresh.state.preserved[MODULES[0]].owners
 
 
-def test_the_key_follows_weights_texts_and_modules(tmp_path, ue_tokenizer, monkeypatch):
+def test_the_key_follows_weights_texts_and_modules(tmp_path, ue_tokenizer, ue_tokenizer_nobos,
+                                                   monkeypatch):
     monkeypatch.setenv(preserve.CACHE_ENV, str(tmp_path / "cache"))
     count = Count(monkeypatch)
     model = ue_tiny_model("llama", len(ue_tokenizer), seed=3)
@@ -54,10 +55,11 @@ def test_the_key_follows_weights_texts_and_modules(tmp_path, ue_tokenizer, monke
     assert count.calls == 2
     UltraEditor(model, ue_tokenizer, **{**OPTS, "preserve_contexts": ["{s} is"]})
     UltraEditor(model, ue_tokenizer, **{**OPTS, "modules": MODULES[:1]})
+    UltraEditor(model, ue_tokenizer_nobos, **OPTS)           # another tokenizer (no BOS)
     with torch.no_grad():   # a weight the edited modules do not hold, upstream of them
         model.model.embed_tokens.weight[5, 0] += 1.0
     UltraEditor(model, ue_tokenizer, **OPTS)
-    assert count.calls == 5
+    assert count.calls == 6
 
 
 def test_a_corrupt_entry_is_ignored_and_recaptured(tmp_path, ue_tokenizer, monkeypatch):

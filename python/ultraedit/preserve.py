@@ -30,7 +30,7 @@ Equivalent PyTorch for one module (``keys`` = the preserved rows not edited this
 from __future__ import annotations
 
 import time
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -50,7 +50,9 @@ class PreservedKeys:
     """One module's preserved keys: ``keys`` (n x d_in, float32), ``owners`` (the subject of each
     row) and ``gram = keysᵀkeys`` (d_in x d_in, float64)."""
 
-    def __init__(self, keys: torch.Tensor, owners: Sequence[str]):
+    def __init__(self, keys: torch.Tensor, owners: Sequence[str],
+                 gram: Optional[torch.Tensor] = None):
+        """``gram``: ``keysᵀkeys`` as computed before (the cache stores it), else computed."""
         if keys.dim() != 2 or keys.shape[0] != len(owners):
             raise ValueError(f"keys must be len(owners) x d_in = {len(owners)} x d_in, "
                              f"got {tuple(keys.shape)}")
@@ -58,8 +60,14 @@ class PreservedKeys:
             raise FloatingPointError("preserved keys hold NaN/Inf values")
         self.keys = keys.detach().to(torch.float32).contiguous()
         self.owners = list(owners)
-        k = self.keys.to(torch.float64)
-        self.gram = k.T @ k
+        d = self.keys.shape[1]
+        if gram is not None and (tuple(gram.shape) != (d, d) or gram.dtype != torch.float64
+                                 or not bool(torch.isfinite(gram).all())):
+            raise ValueError(f"a preserved-key Gram must be a finite {d} x {d} float64 matrix")
+        if gram is None:
+            k = self.keys.to(torch.float64)
+            gram = k.T @ k
+        self.gram = gram.to(self.keys.device)
         self._rows: Dict[str, List[int]] = {}
         for i, owner in enumerate(self.owners):
             self._rows.setdefault(owner, []).append(i)
@@ -107,14 +115,17 @@ def capture_preserved(editor, config) -> Tuple[Dict[str, "PreservedKeys"], float
     subjects = (default_subjects() if config.preserve_subjects is None
                 else list(config.preserve_subjects))
     contexts = DEFAULT_CONTEXTS if config.preserve_contexts is None else config.preserve_contexts
-    rows, index, owners = encode_subject_texts(editor.tokenizer, subjects, contexts)
+    subjects = _check_texts(subjects, contexts)
     folder = preserved_cache_dir()
     digest = None
     if folder is not None:
-        digest = preserved_cache_key(editor.model, editor.modules, rows, index, owners)
+        digest = preserved_cache_key(editor.model, editor.modules, editor.tokenizer, subjects,
+                                     contexts)
+        owners = [s for s in subjects for _ in contexts]
         keys = _read_cached(folder / digest, editor.modules, owners)
         if keys is not None:
             return keys, time.perf_counter() - t0
+    rows, index, owners = encode_subject_texts(editor.tokenizer, subjects, contexts)
     keys = _capture_rows(editor.model, editor.tokenizer, editor.modules, rows, index, owners,
                          progress=len(subjects) > 256)
     if folder is not None:
@@ -125,7 +136,8 @@ def capture_preserved(editor, config) -> Tuple[Dict[str, "PreservedKeys"], float
 # ---------------------------------------------------------------------- the on-disk cache
 CACHE_ENV = "ULTRAEDIT_PRESERVED_CACHE"
 _CACHE_VERSION = 1
-_CACHE_FILE = "preserve.safetensors"
+_CACHE_FILE = "preserve.safetensors"   # <module>: keys (n x d_in), <module>#gram: keysᵀkeys
+_GRAM = "#gram"
 
 
 def preserved_cache_dir():
@@ -143,21 +155,31 @@ def preserved_cache_dir():
     return Path(base) / "ultraedit" / "preserved"
 
 
-def preserved_cache_key(model, modules: Dict[str, torch.nn.Module], rows, index, owners) -> str:
+def preserved_cache_key(model, modules: Dict[str, torch.nn.Module], tokenizer,
+                        subjects: Sequence[str], contexts: Sequence[str]) -> str:
     """sha256 of everything a capture depends on: every parameter and buffer of the model (name,
     dtype, shape, bytes; offloaded ones as their hooks load them), the edited modules' names,
-    the tokenized texts (``rows``, subject ``index``, ``owners``: subjects, contexts and the
-    tokenizer as they act), the capture's batch size and the torch version."""
+    the subjects and contexts, the tokenizer (a fast tokenizer's full serialization, else the
+    token ids and subject positions of every text), the capture's batch size and the torch
+    version."""
     import hashlib
     import json
 
     from .placement import tensor_values
 
     h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        from .tokenization import special_prefix
+
+        tok = {"class": type(tokenizer).__name__, "backend": backend.to_str(),
+               "prefix": special_prefix(tokenizer)}
+    else:
+        tok = dict(zip(("rows", "index"), encode_subject_texts(tokenizer, subjects, contexts)))
     head = {"version": _CACHE_VERSION, "class": type(model).__name__, "torch": torch.__version__,
-            "batch_size": _BATCH, "modules": list(modules), "rows": rows, "index": index,
-            "owners": list(owners)}
-    h.update(json.dumps(head, sort_keys=True).encode())
+            "batch_size": _BATCH, "modules": list(modules), "subjects": list(subjects),
+            "contexts": list(contexts), "tokenizer": tok}
+    h.update(json.dumps(head, sort_keys=True, default=str).encode())
     tensors = list(model.named_parameters(remove_duplicate=False))
     tensors += list(model.named_buffers(remove_duplicate=False))
     for name, t in tensors:
@@ -181,10 +203,12 @@ def _read_cached(path, modules, owners) -> "Dict[str, PreservedKeys] | None":
     try:
         manifest, files = read_dir(path, expect_kind="preserved")
         keys = files[_CACHE_FILE]
-        if manifest.get("owners") != list(owners) or set(keys) != set(modules):
+        if manifest.get("owners") != list(owners) or set(keys) != (
+                set(modules) | {f"{n}{_GRAM}" for n in modules}):
             raise StateError("its subjects or modules differ from this editor's")
         device = {n: _module_device(m) for n, m in modules.items()}
-        return {n: PreservedKeys(keys[n].to(device[n]), owners) for n in modules}
+        return {n: PreservedKeys(keys[n].to(device[n]), owners, gram=keys[f"{n}{_GRAM}"])
+                for n in modules}
     except (StateError, KeyError, ValueError, FloatingPointError) as exc:
         warnings.warn(f"ignoring the preserved-key cache entry {path} ({exc}); capturing them "
                       f"again", stacklevel=4)
@@ -200,7 +224,9 @@ def _write_cached(path, keys, owners) -> None:
     try:
         if path.exists() and not (path / "manifest.json").is_file():
             shutil.rmtree(path)  # a corrupt entry under our own cache key
-        write_dir(path, {_CACHE_FILE: {n: pk.keys for n, pk in keys.items()}},
+        tensors = {n: pk.keys for n, pk in keys.items()}
+        tensors.update({f"{n}{_GRAM}": pk.gram for n, pk in keys.items()})
+        write_dir(path, {_CACHE_FILE: tensors},
                   {"kind": "preserved", "owners": list(owners)})
     except (OSError, ValueError) as exc:
         warnings.warn(f"could not cache the preserved keys in {path} ({exc}); the next editor "
@@ -239,6 +265,21 @@ def encode_subject_texts(tokenizer, subjects: Sequence[str], contexts: Sequence[
     major), the subject's last-token index in each, and each row's subject."""
     from .tokenization import encode_request, special_prefix, subject_token_index
 
+    subjects = _check_texts(subjects, contexts)
+    prefix = special_prefix(tokenizer)
+    rows, index, owners = [], [], []
+    for s in subjects:
+        for c in contexts:
+            text = c.format(s=s)
+            text = text[:1].upper() + text[1:]
+            subject = s if s in text else s[:1].upper() + s[1:]
+            rows.append(encode_request(tokenizer, text, "x", prefix)[0])
+            index.append(subject_token_index(tokenizer, text, subject, prefix))
+            owners.append(s)
+    return rows, index, owners
+
+
+def _check_texts(subjects, contexts) -> List[str]:
     subjects = list(subjects)
     if not subjects:
         raise ValueError("preserve_subjects is empty: give at least one subject name")
@@ -251,17 +292,7 @@ def encode_subject_texts(tokenizer, subjects: Sequence[str], contexts: Sequence[
     for c in contexts:
         if not isinstance(c, str) or "{s}" not in c:
             raise ValueError(f"preserve context {c!r} has no '{{s}}' for the subject")
-    prefix = special_prefix(tokenizer)
-    rows, index, owners = [], [], []
-    for s in subjects:
-        for c in contexts:
-            text = c.format(s=s)
-            text = text[:1].upper() + text[1:]
-            subject = s if s in text else s[:1].upper() + s[1:]
-            rows.append(encode_request(tokenizer, text, "x", prefix)[0])
-            index.append(subject_token_index(tokenizer, text, subject, prefix))
-            owners.append(s)
-    return rows, index, owners
+    return subjects
 
 
 def _capture_rows(model, tokenizer, modules, rows, index, owners, batch_size: int = _BATCH,
