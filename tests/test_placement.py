@@ -107,6 +107,12 @@ def test_offloaded_edit_equals_the_unsplit_edit(tmp_path, ue_tokenizer, kind, dt
                      + "/adapter_model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
+    # the merged export of an offloaded model reloads to the unsplit edited model
+    editor.export_delta(tmp_path / "merged", format="merged")
+    merged = dict(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=dtype)
+                  .named_parameters())
+    assert all(torch.equal(merged[n], p) for n, p in ref.named_parameters())
+
     # rollback restores the offloaded values of before the last turn
     editor.rollback()
     ref_editor.rollback()

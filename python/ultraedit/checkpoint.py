@@ -287,7 +287,8 @@ def _export_folder(editor, path: Path, format: str, rank, max_shard_size) -> str
             print(f"LoRA adapter {path}: rank {summary['rank']} ({kind}), largest relative "
                   f"error ||Δ - BA||/||Δ|| = {summary['max_rel_error']:.3e}")
         else:
-            editor.model.save_pretrained(new, max_shard_size=max_shard_size)
+            editor.model.save_pretrained(new, max_shard_size=max_shard_size,
+                                         state_dict=_offloaded_state_dict(editor.model))
             if editor.tokenizer is not None:
                 editor.tokenizer.save_pretrained(new)
             summary = {}
@@ -307,6 +308,18 @@ def _export_folder(editor, path: Path, format: str, rank, max_shard_size) -> str
         shutil.rmtree(new, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
     return str(path)
+
+
+def _offloaded_state_dict(model) -> Optional[Dict[str, torch.Tensor]]:
+    """None (``save_pretrained`` reads the model itself), or, for a model with offloaded meta
+    tensors but no ``hf_device_map`` (``accelerate.cpu_offload``/``disk_offload``, which
+    ``save_pretrained`` cannot read), its state dict with the values the hooks load."""
+    from .placement import tensor_values
+
+    sd = model.state_dict()
+    if getattr(model, "hf_device_map", None) or all(t.device.type != "meta" for t in sd.values()):
+        return None
+    return {k: tensor_values(model, k, t) for k, t in sd.items()}
 
 
 def check_export_target(path: Path) -> None:
