@@ -169,3 +169,23 @@ def test_an_uneditable_placement_fails_before_anything(ue_tokenizer, monkeypatch
     with pytest.raises(PlacementError, match="cannot hold an edit"):
         fp8 = ue_tiny_model("llama", len(tok), seed=3)
         weight_slots(fp8, {MODULES[0]: fp8.get_submodule(MODULES[0]).to(torch.float8_e4m3fn)})
+
+
+@pytest.mark.parametrize("kind", ["cpu", "disk"])
+def test_apply_delta_and_load_state_onto_an_offloaded_base(tmp_path, ue_tokenizer, kind):
+    from ultraedit import apply_delta
+
+    tok = ue_tokenizer
+    tok.pad_token = tok.pad_token or "<pad>"
+    ref = ue_tiny_model("llama", len(tok), seed=3)
+    ref_editor = _editor(ref, tok)
+    ref_editor.edit(TURNS[0])
+    ref_editor.export_delta(tmp_path / "delta")
+    ref_editor.save_state(tmp_path / "state")
+    model = apply_delta(_offloaded(kind, tok, tmp_path / "a"), tmp_path / "delta")
+    assert torch.equal(_logits(model, tok), _logits(ref, tok))
+    resumed = UltraEditor.load_state(tmp_path / "state", _offloaded(kind, tok, tmp_path / "b"), tok)
+    resumed.edit(TURNS[1])
+    ref_editor.edit(TURNS[1])
+    for name in MODULES:
+        assert torch.equal(resumed.journal.weight(name), ref.get_submodule(name).weight)
