@@ -43,6 +43,14 @@ def _offloaded(kind, tok, tmp_path, dtype=torch.float32):
               "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
               "lm_head": "cpu"}
         accelerate.dispatch_model(model, dm, offload_dir=str(tmp_path / "offload"))
+    elif kind == "block":  # one hook per decoder layer loads all its submodules' weights
+        from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+        from accelerate.utils import PrefixedDataset
+        store = {k: v.clone() for k, v in model.state_dict().items()}
+        for i in (1, 2):
+            add_hook_to_module(model.model.layers[i], AlignDevicesHook(
+                execution_device="cpu", offload=True, place_submodules=True,
+                weights_map=PrefixedDataset(store, f"model.layers.{i}.")))
     elif kind == "device_map":  # from_pretrained: layers 1-2 on disk, read from the checkpoint
         import transformers as tf
         ue_tiny_model("llama", len(tok), seed=3).to(dtype).save_pretrained(tmp_path / "ckpt")
@@ -61,7 +69,8 @@ def _sha(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-@pytest.mark.parametrize("kind,dtype", [("cpu", torch.float32), ("disk", torch.float32),
+@pytest.mark.parametrize("kind,dtype", [("cpu", torch.float32), ("block", torch.float32),
+                                        ("disk", torch.float32),
                                         ("device_map", torch.float32),
                                         ("disk", torch.bfloat16)])
 def test_offloaded_edit_equals_the_unsplit_edit(tmp_path, ue_tokenizer, kind, dtype):
@@ -74,7 +83,8 @@ def test_offloaded_edit_equals_the_unsplit_edit(tmp_path, ue_tokenizer, kind, dt
     ckpt = tmp_path / "ckpt" / "model.safetensors"
     ckpt_sha = _sha(ckpt) if ckpt.exists() else None
     editor = _editor(model, tok)
-    assert {s.kind for s in editor.journal.slots.values()} == {"cpu" if kind == "cpu" else "disk"}
+    assert {s.kind for s in editor.journal.slots.values()} == {
+        "cpu" if kind in ("cpu", "block") else "disk"}
     for turn in TURNS:
         ref_editor.edit(turn)
         editor.edit(turn)
@@ -89,9 +99,10 @@ def test_offloaded_edit_equals_the_unsplit_edit(tmp_path, ue_tokenizer, kind, dt
 
     # save_pretrained reads offloaded weights through the hooks: the edit is in the files
     import transformers as tf
-    if kind == "cpu":  # cpu_offload sets no hf_device_map: transformers needs the values given
-        from accelerate.utils.modeling import get_state_dict_offloaded_model
-        model.save_pretrained(tmp_path / "saved", state_dict=get_state_dict_offloaded_model(model))
+    if kind in ("cpu", "block"):  # no hf_device_map: transformers needs the values given
+        from ultraedit.placement import tensor_values
+        sd = {k: tensor_values(model, k, t) for k, t in model.state_dict().items()}
+        model.save_pretrained(tmp_path / "saved", state_dict=sd)
     else:
         model.save_pretrained(tmp_path / "saved")
     back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=dtype,
