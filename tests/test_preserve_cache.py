@@ -78,3 +78,21 @@ def test_a_corrupt_entry_is_ignored_and_recaptured(tmp_path, ue_tokenizer, monke
         assert torch.equal(a, b)
     UltraEditor(model, ue_tokenizer, **OPTS)                  # the entry was rewritten
     assert count.calls == 2
+
+
+def test_offloaded_model_keys_are_cached_and_equal_the_unsplit_capture(tmp_path, ue_tokenizer,
+                                                                        monkeypatch):
+    accelerate = pytest.importorskip("accelerate")
+    fresh = UltraEditor(ue_tiny_model("llama", len(ue_tokenizer), seed=3), ue_tokenizer, **OPTS)
+    monkeypatch.setenv(preserve.CACHE_ENV, str(tmp_path / "cache"))
+    count = Count(monkeypatch)
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=3)
+    dm = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+          "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
+          "lm_head": "cpu"}
+    accelerate.dispatch_model(model, dm, offload_dir=str(tmp_path / "offload"))
+    UltraEditor(model, ue_tokenizer, **OPTS)
+    second = UltraEditor(model, ue_tokenizer, **OPTS)
+    assert count.calls == 1
+    for a, b in zip(_keys(fresh).values(), _keys(second).values()):
+        assert torch.equal(a, b)

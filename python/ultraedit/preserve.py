@@ -119,8 +119,16 @@ def capture_preserved(editor, config) -> Tuple[Dict[str, "PreservedKeys"], float
     folder = preserved_cache_dir()
     digest = None
     if folder is not None:
-        digest = preserved_cache_key(editor.model, editor.modules, editor.tokenizer, subjects,
-                                     contexts)
+        from .placement import PlacementError
+
+        try:
+            digest = preserved_cache_key(editor.model, editor.modules, editor.tokenizer,
+                                         subjects, contexts)
+        except PlacementError as exc:  # a weight the key cannot read: capture, do not cache
+            import warnings
+            warnings.warn(f"preserved keys are not cached for this model ({exc})", stacklevel=3)
+            folder = None
+    if folder is not None:
         owners = [s for s in subjects for _ in contexts]
         keys = _read_cached(folder / digest, editor.modules, owners)
         if keys is not None:
