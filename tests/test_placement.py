@@ -160,6 +160,7 @@ def test_a_failed_turn_leaves_offloaded_weights_unchanged(tmp_path, ue_tokenizer
         assert torch.equal(editor.journal.weight(n), before[n])
     if kind == "disk":
         assert {f: _sha(tmp_path / "offload" / f) for f in files} == files
+        assert sorted(os.listdir(tmp_path / "offload")) == sorted(files)   # nothing left over
     assert editor.turns == 1
 
 

@@ -16,8 +16,8 @@ kind       where the values are                                  how a write lan
 module     ``module.weight`` (any device)                        in place
 cpu        a CPU tensor of the hook's map (``cpu_offload``, or    in place (``read()`` is the
            ``OffloadedWeightsLoader.state_dict``)                 stored tensor)
-disk       a ``<key>.dat`` memory-mapped file in the offload      the file is rewritten
-           folder (``offload_state_dict`` / ``dispatch_model``)   (``accelerate.utils.offload_weight``)
+disk       a ``<key>.dat`` memory-mapped file in the offload      a new file replaces it
+           folder (``offload_state_dict`` / ``dispatch_model``)   (written, then renamed over it)
 disk       a tensor of the original safetensors checkpoint        never into the checkpoint: a
            (``from_pretrained`` with ``offload_folder``)          ``.dat`` in the offload folder
                                                                   takes the key over (or, without
@@ -34,7 +34,8 @@ Equivalent code for one disk-offloaded weight (``key`` = ``"<module>.weight"``):
     loader = module._hf_hook.weights_map.dataset           # OffloadedWeightsLoader
     w = loader[key]                                         # real values (a CPU copy)
     w += delta
-    accelerate.utils.offload_weight(w, key, loader.save_folder, index=loader.index)
+    accelerate.utils.offload_weight(w, key, tmp, index=loader.index)   # then os.replace into
+                                                                        # loader.save_folder
 """
 
 from __future__ import annotations
@@ -153,10 +154,7 @@ class WeightSlot:
                 return
             loader = self.mapping
             if getattr(loader, "save_folder", None):
-                from accelerate.utils import offload_weight
-
-                offload_weight(value.detach().cpu().contiguous(), self.key, loader.save_folder,
-                               index=loader.index)
+                _write_dat(loader, self.key, value.detach().cpu().contiguous())
             else:  # no folder of its own: the loader serves an in-memory copy (never the checkpoint)
                 loader.state_dict[self.key] = value.detach().cpu().clone()
                 self.kind = "cpu"
@@ -167,6 +165,23 @@ class WeightSlot:
 
     def __repr__(self) -> str:
         return f"WeightSlot({self.name!r}, kind={self.kind!r}, {self.shape}, {self.dtype})"
+
+
+def _write_dat(loader, key: str, value: torch.Tensor) -> None:
+    """``<save_folder>/<key>.dat`` := ``value`` (accelerate's memmap format) by writing a new
+    file and renaming it over the old one: a reader never sees a half-written file, and a
+    memory map still open on the old file keeps its pages."""
+    import os
+    import tempfile
+
+    from accelerate.utils import offload_weight
+
+    folder = loader.save_folder
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".ultraedit-") as tmp:
+        index: Dict[str, dict] = {}
+        offload_weight(value, key, tmp, index=index)
+        os.replace(os.path.join(tmp, f"{key}.dat"), os.path.join(folder, f"{key}.dat"))
+    loader.index[key] = index[key]
 
 
 def _slot(model: nn.Module, name: str, module: nn.Module) -> WeightSlot:
