@@ -16,6 +16,10 @@ snapshots the state and the weights (or Δ) before a turn; if anything fails ins
 restored bit for bit before the error propagates; on success the snapshot becomes the turn's
 rollback entry. :meth:`TurnJournal.rollback` restores the last turns' snapshots.
 
+Weights are read and written through ``ultraedit.placement.WeightSlot``: ``module.weight`` in
+place, or, for a module that accelerate offloads to CPU RAM or disk, the values its hook loads
+(base, Δ and history then live on the CPU).
+
 Memory: ``base`` is one copy of the edited weights; ``delta`` one float32 copy when
 accumulating; each history entry one more copy (weight dtype, or float32 when accumulating)
 plus the statistics and key memories. ``device="cpu"`` keeps all of it off the accelerator.
