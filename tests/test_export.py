@@ -43,8 +43,11 @@ def test_peft_adapter_from_the_editor_reproduces_the_edited_model(tmp_path, ue_t
     tok = _tok(ue_tokenizer)
     editor = _edited(tok, accumulate=True)      # the journal's fp32 record of Δ is exported
     out = editor.export_delta(tmp_path / "adapter", format="peft")
-    assert "rank" in capsys.readouterr().out
+    printed = capsys.readouterr().out
     summary = json.loads((tmp_path / "adapter" / EXPORT_SUMMARY).read_text())
+    assert f"rank {summary['rank']} (exact)" in printed
+    # down_proj 48 -> 32: an adapter of rank r holds r * 80 numbers against 1,536
+    assert ("format='merged'" in printed) == (summary["rank"] * 80 >= 32 * 48)
     assert summary["format"] == "peft" and summary["exact"]
     assert summary["files"] == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS])
     base = ue_tiny_model("llama", len(tok), seed=3)

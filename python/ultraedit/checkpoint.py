@@ -284,8 +284,12 @@ def _export_folder(editor, path: Path, format: str, rank, max_shard_size) -> str
             summary = write_peft_adapter(new, editor.model, deltas, journal.layouts, rank=rank,
                                          weights=weights)
             kind = "exact" if summary["exact"] else f"truncated to rank {summary['rank']}"
-            print(f"LoRA adapter {path}: rank {summary['rank']} ({kind}), largest relative "
-                  f"error ||Δ - BA||/||Δ|| = {summary['max_rel_error']:.3e}")
+            r = summary["rank"]
+            big = [n for n, w in weights.items() if r * sum(w.shape) >= w.numel()]
+            hint = (f"; at this rank the adapter holds more numbers than the {len(big)} "
+                    f"weight(s) it changes: format='merged' or 'delta' is smaller") if big else ""
+            print(f"LoRA adapter {path}: rank {r} ({kind}), largest relative error "
+                  f"||Δ - BA||/||Δ|| = {summary['max_rel_error']:.3e}{hint}")
         else:
             editor.model.save_pretrained(new, max_shard_size=max_shard_size,
                                          state_dict=_offloaded_state_dict(editor.model))
