@@ -9,6 +9,8 @@ import sys as _ue_sys
 import pytest as _ue_pytest
 
 _ue_os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the preserved-key cache stays off unless a test points it at its own folder
+_ue_os.environ.setdefault("ULTRAEDIT_PRESERVED_CACHE", "off")
 _UE_ROOT = _ue_os.path.dirname(_ue_os.path.dirname(_ue_os.path.abspath(__file__)))
 for _ue_p in (_UE_ROOT, _ue_os.path.join(_UE_ROOT, "python")):
     if _ue_p not in _ue_sys.path:

@@ -29,15 +29,20 @@ load unchanged (same files; only the manifest checksum is new).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from .placement import weight_slots
 from .serialization import (StateError, check_model, dtype_name, field, model_info, read_dir,
                             tensor_sha256, write_dir)
 from .state import reconstruct
 
-__all__ = ["save_state", "load_state", "export_delta", "apply_delta", "StateError"]
+__all__ = ["save_state", "load_state", "export_delta", "apply_delta", "StateError",
+           "EXPORT_FORMATS"]
 
 STATS_FILE = "stats.safetensors"
 DELTA_FILE = "delta.safetensors"
@@ -69,8 +74,8 @@ def save_state(editor, path, include_delta: bool = True) -> str:
         stats_meta.append({"key": MEMORY_PREFIX + name, "dim": mem.dim, "kind": "memory"})
     files = {STATS_FILE: stats_t}
     modules = []
-    for name, module in editor.modules.items():
-        w = module.weight
+    for name in editor.modules:
+        w = journal.weight(name)
         modules.append({"name": name, "layout": journal.layouts[name], "shape": list(w.shape),
                         "dtype": dtype_name(w.dtype), "weight_sha256": tensor_sha256(w),
                         "base_sha256": tensor_sha256(journal.base[name])})
@@ -132,6 +137,7 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
     turns = field(manifest, path, "turns", kind=int)
     entries = field(manifest, path, "modules", kind=list)
     named = _check_modules(path, model, entries)
+    slots = weight_slots(model, {e["name"]: named[e["name"]] for e in entries})
     try:
         config = EditConfig.from_dict({**_OLD_DEFAULTS, **saved})
         overrides = {"history": history, "delta_device": delta_device}
@@ -150,7 +156,7 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
             b, d = tensors.get(f"base.{name}"), tensors.get(f"delta.{name}")
             if b is None or d is None:
                 raise StateError(f"{path}: {DELTA_FILE} lacks the base or delta of {name!r}")
-            w = named[name].weight.detach()
+            w = slots[name].read().detach()
             edited = reconstruct(b, d, w.dtype)
             if torch.equal(w.cpu(), b):
                 writes[name] = edited
@@ -161,7 +167,7 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
             base[name], delta[name] = b, d
     elif verify_weights:
         for entry in entries:
-            if tensor_sha256(named[entry["name"]].weight) != entry.get("weight_sha256"):
+            if tensor_sha256(slots[entry["name"]].read()) != entry.get("weight_sha256"):
                 raise StateError(
                     f"{path}: module {entry['name']!r} does not hold the weights the state was "
                     f"saved with (sha256 differs) and the state has no deltas to rebuild them: "
@@ -171,8 +177,9 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
     editor = cls(model, tokenizer, config.replace(preserve=0.0, preserve_subjects=None,
                                                   preserve_contexts=None))
     sd = _state_dict_from_files(path, manifest, files, editor, turns)
-    devices = {editor.stats_key(n): m.weight.device for n, m in editor.modules.items()}
-    devices.update({n: m.weight.device for n, m in editor.modules.items()})
+    where = {n: s.execution_device for n, s in editor.journal.slots.items()}
+    devices = {editor.stats_key(n): where[n] for n in editor.modules}
+    devices.update(where)
     try:
         editor.state.load_state_dict(sd, devices)
     except (KeyError, ValueError, FloatingPointError) as exc:
@@ -181,11 +188,11 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
     # ---- commit
     with torch.no_grad():
         for name, value in writes.items():
-            named[name].weight.data.copy_(value.to(named[name].weight.device))
+            slots[name].write(value.to(slots[name].device))
     if include_delta:
         editor.journal.set_state(base, delta, manifest.get("base_turn", 0))
     else:
-        editor.journal.set_state({n: m.weight for n, m in editor.modules.items()}, {}, turns)
+        editor.journal.set_state({n: editor.journal.weight(n) for n in editor.modules}, {}, turns)
     editor.config = config
     return editor
 
@@ -220,18 +227,137 @@ def _state_dict_from_files(path, manifest, files, editor, turns) -> Dict[str, An
 
 
 # ---------------------------------------------------------------------- deltas
-def export_delta(editor, path) -> str:
-    """Write ``ΔW`` of every edited module (weight layout) to the directory ``path``.
+EXPORT_FORMATS = ("delta", "peft", "merged")
 
-    Files: ``delta.safetensors`` (``<module>`` -> ΔW) and ``manifest.json`` (architecture, module
-    shapes and dtypes, sha256 of the base weights each ΔW belongs to, of the edited weights and of
-    the file, versions). Written atomically. Returns the path.
+
+def export_delta(editor, path, format: str = "delta", rank: Optional[int] = None,
+                 max_shard_size: Union[int, str] = "5GB") -> str:
+    """Write the edit to the directory ``path`` in one of three formats; returns the path.
+
+    * ``"delta"``: ``delta.safetensors`` (``<module>`` -> ΔW, weight layout) and ``manifest.json``
+      (architecture, module shapes and dtypes, sha256 of the base weights each ΔW belongs to, of
+      the edited weights and of the file, versions); :func:`apply_delta` adds it to the base
+      model bit for bit.
+    * ``"peft"``: a LoRA adapter (``adapter_config.json``, ``adapter_model.safetensors``) of the
+      accumulated delta ``Δ`` (the journal's fp32 record; ``ultraedit.lora``): ``B A = Δ`` to
+      float32 rounding at Δ's numerical rank, or with ``rank=r`` the best rank-r approximation,
+      whose relative error ``||Δ - B A||_F / ||Δ||_F`` is printed and written per module to
+      ``ultraedit_export.json``. PEFT, vLLM and SGLang load it (docs/deployment.md).
+    * ``"merged"``: the edited model's full ``save_pretrained`` checkpoint in its own dtype,
+      sharded at ``max_shard_size``, with the tokenizer: any server loads it as a model.
+
+    ``path`` is checked before any work: an existing non-empty directory is replaced only if it
+    is an export of ours (its ``manifest.json`` or ``ultraedit_export.json`` lists every file in
+    it); anything else is refused (StateError). The new directory is written beside ``path`` and
+    moved into place, so a failure leaves ``path`` as it was.
     """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
+    if rank is not None and (isinstance(rank, bool) or int(rank) != rank or rank < 1):
+        raise ValueError(f"rank must be a positive integer or None, got {rank!r}")
+    if rank is not None and format != "peft":
+        raise ValueError(f"rank={rank} truncates a LoRA adapter; it has no meaning for "
+                         f"format={format!r}")
+    if format == "delta":
+        return _export_raw_delta(editor, path)
+    return _export_folder(editor, Path(path), format, rank, max_shard_size)
+
+
+def _export_folder(editor, path: Path, format: str, rank, max_shard_size) -> str:
+    import json
+
+    from .lora import EXPORT_SUMMARY, write_peft_adapter
+
+    check_export_target(path)
+    journal = editor.journal
+    new, old = path.parent / f".{path.name}.ultraedit-new", path.parent / f".{path.name}.ultraedit-old"
+    for stale in (new, old):
+        if stale.exists():
+            raise StateError(f"{stale} exists (an interrupted export?); move it away to export "
+                             f"to {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new.mkdir()
+    try:
+        if format == "peft":
+            deltas = {n: journal.current_delta(n) for n in journal.modules}
+            weights = {n: journal.weight(n) for n in journal.modules}
+            summary = write_peft_adapter(new, editor.model, deltas, journal.layouts, rank=rank,
+                                         weights=weights)
+            kind = "exact" if summary["exact"] else f"truncated to rank {summary['rank']}"
+            r = summary["rank"]
+            big = [n for n, w in weights.items() if r * sum(w.shape) >= w.numel()]
+            hint = (f"; at this rank the adapter holds more numbers than the {len(big)} "
+                    f"weight(s) it changes: format='merged' or 'delta' is smaller") if big else ""
+            print(f"LoRA adapter {path}: rank {r} ({kind}), largest relative error "
+                  f"||Δ - BA||/||Δ|| = {summary['max_rel_error']:.3e}{hint}")
+        else:
+            editor.model.save_pretrained(new, max_shard_size=max_shard_size,
+                                         state_dict=_offloaded_state_dict(editor.model))
+            if editor.tokenizer is not None:
+                editor.tokenizer.save_pretrained(new)
+            summary = {}
+        files = sorted(p.name for p in new.iterdir() if p.name != EXPORT_SUMMARY)
+        summary = {"format": format, "turns": int(editor.turns), "model": model_info(editor.model),
+                   "modules": summary.get("modules", list(journal.modules)),
+                   **{k: v for k, v in summary.items() if k != "modules"}, "files": files}
+        (new / EXPORT_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(new, path)
+    except BaseException:
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        raise
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return str(path)
+
+
+def _offloaded_state_dict(model) -> Optional[Dict[str, torch.Tensor]]:
+    """None (``save_pretrained`` reads the model itself), or, for a model with offloaded meta
+    tensors but no ``hf_device_map`` (``accelerate.cpu_offload``/``disk_offload``, which
+    ``save_pretrained`` cannot read), its state dict with the values the hooks load."""
+    from .placement import tensor_values
+
+    sd = model.state_dict()
+    if getattr(model, "hf_device_map", None) or all(t.device.type != "meta" for t in sd.values()):
+        return None
+    return {k: tensor_values(model, k, t) for k, t in sd.items()}
+
+
+def check_export_target(path: Path) -> None:
+    """Refuse (StateError) an existing ``path`` that is not empty and not an export of ours."""
+    import json
+
+    from .lora import EXPORT_SUMMARY
+    from .serialization import MANIFEST, _is_ours
+
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise StateError(f"{path} exists and is not a directory; refusing to overwrite it")
+    entries = {p.name for p in path.iterdir()}
+    if not entries or (MANIFEST in entries and _is_ours(path)[0]):
+        return
+    listed = None
+    if EXPORT_SUMMARY in entries:
+        try:
+            listed = json.loads((path / EXPORT_SUMMARY).read_text()).get("files")
+        except (OSError, ValueError, AttributeError):
+            listed = None
+    if not isinstance(listed, list) or entries - {EXPORT_SUMMARY} - set(listed):
+        raise StateError(f"{path} exists, is not empty and is not an ultraedit export (files "
+                         f"{sorted(entries)[:5]}); refusing to overwrite it: choose a new or "
+                         f"empty directory")
+
+
+def _export_raw_delta(editor, path) -> str:
     journal = editor.journal
     tensors = {name: journal.current_delta(name).contiguous().cpu() for name in journal.modules}
     modules = []
-    for name, module in journal.modules.items():
-        w = module.weight
+    for name in journal.modules:
+        w = journal.weight(name)
         modules.append({"name": name, "layout": journal.layouts[name], "shape": list(w.shape),
                         "dtype": dtype_name(w.dtype),
                         "delta_dtype": dtype_name(tensors[name].dtype),
@@ -256,13 +382,14 @@ def apply_delta(model, path, check_base: bool = True, check_architecture: bool =
         check_model(model, field(manifest, path, "model", kind=dict))
     named = dict(model.named_modules())
     tensors = files.get(DELTA_FILE, {})
-    plan: List[Tuple[torch.Tensor, torch.Tensor]] = []
+    plan: List[Tuple[Any, torch.Tensor]] = []
     for entry in field(manifest, path, "modules", kind=list):
         name = field(entry, path, "name", kind=str)
         module = named.get(name)
         if module is None or getattr(module, "weight", None) is None:
             raise ValueError(f"{path}: module {name!r} is not in this {type(model).__name__}")
-        w = module.weight
+        slot = weight_slots(model, {name: module})[name]
+        w = slot.read()
         if list(w.shape) != entry.get("shape"):
             raise ValueError(f"{path}: module {name!r} has weight shape {list(w.shape)}, the delta "
                              f"was exported for {entry.get('shape')}")
@@ -277,8 +404,11 @@ def apply_delta(model, path, check_base: bool = True, check_architecture: bool =
         d = tensors.get(name)
         if d is None or list(d.shape) != entry["shape"]:
             raise ValueError(f"{path}: the delta of {name!r} is missing or has the wrong shape")
-        plan.append((w, d))
+        plan.append((slot, d))
     with torch.no_grad():
-        for w, d in plan:
-            reconstruct(w.detach(), d.to(w.device), w.dtype, out=w.data)
+        for slot, d in plan:
+            w = slot.read()
+            reconstruct(w.detach(), d.to(w.device), w.dtype, out=w)
+            if not slot.live:
+                slot.write(w)
     return model

@@ -35,6 +35,7 @@ from ultraedit_kernels._profiling import nvtx_range
 from .config import EditConfig, resolve_config
 from .hooks import CaptureSession, check_editable
 from .modules import module_dims, module_layout, resolve_modules
+from .placement import weight_slots
 from .solver import Prior, Update, check_updates, first_non_finite, solve
 from .state import EditorState, KeyMemory, TurnJournal
 from .turn import (EditRequest, TurnMeter, TurnReport, capture_mask, context_length,
@@ -73,12 +74,14 @@ class UltraEditor:
         modules = None if cfg.modules is None else list(cfg.modules)
         self.modules: Dict[str, torch.nn.Module] = dict(resolve_modules(model, modules,
                                                                         cfg.positions))
+        # where each weight's values live (offloaded: the hook's map); PlacementError if nowhere
+        slots = weight_slots(model, self.modules)
         check_editable(model, self.modules, input_device(model))
         self._layout = {n: module_layout(m) for n, m in self.modules.items()}
         self._dims = {n: module_dims(m) for n, m in self.modules.items()}
         self.state = EditorState()
         self.journal = TurnJournal(self.modules, self._layout, accumulate=cfg.accumulate,
-                                   device=cfg.delta_device, history=cfg.history)
+                                   device=cfg.delta_device, history=cfg.history, slots=slots)
         self._max_length = context_length(model)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.preserve_s = 0.0
@@ -283,10 +286,13 @@ class UltraEditor:
         """Restore weights and state of before the last ``turns`` turns exactly."""
         self.journal.rollback(self.state, turns)
 
-    def export_delta(self, path) -> str:
-        """Write the accumulated ΔW per module (see ``ultraedit.apply_delta``)."""
+    def export_delta(self, path, format: str = "delta", rank: Optional[int] = None,
+                     max_shard_size="5GB") -> str:
+        """Write the edit: ``"delta"`` (ΔW per module, ``ultraedit.apply_delta``), ``"peft"`` (a
+        LoRA adapter; ``rank`` truncates) or ``"merged"`` (a full checkpoint); see
+        ``ultraedit.checkpoint.export_delta``."""
         from .checkpoint import export_delta
-        return export_delta(self, path)
+        return export_delta(self, path, format=format, rank=rank, max_shard_size=max_shard_size)
 
 
 for _name in EditConfig.field_names():

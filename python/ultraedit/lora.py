@@ -99,13 +99,16 @@ def lora_factors(delta: torch.Tensor, rank: Optional[int] = None,
 
 def write_peft_adapter(path, model, deltas: Mapping[str, torch.Tensor],
                        layouts: Mapping[str, str], rank: Optional[int] = None,
-                       base_model_name_or_path: Optional[str] = None) -> Dict[str, object]:
+                       base_model_name_or_path: Optional[str] = None,
+                       weights: Optional[Mapping[str, torch.Tensor]] = None) -> Dict[str, object]:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for ``deltas`` to ``path``.
 
     ``deltas``: module name (as ``model.named_modules()`` names it) -> accumulated delta in the
     module's weight layout; ``layouts``: name -> ``"linear"`` (weight d_out x d_in) or
     ``"conv1d"`` (GPT-2, weight d_in x d_out). Tensor names are PEFT's
     (``base_model.model.<module>.lora_A.weight``), ``lora_alpha = r`` so the scaling is 1.
+    ``weights``: name -> the edited weight's values, when ``module.weight`` does not hold them
+    (an offloaded module's meta weight, ``ultraedit.placement``); they set the rounding floor.
     Returns the summary that is also written to ``ultraedit_export.json`` beside them: the rank,
     and per module its rank, numerical rank and relative truncation error.
     """
@@ -126,7 +129,7 @@ def write_peft_adapter(path, model, deltas: Mapping[str, torch.Tensor],
             raise ValueError(f"write_peft_adapter: module {name!r} is not in this "
                              f"{type(model).__name__}")
         d = deltas[name]
-        weight = named[name].weight
+        weight = named[name].weight if weights is None else weights[name]
         # a delta read back as W - W0 holds the weight's rounding noise and nothing finer
         floor = torch.finfo(weight.dtype).eps * float(weight.detach().double().norm())
         factors[name] = lora_factors(d.T if fan_in_fan_out else d, rank, floor=floor)

@@ -30,25 +30,29 @@ Equivalent PyTorch for one module (``keys`` = the preserved rows not edited this
 from __future__ import annotations
 
 import time
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 __all__ = ["DEFAULT_CONTEXTS", "DEFAULT_CITIES", "PreservedKeys", "default_subjects",
-           "capture_subject_keys", "capture_preserved"]
+           "capture_subject_keys", "capture_preserved", "encode_subject_texts",
+           "preserved_cache_dir", "preserved_cache_key", "CACHE_ENV"]
 
 # Neutral left contexts: a subject's key depends only on the tokens up to it, so these differ
 # from any relation's prompt ("The capital of {s}") while keeping the subject's representation.
 DEFAULT_CONTEXTS = ("{s}", "I read a long article about {s}")
 # Cities of the default subject list, most populous first (with every country).
 DEFAULT_CITIES = 1000
+_BATCH = 64  # texts per capture forward
 
 
 class PreservedKeys:
     """One module's preserved keys: ``keys`` (n x d_in, float32), ``owners`` (the subject of each
     row) and ``gram = keysᵀkeys`` (d_in x d_in, float64)."""
 
-    def __init__(self, keys: torch.Tensor, owners: Sequence[str]):
+    def __init__(self, keys: torch.Tensor, owners: Sequence[str],
+                 gram: Optional[torch.Tensor] = None):
+        """``gram``: ``keysᵀkeys`` as computed before (the cache stores it), else computed."""
         if keys.dim() != 2 or keys.shape[0] != len(owners):
             raise ValueError(f"keys must be len(owners) x d_in = {len(owners)} x d_in, "
                              f"got {tuple(keys.shape)}")
@@ -56,8 +60,14 @@ class PreservedKeys:
             raise FloatingPointError("preserved keys hold NaN/Inf values")
         self.keys = keys.detach().to(torch.float32).contiguous()
         self.owners = list(owners)
-        k = self.keys.to(torch.float64)
-        self.gram = k.T @ k
+        d = self.keys.shape[1]
+        if gram is not None and (tuple(gram.shape) != (d, d) or gram.dtype != torch.float64
+                                 or not bool(torch.isfinite(gram).all())):
+            raise ValueError(f"a preserved-key Gram must be a finite {d} x {d} float64 matrix")
+        if gram is None:
+            k = self.keys.to(torch.float64)
+            gram = k.T @ k
+        self.gram = gram.to(self.keys.device)
         self._rows: Dict[str, List[int]] = {}
         for i, owner in enumerate(self.owners):
             self._rows.setdefault(owner, []).append(i)
@@ -97,14 +107,146 @@ def default_subjects(n_cities: int = DEFAULT_CITIES) -> List[str]:
 
 def capture_preserved(editor, config) -> Tuple[Dict[str, "PreservedKeys"], float]:
     """The preserved keys of ``editor``'s modules for ``config`` (its subjects and contexts,
-    defaults where None), captured from the model as it is now, and the seconds it took."""
+    defaults where None), captured from the model as it is now, and the seconds it took.
+
+    Read from the on-disk cache (:func:`preserved_cache_dir`) when an entry for the same model
+    weights, modules, texts and tokenization exists; otherwise captured and stored there."""
     t0 = time.perf_counter()
     subjects = (default_subjects() if config.preserve_subjects is None
                 else list(config.preserve_subjects))
     contexts = DEFAULT_CONTEXTS if config.preserve_contexts is None else config.preserve_contexts
-    keys = capture_subject_keys(editor.model, editor.tokenizer, editor.modules, subjects,
-                                contexts, progress=len(subjects) > 256)
+    subjects = _check_texts(subjects, contexts)
+    folder = preserved_cache_dir()
+    digest = None
+    if folder is not None:
+        from .placement import PlacementError
+
+        try:
+            digest = preserved_cache_key(editor.model, editor.modules, editor.tokenizer,
+                                         subjects, contexts)
+        except PlacementError as exc:  # a weight the key cannot read: capture, do not cache
+            import warnings
+            warnings.warn(f"preserved keys are not cached for this model ({exc})", stacklevel=3)
+            folder = None
+    if folder is not None:
+        owners = [s for s in subjects for _ in contexts]
+        keys = _read_cached(folder / digest, editor.modules, owners)
+        if keys is not None:
+            return keys, time.perf_counter() - t0
+    rows, index, owners = encode_subject_texts(editor.tokenizer, subjects, contexts)
+    keys = _capture_rows(editor.model, editor.tokenizer, editor.modules, rows, index, owners,
+                         progress=len(subjects) > 256)
+    if folder is not None:
+        _write_cached(folder / digest, keys, owners)
     return keys, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------- the on-disk cache
+CACHE_ENV = "ULTRAEDIT_PRESERVED_CACHE"
+_CACHE_VERSION = 1
+_CACHE_FILE = "preserve.safetensors"   # <module>: keys (n x d_in), <module>#gram: keysᵀkeys
+_GRAM = "#gram"
+
+
+def preserved_cache_dir():
+    """Where preserved keys are cached: ``$ULTRAEDIT_PRESERVED_CACHE`` if set (``off``/``0``
+    disables the cache), else ``$XDG_CACHE_HOME/ultraedit/preserved`` (``~/.cache/...``)."""
+    import os
+    from pathlib import Path
+
+    value = os.environ.get(CACHE_ENV)
+    if value is not None and value.strip().lower() in ("", "0", "off", "false", "no", "none"):
+        return None
+    if value:
+        return Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ultraedit" / "preserved"
+
+
+def preserved_cache_key(model, modules: Dict[str, torch.nn.Module], tokenizer,
+                        subjects: Sequence[str], contexts: Sequence[str]) -> str:
+    """sha256 of everything a capture depends on: every parameter and buffer of the model (name,
+    dtype, shape, bytes; offloaded ones as their hooks load them), the edited modules' names,
+    the subjects and contexts, the tokenizer (a fast tokenizer's full serialization, else the
+    token ids and subject positions of every text), the capture's batch size and the torch
+    version."""
+    import hashlib
+    import json
+
+    from .placement import tensor_values
+
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        from .tokenization import special_prefix
+
+        tok = {"class": type(tokenizer).__name__, "backend": backend.to_str(),
+               "prefix": special_prefix(tokenizer)}
+    else:
+        tok = dict(zip(("rows", "index"), encode_subject_texts(tokenizer, subjects, contexts)))
+    head = {"version": _CACHE_VERSION, "class": type(model).__name__, "torch": torch.__version__,
+            "batch_size": _BATCH, "modules": list(modules), "subjects": list(subjects),
+            "contexts": list(contexts), "tokenizer": tok}
+    h.update(json.dumps(head, sort_keys=True, default=str).encode())
+    tensors = list(model.named_parameters(remove_duplicate=False))
+    tensors += list(model.named_buffers(remove_duplicate=False))
+    for name, t in tensors:
+        v = tensor_values(model, name, t).detach()
+        h.update(f"{name}|{v.dtype}|{tuple(v.shape)}|{v.device.type};".encode())
+        flat = v.contiguous().reshape(-1).cpu()
+        if flat.numel():
+            h.update(flat.view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _read_cached(path, modules, owners) -> "Dict[str, PreservedKeys] | None":
+    """The cached keys at ``path``, None if there are none; a corrupt or mismatched entry is
+    reported with a warning and ignored."""
+    import warnings
+
+    from .serialization import StateError, read_dir
+
+    if not path.exists():
+        return None
+    try:
+        manifest, files = read_dir(path, expect_kind="preserved")
+        keys = files[_CACHE_FILE]
+        if manifest.get("owners") != list(owners) or set(keys) != (
+                set(modules) | {f"{n}{_GRAM}" for n in modules}):
+            raise StateError("its subjects or modules differ from this editor's")
+        device = {n: _module_device(m) for n, m in modules.items()}
+        return {n: PreservedKeys(keys[n].to(device[n]), owners, gram=keys[f"{n}{_GRAM}"])
+                for n in modules}
+    except (StateError, KeyError, ValueError, FloatingPointError) as exc:
+        warnings.warn(f"ignoring the preserved-key cache entry {path} ({exc}); capturing them "
+                      f"again", stacklevel=4)
+        return None
+
+
+def _write_cached(path, keys, owners) -> None:
+    import shutil
+    import warnings
+
+    from .serialization import write_dir
+
+    try:
+        if path.exists() and not (path / "manifest.json").is_file():
+            shutil.rmtree(path)  # a corrupt entry under our own cache key
+        tensors = {n: pk.keys for n, pk in keys.items()}
+        tensors.update({f"{n}{_GRAM}": pk.gram for n, pk in keys.items()})
+        write_dir(path, {_CACHE_FILE: tensors},
+                  {"kind": "preserved", "owners": list(owners)})
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"could not cache the preserved keys in {path} ({exc}); the next editor "
+                      f"captures them again", stacklevel=4)
+
+
+def _module_device(module) -> torch.device:
+    from .placement import execution_device
+
+    w = module.weight
+    return w.device if w.device.type != "meta" else (execution_device(module)
+                                                     or torch.device("cpu"))
 
 
 class _StopForward(Exception):
@@ -114,7 +256,7 @@ class _StopForward(Exception):
 
 def capture_subject_keys(model, tokenizer, modules: Dict[str, torch.nn.Module],
                          subjects: Sequence[str], contexts: Sequence[str] = DEFAULT_CONTEXTS,
-                         batch_size: int = 64, progress: bool = False) -> Dict[str, PreservedKeys]:
+                         batch_size: int = _BATCH, progress: bool = False) -> Dict[str, PreservedKeys]:
     """The input of each module at the last token of each subject in each context.
 
     Texts are ``context.format(s=subject)`` with the first letter capitalized, tokenized like an
@@ -122,8 +264,30 @@ def capture_subject_keys(model, tokenizer, modules: Dict[str, torch.nn.Module],
     subject's position is unaffected by padding. Returns ``{module name: PreservedKeys}`` with
     rows in subject-major order (``len(subjects) * len(contexts)`` rows).
     """
-    from .tokenization import _pad_id, encode_request, special_prefix, subject_token_index
+    rows, index, owners = encode_subject_texts(tokenizer, subjects, contexts)
+    return _capture_rows(model, tokenizer, modules, rows, index, owners, batch_size, progress)
 
+
+def encode_subject_texts(tokenizer, subjects: Sequence[str], contexts: Sequence[str]):
+    """``(rows, index, owners)``: the token ids of every ``context.format(s=subject)`` (subject
+    major), the subject's last-token index in each, and each row's subject."""
+    from .tokenization import encode_request, special_prefix, subject_token_index
+
+    subjects = _check_texts(subjects, contexts)
+    prefix = special_prefix(tokenizer)
+    rows, index, owners = [], [], []
+    for s in subjects:
+        for c in contexts:
+            text = c.format(s=s)
+            text = text[:1].upper() + text[1:]
+            subject = s if s in text else s[:1].upper() + s[1:]
+            rows.append(encode_request(tokenizer, text, "x", prefix)[0])
+            index.append(subject_token_index(tokenizer, text, subject, prefix))
+            owners.append(s)
+    return rows, index, owners
+
+
+def _check_texts(subjects, contexts) -> List[str]:
     subjects = list(subjects)
     if not subjects:
         raise ValueError("preserve_subjects is empty: give at least one subject name")
@@ -136,18 +300,17 @@ def capture_subject_keys(model, tokenizer, modules: Dict[str, torch.nn.Module],
     for c in contexts:
         if not isinstance(c, str) or "{s}" not in c:
             raise ValueError(f"preserve context {c!r} has no '{{s}}' for the subject")
-    prefix = special_prefix(tokenizer)
-    rows, index, owners = [], [], []
-    for s in subjects:
-        for c in contexts:
-            text = c.format(s=s)
-            text = text[:1].upper() + text[1:]
-            subject = s if s in text else s[:1].upper() + s[1:]
-            rows.append(encode_request(tokenizer, text, "x", prefix)[0])
-            index.append(subject_token_index(tokenizer, text, subject, prefix))
-            owners.append(s)
+    return subjects
+
+
+def _capture_rows(model, tokenizer, modules, rows, index, owners, batch_size: int = _BATCH,
+                  progress: bool = False) -> Dict[str, PreservedKeys]:
+    from .tokenization import _pad_id
+
     pad = _pad_id(tokenizer)
-    device = next(model.parameters()).device
+    from .turn import input_device
+
+    device = input_device(model)
     acc: Dict[str, List[torch.Tensor]] = {n: [] for n in modules}
     state = {"pos": None, "seen": set()}
 

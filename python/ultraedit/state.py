@@ -16,6 +16,10 @@ snapshots the state and the weights (or Δ) before a turn; if anything fails ins
 restored bit for bit before the error propagates; on success the snapshot becomes the turn's
 rollback entry. :meth:`TurnJournal.rollback` restores the last turns' snapshots.
 
+Weights are read and written through ``ultraedit.placement.WeightSlot``: ``module.weight`` in
+place, or, for a module that accelerate offloads to CPU RAM or disk, the values its hook loads
+(base, Δ and history then live on the CPU).
+
 Memory: ``base`` is one copy of the edited weights; ``delta`` one float32 copy when
 accumulating; each history entry one more copy (weight dtype, or float32 when accumulating)
 plus the statistics and key memories. ``device="cpu"`` keeps all of it off the accelerator.
@@ -200,29 +204,40 @@ class TurnJournal:
         accumulate: ``"auto"`` (on when any edited weight is bf16, fp16 or float64), True or False.
         device: where base, Δ and history live: None = each module's weight device.
         history: how many turns :meth:`rollback` can undo (0 disables rollback).
+        slots: ``{name: ultraedit.placement.WeightSlot}``, where each weight's values are read
+            and written (offloaded modules); None = ``module.weight`` itself.
     """
 
     def __init__(self, modules: Dict[str, torch.nn.Module], layouts: Dict[str, str],
-                 accumulate: Union[str, bool] = "auto", device=None, history: int = 1):
+                 accumulate: Union[str, bool] = "auto", device=None, history: int = 1,
+                 slots: Optional[Dict[str, Any]] = None):
+        from .placement import WeightSlot
+
         if accumulate not in ("auto", True, False):
             raise ValueError(f"accumulate must be 'auto', True or False, got {accumulate!r}")
         if int(history) != history or history < 0:
             raise ValueError(f"history must be a non-negative integer, got {history!r}")
         self.modules = dict(modules)
         self.layouts = dict(layouts)
+        self.slots = {n: (slots or {}).get(n) or WeightSlot(m, n) for n, m in self.modules.items()}
         if accumulate == "auto":
-            accumulate = any(m.weight.dtype in _ACCUMULATE_AUTO for m in self.modules.values())
+            accumulate = any(s.dtype in _ACCUMULATE_AUTO for s in self.slots.values())
         self.accumulate = bool(accumulate)
         self.device = None if device is None else torch.device(device)
         self.history = int(history)
         self._records: "collections.deque[TurnRecord]" = collections.deque(maxlen=self.history)
-        self.base: Dict[str, torch.Tensor] = {n: self._copy(m.weight) for n, m in
-                                              self.modules.items()}
+        self.base: Dict[str, torch.Tensor] = {n: self._copy(self.weight(n)) for n in
+                                              self.modules}
         self.delta: Dict[str, Optional[torch.Tensor]] = {n: None for n in self.modules}
         self.base_turn = 0  # editor turn at which ``base`` was taken (non-zero after a resume)
 
     def _dev(self, name: str) -> torch.device:
-        return self.device if self.device is not None else self.modules[name].weight.device
+        return self.device if self.device is not None else self.slots[name].device
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The current values of a module's weight (``module.weight.data``, or the offloaded
+        values the hook loads: ``ultraedit.placement``)."""
+        return self.slots[name].read()
 
     def _copy(self, weight: torch.Tensor) -> torch.Tensor:
         dev = self.device if self.device is not None else weight.device
@@ -252,7 +267,7 @@ class TurnJournal:
         if self.accumulate:
             d = self.delta[name]
             return None if d is None else d.clone()
-        return self._copy(self.modules[name].weight)
+        return self._copy(self.weight(name))
 
     def apply(self, updates: Dict[str, Any]) -> None:
         """Add every module's update (``solver.Update``) in place; checked finite by the caller.
@@ -268,14 +283,17 @@ class TurnJournal:
     def _apply_module(self, name: str, k: torch.Tensor, method: str, u: torch.Tensor) -> None:
         from ultraedit_kernels import apply_shift_op
 
-        weight = self.modules[name].weight
+        slot = self.slots[name]
+        weight = slot.read()
         linear = self.layouts[name] == "linear"
         if not self.accumulate:
             dev = weight.device
             if method == "dual":
-                apply_shift_op(weight.data, k.to(dev), u.to(dev), linear)
+                apply_shift_op(weight, k.to(dev), u.to(dev), linear)
             else:  # u = ΔW (d_in x d_out); Linear stores W as d_out x d_in
-                weight.data.add_((u.T if linear else u).to(device=dev, dtype=weight.dtype))
+                weight.add_((u.T if linear else u).to(device=dev, dtype=weight.dtype))
+            if not slot.live:
+                slot.write(weight)
             return
         dev = self._dev(name)
         c = _acc_dtype(weight.dtype)
@@ -292,18 +310,23 @@ class TurnJournal:
             else:
                 d.addmm_(k.T, u)        # (d_in x d_out) += Kᵀ A
         self.delta[name] = d
-        reconstruct(self.base[name], d, weight.dtype, out=weight.data)
+        reconstruct(self.base[name], d, weight.dtype, out=weight)
+        if not slot.live:
+            slot.write(weight)
 
     def _write_from(self, name: str, saved: Optional[torch.Tensor]) -> None:
-        weight = self.modules[name].weight
+        slot = self.slots[name]
+        weight = slot.read()
         if self.accumulate:
             self.delta[name] = None if saved is None else saved.clone()
             if saved is None:
-                weight.data.copy_(self.base[name])
+                weight.copy_(self.base[name])
             else:
-                reconstruct(self.base[name], saved, weight.dtype, out=weight.data)
+                reconstruct(self.base[name], saved, weight.dtype, out=weight)
         else:
-            weight.data.copy_(saved)
+            weight.copy_(saved)
+        if not slot.live:
+            slot.write(weight)
 
     def _restore(self, record: TurnRecord, state: EditorState) -> None:
         with torch.no_grad():
@@ -333,7 +356,7 @@ class TurnJournal:
         Accumulating: the float32 accumulator itself. Otherwise ``W - W0`` computed in float64,
         stored as float32 when that reconstructs ``W`` exactly (checked), else as float64.
         """
-        weight = self.modules[name].weight.detach()
+        weight = self.weight(name).detach()
         base = self.base[name]
         if self.accumulate:
             d = self.delta[name]

@@ -138,8 +138,14 @@ def input_device(model) -> torch.device:
     """Where the model's input ids go: its input embedding's device."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and getattr(emb, "weight", None) is not None:
-        return emb.weight.device
-    return next(model.parameters()).device
+        dev = emb.weight.device
+    else:
+        emb, dev = None, next(model.parameters()).device
+    if dev.type == "meta":  # offloaded (accelerate): where its hook runs it
+        from .placement import execution_device
+        dev = execution_device(emb) if emb is not None else None
+        dev = dev or torch.device("cpu")
+    return dev
 
 
 def context_length(model) -> Optional[int]:

@@ -70,6 +70,15 @@ def add_parser(sub) -> None:
     p.add_argument("--plot", metavar="PATH", default=None, help="write a PNG plot")
     p.add_argument("--records-out", metavar="PATH", default=None,
                    help="save the edited records (.jsonl; rerun with --data PATH --format records)")
+    p.add_argument("--export-delta", metavar="PATH", default=None,
+                   help="after the last turn, export the edit to the folder PATH "
+                        "(UltraEditor.export_delta; checked before the run)")
+    p.add_argument("--export-format", choices=("delta", "peft", "merged"), default="delta",
+                   help="delta (apply_delta), peft (LoRA adapter for PEFT/vLLM/SGLang) or merged "
+                        "(full checkpoint with the tokenizer); default delta")
+    p.add_argument("--export-rank", type=int, default=None,
+                   help="peft: truncate the adapter to this rank (the error is reported); "
+                        "default exact")
     p.add_argument("--seed", type=int, default=0, help="fact selection / torch seed (0)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's, or 1 on a busy CPU)")
@@ -97,6 +106,26 @@ def _read_subjects(path: str) -> List[str]:
         raise UsageError(f"--exclude-subjects {path!r}: {err.strerror or err}") from None
 
 
+def _check_export(args: argparse.Namespace) -> None:
+    """The export options, and that ``--export-delta`` may be written, before any work."""
+    if args.export_delta is None:
+        if args.export_rank is not None or args.export_format != "delta":
+            raise UsageError("--export-format and --export-rank need --export-delta PATH")
+        return
+    if args.export_rank is not None and (args.export_format != "peft" or args.export_rank < 1):
+        raise UsageError("--export-rank takes a positive rank and applies to "
+                         "--export-format peft only")
+    from pathlib import Path
+
+    from ..checkpoint import check_export_target
+    from ..serialization import StateError
+
+    try:
+        check_export_target(Path(args.export_delta))
+    except StateError as err:
+        raise UsageError(f"--export-delta: {err}") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.turns < 1 or args.edits_per_turn < 1:
@@ -104,6 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     check_threads(args.threads)
     check_output_paths([("--json", args.json), ("--plot", args.plot),
                         ("--records-out", args.records_out)])
+    _check_export(args)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot needs matplotlib: pip install matplotlib")
     offline = args.data == "offline"
@@ -201,6 +231,11 @@ def _run(args: argparse.Namespace) -> int:
     except (AttributeError, OSError):
         pass
     result.setdefault("memory", {})["process_peak_rss_bytes"] = peak_rss_bytes()
+    if args.export_delta:
+        t2 = time.perf_counter()
+        editor.export_delta(args.export_delta, format=args.export_format, rank=args.export_rank)
+        result["export"] = {"path": args.export_delta, "format": args.export_format,
+                            "rank": args.export_rank, "export_s": time.perf_counter() - t2}
     write_json(result, args.json)
     if args.plot:
         from ..eval.plot import plot_run

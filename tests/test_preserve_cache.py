@@ -1,0 +1,98 @@
+"""Preserved-subject keys are cached on disk per model: a second editor on the same unedited
+model loads them (bit-identical to a fresh capture); a corrupt entry is ignored and recaptured."""
+import pytest
+import torch
+
+import ultraedit.preserve as preserve
+from conftest import ue_tiny_model
+from ultraedit import UltraEditor
+
+MODULES = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+OPTS = dict(modules=MODULES, positions="subject", preserve=1.0,
+            preserve_subjects=["France", "Japan", "Peru"], preserve_contexts=["{s}", "I saw {s}"])
+
+
+class Count:
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = preserve._capture_rows
+
+        def counted(*a, **k):
+            self.calls += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(preserve, "_capture_rows", counted)
+
+
+def _keys(editor):
+    return {n: pk.keys for n, pk in editor.state.preserved.items()}
+
+
+def test_second_editor_loads_the_keys_bit_identical(tmp_path, ue_tokenizer, monkeypatch):
+    monkeypatch.setenv(preserve.CACHE_ENV, str(tmp_path / "cache"))
+    count = Count(monkeypatch)
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=3)
+    first = UltraEditor(model, ue_tokenizer, **OPTS)
+    assert count.calls == 1 and len(list((tmp_path / "cache").iterdir())) == 1
+    second = UltraEditor(model, ue_tokenizer, **OPTS)
+    assert count.calls == 1                                  # from the cache
+    monkeypatch.setenv(preserve.CACHE_ENV, "off")
+    fresh = UltraEditor(model, ue_tokenizer, **OPTS)         # the cache disabled: captured
+    assert count.calls == 2
+    for a, b, c in zip(_keys(first).values(), _keys(second).values(), _keys(fresh).values()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert second.state.preserved[MODULES[0]].owners == fresh.state.preserved[MODULES[0]].owners
+
+
+def test_the_key_follows_weights_texts_and_modules(tmp_path, ue_tokenizer, ue_tokenizer_nobos,
+                                                   monkeypatch):
+    monkeypatch.setenv(preserve.CACHE_ENV, str(tmp_path / "cache"))
+    count = Count(monkeypatch)
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=3)
+    editor = UltraEditor(model, ue_tokenizer, **OPTS)
+    editor.edit([("The capital of France is", "Rome", "France")])   # the weights change
+    UltraEditor(model, ue_tokenizer, **OPTS)
+    assert count.calls == 2
+    UltraEditor(model, ue_tokenizer, **{**OPTS, "preserve_contexts": ["{s} is"]})
+    UltraEditor(model, ue_tokenizer, **{**OPTS, "modules": MODULES[:1]})
+    UltraEditor(model, ue_tokenizer_nobos, **OPTS)           # another tokenizer (no BOS)
+    with torch.no_grad():   # a weight the edited modules do not hold, upstream of them
+        model.model.embed_tokens.weight[5, 0] += 1.0
+    UltraEditor(model, ue_tokenizer, **OPTS)
+    assert count.calls == 6
+
+
+def test_a_corrupt_entry_is_ignored_and_recaptured(tmp_path, ue_tokenizer, monkeypatch):
+    monkeypatch.setenv(preserve.CACHE_ENV, str(tmp_path / "cache"))
+    count = Count(monkeypatch)
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=3)
+    first = UltraEditor(model, ue_tokenizer, **OPTS)
+    entry = next((tmp_path / "cache").iterdir())
+    data = bytearray((entry / "preserve.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (entry / "preserve.safetensors").write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="ignoring the preserved-key cache entry"):
+        again = UltraEditor(model, ue_tokenizer, **OPTS)
+    assert count.calls == 2
+    for a, b in zip(_keys(first).values(), _keys(again).values()):
+        assert torch.equal(a, b)
+    UltraEditor(model, ue_tokenizer, **OPTS)                  # the entry was rewritten
+    assert count.calls == 2
+
+
+def test_offloaded_model_keys_are_cached_and_equal_the_unsplit_capture(tmp_path, ue_tokenizer,
+                                                                        monkeypatch):
+    accelerate = pytest.importorskip("accelerate")
+    fresh = UltraEditor(ue_tiny_model("llama", len(ue_tokenizer), seed=3), ue_tokenizer, **OPTS)
+    monkeypatch.setenv(preserve.CACHE_ENV, str(tmp_path / "cache"))
+    count = Count(monkeypatch)
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=3)
+    dm = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+          "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
+          "lm_head": "cpu"}
+    accelerate.dispatch_model(model, dm, offload_dir=str(tmp_path / "offload"))
+    UltraEditor(model, ue_tokenizer, **OPTS)
+    second = UltraEditor(model, ue_tokenizer, **OPTS)
+    assert count.calls == 1
+    for a, b in zip(_keys(fresh).values(), _keys(second).values()):
+        assert torch.equal(a, b)
