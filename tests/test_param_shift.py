@@ -77,7 +77,7 @@ def test_failed_factorization_retries_in_float64(monkeypatch, caplog):
     def failing(a, b):
         return torch.full_like(b, float("nan")), torch.ones(a.shape[:-2], dtype=torch.int32)
 
-    monkeypatch.setattr(ps, "spd_solve_op", failing)
+    monkeypatch.setattr(ps, "spd_solve_call", failing)
     with caplog.at_level("WARNING", logger="ultraedit_kernels"):
         got = param_shift(keys, grads, stats, lr=1e-3)
     assert "retrying in float64" in caplog.text
@@ -91,7 +91,7 @@ def test_degenerate_system_raises_solve_error(monkeypatch):
     def failing(a, b):
         return b, torch.ones(a.shape[:-2], dtype=torch.int32)
 
-    monkeypatch.setattr(ps, "spd_solve_op", failing)
+    monkeypatch.setattr(ps, "spd_solve_call", failing)
     monkeypatch.setattr(ps, "spd_solve_reference", failing)
     with pytest.raises(uk.SolveError, match="not positive definite"):
         param_shift(keys, grads, stats)

@@ -107,7 +107,7 @@ def test_non_positive_definite_system_raises_solve_error(tok, monkeypatch):
         calls.append(a.dtype)
         return torch.zeros_like(b), torch.ones(a.shape[:-2], dtype=torch.int32)
 
-    monkeypatch.setattr(ps, "spd_solve_op", failing)
+    monkeypatch.setattr(ps, "spd_solve_call", failing)
     monkeypatch.setattr(ps, "spd_solve_reference", failing)
     with pytest.raises(SolveError, match="not positive definite even in float64"):
         ed.edit(turn_requests(1))
@@ -122,7 +122,7 @@ def test_failed_factorization_recovers_in_float64(tok, monkeypatch):
 
     ed = _editor(tok)
     ed.edit(turn_requests(0))
-    real = ps.spd_solve_op
+    real = ps.spd_solve_call
     state = {"failed": 0}
 
     def once(a, b):
@@ -131,7 +131,7 @@ def test_failed_factorization_recovers_in_float64(tok, monkeypatch):
             return torch.zeros_like(b), torch.ones(a.shape[:-2], dtype=torch.int32)
         return real(a, b)
 
-    monkeypatch.setattr(ps, "spd_solve_op", once)
+    monkeypatch.setattr(ps, "spd_solve_call", once)
     ed.edit(turn_requests(1))                             # documented recovery: float64 retry
     assert state["failed"] == 1 and ed.turns == 2
     for k, v in ref.model.state_dict().items():

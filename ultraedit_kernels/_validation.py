@@ -17,9 +17,22 @@ def check_float_matrix(name: str, x, *, allow_empty: bool = False) -> None:
         raise ValueError(f"{name} has zero columns, shape {tuple(x.shape)}")
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds no NaN/Inf, in one pass without a temporary (syncs on CUDA).
+
+    A sum propagates NaN and Inf, so a finite sum proves every element finite.  The sum runs in
+    ``x``'s dtype (float32 for half types, whose sums overflow early); only when it is not finite
+    (NaN/Inf present, or finite values whose sum overflowed) does the exact elementwise test run.
+    """
+    total = x.sum(dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None)
+    if bool(torch.isfinite(total)):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
 def check_finite(name: str, x: torch.Tensor) -> None:
-    """Raise if ``x`` holds NaN or Inf (one reduction; syncs on CUDA)."""
-    if not bool(torch.isfinite(x).all()):
+    """Raise if ``x`` holds NaN or Inf (see :func:`all_finite`)."""
+    if not all_finite(x):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} contains {bad} NaN/Inf value(s); refusing to use it")
 
@@ -45,6 +58,22 @@ def check_keys_grads(keys: torch.Tensor, values_grad: torch.Tensor, *, finite: b
     if finite:
         check_finite("keys", keys)
         check_finite("values_grad", values_grad)
+
+
+def check_lr(lr: float) -> None:
+    """The pseudo-values' step size must be a positive finite number."""
+    try:
+        value = float(lr)
+    except (TypeError, ValueError):
+        raise TypeError(f"lr must be a number, got {type(lr).__name__}") from None
+    if not (value > 0.0) or value == float("inf"):
+        raise ValueError(f"lr must be a positive finite number (the pseudo-values' step size), "
+                         f"got {lr}")
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64 (the oracle precision end to end), else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def check_ridge(ridge: float) -> None:

@@ -6,8 +6,9 @@ Formula (``z = [k ; g]``, running ``mean`` / ``std`` of z, ``eps`` = float32 mac
     ĝ = (g - mean[d_in:]) / (std[d_in:] + eps)
     v = -lr · ||k̂||² · ĝ
 
-Shapes: ``keys`` (N, d_in), ``values_grad`` (N, d_out), any float dtype (computed in float32);
-``mean``, ``std`` (d_in + d_out,) float64.  Returns ``V`` (N, d_out) float32.
+Shapes: ``keys`` (N, d_in), ``values_grad`` (N, d_out), any float dtype; ``mean``, ``std``
+(d_in + d_out,) float64.  Returns ``V`` (N, d_out), computed and returned in float32, or in
+float64 when ``keys`` or ``values_grad`` is float64.
 
 Equivalent PyTorch::
 
@@ -21,33 +22,45 @@ from __future__ import annotations
 import torch
 
 from . import _backends
-from ._validation import check_keys_grads
+from ._validation import all_finite, check_keys_grads, check_lr, compute_dtype
 from .running_stats import EPS, FrozenStats, RunningStats
 
 OP = "pseudo_values"
 
 
 def pseudo_values_reference(keys, values_grad, mean, std, lr: float, eps: float):
-    """Pure-PyTorch float32 implementation (CPU path); never builds the concatenated z."""
+    """Pure-PyTorch implementation (CPU path); never builds the concatenated z.
+
+    Each input is read once: the subtraction promotes it to the compute dtype as it goes (no
+    separate cast), everything after it works in place on that one temporary.
+    """
     d_in = keys.shape[1]
-    inv_scale = (1.0 / (std + eps)).float()
-    shift = mean.float()
-    k_hat = (keys.float() - shift[:d_in]).mul_(inv_scale[:d_in])
+    dtype = compute_dtype(keys, values_grad)
+    inv_scale = (1.0 / (std + eps)).to(dtype)
+    shift = mean.to(dtype)
+    k_hat = torch.sub(keys, shift[:d_in]).mul_(inv_scale[:d_in])
     coeff = k_hat.square_().sum(1, keepdim=True).mul_(-lr)
-    g_hat = (values_grad.float() - shift[d_in:]).mul_(inv_scale[d_in:])
+    g_hat = torch.sub(values_grad, shift[d_in:]).mul_(inv_scale[d_in:])
     return g_hat.mul_(coeff)
+
+
+def _pseudo_values_body(keys, values_grad, mean, std, lr, eps):
+    _, fn = _backends.select(OP, keys.device, keys, values_grad)
+    return fn(keys, values_grad, mean, std, lr, eps)
 
 
 @torch.library.custom_op("ultraedit::pseudo_values", mutates_args=())
 def pseudo_values_op(keys: torch.Tensor, values_grad: torch.Tensor, mean: torch.Tensor,
                      std: torch.Tensor, lr: float, eps: float) -> torch.Tensor:
-    _, fn = _backends.select(OP, keys.device, keys, values_grad)
-    return fn(keys, values_grad, mean, std, lr, eps)
+    return _pseudo_values_body(keys, values_grad, mean, std, lr, eps)
+
+
+pseudo_values_call = _backends.eager(pseudo_values_op, _pseudo_values_body)
 
 
 @pseudo_values_op.register_fake
 def _(keys, values_grad, mean, std, lr, eps):
-    return values_grad.new_empty(values_grad.shape, dtype=torch.float32)
+    return values_grad.new_empty(values_grad.shape, dtype=compute_dtype(keys, values_grad))
 
 
 _backends.register_impl(OP, "torch", pseudo_values_reference)
@@ -78,10 +91,31 @@ def check_stats_for(keys: torch.Tensor, values_grad: torch.Tensor, stats) -> Non
 
 def pseudo_values(keys: torch.Tensor, values_grad: torch.Tensor, stats,
                   lr: float = 1e-6) -> torch.Tensor:
-    """UltraEdit pseudo-values ``V`` (N x d_out, float32); see the module docstring.
+    """UltraEdit pseudo-values ``V`` (N x d_out, float32; float64 for float64 inputs); see the
+    module docstring.
 
     ``stats`` must already include this turn's rows (the paper updates before normalizing).
+    Raises ``ValueError`` for NaN/Inf in the inputs or a result that overflows.
     """
-    check_keys_grads(keys, values_grad)
+    check_keys_grads(keys, values_grad, finite=False)
     check_stats_for(keys, values_grad, stats)
-    return pseudo_values_op(keys, values_grad, stats.mean, stats.std, float(lr), EPS)
+    check_lr(lr)
+    values = pseudo_values_call(keys, values_grad, stats.mean, stats.std, float(lr), EPS)
+    check_result("pseudo_values", values, keys, values_grad)
+    return values
+
+
+def check_result(what: str, result: torch.Tensor, keys: torch.Tensor,
+                 values_grad: torch.Tensor) -> None:
+    """Raise if ``result`` holds NaN/Inf, naming the input that caused it.
+
+    Every value of V depends on a whole row of K (through ``||k̂||²``) and on one element of G,
+    and NaN/Inf propagate through every later step, so one pass over the result checks the
+    inputs too; they are inspected only to word the error.
+    """
+    if all_finite(result):
+        return
+    check_keys_grads(keys, values_grad, finite=True)
+    raise ValueError(f"{what}: the result overflows (NaN/Inf) although keys and values_grad are "
+                     f"finite; lr is too large for these features or the statistics are "
+                     f"degenerate")

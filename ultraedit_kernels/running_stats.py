@@ -1,12 +1,13 @@
 """Lifelong running statistics of the features ``z = [k ; g]`` (UltraEdit's normalizer)."""
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional
 
 import torch
 
 from ._validation import check_finite, check_float_matrix
-from .stats_update import stats_update_op
+from .stats_update import stats_update_call
 
 COMPAT_MODES = ("fixed", "official")
 EPS = float(torch.finfo(torch.float32).eps)  # the paper's eps (float32 machine epsilon)
@@ -54,17 +55,34 @@ class RunningStats:
             raise ValueError(
                 f"x has {x.shape[1]} columns but these statistics track dim={self.dim} "
                 f"(d_in + d_out of the module)")
-        if check_finite_values:
-            check_finite("x", x)
         if x.device != self._mean.device:
             if self.count == 0:
                 self.to(x.device)
             else:
                 raise ValueError(
                     f"x is on {x.device} but the statistics live on {self._mean.device}")
-        self._count, self._mean, self._m2 = stats_update_op(
+        count, mean, m2 = stats_update_call(
             x, self._count, self._mean, self._m2, self.compat == "official")
+        if check_finite_values:
+            self._check_merged(mean, m2, x.shape[0], x=x)
+        self._count, self._mean, self._m2 = count, mean, m2
         return self
+
+    def _check_merged(self, mean: torch.Tensor, m2: torch.Tensor, rows: int, **inputs) -> None:
+        """Raise (state untouched) if the merged statistics are not finite.
+
+        NaN/Inf anywhere in the block reach its column's mean (and M2), so checking the two
+        ``dim``-long results replaces a pass over the block; the block is inspected only to
+        word the error.  ``compat="official"`` keeps the reference code's NaN M2 after a one-row
+        block (pseudo-values then refuse those statistics).
+        """
+        official_nan = self.compat == "official" and rows == 1
+        if bool(torch.isfinite(mean).all()) and (official_nan or bool(torch.isfinite(m2).all())):
+            return
+        for name, t in inputs.items():
+            check_finite(name, t)
+        raise ValueError(f"the statistics overflow with this block (its values are finite but "
+                         f"too large for float64 sums of squares); it was not merged")
 
     def update_pair(self, keys: torch.Tensor, values_grad: torch.Tensor, *,
                     check_finite_values: bool = True) -> "RunningStats":
@@ -132,9 +150,37 @@ class RunningStats:
             raise ValueError(
                 f"RunningStats state has mean {tuple(mean.shape)} / m2 {tuple(m2.shape)}, "
                 f"expected ({self.dim},)")
-        count = torch.as_tensor(state["count"], dtype=torch.float64).reshape(())
-        if float(count) < 0:
-            raise ValueError(f"RunningStats state has a negative count {float(count)}")
+        for name in ("count", "mean", "m2"):
+            if not isinstance(state[name], torch.Tensor) or not (
+                    state[name].is_floating_point() or name == "count"):
+                raise TypeError(f"RunningStats state: {name} must be a floating-point tensor, got "
+                                f"{type(state[name]).__name__}"
+                                + (f" of {state[name].dtype}" if isinstance(state[name], torch.Tensor) else ""))
+        count = torch.as_tensor(state["count"]).to(torch.float64)
+        if count.numel() != 1:
+            raise ValueError(f"RunningStats state: count must be one number, got shape "
+                             f"{tuple(count.shape)}")
+        count = count.reshape(())
+        value = float(count)
+        if not math.isfinite(value) or value < 0 or value != int(value):
+            raise ValueError(f"RunningStats state: count must be a non-negative integer (rows "
+                             f"seen), got {value}")
+        if not bool(torch.isfinite(mean).all()):
+            raise ValueError("RunningStats state: mean holds NaN/Inf")
+        m2_64 = m2.to(torch.float64)
+        if self.compat == "fixed":
+            # (compat="official" keeps the reference code's NaN M2 after a one-row block)
+            if not bool(torch.isfinite(m2_64).all()):
+                raise ValueError("RunningStats state: m2 holds NaN/Inf")
+        if bool((m2_64 < 0).any()):
+            raise ValueError(f"RunningStats state: m2 (sums of squared deviations) must be >= 0, "
+                             f"got a minimum of {float(m2_64.min())}")
+        if value == 0 and (bool((mean != 0).any()) or bool((m2_64 != 0).any())):
+            raise ValueError("RunningStats state: count is 0 but mean/m2 are not zero (no rows "
+                             "were seen, so there is nothing to average)")
+        if value == 1 and self.compat == "fixed" and bool((m2_64 != 0).any()):
+            raise ValueError("RunningStats state: count is 1 but m2 is not zero (one row has no "
+                             "spread)")
         device = self._mean.device
         self._count = count.to(device).clone()
         self._mean = mean.to(device=device, dtype=torch.float64).clone()
