@@ -247,6 +247,7 @@ def reset() -> None:
     """Forget the calibrations loaded in this process (tests; after changing the variable)."""
     _loaded.clear()
     _refreshed.clear()
+    _decisions.clear()
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -329,6 +330,7 @@ def calibrate(device: torch.device, ops: Optional[Sequence[str]] = None,
         data["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     _loaded[device.type] = data
     _refreshed.add(device.type)
+    _decisions.clear()
     if save:
         _write(cache_path(device), data)
     return data
@@ -386,11 +388,18 @@ def predicted_ratio(data: dict, op: str, backend: str, args: Sequence) -> Option
     return None if log_ratio is None else math.exp(log_ratio)
 
 
+_decisions: Dict[tuple, str] = {}   # (op, device, class, features, candidates, data) -> backend
+
+
 def choose(op: str, device: torch.device, candidates: Sequence[str], args: Sequence) -> str:
     """The backend ``auto`` uses for this call: a candidate measured faster, else ``torch``."""
     if not candidates or op not in GRIDS or mode() == "off":
         return "torch"
     data = current(device)
+    feat = features(op, args)
+    memo_key = (op, device.type, feat, tuple(candidates), id(data))
+    if data is not None and memo_key in _decisions:
+        return _decisions[memo_key]
     if data is None or op not in data.get("ops", {}):
         if mode() not in ("auto", "refresh", ""):
             return "torch"   # a fixture without this op: the reference
@@ -402,6 +411,9 @@ def choose(op: str, device: torch.device, candidates: Sequence[str], args: Seque
         ratio = predicted_ratio(data, op, b, args)
         if ratio is not None and ratio < best_ratio:
             best, best_ratio = b, ratio
+    if len(_decisions) > 4096:   # shapes vary with every turn's row count: stay bounded
+        _decisions.clear()
+    _decisions[(op, device.type, feat, tuple(candidates), id(data))] = best
     return best
 
 

@@ -83,7 +83,7 @@ def check_stats_for(keys: torch.Tensor, values_grad: torch.Tensor, stats) -> Non
         return
     if stats.count == 0:
         raise ValueError("stats are empty: update them with torch.cat([keys, values_grad], 1) first")
-    if not bool(torch.isfinite(stats.m2).all()):
+    if not stats.m2_is_finite():
         raise ValueError(
             "stats hold NaN/Inf (compat='official' reproduces the reference code, whose M2 "
             "update is NaN after a one-row block); use compat='fixed' or larger blocks")

@@ -115,14 +115,35 @@ class RunningStats:
     @property
     def var(self) -> torch.Tensor:
         """Unbiased variance (float64); official mode: ``M2 / (count - 1 + eps)``."""
-        if self.compat == "official":
-            return self._m2 / (self._count - 1 + EPS)
-        denom = (self._count - 1).clamp_min(1.0)
-        return torch.where(self._count > 1, self._m2 / denom, torch.zeros_like(self._m2))
+        return self._derived()[0]
 
     @property
     def std(self) -> torch.Tensor:
-        return self.var.sqrt()
+        return self._derived()[1]
+
+    def m2_is_finite(self) -> bool:
+        """Whether M2 holds no NaN/Inf (False after a one-row block in compat="official")."""
+        return self._derived()[2]
+
+    def _derived(self):
+        """``(var, std, m2 finite)``, computed once per state: every op of a turn reads the std,
+        and recomputing it (five small kernels and a host sync) cost more than the pseudo-values
+        of a small module.  Keyed on the state tensors and their version counters, so a new
+        state or an in-place change recomputes it."""
+        key = tuple((id(t), t._version) for t in (self._count, self._mean, self._m2))
+        cached = getattr(self, "_cache", None)
+        if (cached is not None and cached[0] == key
+                and (cached[1][0]._version, cached[1][1]._version) == cached[2]):
+            return cached[1]
+        if self.compat == "official":
+            var = self._m2 / (self._count - 1 + EPS)
+        else:
+            denom = (self._count - 1).clamp_min(1.0)
+            var = torch.where(self._count > 1, self._m2 / denom, torch.zeros_like(self._m2))
+        value = (var, var.sqrt(), bool(torch.isfinite(self._m2).all()))
+        # the versions of var/std themselves: a caller that changes them in place gets new ones
+        self._cache = (key, value, (value[0]._version, value[1]._version))
+        return value
 
     # ---------------------------------------------------------------- plumbing
     def to(self, device) -> "RunningStats":
