@@ -9,8 +9,10 @@ rate measured at the start of the same run.
 
 Also in the same run:
 
-* every backend of every op with more than one available backend, forced one at a time, and
-  whether the dispatch calibration (``ultraedit_kernels.calibration``) picks the faster one;
+* the dispatch calibration (``ultraedit_kernels.calibration``), measured again at the start so
+  that it saw the same machine load as the rounds that follow, then every backend of every op
+  with more than one available backend, forced one at a time, and whether ``auto`` picks the
+  faster one (or one within the calibration's margin of it);
 * ``param_shift(method="auto")`` against the paper's primal float32 solve
   (``torch.linalg.solve(KᵀK + I, KᵀV)``) at N = 400, 4096 -> 4096, with the relative error of
   both against float64.
@@ -69,13 +71,14 @@ def median(values: List[float]) -> float:
 
 def machine_rates(rounds: int) -> Dict[str, float]:
     """Copy bandwidth (GB/s, read + write of 256 MiB float32) and float32 GEMM rate (GFLOP/s,
-    2048 x 2048 x 2048) of this machine, medians of ``rounds``."""
+    2048 x 2048 x 2048) of this machine: the best of ``rounds`` (a roofline is what the machine
+    can attain; on a shared machine the median would be the load's)."""
     src = torch.randn(64 << 20)
     dst = torch.empty_like(src)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    t = alternate({"copy": lambda: dst.copy_(src), "gemm": lambda: a @ b}, rounds)
-    return {"copy_gbps": 2 * F32 * src.numel() / median(t["copy"]) / 1e9,
-            "gemm_gflops": 2 * 2048 ** 3 / median(t["gemm"]) / 1e9}
+    t = alternate({"copy": lambda: dst.copy_(src), "gemm": lambda: a @ b}, max(rounds, 5))
+    return {"copy_gbps": 2 * F32 * src.numel() / min(t["copy"]) / 1e9,
+            "gemm_gflops": 2 * 2048 ** 3 / min(t["gemm"]) / 1e9}
 
 
 # ---------------------------------------------------------------------------- the cases
@@ -161,7 +164,7 @@ def cost(key, n, d_in, d_out):
     return op_cost(key, n, d_in, d_out)
 
 
-def run_ops(shapes, rounds, ops=None):
+def run_ops(shapes, rounds, ops=None, rates=None):
     rows = []
     for label, n, d_in, d_out in shapes:
         for op, (ours, plain, key) in op_cases(n, d_in, d_out).items():
@@ -176,10 +179,19 @@ def run_ops(shapes, rounds, ops=None):
                    "op_times_s": t["op"], "plain_times_s": t["plain"]}
             row["gflops"] = c["flops"] / row["op_s"] / 1e9
             row["gbps"] = c["bytes_moved"] / row["op_s"] / 1e9
+            if rates:   # the roofline: the time the op needs at the machine's GEMM rate or copy
+                bound = max(c["flops"] / (rates["gemm_gflops"] * 1e9),   # bandwidth, whichever
+                            c["bytes_moved"] / (rates["copy_gbps"] * 1e9))  # is the larger
+                row["roofline_s"] = bound
+                row["of_roofline"] = bound / row["op_s"]
+                row["bound_by"] = ("flops" if c["flops"] / rates["gemm_gflops"]
+                                   > c["bytes_moved"] / rates["copy_gbps"] else "bytes")
             rows.append(row)
             print(f"{op:26s} {label:26s} op {row['op_s'] * 1e3:9.2f} ms  plain "
                   f"{row['plain_s'] * 1e3:9.2f} ms  speed {row['speed']:5.2f}x  "
-                  f"{row['gflops']:7.1f} GFLOP/s {row['gbps']:6.1f} GB/s", flush=True)
+                  f"{row['gflops']:7.1f} GFLOP/s {row['gbps']:6.1f} GB/s"
+                  + (f"  {100 * row['of_roofline']:5.1f}% of roofline ({row['bound_by']})"
+                     if rates else ""), flush=True)
     return rows
 
 
@@ -248,19 +260,26 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default=None, help="comma-separated public ops (default: all)")
     p.add_argument("--shapes", default=None, help="comma-separated shape labels (default: all)")
     p.add_argument("--json", default=None)
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="use the cached calibration instead of measuring it at the start")
     a = p.parse_args(argv)
     shapes = EMBEDDED + [s for s in SEVEN_B if not (a.quick and s[1] > 400)]
     if a.shapes:
         shapes = [s for s in shapes if s[0] in a.shapes.split(",")]
     ops = a.ops.split(",") if a.ops else None
     result = {"machine": machine_description(), "command": " ".join(sys.argv),
-              "backend": os.environ.get(_backends.ENV_VAR, "auto"),
-              "calibration": calibration.describe(torch.device("cpu"))}
+              "backend": os.environ.get(_backends.ENV_VAR, "auto")}
     result["rates"] = machine_rates(a.rounds)
     print(f"machine: {result['machine']}\ncopy {result['rates']['copy_gbps']:.1f} GB/s, "
           f"float32 GEMM {result['rates']['gemm_gflops']:.1f} GFLOP/s", flush=True)
-    result["ops"] = run_ops(shapes, a.rounds, ops)
+    if not a.no_calibrate and calibration.mode() != "off":
+        # measured now, so that the load it saw is the load of the rounds below
+        start = time.perf_counter()
+        calibration.calibrate(torch.device("cpu"))
+        print(f"calibrated in {time.perf_counter() - start:.1f} s", flush=True)
+    result["calibration"] = calibration.describe(torch.device("cpu"))
     result["backends"] = run_backends(shapes, a.rounds) if not ops or "spd_solve" in ops else []
+    result["ops"] = run_ops(shapes, a.rounds, ops, result["rates"])
     result["paper"] = run_paper(a.rounds) if not ops or "param_shift" in ops else None
     slow = [f"{r['op']}@{r['shape']} {r['speed']:.2f}x" for r in result["ops"] if r["speed"] < 1.0]
     disagree = [f"{r['op']}@{r['shape']}" for r in result["backends"] if not r["agrees"]]
