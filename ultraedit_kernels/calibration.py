@@ -20,8 +20,8 @@ one file per machine key (CPU model and count, torch threads, torch / Triton ver
 extension's build, the GPU name).  ``ULTRAEDIT_CALIBRATION`` chooses:
 
 ``auto`` (default)
-    use the cache; calibrate an op on a device the first time ``auto`` needs a decision for it
-    (a few seconds, logged), then cache it;
+    use the cache; calibrate an op's shape class on a device the first time ``auto`` needs a
+    decision for it (about a second on an idle 2-core CPU, logged), then cache it;
 ``off``
     no measurement: ``auto`` uses the PyTorch reference everywhere (force a backend with
     ``ULTRAEDIT_BACKEND``);
@@ -59,10 +59,12 @@ AGREE_RTOL = 1e-3   # a backend whose result differs more than this from the ref
 
 # op -> class -> (axis names, grid values per axis).  Classes split what interpolates badly
 # (one system vs a batch solved one system per thread).
+# The grids stay small (about 1 s of measuring per class on the 2-core CPU machine when idle):
+# beyond the grid the ratio of the nearest edge is used.
 GRIDS: Dict[str, Dict[str, Tuple[Tuple[str, ...], Tuple[Tuple[int, ...], ...]]]] = {
     "spd_solve": {
-        "single": (("n", "k"), ((16, 64, 256, 1024, 2048), (256, 2048))),
-        "batched": (("n", "k"), ((16, 64, 256), (256, 2048))),
+        "single": (("n", "k"), ((16, 64, 256, 1024), (256, 1024))),
+        "batched": (("n", "k"), ((16, 64, 256), (256, 1024))),
     },
     "gram": {"rows": (("m", "r"), ((64, 512, 2048), (512, 8192)))},
     "pseudo_values": {"all": (("n", "d"), ((64, 512, 4096), (2048, 16384)))},
@@ -296,10 +298,13 @@ def measure_point(op: str, cls: str, point: Sequence[int], device: torch.device,
 
 
 def calibrate_op(op: str, device: torch.device, backends: Sequence[str],
-                 rounds: int = ROUNDS) -> Dict[str, List[dict]]:
-    """Measure ``op`` on its whole grid; returns ``{class: [point results]}``."""
+                 rounds: int = ROUNDS, classes: Optional[Sequence[str]] = None
+                 ) -> Dict[str, List[dict]]:
+    """Measure ``op`` on the grids of ``classes`` (all by default); ``{class: [points]}``."""
     result = {}
     for cls, (_axes, values) in GRIDS[op].items():
+        if classes is not None and cls not in classes:
+            continue
         points = [()]
         for axis in values:
             points = [p + (v,) for p in points for v in axis]
@@ -314,8 +319,10 @@ def _candidates(op: str, device: torch.device) -> List[str]:
 
 
 def calibrate(device: torch.device, ops: Optional[Sequence[str]] = None,
-              rounds: int = ROUNDS, save: bool = True) -> dict:
-    """Measure every graded op that has a native backend on ``device``; cache and return it."""
+              rounds: int = ROUNDS, save: bool = True,
+              classes: Optional[Sequence[str]] = None) -> dict:
+    """Measure every graded op that has a native backend on ``device`` (or ``ops``, and of
+    those only the shape ``classes`` given); cache and return the calibration."""
     from . import _backends
     device = torch.device(device)
     data = _loaded.get(device.type) or _read(cache_path(device)) or {
@@ -325,8 +332,12 @@ def calibrate(device: torch.device, ops: Optional[Sequence[str]] = None,
         if not names:
             continue
         start = time.perf_counter()
-        data["ops"][op] = {"backends": names, "grid": calibrate_op(op, device, names, rounds)}
-        data["ops"][op]["calibration_s"] = round(time.perf_counter() - start, 2)
+        entry = data["ops"].get(op)
+        if entry is None or classes is None or entry.get("backends") != names:
+            entry = data["ops"][op] = {"backends": names, "grid": {}, "calibration_s": 0.0}
+        entry["grid"].update(calibrate_op(op, device, names, rounds, classes))
+        entry["calibration_s"] = round(entry.get("calibration_s", 0.0)
+                                       + time.perf_counter() - start, 2)
         data["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     _loaded[device.type] = data
     _refreshed.add(device.type)
@@ -400,12 +411,15 @@ def choose(op: str, device: torch.device, candidates: Sequence[str], args: Seque
     memo_key = (op, device.type, feat, tuple(candidates), id(data))
     if data is not None and memo_key in _decisions:
         return _decisions[memo_key]
-    if data is None or op not in data.get("ops", {}):
+    cls = feat[0] if feat is not None else None
+    measured = data is not None and cls in data.get("ops", {}).get(op, {}).get("grid", {})
+    if not measured:
         if mode() not in ("auto", "refresh", ""):
-            return "torch"   # a fixture without this op: the reference
-        _log.info("calibrating %s on %s for ULTRAEDIT_BACKEND=auto (once per machine; "
-                  "%s=off disables)", op, device.type, ENV_VAR)
-        data = calibrate(device, [op])
+            return "torch"   # a fixture without this op or class: the reference
+        # only the class this call needs (about a second on the 2-core CPU machine when idle)
+        _log.info("calibrating %s (%s) on %s for ULTRAEDIT_BACKEND=auto (once per machine; "
+                  "%s=off disables)", op, cls, device.type, ENV_VAR)
+        data = calibrate(device, [op], classes=[cls] if cls else None)
     best, best_ratio = "torch", 1.0 - MARGIN
     for b in candidates:
         ratio = predicted_ratio(data, op, b, args)
