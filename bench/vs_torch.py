@@ -260,9 +260,15 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default=None, help="comma-separated public ops (default: all)")
     p.add_argument("--shapes", default=None, help="comma-separated shape labels (default: all)")
     p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's); on a 2-core machine shared "
+                        "with other jobs, 1 thread avoids OpenMP barrier stalls that dominate "
+                        "2-thread timings")
     p.add_argument("--no-calibrate", action="store_true",
                    help="use the cached calibration instead of measuring it at the start")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)   # before the calibration: its cache key holds it
     shapes = EMBEDDED + [s for s in SEVEN_B if not (a.quick and s[1] > 400)]
     if a.shapes:
         shapes = [s for s in shapes if s[0] in a.shapes.split(",")]
