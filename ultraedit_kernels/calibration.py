@@ -59,11 +59,12 @@ AGREE_RTOL = 1e-3   # a backend whose result differs more than this from the ref
 
 # op -> class -> (axis names, grid values per axis).  Classes split what interpolates badly
 # (one system vs a batch solved one system per thread).
-# The grids stay small (about 1 s of measuring per class on the 2-core CPU machine when idle):
-# beyond the grid the ratio of the nearest edge is used.
+# The grids stay small (1-2 s of measuring per class on the 2-core CPU machine when idle);
+# beyond the grid the ratio of the nearest edge is used.  The host Cholesky's ratio changes
+# fastest between n = 256 and 1024 (a 4x step there mispredicted n = 400 by 15%): 512 too.
 GRIDS: Dict[str, Dict[str, Tuple[Tuple[str, ...], Tuple[Tuple[int, ...], ...]]]] = {
     "spd_solve": {
-        "single": (("n", "k"), ((16, 64, 256, 1024), (256, 1024))),
+        "single": (("n", "k"), ((16, 64, 256, 512, 1024), (256, 1024, 4096))),
         "batched": (("n", "k"), ((16, 64, 256), (256, 1024))),
     },
     "gram": {"rows": (("m", "r"), ((64, 512, 2048), (512, 8192)))},

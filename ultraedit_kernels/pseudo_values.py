@@ -28,20 +28,39 @@ from .running_stats import EPS, FrozenStats, RunningStats
 OP = "pseudo_values"
 
 
+_normalizer_cache: list = [None]   # [((mean, std, versions, d_in, dtype, lr, eps), vectors)]
+
+
+def _normalizer(mean, std, d_in: int, dtype, lr: float, eps: float):
+    """``(shift_k, scale_k, shift_g, -lr * scale_g)`` in the compute dtype.
+
+    Four small kernels, the same for every call of a turn (the statistics' mean and std are
+    the same tensors until the next update), so the last result is kept; the cache holds the
+    tensors themselves (their ids cannot be reused while cached) and their version counters.
+    """
+    key = (mean, std, mean._version, std._version, d_in, dtype, lr, eps)
+    cached = _normalizer_cache[0]
+    if cached is not None and len(cached[0]) == len(key) and all(
+            a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(cached[0], key)):
+        return cached[1]
+    inv_scale = (1.0 / (std + eps)).to(dtype)
+    shift = mean.to(dtype)
+    vectors = (shift[:d_in], inv_scale[:d_in], shift[d_in:], inv_scale[d_in:] * -lr)
+    _normalizer_cache[0] = (key, vectors)
+    return vectors
+
+
 def pseudo_values_reference(keys, values_grad, mean, std, lr: float, eps: float):
     """Pure-PyTorch implementation (CPU path); never builds the concatenated z.
 
     Each input is read once: the subtraction promotes it to the compute dtype as it goes (no
-    separate cast), everything after it works in place on that one temporary.
+    separate cast), everything after it works in place on that one temporary; ``-lr`` rides
+    on the gradients' scale.
     """
-    d_in = keys.shape[1]
-    dtype = compute_dtype(keys, values_grad)
-    inv_scale = (1.0 / (std + eps)).to(dtype)
-    shift = mean.to(dtype)
-    k_hat = torch.sub(keys, shift[:d_in]).mul_(inv_scale[:d_in])
-    coeff = k_hat.square_().sum(1, keepdim=True).mul_(-lr)
-    g_hat = torch.sub(values_grad, shift[d_in:]).mul_(inv_scale[d_in:])
-    return g_hat.mul_(coeff)
+    shift_k, scale_k, shift_g, scale_g = _normalizer(
+        mean, std, keys.shape[1], compute_dtype(keys, values_grad), float(lr), float(eps))
+    coeff = torch.sub(keys, shift_k).mul_(scale_k).square_().sum(1, keepdim=True)
+    return torch.sub(values_grad, shift_g).mul_(scale_g).mul_(coeff)
 
 
 def _pseudo_values_body(keys, values_grad, mean, std, lr, eps):
