@@ -55,6 +55,7 @@ def test_choose_follows_the_measurement(fixture_grid):
     assert choose("spd_solve", CPU, ["cpp"], _system(64, 300)) == "cpp"
     assert choose("spd_solve", CPU, ["cpp"], _system(16, 300)) == "cpp"      # clamped to the grid
     assert choose("spd_solve", CPU, ["cpp"], _system(1024, 300)) == "torch"
+    assert choose("spd_solve", CPU, ["cpp"], _system(64, 9000)) == "cpp"      # k: clamped
     assert choose("spd_solve", CPU, ["cpp"], _system(4000, 9000)) == "torch"
     # log-log interpolation between ratio 0.5 at n = 64 and 1.5 at n = 1024: at n = 256 (half
     # way in log n) the geometric mean 0.87, at n = 512 (three quarters) 0.5^0.25 * 1.5^0.75
@@ -65,6 +66,19 @@ def test_choose_follows_the_measurement(fixture_grid):
         pytest.approx(0.5 ** 0.25 * 1.5 ** 0.75)
     assert choose("spd_solve", CPU, ["cpp"], _system(256, 512)) == "cpp"
     assert choose("spd_solve", CPU, ["cpp"], _system(512, 512)) == "torch"
+
+
+def test_no_extrapolation_past_the_largest_system(tmp_path, monkeypatch):
+    """Past the largest n measured, the host Cholesky is not assumed to keep its ratio."""
+    monkeypatch.setitem(calibration.GRIDS, "spd_solve",
+                        {"single": (("n", "k"), ((64, 256), (256,)))})
+    monkeypatch.setenv(calibration.ENV_VAR, _fixture(tmp_path, {(64, 256): 0.5, (256, 256): 0.5}))
+    calibration.reset()
+    try:
+        assert calibration.choose("spd_solve", CPU, ["cpp"], _system(256, 256)) == "cpp"
+        assert calibration.choose("spd_solve", CPU, ["cpp"], _system(300, 256)) == "torch"
+    finally:
+        calibration.reset()
 
 
 def test_unmeasured_class_or_op_uses_the_reference(fixture_grid):
