@@ -68,3 +68,10 @@ def assert_within(x: torch.Tensor, ref: torch.Tensor, kind: str, dtype: torch.dt
     assert err <= bound(kind, dtype, plain_err), (
         f"{kind}/{dtype}: error {err:.3e} > {FACTOR} x plain {plain_err:.3e} + "
         f"{TOLERANCES[kind][dtype]:.1e}")
+
+
+# The same entries under the names of the earlier per-kind tables (views, not other values).
+ELEMENTWISE = TOLERANCES["pseudo_values"]
+APPLY = TOLERANCES["apply"]
+SOLVE = {"dual": TOLERANCES["dual"][F32], "primal": TOLERANCES["primal"][F32],
+         "float64": TOLERANCES["dual"][F64]}
