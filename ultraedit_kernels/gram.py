@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import _backends
+from ._validation import check_float_matrix, check_ridge
 
 OP = "gram"
 
@@ -54,7 +55,6 @@ _backends.register_impl(OP, "torch", gram_reference)
 
 def gram(x: torch.Tensor, ridge: float = 1.0, rows: bool = True) -> torch.Tensor:
     """``K Kᵀ + λI`` (``rows=True``) or ``Kᵀ K + λI`` (``rows=False``); see the module docstring."""
-    from ._validation import check_float_matrix, check_ridge
     check_float_matrix("x", x)
     check_ridge(ridge)
     return gram_call(x, float(ridge), bool(rows))
