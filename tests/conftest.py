@@ -11,6 +11,9 @@ import pytest as _ue_pytest
 _ue_os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # the preserved-key cache stays off unless a test points it at its own folder
 _ue_os.environ.setdefault("ULTRAEDIT_PRESERVED_CACHE", "off")
+# Backend: the tests never measure the machine; `auto` uses the PyTorch reference unless a
+# test loads a calibration fixture (tests/test_calibration.py) or forces a backend.
+_ue_os.environ.setdefault("ULTRAEDIT_CALIBRATION", "off")
 _UE_ROOT = _ue_os.path.dirname(_ue_os.path.dirname(_ue_os.path.abspath(__file__)))
 for _ue_p in (_UE_ROOT, _ue_os.path.join(_UE_ROOT, "python")):
     if _ue_p not in _ue_sys.path:

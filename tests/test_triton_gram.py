@@ -4,8 +4,8 @@ import torch
 
 import ultraedit_kernels as uk
 from ultraedit_kernels import _backends
-from tolerances import rel_err
-from triton_testing import (DEVICE, DTYPES, GRAM_FACTOR, TOLERANCES, odd_features,
+from tolerances import bound, rel_err
+from triton_testing import (DEVICE, DTYPES, odd_features,
                             requires_kernels, use_backend)
 
 pytestmark = requires_kernels
@@ -40,8 +40,8 @@ def test_matches_fp64_as_well_as_torch(shape, dtype, rows):
     ref, torch32 = _references(keys, 0.7, rows)
     m = shape[0] if rows else shape[1]
     assert got.dtype == torch.float32 and got.shape == (m, m)
-    bound = GRAM_FACTOR * rel_err(torch32, ref) + TOLERANCES["gram_floor"][dtype]
-    assert rel_err(got.cpu(), ref) <= bound
+    limit = bound("gram", dtype, rel_err(torch32, ref))
+    assert rel_err(got.cpu(), ref) <= limit
     assert torch.equal(got, got.T)   # both triangles filled, symmetric by construction
 
 
@@ -50,16 +50,16 @@ def test_large_configuration():
     assert _mod().choose_config(1030) == "large"
     got = _mod().gram_triton(keys, 1.0, True)
     ref, torch32 = _references(keys, 1.0, True)
-    bound = GRAM_FACTOR * rel_err(torch32, ref) + TOLERANCES["gram_floor"][torch.bfloat16]
-    assert rel_err(got.cpu(), ref) <= bound
+    limit = bound("gram", torch.bfloat16, rel_err(torch32, ref))
+    assert rel_err(got.cpu(), ref) <= limit
 
 
 def test_strided_input_and_float64():
     keys, _ = odd_features(40, 9, 1, seed=2)
     view = keys.T.contiguous().T     # column-major: the kernel reads it through strides
     ref, torch32 = _references(keys, 2.0, True)
-    bound = GRAM_FACTOR * rel_err(torch32, ref) + TOLERANCES["gram_floor"][torch.float32]
-    assert rel_err(_mod().gram_triton(view, 2.0, True).cpu(), ref) <= bound
+    limit = bound("gram", torch.float32, rel_err(torch32, ref))
+    assert rel_err(_mod().gram_triton(view, 2.0, True).cpu(), ref) <= limit
     k64 = keys.double()
     reference = _backends.implementations("gram")["torch"].fn
     torch.testing.assert_close(_mod().gram_triton(k64, 2.0, False), reference(k64, 2.0, False))

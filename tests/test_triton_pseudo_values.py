@@ -5,8 +5,8 @@ import torch
 import ultraedit_kernels as uk
 from ultraedit_kernels import _backends
 from fp64_reference import pseudo_values_fp64
-from tolerances import rel_err
-from triton_testing import DEVICE, DTYPES, TOLERANCES, odd_features, requires_kernels, use_backend
+from tolerances import TOLERANCES, rel_err
+from triton_testing import DEVICE, DTYPES, odd_features, requires_kernels, use_backend
 
 pytestmark = requires_kernels
 

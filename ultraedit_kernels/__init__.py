@@ -10,10 +10,12 @@ Public API (plain tensors in, plain tensors out; no transformers dependency)::
     apply_shift_(weight_or_module, keys, A, layout=None)              in place
     gram(x, ridge, rows=True), spd_solve(a, b)                        building blocks
 
-Backends are chosen with ``ULTRAEDIT_BACKEND`` (auto | torch | triton | cuda | cpp);
-``python -m ultraedit_kernels.info`` prints what is built and where each op dispatches.
-Importing this package never initializes CUDA and never fails because an optional
-backend (Triton, the compiled extension) is missing.
+Backends are chosen with ``ULTRAEDIT_BACKEND`` (auto | torch | triton | cuda | cpp); ``auto``
+uses a native implementation only where this machine's calibration measured it faster than
+the PyTorch reference (``ULTRAEDIT_CALIBRATION``, see :mod:`.calibration`).
+``python -m ultraedit_kernels.info`` prints what is built, where each op dispatches and the
+calibration.  Importing this package never initializes CUDA, never calibrates, and never
+fails because an optional backend (Triton, the compiled extension) is missing.
 """
 from __future__ import annotations
 

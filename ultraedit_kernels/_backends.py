@@ -5,7 +5,9 @@ Every op keeps its implementations in its own file and registers them here with
 ``ULTRAEDIT_BACKEND`` (read at call time, so it can change inside a process):
 
 ``auto`` (default)
-    the fastest available implementation for the op and the tensors' device; never fails.
+    the implementation measured fastest for the op, the tensors' device and the call's shape
+    class on this machine (:mod:`.calibration`), the PyTorch reference wherever no native
+    implementation measured faster; never fails.
 ``torch``
     the pure-PyTorch reference everywhere.
 ``triton`` / ``cuda`` / ``cpp``
@@ -30,9 +32,9 @@ class Impl:
 
     ``available(device)`` returns ``None`` when the implementation can run on ``device``
     (a ``torch.device``), or a sentence saying why not and how to fix it.
-    ``auto_priority`` orders the candidates of ``auto`` (higher first); a negative
-    priority keeps the implementation out of ``auto`` entirely.
-    ``auto_ok(*args)`` may veto ``auto`` for a particular call (e.g. shapes where it is slower).
+    A negative ``auto_priority`` keeps the implementation out of ``auto`` entirely; otherwise
+    ``auto`` considers it when ``auto_ok(*args)`` (if given) accepts the call (hard limits such
+    as dtypes or the Triton interpreter) and uses it where the calibration measured it faster.
     """
 
     backend: str
@@ -108,20 +110,21 @@ def select(op: str, device: torch.device, *args) -> Tuple[str, Callable]:
             # the reference computes it.
             return "torch", impls["torch"].fn
         return name, impl.fn
-    candidates = sorted(
-        (i for i in impls.values() if i.auto_priority >= 0 and i.backend != "torch"),
-        key=lambda i: -i.auto_priority)
-    for impl in candidates:
-        if impl.available(device) is None and (impl.auto_ok is None or impl.auto_ok(*args)):
-            return impl.backend, impl.fn
-    return "torch", impls["torch"].fn
+    candidates = [i.backend for i in impls.values()
+                  if i.backend != "torch" and i.auto_priority >= 0 and i.available(device) is None
+                  and (i.auto_ok is None or i.auto_ok(*args))]
+    if not candidates:
+        return "torch", impls["torch"].fn
+    from . import calibration   # imported here: importing the package never calibrates
+    chosen = calibration.choose(op, device, candidates, args)
+    return chosen, impls[chosen].fn
 
 
 def dispatch_table(device: torch.device) -> Dict[str, str]:
-    """Which backend each op dispatches to on ``device`` right now.
+    """Which backend each op dispatches to on ``device`` right now (never calibrates).
 
-    Under ``auto``, an implementation that is only chosen for some shapes (it has an
-    ``auto_ok`` veto) is shown as ``"<backend> by shape, else <fallback>"``.
+    Under ``auto``, an op with native implementations available is shown as
+    ``"<backends> where calibrated faster, else torch"``.
     """
     table = {}
     for op in registered_ops():
@@ -129,18 +132,28 @@ def dispatch_table(device: torch.device) -> Dict[str, str]:
             if requested_backend() != "auto":
                 table[op] = select(op, device)[0]
                 continue
-            ranked = sorted((i for i in _REGISTRY[op].values()
-                             if i.auto_priority >= 0 and i.backend != "torch"
-                             and i.available(device) is None), key=lambda i: -i.auto_priority)
-            shaped = []
-            for impl in ranked:
-                if impl.auto_ok is None:
-                    break
-                shaped.append(impl.backend)
-            else:
-                impl = None
-            chosen = impl.backend if impl is not None else "torch"
-            table[op] = (f"{' / '.join(shaped)} by shape, else {chosen}" if shaped else chosen)
+            native = [i.backend for i in _REGISTRY[op].values()
+                      if i.backend != "torch" and i.auto_priority >= 0
+                      and i.available(device) is None]
+            table[op] = (f"{' / '.join(native)} where calibrated faster, else torch"
+                         if native else "torch")
         except (RuntimeError, ValueError) as err:
             table[op] = f"error: {err}"
     return table
+
+
+def eager(op, body: Callable) -> Callable:
+    """A caller of ``op`` (a ``torch.library`` custom op) that skips its dispatcher in eager mode.
+
+    The custom op costs ~20 µs per call on top of its body (measured on the 2-core CPU machine),
+    which the small ops of a turn pay several times; in eager mode the returned function calls
+    ``body`` (the op's backend selection and kernel) directly, and while ``torch.compile`` traces
+    it calls ``op`` so the graph sees the registered op and its fake.
+    """
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return body(*args)
+    call.__name__ = getattr(body, "__name__", "call")
+    call.__doc__ = body.__doc__
+    return call

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import _backends
+from ._validation import check_float_matrix, check_ridge
 
 OP = "gram"
 
@@ -30,10 +31,17 @@ def gram_reference(x: torch.Tensor, ridge: float, rows: bool) -> torch.Tensor:
     return g
 
 
+def _gram_body(x, ridge, rows):
+    _, fn = _backends.select(OP, x.device, x, ridge, rows)
+    return fn(x, ridge, rows)
+
+
 @torch.library.custom_op("ultraedit::gram", mutates_args=())
 def gram_op(x: torch.Tensor, ridge: float, rows: bool) -> torch.Tensor:
-    _, fn = _backends.select(OP, x.device, x)
-    return fn(x, ridge, rows)
+    return _gram_body(x, ridge, rows)
+
+
+gram_call = _backends.eager(gram_op, _gram_body)
 
 
 @gram_op.register_fake
@@ -47,7 +55,6 @@ _backends.register_impl(OP, "torch", gram_reference)
 
 def gram(x: torch.Tensor, ridge: float = 1.0, rows: bool = True) -> torch.Tensor:
     """``K Kᵀ + λI`` (``rows=True``) or ``Kᵀ K + λI`` (``rows=False``); see the module docstring."""
-    from ._validation import check_float_matrix, check_ridge
     check_float_matrix("x", x)
     check_ridge(ridge)
-    return gram_op(x, float(ridge), bool(rows))
+    return gram_call(x, float(ridge), bool(rows))

@@ -1,4 +1,5 @@
-"""``python -m ultraedit_kernels.info [--json]``: what is built and where each op dispatches.
+"""``python -m ultraedit_kernels.info [--json] [--calibrate]``: what is built, where each op
+dispatches, and the dispatch calibration of this machine (``--calibrate`` measures it again).
 
 Never initializes CUDA unless a CUDA device is already usable (``torch.cuda.is_available()``
 only queries the driver).
@@ -15,7 +16,7 @@ from typing import Any, Dict
 
 import torch
 
-from . import __version__, _backends, _extension, _optional_backends
+from . import __version__, _backends, _extension, _optional_backends, calibration
 
 
 def _triton_version():
@@ -60,6 +61,7 @@ def collect() -> Dict[str, Any]:
         "requested_backend": requested,
         "backends": backends,
         "dispatch": dispatch,
+        "calibration": {dev: calibration.describe(torch.device(dev)) for dev in devices},
     }
 
 
@@ -85,12 +87,32 @@ def _print_text(info: Dict[str, Any]) -> None:
     for dev, table in info["dispatch"].items():
         for op, backend in table.items():
             print(f"  {dev:5s} {op:14s} -> {backend}")
+    for dev, cal in info["calibration"].items():
+        print(f"calibration ({dev}): {calibration.ENV_VAR}={cal['mode']}"
+              + (f", {cal['file']}" if cal.get("file") else ""))
+        if cal.get("status"):
+            print(f"  {cal['status']}")
+        for op, entry in cal.get("ops", {}).items():
+            print(f"  {op} (measured in {entry['calibration_s']} s; time / torch, "
+                  f"chosen below {1 - cal['margin']:.2f}):")
+            for cls, rows in entry["grid"].items():
+                cells = "  ".join(
+                    ",".join(f"{k}={v}" for k, v in r["point"].items()) + ": "
+                    + " ".join(f"{b} {x:.2f}" for b, x in r["vs_torch"].items())
+                    for r in rows)
+                print(f"    {cls:8s} {cells}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ultraedit_kernels.info", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="measure the dispatch calibration again first (a few seconds per "
+                             "device) and cache it")
     args = parser.parse_args(argv)
+    if args.calibrate:
+        for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+            calibration.calibrate(torch.device(dev))
     info = collect()
     if args.json:
         json.dump(info, sys.stdout, indent=2)

@@ -6,8 +6,9 @@ Formula (``z = [k ; g]``, running ``mean`` / ``std`` of z, ``eps`` = float32 mac
     ĝ = (g - mean[d_in:]) / (std[d_in:] + eps)
     v = -lr · ||k̂||² · ĝ
 
-Shapes: ``keys`` (N, d_in), ``values_grad`` (N, d_out), any float dtype (computed in float32);
-``mean``, ``std`` (d_in + d_out,) float64.  Returns ``V`` (N, d_out) float32.
+Shapes: ``keys`` (N, d_in), ``values_grad`` (N, d_out), any float dtype; ``mean``, ``std``
+(d_in + d_out,) float64.  Returns ``V`` (N, d_out), computed and returned in float32, or in
+float64 when ``keys`` or ``values_grad`` is float64.
 
 Equivalent PyTorch::
 
@@ -21,33 +22,64 @@ from __future__ import annotations
 import torch
 
 from . import _backends
-from ._validation import check_keys_grads
+from ._validation import all_finite, check_keys_grads, check_lr, compute_dtype
 from .running_stats import EPS, FrozenStats, RunningStats
 
 OP = "pseudo_values"
 
 
+_normalizer_cache: list = [None]   # [((mean, std, versions, d_in, dtype, lr, eps), vectors)]
+
+
+def _normalizer(mean, std, d_in: int, dtype, lr: float, eps: float):
+    """``(shift_k, scale_k, shift_g, -lr * scale_g)`` in the compute dtype.
+
+    Four small kernels, the same for every call of a turn (the statistics' mean and std are
+    the same tensors until the next update), so the last result is kept; the cache holds the
+    tensors themselves (their ids cannot be reused while cached) and their version counters.
+    """
+    key = (mean, std, mean._version, std._version, d_in, dtype, lr, eps)
+    cached = _normalizer_cache[0]
+    if cached is not None and len(cached[0]) == len(key) and all(
+            a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(cached[0], key)):
+        return cached[1]
+    inv_scale = (1.0 / (std + eps)).to(dtype)
+    shift = mean.to(dtype)
+    vectors = (shift[:d_in], inv_scale[:d_in], shift[d_in:], inv_scale[d_in:] * -lr)
+    _normalizer_cache[0] = (key, vectors)
+    return vectors
+
+
 def pseudo_values_reference(keys, values_grad, mean, std, lr: float, eps: float):
-    """Pure-PyTorch float32 implementation (CPU path); never builds the concatenated z."""
-    d_in = keys.shape[1]
-    inv_scale = (1.0 / (std + eps)).float()
-    shift = mean.float()
-    k_hat = (keys.float() - shift[:d_in]).mul_(inv_scale[:d_in])
-    coeff = k_hat.square_().sum(1, keepdim=True).mul_(-lr)
-    g_hat = (values_grad.float() - shift[d_in:]).mul_(inv_scale[d_in:])
-    return g_hat.mul_(coeff)
+    """Pure-PyTorch implementation (CPU path); never builds the concatenated z.
+
+    Each input is read once: the subtraction promotes it to the compute dtype as it goes (no
+    separate cast), everything after it works in place on that one temporary; ``-lr`` rides
+    on the gradients' scale.
+    """
+    shift_k, scale_k, shift_g, scale_g = _normalizer(
+        mean, std, keys.shape[1], compute_dtype(keys, values_grad), float(lr), float(eps))
+    coeff = torch.sub(keys, shift_k).mul_(scale_k).square_().sum(1, keepdim=True)
+    return torch.sub(values_grad, shift_g).mul_(scale_g).mul_(coeff)
+
+
+def _pseudo_values_body(keys, values_grad, mean, std, lr, eps):
+    _, fn = _backends.select(OP, keys.device, keys, values_grad)
+    return fn(keys, values_grad, mean, std, lr, eps)
 
 
 @torch.library.custom_op("ultraedit::pseudo_values", mutates_args=())
 def pseudo_values_op(keys: torch.Tensor, values_grad: torch.Tensor, mean: torch.Tensor,
                      std: torch.Tensor, lr: float, eps: float) -> torch.Tensor:
-    _, fn = _backends.select(OP, keys.device, keys, values_grad)
-    return fn(keys, values_grad, mean, std, lr, eps)
+    return _pseudo_values_body(keys, values_grad, mean, std, lr, eps)
+
+
+pseudo_values_call = _backends.eager(pseudo_values_op, _pseudo_values_body)
 
 
 @pseudo_values_op.register_fake
 def _(keys, values_grad, mean, std, lr, eps):
-    return values_grad.new_empty(values_grad.shape, dtype=torch.float32)
+    return values_grad.new_empty(values_grad.shape, dtype=compute_dtype(keys, values_grad))
 
 
 _backends.register_impl(OP, "torch", pseudo_values_reference)
@@ -70,7 +102,7 @@ def check_stats_for(keys: torch.Tensor, values_grad: torch.Tensor, stats) -> Non
         return
     if stats.count == 0:
         raise ValueError("stats are empty: update them with torch.cat([keys, values_grad], 1) first")
-    if not bool(torch.isfinite(stats.m2).all()):
+    if not stats.m2_is_finite():
         raise ValueError(
             "stats hold NaN/Inf (compat='official' reproduces the reference code, whose M2 "
             "update is NaN after a one-row block); use compat='fixed' or larger blocks")
@@ -78,10 +110,31 @@ def check_stats_for(keys: torch.Tensor, values_grad: torch.Tensor, stats) -> Non
 
 def pseudo_values(keys: torch.Tensor, values_grad: torch.Tensor, stats,
                   lr: float = 1e-6) -> torch.Tensor:
-    """UltraEdit pseudo-values ``V`` (N x d_out, float32); see the module docstring.
+    """UltraEdit pseudo-values ``V`` (N x d_out, float32; float64 for float64 inputs); see the
+    module docstring.
 
     ``stats`` must already include this turn's rows (the paper updates before normalizing).
+    Raises ``ValueError`` for NaN/Inf in the inputs or a result that overflows.
     """
-    check_keys_grads(keys, values_grad)
+    check_keys_grads(keys, values_grad, finite=False)
     check_stats_for(keys, values_grad, stats)
-    return pseudo_values_op(keys, values_grad, stats.mean, stats.std, float(lr), EPS)
+    check_lr(lr)
+    values = pseudo_values_call(keys, values_grad, stats.mean, stats.std, float(lr), EPS)
+    check_result("pseudo_values", values, keys, values_grad)
+    return values
+
+
+def check_result(what: str, result: torch.Tensor, keys: torch.Tensor,
+                 values_grad: torch.Tensor) -> None:
+    """Raise if ``result`` holds NaN/Inf, naming the input that caused it.
+
+    Every value of V depends on a whole row of K (through ``||k̂||²``) and on one element of G,
+    and NaN/Inf propagate through every later step, so one pass over the result checks the
+    inputs too; they are inspected only to word the error.
+    """
+    if all_finite(result):
+        return
+    check_keys_grads(keys, values_grad, finite=True)
+    raise ValueError(f"{what}: the result overflows (NaN/Inf) although keys and values_grad are "
+                     f"finite; lr is too large for these features or the statistics are "
+                     f"degenerate")

@@ -1,12 +1,13 @@
 """Lifelong running statistics of the features ``z = [k ; g]`` (UltraEdit's normalizer)."""
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional
 
 import torch
 
 from ._validation import check_finite, check_float_matrix
-from .stats_update import stats_update_op
+from .stats_update import stats_update_call
 
 COMPAT_MODES = ("fixed", "official")
 EPS = float(torch.finfo(torch.float32).eps)  # the paper's eps (float32 machine epsilon)
@@ -54,17 +55,34 @@ class RunningStats:
             raise ValueError(
                 f"x has {x.shape[1]} columns but these statistics track dim={self.dim} "
                 f"(d_in + d_out of the module)")
-        if check_finite_values:
-            check_finite("x", x)
         if x.device != self._mean.device:
             if self.count == 0:
                 self.to(x.device)
             else:
                 raise ValueError(
                     f"x is on {x.device} but the statistics live on {self._mean.device}")
-        self._count, self._mean, self._m2 = stats_update_op(
+        count, mean, m2 = stats_update_call(
             x, self._count, self._mean, self._m2, self.compat == "official")
+        if check_finite_values:
+            self._check_merged(mean, m2, x.shape[0], x=x)
+        self._count, self._mean, self._m2 = count, mean, m2
         return self
+
+    def _check_merged(self, mean: torch.Tensor, m2: torch.Tensor, rows: int, **inputs) -> None:
+        """Raise (state untouched) if the merged statistics are not finite.
+
+        NaN/Inf anywhere in the block reach its column's mean (and M2), so checking the two
+        ``dim``-long results replaces a pass over the block; the block is inspected only to
+        word the error.  ``compat="official"`` keeps the reference code's NaN M2 after a one-row
+        block (pseudo-values then refuse those statistics).
+        """
+        official_nan = self.compat == "official" and rows == 1
+        if bool(torch.isfinite(mean).all()) and (official_nan or bool(torch.isfinite(m2).all())):
+            return
+        for name, t in inputs.items():
+            check_finite(name, t)
+        raise ValueError(f"the statistics overflow with this block (its values are finite but "
+                         f"too large for float64 sums of squares); it was not merged")
 
     def update_pair(self, keys: torch.Tensor, values_grad: torch.Tensor, *,
                     check_finite_values: bool = True) -> "RunningStats":
@@ -97,14 +115,35 @@ class RunningStats:
     @property
     def var(self) -> torch.Tensor:
         """Unbiased variance (float64); official mode: ``M2 / (count - 1 + eps)``."""
-        if self.compat == "official":
-            return self._m2 / (self._count - 1 + EPS)
-        denom = (self._count - 1).clamp_min(1.0)
-        return torch.where(self._count > 1, self._m2 / denom, torch.zeros_like(self._m2))
+        return self._derived()[0]
 
     @property
     def std(self) -> torch.Tensor:
-        return self.var.sqrt()
+        return self._derived()[1]
+
+    def m2_is_finite(self) -> bool:
+        """Whether M2 holds no NaN/Inf (False after a one-row block in compat="official")."""
+        return self._derived()[2]
+
+    def _derived(self):
+        """``(var, std, m2 finite)``, computed once per state: every op of a turn reads the std,
+        and recomputing it (five small kernels and a host sync) cost more than the pseudo-values
+        of a small module.  Keyed on the state tensors and their version counters, so a new
+        state or an in-place change recomputes it."""
+        key = tuple((id(t), t._version) for t in (self._count, self._mean, self._m2))
+        cached = getattr(self, "_cache", None)
+        if (cached is not None and cached[0] == key
+                and (cached[1][0]._version, cached[1][1]._version) == cached[2]):
+            return cached[1]
+        if self.compat == "official":
+            var = self._m2 / (self._count - 1 + EPS)
+        else:
+            denom = (self._count - 1).clamp_min(1.0)
+            var = torch.where(self._count > 1, self._m2 / denom, torch.zeros_like(self._m2))
+        value = (var, var.sqrt(), bool(torch.isfinite(self._m2).all()))
+        # the versions of var/std themselves: a caller that changes them in place gets new ones
+        self._cache = (key, value, (value[0]._version, value[1]._version))
+        return value
 
     # ---------------------------------------------------------------- plumbing
     def to(self, device) -> "RunningStats":
@@ -132,9 +171,37 @@ class RunningStats:
             raise ValueError(
                 f"RunningStats state has mean {tuple(mean.shape)} / m2 {tuple(m2.shape)}, "
                 f"expected ({self.dim},)")
-        count = torch.as_tensor(state["count"], dtype=torch.float64).reshape(())
-        if float(count) < 0:
-            raise ValueError(f"RunningStats state has a negative count {float(count)}")
+        for name in ("count", "mean", "m2"):
+            if not isinstance(state[name], torch.Tensor) or not (
+                    state[name].is_floating_point() or name == "count"):
+                raise TypeError(f"RunningStats state: {name} must be a floating-point tensor, got "
+                                f"{type(state[name]).__name__}"
+                                + (f" of {state[name].dtype}" if isinstance(state[name], torch.Tensor) else ""))
+        count = torch.as_tensor(state["count"]).to(torch.float64)
+        if count.numel() != 1:
+            raise ValueError(f"RunningStats state: count must be one number, got shape "
+                             f"{tuple(count.shape)}")
+        count = count.reshape(())
+        value = float(count)
+        if not math.isfinite(value) or value < 0 or value != int(value):
+            raise ValueError(f"RunningStats state: count must be a non-negative integer (rows "
+                             f"seen), got {value}")
+        if not bool(torch.isfinite(mean).all()):
+            raise ValueError("RunningStats state: mean holds NaN/Inf")
+        m2_64 = m2.to(torch.float64)
+        if self.compat == "fixed":
+            # (compat="official" keeps the reference code's NaN M2 after a one-row block)
+            if not bool(torch.isfinite(m2_64).all()):
+                raise ValueError("RunningStats state: m2 holds NaN/Inf")
+        if bool((m2_64 < 0).any()):
+            raise ValueError(f"RunningStats state: m2 (sums of squared deviations) must be >= 0, "
+                             f"got a minimum of {float(m2_64.min())}")
+        if value == 0 and (bool((mean != 0).any()) or bool((m2_64 != 0).any())):
+            raise ValueError("RunningStats state: count is 0 but mean/m2 are not zero (no rows "
+                             "were seen, so there is nothing to average)")
+        if value == 1 and self.compat == "fixed" and bool((m2_64 != 0).any()):
+            raise ValueError("RunningStats state: count is 1 but m2 is not zero (one row has no "
+                             "spread)")
         device = self._mean.device
         self._count = count.to(device).clone()
         self._mean = mean.to(device=device, dtype=torch.float64).clone()

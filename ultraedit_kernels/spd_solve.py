@@ -2,13 +2,15 @@
 
 Formula: ``A = L Lᵀ`` (lower ``L``), then ``X = L⁻ᵀ (L⁻¹ B)``.
 
-Shapes: ``A`` (..., n, n), ``B`` (..., n, k), float32 or float64 (same dtype); a leading batch
+Shapes: ``A`` (..., n, n), ``B`` (..., n, k), float32 or float64 (a float32 / float64 pair is
+solved in float64, the returned ``X`` is float64 then); a leading batch
 dimension solves one system per module of a turn.  Only the lower triangle of ``A`` is read.
 Returns ``(X, info)``: ``info`` (..., ) int32 is 0 for a successful factorization and ``j > 0``
 when the leading minor of order ``j`` is not positive definite (or holds NaN), as
 ``torch.linalg.cholesky_ex`` reports; ``X`` is then undefined and must not be used.
 
-Equivalent PyTorch::
+Equivalent PyTorch (the reference computes the same with right-side triangular solves, which
+return X row-major without a copy)::
 
     L, info = torch.linalg.cholesky_ex(A)
     X = torch.cholesky_solve(B, L)
@@ -16,7 +18,6 @@ Equivalent PyTorch::
 from __future__ import annotations
 
 import logging
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -29,15 +30,32 @@ OP = "spd_solve"
 
 
 def spd_solve_reference(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``cholesky_ex`` and two triangular solves from the right on ``Bᵀ``.
+
+    ``Xᵀ = Bᵀ L⁻ᵀ L⁻¹``: a row-major B is a column-major Bᵀ, which LAPACK's right-side
+    triangular solves take and return in place, so X comes back row-major (as the fake
+    promises) without the copy that ``cholesky_solve(...).contiguous()`` makes (measured as
+    fast as ``cholesky_solve`` alone, which returns a column-major X).
+    """
     factor, info = torch.linalg.cholesky_ex(a)
-    # LAPACK hands back a column-major solution; callers (and the fake) expect row-major.
-    return torch.cholesky_solve(b, factor).contiguous(), info
+    if b.numel() == 0:
+        return torch.empty_like(b, memory_format=torch.contiguous_format), info
+    y = torch.linalg.solve_triangular(factor.mT, b.mT, upper=True, left=False)
+    x = torch.linalg.solve_triangular(factor, y, upper=False, left=False).mT
+    return (x if x.is_contiguous() else x.contiguous()), info
+
+
+def _spd_solve_body(a, b):
+    _, fn = _backends.select(OP, a.device, a, b)
+    return fn(a, b)
 
 
 @torch.library.custom_op("ultraedit::spd_solve", mutates_args=())
 def spd_solve_op(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    _, fn = _backends.select(OP, a.device, a, b)
-    return fn(a, b)
+    return _spd_solve_body(a, b)
+
+
+spd_solve_call = _backends.eager(spd_solve_op, _spd_solve_body)
 
 
 @spd_solve_op.register_fake
@@ -88,40 +106,10 @@ def spd_solve_native(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, to
     return torch.ops.ultraedit_C.spd_solve(a, b)
 
 
-# Measured host-build / LAPACK (torch.linalg.cholesky_ex + cholesky_solve) median-time ratios
-# on CPU, float32, k = 1024 right-hand sides, host build with its built-in GEMM (the default),
-# from `pytest bench/bench_spd_solve.py` on a 2-core AMD EPYC (AVX-512) shared with other jobs
-# (load average ~11, see docs/cholesky.md for the command and raw numbers).  Key (n, batched);
-# None = not measured (the single-system ratio of the same n is used).  `auto` picks the host
-# build only where it measured at least 5% faster (ratio < 0.95) at the nearest measured n.
-CPU_MEASURED_RATIO = {
-    (100, False): 0.33, (400, False): 0.60, (1000, False): 0.67, (4000, False): 0.96,
-    (100, True): 0.29, (400, True): 0.25, (1000, True): 0.64, (4000, True): None,
-}
-CPU_FASTER_THAN = 0.95
-
-
-def cpu_prefers_native(n: int, batched: bool) -> bool:
-    """Whether ``auto`` uses the host build for an ``n x n`` system on CPU (measured table)."""
-    sizes = sorted({size for size, _ in CPU_MEASURED_RATIO})
-    nearest = min(sizes, key=lambda size: abs(math.log(max(n, 1)) - math.log(size)))
-    ratio = CPU_MEASURED_RATIO[(nearest, bool(batched))]
-    if ratio is None:
-        ratio = CPU_MEASURED_RATIO[(nearest, False)]
-    return ratio < CPU_FASTER_THAN
-
-
-def _cpp_auto_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
-    batched = a.dim() > 2 and a.numel() > a.shape[-1] * a.shape[-2]
-    return cpu_prefers_native(a.shape[-1], batched)
-
-
-_backends.register_impl(OP, "cpp", spd_solve_native, available=_cpp_available,
-                        auto_priority=1, auto_ok=_cpp_auto_ok)
-# No GPU has measured the device build against cuSOLVER yet, so `auto` keeps torch.linalg
-# (cuSOLVER) on CUDA: the device build runs only with ULTRAEDIT_BACKEND=cuda.
-_backends.register_impl(OP, "cuda", spd_solve_native, available=_cuda_available,
-                        auto_priority=-1)
+# `auto` uses either build only where this machine's calibration measured it faster than
+# torch.linalg (LAPACK / cuSOLVER) and agreeing with it (ultraedit_kernels/calibration.py).
+_backends.register_impl(OP, "cpp", spd_solve_native, available=_cpp_available)
+_backends.register_impl(OP, "cuda", spd_solve_native, available=_cuda_available)
 
 
 def spd_solve(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -133,8 +121,8 @@ def spd_solve(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
             raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
         if t.dim() < 2:
             raise ValueError(f"{name} must have at least 2 dimensions, got shape {tuple(t.shape)}")
-    if a.dtype != b.dtype:
-        raise TypeError(f"a and b must have the same dtype, got {a.dtype} and {b.dtype}")
+    if a.dtype != b.dtype:   # float32 with float64: solve in the oracle precision
+        a, b = a.double(), b.double()
     if a.shape[-1] != a.shape[-2]:
         raise ValueError(f"a must be square in its last two dimensions, got {tuple(a.shape)}")
     if b.shape[-2] != a.shape[-1] or b.shape[:-2] != a.shape[:-2]:
@@ -143,4 +131,4 @@ def spd_solve(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
             f"with the same batch dimensions")
     if a.device != b.device:
         raise ValueError(f"a is on {a.device} but b is on {b.device}")
-    return spd_solve_op(a, b)
+    return spd_solve_call(a, b)

@@ -16,7 +16,7 @@ leaves the caller's state as it was).
 
 Equivalent PyTorch::
 
-    xb = x.double(); mb = xb.mean(0); m2b = ((xb - mb) ** 2).sum(0)
+    var_b, mb = torch.var_mean(x.double(), 0, correction=0); m2b = var_b * B
     d = mb - mean; n = count + B
     return n, mean + d * B / n, m2 + m2b + d * d * count * B / n
 """
@@ -29,7 +29,9 @@ import torch
 from . import _backends
 
 OP = "stats_update"
-_ROW_CHUNK = 256  # bounds the float64 temporaries of the reference to 256 x D
+# bounds the float64 temporary of the reference (32 MiB: about 230 rows of a 7B MLP's
+# d_in + d_out = 18,432 columns); each chunk is one promoting subtraction and two reductions
+_CHUNK_BYTES = 32 << 20
 
 
 def chan_merge(count, mean, m2, block_count: int, block_mean, block_m2):
@@ -45,22 +47,28 @@ def chan_merge(count, mean, m2, block_count: int, block_mean, block_m2):
 def block_moments_reference(x: torch.Tensor, official: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """float64 (mean, M2) of the rows of ``x`` (the fixed or the reference code's M2).
 
-    Rows are converted to float64 ``_ROW_CHUNK`` at a time and Chan-merged, so the temporary
-    stays at ``_ROW_CHUNK x D`` whatever N is.  The reference code's ``B * var_unbiased`` equals
-    ``B / (B - 1)`` times the exact sum of squared deviations (NaN for a single row).
+    Shifted sums: with ``y = x - x[0]`` (float64), ``mean = x[0] + Σy / B`` and
+    ``M2 = Σy² - (Σy)² / B``.  The shift by a row of the block keeps the subtraction free of
+    cancellation (the sums are of deviations, not of raw values), and every element is read
+    once: the subtraction promotes it to float64, squaring and both sums follow in place.
+    Rows go ``_CHUNK_BYTES`` of float64 at a time, so the temporary stays bounded whatever B is.
+    The reference code's ``B * var_unbiased`` is ``B / (B - 1)`` times the exact M2 (NaN for
+    a single row).
     """
-    rows = x.shape[0]
-    count = torch.zeros((), dtype=torch.float64, device=x.device)
-    mean = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    m2 = torch.zeros_like(mean)
-    for start in range(0, rows, _ROW_CHUNK):
-        xb = x[start:start + _ROW_CHUNK].double()
-        mb = xb.mean(0)
-        m2b = (xb - mb).square_().sum(0)
-        count, mean, m2 = chan_merge(count, mean, m2, xb.shape[0], mb, m2b)
+    rows, cols = x.shape
+    shift = x[0].to(torch.float64)
+    step = max(1, _CHUNK_BYTES // (8 * cols))
+    s1 = torch.zeros(cols, dtype=torch.float64, device=x.device)
+    s2 = torch.zeros_like(s1)
+    for start in range(0, rows, step):
+        y = torch.sub(x[start:start + step], shift)   # promotes to float64: one pass
+        s1 += y.sum(0)
+        s2 += y.square_().sum(0)
+    mean_y = s1 / rows
+    m2 = (s2 - s1 * mean_y).clamp_min_(0.0)
     if official:
         m2 = m2 * (rows / (rows - 1)) if rows > 1 else torch.full_like(m2, float("nan"))
-    return mean, m2
+    return shift + mean_y, m2
 
 
 def stats_update_reference(x, count, mean, m2, official: bool):
@@ -69,12 +77,19 @@ def stats_update_reference(x, count, mean, m2, official: bool):
     return chan_merge(count, mean, m2, x.shape[0], block_mean, block_m2)
 
 
-@torch.library.custom_op("ultraedit::stats_update", mutates_args=())
-def stats_update_op(x: torch.Tensor, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
-                    official: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _stats_update_body(x, count, mean, m2, official):
     _, fn = _backends.select(OP, x.device, x)
     new_count, new_mean, new_m2 = fn(x, count, mean, m2, official)
     return new_count.clone() if new_count is count else new_count, new_mean, new_m2
+
+
+@torch.library.custom_op("ultraedit::stats_update", mutates_args=())
+def stats_update_op(x: torch.Tensor, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
+                    official: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _stats_update_body(x, count, mean, m2, official)
+
+
+stats_update_call = _backends.eager(stats_update_op, _stats_update_body)
 
 
 @stats_update_op.register_fake

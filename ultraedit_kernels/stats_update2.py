@@ -21,7 +21,7 @@ from typing import Tuple
 import torch
 
 from . import _backends
-from ._validation import check_finite, check_keys_grads
+from ._validation import check_keys_grads
 
 OP = "stats_update2"
 # the package re-exports names that shadow some op modules: import the module itself
@@ -36,13 +36,20 @@ def stats_update2_reference(keys, grads, count, mean, m2, official: bool):
                              torch.cat([k_m2, g_m2]))
 
 
+def _stats_update2_body(keys, grads, count, mean, m2, official):
+    _, fn = _backends.select(OP, keys.device, keys, grads)
+    new_count, new_mean, new_m2 = fn(keys, grads, count, mean, m2, official)
+    return new_count.clone() if new_count is count else new_count, new_mean, new_m2
+
+
 @torch.library.custom_op("ultraedit::stats_update2", mutates_args=())
 def stats_update2_op(keys: torch.Tensor, grads: torch.Tensor, count: torch.Tensor,
                      mean: torch.Tensor, m2: torch.Tensor,
                      official: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, fn = _backends.select(OP, keys.device, keys, grads)
-    new_count, new_mean, new_m2 = fn(keys, grads, count, mean, m2, official)
-    return new_count.clone() if new_count is count else new_count, new_mean, new_m2
+    return _stats_update2_body(keys, grads, count, mean, m2, official)
+
+
+stats_update2_call = _backends.eager(stats_update2_op, _stats_update2_body)
 
 
 @stats_update2_op.register_fake
@@ -65,14 +72,14 @@ def update_stats_pair(stats, keys: torch.Tensor, grads: torch.Tensor, *,
         raise ValueError(
             f"keys/grads have d_in + d_out = {keys.shape[1]} + {grads.shape[1]} columns but these "
             f"statistics track dim={stats.dim}")
-    if check_finite_values:
-        check_finite("keys", keys)
-        check_finite("grads", grads)
     if keys.device != stats.device:
         if stats.count == 0:
             stats.to(keys.device)
         else:
             raise ValueError(f"keys are on {keys.device} but the statistics live on {stats.device}")
-    stats._count, stats._mean, stats._m2 = stats_update2_op(
+    count, mean, m2 = stats_update2_call(
         keys, grads, stats.count_tensor, stats.mean, stats.m2, stats.compat == "official")
+    if check_finite_values:
+        stats._check_merged(mean, m2, keys.shape[0], keys=keys, grads=grads)
+    stats._count, stats._mean, stats._m2 = count, mean, m2
     return stats

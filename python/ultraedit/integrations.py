@@ -20,7 +20,7 @@ Two kinds of editor are recognized by their interface (neither codebase is impor
     under ``cache_dir`` are kept in memory instead of being written (the directory itself is
     still created); ``predict_param_shifts`` reads them from memory, never from disk.
 
-``"easyedit"`` (EasyEdit, ``easyeditor/trainer/algs/ULTRAEDIT.py``)
+``"easyedit"`` (EasyEdit, ``easyeditor/models/ultraedit/ULTRAEDIT.py``)
     ``cache(batch) -> module_kv_map`` (already in memory); ``predict_param_shifts(module_kv_map)``.
     Patched: ``predict_param_shifts`` only.
 

@@ -1,0 +1,303 @@
+"""Every public op against the plain-torch composition of its math, in one run, with a roofline.
+
+For each public op and shape the op (``auto`` dispatch, validation included: what a caller
+gets) and the few lines of PyTorch a user would write for the same math alternate round by
+round in this process; the table gives medians and ``speed = plain / op`` (>= 1.0: the op is
+at least as fast).  Beside each time: the op's FLOPs and algorithmic bytes (``_common.op_cost``)
+and the GFLOP/s and GB/s they imply, next to the machine's copy bandwidth and float32 GEMM
+rate measured at the start of the same run.
+
+Also in the same run:
+
+* the dispatch calibration (``ultraedit_kernels.calibration``), measured again at the start so
+  that it saw the same machine load as the rounds that follow, then every backend of every op
+  with more than one available backend, forced one at a time, and whether ``auto`` picks the
+  faster one (or one within the calibration's margin of it);
+* ``param_shift(method="auto")`` against the paper's primal float32 solve
+  (``torch.linalg.solve(KᵀK + I, KᵀV)``) at N = 400, 4096 -> 4096, with the relative error of
+  both against float64.
+
+Usage (results as JSON; ``--quick`` keeps the embedded model's shapes and N <= 400)::
+
+    PYTHONPATH=. python bench/vs_torch.py --rounds 5 --json bench/results/vs_torch.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, _HERE)
+
+import ultraedit_kernels as uk  # noqa: E402
+from ultraedit_kernels import _backends, calibration  # noqa: E402
+from ultraedit_kernels.running_stats import EPS  # noqa: E402
+
+from _common import F32, machine_description, op_cost  # noqa: E402
+
+# (label, n, d_in, d_out): the embedded model's MLP (SmolLM2-135M: 576 <-> 1536) at the row
+# counts of a 100-edit turn, and 7B MLP shapes (4096 <-> 14336) from one row to 2,000.
+EMBEDDED = [(f"embedded-{a}x{b}-N{n}", n, a, b)
+            for a, b in ((1536, 576), (576, 1536)) for n in (50, 300, 400)]
+SEVEN_B = [(f"7b-{a}x{b}-N{n}", n, a, b)
+           for a, b in ((4096, 14336), (14336, 4096)) for n in (1, 100, 400, 2000)]
+
+
+# ---------------------------------------------------------------------------- timing
+def alternate(fns: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, List[float]]:
+    """Each callable once as a warm-up, then ``rounds`` rounds calling each in turn."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: List[float]) -> float:
+    return statistics.median(values)
+
+
+def machine_rates(rounds: int) -> Dict[str, float]:
+    """Copy bandwidth (GB/s, read + write of 256 MiB float32) and float32 GEMM rate (GFLOP/s,
+    2048 x 2048 x 2048) of this machine: the best of ``rounds`` (a roofline is what the machine
+    can attain; on a shared machine the median would be the load's)."""
+    src = torch.randn(64 << 20)
+    dst = torch.empty_like(src)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    t = alternate({"copy": lambda: dst.copy_(src), "gemm": lambda: a @ b}, max(rounds, 5))
+    return {"copy_gbps": 2 * F32 * src.numel() / min(t["copy"]) / 1e9,
+            "gemm_gflops": 2 * 2048 ** 3 / min(t["gemm"]) / 1e9}
+
+
+# ---------------------------------------------------------------------------- the cases
+def features(n, d_in, d_out, seed=0):
+    gen = torch.Generator().manual_seed(seed + n + d_in)
+    keys = torch.randn(n, d_in, generator=gen) * 0.7 + 0.05
+    grads = (torch.randn(n, d_out, generator=gen) + 0.1) * 1e-3
+    return keys, grads
+
+
+def plain_stats(x, count, mean, m2):
+    """float64 mean and variance of the block, Chan-merged into (count, mean, M2)."""
+    var_b, mean_b = torch.var_mean(x.double(), 0, correction=0)
+    b = x.shape[0]
+    total = count + b
+    delta = mean_b - mean
+    return total, mean + delta * (b / total), m2 + var_b * b + delta * delta * (count * b / total)
+
+
+def plain_pseudo_values(keys, grads, mean, std, lr):
+    """float32 normalize, row norm of the keys, scale the normalized gradients."""
+    d_in = keys.shape[1]
+    shift, scale = mean.float(), (1.0 / (std + EPS)).float()
+    k_hat = (keys - shift[:d_in]) * scale[:d_in]
+    return -lr * k_hat.square().sum(1, keepdim=True) * ((grads - shift[d_in:]) * scale[d_in:])
+
+
+def plain_solve(a, b):
+    return torch.cholesky_solve(b, torch.linalg.cholesky(a))
+
+
+def plain_gram(keys, ridge):
+    g = keys @ keys.T
+    g.diagonal().add_(ridge)
+    return g
+
+
+def plain_factors(keys, grads, mean, std, lr, ridge):
+    return plain_solve(plain_gram(keys, ridge), plain_pseudo_values(keys, grads, mean, std, lr))
+
+
+def op_cases(n, d_in, d_out):
+    """``{op: (ours, plain, cost_key)}`` for one shape; inputs built once."""
+    keys, grads = features(n, d_in, d_out)
+    x = torch.cat([keys, grads], 1)
+    stats = uk.RunningStats(d_in + d_out).update(x)
+    mean, std = stats.mean, stats.std
+    count, m2 = stats.count_tensor, stats.m2
+    lr, ridge = 1e-6, 1.0
+    a = plain_gram(keys, ridge)
+    v = plain_pseudo_values(keys, grads, mean, std, lr)
+    weight = torch.randn(d_out, d_in) * 0.02
+    factors = torch.randn(n, d_out) * 1e-9
+    return {
+        "RunningStats.update": (lambda: stats.clone().update(x),
+                                lambda: plain_stats(x, count, mean, m2), "stats_update"),
+        "RunningStats.update_pair": (lambda: stats.clone().update_pair(keys, grads),
+                                     lambda: plain_stats(torch.cat([keys, grads], 1), count, mean, m2),
+                                     "stats_update"),
+        "pseudo_values": (lambda: uk.pseudo_values(keys, grads, stats, lr),
+                          lambda: plain_pseudo_values(keys, grads, mean, std, lr), "pseudo_values"),
+        "gram": (lambda: uk.gram(keys, ridge), lambda: plain_gram(keys, ridge), "gram"),
+        "spd_solve": (lambda: uk.spd_solve(a, v), lambda: plain_solve(a, v), "spd_solve"),
+        "shift_factors": (lambda: uk.shift_factors(keys, grads, stats, lr, ridge),
+                          lambda: plain_factors(keys, grads, mean, std, lr, ridge), "shift_factors"),
+        "param_shift": (lambda: uk.param_shift(keys, grads, stats, lr, ridge),
+                        lambda: keys.T @ plain_factors(keys, grads, mean, std, lr, ridge),
+                        "param_shift"),
+        "apply_shift_": (lambda: uk.apply_shift_(weight, keys, factors, "linear"),
+                         lambda: weight.addmm_(factors.T, keys), "apply_shift"),
+    }
+
+
+def cost(key, n, d_in, d_out):
+    if key in ("shift_factors", "param_shift"):
+        parts = ["pseudo_values", "gram", "spd_solve"] + (["apply_shift"] if key == "param_shift" else [])
+        out = {"flops": 0.0, "bytes_moved": 0.0}
+        for p in parts:
+            c = op_cost(p, n, d_in, d_out)
+            out["flops"] += c["flops"]
+            out["bytes_moved"] += c["bytes_moved"]
+        return out
+    return op_cost(key, n, d_in, d_out)
+
+
+def run_ops(shapes, rounds, ops=None, rates=None):
+    rows = []
+    for label, n, d_in, d_out in shapes:
+        for op, (ours, plain, key) in op_cases(n, d_in, d_out).items():
+            if ops and op not in ops:
+                continue
+            t = alternate({"op": ours, "plain": plain}, rounds)
+            c = cost(key, n, d_in, d_out)
+            row = {"op": op, "shape": label, "n": n, "d_in": d_in, "d_out": d_out,
+                   "op_s": median(t["op"]), "plain_s": median(t["plain"]),
+                   "speed": median(t["plain"]) / median(t["op"]),
+                   "flops": c["flops"], "bytes": c["bytes_moved"],
+                   "op_times_s": t["op"], "plain_times_s": t["plain"]}
+            row["gflops"] = c["flops"] / row["op_s"] / 1e9
+            row["gbps"] = c["bytes_moved"] / row["op_s"] / 1e9
+            if rates:   # the roofline: the time the op needs at the machine's GEMM rate or copy
+                bound = max(c["flops"] / (rates["gemm_gflops"] * 1e9),   # bandwidth, whichever
+                            c["bytes_moved"] / (rates["copy_gbps"] * 1e9))  # is the larger
+                row["roofline_s"] = bound
+                row["of_roofline"] = bound / row["op_s"]
+                row["bound_by"] = ("flops" if c["flops"] / rates["gemm_gflops"]
+                                   > c["bytes_moved"] / rates["copy_gbps"] else "bytes")
+            rows.append(row)
+            print(f"{op:26s} {label:26s} op {row['op_s'] * 1e3:9.2f} ms  plain "
+                  f"{row['plain_s'] * 1e3:9.2f} ms  speed {row['speed']:5.2f}x  "
+                  f"{row['gflops']:7.1f} GFLOP/s {row['gbps']:6.1f} GB/s"
+                  + (f"  {100 * row['of_roofline']:5.1f}% of roofline ({row['bound_by']})"
+                     if rates else ""), flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------- backends
+def run_backends(shapes, rounds):
+    """Every op with two or more backends available on the CPU: each forced, vs calibration."""
+    rows = []
+    device = torch.device("cpu")
+    for op in _backends.registered_ops():
+        names = [b for b, impl in _backends.implementations(op).items()
+                 if impl.available(device) is None]
+        if len(names) < 2:
+            continue
+        for label, n, d_in, d_out in shapes:
+            args = calibration.example_args(op, n, d_in, d_out, device)
+            if args is None:
+                continue
+            fns = {b: (lambda b=b: _backends.implementations(op)[b].fn(*args)) for b in names}
+            t = alternate(fns, rounds)
+            med = {b: median(v) for b, v in t.items()}
+            fastest = min(med, key=med.get)
+            chosen = _backends.select(op, device, *args)[0]
+            rows.append({"op": op, "shape": label, "median_s": med, "fastest": fastest,
+                         "auto": chosen, "agrees": chosen == fastest
+                         or med[chosen] <= med[fastest] * (1 + calibration.MARGIN)})
+            print(f"{op:12s} {label:26s} " + "  ".join(f"{b} {s * 1e3:8.2f} ms" for b, s in med.items())
+                  + f"  fastest {fastest}, auto -> {chosen}", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------- paper
+def run_paper(rounds, n=400, d_in=4096, d_out=4096):
+    gen = torch.Generator().manual_seed(0)
+    offset = torch.randn(d_in, generator=gen) * 0.5
+    keys = torch.randn(n, d_in, generator=gen) * (1000.0 / d_in) ** 0.5 + 0.3 * offset
+    grads = torch.randn(n, d_out, generator=gen) * 1e-3
+    stats = uk.RunningStats(d_in + d_out).update(torch.cat([keys, grads], 1))
+
+    def paper():
+        values = uk.pseudo_values(keys, grads, stats)
+        return torch.linalg.solve(keys.T @ keys + torch.eye(d_in), keys.T @ values)
+
+    ours = lambda: uk.param_shift(keys, grads, stats, method="auto")  # noqa: E731
+    t = alternate({"ours": ours, "paper": paper}, rounds)
+    values64 = uk.pseudo_values(keys, grads, stats).double()
+    k64 = keys.double()
+    ref = torch.linalg.solve(k64.T @ k64 + torch.eye(d_in, dtype=torch.float64), k64.T @ values64)
+    err = {name: float((fn().double() - ref).norm() / ref.norm()) for name, fn in
+           (("ours", ours), ("paper", paper))}
+    out = {"n": n, "d_in": d_in, "d_out": d_out, "ours_s": median(t["ours"]),
+           "paper_s": median(t["paper"]), "speedup": median(t["paper"]) / median(t["ours"]),
+           "rel_err_ours": err["ours"], "rel_err_paper": err["paper"],
+           "accuracy_gain": err["paper"] / max(err["ours"], 1e-300)}
+    print(f"param_shift(auto) vs paper primal fp32, N={n}, {d_in}->{d_out}: "
+          f"{out['ours_s']:.3f} s vs {out['paper_s']:.3f} s = {out['speedup']:.1f}x faster; "
+          f"rel. error vs float64 {err['ours']:.1e} vs {err['paper']:.1e} "
+          f"({out['accuracy_gain']:.0f}x more accurate)", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="embedded shapes and 7B N <= 400 only")
+    p.add_argument("--ops", default=None, help="comma-separated public ops (default: all)")
+    p.add_argument("--shapes", default=None, help="comma-separated shape labels (default: all)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's); on a 2-core machine shared "
+                        "with other jobs, 1 thread avoids OpenMP barrier stalls that dominate "
+                        "2-thread timings")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="use the cached calibration instead of measuring it at the start")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)   # before the calibration: its cache key holds it
+    shapes = EMBEDDED + [s for s in SEVEN_B if not (a.quick and s[1] > 400)]
+    if a.shapes:
+        shapes = [s for s in shapes if s[0] in a.shapes.split(",")]
+    ops = a.ops.split(",") if a.ops else None
+    result = {"machine": machine_description(), "command": " ".join(sys.argv),
+              "backend": os.environ.get(_backends.ENV_VAR, "auto")}
+    result["rates"] = machine_rates(a.rounds)
+    print(f"machine: {result['machine']}\ncopy {result['rates']['copy_gbps']:.1f} GB/s, "
+          f"float32 GEMM {result['rates']['gemm_gflops']:.1f} GFLOP/s", flush=True)
+    if not a.no_calibrate and calibration.mode() != "off":
+        # measured now, so that the load it saw is the load of the rounds below
+        start = time.perf_counter()
+        calibration.calibrate(torch.device("cpu"))
+        print(f"calibrated in {time.perf_counter() - start:.1f} s", flush=True)
+    result["calibration"] = calibration.describe(torch.device("cpu"))
+    result["backends"] = run_backends(shapes, a.rounds) if not ops or "spd_solve" in ops else []
+    result["ops"] = run_ops(shapes, a.rounds, ops, result["rates"])
+    result["paper"] = run_paper(a.rounds) if not ops or "param_shift" in ops else None
+    slow = [f"{r['op']}@{r['shape']} {r['speed']:.2f}x" for r in result["ops"] if r["speed"] < 1.0]
+    disagree = [f"{r['op']}@{r['shape']}" for r in result["backends"] if not r["agrees"]]
+    result["summary"] = {"ops_slower_than_plain": slow, "calibration_disagrees": disagree,
+                         "min_speed": min((r["speed"] for r in result["ops"]), default=None)}
+    print(f"slower than plain torch: {slow or 'none'}; calibration disagrees: {disagree or 'none'}")
+    if a.json:
+        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
+        with open(a.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Dispatch by measurement: the calibration's decisions, its cache, and what never triggers it.
+
+The test suite runs with ``ULTRAEDIT_CALIBRATION=off`` (tests/conftest.py): nothing here times
+the machine except ``test_calibrate_writes_the_cache_and_info_shows_it``, on a two-point grid.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ultraedit_kernels as uk
+from ultraedit_kernels import _backends, _extension, calibration
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+HOST_REASON = _extension.unavailable_reason("cpu")
+needs_host = pytest.mark.skipif(HOST_REASON is not None, reason=f"no host build: {HOST_REASON}")
+CPU = torch.device("cpu")
+
+
+def _fixture(tmp_path, ratios):
+    """A calibration file whose spd_solve 'single' grid has cpp/torch = ratios[(n, k)]."""
+    points = []
+    for (n, k), ratio in ratios.items():
+        points.append({"point": [n, k], "seconds": {"torch": 1.0, "cpp": ratio}})
+    data = {"format": calibration.FORMAT, "device": "cpu", "machine": {},
+            "ops": {"spd_solve": {"backends": ["cpp"], "grid": {"single": points}}}}
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.fixture
+def fixture_grid(tmp_path, monkeypatch):
+    """A 2 x 2 grid: the host build twice as fast for n = 64, 1.5x slower for n = 1024."""
+    monkeypatch.setitem(calibration.GRIDS, "spd_solve",
+                        {"single": (("n", "k"), ((64, 1024), (256, 2048)))})
+    path = _fixture(tmp_path, {(64, 256): 0.5, (64, 2048): 0.5, (1024, 256): 1.5,
+                               (1024, 2048): 1.5})
+    monkeypatch.setenv(calibration.ENV_VAR, path)
+    calibration.reset()
+    yield path
+    calibration.reset()
+
+
+def _system(n, k):
+    return torch.eye(n), torch.ones(n, k)
+
+
+def test_choose_follows_the_measurement(fixture_grid):
+    choose = calibration.choose
+    assert choose("spd_solve", CPU, ["cpp"], _system(64, 300)) == "cpp"
+    assert choose("spd_solve", CPU, ["cpp"], _system(16, 300)) == "cpp"      # clamped to the grid
+    assert choose("spd_solve", CPU, ["cpp"], _system(1024, 300)) == "torch"
+    assert choose("spd_solve", CPU, ["cpp"], _system(64, 9000)) == "cpp"      # k: clamped
+    assert choose("spd_solve", CPU, ["cpp"], _system(4000, 9000)) == "torch"
+    # log-log interpolation between ratio 0.5 at n = 64 and 1.5 at n = 1024: at n = 256 (half
+    # way in log n) the geometric mean 0.87, at n = 512 (three quarters) 0.5^0.25 * 1.5^0.75
+    data = calibration.current(CPU)
+    assert calibration.predicted_ratio(data, "spd_solve", "cpp", _system(256, 512)) == \
+        pytest.approx(0.75 ** 0.5)
+    assert calibration.predicted_ratio(data, "spd_solve", "cpp", _system(512, 512)) == \
+        pytest.approx(0.5 ** 0.25 * 1.5 ** 0.75)
+    assert choose("spd_solve", CPU, ["cpp"], _system(256, 512)) == "cpp"
+    assert choose("spd_solve", CPU, ["cpp"], _system(512, 512)) == "torch"
+
+
+def test_no_extrapolation_past_the_largest_system(tmp_path, monkeypatch):
+    """Past the largest n measured, the host Cholesky is not assumed to keep its ratio."""
+    monkeypatch.setitem(calibration.GRIDS, "spd_solve",
+                        {"single": (("n", "k"), ((64, 256), (256,)))})
+    monkeypatch.setenv(calibration.ENV_VAR, _fixture(tmp_path, {(64, 256): 0.5, (256, 256): 0.5}))
+    calibration.reset()
+    try:
+        assert calibration.choose("spd_solve", CPU, ["cpp"], _system(256, 256)) == "cpp"
+        assert calibration.choose("spd_solve", CPU, ["cpp"], _system(300, 256)) == "torch"
+    finally:
+        calibration.reset()
+
+
+def test_unmeasured_class_or_op_uses_the_reference(fixture_grid):
+    a = torch.eye(64).expand(3, 64, 64)
+    assert calibration.choose("spd_solve", CPU, ["cpp"], (a, torch.ones(3, 64, 8))) == "torch"
+    assert calibration.choose("gram", CPU, ["triton"], (torch.ones(4, 4), 1.0, True)) == "torch"
+
+
+@needs_host
+def test_auto_dispatch_uses_the_calibration(fixture_grid, monkeypatch):
+    monkeypatch.setenv(_backends.ENV_VAR, "auto")
+    assert _backends.select("spd_solve", CPU, *_system(64, 300))[0] == "cpp"
+    assert _backends.select("spd_solve", CPU, *_system(1024, 300))[0] == "torch"
+
+
+def test_off_means_the_reference(monkeypatch):
+    monkeypatch.setenv(calibration.ENV_VAR, "off")
+    monkeypatch.setenv(_backends.ENV_VAR, "auto")
+    calibration.reset()
+    for op in _backends.registered_ops():
+        assert calibration.choose(op, CPU, ["cpp"], _system(8, 8)) == "torch"
+    assert _backends.select("spd_solve", CPU, *_system(8, 8))[0] == "torch"
+
+
+def test_missing_fixture_file_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv(calibration.ENV_VAR, str(tmp_path / "nope.json"))
+    calibration.reset()
+    with pytest.raises(ValueError, match="no calibration file there"):
+        calibration.current(CPU)
+    calibration.reset()
+
+
+def test_a_backend_that_disagrees_is_never_chosen(monkeypatch):
+    impls = dict(_backends._REGISTRY["spd_solve"])
+
+    def wrong(a, b):
+        x, info = impls["torch"].fn(a, b)
+        return x * 1.01, info
+
+    impls["cuda"] = _backends.Impl("cuda", wrong, lambda d: None)
+    monkeypatch.setitem(_backends._REGISTRY, "spd_solve", impls)
+    result = calibration.measure_point("spd_solve", "single", (8, 4), CPU, ["cuda"], rounds=1)
+    assert "cuda" in result["rejected"] and "cuda" not in result["seconds"]
+
+
+def test_import_and_info_never_calibrate(tmp_path):
+    env = {**ENV, "XDG_CACHE_HOME": str(tmp_path), "ULTRAEDIT_CALIBRATION": "auto"}
+    code = ("import torch, ultraedit_kernels, ultraedit_kernels.info as i; "
+            "from ultraedit_kernels import calibration as c; i.collect(); "
+            "print(len(c._loaded), torch.cuda.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["0", "False"]
+    assert not os.path.exists(os.path.join(tmp_path, "ultraedit_kernels"))
+
+
+@needs_host
+def test_calibrate_writes_the_cache_and_info_shows_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv(calibration.ENV_VAR, "auto")
+    monkeypatch.setitem(calibration.GRIDS, "spd_solve",
+                        {"single": (("n", "k"), ((8, 32), (4,)))})
+    calibration.reset()
+    try:
+        data = calibration.calibrate(CPU, ["spd_solve"], rounds=1)
+        path = calibration.cache_path(CPU)
+        assert os.path.dirname(path) == os.path.join(str(tmp_path), "ultraedit_kernels")
+        assert json.load(open(path))["ops"]["spd_solve"]["grid"]["single"][0]["point"] == [8, 4]
+        assert set(data["ops"]["spd_solve"]["grid"]["single"][1]["seconds"]) == {"torch", "cpp"}
+        calibration.reset()
+        shown = calibration.describe(CPU)          # read back from the cache, not re-measured
+        assert shown["file"] == path and "spd_solve" in shown["ops"]
+        from ultraedit_kernels import info
+        assert info.collect()["calibration"]["cpu"]["ops"]["spd_solve"]
+    finally:
+        calibration.reset()
+
+
+def test_fixture_decision_reaches_shift_factors(fixture_grid, monkeypatch):
+    """The public op goes through the same dispatch (the result is the same either way)."""
+    monkeypatch.setenv(_backends.ENV_VAR, "auto")
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(9, 20, generator=gen)
+    grads = torch.randn(9, 6, generator=gen) * 1e-3
+    stats = uk.RunningStats(26).update(torch.cat([keys, grads], 1))
+    assert uk.shift_factors(keys, grads, stats).shape == (9, 6)

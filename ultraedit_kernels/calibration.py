@@ -1,0 +1,489 @@
+"""Per-machine dispatch calibration: ``auto`` picks a native kernel only where it measured faster.
+
+An op with a native implementation (the host or device Cholesky, a Triton kernel) besides its
+PyTorch reference is timed once per machine on a small grid of shapes: every available backend
+and the reference, alternating, median of ``ROUNDS`` rounds after a warm-up, on synthetic inputs
+of that shape.  A backend whose result disagrees with the reference is never chosen.  A call
+under ``ULTRAEDIT_BACKEND=auto`` then takes the backend whose time relative to the reference,
+interpolated (log-log, clamped to the grid) at the call's shape, is below ``1 - MARGIN``;
+otherwise the reference.  Shape features per op:
+
+==================  =====================================================================
+``spd_solve``       n (system size), k (right-hand sides), batched or single
+``gram``            m (output size), r (reduction length)
+``pseudo_values``   n (rows), d (d_in + d_out)
+``stats_update*``   n (rows), d (columns)
+==================  =====================================================================
+
+Results are cached as JSON in ``$XDG_CACHE_HOME/ultraedit_kernels/`` (``~/.cache`` when unset),
+one file per machine key (CPU model and count, torch threads, torch / Triton versions, the
+extension's build, the GPU name).  ``ULTRAEDIT_CALIBRATION`` chooses:
+
+``auto`` (default)
+    use the cache; calibrate an op's shape class on a device the first time ``auto`` needs a
+    decision for it (about a second on an idle 2-core CPU, logged), then cache it;
+``off``
+    no measurement: ``auto`` uses the PyTorch reference everywhere (force a backend with
+    ``ULTRAEDIT_BACKEND``);
+``refresh``
+    measure again once in this process, replacing the cache;
+a path to a JSON file
+    use that calibration (same format, e.g. a fixture in the tests) and never measure.
+
+Importing never calibrates and never initializes CUDA; ``python -m ultraedit_kernels.calibration``
+(or ``python -m ultraedit_kernels.info --calibrate``) runs it for the CPU and, when one is
+usable, the first CUDA device.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+_log = logging.getLogger("ultraedit_kernels")
+
+ENV_VAR = "ULTRAEDIT_CALIBRATION"
+FORMAT = 1
+ROUNDS = 3          # timed rounds per backend and grid point (after one warm-up)
+MARGIN = 0.05       # a backend must be at least 5% faster than the reference to be chosen
+AGREE_RTOL = 1e-3   # a backend whose result differs more than this from the reference is dropped
+
+# op -> class -> (axis names, grid values per axis).  Classes split what interpolates badly
+# (one system vs a batch solved one system per thread).
+# The grids stay small (1-2 s of measuring per class on the 2-core CPU machine when idle);
+# beyond the grid the ratio of the nearest edge is used.  The host Cholesky's ratio changes
+# fastest between n = 256 and 1024 (a 4x step there mispredicted n = 400 by 15%): 512 too.
+GRIDS: Dict[str, Dict[str, Tuple[Tuple[str, ...], Tuple[Tuple[int, ...], ...]]]] = {
+    "spd_solve": {
+        "single": (("n", "k"), ((16, 64, 256, 512, 1024), (256, 1024, 4096))),
+        "batched": (("n", "k"), ((16, 64, 256), (256, 1024))),
+    },
+    "gram": {"rows": (("m", "r"), ((64, 512, 2048), (512, 8192)))},
+    "pseudo_values": {"all": (("n", "d"), ((64, 512, 4096), (2048, 16384)))},
+    "stats_update": {"all": (("n", "d"), ((64, 512, 4096), (2048, 16384)))},
+    "stats_update2": {"all": (("n", "d"), ((64, 512, 4096), (2048, 16384)))},
+}
+BATCH = 4           # systems per call in the "batched" class
+# Axes along which a native implementation is not assumed to keep its measured ratio beyond the
+# grid: the host Cholesky's packed GEMM falls behind LAPACK's as n grows (measured: faster at
+# n = 1024, 6-10% slower at n = 2000), so past the largest n measured `auto` keeps the reference.
+NO_EXTRAPOLATION = {("spd_solve", "n")}
+
+
+# ------------------------------------------------------------------------------ shapes
+def features(op: str, args: Sequence) -> Optional[Tuple[str, Tuple[float, ...]]]:
+    """``(class, feature values)`` of a call of ``op`` with ``args``, or ``None`` if not graded."""
+    if op == "spd_solve":
+        a, b = args[0], args[1]
+        batch = a.numel() // max(1, a.shape[-1] * a.shape[-2]) if a.dim() > 2 else 1
+        return ("batched" if batch > 1 else "single"), (a.shape[-1], b.shape[-1])
+    if op == "gram":
+        x = args[0]
+        rows = bool(args[2]) if len(args) > 2 else True
+        m, r = (x.shape[0], x.shape[1]) if rows else (x.shape[1], x.shape[0])
+        return "rows", (m, r)
+    if op == "pseudo_values":
+        return "all", (args[0].shape[0], args[0].shape[1] + args[1].shape[1])
+    if op == "stats_update":
+        return "all", tuple(args[0].shape)
+    if op == "stats_update2":
+        return "all", (args[0].shape[0], args[0].shape[1] + args[1].shape[1])
+    return None
+
+
+def _spd_args(n, k, batch, device, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed + n + k)
+    x = torch.randn(batch, n, n + 8, generator=gen)
+    a = x @ x.mT / (n + 8)
+    a.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    b = torch.randn(batch, n, k, generator=gen)
+    if batch == 1:
+        a, b = a[0], b[0]
+    return a.to(device, dtype), b.to(device, dtype)
+
+
+def _feature_args(op, n, d_in, d_out, device):
+    gen = torch.Generator().manual_seed(n + d_in + d_out)
+    keys = (torch.randn(n, d_in, generator=gen) * 0.7 + 0.05).to(device)
+    grads = ((torch.randn(n, d_out, generator=gen) + 0.1) * 1e-3).to(device)
+    x = torch.cat([keys, grads], 1)
+    mean = x.double().mean(0)
+    std = x.double().std(0) if n > 1 else torch.ones_like(mean)
+    count = torch.tensor(1000.0, dtype=torch.float64, device=device)
+    if op == "pseudo_values":
+        return keys, grads, mean, std, 1e-6, float(torch.finfo(torch.float32).eps)
+    if op == "stats_update":
+        return x, count, mean, std.square() * 999, False
+    if op == "stats_update2":
+        return keys, grads, count, mean, std.square() * 999, False
+    if op == "gram":
+        return keys, 1.0, True
+    return None
+
+
+def grid_args(op: str, cls: str, point: Sequence[int], device: torch.device):
+    """Synthetic float32 inputs of ``op`` at one grid point."""
+    if op == "spd_solve":
+        n, k = point
+        return _spd_args(n, k, BATCH if cls == "batched" else 1, device)
+    if op == "gram":
+        m, r = point
+        return _feature_args("gram", m, r, 1, device)
+    n, d = point
+    return _feature_args(op, n, d // 4, d - d // 4, device)
+
+
+def example_args(op: str, n: int, d_in: int, d_out: int, device: torch.device):
+    """Inputs of ``op`` at an editor shape (N rows, d_in -> d_out), for benchmarks."""
+    if op == "spd_solve":
+        return _spd_args(n, d_out, 1, device)
+    if op in ("gram", "pseudo_values", "stats_update", "stats_update2"):
+        return _feature_args(op, n, d_in, d_out, device)
+    return None
+
+
+# ------------------------------------------------------------------------------ cache
+def machine_key(device: torch.device) -> Dict[str, object]:
+    """What the measurements depend on; the cache file is named after its hash."""
+    from . import _extension
+    key: Dict[str, object] = {"format": FORMAT, "python": platform.python_version(),
+                              "torch": torch.__version__, "threads": torch.get_num_threads(),
+                              "cpu": _cpu_model(), "cpu_count": os.cpu_count()}
+    mod = _extension.extension()
+    if mod is not None:
+        info = getattr(mod, "build_info", lambda: {})()
+        key["extension"] = {k: info.get(k) for k in ("compiler", "host_gemm_isa", "cuda_version")}
+    try:
+        import triton
+        key["triton"] = triton.__version__
+    except Exception:  # not installed or broken: no Triton backend either
+        key["triton"] = None
+    if device.type == "cuda":
+        key["gpu"] = torch.cuda.get_device_name(device)
+    return key
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ultraedit_kernels")
+
+
+def cache_path(device: torch.device) -> str:
+    digest = hashlib.sha256(json.dumps(machine_key(device), sort_keys=True).encode()).hexdigest()
+    return os.path.join(cache_dir(), f"calibration-{device.type}-{digest[:16]}.json")
+
+
+def mode() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip()
+    return value.lower() if value.lower() in ("auto", "off", "refresh", "") else value
+
+
+_loaded: Dict[str, dict] = {}        # device type -> calibration data in use
+_refreshed: set = set()              # device types measured again in this process
+
+
+def _read(path: str) -> Optional[dict]:
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        _log.warning("ignoring unreadable calibration %s (%s)", path, err)
+        return None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        _log.warning("ignoring calibration %s: not format %d", path, FORMAT)
+        return None
+    return data
+
+
+def _write(path: str, data: dict) -> None:
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=1)
+        os.replace(tmp, path)
+    except OSError as err:  # a read-only home must not break editing
+        _log.warning("could not write the calibration cache %s (%s)", path, err)
+
+
+def current(device: torch.device) -> Optional[dict]:
+    """The calibration in use for ``device``'s type (cached file or fixture), without measuring."""
+    m = mode()
+    if m == "off":
+        return None
+    if m not in ("auto", "refresh", ""):
+        if m not in _loaded:
+            data = _read(m)
+            if data is None:
+                raise ValueError(f"{ENV_VAR}={m!r}: no calibration file there (expected auto, off, "
+                                 f"refresh or the path of a calibration JSON file)")
+            _loaded[m] = data
+        return _loaded[m]
+    if device.type not in _loaded:
+        if m == "refresh" and device.type not in _refreshed:
+            return None
+        data = _read(cache_path(device))
+        if data is not None:
+            _loaded[device.type] = data
+    return _loaded.get(device.type)
+
+
+def reset() -> None:
+    """Forget the calibrations loaded in this process (tests; after changing the variable)."""
+    _loaded.clear()
+    _refreshed.clear()
+    _decisions.clear()
+
+
+# ------------------------------------------------------------------------------ measuring
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _first_tensor(out):
+    if isinstance(out, (tuple, list)):
+        return out[1] if len(out) == 3 else out[0]   # stats ops: the mean
+    return out
+
+
+def measure_point(op: str, cls: str, point: Sequence[int], device: torch.device,
+                  backends: Sequence[str], rounds: int = ROUNDS) -> Dict[str, object]:
+    """Median seconds of ``torch`` and each of ``backends`` at one grid point, alternating."""
+    from . import _backends
+    impls = _backends.implementations(op)
+    args = grid_args(op, cls, point, device)
+    names = ["torch"] + [b for b in backends if b != "torch"]
+    reference = _first_tensor(impls["torch"].fn(*args)).double()
+    times: Dict[str, List[float]] = {b: [] for b in names}
+    rejected = {}
+    for b in names[1:]:   # warm-up and agreement with the reference
+        try:
+            got = _first_tensor(impls[b].fn(*args)).double()
+            err = float((got - reference).norm() / reference.norm().clamp_min(1e-300))
+            if not err <= AGREE_RTOL:
+                rejected[b] = f"relative difference {err:.1e} from the reference"
+        except Exception as exc:  # a backend that fails here is simply not chosen
+            rejected[b] = f"{type(exc).__name__}: {exc}"[:200]
+    names = [b for b in names if b not in rejected]
+    for _ in range(rounds):
+        for b in names:
+            _sync(device)
+            start = time.perf_counter()
+            impls[b].fn(*args)
+            _sync(device)
+            times[b].append(time.perf_counter() - start)
+    out: Dict[str, object] = {"point": list(point),
+                              "seconds": {b: statistics.median(times[b]) for b in names}}
+    if rejected:
+        out["rejected"] = rejected
+    return out
+
+
+def calibrate_op(op: str, device: torch.device, backends: Sequence[str],
+                 rounds: int = ROUNDS, classes: Optional[Sequence[str]] = None
+                 ) -> Dict[str, List[dict]]:
+    """Measure ``op`` on the grids of ``classes`` (all by default); ``{class: [points]}``."""
+    result = {}
+    for cls, (_axes, values) in GRIDS[op].items():
+        if classes is not None and cls not in classes:
+            continue
+        points = [()]
+        for axis in values:
+            points = [p + (v,) for p in points for v in axis]
+        result[cls] = [measure_point(op, cls, p, device, backends, rounds) for p in points]
+    return result
+
+
+def _candidates(op: str, device: torch.device) -> List[str]:
+    from . import _backends
+    return [b for b, impl in _backends.implementations(op).items()
+            if b != "torch" and impl.auto_priority >= 0 and impl.available(device) is None]
+
+
+def calibrate(device: torch.device, ops: Optional[Sequence[str]] = None,
+              rounds: int = ROUNDS, save: bool = True,
+              classes: Optional[Sequence[str]] = None) -> dict:
+    """Measure every graded op that has a native backend on ``device`` (or ``ops``, and of
+    those only the shape ``classes`` given); cache and return the calibration."""
+    from . import _backends
+    device = torch.device(device)
+    data = _loaded.get(device.type) or _read(cache_path(device)) or {
+        "format": FORMAT, "device": device.type, "machine": machine_key(device), "ops": {}}
+    for op in ops or [o for o in GRIDS if o in _backends.registered_ops()]:
+        names = _candidates(op, device)
+        if not names:
+            continue
+        start = time.perf_counter()
+        entry = data["ops"].get(op)
+        if entry is None or classes is None or entry.get("backends") != names:
+            entry = data["ops"][op] = {"backends": names, "grid": {}, "calibration_s": 0.0}
+        entry["grid"].update(calibrate_op(op, device, names, rounds, classes))
+        entry["calibration_s"] = round(entry.get("calibration_s", 0.0)
+                                       + time.perf_counter() - start, 2)
+        data["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    _loaded[device.type] = data
+    _refreshed.add(device.type)
+    _decisions.clear()
+    if save:
+        _write(cache_path(device), data)
+    return data
+
+
+# ------------------------------------------------------------------------------ deciding
+def _interpolate(entries: List[dict], axes_values, feat: Sequence[float], backend: str):
+    """log(t_backend / t_torch) interpolated multilinearly in log space over the grid."""
+    table = {}
+    for e in entries:
+        secs = e["seconds"]
+        if backend in secs and "torch" in secs and secs["torch"] > 0 and secs[backend] > 0:
+            table[tuple(e["point"])] = math.log(secs[backend] / secs["torch"])
+    # per axis: the two bracketing grid values and the weight of the upper one
+    brackets = []
+    for values, x in zip(axes_values, feat):
+        values = sorted(values)
+        lx = math.log(max(float(x), 1e-9))
+        if lx <= math.log(values[0]):
+            brackets.append(((values[0], values[0]), 0.0))
+            continue
+        if lx >= math.log(values[-1]):
+            brackets.append(((values[-1], values[-1]), 0.0))
+            continue
+        for lo, hi in zip(values, values[1:]):
+            if math.log(lo) <= lx <= math.log(hi):
+                brackets.append(((lo, hi), (lx - math.log(lo)) / (math.log(hi) - math.log(lo))))
+                break
+    total = 0.0
+    for corner in range(1 << len(brackets)):
+        weight, point = 1.0, []
+        for i, ((lo, hi), w) in enumerate(brackets):
+            upper = (corner >> i) & 1
+            weight *= w if upper else 1.0 - w
+            point.append(hi if upper else lo)
+        if weight == 0.0:
+            continue
+        value = table.get(tuple(point))
+        if value is None:
+            return None
+        total += weight * value
+    return total
+
+
+def predicted_ratio(data: dict, op: str, backend: str, args: Sequence) -> Optional[float]:
+    """Predicted time of ``backend`` relative to the reference for this call (None: unknown)."""
+    entry = data.get("ops", {}).get(op)
+    feat = features(op, args)
+    if entry is None or feat is None:
+        return None
+    cls, values = feat
+    if cls not in GRIDS[op] or cls not in entry["grid"]:
+        return None
+    axes, grid_values = GRIDS[op][cls]
+    for axis, axis_values, x in zip(axes, grid_values, values):
+        if (op, axis) in NO_EXTRAPOLATION and x > max(axis_values):
+            return None
+    log_ratio = _interpolate(entry["grid"][cls], grid_values, values, backend)
+    return None if log_ratio is None else math.exp(log_ratio)
+
+
+_decisions: Dict[tuple, str] = {}   # (op, device, class, features, candidates, data) -> backend
+
+
+def choose(op: str, device: torch.device, candidates: Sequence[str], args: Sequence) -> str:
+    """The backend ``auto`` uses for this call: a candidate measured faster, else ``torch``."""
+    if not candidates or op not in GRIDS or mode() == "off":
+        return "torch"
+    data = current(device)
+    feat = features(op, args)
+    memo_key = (op, device.type, feat, tuple(candidates), id(data))
+    if data is not None and memo_key in _decisions:
+        return _decisions[memo_key]
+    cls = feat[0] if feat is not None else None
+    measured = data is not None and cls in data.get("ops", {}).get(op, {}).get("grid", {})
+    if not measured:
+        if mode() not in ("auto", "refresh", ""):
+            return "torch"   # a fixture without this op or class: the reference
+        # only the class this call needs (about a second on the 2-core CPU machine when idle)
+        _log.info("calibrating %s (%s) on %s for ULTRAEDIT_BACKEND=auto (once per machine; "
+                  "%s=off disables)", op, cls, device.type, ENV_VAR)
+        data = calibrate(device, [op], classes=[cls] if cls else None)
+    best, best_ratio = "torch", 1.0 - MARGIN
+    for b in candidates:
+        ratio = predicted_ratio(data, op, b, args)
+        if ratio is not None and ratio < best_ratio:
+            best, best_ratio = b, ratio
+    if len(_decisions) > 4096:   # shapes vary with every turn's row count: stay bounded
+        _decisions.clear()
+    _decisions[(op, device.type, feat, tuple(candidates), id(data))] = best
+    return best
+
+
+def describe(device: torch.device) -> Dict[str, object]:
+    """The calibration in use for ``device`` (no measuring): mode, file, per-op grid ratios."""
+    m = mode()
+    out: Dict[str, object] = {"mode": m, "margin": MARGIN}
+    if m == "off":
+        return out
+    out["file"] = m if m not in ("auto", "refresh", "") else cache_path(device)
+    data = current(device)
+    if data is None:
+        out["status"] = "not measured yet (runs at the first auto dispatch that needs it)"
+        return out
+    out["created"] = data.get("created")
+    ops = {}
+    for op, entry in data.get("ops", {}).items():
+        rows = {}
+        for cls, points in entry["grid"].items():
+            rows[cls] = [{"point": dict(zip(GRIDS.get(op, {}).get(cls, ((),))[0], p["point"])),
+                          "vs_torch": {b: round(s / p["seconds"]["torch"], 3)
+                                       for b, s in p["seconds"].items() if b != "torch"},
+                          **({"rejected": p["rejected"]} if p.get("rejected") else {})}
+                         for p in points]
+        ops[op] = {"backends": entry["backends"], "calibration_s": entry.get("calibration_s"),
+                   "grid": rows}
+    out["ops"] = ops
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m ultraedit_kernels.calibration",
+                                     description="Measure the dispatch calibration of this "
+                                                 "machine and cache it (replaces the cache).")
+    parser.add_argument("--device", action="append", default=None,
+                        help="cpu or cuda[:i] (default: cpu, and cuda when usable)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    args = parser.parse_args(argv)
+    devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    import ultraedit_kernels  # noqa: F401  (registers every op and optional backend)
+    for dev in devices:
+        device = torch.device(dev)
+        calibrate(device, rounds=args.rounds)
+        print(json.dumps(describe(device), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
