@@ -5,7 +5,7 @@ in ``tests/golden/``: the edited weights, the normalizer statistics, the key mem
 preserved keys, the fp32 delta record and the TurnReport numbers (not timings).
 
 Bit-identity is asserted when the machine's numerical fingerprint (CPU model, torch version and
-build configuration, backend selection, threads) equals the one stored with the recording.
+build configuration, backend selection and calibration) equals the one stored with the recording.
 On another machine BLAS kernels may round differently, so there every float tensor is compared
 with the tolerance rule below and every count exactly.
 
@@ -101,6 +101,8 @@ def fingerprint():
             "machine": platform.machine(), "torch": torch.__version__,
             "torch_config": hashlib.sha256(torch.__config__.show().encode()).hexdigest(),
             "backend": os.environ.get("ULTRAEDIT_BACKEND", "auto"),
+            # auto dispatch follows the machine's calibration unless it is off (the test default)
+            "calibration": os.environ.get("ULTRAEDIT_CALIBRATION", "auto"),
             "cpp_extension": _extension.unavailable_reason("cpu") is None}
 
 
