@@ -6,6 +6,7 @@ import torch
 from _state_common import one_thread  # noqa: F401 (autouse: one torch thread)
 from conftest import ue_tiny_model
 from fp64_reference import pseudo_values_fp64
+from tolerances import TOLERANCES
 from test_editor_hold_positions import Spy
 from ultraedit import UltraEditor, apply_delta
 
@@ -46,18 +47,12 @@ def test_float64_model_turns_save_export_and_roll_back(ue_tokenizer, tmp_path, k
 
 
 def test_float64_update_matches_the_float64_oracle(ue_tokenizer, monkeypatch):
-    from ultraedit_kernels import pseudo_values_op
-
     spy = Spy(monkeypatch)
     model = ue_tiny_model("llama", len(ue_tokenizer), seed=1).double()
     lr, ridge = 1e-3, 0.5
     ed = UltraEditor(model, ue_tokenizer, modules=CASES[0][1], lr=lr, ridge=ridge)
     ed.edit(REQUESTS * 2)  # 40 rows: dual for down_proj (d_in 48), primal for up_proj (d_in 32)
-    z = torch.ones(2, 1, dtype=torch.float64)
-    v64 = pseudo_values_op(z, z, torch.zeros(2, dtype=torch.float64),
-                           torch.ones(2, dtype=torch.float64), 1.0, 1e-8).dtype == torch.float64
-    # float64 through the solve; the pseudo-values are float64 where the backend computes them so
-    rtol = 1e-10 if v64 else 1e-6
+    rtol = TOLERANCES["dual"][torch.float64]   # float64 from the capture through the solve
     kinds = set()
     for call in spy.calls:
         k = call["k"]
