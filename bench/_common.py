@@ -183,3 +183,17 @@ def random_features(n: int, d_in: int, d_out: int, device, seed: int = 0, micro_
 
 def list_to_str(values: List) -> str:
     return ",".join(str(v) for v in values)
+
+
+def kernel_bytes_moved(op: str, n: int, d_in: int, d_out: int, elem: int) -> int:
+    """Bytes a fused kernel must move for ``n`` rows of ``d_in``/``d_out`` features of ``elem``
+    bytes each: its inputs once, its float32 output, and the float64 statistics it reads or
+    merges (the roofline's memory side)."""
+    d = d_in + d_out
+    if op == "pseudo_values":
+        return elem * n * d + 4 * n * d_out + 2 * 8 * d
+    if op in ("stats_update", "stats_update2"):
+        return elem * n * d + 4 * 8 * d
+    if op == "gram":
+        return elem * n * d_in + 4 * n * n
+    raise KeyError(op)

@@ -30,7 +30,7 @@ import ultraedit_kernels as uk  # noqa: F401  (registers every op and optional b
 from ultraedit_kernels import _backends
 from ultraedit_kernels.running_stats import EPS
 
-from _common import device_label, random_features, summarize
+from _common import device_label, kernel_bytes_moved, random_features, summarize
 from memory import measure_peak
 
 HAS_GPU = torch.cuda.is_available()
@@ -54,17 +54,6 @@ def copy_gbps(device):
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=5, rep=50, return_mode="median")
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
-
-
-def _bytes_moved(op, n, d_in, d_out, elem):
-    d = d_in + d_out
-    if op == "pseudo_values":
-        return elem * n * d + 4 * n * d_out + 2 * 8 * d
-    if op in ("stats_update", "stats_update2"):
-        return elem * n * d + 4 * 8 * d
-    if op == "gram":
-        return elem * n * d_in + 4 * n * n
-    raise KeyError(op)
 
 
 def _make_call(op, impl, n, d_in, d_out, dtype, device):
@@ -110,7 +99,7 @@ def test_kernel(benchmark, device, copy_gbps, session_results, op, impl, dtype_n
              "device": device_label(device), "d_in": d_in, "d_out": d_out, "n": n,
              "peak_bytes": peak, "peak_method": method, "timer": "triton.testing.do_bench"}
     extra.update(summarize([t * 1e-3 for t in times_ms]))
-    moved = _bytes_moved(op, n, d_in, d_out, torch.empty((), dtype=dtype).element_size())
+    moved = kernel_bytes_moved(op, n, d_in, d_out, torch.empty((), dtype=dtype).element_size())
     extra["bytes_moved"] = moved
     extra["gbps"] = moved / extra["median_s"] / 1e9
     extra["copy_gbps"] = copy_gbps

@@ -270,21 +270,15 @@ def step_gpu_tests(args, deadline: Deadline) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ kernels
-def _bytes_moved(op, n, d_in, d_out, elem):
-    d = d_in + d_out
-    if op == "pseudo_values":
-        return elem * n * d + 4 * n * d_out + 2 * 8 * d
-    if op in ("stats_update", "stats_update2"):
-        return elem * n * d + 4 * 8 * d
-    return elem * n * d_in + 4 * n * n      # gram
-
-
 def step_kernels(args, deadline: Deadline) -> Dict[str, Any]:
     import torch
     import ultraedit_kernels  # noqa: F401  (registers every op)
     import ultraedit_kernels.stats_update2  # noqa: F401
     from ultraedit_kernels import _backends
     from ultraedit_kernels.running_stats import EPS
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from _common import kernel_bytes_moved
 
     device = _device(args.cpu_smoke)
     if args.cpu_smoke:
@@ -334,7 +328,7 @@ def step_kernels(args, deadline: Deadline) -> Dict[str, Any]:
                             "stats_update2": lambda fn=fn: fn(keys, grads, count, mean, m2, False),
                             "gram": lambda fn=fn: fn(keys, 1.0, True),
                         }[op]
-                    moved = _bytes_moved(op, n, d_in, d_out, keys.element_size())
+                    moved = kernel_bytes_moved(op, n, d_in, d_out, keys.element_size())
                     row["bytes_moved"] = moved
                     results = {}
                     for impl, call in calls.items():

@@ -90,6 +90,13 @@ def default_threads() -> Optional[int]:
     return 1 if busy else None
 
 
+def add_machine_options(p) -> None:
+    """``--threads`` and ``--no-progress``, which every long-running subcommand takes."""
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, or 1 on a busy CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def check_threads(threads: Optional[int]) -> None:
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")

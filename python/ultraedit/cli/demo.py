@@ -15,8 +15,8 @@ import sys
 import time
 from typing import Any, Dict
 
-from ._common import (EXIT_INTERRUPTED, UsageError, check_output_paths, check_threads, error, fmt,
-                      peak_rss_bytes, set_threads, split_csv, write_json)
+from ._common import (EXIT_INTERRUPTED, UsageError, add_machine_options, check_output_paths,
+                      check_threads, error, fmt, peak_rss_bytes, set_threads, split_csv, write_json)
 from .options import add_method_options, build_editor, resolve, resolved_config
 
 DEMO_RELATIONS = ("capital", "language")   # = ultraedit.eval.DEMO_RELATIONS, without importing it
@@ -35,9 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--relations", default=None,
                    help=f"comma-separated offline relations ({','.join(DEMO_RELATIONS)})")
     add_method_options(p)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's, or 1 on a busy CPU)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_machine_options(p)
     p.set_defaults(func=main)
 
 

@@ -30,8 +30,9 @@ import sys
 import time
 from typing import Any, Dict, List
 
-from ._common import (EXIT_INTERRUPTED, UsageError, check_output_paths, check_threads, error, fmt,
-                      machine, peak_rss_bytes, set_threads, split_csv, write_json)
+from ._common import (EXIT_INTERRUPTED, UsageError, add_machine_options, check_output_paths,
+                      check_threads, error, fmt, machine, peak_rss_bytes, set_threads, split_csv,
+                      write_json)
 from .options import add_method_options, build_editor, resolve, resolved_config
 
 DATA_FORMATS = ("auto", "zsre", "counterfact", "fever", "wikibigedit", "ultraeditbench",
@@ -80,9 +81,7 @@ def add_parser(sub) -> None:
                    help="peft: truncate the adapter to this rank (the error is reported); "
                         "default exact")
     p.add_argument("--seed", type=int, default=0, help="fact selection / torch seed (0)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's, or 1 on a busy CPU)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_machine_options(p)
     p.set_defaults(func=main)
 
 
