@@ -55,6 +55,15 @@ def ue_tokenizer():
     return ue_make_tokenizer(with_bos=True)
 
 
+@_ue_pytest.fixture
+def ue_padded_tokenizer():
+    """A fresh tokenizer with ``<pad>`` as its pad token, for tests that pad batches themselves
+    (the shared ``ue_tokenizer`` has none: the editor's own fallback to EOS is tested on it)."""
+    tok = ue_make_tokenizer(with_bos=True)
+    tok.pad_token = "<pad>"
+    return tok
+
+
 @_ue_pytest.fixture(scope="session")
 def ue_tokenizer_nobos():
     return ue_make_tokenizer(with_bos=False)

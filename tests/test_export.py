@@ -19,11 +19,6 @@ OTHER = ["A quiet morning in the hills", "The river flows to the"]
 PAPER = dict(positions="answer", steps=1, hold_done=False, memory=0, preserve=0, protect_mean=0)
 
 
-def _tok(tok):
-    tok.pad_token = tok.pad_token or "<pad>"
-    return tok
-
-
 def _edited(tok, **kw):
     model = ue_tiny_model("llama", len(tok), seed=3)
     editor = UltraEditor(model, tok, modules=MODULES, lr=5e-2, micro_batch=2, **PAPER, **kw)
@@ -38,9 +33,10 @@ def _logits(model, tok, prompts):
         return model(**batch).logits
 
 
-def test_peft_adapter_from_the_editor_reproduces_the_edited_model(tmp_path, ue_tokenizer, capsys):
+def test_peft_adapter_from_the_editor_reproduces_the_edited_model(tmp_path, ue_padded_tokenizer,
+                                                                  capsys):
     peft = pytest.importorskip("peft")
-    tok = _tok(ue_tokenizer)
+    tok = ue_padded_tokenizer
     editor = _edited(tok, accumulate=True)      # the journal's fp32 record of Δ is exported
     out = editor.export_delta(tmp_path / "adapter", format="peft")
     printed = capsys.readouterr().out
@@ -59,9 +55,10 @@ def test_peft_adapter_from_the_editor_reproduces_the_edited_model(tmp_path, ue_t
     assert rel_err(_logits(editor.model, tok, EDITED), before) > 1e-3   # the edit is visible
 
 
-def test_truncated_adapter_stays_within_the_reported_error(tmp_path, ue_tokenizer, capsys):
+def test_truncated_adapter_stays_within_the_reported_error(tmp_path, ue_padded_tokenizer,
+                                                          capsys):
     peft = pytest.importorskip("peft")
-    tok = _tok(ue_tokenizer)
+    tok = ue_padded_tokenizer
     editor = _edited(tok, accumulate=True)
     editor.export_delta(tmp_path / "r1", format="peft", rank=1)
     summary = json.loads((tmp_path / "r1" / EXPORT_SUMMARY).read_text())
@@ -77,10 +74,10 @@ def test_truncated_adapter_stays_within_the_reported_error(tmp_path, ue_tokenize
                                                                             rel=1e-3)
 
 
-def test_merged_checkpoint_reloads_to_the_same_weights(tmp_path, ue_tokenizer):
+def test_merged_checkpoint_reloads_to_the_same_weights(tmp_path, ue_padded_tokenizer):
     import transformers as tf
 
-    tok = _tok(ue_tokenizer)
+    tok = ue_padded_tokenizer
     editor = _edited(tok)
     out = tmp_path / "merged"
     editor.export_delta(out, format="merged", max_shard_size="40KB")
@@ -96,9 +93,9 @@ def test_merged_checkpoint_reloads_to_the_same_weights(tmp_path, ue_tokenizer):
     assert json.loads((out / EXPORT_SUMMARY).read_text())["format"] == "merged"
 
 
-def test_export_refuses_a_folder_that_is_not_ours_before_any_work(tmp_path, ue_tokenizer,
+def test_export_refuses_a_folder_that_is_not_ours_before_any_work(tmp_path, ue_padded_tokenizer,
                                                                    monkeypatch):
-    tok = _tok(ue_tokenizer)
+    tok = ue_padded_tokenizer
     editor = _edited(tok)
     theirs = tmp_path / "theirs"
     theirs.mkdir()

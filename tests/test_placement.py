@@ -73,9 +73,8 @@ def _sha(path):
                                         ("disk", torch.float32),
                                         ("device_map", torch.float32),
                                         ("disk", torch.bfloat16)])
-def test_offloaded_edit_equals_the_unsplit_edit(tmp_path, ue_tokenizer, kind, dtype):
-    tok = ue_tokenizer
-    tok.pad_token = tok.pad_token or "<pad>"
+def test_offloaded_edit_equals_the_unsplit_edit(tmp_path, ue_padded_tokenizer, kind, dtype):
+    tok = ue_padded_tokenizer
     ref = ue_tiny_model("llama", len(tok), seed=3).to(dtype)
     base_logits = _logits(ref, tok)
     ref_editor = _editor(ref, tok)
@@ -132,10 +131,9 @@ def test_offloaded_edit_equals_the_unsplit_edit(tmp_path, ue_tokenizer, kind, dt
 
 
 @pytest.mark.parametrize("kind", ["cpu", "disk"])
-def test_a_failed_turn_leaves_offloaded_weights_unchanged(tmp_path, ue_tokenizer, kind,
+def test_a_failed_turn_leaves_offloaded_weights_unchanged(tmp_path, ue_padded_tokenizer, kind,
                                                           monkeypatch):
-    tok = ue_tokenizer
-    tok.pad_token = tok.pad_token or "<pad>"
+    tok = ue_padded_tokenizer
     model = _offloaded(kind, tok, tmp_path)
     editor = _editor(model, tok, accumulate=False)
     editor.edit(TURNS[0])
@@ -184,11 +182,10 @@ def test_an_uneditable_placement_fails_before_anything(ue_tokenizer, monkeypatch
 
 
 @pytest.mark.parametrize("kind", ["cpu", "disk"])
-def test_apply_delta_and_load_state_onto_an_offloaded_base(tmp_path, ue_tokenizer, kind):
+def test_apply_delta_and_load_state_onto_an_offloaded_base(tmp_path, ue_padded_tokenizer, kind):
     from ultraedit import apply_delta
 
-    tok = ue_tokenizer
-    tok.pad_token = tok.pad_token or "<pad>"
+    tok = ue_padded_tokenizer
     ref = ue_tiny_model("llama", len(tok), seed=3)
     ref_editor = _editor(ref, tok)
     ref_editor.edit(TURNS[0])
