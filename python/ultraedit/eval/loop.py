@@ -126,7 +126,9 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                    "final": None})
     result.setdefault("timing", {})
     steps = int(_editor_setting(editor, "steps", 1))
-    micro_batch = int(_editor_setting(editor, "micro_batch", 10))
+    micro_batch = _editor_setting(editor, "micro_batch", 10)
+    # "auto": as many as fit, the whole turn when it does (the bar counts forwards)
+    micro_batch = max(1, edits_per_turn) if micro_batch == "auto" else int(micro_batch)
     try:
         t0 = time.perf_counter()
         ref_generation = (generation and eval_end) or turn_generation
