@@ -228,3 +228,16 @@ def test_a_model_the_plan_cannot_read_falls_back_to_ten(ue_tokenizer, monkeypatc
     with pytest.warns(UserWarning, match="cannot predict this model's memory"):
         assert ed.edit(_requests(23)).micro_batch == 10
     assert isinstance(ed.sizer, MicroBatchSizer) and ed.sizer.last_plan is None
+
+
+def test_the_lifelong_loop_runs_an_auto_editor(ue_tokenizer):
+    from ultraedit.data import offline_facts
+    from ultraedit.eval import lifelong_run
+
+    records = offline_facts(("capital",), seed=0, limit=12, n_locality=1, n_paraphrases=1)
+    model = ue_tiny_model("llama", len(ue_tokenizer))
+    ed = UltraEditor(model, ue_tokenizer, modules=MODULES["llama"], micro_batch="auto")
+    out = lifelong_run(model, ue_tokenizer, records, ed, turns=2, edits_per_turn=6,
+                       eval_end=False, progress=False)
+    assert out["status"] == "done" and [t["edits"] for t in out["turns"]] == [6, 6]
+    assert [t["micro_batch"] for t in out["turns"]] == [6, 6]

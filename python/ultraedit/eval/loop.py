@@ -165,7 +165,8 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                     "tokens": rep.n_tokens, "loss": rep.loss, "fwd_bwd_s": rep.fwd_bwd_s,
                     "editor_s": rep.editor_s, "turn_s": rep.turn_s, "peak_bytes": rep.peak_bytes,
                     "peak_source": rep.peak_source, "capture_bytes": rep.capture_bytes,
-                    "steps_run": rep.steps_run, "n_predicted": rep.n_predicted}
+                    "steps_run": rep.steps_run, "n_predicted": rep.n_predicted,
+                    "micro_batch": getattr(rep, "micro_batch", None)}
                 post = {"edits/s": f"{len(chunk) / rep.turn_s:.1f}" if rep.turn_s > 0 else "inf"}
                 if eval_every:
                     te = time.perf_counter()
