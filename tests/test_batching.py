@@ -23,6 +23,8 @@ FACTS = [("The capital of France is", "Rome", "France"),
          ("The currency of Japan is the", "euro", "Japan"),
          ("Berlin is in", "Italy", "Berlin")]
 F64 = dict(rtol=1e-10, atol=1e-12)
+pytestmark = pytest.mark.filterwarnings("ignore:edit requests carry subjects",
+                                        "ignore:prompt .* targets in one turn")
 
 
 def _requests(n):
@@ -257,3 +259,18 @@ def test_bf16_weights_agree_with_the_ten_request_path_to_rounding(ue_tokenizer):
         d10, dauto = (ed.journal.current_delta(n).float() for ed in eds)
         assert d10.abs().max() > 0
         assert (dauto - d10).norm() <= 0.05 * d10.norm()
+
+
+@pytest.mark.parametrize("positions", ["answer", "subject"])
+def test_held_requests(positions, ue_tokenizer):
+    """hold_done with requests the model already predicts (a bias on one word's logit): the
+    held rows, the early end and every number agree with the 10-request path."""
+    from test_editor_hold_positions import force_prediction
+
+    ref, auto = _pair("llama", ue_tokenizer, steps=3, hold_done=True, positions=positions)
+    word = {force_prediction(ed.model, ue_tokenizer) for ed in (ref, auto)}.pop()
+    reqs = [dict(r, target=word) if i % 3 == 0 else r for i, r in enumerate(_requests(23))]
+    rows_ref, rows_auto = _recording(ref), _recording(auto)
+    reports = [(ref.edit(reqs), auto.edit(reqs))]
+    assert reports[0][0].n_predicted == 8 and reports[0][1].micro_batch == 23
+    _assert_same(ref, auto, rows_ref, rows_auto, reports)
