@@ -8,11 +8,12 @@ loss is
     L = Σ_b (1/T_b) Σ_{t∈b} CE_t
 
 over the paper's groups ``b`` of 10 consecutive requests of the turn (``T_b``: the group's
-answer tokens; ``ultraedit.turn.loss_weights``; :func:`weighted_forward_backward`). The requests of a batch are independent
-sequences (right padding, causal attention, no weight gradient), so the gradient of ``L`` with
-respect to a module's output at an answer position of group ``b`` is ``(1/T_b) ∂CE_t/∂out``:
-exactly what the 10-request path captures, for any ``F``. The reported loss is
-``Σ_b mean_b / n_groups``, the 10-request path's too.
+answer tokens; weights from ``ultraedit.turn.loss_weights``, loss and backward in
+:func:`weighted_forward_backward`). The requests of a batch are independent sequences (right
+padding, causal attention, no weight gradient), so the gradient of ``L`` with respect to a
+module's output at an answer position of group ``b`` is ``(1/T_b) ∂CE_t/∂out``: exactly what
+the 10-request path captures, for any ``F``, also when a group spans several forwards. The
+reported loss is ``Σ_b mean_b / n_groups``, the 10-request path's too.
 
 ``F`` is the largest of the whole turn, the multiples of 10 below it and (``compat="fixed"``
 only) 5, 2 and 1 whose predicted peak (:func:`ultraedit.plan.plan_turn` on the actual requests'
@@ -21,7 +22,7 @@ the model's weights plus 85% of the free memory (CUDA: ``torch.cuda.mem_get_info
 allocator's cached free blocks of the devices the model uses; CPU: the available RAM of
 ``/proc/meminfo``, else 8 GiB). A group never straddles two forwards, so ``compat="official"``
 (whose smallest ``F`` is 10) still merges its statistics group by group, in its length-sorted
-order. The budget counts the delta record and rollback history as if they were still to be
+order (:func:`group_parts`). The budget counts the delta record and rollback history as if they were still to be
 allocated: conservative by their size after the first turn.
 """
 
