@@ -38,18 +38,20 @@ def test_method_flags_are_the_config_fields(command, tmp_path):
     for f in dataclasses.fields(EditConfig):
         assert "--" + f.name.replace("_", "-") in flags, f.name
     (tmp_path / "subjects.txt").write_text("Paris\nJapan\n")
-    args = parser.parse_args([command, "--lr", "2e-5", "--ridge", "3", "--micro-batch", "4",
+    args = parser.parse_args([command, "--lr", "2e-5", "--ridge", "3", "--micro-batch", "auto",
                               "--compat", "fixed", "--normalizer", "module", "--accumulate",
                               "false", "--history", "2", "--protect-mean", "0.5", "--steps", "3",
                               "--hold-done", "--positions", "subject", "--memory", "1",
                               "--preserve", "0.3", "--preserve-subjects",
                               f"@{tmp_path / 'subjects.txt'}", "--preserve-contexts",
-                              "{s} is,I saw {s}", "--modules", "x.y,re:z"])
+                              "{s} is,I saw {s}", "--modules", "x.y,re:z",
+                              "--memory-budget-gib", "6"])
     given = given_options(args)
     assert set(given) == set(EditConfig.field_names()) - {"delta_device"}
     cfg = EditConfig.from_dict(given)
     assert cfg.preserve_subjects == ("Paris", "Japan") and cfg.accumulate is False
     assert cfg.preserve_contexts == ("{s} is", "I saw {s}") and cfg.modules == ("x.y", "re:z")
+    assert cfg.micro_batch == "auto" and cfg.memory_budget_gib == 6.0
 
 
 @pytest.mark.parametrize("args, needle", [

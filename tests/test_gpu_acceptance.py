@@ -98,7 +98,13 @@ def test_cpu_smoke_turns_against_the_paper_path(tmp_path):
             assert _finite(q[f]) and q[f] > 0, (t["step"], f)
         assert 0.5 < q["plan_vs_measured"] < 2.0
         assert t["plan"]["items"] and t["modules"] and t["settings"]["lr"] == 1e-6
-    assert "## One lifelong turn" in (tmp_path / "acceptance.md").read_text()
+        a = t["auto"]       # micro_batch="auto" beside the 10-request turn
+        assert a["micro_batch"] == t["edits"] and a["rounds"] == 2, (t["step"], a)
+        for f in ("turn_s", "fwd_bwd_s", "edits_per_s", "throughput_gain_vs_10",
+                  "fwd_bwd_gain_vs_10", "peak_ratio_vs_10", "plan_vs_measured"):
+            assert _finite(a[f]) and a[f] > 0, (t["step"], f)
+    md = (tmp_path / "acceptance.md").read_text()
+    assert "## One lifelong turn" in md and 'micro_batch="auto" beside' in md
 
 
 def test_failed_and_overrunning_steps_are_recorded(tmp_path):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "python" / "ultraedit"
 CORE = ["config", "solver", "state", "serialization", "checkpoint", "turn", "editor", "hooks",
-        "tokenization", "modules", "models", "preserve", "placement"]
+        "tokenization", "modules", "models", "preserve", "placement", "batching", "plan"]
 
 
 def imports(name):

@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 __all__ = ["EditConfig", "resolve_config", "model_fingerprint", "preset_names", "PAPER_LR", "BEYOND_PAPER",
-           "FINGERPRINT_KEYS"]
+           "FINGERPRINT_KEYS", "PAPER_MICRO_BATCH"]
 
 PAPER_LR = 1e-6
+# the paper's micro-batch: its loss is the mean over each group of 10 requests' answer tokens
+PAPER_MICRO_BATCH = 10
 # the options beyond the paper's method (all off in EditConfig.paper())
 BEYOND_PAPER = ("protect_mean", "steps", "hold_done", "positions", "memory", "preserve")
 FINGERPRINT_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
@@ -75,7 +77,13 @@ class EditConfig:
               "choice for the capture positions, ultraedit.modules)", cli_type="list")
     lr: float = _opt(PAPER_LR, "pseudo-value step: V = -lr * ||k^||^2 * g^ (the paper: 1e-6)")
     ridge: float = _opt(1.0, "ridge lambda of the least squares (the paper: 1)")
-    micro_batch: int = _opt(10, "requests per forward+backward (the paper: 10)")
+    micro_batch: Union[int, str] = _opt(
+        PAPER_MICRO_BATCH, "requests per forward+backward (the paper: 10), or 'auto': the largest "
+        "number whose predicted peak fits memory_budget_gib (ultraedit.plan), each forward's "
+        "loss weighted so the gradients equal the paper's 10-request means")
+    memory_budget_gib: Optional[float] = _opt(
+        None, "GiB a turn may use with micro_batch='auto' (default: the model's weights plus "
+              "85% of the free memory: the CUDA devices' free memory, or the available RAM)")
     compat: str = _opt("fixed", "'fixed' (the reference code's bugs fixed) or 'official' (its "
                                 "numerics: length-sorted requests, per-micro-batch statistics)",
                        choices=("fixed", "official"))
@@ -122,9 +130,16 @@ class EditConfig:
         if self.normalizer not in ("shape", "module"):
             raise ValueError(f"normalizer must be 'shape' or 'module', got {self.normalizer!r}")
         mb = self.micro_batch
-        if isinstance(mb, bool) or not isinstance(mb, (int, float)) or int(mb) != mb or mb < 1:
-            raise ValueError(f"micro_batch must be a positive integer, got {mb!r}")
-        set_("micro_batch", int(mb))
+        if mb != "auto":
+            if isinstance(mb, bool) or not isinstance(mb, (int, float)) or int(mb) != mb or mb < 1:
+                raise ValueError(f"micro_batch must be a positive integer or 'auto', got {mb!r}")
+            set_("micro_batch", int(mb))
+        if self.memory_budget_gib is not None:
+            set_("memory_budget_gib", _check_number("memory_budget_gib", self.memory_budget_gib,
+                                                    positive=True))
+            if mb != "auto":
+                warnings.warn("memory_budget_gib has no effect unless micro_batch='auto'",
+                              stacklevel=3)
         try:
             lr = float(self.lr)
         except (TypeError, ValueError):

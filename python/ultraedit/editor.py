@@ -3,10 +3,10 @@
 One turn (``UltraEditor.edit(requests)``), for requests ``(prompt, target)``:
 
 1. **Tokenize** (``ultraedit.turn.encode_turn``): answer positions are those whose label (the
-   next token) is a target token; micro-batches of ``micro_batch`` requests.
+   next token) is a target token; micro-batches of ``micro_batch`` requests (or ``"auto"``).
 2. **Capture**: per micro-batch a forward, the mean cross-entropy over its answer tokens (the
-   paper's loss) and a backward. Hooks (``ultraedit.hooks``) take, for every edited module
-   ``m`` (d_in -> d_out), its inputs ``K_m`` (n x d_in) and the gradients of the loss w.r.t.
+   paper's loss; ``"auto"``: ``ultraedit.batching``) and a backward. Hooks take, for every
+   edited module ``m`` (d_in -> d_out), its inputs ``K_m`` (n x d_in) and the gradients of the loss w.r.t.
    its outputs ``G_m`` (n x d_out) at the answer positions (or at the subject's last token,
    ``positions="subject"``); no weight gradient is computed.
 3. **Statistics**: one ``RunningStats`` of ``z = [k ; g]`` per weight shape (the paper;
@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from ultraedit_kernels._profiling import nvtx_range
 
-from .config import EditConfig, resolve_config
+from .batching import MicroBatchSizer, group_parts, weighted_forward_backward
+from .config import PAPER_MICRO_BATCH, EditConfig, resolve_config
 from .hooks import CaptureSession, check_editable
 from .modules import module_dims, module_layout, resolve_modules
 from .placement import weight_slots
@@ -84,6 +85,7 @@ class UltraEditor:
                                    device=cfg.delta_device, history=cfg.history, slots=slots)
         self._max_length = context_length(model)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.sizer = MicroBatchSizer(self) if cfg.micro_batch == "auto" else None
         self.preserve_s = 0.0
         if cfg.preserve > 0:  # keys of the preserved subjects, from the model as it is now
             from .preserve import capture_preserved
@@ -116,7 +118,7 @@ class UltraEditor:
         cfg = self.config
         meter = TurnMeter(self.model)
         reqs, batches = prepare_turn(self.tokenizer, requests, cfg, input_device(self.model),
-                                     self._max_length)
+                                     self._max_length, self.sizer)
         # this turn's subjects: their preserved keys are left out (they are meant to change)
         subjects = frozenset(r.subject for r in reqs if r.subject)
         priors: Dict[str, Optional[Prior]] = {}
@@ -142,13 +144,14 @@ class UltraEditor:
                     self.state.memory.setdefault(name, KeyMemory(k.shape[1], k.device)).add(k)
             self.state.turns += 1
         peak, source = meter.peak(capture_bytes, keys)
+        groups = -(-len(reqs) // (PAPER_MICRO_BATCH if self.sizer else cfg.micro_batch))  # loss
         turn_s = meter.elapsed()
         return TurnReport(turn=self.turns, n_edits=len(reqs), n_tokens=n_tokens,
                           n_modules=len(self.modules), fwd_bwd_s=meter.fwd_bwd,
                           editor_s=turn_s - meter.fwd_bwd, turn_s=turn_s, peak_bytes=int(peak),
                           peak_source=source, capture_bytes=int(capture_bytes),
-                          loss=loss / len(batches), modules=list(self.modules),
-                          steps_run=steps_run, n_predicted=n_predicted)
+                          loss=loss / groups, modules=list(self.modules), steps_run=steps_run,
+                          n_predicted=n_predicted, micro_batch=batches[0]["labels"].shape[0])
 
     def _capture(self, batches, meter: TurnMeter, first: bool):
         """One forward/backward per micro-batch: ``(parts, n_predicted, hold, (loss, tokens))``
@@ -167,8 +170,8 @@ class UltraEditor:
                 loss, predicted = meter.run(lambda: self._forward_backward(batch))
                 if first:
                     loss_sum += float(loss)
-                for name, kg in cap.pop().items():
-                    parts[name].append(kg)
+                for name, kg in cap.pop().items():  # official: statistics per group of 10
+                    parts[name] += group_parts(kg, batch, mask)
                 predictions.append(predicted)
                 if self.config.hold_done:
                     predicted = predicted.to(mask.device)
@@ -181,6 +184,8 @@ class UltraEditor:
         """Mean cross-entropy over the answer tokens (backpropagated; returned detached), and
         which requests (B bool) the model already predicts: teacher-forced argmax equal to the
         target at every answer position."""
+        if "loss_weight" in batch:  # micro_batch="auto": the paper's groups' losses
+            return weighted_forward_backward(self.model, batch)
         labels = batch["labels"]
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                   "use_cache": False}

@@ -51,7 +51,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-__all__ = ["plan_turn", "request_shape", "TurnPlan", "PlanItem", "BUILTIN_CONFIGS",
+__all__ = ["plan_turn", "request_shape", "request_lengths", "TurnPlan", "PlanItem", "BUILTIN_CONFIGS",
            "load_config", "main"]
 
 GiB = 1 << 30
@@ -175,15 +175,29 @@ def _dtype_name(dtype) -> str:
     return _DTYPES[text]
 
 
+_EMPTY_MODELS: Dict[Any, Any] = {}
+
+
 def _empty_model(cfg, dtype_name: str):
-    """The architecture with its parameters on the meta device (no memory), in ``dtype``."""
+    """The architecture with its parameters on the meta device (no memory), in ``dtype``; the
+    last few are kept (``micro_batch="auto"`` plans every turn on the same model)."""
     import torch
     import transformers as tf
     from accelerate import init_empty_weights
 
+    try:
+        key = (type(cfg).__name__, cfg.to_json_string(use_diff=False), dtype_name)
+    except (TypeError, ValueError, AttributeError):   # a config that does not serialize
+        key = None
+    if key is not None and key in _EMPTY_MODELS:
+        return _EMPTY_MODELS[key]
     with init_empty_weights():
         model = tf.AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype_name))
     model.tie_weights()   # tied embeddings are one tensor (counted once)
+    if key is not None:
+        if len(_EMPTY_MODELS) >= 4:
+            _EMPTY_MODELS.pop(next(iter(_EMPTY_MODELS)))
+        _EMPTY_MODELS[key] = model
     return model
 
 
@@ -203,22 +217,38 @@ def _layer_of(name: str):
     return (int(m.group(1)), m.group(2)) if m else (None, name)
 
 
-def request_shape(tokenizer, requests, micro_batch: int = 10) -> Dict[str, Any]:
-    """``{"answer_tokens", "seq_len", "logit_columns"}`` of actual requests, as the editor
-    tokenizes them in micro-batches of ``micro_batch`` (to pass to :func:`plan_turn`)."""
-    from .editor import EditRequest
-    from .tokenization import encode_edit_batch
+def request_lengths(tokenizer, requests) -> List[tuple]:
+    """``(prompt_tokens, target_tokens)`` of each request as the editor tokenizes it
+    (``ultraedit.tokenization.encode_request``, special prefix included)."""
+    from .tokenization import encode_request, special_prefix
+    from .turn import EditRequest
 
-    reqs = [EditRequest.coerce(r) for r in requests]
+    prefix = special_prefix(tokenizer)
+    out = []
+    for r in (EditRequest.coerce(r) for r in requests):
+        p_ids, t_ids = encode_request(tokenizer, r.prompt, r.target, prefix)
+        out.append((len(p_ids), len(t_ids)))
+    return out
+
+
+def request_shape(tokenizer, requests, micro_batch: int = 10,
+                  lengths: Optional[Sequence[tuple]] = None) -> Dict[str, Any]:
+    """``{"answer_tokens", "seq_len", "logit_columns"}`` of actual requests, as the editor
+    tokenizes them in micro-batches of ``micro_batch`` (to pass to :func:`plan_turn`).
+
+    A request of ``P`` prompt and ``T`` target tokens is ``P + T - 1`` tokens long with answer
+    positions ``P-1 .. P+T-2`` (right padded): ``answer_tokens`` is the mean ``T``, ``seq_len``
+    the longest request, ``logit_columns`` the largest union of a micro-batch's answer
+    positions. ``lengths``: :func:`request_lengths` of the requests, if already known."""
+    if lengths is None:
+        lengths = request_lengths(tokenizer, requests)
     answer, seq, cols = 0, 0, 0
-    for i in range(0, len(reqs), micro_batch):
-        chunk = reqs[i:i + micro_batch]
-        batch = encode_edit_batch(tokenizer, [r.prompt for r in chunk], [r.target for r in chunk])
-        mask = batch["labels"] != -100
-        answer += int(mask.sum())
-        seq = max(seq, int(mask.shape[1]))
-        cols = max(cols, int(mask.any(0).sum()))
-    return {"answer_tokens": answer / max(1, len(reqs)), "seq_len": seq, "logit_columns": cols}
+    for i in range(0, len(lengths), micro_batch):
+        chunk = lengths[i:i + micro_batch]
+        answer += sum(t for _, t in chunk)
+        seq = max(seq, max(p + t - 1 for p, t in chunk))
+        cols = max(cols, len({c for p, t in chunk for c in range(p - 1, p + t - 1)}))
+    return {"answer_tokens": answer / max(1, len(lengths)), "seq_len": seq, "logit_columns": cols}
 
 
 # ------------------------------------------------------------------------------ the plan

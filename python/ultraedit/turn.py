@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from .config import PAPER_MICRO_BATCH
 from .tokenization import (encode_edit_batch, encode_request, shown, special_prefix,
                            subject_token_index)
 
@@ -70,7 +71,8 @@ class TurnReport:
     logits + the captured rows and solver workspace of the turn. Either counts tensors only:
     not the allocator's cached or freed memory, the interpreter, the tokenizer or libraries, so
     a process's resident memory grows by more. ``capture_bytes``: the largest step's captured
-    keys and gradients plus its solved factors.
+    keys and gradients plus its solved factors. ``micro_batch``: requests per forward pass (the
+    last one may hold fewer); with ``micro_batch="auto"`` the size the memory budget allowed.
     """
 
     turn: int
@@ -87,23 +89,33 @@ class TurnReport:
     modules: List[str] = field(default_factory=list)
     steps_run: int = 1
     n_predicted: int = 0
+    micro_batch: int = 0
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def prepare_turn(tokenizer, requests, config, device, max_length):
+def prepare_turn(tokenizer, requests, config, device, max_length, sizer=None):
     """``(requests, micro-batches)`` of a turn: each request coerced (:meth:`EditRequest.coerce`),
     in the reference code's order with ``compat="official"``, tokenized (:func:`encode_turn`).
-    Warns about subjects that are not used (``positions="answer"``) and about a prompt given
-    two targets in one turn."""
+    With ``micro_batch="auto"``, ``sizer(tokenizer, requests)`` gives the requests per forward
+    and each batch carries the paper's loss weights (:func:`loss_weights`). Warns about
+    subjects that are not used (``positions="answer"``) and about a prompt given two targets in
+    one turn."""
     reqs = [EditRequest.coerce(r) for r in requests]
     if not reqs:
         raise ValueError("edit() needs at least one request")
     if config.compat == "official":
         reqs = official_order(tokenizer, reqs)
-    batches = encode_turn(tokenizer, reqs, config.micro_batch, config.positions, device,
-                          max_length)
+    if config.micro_batch == "auto":
+        if sizer is None:
+            raise ValueError("micro_batch='auto' needs a sizer (UltraEditor makes one)")
+        batches = encode_turn(tokenizer, reqs, int(sizer(tokenizer, reqs)), config.positions,
+                              device, max_length)
+        loss_weights(batches, PAPER_MICRO_BATCH, index=config.compat == "official")
+    else:
+        batches = encode_turn(tokenizer, reqs, config.micro_batch, config.positions, device,
+                              max_length)
     if config.positions == "answer" and any(r.subject is not None for r in reqs):
         warnings.warn("edit requests carry subjects, but keys are captured at the answer "
                       "positions (positions='answer'): the subjects are not used", stacklevel=3)
@@ -132,6 +144,26 @@ def encode_turn(tokenizer, reqs: List[EditRequest], micro_batch: int, positions:
             chunk = index[b * micro_batch:(b + 1) * micro_batch]
             batch["subject_index"] = torch.tensor(chunk, dtype=torch.long, device=device)
     return batches
+
+
+def loss_weights(batches: List[Dict[str, torch.Tensor]], group: int, index: bool = False) -> None:
+    """Give every batch ``loss_weight`` (B, float64): ``w_r = 1 / T_b`` for each request ``r``
+    of the turn's group ``b`` of ``group`` consecutive requests, ``T_b`` the group's answer
+    tokens, so that a forward's loss ``Σ_r w_r Σ_{t∈r} CE_t = Σ_b (1/T_b) Σ_{t∈b} CE_t`` has
+    the gradients of the paper's per-micro-batch mean losses (requests are independent rows
+    of a batch). ``index``: also ``group_index`` (B long), each request's group counted from 0
+    per batch (to split the captured rows by group, ``ultraedit.batching.group_parts``)."""
+    counts = torch.cat([(b["labels"] != -100).sum(1).cpu() for b in batches])
+    owner = torch.arange(counts.numel()) // group
+    totals = torch.zeros(int(owner[-1]) + 1, dtype=torch.float64).index_add_(
+        0, owner, counts.to(torch.float64))
+    weights, start = 1.0 / totals[owner], 0
+    for b in batches:
+        n, device = b["labels"].shape[0], b["labels"].device
+        b["loss_weight"] = weights[start:start + n].to(device)
+        if index:
+            b["group_index"] = (owner[start:start + n] - owner[start]).to(device)
+        start += n
 
 
 def input_device(model) -> torch.device:

@@ -43,8 +43,19 @@ def _str_or_bool(text: str):
     return text
 
 
+def _int_or_auto(text: str):
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+
+
 _TYPES: Dict[str, Callable[[str], Any]] = {"float": float, "int": int, "str": str,
-                                           "Optional[str]": str, "Union[str, bool]": _str_or_bool}
+                                           "Optional[str]": str, "Union[str, bool]": _str_or_bool,
+                                           "Union[int, str]": _int_or_auto,
+                                           "Optional[float]": float}
 
 
 def _flag(name: str) -> str:

@@ -126,7 +126,9 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                    "final": None})
     result.setdefault("timing", {})
     steps = int(_editor_setting(editor, "steps", 1))
-    micro_batch = int(_editor_setting(editor, "micro_batch", 10))
+    micro_batch = _editor_setting(editor, "micro_batch", 10)
+    # "auto": as many as fit, the whole turn when it does (the bar counts forwards)
+    micro_batch = max(1, edits_per_turn) if micro_batch == "auto" else int(micro_batch)
     try:
         t0 = time.perf_counter()
         ref_generation = (generation and eval_end) or turn_generation
@@ -163,7 +165,8 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                     "tokens": rep.n_tokens, "loss": rep.loss, "fwd_bwd_s": rep.fwd_bwd_s,
                     "editor_s": rep.editor_s, "turn_s": rep.turn_s, "peak_bytes": rep.peak_bytes,
                     "peak_source": rep.peak_source, "capture_bytes": rep.capture_bytes,
-                    "steps_run": rep.steps_run, "n_predicted": rep.n_predicted}
+                    "steps_run": rep.steps_run, "n_predicted": rep.n_predicted,
+                    "micro_batch": getattr(rep, "micro_batch", None)}
                 post = {"edits/s": f"{len(chunk) / rep.turn_s:.1f}" if rep.turn_s > 0 else "inf"}
                 if eval_every:
                     te = time.perf_counter()

@@ -1,0 +1,214 @@
+"""Turns sized for the memory: ``micro_batch="auto"``, and the loss that keeps the paper's
+gradients.
+
+The paper forwards 10 requests at a time and back-propagates the mean cross-entropy over each
+micro-batch's answer tokens. With ``micro_batch="auto"`` one forward holds ``F`` requests and its
+loss is
+
+    L = Σ_b (1/T_b) Σ_{t∈b} CE_t
+
+over the paper's groups ``b`` of 10 consecutive requests of the turn (``T_b``: the group's
+answer tokens; weights from ``ultraedit.turn.loss_weights``, loss and backward in
+:func:`weighted_forward_backward`). The requests of a batch are independent sequences (right
+padding, causal attention, no weight gradient), so the gradient of ``L`` with respect to a
+module's output at an answer position of group ``b`` is ``(1/T_b) ∂CE_t/∂out``: exactly what
+the 10-request path captures, for any ``F``, also when a group spans several forwards. The
+reported loss is ``Σ_b mean_b / n_groups``, the 10-request path's too.
+
+``F`` is the largest of the whole turn, the multiples of 10 below it and (``compat="fixed"``
+only) 5, 2 and 1 whose predicted peak (:func:`ultraedit.plan.plan_turn` on the actual requests'
+shapes, :func:`ultraedit.plan.request_shape`) fits the budget: ``memory_budget_gib``, by default
+the model's weights plus 85% of the free memory (CUDA: ``torch.cuda.mem_get_info`` plus the
+allocator's cached free blocks of the devices the model uses; CPU: the available RAM of
+``/proc/meminfo``, else 8 GiB). A group never straddles two forwards, so ``compat="official"``
+(whose smallest ``F`` is 10) still merges its statistics group by group, in its length-sorted
+order (:func:`group_parts`). The budget counts the delta record and rollback history as if they were still to be
+allocated: conservative by their size after the first turn.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .config import PAPER_MICRO_BATCH
+
+__all__ = ["MicroBatchSizer", "memory_budget", "weighted_forward_backward", "group_parts",
+           "FREE_SHARE", "CPU_FALLBACK_BYTES"]
+
+GiB = 1 << 30
+FREE_SHARE = 0.85              # of the free memory a turn may use by default
+CPU_FALLBACK_BYTES = 8 * GiB   # available RAM where the system does not say
+
+
+def weighted_forward_backward(model, batch: Dict[str, torch.Tensor]):
+    """Forward ``batch``, back-propagate ``L = Σ_r w_r Σ_{t∈r} CE_t`` over its answer
+    positions (``w = batch["loss_weight"]``, ``ultraedit.turn.loss_weights``) and return
+    ``(L detached, predicted)``: which requests (B bool) the model already predicts
+    (teacher-forced argmax equal to the target at every answer position).
+
+    The vocabulary projection (``model.get_output_embeddings()``) sees only the answer rows: a
+    forward pre-hook gathers them, ``(B, L, h) -> (1, n, h)``, so a big batch computes ``n``
+    logit rows instead of ``B`` times the union of its requests' answer columns."""
+    labels = batch["labels"]
+    mask = labels != -100
+    index = mask.reshape(-1).nonzero().squeeze(1)
+    gathered: List[bool] = []
+
+    def gather(module, args):
+        x = args[0]
+        if tuple(x.shape[:2]) != tuple(mask.shape):
+            return None
+        gathered.append(True)
+        rows = x.reshape(-1, x.shape[-1]).index_select(0, index.to(x.device))
+        return (rows.unsqueeze(0),) + tuple(args[1:])
+
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    handle = head.register_forward_pre_hook(gather) if head is not None else None
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    with torch.enable_grad():
+        rows = logits[0] if gathered else logits[mask.to(logits.device)]
+        if rows.dtype != torch.float64:
+            rows = rows.float()
+        target = labels[mask].to(rows.device)
+        owner = mask.nonzero()[:, 0].to(rows.device)       # the request of each answer row
+        ce = F.cross_entropy(rows, target, reduction="none")
+        loss = (ce * batch["loss_weight"].to(ce)[owner]).sum()
+        loss.backward()
+    with torch.no_grad():
+        wrong = torch.zeros(mask.shape[0], device=rows.device).index_add_(
+            0, owner, (rows.argmax(-1) != target).float())
+    return loss.detach(), wrong == 0
+
+
+def group_parts(kg: Tuple[torch.Tensor, torch.Tensor], batch: Dict[str, torch.Tensor],
+                mask: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """A forward's captured ``(K, G)`` split into its groups' rows (views), in order; one part
+    when the batch carries no groups (``group_index``)."""
+    if "group_index" not in batch:
+        return [kg]
+    index = batch["group_index"].cpu()
+    rows = torch.zeros(int(index[-1]) + 1, dtype=torch.long).index_add_(
+        0, index, mask.sum(1).cpu()).tolist()
+    return list(zip(kg[0].split(rows), kg[1].split(rows)))
+
+
+def available_ram() -> int:
+    """The available RAM in bytes (``MemAvailable`` of ``/proc/meminfo``), else 8 GiB."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return CPU_FALLBACK_BYTES
+
+
+def memory_budget(model, config) -> int:
+    """Bytes a turn may use: ``memory_budget_gib``, else the model's parameters and buffers
+    plus ``FREE_SHARE`` of the free memory (CUDA devices the model uses, else the RAM)."""
+    if config.memory_budget_gib is not None:
+        return int(config.memory_budget_gib * GiB)
+    tensors = list(model.parameters()) + list(model.buffers())
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    if cuda:
+        free = sum(torch.cuda.mem_get_info(d)[0] + torch.cuda.memory_reserved(d)
+                   - torch.cuda.memory_allocated(d) for d in cuda)
+    else:
+        free = available_ram()
+    return int(weights + FREE_SHARE * free)
+
+
+class MicroBatchSizer:
+    """``sizer(tokenizer, requests) -> F``: the requests per forward of ``micro_batch="auto"``
+    for an editor (see the module docstring); ``last_plan`` is the chosen size's
+    :class:`ultraedit.plan.TurnPlan` (None when the model could not be planned)."""
+
+    def __init__(self, editor):
+        self.editor = editor
+        self.last_plan = None
+        self._warned = False
+
+    def candidates(self, n: int) -> List[int]:
+        """The sizes tried, largest first: ``n``, the multiples of 10 below it, then 5, 2, 1
+        (``compat="fixed"``) or 10 (``compat="official"``)."""
+        g = PAPER_MICRO_BATCH
+        small = [g] if self.editor.config.compat == "official" else [5, 2, 1]
+        return sorted({n} | set(range(g, n, g)) | {s for s in small if s <= n}, reverse=True)
+
+    def plan(self, reqs, lengths, size: int, budget: int):
+        """The :class:`ultraedit.plan.TurnPlan` of the turn ``reqs`` (token ``lengths`` from
+        :func:`ultraedit.plan.request_lengths`) in forwards of ``size`` requests, with this
+        editor's model, modules and settings; its logits are counted at the answer rows
+        only (:func:`weighted_forward_backward`)."""
+        from .plan import plan_turn, request_shape
+
+        ed, cfg = self.editor, self.editor.config
+        shape = request_shape(None, reqs, size, lengths)
+        most = max(sum(t for _, t in lengths[i:i + size]) for i in range(0, len(reqs), size))
+        shape["logit_columns"] = max(1, -(-most // min(size, len(reqs))))
+        pres = max((p.keys.shape[0] for p in ed.state.preserved.values()), default=0)
+        return plan_turn(ed.model, next(iter(ed.modules.values())).weight.dtype,
+                         list(ed.modules), edits=len(reqs), micro_batch=size,
+                         budget_bytes=budget, **shape, positions=cfg.positions,
+                         accumulate=cfg.accumulate, history=cfg.history, memory=cfg.memory,
+                         preserve=cfg.preserve, preserved_rows=pres, steps=cfg.steps,
+                         delta_device=cfg.delta_device,
+                         attn_implementation=getattr(ed.model.config, "_attn_implementation",
+                                                     None))
+
+    def __call__(self, tokenizer, reqs) -> int:
+        from .plan import request_lengths
+
+        sizes = self.candidates(len(reqs))
+        lengths = request_lengths(tokenizer, reqs)
+        budget = memory_budget(self.editor.model, self.editor.config)
+        plans: Dict[int, object] = {}
+        try:
+            def plan(size):
+                if size not in plans:
+                    plans[size] = self.plan(reqs, lengths, size, budget)
+                return plans[size]
+
+            # the whole turn first (one forward keeps no rows of earlier ones), then a binary
+            # search over the others (their peak grows with the size)
+            lo, hi = 1, len(sizes) - 1
+            if plan(sizes[0]).fits:
+                lo = hi = 0
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if plan(sizes[mid]).fits:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            self.last_plan = plan(sizes[hi])
+        except Exception as exc:  # noqa: BLE001 (an architecture the plan does not know)
+            self._warn(f"micro_batch='auto' cannot predict this model's memory ({exc}); "
+                       f"using the paper's {PAPER_MICRO_BATCH} requests per forward")
+            self.last_plan = None
+            return min(PAPER_MICRO_BATCH, len(reqs))
+        if not self.last_plan.fits:
+            self._warn(f"micro_batch='auto': even {sizes[hi]} request(s) per forward are "
+                       f"predicted not to fit: {self.last_plan.reason}")
+        return sizes[hi]
+
+    def _warn(self, text: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(text, stacklevel=4)

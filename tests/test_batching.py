@@ -1,0 +1,276 @@
+"""``micro_batch="auto"``: bigger forwards with the paper's per-10-request losses compute what
+the 10-request path computes (keys, gradients, statistics, weights, report) on float64 models;
+the size is the largest the memory budget fits; the option parses and validates."""
+import warnings
+
+import pytest
+import torch
+
+from conftest import ue_tiny_model
+from ultraedit import EditConfig, UltraEditor
+from ultraedit.batching import MicroBatchSizer, memory_budget, weighted_forward_backward
+from ultraedit.plan import request_shape
+from ultraedit.tokenization import encode_edit_batch
+
+MODULES = {"llama": ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.up_proj"],
+           "gpt2": ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_proj"]}
+FACTS = [("The capital of France is", "Rome", "France"),
+         ("The capital of Germany is", "Madrid, a large city", "Germany"),
+         ("The capital of Italy is", "Berlin", "Italy"),
+         ("The official language of Peru is", "Japanese", "Peru"),
+         ("Paris is in", "Japan and Peru", "Paris"),
+         ("The capital of Spain is", "Tokyo", "Spain"),
+         ("The currency of Japan is the", "euro", "Japan"),
+         ("Berlin is in", "Italy", "Berlin")]
+F64 = dict(rtol=1e-10, atol=1e-12)
+pytestmark = pytest.mark.filterwarnings("ignore:edit requests carry subjects",
+                                        "ignore:prompt .* targets in one turn")
+
+
+def _requests(n):
+    return [dict(prompt=p, target=t, subject=s) for p, t, s in (FACTS * 8)[:n]]
+
+
+def _recording(editor):
+    """Record every step's stacked keys and gradients (the rows the solver gets)."""
+    rows, inner = [], editor._rows
+
+    def rows_(parts):
+        keys, grads = inner(parts)
+        rows.append(({n: k.clone() for n, k in keys.items()},
+                     {n: g.clone() for n, g in grads.items()}))
+        return keys, grads
+
+    editor._rows = rows_
+    return rows
+
+
+def _pair(kind, tok, **kw):
+    """Two float64 editors on equal models: the paper's 10 requests per forward, and 'auto'.
+    With sdpa attention: transformers' eager attention takes its softmax in float32, so a
+    request padded to another length differs there by ~1e-9 even in float64."""
+    eds = []
+    for mb in (10, "auto"):
+        model = ue_tiny_model(kind, len(tok), seed=3).double()
+        model.set_attn_implementation("sdpa")
+        eds.append(UltraEditor(model, tok, modules=MODULES[kind], lr=1e-3, micro_batch=mb, **kw))
+    return eds
+
+
+def _assert_same(ref, auto, rows_ref, rows_auto, reports):
+    assert len(rows_ref) == len(rows_auto) > 0
+    for (k1, g1), (k2, g2) in zip(rows_ref, rows_auto):
+        for n in k1:
+            torch.testing.assert_close(k2[n], k1[n], **F64)
+            torch.testing.assert_close(g2[n], g1[n], **F64)
+    for key, st in ref.stats.items():
+        other = auto.stats[key]
+        assert float(other.count) == float(st.count)
+        torch.testing.assert_close(other.mean, st.mean, **F64)
+        torch.testing.assert_close(other.m2, st.m2, **F64)
+    for n, m in ref.modules.items():
+        torch.testing.assert_close(auto.modules[n].weight, m.weight, rtol=1e-12, atol=1e-14)
+    assert any(not torch.equal(m.weight, ref.journal.base[n]) for n, m in ref.modules.items())
+    for r1, r2 in reports:
+        assert (r1.n_tokens, r1.steps_run, r1.n_predicted) == (r2.n_tokens, r2.steps_run,
+                                                              r2.n_predicted)
+        assert r2.loss == pytest.approx(r1.loss, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("n", [23, 37])
+def test_auto_equals_the_ten_request_path(kind, n, ue_tokenizer):
+    ref, auto = _pair(kind, ue_tokenizer)
+    rows_ref, rows_auto = _recording(ref), _recording(auto)
+    reports = []
+    for turn in range(2):
+        reqs = _requests(n)[turn:]
+        reports.append((ref.edit(reqs), auto.edit(reqs)))
+    assert [r.micro_batch for _, r in reports] == [n, n - 1]   # the whole turn fits
+    assert [r.micro_batch for r, _ in reports] == [10, 10]
+    _assert_same(ref, auto, rows_ref, rows_auto, reports)
+
+
+@pytest.mark.parametrize("size", [1, 7, 20])
+def test_any_forward_size_keeps_the_paper_groups(size, ue_tokenizer):
+    """Groups of 10 that straddle two forwards (7) or span several (1) are weighted exactly."""
+    ref, auto = _pair("llama", ue_tokenizer)
+    auto.sizer = lambda tok, reqs: size
+    rows_ref, rows_auto = _recording(ref), _recording(auto)
+    reports = [(ref.edit(_requests(26)), auto.edit(_requests(26)))]
+    assert reports[0][1].micro_batch == size
+    _assert_same(ref, auto, rows_ref, rows_auto, reports)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_steps_hold_done_and_subject_positions(kind, ue_tokenizer):
+    kw = dict(positions="subject", steps=3, hold_done=True, memory=2.0, protect_mean=0.5)
+    ref, auto = _pair(kind, ue_tokenizer, **kw)
+    rows_ref, rows_auto = _recording(ref), _recording(auto)
+    reports = [(ref.edit(_requests(n)), auto.edit(_requests(n))) for n in (13, 21)]
+    assert sum(r.steps_run for r, _ in reports) > 2
+    _assert_same(ref, auto, rows_ref, rows_auto, reports)
+
+
+def test_official_keeps_its_groups(ue_tokenizer):
+    """compat='official': length-sorted groups of 10, statistics merged group by group."""
+    ref, auto = _pair("gpt2", ue_tokenizer, compat="official")
+    assert auto.sizer.candidates(25) == [25, 20, 10]
+    rows_ref, rows_auto = _recording(ref), _recording(auto)
+    reports = [(ref.edit(_requests(n)), auto.edit(_requests(n))) for n in (25, 17)]
+    assert reports[0][1].micro_batch == 25
+    _assert_same(ref, auto, rows_ref, rows_auto, reports)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_one_group_gives_the_paper_loss_and_predictions(kind, ue_tokenizer):
+    """One group in one forward: the weighted loss (logits at the answer rows only) is the
+    mean cross-entropy, and the requests predicted are those of the full logits."""
+    from ultraedit.turn import loss_weights
+
+    model = ue_tiny_model(kind, len(ue_tokenizer), seed=1).double()
+    reqs = _requests(6)
+    batch = encode_edit_batch(ue_tokenizer, [r["prompt"] for r in reqs],
+                              [r["target"] for r in reqs])
+    labels = batch["labels"]
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mean = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                             ignore_index=-100)
+    labels[2] = torch.where(labels[2] != -100, logits[2].argmax(-1), labels[2])  # one holds
+    mean_after = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                                   ignore_index=-100)
+    loss_weights([batch], 10)
+    loss, predicted = weighted_forward_backward(model, batch)
+    torch.testing.assert_close(loss, mean_after, rtol=1e-12, atol=0)
+    assert predicted.tolist() == [i == 2 for i in range(6)]
+    assert not torch.equal(mean, mean_after)
+
+
+def test_the_size_is_the_largest_that_fits(ue_tokenizer):
+    model = ue_tiny_model("llama", len(ue_tokenizer)).double()
+    reqs = _requests(45)
+    ed = UltraEditor(model, ue_tokenizer, modules=MODULES["llama"], micro_batch="auto",
+                     memory_budget_gib=64)
+    sizer = ed.sizer
+    assert sizer.candidates(45) == [45, 40, 30, 20, 10, 5, 2, 1]
+    assert sizer(ue_tokenizer, reqs) == 45 and sizer.last_plan.fits
+    # a budget between the plans of 20 and 30 requests per forward picks 20
+    from ultraedit.plan import request_lengths
+
+    lengths = request_lengths(ue_tokenizer, reqs)
+    plans = {size: sizer.plan(reqs, lengths, size, 1 << 40).total_bytes for size in (20, 30)}
+    assert plans[20] < plans[30]
+    ed.config = ed.config.replace(memory_budget_gib=(plans[20] + plans[30]) / 2 / 2**30)
+    assert sizer(ue_tokenizer, reqs) == 20
+    assert ed.edit(reqs).micro_batch == 20
+    # nothing fits: the smallest size, with a warning that says why
+    ed.config = ed.config.replace(memory_budget_gib=1e-6)
+    with pytest.warns(UserWarning, match="predicted not to fit"):
+        assert sizer(ue_tokenizer, reqs) == 1
+
+
+def test_default_budget_is_weights_plus_free_memory(ue_tokenizer):
+    model = ue_tiny_model("llama", len(ue_tokenizer))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    budget = memory_budget(model, EditConfig(micro_batch="auto"))
+    assert budget > weights
+    assert memory_budget(model, EditConfig(micro_batch="auto", memory_budget_gib=2)) == 2 << 30
+
+
+def test_request_shape_is_what_the_encoding_gives(ue_tokenizer):
+    reqs = _requests(13)
+    for size in (1, 4, 13):
+        shape = request_shape(ue_tokenizer, reqs, size)
+        answer, seq, cols = 0, 0, 0
+        for i in range(0, 13, size):
+            b = encode_edit_batch(ue_tokenizer, [r["prompt"] for r in reqs[i:i + size]],
+                                  [r["target"] for r in reqs[i:i + size]])
+            mask = b["labels"] != -100
+            answer, seq = answer + int(mask.sum()), max(seq, mask.shape[1])
+            cols = max(cols, int(mask.any(0).sum()))
+        assert shape == {"answer_tokens": answer / 13, "seq_len": seq, "logit_columns": cols}
+
+
+def test_config_and_command_line():
+    assert EditConfig(micro_batch="auto").micro_batch == "auto"
+    cfg = EditConfig(micro_batch="auto", memory_budget_gib=12)
+    assert EditConfig.from_dict(cfg.to_dict()) == cfg
+    for bad in ("big", 0, 2.5, True):
+        with pytest.raises(ValueError, match="micro_batch must be a positive integer or 'auto'"):
+            EditConfig(micro_batch=bad)
+    with pytest.raises(ValueError, match="memory_budget_gib"):
+        EditConfig(micro_batch="auto", memory_budget_gib=-1)
+    with pytest.warns(UserWarning, match="no effect unless micro_batch='auto'"):
+        EditConfig(memory_budget_gib=8)
+
+    from ultraedit.cli import build_parser
+    from ultraedit.cli.options import given_options
+
+    parser = build_parser()
+    args = parser.parse_args(["run", "--micro-batch", "auto", "--memory-budget-gib", "6"])
+    assert given_options(args) == {"micro_batch": "auto", "memory_budget_gib": 6.0}
+    assert given_options(parser.parse_args(["run", "--micro-batch", "20"])) == {"micro_batch": 20}
+    with pytest.raises(SystemExit):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parser.parse_args(["run", "--micro-batch", "many"])
+
+
+def test_a_model_the_plan_cannot_read_falls_back_to_ten(ue_tokenizer, monkeypatch):
+    import ultraedit.plan as plan
+
+    model = ue_tiny_model("llama", len(ue_tokenizer))
+    ed = UltraEditor(model, ue_tokenizer, modules=MODULES["llama"], micro_batch="auto")
+
+    def broken(*a, **k):
+        raise ValueError("unknown architecture")
+
+    monkeypatch.setattr(plan, "plan_turn", broken)
+    with pytest.warns(UserWarning, match="cannot predict this model's memory"):
+        assert ed.edit(_requests(23)).micro_batch == 10
+    assert isinstance(ed.sizer, MicroBatchSizer) and ed.sizer.last_plan is None
+
+
+def test_the_lifelong_loop_runs_an_auto_editor(ue_tokenizer):
+    from ultraedit.data import offline_facts
+    from ultraedit.eval import lifelong_run
+
+    records = offline_facts(("capital",), seed=0, limit=12, n_locality=1, n_paraphrases=1)
+    model = ue_tiny_model("llama", len(ue_tokenizer))
+    ed = UltraEditor(model, ue_tokenizer, modules=MODULES["llama"], micro_batch="auto")
+    out = lifelong_run(model, ue_tokenizer, records, ed, turns=2, edits_per_turn=6,
+                       eval_end=False, progress=False)
+    assert out["status"] == "done" and [t["edits"] for t in out["turns"]] == [6, 6]
+    assert [t["micro_batch"] for t in out["turns"]] == [6, 6]
+
+
+def test_bf16_weights_agree_with_the_ten_request_path_to_rounding(ue_tokenizer):
+    """bf16: the two paths round differently (other padded lengths and reduction orders), so
+    the accumulated fp32 deltas agree to bf16 precision, not bit for bit."""
+    eds = []
+    for mb in (10, "auto"):
+        model = ue_tiny_model("llama", len(ue_tokenizer), seed=3).to(torch.bfloat16)
+        eds.append(UltraEditor(model, ue_tokenizer, modules=MODULES["llama"], lr=1e-2,
+                               micro_batch=mb))
+    reports = [ed.edit(_requests(24)) for ed in eds]
+    assert [r.micro_batch for r in reports] == [10, 24]
+    for n in eds[0].modules:
+        d10, dauto = (ed.journal.current_delta(n).float() for ed in eds)
+        assert d10.abs().max() > 0
+        assert (dauto - d10).norm() <= 0.05 * d10.norm()
+
+
+@pytest.mark.parametrize("positions", ["answer", "subject"])
+def test_held_requests(positions, ue_tokenizer):
+    """hold_done with requests the model already predicts (a bias on one word's logit): the
+    held rows, the early end and every number agree with the 10-request path."""
+    from test_editor_hold_positions import force_prediction
+
+    ref, auto = _pair("llama", ue_tokenizer, steps=3, hold_done=True, positions=positions)
+    word = {force_prediction(ed.model, ue_tokenizer) for ed in (ref, auto)}.pop()
+    reqs = [dict(r, target=word) if i % 3 == 0 else r for i, r in enumerate(_requests(23))]
+    rows_ref, rows_auto = _recording(ref), _recording(auto)
+    reports = [(ref.edit(reqs), auto.edit(reqs))]
+    assert reports[0][0].n_predicted == 8 and reports[0][1].micro_batch == 23
+    _assert_same(ref, auto, rows_ref, rows_auto, reports)
