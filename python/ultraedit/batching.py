@@ -45,6 +45,37 @@ FREE_SHARE = 0.85              # of the free memory a turn may use by default
 CPU_FALLBACK_BYTES = 8 * GiB   # available RAM where the system does not say
 
 
+def forward_backward(model, batch: Dict[str, torch.Tensor], keep_logits: bool):
+    """Forward ``batch``, back-propagate its loss and return ``(loss detached, predicted)``:
+    which requests (B bool) the model already predicts (teacher-forced argmax equal to the
+    target at every answer position). The paper's loss, the mean cross-entropy over the
+    micro-batch's answer tokens, unless the batch carries ``loss_weight``
+    (``micro_batch="auto"``: :func:`weighted_forward_backward`). ``keep_logits``: the model's
+    forward takes ``logits_to_keep``, so only the answer columns are projected to the
+    vocabulary (that projection is costly)."""
+    if "loss_weight" in batch:
+        return weighted_forward_backward(model, batch)
+    labels = batch["labels"]
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "use_cache": False}
+    cols = None
+    if keep_logits:
+        cols = (labels != -100).any(0).nonzero().squeeze(1)
+        kwargs["logits_to_keep"] = cols
+    with torch.enable_grad():
+        logits = model(**kwargs).logits
+        if cols is not None and logits.shape[1] == cols.numel():
+            labels = labels.index_select(1, cols)
+        labels = labels.to(logits.device)
+        with torch.no_grad():
+            predicted = ((logits.argmax(-1) == labels) | (labels == -100)).all(1)
+        if logits.dtype != torch.float64:
+            logits = logits.float()
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss.backward()
+    return loss.detach(), predicted
+
+
 def weighted_forward_backward(model, batch: Dict[str, torch.Tensor]):
     """Forward ``batch``, back-propagate ``L = Σ_r w_r Σ_{t∈r} CE_t`` over its answer
     positions (``w = batch["loss_weight"]``, ``ultraedit.turn.loss_weights``) and return

@@ -29,10 +29,9 @@ import inspect
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from ultraedit_kernels._profiling import nvtx_range
 
-from .batching import MicroBatchSizer, group_parts, weighted_forward_backward
+from .batching import MicroBatchSizer, forward_backward, group_parts
 from .config import PAPER_MICRO_BATCH, EditConfig, resolve_config
 from .hooks import CaptureSession, check_editable
 from .modules import module_dims, module_layout, resolve_modules
@@ -167,7 +166,8 @@ class UltraEditor:
                 cap.set_mask(mask)
                 if first:
                     n_tokens += int((batch["labels"] != -100).sum())
-                loss, predicted = meter.run(lambda: self._forward_backward(batch))
+                loss, predicted = meter.run(
+                    lambda: forward_backward(self.model, batch, self._keep_arg))
                 if first:
                     loss_sum += float(loss)
                 for name, kg in cap.pop().items():  # official: statistics per group of 10
@@ -179,32 +179,6 @@ class UltraEditor:
         n_predicted = int(sum(p.sum() for p in predictions))  # one sync per step
         hold = torch.cat(held) if self.config.hold_done and n_predicted else None
         return parts, n_predicted, hold, (loss_sum, n_tokens)
-
-    def _forward_backward(self, batch: Dict[str, torch.Tensor]):
-        """Mean cross-entropy over the answer tokens (backpropagated; returned detached), and
-        which requests (B bool) the model already predicts: teacher-forced argmax equal to the
-        target at every answer position."""
-        if "loss_weight" in batch:  # micro_batch="auto": the paper's groups' losses
-            return weighted_forward_backward(self.model, batch)
-        labels = batch["labels"]
-        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                  "use_cache": False}
-        cols = None
-        if self._keep_arg:  # logits only where answers are (the vocab projection is costly)
-            cols = (labels != -100).any(0).nonzero().squeeze(1)
-            kwargs["logits_to_keep"] = cols
-        with torch.enable_grad():
-            logits = self.model(**kwargs).logits
-            if cols is not None and logits.shape[1] == cols.numel():
-                labels = labels.index_select(1, cols)
-            labels = labels.to(logits.device)
-            with torch.no_grad():
-                predicted = ((logits.argmax(-1) == labels) | (labels == -100)).all(1)
-            if logits.dtype != torch.float64:
-                logits = logits.float()
-            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-            loss.backward()
-        return loss.detach(), predicted
 
     def _rows(self, parts):
         """Each module's ``K`` and ``G`` of the step, refused if any holds NaN/Inf (one check
