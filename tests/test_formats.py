@@ -228,3 +228,15 @@ def test_detect_format():
     assert detect_format(FEVER[1]) == "fever"
     assert detect_format(ULTRAEDITBENCH[0]) == "zsre"
     assert detect_format({"x": 1}) is None and detect_format("text") is None
+
+
+def test_zsre_questions_are_kept_for_the_wild_style_scores(tmp_path):
+    """zsRE prompts are questions: src and rephrase as they are, loc without "nq question: "."""
+    path = _write(tmp_path, "zsre.json", ZSRE[:1])
+    rec = load_records(path, "zsre")[0]
+    assert rec.questions[rec.prompt] == rec.prompt
+    assert all(rec.questions[p] == p for p in rec.paraphrases)
+    loc = rec.locality[0].prompt
+    assert loc.startswith("nq question: ") and rec.questions[loc] == loc[len("nq question: "):]
+    save_records([rec], str(tmp_path / "again.jsonl"))
+    assert load_records(str(tmp_path / "again.jsonl"))[0].questions == rec.questions

@@ -17,6 +17,8 @@ zsre (MEND / MALMEN / RLEdit / UltraEdit ``zsre_mend_*.json``)::
     rephrase                  -> paraphrases      (a string or a list)
     loc, loc_ans              -> locality = [(loc, loc_ans)]
     subject                   -> subject
+    src, rephrase, loc        -> questions: asked as they are (the ``"nq question: "`` prefix
+                                 of ``loc`` dropped) by the WILD-style scores
     portability{New Question, New Answer} | portability[...] -> portability   (EasyEdit variant)
     other keys (pred, cond, ...) -> extra
 
@@ -158,6 +160,17 @@ def _extra(rec: dict, used: Sequence[str]) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------- formats --
+_NQ_PREFIX = "nq question:"
+
+
+def _nq_question(text: str) -> str:
+    """A zsRE locality prompt as the question it is (``"nq question: who ..."`` -> ``"who ..."``)."""
+    stripped = text.strip()
+    if stripped.lower().startswith(_NQ_PREFIX):
+        stripped = stripped[len(_NQ_PREFIX):].strip()
+    return stripped or text
+
+
 def _map_zsre(rec: dict) -> Tuple[dict, Dict[str, str]]:
     src_key, prompt = _get(rec, "src", "prompt", required=True)
     alt_key, alt = _get(rec, "alt", "target_new")
@@ -179,14 +192,18 @@ def _map_zsre(rec: dict) -> Tuple[dict, Dict[str, str]]:
     if loc is not None:
         locality.append(LocalityPrompt(_str(loc_key, loc), _first_answer(la_key, loc_ans)))
     portability = _easyedit_portability(rec.get("portability"))
-    kwargs = dict(prompt=_str(src_key, prompt), target=_str(target_key, target),
-                  target_true=target_true, paraphrases=_str_list(reph_key, rephrase),
+    paraphrases = _str_list(reph_key, rephrase)
+    prompt = _str(src_key, prompt)
+    questions = {q: q for q in [prompt, *paraphrases]}
+    questions.update({lp.prompt: _nq_question(lp.prompt) for lp in locality})
+    kwargs = dict(prompt=prompt, target=_str(target_key, target),
+                  target_true=target_true, paraphrases=paraphrases, questions=questions,
                   locality=locality, subject=rec.get("subject"), portability=portability,
                   extra=_extra(rec, (src_key, alt_key, ans_key, reph_key, loc_key, la_key,
                                      "subject", "portability")))
     return kwargs, {"prompt": src_key, "target": target_key, "target_true": ans_key,
                     "paraphrases": reph_key, "locality": loc_key, "subject": "subject",
-                    "portability": "portability", "extra": "extra"}
+                    "portability": "portability", "extra": "extra", "questions": src_key}
 
 
 def _map_counterfact(rec: dict) -> Tuple[dict, Dict[str, str]]:
@@ -359,7 +376,7 @@ def _map_easyedit(rec: dict) -> Tuple[dict, Dict[str, str]]:
 
 def _map_records(rec: dict) -> Tuple[dict, Dict[str, str]]:
     known = {"prompt", "target", "paraphrases", "locality", "subject", "relation",
-             "target_true", "portability", "extra"}
+             "target_true", "portability", "extra", "questions"}
     for key in rec:
         if key not in known:
             raise _FieldError(str(key), "unknown field")
