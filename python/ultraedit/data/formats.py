@@ -164,7 +164,7 @@ _NQ_PREFIX = "nq question:"
 
 
 def _nq_question(text: str) -> str:
-    """A zsRE locality prompt as the question it is (``"nq question: who ..."`` -> ``"who ..."``)."""
+    """A zsRE locality prompt as the question it is: ``"nq question: who ..."`` -> ``"who ..."``."""
     stripped = text.strip()
     if stripped.lower().startswith(_NQ_PREFIX):
         stripped = stripped[len(_NQ_PREFIX):].strip()

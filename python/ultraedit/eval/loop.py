@@ -138,7 +138,8 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                  edits_per_turn: int, eval_before: bool = False, eval_every: bool = False,
                  eval_end: bool = True, generation: bool = False, turn_generation: bool = False,
                  progress: bool = True, result: Optional[Dict[str, Any]] = None,
-                 wild: bool = False, on_update: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+                 wild: bool = False,
+                 on_update: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Edit ``records`` with ``editor`` in lifelong turns and evaluate (see the module
     docstring); returns the result dict, ``result``'s keys kept."""
     records = list(records)
