@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
                    help=f"comma-separated offline relations ({','.join(DEMO_RELATIONS)})")
     p.add_argument("--wild", action=argparse.BooleanOptionalAction, default=True,
                    help="WILD-style scores (a question, greedy decoding to '.', a newline or "
-                        "EOS, at most 50 tokens; normalized match) before and after")
+                        "EOS, at most 50 tokens; normalized match) after editing")
     add_method_options(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's, or 1 on a busy CPU)")
@@ -133,14 +133,12 @@ def demo_result(run: Dict[str, Any], editor) -> Dict[str, Any]:
         "edit_config": resolved_config(editor),
         "metrics": {"before": _scores(run["before"]["teacher_forced"]),
                     "after": _scores(run["final"]["teacher_forced"])},
-        "wild": ({"before": _wild(run["before"]["wild"]), "after": _wild(run["final"]["wild"])}
-                 if run["before"].get("wild") else None),
+        "wild": ({"after": _wild(run["final"]["wild"])} if run["final"].get("wild") else None),
         "timing": {"turn_s": [r["turn_s"] for r in rows], "fwd_bwd_s": fwd, "editor_s": ed,
                    "editor_overhead": sum(ed) / sum(fwd) if sum(fwd) > 0 else None,
                    "eval_before_s": t["locality_reference_s"] + t["eval_before_s"],
                    "eval_after_s": t["eval_end_s"], "preserve_s": editor.preserve_s,
-                   "wild_s": sum(t.get(k, 0.0) for k in ("wild_reference_s", "wild_before_s",
-                                                          "wild_end_s"))},
+                   "wild_s": sum(t.get(k, 0.0) for k in ("wild_reference_s", "wild_end_s"))},
         "memory": run["memory"],
         "turns": rows,
     }
@@ -161,11 +159,9 @@ def print_demo(result: Dict[str, Any], turns: int, edits_per_turn: int) -> None:
     print(f"after    teacher-forced    {fmt(a['es'])}  {fmt(a['gs'])}  {fmt(a['ls'])}")
     wild = result.get("wild")
     if wild:
-        for when in ("before", "after"):
-            w = wild[when]
-            print(f"{when:8s} WILD-style exact  {fmt(w['es'])}  {fmt(w['gs'])}  {fmt(w['ls'])}")
-            print(f"{when:8s}   ... contains    {fmt(w['es_contains'])}  "
-                  f"{fmt(w['gs_contains'])}")
+        w = wild["after"]
+        print(f"after    WILD-style exact  {fmt(w['es'])}  {fmt(w['gs'])}  {fmt(w['ls'])}")
+        print(f"after      ... contains    {fmt(w['es_contains'])}  {fmt(w['gs_contains'])}")
         print(f"WILD-style evaluation (a question, greedy decoding to a stop string): "
               f"{result['timing']['wild_s']:.1f}s in all")
     print("turn  forward+backward  editor overhead   total")

@@ -11,9 +11,9 @@ facts (``--data offline``: counterfactuals of facts the UNEDITED model answers c
 ``--edits-per-turn`` with one editor and evaluated by ``ultraedit.eval.lifelong_run``:
 ``--eval every`` scores each turn's edits after that turn, ``--eval end`` all edits once after
 the last turn (the paper's protocol; with greedy-generation scores and fluency unless
-``--no-generation``), ``--eval both`` (default) does both. Every evaluation also reports the
-WILD-style scores (a question, greedy decoding to a stop string, normalized match;
-``ultraedit.eval.wild``) unless ``--no-wild``. ``--split report`` draws the offline facts from
+``--no-generation``), ``--eval both`` (default) does both. The final evaluation also reports
+the WILD-style scores (a question, greedy decoding to a stop string, normalized match;
+``ultraedit.eval.wild``) unless ``--no-wild``; ``--turn-wild`` adds them per turn. ``--split report`` draws the offline facts from
 the report relations only (``--split tuning``: the tuning relations), so that a setting chosen
 on the one is reported on the other.
 
@@ -73,7 +73,9 @@ def add_parser(sub) -> None:
                    help="greedy-generation scores and fluency in the final evaluation")
     p.add_argument("--wild", action=argparse.BooleanOptionalAction, default=True,
                    help="WILD-style scores (a question, greedy decoding to '.', a newline or "
-                        "EOS, at most 50 tokens; normalized match) in every evaluation")
+                        "EOS, at most 50 tokens; normalized match) in the final evaluation")
+    p.add_argument("--turn-wild", action="store_true",
+                   help="also WILD-style scores in the per-turn evaluation (slower)")
     p.add_argument("--turn-generation", action="store_true",
                    help="also generation scores in the per-turn evaluation (slower)")
     p.add_argument("--json", metavar="PATH", default=None,
@@ -201,7 +203,8 @@ def _run(args: argparse.Namespace) -> int:
                    "threads": torch.get_num_threads(), "turns": args.turns,
                    "edits_per_turn": args.edits_per_turn, "preset": args.preset,
                    "eval": args.eval_mode, "generation": args.generation,
-                   "turn_generation": args.turn_generation, "wild": args.wild},
+                   "turn_generation": args.turn_generation, "wild": args.wild,
+                   "turn_wild": args.turn_wild},
         "edit_config": resolved_config(editor),
         "machine": machine(),
         "data": {"records": len(records), "by_relation": rel_count, "load_model_s": load_s,
@@ -213,6 +216,7 @@ def _run(args: argparse.Namespace) -> int:
                               eval_every=args.eval_mode in ("every", "both"), eval_end=at_end,
                               generation=args.generation, turn_generation=args.turn_generation,
                               progress=progress, result=result, wild=args.wild,
+                              turn_wild=args.turn_wild,
                               on_update=lambda r: write_json(r, args.json))
     except ValueError as err:   # a request the editor refuses: its own message, nothing changed
         raise UsageError(str(err)) from None
@@ -257,7 +261,7 @@ def _print_summary(result: Dict[str, Any], args) -> None:
                 print(f"{name:22s} {fmt(sc['es' + suffix])}  {fmt(sc['gs' + suffix])}  "
                       f"{fmt(ls)}  {fmt(sc.get('pt' + suffix))}")
     t = result["timing"]
-    if args.wild:
+    if args.wild or args.turn_wild:
         wild_s = sum(t.get(k) or 0.0 for k in ("wild_reference_s", "wild_every_s", "wild_end_s"))
         print(f"WILD-style evaluation: {wild_s:.1f}s of the run (unedited answers "
               f"{t.get('wild_reference_s') or 0:.1f}s, per turn {t.get('wild_every_s') or 0:.1f}s, "

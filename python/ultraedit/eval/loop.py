@@ -10,9 +10,9 @@
   ``turn_generation``);
 * ``eval_end``: once after the last turn over ALL edits (the paper's protocol), teacher-forced
   and, with ``generation``, greedy-generation scores and fluency;
-* ``wild``: the WILD-style scores (:mod:`ultraedit.eval.wild`) in every one of these
-  evaluations, beside the teacher-forced ones (the unedited answers to the locality prompts are
-  decoded with the locality reference).
+* ``wild``: the WILD-style scores (:mod:`ultraedit.eval.wild`) in the final evaluation, and with
+  ``turn_wild`` in the per-turn evaluation too, beside the teacher-forced ones (timed apart; the
+  unedited answers to the locality prompts are decoded before the first edit).
 
 It returns a result dict (``status``, ``edits``, ``turns`` with one row per turn, ``before``,
 ``final``, ``timing``, ``memory``) and hands it to ``on_update`` whenever it changes, so that a
@@ -138,7 +138,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                  edits_per_turn: int, eval_before: bool = False, eval_every: bool = False,
                  eval_end: bool = True, generation: bool = False, turn_generation: bool = False,
                  progress: bool = True, result: Optional[Dict[str, Any]] = None,
-                 wild: bool = False,
+                 wild: bool = False, turn_wild: bool = False,
                  on_update: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Edit ``records`` with ``editor`` in lifelong turns and evaluate (see the module
     docstring); returns the result dict, ``result``'s keys kept."""
@@ -158,7 +158,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
             ref = locality_reference(model, tokenizer, records, generation=ref_generation,
                                      progress=tick)
         result["timing"]["locality_reference_s"] = time.perf_counter() - t0
-        if wild:      # timed apart: what the WILD-style scores add
+        if wild or turn_wild:      # timed apart: what the WILD-style scores add
             t0 = time.perf_counter()
             with _measured(progress, locality_work(records, reference=ref, wild=True),
                            "unedited answers (WILD-style)") as tick:
@@ -174,12 +174,6 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                                        progress=tick)
             result["before"] = {"teacher_forced": teacher_forced_scores(res)}
             result["timing"]["eval_before_s"] = time.perf_counter() - t0
-            if wild:
-                t0 = time.perf_counter()
-                res = _wild_only(model, tokenizer, records, ref, progress,
-                                 "WILD-style evaluation before editing")
-                result["before"]["wild"] = wild_scores_of(res)
-                result["timing"]["wild_before_s"] = time.perf_counter() - t0
             result["status"] = "running"
         notify(result)
 
@@ -210,7 +204,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                     row["eval_s"] = time.perf_counter() - te
                     row["metrics"] = {"teacher_forced": teacher_forced_scores(res),
                                       "generation": generation_scores_of(res)}
-                    if wild:
+                    if turn_wild:
                         te = time.perf_counter()
                         res = _wild_only(model, tokenizer, chunk, ref, progress,
                                          f"WILD-style evaluation of turn {turn}")
@@ -251,7 +245,8 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                                        generation=generation, progress=tick)
             result["timing"]["eval_end_s"] = time.perf_counter() - te
             result["final"] = {"teacher_forced": teacher_forced_scores(res),
-                               "generation": generation_scores_of(res), "edits": len(done)}
+                               "generation": generation_scores_of(res), "wild": None,
+                               "edits": len(done)}
             if wild:
                 te = time.perf_counter()
                 res = _wild_only(model, tokenizer, done, ref, progress,

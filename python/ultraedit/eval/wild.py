@@ -87,6 +87,19 @@ def _eos_ids(model, tokenizer) -> Set[int]:
     return ids
 
 
+def _select_rows(cache, keep: torch.Tensor):
+    """The KV cache of the rows ``keep`` only (in place where the cache allows it), or None when
+    this kind of cache cannot be cut (the stopped rows then stay in the batch)."""
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(keep)
+        return cache
+    if isinstance(cache, (tuple, list)) and cache and all(
+            isinstance(layer, (tuple, list)) and all(torch.is_tensor(x) for x in layer)
+            for layer in cache):
+        return type(cache)(type(layer)(x[keep] for x in layer) for layer in cache)
+    return None
+
+
 def _cut(text: str, stops: Sequence[str]) -> Optional[str]:
     """``text`` before its first stop string, or None when it has none."""
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
@@ -103,8 +116,8 @@ def decode_answers(model, tokenizer, prompts: Sequence[str],
     with ``return_ids`` ``(answers, generated token ids per prompt)``; the ids end at the token
     that stopped the row.
 
-    Batched by prompt length with left padding and a KV cache; a batch stops as soon as all of
-    its rows have stopped. Equal, row for row, to decoding each prompt alone (what
+    Batched by prompt length with left padding and a KV cache; rows that have stopped leave the
+    batch (their rows of the cache are dropped), and a batch ends when all of its rows have. Equal, row for row, to decoding each prompt alone (what
     ``model.generate(..., do_sample=False, stop_strings=..., max_new_tokens=...)`` returns,
     decoded and cut at the stop string)."""
     prompts = list(prompts)
@@ -137,29 +150,41 @@ def decode_answers(model, tokenizer, prompts: Sequence[str],
             ids, att = ids.to(device), att.to(device)
             pos = (att.cumsum(-1) - 1).clamp(min=0)
             res = net(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True)
+            cache = _cache_of(res)
             gen: List[List[int]] = [[] for _ in idx]
-            live = set(range(len(idx)))
+            rows_now = list(range(len(idx)))    # batch row -> index into idx
             for step in range(max_new_tokens):
                 nxt = last_logits(res).argmax(-1)
-                for b, t in enumerate(nxt.tolist()):
-                    if b not in live:
-                        continue
-                    if t in eos:
-                        answers[idx[b]] = tokenizer.decode(gen[b], skip_special_tokens=True)
-                        gen[b].append(t)
-                        live.discard(b)
+                keep = []
+                for r, t in enumerate(nxt.tolist()):
+                    b = rows_now[r]
+                    if b is None:               # stopped, still computed (cache not compactable)
                         continue
                     gen[b].append(t)
+                    if t in eos:
+                        answers[idx[b]] = tokenizer.decode(gen[b][:-1], skip_special_tokens=True)
+                        rows_now[r] = None
+                        continue
                     cut = _cut(tokenizer.decode(gen[b], skip_special_tokens=True), stop_strings)
                     if cut is not None:
                         answers[idx[b]] = cut
-                        live.discard(b)
-                if not live or step == max_new_tokens - 1:
+                        rows_now[r] = None
+                    else:
+                        keep.append(r)
+                if not keep or step == max_new_tokens - 1:
                     break
+                if len(keep) < len(rows_now):   # drop the stopped rows from the batch
+                    selected = _select_rows(cache, torch.tensor(keep, device=device))
+                    if selected is not None:
+                        cache = selected
+                        sel = torch.tensor(keep, device=device)
+                        nxt, att, pos = nxt[sel], att[sel], pos[sel]
+                        rows_now = [rows_now[r] for r in keep]
                 att = torch.cat([att, att.new_ones((att.shape[0], 1))], dim=1)
                 pos = pos[:, -1:] + 1
                 res = net(input_ids=nxt[:, None], attention_mask=att, position_ids=pos,
-                          use_cache=True, **{cache_arg: _cache_of(res)})
+                          use_cache=True, **{cache_arg: cache})
+                cache = _cache_of(res)
             for b, i in enumerate(idx):
                 if answers[i] is None:     # ran to max_new_tokens
                     answers[i] = tokenizer.decode(gen[b], skip_special_tokens=True)
