@@ -32,11 +32,12 @@ def plot_run(result: Dict[str, Any], path: str) -> None:
                          label=f"{k.upper()} (turn's edits{what})")
     final = result.get("final") or {}
     last = max(x) if x else 1
-    for kind, marker in (("teacher_forced", "*"), ("generation", "x"), ("wild", "D")):
+    for kind, marker, dx in (("teacher_forced", "*", 0.2), ("generation", "x", 0.3),
+                             ("wild", "D", 0.4)):
         sc = final.get(kind) or {}
         for k, c in colors.items():
             if sc.get(k) is not None:
-                ax1.plot([last + 0.3], [sc[k]], marker, color=c,
+                ax1.plot([last + dx], [sc[k]], marker, color=c,
                          markersize=7 if marker == "D" else 11,
                          label=f"{k.upper()} final, all edits ({_KIND[kind]})")
     ax1.set_ylim(-0.02, 1.02)
