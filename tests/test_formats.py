@@ -240,3 +240,17 @@ def test_zsre_questions_are_kept_for_the_wild_style_scores(tmp_path):
     assert loc.startswith("nq question: ") and rec.questions[loc] == loc[len("nq question: "):]
     save_records([rec], str(tmp_path / "again.jsonl"))
     assert load_records(str(tmp_path / "again.jsonl"))[0].questions == rec.questions
+
+
+def test_prompts_that_are_questions_are_kept_as_questions():
+    from ultraedit.data.formats import map_record
+
+    rec = map_record({"prompt": "Which club does Messi play for?", "target_new": "Ajax",
+                      "rephrase_prompt": "Messi plays for the club", "subject": "Messi",
+                      "locality_prompt": "Who wrote Hamlet?",
+                      "locality_ground_truth": "Shakespeare"},
+                     "easyedit")
+    assert rec.questions == {"Which club does Messi play for?": "Which club does Messi play for?",
+                             "Who wrote Hamlet?": "Who wrote Hamlet?"}
+    cf = map_record(COUNTERFACT[0], "counterfact")
+    assert cf.questions == {}                          # cloze prompts: asked as they are

@@ -66,6 +66,10 @@ easyedit (EasyEdit's ``prompt``/``target_new`` files, incl. KnowEdit)::
 
 records: this project's own ``EditRecord.to_dict()`` output.
 
+Questions (every format but records): a prompt, paraphrase, locality or portability prompt that
+ends with "?" is kept as its own question (``EditRecord.questions``), which the WILD-style
+scores ask in a QA format; zsre adds its ``loc`` questions without the "nq question: " prefix.
+
 These mappings follow the public formats as published with each data set and reference code; the
 zsre, counterfact and easyedit keys are the widely used ones, the fever, wikibigedit and
 ultraeditbench keys are taken from the data sets' published descriptions and should be checked
@@ -450,6 +454,14 @@ def read_raw(path: str) -> List[Any]:
     return data
 
 
+def _asked(kwargs: dict) -> Dict[str, str]:
+    """The prompts of a mapped record that are questions already (they end with "?")."""
+    prompts = [kwargs.get("prompt"), *kwargs.get("paraphrases", [])]
+    prompts += [lp.prompt for lp in kwargs.get("locality", [])]
+    prompts += [p for p, _ in kwargs.get("portability", [])]
+    return {p: p for p in prompts if isinstance(p, str) and p.rstrip().endswith("?")}
+
+
 def map_record(raw: Any, format: str, path: str = "<memory>", index: int = 0) -> EditRecord:
     """Map one raw record with ``FORMATS[format]``; DataFormatError naming path/index/field."""
     if not isinstance(raw, dict):
@@ -457,6 +469,8 @@ def map_record(raw: Any, format: str, path: str = "<memory>", index: int = 0) ->
     sources: Dict[str, str] = {}
     try:
         kwargs, sources = FORMATS[format](raw)
+        if format != "records":
+            kwargs["questions"] = {**_asked(kwargs), **kwargs.get("questions", {})}
         return EditRecord(**kwargs)
     except _FieldError as err:
         raise DataFormatError(path, index, err.field, err.message) from None
