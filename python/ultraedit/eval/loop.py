@@ -158,7 +158,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
             ref = locality_reference(model, tokenizer, records, generation=ref_generation,
                                      progress=tick)
         result["timing"]["locality_reference_s"] = time.perf_counter() - t0
-        if wild or turn_wild:      # timed apart: what the WILD-style scores add
+        if (wild and eval_end) or (turn_wild and eval_every):   # timed apart: what WILD adds
             t0 = time.perf_counter()
             with _measured(progress, locality_work(records, reference=ref, wild=True),
                            "unedited answers (WILD-style)") as tick:
