@@ -63,7 +63,7 @@ def _demo(args: argparse.Namespace) -> int:
     check_threads(args.threads)
     check_output_paths([("--json", args.json)])
     relations = split_csv(args.relations) or list(DEMO_RELATIONS)
-    from ..data import OFFLINE_RELATIONS
+    from ..data import OFFLINE_RELATIONS, REPORT_RELATIONS, TUNING_RELATIONS
 
     bad = [r for r in relations if r not in OFFLINE_RELATIONS]
     if bad:
@@ -101,7 +101,10 @@ def _demo(args: argparse.Namespace) -> int:
     except ValueError as err:   # a request the editor refuses: its own message
         raise UsageError(str(err)) from None
     result = demo_result(run, editor)
+    split = ("report" if set(relations) <= set(REPORT_RELATIONS) else
+             "tuning" if set(relations) <= set(TUNING_RELATIONS) else "all")
     result.update({"model": args.model or "default", "preset": args.preset, "seed": args.seed,
+                   "split": split,
                    "relations": relations, "threads": threads})
     result["timing"].update({"load_s": load_s, "facts_s": facts_s})
     result["memory"]["process_peak_rss_bytes"] = peak_rss_bytes()
@@ -138,7 +141,9 @@ def demo_result(run: Dict[str, Any], editor) -> Dict[str, Any]:
                    "editor_overhead": sum(ed) / sum(fwd) if sum(fwd) > 0 else None,
                    "eval_before_s": t["locality_reference_s"] + t["eval_before_s"],
                    "eval_after_s": t["eval_end_s"], "preserve_s": editor.preserve_s,
-                   "wild_s": sum(t.get(k, 0.0) for k in ("wild_reference_s", "wild_end_s"))},
+                   "wild_s": sum(t.get(k, 0.0) for k in ("wild_reference_s", "wild_end_s")),
+                   "wild_reference_s": t.get("wild_reference_s"),
+                   "wild_end_s": t.get("wild_end_s")},
         "memory": run["memory"],
         "turns": rows,
     }
@@ -153,7 +158,11 @@ def print_demo(result: Dict[str, Any], turns: int, edits_per_turn: int) -> None:
     if s["preserve"] > 0:
         print(f"preserved subjects' keys captured once, before the first turn, in "
               f"{result['timing']['preserve_s']:.1f}s")
-    print(f"facts: offline relations {', '.join(result.get('relations') or [])}")
+    split = result.get("split", "all")
+    what = {"report": "report relations", "tuning": "tuning relations",
+            "all": "tuning and report relations"}[split]
+    print(f"facts: offline relations {', '.join(result.get('relations') or [])} "
+          f"(split {split}: {what})")
     print("                              ES     GS     LS")
     print(f"before   teacher-forced    {fmt(b['es'])}  {fmt(b['gs'])}  {fmt(b['ls'])}")
     print(f"after    teacher-forced    {fmt(a['es'])}  {fmt(a['gs'])}  {fmt(a['ls'])}")
