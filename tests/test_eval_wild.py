@@ -98,6 +98,9 @@ def test_decoding_stops_at_a_period_a_newline_or_eos(ue_tokenizer):
     # a row stops at the token that completes the stop string; EOS is not part of the answer
     assert tok.decode(ids[0]).endswith(".") and tok.decode(ids[1]).endswith("\n")
     assert ids[2][-1] == tok.eos_token_id
+    other = ScriptedLM(tok, {"Japan uses the": "yen"}, end=tok.bos_token_id)   # any special token
+    assert M.decode_answers(other, tok, ["Japan uses the"], return_ids=True) == \
+        (["yen"], [encode_request(tok, "Japan uses the", "yen")[1] + [tok.bos_token_id]])
     assert M.decode_answers(model, tok, prompts[:1], stop_strings=("It",)) == ["Paris."]
 
 
@@ -124,7 +127,7 @@ def _one_by_one(model, tok, prompt, max_new, stops):
     with torch.no_grad():
         for _ in range(max_new):
             nxt = int(model(torch.tensor([cur])).logits[0, -1].argmax())
-            if nxt == tok.eos_token_id:
+            if nxt in tok.all_special_ids:
                 return tok.decode(gen, skip_special_tokens=True).strip()
             gen.append(nxt)
             cur.append(nxt)

@@ -9,7 +9,8 @@ WILD protocol (Yang et al., 2025, "The Mirage of Model Editing"):
   templates) is asked as ``QA_TEMPLATE.format(question=...)``, i.e.
   ``"Q: What is the capital of France?\\nA:"``; any other prompt (a cloze like CounterFact's) is
   used as it is (:func:`wild_prompt`);
-- **the answer**: greedy decoding (KV cache, left-padded batches) until EOS, or until the decoded
+- **the answer**: greedy decoding (KV cache, left-padded batches) until EOS (or another special
+  token, e.g. ``<|endoftext|>``), or until the decoded
   text contains a stop string (:data:`STOP_STRINGS`: ``"."`` and a newline; the answer is the
   text before it), at most :data:`MAX_NEW_TOKENS` new tokens (:func:`decode_answers`);
 - **the judgement** on SQuAD-normalized text (:func:`normalize_answer`: lowercase, punctuation,
@@ -77,7 +78,9 @@ def wild_prompt(prompt: str, questions: Optional[dict] = None) -> str:
 
 
 def _eos_ids(model, tokenizer) -> Set[int]:
-    ids: Set[int] = set()
+    """Tokens that end an answer: the tokenizer's and the model's EOS, and every other special
+    token (a chat model's ``<|endoftext|>`` or ``<|im_start|>`` is not part of an answer)."""
+    ids: Set[int] = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
     for source in (tokenizer, getattr(model, "generation_config", None),
                    getattr(model, "config", None)):
         value = getattr(source, "eos_token_id", None)
@@ -110,7 +113,8 @@ def decode_answers(model, tokenizer, prompts: Sequence[str],
                    max_new_tokens: int = MAX_NEW_TOKENS,
                    stop_strings: Sequence[str] = STOP_STRINGS, batch_size: int = 32,
                    progress: Progress = None, return_ids: bool = False):
-    """Greedy answers to ``prompts``: decode until EOS (not part of the answer), until the decoded
+    """Greedy answers to ``prompts``: decode until EOS or another special token (not part of the
+    answer), until the decoded
     text contains one of ``stop_strings`` (the answer is the text before the first one), or
     ``max_new_tokens`` new tokens. Returns the answers (stripped of surrounding whitespace), or
     with ``return_ids`` ``(answers, generated token ids per prompt)``; the ids end at the token
