@@ -10,9 +10,9 @@ WILD protocol (Yang et al., 2025, "The Mirage of Model Editing"):
   ``"Q: What is the capital of France?\\nA:"``; any other prompt (a cloze like CounterFact's) is
   used as it is (:func:`wild_prompt`);
 - **the answer**: greedy decoding (KV cache, left-padded batches) until EOS (or another special
-  token, e.g. ``<|endoftext|>``), or until the decoded
-  text contains a stop string (:data:`STOP_STRINGS`: ``"."`` and a newline; the answer is the
-  text before it), at most :data:`MAX_NEW_TOKENS` new tokens (:func:`decode_answers`);
+  token, e.g. ``<|endoftext|>``), or until the decoded text contains a stop string
+  (:data:`STOP_STRINGS`: ``"."`` and a newline; the answer is the text before it), at most
+  :data:`MAX_NEW_TOKENS` new tokens (:func:`decode_answers`);
 - **the judgement** on SQuAD-normalized text (:func:`normalize_answer`: lowercase, punctuation,
   the articles a/an/the and extra whitespace removed): ``exact`` = the normalized answer equals
   the normalized target; ``contains`` = the normalized target occurs in the normalized answer
@@ -35,8 +35,8 @@ from typing import Iterable, List, Optional, Sequence, Set, Tuple
 import torch
 
 from ..tokenization import _pad_id, special_prefix
-from .probing import Progress, _cache_argument, _cache_of, _device, _eval, _prompt_ids, \
-    _split_head, _tick
+from .probing import (Progress, _cache_argument, _cache_of, _device, _eval, _prompt_ids,
+                      _split_head, _tick)
 
 __all__ = ["QA_TEMPLATE", "STOP_STRINGS", "MAX_NEW_TOKENS", "normalize_answer", "answer_exact",
            "answer_contains", "wild_prompt", "decode_answers", "wild_judgements"]
