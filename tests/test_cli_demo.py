@@ -104,3 +104,7 @@ def test_demo_small_run(tmp_path, ue_embedded, capsys):
     assert data["edit_config"]["modules"][0] == "model.layers.2.mlp.down_proj"
     out = capsys.readouterr().out
     assert "before" in out and "after" in out and "forward+backward" in out
+    wild = data["wild"]["after"]                       # WILD-style, on by default
+    assert all(0.0 <= wild[k] <= 1.0 for k in ("es", "gs", "ls", "es_contains", "gs_contains"))
+    assert wild["examples"][0]["prompt"].startswith("Q: ") and data["timing"]["wild_s"] > 0
+    assert "WILD-style exact" in out

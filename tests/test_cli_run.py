@@ -115,10 +115,58 @@ def test_zsre_file_runs_with_json_and_plot(model_dir, tmp_path, capsys):
     assert final["teacher_forced"]["ls_source"] == "unedited"   # vs the unedited predictions
     assert _in01(final["teacher_forced"]["ls_data"])            # vs the data set's loc_ans
     assert final["generation"]["fluency"] >= 0
+    wild = final["wild"]                                         # on by default
+    assert wild["edits"] == 4 and wild["ls_source"] == "unedited"
+    for k in ("es", "gs", "ls", "es_contains", "gs_contains"):
+        assert wild[k] is not None and 0.0 <= wild[k] <= 1.0, k
+    assert wild["examples"][0]["prompt"] == "Q: What is the capital of France?\nA:"
+    assert all("wild" not in t["metrics"] for t in out["turns"])   # per turn: --turn-wild
+    assert out["config"]["wild"] is True and out["timing"]["wild_end_s"] > 0
     assert out["timing"]["turn_s_mean"] > 0 and out["memory"]["peak_bytes"] > 0
     assert out["memory"]["process_peak_rss_bytes"] > 0      # beside the turn's estimate
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "final over all edits" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "final over all edits" in printed and "data " in printed
+    assert "WILD-style exact" in printed and "WILD-style evaluation:" in printed
+
+
+def test_wild_per_turn_and_off(model_dir, tmp_path):
+    data = _write(tmp_path / "zsre_mend_eval.json", ZSRE)
+    assert main(_base(model_dir, data, tmp_path, "--turn-wild", "--no-generation")) == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    for t in out["turns"]:
+        w = t["metrics"]["wild"]
+        assert w["edits"] == 2 and all(_in01(w[k]) for k in ("es", "gs", "ls"))
+        assert t["wild_eval_s"] > 0 and t["eval_s"] >= t["wild_eval_s"]
+    assert out["final"]["wild"]["edits"] == 4
+    assert main(_base(model_dir, data, tmp_path, "--no-wild", "--eval", "end")) == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["final"]["wild"] is None and out["config"]["wild"] is False
+    assert "wild_reference_s" not in out["timing"]
+
+
+def test_offline_split(model_dir, tmp_path, monkeypatch, capsys):
+    """--split report draws from the report relations only and says so in the JSON and the
+    table (the known-fact filter is stubbed: the tiny model knows nothing)."""
+    import ultraedit.eval.facts as facts
+    from ultraedit.data import REPORT_RELATIONS
+
+    monkeypatch.setattr(facts, "filter_known", lambda recs, *a, **k: list(recs))
+    args = ["run", "--model", model_dir, "--data", "offline", "--turns", "1",
+            "--edits-per-turn", "6", "--eval", "end", "--no-generation", "--no-wild",
+            "--no-progress", "--threads", "1", "--json", str(tmp_path / "r.json"),
+            "--records-out", str(tmp_path / "recs.jsonl")]
+    assert main(args + ["--split", "report"]) == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["config"]["split"] == "report"
+    assert out["config"]["relations"] == list(REPORT_RELATIONS)
+    assert set(out["data"]["by_relation"]) == set(REPORT_RELATIONS)
+    assert "offline split report (report relations" in capsys.readouterr().out
+    assert main(args[:-4] + ["--split", "tuning", "--relations", "language"]) == 2
+    _one_line_error(capsys, "not in the tuning split")
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    assert main(_base(model_dir, data, tmp_path, "--split", "report")) == 2
+    _one_line_error(capsys, "--split")
 
 
 def test_counterfact_file_runs(model_dir, tmp_path):
@@ -126,6 +174,9 @@ def test_counterfact_file_runs(model_dir, tmp_path):
     assert main(_base(model_dir, data, tmp_path, "--format", "counterfact", "--eval", "end",
                       "--no-generation", "--compat", "official", "--lr", "1e-3",
                       "--modules", "paper")) == 0
+    # CounterFact has no questions: the WILD-style scores decode from the cloze prompts
+    assert json.loads((tmp_path / "r.json").read_text())["final"]["wild"]["examples"][0][
+        "prompt"] == "The capital of France is"
     out = json.loads((tmp_path / "r.json").read_text())
     assert out["edit_config"]["compat"] == "official" and out["edit_config"]["lr"] == 1e-3
     assert out["edit_config"]["steps"] == 1

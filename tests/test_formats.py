@@ -228,3 +228,29 @@ def test_detect_format():
     assert detect_format(FEVER[1]) == "fever"
     assert detect_format(ULTRAEDITBENCH[0]) == "zsre"
     assert detect_format({"x": 1}) is None and detect_format("text") is None
+
+
+def test_zsre_questions_are_kept_for_the_wild_style_scores(tmp_path):
+    """zsRE prompts are questions: src and rephrase as they are, loc without "nq question: "."""
+    path = _write(tmp_path, "zsre.json", ZSRE[:1])
+    rec = load_records(path, "zsre")[0]
+    assert rec.questions[rec.prompt] == rec.prompt
+    assert all(rec.questions[p] == p for p in rec.paraphrases)
+    loc = rec.locality[0].prompt
+    assert loc.startswith("nq question: ") and rec.questions[loc] == loc[len("nq question: "):]
+    save_records([rec], str(tmp_path / "again.jsonl"))
+    assert load_records(str(tmp_path / "again.jsonl"))[0].questions == rec.questions
+
+
+def test_prompts_that_are_questions_are_kept_as_questions():
+    from ultraedit.data.formats import map_record
+
+    rec = map_record({"prompt": "Which club does Messi play for?", "target_new": "Ajax",
+                      "rephrase_prompt": "Messi plays for the club", "subject": "Messi",
+                      "locality_prompt": "Who wrote Hamlet?",
+                      "locality_ground_truth": "Shakespeare"},
+                     "easyedit")
+    assert rec.questions == {"Which club does Messi play for?": "Which club does Messi play for?",
+                             "Who wrote Hamlet?": "Who wrote Hamlet?"}
+    cf = map_record(COUNTERFACT[0], "counterfact")
+    assert cf.questions == {}                          # cloze prompts: asked as they are

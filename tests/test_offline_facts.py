@@ -146,3 +146,41 @@ def test_filter_known_on_the_embedded_model():
     kept = filter_known(recs, model, tok)
     assert len(recs) == 10
     assert {"France", "Germany", "Japan", "Italy"} <= {r.subject for r in kept}
+
+
+def test_every_prompt_has_its_question(all_records):
+    """The WILD-style scores ask each prompt of an offline record as a question."""
+    for rel, recs in all_records.items():
+        for r in recs[:100]:
+            prompts = [r.prompt, *r.paraphrases, *(lp.prompt for lp in r.locality),
+                       *(p for p, _ in r.portability)]
+            for p in prompts:
+                q = r.questions[p]
+                assert q.endswith("?") and q.isascii() and "{" not in q, (rel, p, q)
+            assert r.subject in r.questions[r.prompt]
+    france = next(r for r in all_records["capital"] if r.subject == "France")
+    assert france.questions[france.prompt] == "What is the capital of France?"
+    netherlands = next(r for r in all_records["capital"] if r.subject == "Netherlands")
+    assert netherlands.questions[netherlands.prompt] == "What is the capital of the Netherlands?"
+    one = offline_facts("capital", limit=1, n_paraphrases=1)[0]
+    assert set(one.questions) >= {one.prompt, *one.paraphrases}
+
+
+def test_tuning_and_report_splits_are_disjoint_relations():
+    from ultraedit.data import REPORT_RELATIONS, SPLITS, TUNING_RELATIONS, split_relations
+
+    assert not set(TUNING_RELATIONS) & set(REPORT_RELATIONS)
+    assert set(TUNING_RELATIONS) | set(REPORT_RELATIONS) == set(OFFLINE_RELATIONS)
+    assert SPLITS == ("all", "tuning", "report")
+    assert split_relations("report") == REPORT_RELATIONS
+    report = offline_facts(split="report", limit=30)
+    assert {r.relation for r in report} == set(REPORT_RELATIONS)
+    assert {r.relation for r in offline_facts("all", split="tuning", limit=40)} == \
+        set(TUNING_RELATIONS)
+    assert [r.to_dict() for r in offline_facts(("language",), split="report", limit=5)] == \
+        [r.to_dict() for r in offline_facts(("language",), limit=5)]
+    with pytest.raises(ValueError, match="not in the tuning split"):
+        offline_facts(("language",), split="tuning")
+    with pytest.raises(ValueError, match="unknown split"):
+        offline_facts(split="test")
+    assert [r.relation for r in offline_facts(limit=2)] == ["capital", "capital"]

@@ -2,7 +2,9 @@
 
 Loads the model, builds counterfactual edits from real country facts that the unedited model
 answers correctly (``ultraedit.eval.demo_records``), applies them in lifelong turns and prints
-Efficacy / Generalization / Locality before and after (``ultraedit.eval``) and the time per turn
+Efficacy / Generalization / Locality before and after (``ultraedit.eval``), teacher-forced and
+WILD-style (a question, greedy decoding to a stop string; ``--no-wild`` skips it), and the time
+per turn
 split into the model's forward+backward and the editor's own overhead. Locality prompts that are
 themselves edited in the run are dropped from every record: their answers are supposed to change.
 """
@@ -34,6 +36,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="fact selection seed (0)")
     p.add_argument("--relations", default=None,
                    help=f"comma-separated offline relations ({','.join(DEMO_RELATIONS)})")
+    p.add_argument("--wild", action=argparse.BooleanOptionalAction, default=True,
+                   help="WILD-style scores (a question, greedy decoding to '.', a newline or "
+                        "EOS, at most 50 tokens; normalized match) after editing")
     add_method_options(p)
     add_machine_options(p)
     p.set_defaults(func=main)
@@ -56,7 +61,7 @@ def _demo(args: argparse.Namespace) -> int:
     check_threads(args.threads)
     check_output_paths([("--json", args.json)])
     relations = split_csv(args.relations) or list(DEMO_RELATIONS)
-    from ..data import OFFLINE_RELATIONS
+    from ..data import OFFLINE_RELATIONS, REPORT_RELATIONS, TUNING_RELATIONS
 
     bad = [r for r in relations if r not in OFFLINE_RELATIONS]
     if bad:
@@ -89,11 +94,15 @@ def _demo(args: argparse.Namespace) -> int:
     editor = build_editor(model, tok, config, progress=not args.no_progress)
     try:
         run = lifelong_run(model, tok, records, editor, args.turns, args.edits_per_turn,
-                           eval_before=True, eval_end=True, progress=not args.no_progress)
+                           eval_before=True, eval_end=True, progress=not args.no_progress,
+                           wild=args.wild)
     except ValueError as err:   # a request the editor refuses: its own message
         raise UsageError(str(err)) from None
     result = demo_result(run, editor)
+    split = ("report" if set(relations) <= set(REPORT_RELATIONS) else
+             "tuning" if set(relations) <= set(TUNING_RELATIONS) else "all")
     result.update({"model": args.model or "default", "preset": args.preset, "seed": args.seed,
+                   "split": split,
                    "relations": relations, "threads": threads})
     result["timing"].update({"load_s": load_s, "facts_s": facts_s})
     result["memory"]["process_peak_rss_bytes"] = peak_rss_bytes()
@@ -108,6 +117,11 @@ def _scores(tf: Dict[str, Any]) -> Dict[str, Any]:
     return {k: tf.get(k) for k in ("es", "gs", "ls")}
 
 
+def _wild(sc: Dict[str, Any]) -> Dict[str, Any]:
+    keys = ("es", "gs", "ls", "pt", "es_contains", "gs_contains", "pt_contains", "examples")
+    return {k: sc.get(k) for k in keys}
+
+
 def demo_result(run: Dict[str, Any], editor) -> Dict[str, Any]:
     """The demo's JSON from a :func:`ultraedit.eval.lifelong_run` result."""
     rows = run["turns"]
@@ -120,10 +134,14 @@ def demo_result(run: Dict[str, Any], editor) -> Dict[str, Any]:
         "edit_config": resolved_config(editor),
         "metrics": {"before": _scores(run["before"]["teacher_forced"]),
                     "after": _scores(run["final"]["teacher_forced"])},
+        "wild": ({"after": _wild(run["final"]["wild"])} if run["final"].get("wild") else None),
         "timing": {"turn_s": [r["turn_s"] for r in rows], "fwd_bwd_s": fwd, "editor_s": ed,
                    "editor_overhead": sum(ed) / sum(fwd) if sum(fwd) > 0 else None,
                    "eval_before_s": t["locality_reference_s"] + t["eval_before_s"],
-                   "eval_after_s": t["eval_end_s"], "preserve_s": editor.preserve_s},
+                   "eval_after_s": t["eval_end_s"], "preserve_s": editor.preserve_s,
+                   "wild_s": sum(t.get(k, 0.0) for k in ("wild_reference_s", "wild_end_s")),
+                   "wild_reference_s": t.get("wild_reference_s"),
+                   "wild_end_s": t.get("wild_end_s")},
         "memory": run["memory"],
         "turns": rows,
     }
@@ -138,9 +156,21 @@ def print_demo(result: Dict[str, Any], turns: int, edits_per_turn: int) -> None:
     if s["preserve"] > 0:
         print(f"preserved subjects' keys captured once, before the first turn, in "
               f"{result['timing']['preserve_s']:.1f}s")
-    print("            ES     GS     LS")
-    print(f"before   {fmt(b['es'])}  {fmt(b['gs'])}  {fmt(b['ls'])}")
-    print(f"after    {fmt(a['es'])}  {fmt(a['gs'])}  {fmt(a['ls'])}")
+    split = result.get("split", "all")
+    what = {"report": "report relations", "tuning": "tuning relations",
+            "all": "tuning and report relations"}[split]
+    print(f"facts: offline relations {', '.join(result.get('relations') or [])} "
+          f"(split {split}: {what})")
+    print("                              ES     GS     LS")
+    print(f"before   teacher-forced    {fmt(b['es'])}  {fmt(b['gs'])}  {fmt(b['ls'])}")
+    print(f"after    teacher-forced    {fmt(a['es'])}  {fmt(a['gs'])}  {fmt(a['ls'])}")
+    wild = result.get("wild")
+    if wild:
+        w = wild["after"]
+        print(f"after    WILD-style exact  {fmt(w['es'])}  {fmt(w['gs'])}  {fmt(w['ls'])}")
+        print(f"after      ... contains    {fmt(w['es_contains'])}  {fmt(w['gs_contains'])}")
+        print(f"WILD-style evaluation (a question, greedy decoding to a stop string): "
+              f"{result['timing']['wild_s']:.1f}s in all")
     print("turn  forward+backward  editor overhead   total")
     t = result["timing"]
     for i, (f, e, tt) in enumerate(zip(t["fwd_bwd_s"], t["editor_s"], t["turn_s"]), 1):

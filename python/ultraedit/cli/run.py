@@ -11,14 +11,18 @@ facts (``--data offline``: counterfactuals of facts the UNEDITED model answers c
 ``--edits-per-turn`` with one editor and evaluated by ``ultraedit.eval.lifelong_run``:
 ``--eval every`` scores each turn's edits after that turn, ``--eval end`` all edits once after
 the last turn (the paper's protocol; with greedy-generation scores and fluency unless
-``--no-generation``), ``--eval both`` (default) does both.
+``--no-generation``), ``--eval both`` (default) does both. The final evaluation also reports
+the WILD-style scores (a question, greedy decoding to a stop string, normalized match;
+``ultraedit.eval.wild``) unless ``--no-wild``; ``--turn-wild`` adds them per turn. ``--split report`` draws the offline facts from
+the report relations only (``--split tuning``: the tuning relations), so that a setting chosen
+on the one is reported on the other.
 
 The JSON (rewritten after every turn, so an interrupted run keeps its turns; ``status`` says
 ``done``, ``interrupted`` or where it stopped) holds ``command``, ``config``, ``machine``,
 ``data``, ``turns`` (per turn: edits, tokens, ``fwd_bwd_s``/``editor_s``/``turn_s``/``eval_s``,
-``peak_bytes``, ``metrics`` when evaluated), ``final.teacher_forced`` and ``final.generation``
-(``es``, ``gs``, ``ls`` in 0..1, ``edits``, ...), ``timing`` and ``memory``. ``--plot`` draws the
-per-turn metrics and the time per turn.
+``peak_bytes``, ``metrics`` when evaluated), ``final.teacher_forced``, ``final.generation`` and
+``final.wild`` (``es``, ``gs``, ``ls`` in 0..1, ``edits``, ...), ``timing`` and ``memory``.
+``--plot`` draws the per-turn metrics and the time per turn.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ DATA_FORMATS = ("auto", "zsre", "counterfact", "fever", "wikibigedit", "ultraedi
                 "easyedit", "records")
 # = ultraedit.eval.RUN_RELATIONS, spelled here so that --help does not import torch
 RUN_RELATIONS = ("capital", "language", "currency", "continent", "region", "city_country")
+SPLITS = ("all", "tuning", "report")    # = ultraedit.data.SPLITS
 
 
 def add_parser(sub) -> None:
@@ -54,6 +59,9 @@ def add_parser(sub) -> None:
                    help="data file format (auto: detected from the first record's keys)")
     p.add_argument("--relations", default=None,
                    help=f"offline relations, comma-separated (default {','.join(RUN_RELATIONS)})")
+    p.add_argument("--split", choices=SPLITS, default=None,
+                   help="offline: draw the facts from the tuning or the report relations only "
+                        "(default all: the relations of --relations, from both groups)")
     p.add_argument("--exclude-subjects", metavar="FILE", default=None,
                    help="offline: never edit the subjects listed in FILE, one per line (e.g. "
                         "facts a setting was tuned on)")
@@ -64,6 +72,11 @@ def add_parser(sub) -> None:
                    help="after every turn on its edits, at the end on all edits, or both")
     p.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True,
                    help="greedy-generation scores and fluency in the final evaluation")
+    p.add_argument("--wild", action=argparse.BooleanOptionalAction, default=True,
+                   help="WILD-style scores (a question, greedy decoding to '.', a newline or "
+                        "EOS, at most 50 tokens; normalized match) in the final evaluation")
+    p.add_argument("--turn-wild", action="store_true",
+                   help="also WILD-style scores in the per-turn evaluation (slower)")
     p.add_argument("--turn-generation", action="store_true",
                    help="also generation scores in the per-turn evaluation (slower)")
     p.add_argument("--json", metavar="PATH", default=None,
@@ -138,17 +151,25 @@ def _run(args: argparse.Namespace) -> int:
     offline = args.data == "offline"
     if not offline and not os.path.isfile(args.data):
         raise UsageError(f"data file not found: {args.data!r} (or use --data offline)")
-    if (args.relations or args.exclude_subjects) and not offline:
-        raise UsageError("--relations and --exclude-subjects apply to --data offline only")
+    if (args.relations or args.exclude_subjects or args.split) and not offline:
+        raise UsageError("--relations, --split and --exclude-subjects apply to --data offline "
+                         "only")
     n = args.turns * args.edits_per_turn
-    from ..data import OFFLINE_RELATIONS, DataFormatError, drop_edited_locality, load_records
+    from ..data import (OFFLINE_RELATIONS, DataFormatError, drop_edited_locality, load_records,
+                        split_relations)
 
-    relations = split_csv(args.relations) or list(RUN_RELATIONS)
+    split = args.split or "all"
+    default_relations = RUN_RELATIONS if split == "all" else split_relations(split)
+    relations = split_csv(args.relations) or list(default_relations)
     excluded = _read_subjects(args.exclude_subjects) if args.exclude_subjects else []
     if offline:
         bad = [r for r in relations if r not in OFFLINE_RELATIONS]
         if bad:
             raise UsageError(f"unknown offline relation(s) {bad}; choose from {OFFLINE_RELATIONS}")
+        outside = [r for r in relations if r not in split_relations(split)]
+        if outside:
+            raise UsageError(f"relation(s) {outside} are not in the {split} split "
+                             f"{list(split_relations(split))}")
     records = None
     if not offline:       # read the file before the model: bad files fail fast
         try:
@@ -177,7 +198,7 @@ def _run(args: argparse.Namespace) -> int:
     if offline:
         try:
             records = offline_records(model, tok, n, relations=relations, seed=args.seed,
-                                      exclude_subjects=excluded)
+                                      exclude_subjects=excluded, split=split)
         except ValueError as err:
             raise UsageError(str(err)) from None
     else:
@@ -205,12 +226,14 @@ def _run(args: argparse.Namespace) -> int:
         "command": " ".join(["ultraedit"] + sys.argv[1:]),
         "config": {"model": args.model, "data": args.data,
                    "format": "offline" if offline else args.format,
-                   "relations": relations if offline else None, "seed": args.seed,
+                   "relations": relations if offline else None,
+                   "split": split if offline else None, "seed": args.seed,
                    "excluded_subjects": len(excluded) if offline else None,
                    "threads": torch.get_num_threads(), "turns": args.turns,
                    "edits_per_turn": args.edits_per_turn, "preset": args.preset,
                    "eval": args.eval_mode, "generation": args.generation,
-                   "turn_generation": args.turn_generation},
+                   "turn_generation": args.turn_generation, "wild": args.wild,
+                   "turn_wild": args.turn_wild},
         "edit_config": resolved_config(editor),
         "machine": machine(),
         "data": {"records": len(records), "by_relation": rel_count, "load_model_s": load_s,
@@ -221,7 +244,8 @@ def _run(args: argparse.Namespace) -> int:
         result = lifelong_run(model, tok, records, editor, args.turns, args.edits_per_turn,
                               eval_every=args.eval_mode in ("every", "both"), eval_end=at_end,
                               generation=args.generation, turn_generation=args.turn_generation,
-                              progress=progress, result=result,
+                              progress=progress, result=result, wild=args.wild,
+                              turn_wild=args.turn_wild,
                               on_update=lambda r: write_json(r, args.json))
     except ValueError as err:   # a request the editor refuses: its own message, nothing changed
         raise UsageError(str(err)) from None
@@ -244,19 +268,38 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_source(config: Dict[str, Any]) -> str:
+    """Which facts a table's scores come from: the offline split and relations, or the file."""
+    if config.get("format") != "offline":
+        return f"data {config.get('data')}"
+    split = config.get("split") or "all"
+    what = {"report": "report relations", "tuning": "TUNING relations (not a report)",
+            "all": "tuning and report relations mixed"}[split]
+    return f"offline split {split} ({what}: {', '.join(config.get('relations') or [])})"
+
+
 def _print_summary(result: Dict[str, Any], args) -> None:
     cfg = result["edit_config"]
     print(f"{result['edits']} edits in {len(result['turns'])} turns; compat={cfg['compat']} "
           f"lr={cfg['lr']:g} modules={len(cfg['modules'])} ({cfg['modules'][0]} ...)")
     final = result.get("final") or {}
     if final:
-        print("final over all edits     ES     GS     LS     PT")
-        for kind in ("teacher_forced", "generation"):
-            sc = final.get(kind)
+        print(f"final over all edits, {data_source(result['config'])}")
+        print("                         ES     GS     LS     PT")
+        for name, sc, suffix in (("teacher-forced", final.get("teacher_forced"), ""),
+                                 ("generation", final.get("generation"), ""),
+                                 ("WILD-style exact", final.get("wild"), ""),
+                                 ("WILD-style contains", final.get("wild"), "_contains")):
             if sc:
-                print(f"{kind:22s} {fmt(sc['es'])}  {fmt(sc['gs'])}  {fmt(sc['ls'])}  "
-                      f"{fmt(sc.get('pt'))}")
+                ls = sc["ls"] if not suffix else None
+                print(f"{name:22s} {fmt(sc['es' + suffix])}  {fmt(sc['gs' + suffix])}  "
+                      f"{fmt(ls)}  {fmt(sc.get('pt' + suffix))}")
     t = result["timing"]
+    if args.wild or args.turn_wild:
+        wild_s = sum(t.get(k) or 0.0 for k in ("wild_reference_s", "wild_every_s", "wild_end_s"))
+        print(f"WILD-style evaluation: {wild_s:.1f}s of the run (unedited answers "
+              f"{t.get('wild_reference_s') or 0:.1f}s, per turn {t.get('wild_every_s') or 0:.1f}s, "
+              f"final {t.get('wild_end_s') or 0:.1f}s)")
     print(f"time per turn {t['turn_s_mean']:.2f}s (forward+backward {t['fwd_bwd_s']:.1f}s, "
           f"editor {t['editor_s']:.1f}s in total); {t['edits_per_s'] or 0:.1f} edits/s")
     if args.json:

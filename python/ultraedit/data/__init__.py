@@ -9,8 +9,10 @@
 
 from .records import EditRecord, LocalityPrompt, RecordValidationError, drop_edited_locality
 from .formats import FORMATS, DataFormatError, load_records, save_records
-from .offline import OFFLINE_RELATIONS, offline_facts
+from .offline import (OFFLINE_RELATIONS, REPORT_RELATIONS, SPLITS, TUNING_RELATIONS, offline_facts,
+                      split_relations)
 
 __all__ = ["EditRecord", "LocalityPrompt", "RecordValidationError", "OFFLINE_RELATIONS",
-           "offline_facts", "FORMATS", "DataFormatError", "load_records",
+           "TUNING_RELATIONS", "REPORT_RELATIONS", "SPLITS", "split_relations", "offline_facts",
+           "FORMATS", "DataFormatError", "load_records",
            "save_records", "drop_edited_locality"]

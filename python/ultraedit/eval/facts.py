@@ -55,19 +55,20 @@ def _too_few(known: int, need: int, relations) -> ValueError:
 
 def demo_records(model, tokenizer, n: int, relations: Sequence[str] = DEMO_RELATIONS,
                  seed: int = 0, n_locality: int = 3, skip: int = 0, chunk: Optional[int] = None,
-                 exclude_subjects: Sequence[str] = ()) -> List[EditRecord]:
+                 exclude_subjects: Sequence[str] = (), split: str = "all") -> List[EditRecord]:
     """``n`` counterfactual records whose true answer the unedited model predicts (the
     selection of ``ultraedit demo``).
 
     Candidates of each relation are shuffled with ``seed`` and interleaved round-robin; the
     first ``skip`` known records are passed over (so disjoint slices can be drawn), and
-    subjects in ``exclude_subjects`` are never used. Raises ValueError when fewer than ``n``
-    known facts exist.
+    subjects in ``exclude_subjects`` are never used. ``split`` (``"all"``, ``"tuning"``,
+    ``"report"``) refuses relations outside it. Raises ValueError when fewer than ``n`` known
+    facts exist.
     """
     excluded = set(exclude_subjects)
     streams = []
     for rel in relations:
-        recs = [r for r in offline_facts((rel,), seed=seed, n_locality=n_locality)
+        recs = [r for r in offline_facts((rel,), seed=seed, n_locality=n_locality, split=split)
                 if r.subject not in excluded]
         random.Random(f"demo:{seed}:{rel}").shuffle(recs)
         streams.append(recs)
@@ -87,20 +88,21 @@ def demo_records(model, tokenizer, n: int, relations: Sequence[str] = DEMO_RELAT
 
 def offline_records(model, tokenizer, n: int, relations: Sequence[str] = RUN_RELATIONS,
                     seed: int = 0, exclude_subjects: Sequence[str] = (), n_locality: int = 3,
-                    batch_size: int = 32) -> List[EditRecord]:
+                    batch_size: int = 32, split: str = "all") -> List[EditRecord]:
     """``n`` counterfactual offline records whose TRUE answer the unedited model predicts
     (:func:`filter_known`), relations interleaved round-robin (the selection of
     ``ultraedit run --data offline``).
 
     Country relations are shuffled with ``seed``; cities are taken by population, largest first
     (the model knows far more of them, so fewer candidates are checked). Subjects in
-    ``exclude_subjects`` are never used (e.g. facts a setting was tuned on). Locality prompts
-    that are themselves edited in the run are dropped. ValueError when fewer than ``n`` known
-    facts exist."""
+    ``exclude_subjects`` are never used (e.g. facts a setting was tuned on). ``split``
+    (``"all"``, ``"tuning"``, ``"report"``; ``ultraedit.data.split_relations``) refuses relations
+    outside it. Locality prompts that are themselves edited in the run are dropped. ValueError
+    when fewer than ``n`` known facts exist."""
     excluded = set(exclude_subjects)
     streams = []
     for rel in relations:
-        recs = [r for r in offline_facts((rel,), seed=seed, n_locality=n_locality)
+        recs = [r for r in offline_facts((rel,), seed=seed, n_locality=n_locality, split=split)
                 if r.subject not in excluded]
         if not rel.startswith("city"):
             random.Random(f"run:{seed}:{rel}").shuffle(recs)

@@ -4,8 +4,9 @@
 every locality prompt of the records: per prompt the teacher-forcing prefix (the data set's
 answer, or the unedited model's own greedy continuation of :data:`FREE_LOCALITY_TOKENS` tokens
 when the data set gives no answer), the unedited argmax at those positions and, for generation
-scores, the unedited greedy continuation. :func:`ultraedit.eval.evaluate_records` compares the
-edited model with it.
+scores, the unedited greedy continuation and, for the WILD-style scores, the unedited answer
+decoded to a stop string (:mod:`ultraedit.eval.wild`). :func:`ultraedit.eval.evaluate_records`
+compares the edited model with it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from ..data.records import EditRecord
 from ..tokenization import encode_request, special_prefix
 from .probing import Progress, _prompt_ids, _teacher_forced_ids, greedy_continuations
+from .wild import decode_answers, wild_prompt
 
 __all__ = ["LocalityReference", "locality_reference", "locality_work", "FREE_LOCALITY_TOKENS"]
 
@@ -30,13 +32,16 @@ class LocalityReference:
     ``gold[key]``: the token ids used as teacher-forcing prefix (the answer's tokens, or the
     unedited greedy continuation when ``answer`` is None); ``predictions[key]``: the unedited
     argmax at those positions; ``generations[key]``: the unedited greedy continuation of the
-    same length (only when captured with ``generation=True``); ``prompt_ids[key]``.
+    same length (only when captured with ``generation=True``); ``prompt_ids[key]``;
+    ``answers[wild_prompt]``: the unedited answer decoded to a stop string, keyed by the prompt
+    the WILD-style scores ask (only when captured with ``wild=True``).
     """
 
     prompt_ids: Dict[Tuple[str, Optional[str]], List[int]] = field(default_factory=dict)
     gold: Dict[Tuple[str, Optional[str]], List[int]] = field(default_factory=dict)
     predictions: Dict[Tuple[str, Optional[str]], List[int]] = field(default_factory=dict)
     generations: Dict[Tuple[str, Optional[str]], List[int]] = field(default_factory=dict)
+    answers: Dict[str, str] = field(default_factory=dict)
 
     def __contains__(self, key) -> bool:
         return key in self.predictions
@@ -56,26 +61,42 @@ def _locality_keys(records: Iterable[EditRecord]) -> List[Tuple[str, Optional[st
     return keys
 
 
+def _wild_locality_prompts(records: Iterable[EditRecord]) -> List[str]:
+    """The prompts the WILD-style locality score asks, once each, in order."""
+    return list(dict.fromkeys(wild_prompt(lp.prompt, r.questions)
+                              for r in records for lp in r.locality))
+
+
 def _missing(records, ref: LocalityReference, generation: bool):
     return [k for k in _locality_keys(records)
             if k not in ref or (generation and k not in ref.generations)]
 
 
 def locality_work(records: Sequence[EditRecord], generation: bool = False,
-                  reference: Optional[LocalityReference] = None) -> int:
+                  reference: Optional[LocalityReference] = None, wild: bool = False) -> int:
     """How many prompts :func:`locality_reference` will run (its ``progress`` counts to this)."""
-    keys = _missing(records, reference if reference is not None else LocalityReference(),
-                    generation)
-    return len(keys) + (generation * sum(k[1] is not None for k in keys))
+    ref = reference if reference is not None else LocalityReference()
+    keys = _missing(records, ref, generation)
+    n = len(keys) + (generation * sum(k[1] is not None for k in keys))
+    if wild:
+        n += sum(p not in ref.answers for p in _wild_locality_prompts(records))
+    return n
 
 
 def locality_reference(model, tokenizer, records: Sequence[EditRecord], generation: bool = False,
                        batch_size: int = 32, reference: Optional[LocalityReference] = None,
-                       progress: Progress = None) -> LocalityReference:
+                       progress: Progress = None, wild: bool = False) -> LocalityReference:
     """Capture the UNEDITED model's predictions on every locality prompt of ``records`` (call it
     before editing; pass the result to :func:`evaluate_records` after). With ``reference`` given,
-    only prompts it lacks are computed and it is extended in place (lifelong runs)."""
+    only prompts it lacks are computed and it is extended in place (lifelong runs). ``wild``
+    also decodes the unedited answers the WILD-style locality score compares with."""
     ref = reference if reference is not None else LocalityReference()
+    if wild:
+        todo = [p for p in _wild_locality_prompts(records) if p not in ref.answers]
+        if todo:
+            for p, a in zip(todo, decode_answers(model, tokenizer, todo, batch_size=batch_size,
+                                                 progress=progress)):
+                ref.answers[p] = a
     keys = _missing(records, ref, generation)
     if not keys:
         return ref

@@ -9,7 +9,10 @@
 * ``eval_every``: after each turn, that turn's edits (teacher-forced; generation scores too with
   ``turn_generation``);
 * ``eval_end``: once after the last turn over ALL edits (the paper's protocol), teacher-forced
-  and, with ``generation``, greedy-generation scores and fluency.
+  and, with ``generation``, greedy-generation scores and fluency;
+* ``wild``: the WILD-style scores (:mod:`ultraedit.eval.wild`) in the final evaluation, and with
+  ``turn_wild`` in the per-turn evaluation too, beside the teacher-forced ones (timed apart; the
+  unedited answers to the locality prompts are decoded before the first edit).
 
 It returns a result dict (``status``, ``edits``, ``turns`` with one row per turn, ``before``,
 ``final``, ``timing``, ``memory``) and hands it to ``on_update`` whenever it changes, so that a
@@ -30,9 +33,9 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 from .locality import locality_reference, locality_work
-from .scores import evaluate_records, evaluation_work
+from .scores import evaluate_records, evaluation_work, wild_evaluation, wild_work
 
-__all__ = ["lifelong_run", "teacher_forced_scores", "generation_scores_of"]
+__all__ = ["lifelong_run", "teacher_forced_scores", "generation_scores_of", "wild_scores_of"]
 
 
 def _num(x) -> Optional[float]:
@@ -56,6 +59,19 @@ def generation_scores_of(res: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     out.update({k + "_prefix": _num(res.get(f"gen_{k}_prefix")) for k in ("es", "gs", "ls", "pt")})
     out["fluency"] = _num(res.get("fluency"))
     out["edits"] = int(res.get("n", 0))
+    return out
+
+
+def wild_scores_of(res: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The WILD-style part of an :func:`~ultraedit.eval.evaluate_records` result (None when it
+    was evaluated without ``wild``)."""
+    if "wild_es" not in res:
+        return None
+    out = {k: _num(res.get("wild_" + k)) for k in ("es", "gs", "ls", "pt")}
+    out.update({k + "_contains": _num(res.get(f"wild_{k}_contains")) for k in ("es", "gs", "pt")})
+    out["ls_source"] = res.get("wild_ls_source")
+    out["edits"] = int(res.get("n", 0))
+    out["examples"] = res.get("wild_examples", [])
     return out
 
 
@@ -112,10 +128,17 @@ def _editor_setting(editor, name: str, default):
     return getattr(editor, name, default)
 
 
+def _wild_only(model, tokenizer, records, ref, progress: bool, desc: str) -> Dict[str, Any]:
+    """The WILD-style scores of ``records`` (timed apart from the other scores)."""
+    with _measured(progress, wild_work(records, ref), desc, leave=True) as tick:
+        return wild_evaluation(model, tokenizer, records, ref, progress=tick)
+
+
 def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                  edits_per_turn: int, eval_before: bool = False, eval_every: bool = False,
                  eval_end: bool = True, generation: bool = False, turn_generation: bool = False,
                  progress: bool = True, result: Optional[Dict[str, Any]] = None,
+                 wild: bool = False, turn_wild: bool = False,
                  on_update: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Edit ``records`` with ``editor`` in lifelong turns and evaluate (see the module
     docstring); returns the result dict, ``result``'s keys kept."""
@@ -137,6 +160,13 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
             ref = locality_reference(model, tokenizer, records, generation=ref_generation,
                                      progress=tick)
         result["timing"]["locality_reference_s"] = time.perf_counter() - t0
+        if (wild and eval_end) or (turn_wild and eval_every):   # timed apart: what WILD adds
+            t0 = time.perf_counter()
+            with _measured(progress, locality_work(records, reference=ref, wild=True),
+                           "unedited answers (WILD-style)") as tick:
+                locality_reference(model, tokenizer, records, reference=ref, wild=True,
+                                   progress=tick)
+            result["timing"]["wild_reference_s"] = time.perf_counter() - t0
         if eval_before:
             result["status"] = "evaluation before editing"
             t0 = time.perf_counter()
@@ -177,6 +207,13 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                     row["eval_s"] = time.perf_counter() - te
                     row["metrics"] = {"teacher_forced": teacher_forced_scores(res),
                                       "generation": generation_scores_of(res)}
+                    if turn_wild:
+                        te = time.perf_counter()
+                        res = _wild_only(model, tokenizer, chunk, ref, progress,
+                                         f"WILD-style evaluation of turn {turn}")
+                        row["wild_eval_s"] = time.perf_counter() - te
+                        row["eval_s"] += row["wild_eval_s"]
+                        row["metrics"]["wild"] = wild_scores_of(res)
                     tf = row["metrics"]["teacher_forced"]
                     for k in ("es", "gs", "ls"):
                         if tf[k] is not None:
@@ -194,6 +231,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
             "fwd_bwd_s": sum(r["fwd_bwd_s"] for r in rows),
             "editor_s": sum(r["editor_s"] for r in rows),
             "eval_every_s": sum(r.get("eval_s", 0.0) for r in rows),
+            "wild_every_s": sum(r.get("wild_eval_s", 0.0) for r in rows),
             "edits_per_s": edited / edit_s if edit_s > 0 else None})
         if rows:
             result["memory"] = {"peak_bytes": max(r["peak_bytes"] for r in rows),
@@ -210,7 +248,15 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                                        generation=generation, progress=tick)
             result["timing"]["eval_end_s"] = time.perf_counter() - te
             result["final"] = {"teacher_forced": teacher_forced_scores(res),
-                               "generation": generation_scores_of(res), "edits": len(done)}
+                               "generation": generation_scores_of(res), "wild": None,
+                               "edits": len(done)}
+            if wild:
+                te = time.perf_counter()
+                res = _wild_only(model, tokenizer, done, ref, progress,
+                                 f"WILD-style evaluation of {len(done)} edits")
+                result["timing"]["wild_end_s"] = time.perf_counter() - te
+                result["timing"]["eval_end_s"] += result["timing"]["wild_end_s"]
+                result["final"]["wild"] = wild_scores_of(res)
     except KeyboardInterrupt:
         result["status"] = "interrupted"
         notify(result)

@@ -1,5 +1,6 @@
-"""A PNG of a lifelong run: per-turn teacher-forced scores, the final scores over all edits, and
-the time per turn split into the model's forward+backward and the editor's own work."""
+"""A PNG of a lifelong run: per-turn teacher-forced scores (and WILD-style ones, dashed), the
+final scores over all edits (teacher-forced, generation, WILD-style), and the time per turn split
+into the model's forward+backward and the editor's own work."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 from typing import Any, Dict
 
 __all__ = ["plot_run"]
+
+_KIND = {"teacher_forced": "teacher-forced", "generation": "generation", "wild": "WILD-style"}
 
 
 def plot_run(result: Dict[str, Any], path: str) -> None:
@@ -20,25 +23,32 @@ def plot_run(result: Dict[str, Any], path: str) -> None:
     x = [r["turn"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     colors = {"es": "tab:blue", "gs": "tab:orange", "ls": "tab:green", "pt": "tab:purple"}
-    for k, c in colors.items():
-        pts = [(r["turn"], r["metrics"]["teacher_forced"][k]) for r in rows
-               if r.get("metrics") and r["metrics"]["teacher_forced"].get(k) is not None]
-        if pts:
-            ax1.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=c,
-                     label=f"{k.upper()} (turn's edits)")
+    for kind, style, what in (("teacher_forced", "o-", ""), ("wild", "s--", ", WILD-style")):
+        for k, c in colors.items():
+            pts = [(r["turn"], r["metrics"][kind][k]) for r in rows
+                   if r.get("metrics") and (r["metrics"].get(kind) or {}).get(k) is not None]
+            if pts:
+                ax1.plot([p[0] for p in pts], [p[1] for p in pts], style, color=c,
+                         label=f"{k.upper()} (turn's edits{what})")
     final = result.get("final") or {}
     last = max(x) if x else 1
-    for kind, marker in (("teacher_forced", "*"), ("generation", "x")):
+    for kind, marker, dx in (("teacher_forced", "*", 0.2), ("generation", "x", 0.3),
+                             ("wild", "D", 0.4)):
         sc = final.get(kind) or {}
         for k, c in colors.items():
             if sc.get(k) is not None:
-                ax1.plot([last + 0.3], [sc[k]], marker, color=c, markersize=11,
-                         label=f"{k.upper()} final, all edits ({kind.replace('_', '-')})")
+                ax1.plot([last + dx], [sc[k]], marker, color=c,
+                         markersize=7 if marker == "D" else 11,
+                         label=f"{k.upper()} final, all edits ({_KIND[kind]})")
     ax1.set_ylim(-0.02, 1.02)
     ax1.set_ylabel("score")
     cfg = result.get("edit_config") or result.get("config") or {}
-    ax1.set_title(f"ultraedit run: {result.get('edits', '?')} edits, compat={cfg.get('compat')}, "
-                  f"lr={cfg.get('lr')}, {len(cfg.get('modules', []))} modules", fontsize=10)
+    run_cfg = result.get("config") or {}
+    facts = (f"offline split {run_cfg.get('split') or 'all'}" if run_cfg.get("format") == "offline"
+             else os.path.basename(str(run_cfg.get("data", ""))))
+    ax1.set_title(f"ultraedit run: {result.get('edits', '?')} edits ({facts}), "
+                  f"compat={cfg.get('compat')}, lr={cfg.get('lr')}, "
+                  f"{len(cfg.get('modules', []))} modules", fontsize=10)
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=7, loc="lower left", ncol=2)
     if rows:

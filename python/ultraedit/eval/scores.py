@@ -15,20 +15,27 @@ Definitions (all scores in 0..1, except fluency in bits):
 - **Generation** (no teacher forcing): greedy decoding of ``len(target tokens)`` new tokens after
   the prompt, exact and prefix match (:func:`ultraedit.eval.generation_scores`); ``gen_ls``
   compares with the unedited model's greedy continuation stored in the reference.
+- **WILD-style** (:mod:`ultraedit.eval.wild`): the record's question in a QA format where its
+  source has one (else the prompt as it is), greedy decoding to a stop string (``"."``, a
+  newline, EOS; at most 50 tokens), then ``wild_es``/``wild_gs``/``wild_pt`` = normalized exact
+  match and ``wild_*_contains`` = the answer contains the target; ``wild_ls`` = the decoded
+  answer to a locality prompt is, normalized, the unedited model's (from the reference).
 - **Fluency**: :func:`ultraedit.eval.fluency` on a few open prompts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..data.records import EditRecord
 from .fluency import DEFAULT_FLUENCY_PROMPTS, fluency
-from .locality import LocalityReference, _locality_keys
+from .locality import LocalityReference, _locality_keys, _wild_locality_prompts
 from .probing import (Progress, _prefix_fraction, _teacher_forced_ids, generation_scores,
                       greedy_continuations, token_accuracy)
+from .wild import answer_exact, decode_answers, wild_judgements, wild_prompt
 
-__all__ = ["evaluate_records", "evaluation_work"]
+__all__ = ["evaluate_records", "evaluation_work", "wild_evaluation", "wild_work"]
 
 
 def _mean(values: List[float]) -> Optional[float]:
@@ -46,9 +53,7 @@ def _per_record(records, pairs_of, scores: Dict) -> Optional[float]:
 
 
 def _without_portability(records: Sequence[EditRecord]) -> List[EditRecord]:
-    return [EditRecord(prompt=r.prompt, target=r.target, paraphrases=r.paraphrases,
-                       locality=r.locality, subject=r.subject, relation=r.relation,
-                       target_true=r.target_true, extra=r.extra) for r in records]
+    return [dataclasses.replace(r, portability=[]) for r in records]
 
 
 def _teacher_forced_pairs(records) -> List[Tuple[str, str]]:
@@ -73,10 +78,35 @@ def _generation_pairs(records, ref) -> List[Tuple[str, str]]:
     return list(dict.fromkeys(gpairs))
 
 
+def _wild_pairs(records) -> List[Tuple[str, str]]:
+    """Every unique (WILD prompt, target) pair of the records' edits and portability prompts."""
+    pairs = []
+    for r in records:
+        q = r.questions
+        pairs.append((wild_prompt(r.prompt, q), r.target))
+        pairs += [(wild_prompt(p, q), r.target) for p in r.paraphrases]
+        pairs += [(wild_prompt(p, q), a) for p, a in r.portability]
+    return list(dict.fromkeys(pairs))
+
+
+def _wild_locality_items(records, ref) -> List[Tuple[str, Optional[str]]]:
+    """(WILD prompt, data set answer) of the locality prompts the WILD locality score asks:
+    all of them against the reference, else those with an answer."""
+    return [(wild_prompt(lp.prompt, r.questions), lp.answer) for r in records
+            for lp in r.locality if ref is not None or lp.answer]
+
+
+def _wild_prompts(records, ref) -> List[str]:
+    """The prompts the WILD-style scores decode, once each."""
+    prompts = [p for p, _ in _wild_pairs(records)]
+    prompts += [p for p, _ in _wild_locality_items(records, ref)]
+    return list(dict.fromkeys(prompts))
+
+
 def evaluation_work(records: Sequence[EditRecord],
                     locality_reference: Optional[LocalityReference] = None,
                     generation: bool = False, fluency_prompts: Optional[Sequence[str]] = None,
-                    portability: bool = True) -> int:
+                    portability: bool = True, wild: bool = False) -> int:
     """How many prompts :func:`evaluate_records` runs with these arguments (its ``progress``
     counts to this number)."""
     records = list(records) if portability else _without_portability(records)
@@ -87,14 +117,23 @@ def evaluation_work(records: Sequence[EditRecord],
     if generation:
         n += len(_generation_pairs(records, locality_reference)) + len(keys)
         n += len(DEFAULT_FLUENCY_PROMPTS if fluency_prompts is None else fluency_prompts)
+    if wild:
+        n += wild_work(records, locality_reference)
     return n
+
+
+def wild_work(records: Sequence[EditRecord],
+              locality_reference: Optional[LocalityReference] = None) -> int:
+    """How many prompts :func:`wild_evaluation` decodes (its ``progress`` counts to this)."""
+    return len(_wild_prompts(list(records), locality_reference))
 
 
 def evaluate_records(model, tokenizer, records: Sequence[EditRecord],
                      locality_reference: Optional[LocalityReference] = None,
                      generation: bool = False, batch_size: int = 32,
                      fluency_prompts: Optional[Sequence[str]] = None,
-                     portability: bool = True, progress: Progress = None) -> Dict[str, object]:
+                     portability: bool = True, progress: Progress = None,
+                     wild: bool = False) -> Dict[str, object]:
     """Score ``records`` on the model as it is now (see the module docstring for definitions).
 
     Returns a dict with ``n`` (records), ``es``, ``gs``, ``ls``, ``ls_data``, ``pt`` (None where
@@ -103,6 +142,11 @@ def evaluate_records(model, tokenizer, records: Sequence[EditRecord],
     with ``generation=True``, ``gen_es``, ``gen_gs``, ``gen_ls``, ``gen_pt`` (exact match),
     ``gen_es_prefix``, ``gen_gs_prefix``, ``gen_ls_prefix``, ``gen_pt_prefix`` (prefix match) and
     ``fluency`` (on ``fluency_prompts``, default :data:`DEFAULT_FLUENCY_PROMPTS`).
+    With ``wild=True`` also ``wild_es``, ``wild_gs``, ``wild_pt`` (normalized exact match),
+    ``wild_es_contains``, ``wild_gs_contains``, ``wild_pt_contains``, ``wild_ls`` (against the
+    reference's unedited answers, captured with ``wild=True``; without a reference against the
+    data set's locality answers), ``wild_ls_source`` and ``wild_examples`` (the first records'
+    questions and answers, to read).
     A locality prompt missing from ``locality_reference`` raises KeyError. ``portability=False``
     skips the portability prompts (``pt`` keys are then None), which saves their forward passes.
     ``progress`` is called with the number of prompts of each finished batch
@@ -171,4 +215,57 @@ def evaluate_records(model, tokenizer, records: Sequence[EditRecord],
         out["fluency"] = fluency(model, tokenizer,
                                  DEFAULT_FLUENCY_PROMPTS if fluency_prompts is None
                                  else fluency_prompts, batch_size=batch_size, progress=progress)
+    if wild:
+        out.update(wild_evaluation(model, tokenizer, records, ref, batch_size, progress))
+    return out
+
+
+_WILD_EXAMPLES = 5
+
+
+def wild_evaluation(model, tokenizer, records: Sequence[EditRecord],
+                    locality_reference: Optional[LocalityReference] = None,
+                    batch_size: int = 32, progress: Progress = None) -> Dict[str, object]:
+    """Only the WILD-style scores of :func:`evaluate_records` (its ``wild_*`` keys, and ``n``);
+    ``progress`` counts to :func:`wild_work`."""
+    records, ref = list(records), locality_reference
+    out: Dict[str, object] = {"n": len(records)}
+    if not records:
+        return out
+    loc_items = _wild_locality_items(records, ref)
+    if ref is not None and loc_items:
+        missing = [p for p, _ in loc_items if p not in ref.answers]
+        if missing:
+            raise KeyError(f"{len(missing)} locality prompts have no unedited answer in the "
+                           f"reference, e.g. {missing[0]!r}; capture it with "
+                           "locality_reference(..., wild=True) before editing")
+    prompts = _wild_prompts(records, ref)
+    answers = dict(zip(prompts, decode_answers(model, tokenizer, prompts, batch_size=batch_size,
+                                               progress=progress)))
+    pairs = _wild_pairs(records)
+    judged = dict(zip(pairs, wild_judgements([answers[p] for p, _ in pairs],
+                                             [t for _, t in pairs])))
+    for name, j in (("", 0), ("_contains", 1)):
+        score = {k: v[j] for k, v in judged.items()}
+        out["wild_es" + name] = _mean([score[(wild_prompt(r.prompt, r.questions), r.target)]
+                                       for r in records])
+        out["wild_gs" + name] = _per_record(
+            records, lambda r: [(wild_prompt(p, r.questions), r.target) for p in r.paraphrases],
+            score)
+        out["wild_pt" + name] = _per_record(
+            records, lambda r: [(wild_prompt(p, r.questions), a) for p, a in r.portability],
+            score)
+    if ref is not None:
+        same = {(p, a): float(answer_exact(answers[p], ref.answers[p])) for p, a in loc_items}
+        out["wild_ls_source"] = "unedited" if loc_items else None
+    else:
+        same = {(p, a): float(answer_exact(answers[p], a)) for p, a in loc_items}
+        out["wild_ls_source"] = "answers" if loc_items else None
+    out["wild_ls"] = _per_record(
+        records, lambda r: [(wild_prompt(lp.prompt, r.questions), lp.answer) for lp in r.locality
+                            if ref is not None or lp.answer], same)
+    out["wild_examples"] = [
+        {"prompt": wild_prompt(r.prompt, r.questions), "target": r.target,
+         "answer": answers[wild_prompt(r.prompt, r.questions)]}
+        for r in records[:_WILD_EXAMPLES]]
     return out

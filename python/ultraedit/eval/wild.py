@@ -1,0 +1,204 @@
+"""WILD-style scores: ask, decode greedily to a stop string, judge the answer.
+
+Teacher forcing hands the model the gold prefix and our generation score decodes exactly as many
+tokens as the target has; both are kinder than a user asking the model. These scores follow the
+WILD protocol (Yang et al., 2025, "The Mirage of Model Editing"):
+
+- **the prompt**: a record's prompt that its source also asks as a question
+  (``record.questions[prompt]``: zsRE's ``src`` questions, the offline facts' question
+  templates) is asked as ``QA_TEMPLATE.format(question=...)``, i.e.
+  ``"Q: What is the capital of France?\\nA:"``; any other prompt (a cloze like CounterFact's) is
+  used as it is (:func:`wild_prompt`);
+- **the answer**: greedy decoding (KV cache, left-padded batches) until EOS (or another special
+  token, e.g. ``<|endoftext|>``), or until the decoded text contains a stop string
+  (:data:`STOP_STRINGS`: ``"."`` and a newline; the answer is the text before it), at most
+  :data:`MAX_NEW_TOKENS` new tokens (:func:`decode_answers`);
+- **the judgement** on SQuAD-normalized text (:func:`normalize_answer`: lowercase, punctuation,
+  the articles a/an/the and extra whitespace removed): ``exact`` = the normalized answer equals
+  the normalized target; ``contains`` = the normalized target occurs in the normalized answer
+  as whole words (``"the Japanese yen"`` contains ``"yen"``; ``"Romeo"`` does not contain
+  ``"Rome"``);
+- **locality**: the edited model's normalized answer to a locality prompt equals the UNEDITED
+  model's normalized answer (captured before the first edit by
+  :func:`~ultraedit.eval.locality_reference` with ``wild=True``).
+
+A ``"."`` stop cuts answers with abbreviations ("Washington, D.C." -> "Washington, D"), as WILD
+does; ``contains`` still credits such answers when the target precedes the cut.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Iterable, List, Optional, Sequence, Set, Tuple
+
+import torch
+
+from ..tokenization import _pad_id, special_prefix
+from .probing import (Progress, _cache_argument, _cache_of, _device, _eval, _prompt_ids,
+                      _split_head, _tick)
+
+__all__ = ["QA_TEMPLATE", "STOP_STRINGS", "MAX_NEW_TOKENS", "normalize_answer", "answer_exact",
+           "answer_contains", "wild_prompt", "decode_answers", "wild_judgements"]
+
+QA_TEMPLATE = "Q: {question}\nA:"
+STOP_STRINGS: Tuple[str, ...] = (".", "\n")
+MAX_NEW_TOKENS = 50
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalization: lowercase, remove punctuation, remove the articles a/an/the, collapse
+    whitespace. ``normalize_answer("The  Japanese Yen!") == "japanese yen"``."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def answer_exact(answer: str, target: str) -> bool:
+    """The normalized answer equals the normalized target."""
+    return normalize_answer(answer) == normalize_answer(target)
+
+
+def answer_contains(answer: str, target: str) -> bool:
+    """The normalized target occurs in the normalized answer as whole words (a target that
+    normalizes to nothing, e.g. ``"The"``, counts only as an exact match)."""
+    a, t = normalize_answer(answer), normalize_answer(target)
+    if not t:
+        return a == t
+    return f" {t} " in f" {a} "
+
+
+def wild_prompt(prompt: str, questions: Optional[dict] = None) -> str:
+    """The prompt the WILD-style scores decode from: ``QA_TEMPLATE`` around
+    ``questions[prompt]`` when the record has that question, else ``prompt`` itself."""
+    question = (questions or {}).get(prompt)
+    return prompt if question is None else QA_TEMPLATE.format(question=question)
+
+
+def _eos_ids(model, tokenizer) -> Set[int]:
+    """Tokens that end an answer: the tokenizer's and the model's EOS, and every other special
+    token (a chat model's ``<|endoftext|>`` or ``<|im_start|>`` is not part of an answer)."""
+    ids: Set[int] = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
+    for source in (tokenizer, getattr(model, "generation_config", None),
+                   getattr(model, "config", None)):
+        value = getattr(source, "eos_token_id", None)
+        if value is None:
+            continue
+        ids |= {int(v) for v in (value if isinstance(value, (list, tuple)) else [value])}
+    return ids
+
+
+def _select_rows(cache, keep: torch.Tensor):
+    """The KV cache of the rows ``keep`` only (in place where the cache allows it), or None when
+    this kind of cache cannot be cut (the stopped rows then stay in the batch)."""
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(keep)
+        return cache
+    if isinstance(cache, (tuple, list)) and cache and all(
+            isinstance(layer, (tuple, list)) and all(torch.is_tensor(x) for x in layer)
+            for layer in cache):
+        return type(cache)(type(layer)(x[keep] for x in layer) for layer in cache)
+    return None
+
+
+def _cut(text: str, stops: Sequence[str]) -> Optional[str]:
+    """``text`` before its first stop string, or None when it has none."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return text[:min(hits)] if hits else None
+
+
+def decode_answers(model, tokenizer, prompts: Sequence[str],
+                   max_new_tokens: int = MAX_NEW_TOKENS,
+                   stop_strings: Sequence[str] = STOP_STRINGS, batch_size: int = 32,
+                   progress: Progress = None, return_ids: bool = False):
+    """Greedy answers to ``prompts``: decode until EOS or another special token (not part of the
+    answer), until the decoded
+    text contains one of ``stop_strings`` (the answer is the text before the first one), or
+    ``max_new_tokens`` new tokens. Returns the answers (stripped of surrounding whitespace), or
+    with ``return_ids`` ``(answers, generated token ids per prompt)``; the ids end at the token
+    that stopped the row.
+
+    Batched by prompt length with left padding and a KV cache; rows that have stopped leave the
+    batch (their rows of the cache are dropped), and a batch ends when all of its rows have. Equal, row for row, to decoding each prompt alone (what
+    ``model.generate(..., do_sample=False, stop_strings=..., max_new_tokens=...)`` returns,
+    decoded and cut at the stop string)."""
+    prompts = list(prompts)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    prefix = special_prefix(tokenizer)
+    rows = [_prompt_ids(tokenizer, p, prefix) for p in prompts]
+    answers: List[Optional[str]] = [None] * len(rows)
+    ids_out: List[Optional[List[int]]] = [None] * len(rows)
+    eos = _eos_ids(model, tokenizer)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    device, pad = _device(model), _pad_id(tokenizer)
+    base, head = _split_head(model)
+    if base is not None:
+        net = base
+        last_logits = lambda res: head(res[0][:, -1])      # noqa: E731
+    else:
+        net = model
+        last_logits = lambda res: res.logits[:, -1]         # noqa: E731
+    cache_arg = _cache_argument(net)
+    with _eval(model):
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            width = max(len(rows[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            att = torch.zeros((len(idx), width), dtype=torch.long)
+            for b, i in enumerate(idx):
+                ids[b, width - len(rows[i]):] = torch.tensor(rows[i])
+                att[b, width - len(rows[i]):] = 1
+            ids, att = ids.to(device), att.to(device)
+            pos = (att.cumsum(-1) - 1).clamp(min=0)
+            res = net(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True)
+            cache = _cache_of(res)
+            gen: List[List[int]] = [[] for _ in idx]
+            rows_now = list(range(len(idx)))    # batch row -> index into idx
+            for step in range(max_new_tokens):
+                nxt = last_logits(res).argmax(-1)
+                keep = []
+                for r, t in enumerate(nxt.tolist()):
+                    b = rows_now[r]
+                    if b is None:               # stopped, still computed (cache not compactable)
+                        continue
+                    gen[b].append(t)
+                    if t in eos:
+                        answers[idx[b]] = tokenizer.decode(gen[b][:-1], skip_special_tokens=True)
+                        rows_now[r] = None
+                        continue
+                    cut = _cut(tokenizer.decode(gen[b], skip_special_tokens=True), stop_strings)
+                    if cut is not None:
+                        answers[idx[b]] = cut
+                        rows_now[r] = None
+                    else:
+                        keep.append(r)
+                if not keep or step == max_new_tokens - 1:
+                    break
+                if len(keep) < len(rows_now):   # drop the stopped rows from the batch
+                    selected = _select_rows(cache, torch.tensor(keep, device=device))
+                    if selected is not None:
+                        cache = selected
+                        sel = torch.tensor(keep, device=device)
+                        nxt, att, pos = nxt[sel], att[sel], pos[sel]
+                        rows_now = [rows_now[r] for r in keep]
+                att = torch.cat([att, att.new_ones((att.shape[0], 1))], dim=1)
+                pos = pos[:, -1:] + 1
+                res = net(input_ids=nxt[:, None], attention_mask=att, position_ids=pos,
+                          use_cache=True, **{cache_arg: cache})
+                cache = _cache_of(res)
+            for b, i in enumerate(idx):
+                if answers[i] is None:     # ran to max_new_tokens
+                    answers[i] = tokenizer.decode(gen[b], skip_special_tokens=True)
+                answers[i] = answers[i].strip()
+                ids_out[i] = gen[b]
+            _tick(progress, len(idx))
+    return (answers, ids_out) if return_ids else answers
+
+
+def wild_judgements(answers: Iterable[str], targets: Iterable[str]) -> List[Tuple[float, float]]:
+    """Per ``(answer, target)``: ``(exact, contains)`` as floats (see the module docstring)."""
+    return [(float(answer_exact(a, t)), float(answer_contains(a, t)))
+            for a, t in zip(answers, targets)]

@@ -1,0 +1,238 @@
+"""WILD-style scores (ultraedit.eval.wild): stop strings, the token limit, normalization, locality
+against the unedited answers, batching. On a scripted 'LM' that knows its exact answers (the
+bigram 'LM' of tests/conftest.py cannot: on the tiny tokenizer's short pieces, such as a lone
+space, its bigrams clash) and on tiny random-init models."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from conftest import ue_tiny_model  # noqa: E402
+from ultraedit import eval as M  # noqa: E402
+from ultraedit.data import EditRecord  # noqa: E402
+from ultraedit.eval.wild import _cut  # noqa: E402
+from ultraedit.tokenization import encode_request  # noqa: E402
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The  Japanese Yen!", "japanese yen"),
+    ("  an Apple a day ", "apple day"),
+    ("Washington, D.C.", "washington dc"),
+    ("Theatre", "theatre"),                    # articles only as whole words
+    ("", ""),
+])
+def test_normalize_answer(text, expected):
+    assert M.normalize_answer(text) == expected
+
+
+def test_exact_and_contains():
+    assert M.answer_exact("the Euro.", "euro") and not M.answer_exact("the Japanese yen", "yen")
+    assert M.answer_contains("the Japanese yen", "yen")
+    assert M.answer_contains("Paris, France", "paris")
+    assert not M.answer_contains("Romeo", "Rome")             # whole words only
+    assert not M.answer_contains("", "Rome")
+    assert M.answer_contains("", "The") and not M.answer_contains("x", "The")
+
+
+def test_wild_prompt_asks_the_records_question():
+    q = {"The capital of France is": "What is the capital of France?"}
+    assert M.wild_prompt("The capital of France is", q) == \
+        "Q: What is the capital of France?\nA:"
+    assert M.wild_prompt("Paris is in", q) == "Paris is in"
+    assert M.wild_prompt("Paris is in") == "Paris is in"
+
+
+def test_cut_at_the_first_stop_string():
+    assert _cut(" Paris. It is", (".", "\n")) == " Paris"
+    assert _cut(" Paris\nand.", (".", "\n")) == " Paris"
+    assert _cut(" Paris", (".", "\n")) is None
+
+
+class ScriptedLM(torch.nn.Module):
+    """A causal 'LM' that continues each scripted prompt with exactly its scripted text (as
+    ``encode_request`` tokenizes ``(prompt, text)``), then ``end`` (default: the pad id, which
+    decodes to nothing); any other sequence predicts ``end``. Its 'KV cache' is the tokens seen
+    so far, so cached decoding works; teacher-forced calls get logits at every position."""
+
+    def __init__(self, tokenizer, script, end=0):
+        super().__init__()
+        self.seqs = [encode_request(tokenizer, p, t) for p, t in script.items()]
+        self.vocab, self.end = len(tokenizer), end
+        self.weight = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    def _next(self, seen):
+        for p, t in self.seqs:
+            k = len(seen) - len(p)
+            if 0 <= k < len(t) and seen[:len(p)] == p and seen[len(p):] == t[:k]:
+                return t[k]
+        return self.end
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None,
+                use_cache=None, **kwargs):
+        import types
+
+        B, L = input_ids.shape
+        mask = (attention_mask[:, -L:] if attention_mask is not None
+                else torch.ones_like(input_ids))
+        logits = torch.zeros(B, L, self.vocab)
+        seen_all = []
+        for b in range(B):
+            seen = list(cache[b]) if cache is not None else []
+            for t in range(L):
+                if mask[b, t]:
+                    seen.append(int(input_ids[b, t]))
+                logits[b, t, self._next(seen)] = 1.0
+            seen_all.append(seen)
+        return types.SimpleNamespace(logits=logits, cache=seen_all)
+
+
+def test_decoding_stops_at_a_period_a_newline_or_eos(ue_tokenizer):
+    tok = ue_tokenizer
+    model = ScriptedLM(tok, {"The capital of France is": "Paris. It was big",
+                             "Berlin in": "Germany\nand more",
+                             "Japan uses the": "yen"}, end=tok.eos_token_id)
+    prompts = ["The capital of France is", "Berlin in", "Japan uses the"]
+    answers, ids = M.decode_answers(model, tok, prompts, return_ids=True)
+    assert answers == ["Paris", "Germany", "yen"]
+    # a row stops at the token that completes the stop string; EOS is not part of the answer
+    assert tok.decode(ids[0]).endswith(".") and tok.decode(ids[1]).endswith("\n")
+    assert ids[2][-1] == tok.eos_token_id
+    other = ScriptedLM(tok, {"Japan uses the": "yen"}, end=tok.bos_token_id)   # any special token
+    assert M.decode_answers(other, tok, ["Japan uses the"], return_ids=True) == \
+        (["yen"], [encode_request(tok, "Japan uses the", "yen")[1] + [tok.bos_token_id]])
+    assert M.decode_answers(model, tok, prompts[:1], stop_strings=("It",)) == ["Paris."]
+
+
+def test_decoding_stops_at_max_new_tokens(ue_tokenizer):
+    tok = ue_tokenizer
+    model = ScriptedLM(tok, {"Berlin": " ".join(["Berlin"] * 60)})
+    answers, ids = M.decode_answers(model, tok, ["Berlin"], max_new_tokens=7, return_ids=True)
+    assert len(ids[0]) == 7 and answers == [tok.decode(ids[0]).strip()]
+    assert answers[0].startswith("Berlin Berlin")
+    answers, ids = M.decode_answers(model, tok, ["Berlin"], return_ids=True)
+    assert len(ids[0]) == M.MAX_NEW_TOKENS == 50
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        M.decode_answers(model, tok, ["Berlin"], max_new_tokens=0)
+    assert M.decode_answers(model, tok, []) == []
+
+
+def _one_by_one(model, tok, prompt, max_new, stops):
+    """Uncached greedy decoding of one prompt with the same stopping rule."""
+    from ultraedit.eval.probing import _prompt_ids
+    from ultraedit.tokenization import special_prefix
+
+    cur = _prompt_ids(tok, prompt, special_prefix(tok))
+    gen = []
+    with torch.no_grad():
+        for _ in range(max_new):
+            nxt = int(model(torch.tensor([cur])).logits[0, -1].argmax())
+            if nxt in tok.all_special_ids:
+                return tok.decode(gen, skip_special_tokens=True).strip()
+            gen.append(nxt)
+            cur.append(nxt)
+            cut = _cut(tok.decode(gen, skip_special_tokens=True), stops)
+            if cut is not None:
+                return cut.strip()
+    return tok.decode(gen, skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_batched_decoding_equals_one_by_one(ue_tokenizer, kind):
+    tok = ue_tokenizer
+    model = ue_tiny_model(kind, len(tok), seed=3)
+    prompts = ["The capital of France is", "Paris is in", "The currency of Japan is the",
+               "The official language of Peru is", "Q: What is the capital of Italy?\nA:",
+               "Berlin"]
+    stops = (".", "\n", "is", "e")          # stop strings a random model does produce
+    expected = [_one_by_one(model, tok, p, 12, stops) for p in prompts]
+    assert any(len(e) < 12 for e in expected)
+    for bs in (1, 4, 32):
+        got = M.decode_answers(model, tok, prompts, max_new_tokens=12, stop_strings=stops,
+                               batch_size=bs)
+        assert got == expected, bs
+
+
+def _records(questions=None):
+    return [
+        EditRecord("The capital of France is", "Rome", paraphrases=["France's capital is"],
+                   locality=[("The capital of Spain is", "Madrid"), ("Berlin in", "Germany")],
+                   portability=[("Lyon is in a country whose capital is", "Rome")],
+                   questions=questions or {}),
+        EditRecord("The capital of Italy is", "Paris",
+                   locality=[("The capital of Spain is", "Madrid")]),
+    ]
+
+
+def test_scores_of_known_answers(ue_tokenizer):
+    tok = ue_tokenizer
+    script = {"The capital of France is": "Rome, of course.",
+              "France's capital is": "the city of Rome.",
+              "The capital of Italy is": "Paris.",
+              "The capital of Spain is": "Lisbon.",          # wrong, but the unedited answer
+              "Berlin in": "Germany."}
+    model = ScriptedLM(tok, script)
+    records = _records()
+    ref = M.locality_reference(model, tok, records, wild=True)
+    assert ref.answers == {"The capital of Spain is": "Lisbon", "Berlin in": "Germany"}
+    out = M.wild_evaluation(model, tok, records, ref)
+    assert out["n"] == 2
+    assert out["wild_es"] == 0.5 and out["wild_es_contains"] == 1.0   # "Rome, of course"
+    assert out["wild_gs"] == 0.0 and out["wild_gs_contains"] == 1.0   # "the city of Rome"
+    assert out["wild_ls"] == 1.0 and out["wild_ls_source"] == "unedited"
+    assert out["wild_examples"][0] == {"prompt": "The capital of France is", "target": "Rome",
+                                       "answer": "Rome, of course"}
+    # without a reference: locality against the data set's answers
+    no_ref = M.wild_evaluation(model, tok, records)
+    assert no_ref["wild_ls_source"] == "answers"
+    assert no_ref["wild_ls"] == pytest.approx((0.5 + 0.0) / 2)
+    # an edit that changes the answer to one locality prompt: only that one counts as changed
+    edited = ScriptedLM(tok, {**script, "Berlin in": "Japan."})
+    after = M.wild_evaluation(edited, tok, records, ref)
+    assert after["wild_ls"] == pytest.approx((0.5 + 1.0) / 2)
+    # normalization: an unedited answer that differs only in case/punctuation/articles is the same
+    ref.answers["Berlin in"] = "the  japan!"
+    assert M.wild_evaluation(edited, tok, records, ref)["wild_ls"] == 1.0
+
+
+def test_questions_are_asked_in_the_qa_format(ue_tokenizer):
+    tok = ue_tokenizer
+    question = "What is the capital of France?"
+    qa = M.QA_TEMPLATE.format(question=question)
+    model = ScriptedLM(tok, {"The capital of France is": "Paris.", qa: "Rome."})
+    records = [EditRecord("The capital of France is", "Rome",
+                          questions={"The capital of France is": question})]
+    out = M.wild_evaluation(model, tok, records)
+    assert out["wild_es"] == 1.0 and out["wild_examples"][0]["prompt"] == qa
+    plain = M.wild_evaluation(model, tok, [EditRecord("The capital of France is", "Rome")])
+    assert plain["wild_es"] == 0.0 and plain["wild_examples"][0]["answer"] == "Paris"
+
+
+def test_evaluate_records_reports_wild_beside_the_other_scores(ue_tokenizer):
+    tok = ue_tokenizer
+    model = ScriptedLM(tok, {"The capital of France is": "Rome.",
+                             "The capital of Italy is": "Paris."})
+    records = _records()
+    ref = M.locality_reference(model, tok, records, wild=True)
+    calls = []
+    out = M.evaluate_records(model, tok, records, locality_reference=ref, wild=True,
+                             batch_size=2, progress=calls.append)
+    assert sum(calls) == M.evaluation_work(records, ref, wild=True)
+    assert out["es"] == 1.0 and out["wild_es"] == 1.0 and out["wild_ls"] == 1.0
+    assert "wild_es" not in M.evaluate_records(model, tok, records, locality_reference=ref)
+    bare = M.locality_reference(model, tok, records)
+    with pytest.raises(KeyError, match="wild=True"):
+        M.evaluate_records(model, tok, records, locality_reference=bare, wild=True)
+
+
+def test_locality_reference_decodes_each_prompt_once(ue_tokenizer):
+    from ultraedit.eval.locality import locality_work
+
+    tok = ue_tokenizer
+    model = ScriptedLM(tok, {"The capital of France is": "Rome."})
+    records = _records()
+    calls = []
+    ref = M.locality_reference(model, tok, records, wild=True, batch_size=1,
+                               progress=calls.append)
+    assert sum(calls) == locality_work(records, wild=True) == 2 + 2
+    assert locality_work(records, reference=ref, wild=True) == 0
