@@ -9,6 +9,7 @@ Public API (plain tensors in, plain tensors out; no transformers dependency)::
     param_shift(keys, values_grad, stats, lr, ridge, method="auto")   -> ΔW (d_in x d_out)
     apply_shift_(weight_or_module, keys, A, layout=None)              in place
     gram(x, ridge, rows=True), spd_solve(a, b)                        building blocks
+    spd_factor(a) -> (L, info), spd_solve_factored(L, b)              factor once, solve many
 
 Backends are chosen with ``ULTRAEDIT_BACKEND`` (auto | torch | triton | cuda | cpp); ``auto``
 uses a native implementation only where this machine's calibration measured it faster than
@@ -25,6 +26,7 @@ from .stats_update2 import stats_update2_op, update_stats_pair
 from .pseudo_values import pseudo_values, pseudo_values_op
 from .gram import gram, gram_op
 from .spd_solve import spd_solve, spd_solve_op
+from .spd_factor import spd_factor, spd_factor_op, spd_solve_factored, spd_solve_factored_op
 from .apply_shift import apply_shift_, apply_shift_op, layout_of
 from .param_shift import METHODS, SolveError, choose_method, param_shift, shift_factors
 from . import _optional_backends  # noqa: F401  (registers Triton / compiled implementations)
@@ -33,7 +35,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EPS", "METHODS", "FrozenStats", "RunningStats", "SolveError", "apply_shift_", "choose_method", "gram",
-    "layout_of", "param_shift", "pseudo_values", "shift_factors", "spd_solve",
+    "layout_of", "param_shift", "pseudo_values", "shift_factors", "spd_factor", "spd_solve",
+    "spd_solve_factored", "spd_factor_op", "spd_solve_factored_op",
     "apply_shift_op", "gram_op", "pseudo_values_op", "spd_solve_op", "stats_update_op",
     "stats_update2_op", "update_stats_pair",
 ]

@@ -16,7 +16,8 @@ with the terms beyond the paper composed into ``K'``, ``V'`` and ``P``:
   of earlier turns and the preserved subjects' keys ``K_p`` (without the subjects this turn
   edits); without them ``P = λ I`` (the paper).
 
-How it is solved (through ``ultraedit_kernels``: ``pseudo_values_op``, ``gram``, ``spd_solve``;
+How it is solved (through ``ultraedit_kernels``: ``pseudo_values_op``, ``gram``, ``spd_solve``,
+``spd_factor``/``spd_solve_factored``;
 a failed factorization is retried once in float64):
 
 * ``P = λI``, ``N' <= d_in``: the dual factor ``A = (K'K'ᵀ + λI)⁻¹ V'`` (N' x d_out) with
@@ -24,8 +25,8 @@ a failed factorization is retried once in float64):
 * ``P = λI``, ``N' > d_in``: the dense primal ``ΔW = (K'ᵀK' + λI)⁻¹K'ᵀV'`` (``kind="primal"``);
 * a prior: Woodbury in float64, ``ΔW = Y (I + K'Y)⁻¹ V'`` with ``Y = P⁻¹K'ᵀ`` (d_in x N'),
   applied as the rank-N' update ``ΔW = (Yᵀ)ᵀ A`` (``kind="dual"``, ``keys = Yᵀ``). ``P`` is
-  constant during a turn, so it is factored once per turn and module (``torch.linalg``: the
-  backend's ``spd_solve`` factors its matrix on every call) and reused by every step.
+  constant during a turn, so it is factored once per turn and module (``spd_factor``) and
+  every step solves with that factor (``spd_solve_factored``).
 
 Equivalent PyTorch (float64)::
 
@@ -43,7 +44,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from ultraedit_kernels import EPS, SolveError, choose_method, gram, pseudo_values_op, spd_solve
+from ultraedit_kernels import (EPS, SolveError, choose_method, gram, pseudo_values_op, spd_factor,
+                               spd_solve, spd_solve_factored)
 
 __all__ = ["Update", "Prior", "solve", "check_updates", "first_non_finite", "SolveError"]
 
@@ -76,8 +78,7 @@ class Prior:
         for term, weight in terms:
             system.add_(term.to(device=system.device, dtype=torch.float64), alpha=weight)
         system.diagonal().add_(ridge)
-        # The backend's spd_solve factors on every call; P is shared by all steps of a turn.
-        factor, info = torch.linalg.cholesky_ex(system)
+        factor, info = spd_factor(system)   # once: P is shared by all steps of a turn
         if int(info) != 0:
             raise FloatingPointError(f"the system νM + μP + λI of the key memory and preserved "
                                      f"keys is not positive definite (info={int(info)}); they hold "
@@ -86,7 +87,7 @@ class Prior:
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """``P⁻¹ rhs`` (float64)."""
-        return torch.cholesky_solve(rhs, self.factor)
+        return spd_solve_factored(self.factor, rhs)
 
 
 def _spd_solve(system: torch.Tensor, rhs: torch.Tensor, what: str) -> torch.Tensor:
