@@ -204,14 +204,7 @@ def greedy_continuations(model, tokenizer, prompt_ids: Sequence[Sequence[int]],
     out: List = [None] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), n_new[i]))
     device, pad = _device(model), _pad_id(tokenizer)
-    base, head = _split_head(model)
-    if base is not None:
-        net = base
-        last_logits = lambda res: head(res[0][:, -1])      # noqa: E731
-    else:
-        net = model
-        last_logits = lambda res: res.logits[:, -1]         # noqa: E731
-    cache_arg = _cache_argument(net)
+    net, last_logits, cache_arg = _stepper(model)
     with _eval(model):
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
@@ -245,6 +238,17 @@ def greedy_continuations(model, tokenizer, prompt_ids: Sequence[Sequence[int]],
                 out[i] = gen[b][:n_new[i]]
             _tick(progress, len(idx))
     return out
+
+
+def _stepper(model):
+    """What one greedy decoding step calls: ``(net, last_logits, cache_arg)``. ``net`` runs the
+    transformer body only when the output head can be split off (so each step projects just the
+    last position to the vocabulary), ``last_logits(result)`` gives the last position's logits
+    (B x V), ``cache_arg`` names ``net``'s KV-cache keyword."""
+    base, head = _split_head(model)
+    if base is not None:
+        return base, (lambda res: head(res[0][:, -1])), _cache_argument(base)
+    return model, (lambda res: res.logits[:, -1]), _cache_argument(model)
 
 
 def _cache_argument(model) -> str:

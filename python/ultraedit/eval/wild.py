@@ -35,8 +35,7 @@ from typing import Iterable, List, Optional, Sequence, Set, Tuple
 import torch
 
 from ..tokenization import _pad_id, special_prefix
-from .probing import (Progress, _cache_argument, _cache_of, _device, _eval, _prompt_ids,
-                      _split_head, _tick)
+from .probing import Progress, _cache_of, _device, _eval, _prompt_ids, _stepper, _tick
 
 __all__ = ["QA_TEMPLATE", "STOP_STRINGS", "MAX_NEW_TOKENS", "normalize_answer", "answer_exact",
            "answer_contains", "wild_prompt", "decode_answers", "wild_judgements"]
@@ -134,14 +133,7 @@ def decode_answers(model, tokenizer, prompts: Sequence[str],
     eos = _eos_ids(model, tokenizer)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     device, pad = _device(model), _pad_id(tokenizer)
-    base, head = _split_head(model)
-    if base is not None:
-        net = base
-        last_logits = lambda res: head(res[0][:, -1])      # noqa: E731
-    else:
-        net = model
-        last_logits = lambda res: res.logits[:, -1]         # noqa: E731
-    cache_arg = _cache_argument(net)
+    net, last_logits, cache_arg = _stepper(model)
     with _eval(model):
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
