@@ -438,7 +438,10 @@ def test_sigint_leaves_an_interrupted_json(model_dir, tmp_path):
         [sys.executable, "-m", "ultraedit.cli", "run", "--model", model_dir, "--data", data,
          "--turns", "2000", "--edits-per-turn", "2", "--eval", "every", "--no-progress",
          "--threads", "1", "--json", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # a test runner started as a background job ignores SIGINT, and a child that inherits
+        # SIG_IGN never sees Ctrl-C: give it the default disposition a terminal would
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
