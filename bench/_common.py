@@ -126,15 +126,7 @@ def paper_update_cost(n: int, d_in: int, d_out: int) -> Dict[str, float]:
 
 
 # ------------------------------------------------------------------------------ machine
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from ultraedit_kernels.calibration import cpu_model  # noqa: E402  (one definition)
 
 
 def machine_description() -> Dict[str, object]:

@@ -157,7 +157,7 @@ def machine_key(device: torch.device) -> Dict[str, object]:
     from . import _extension
     key: Dict[str, object] = {"format": FORMAT, "python": platform.python_version(),
                               "torch": torch.__version__, "threads": torch.get_num_threads(),
-                              "cpu": _cpu_model(), "cpu_count": os.cpu_count()}
+                              "cpu": cpu_model(), "cpu_count": os.cpu_count()}
     mod = _extension.extension()
     if mod is not None:
         info = getattr(mod, "build_info", lambda: {})()
@@ -172,7 +172,8 @@ def machine_key(device: torch.device) -> Dict[str, object]:
     return key
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform`` elsewhere): part of the cache key."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:

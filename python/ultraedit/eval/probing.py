@@ -214,15 +214,7 @@ def greedy_continuations(model, tokenizer, prompt_ids: Sequence[Sequence[int]],
                     out[i] = []
                 _tick(progress, len(idx))
                 continue
-            width = max(len(rows[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            att = torch.zeros((len(idx), width), dtype=torch.long)
-            for b, i in enumerate(idx):
-                ids[b, width - len(rows[i]):] = torch.tensor(rows[i])
-                att[b, width - len(rows[i]):] = 1
-            ids, att = ids.to(device), att.to(device)
-            pos = (att.cumsum(-1) - 1).clamp(min=0)
-            res = net(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True)
+            res, att, pos = _prefill(net, [rows[i] for i in idx], pad, device)
             generated = []
             for step in range(steps):
                 nxt = last_logits(res).argmax(-1)
@@ -249,6 +241,20 @@ def _stepper(model):
     if base is not None:
         return base, (lambda res: head(res[0][:, -1])), _cache_argument(base)
     return model, (lambda res: res.logits[:, -1]), _cache_argument(model)
+
+
+def _prefill(net, prompts: Sequence[Sequence[int]], pad: int, device):
+    """One forward over the prompts (token ids), left-padded to the longest, with a KV cache:
+    ``(result, attention_mask, position_ids)`` for the decoding steps that follow."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    att = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.tensor(list(p))
+        att[b, width - len(p):] = 1
+    ids, att = ids.to(device), att.to(device)
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    return net(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True), att, pos
 
 
 def _cache_argument(model) -> str:

@@ -35,7 +35,8 @@ from typing import Iterable, List, Optional, Sequence, Set, Tuple
 import torch
 
 from ..tokenization import _pad_id, special_prefix
-from .probing import Progress, _cache_of, _device, _eval, _prompt_ids, _stepper, _tick
+from .probing import (Progress, _cache_of, _device, _eval, _prefill, _prompt_ids, _stepper,
+                      _tick)
 
 __all__ = ["QA_TEMPLATE", "STOP_STRINGS", "MAX_NEW_TOKENS", "normalize_answer", "answer_exact",
            "answer_contains", "wild_prompt", "decode_answers", "wild_judgements"]
@@ -137,15 +138,7 @@ def decode_answers(model, tokenizer, prompts: Sequence[str],
     with _eval(model):
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            width = max(len(rows[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            att = torch.zeros((len(idx), width), dtype=torch.long)
-            for b, i in enumerate(idx):
-                ids[b, width - len(rows[i]):] = torch.tensor(rows[i])
-                att[b, width - len(rows[i]):] = 1
-            ids, att = ids.to(device), att.to(device)
-            pos = (att.cumsum(-1) - 1).clamp(min=0)
-            res = net(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True)
+            res, att, pos = _prefill(net, [rows[i] for i in idx], pad, device)
             cache = _cache_of(res)
             gen: List[List[int]] = [[] for _ in idx]
             rows_now = list(range(len(idx)))    # batch row -> index into idx
