@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from .config import PAPER_MICRO_BATCH
 
-__all__ = ["MicroBatchSizer", "memory_budget", "weighted_forward_backward", "group_parts",
+__all__ = ["MicroBatchSizer", "memory_budget", "forward_backward", "weighted_forward_backward",
+           "answer_logits", "group_parts",
            "FREE_SHARE", "CPU_FALLBACK_BYTES"]
 
 GiB = 1 << 30
@@ -45,48 +46,49 @@ FREE_SHARE = 0.85              # of the free memory a turn may use by default
 CPU_FALLBACK_BYTES = 8 * GiB   # available RAM where the system does not say
 
 
-def forward_backward(model, batch: Dict[str, torch.Tensor], keep_logits: bool):
+def forward_backward(model, batch: Dict[str, torch.Tensor], keep_logits: bool = True):
     """Forward ``batch``, back-propagate its loss and return ``(loss detached, predicted)``:
     which requests (B bool) the model already predicts (teacher-forced argmax equal to the
     target at every answer position). The paper's loss, the mean cross-entropy over the
-    micro-batch's answer tokens, unless the batch carries ``loss_weight``
-    (``micro_batch="auto"``: :func:`weighted_forward_backward`). ``keep_logits``: the model's
-    forward takes ``logits_to_keep``, so only the answer columns are projected to the
-    vocabulary (that projection is costly)."""
+    micro-batch's ``n`` answer tokens, ``L = (1/n) Σ_t CE_t`` (``F.cross_entropy`` of the
+    ``(n, V)`` answer rows), unless the batch carries ``loss_weight`` (``micro_batch="auto"``:
+    :func:`weighted_forward_backward`). Only the answer rows are projected to the vocabulary
+    (:func:`answer_logits`); ``keep_logits`` is accepted for callers of the former signature
+    and has no effect."""
     if "loss_weight" in batch:
         return weighted_forward_backward(model, batch)
     labels = batch["labels"]
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "use_cache": False}
-    cols = None
-    if keep_logits:
-        cols = (labels != -100).any(0).nonzero().squeeze(1)
-        kwargs["logits_to_keep"] = cols
-    with torch.enable_grad():
-        logits = model(**kwargs).logits
-        if cols is not None and logits.shape[1] == cols.numel():
-            labels = labels.index_select(1, cols)
-        labels = labels.to(logits.device)
-        with torch.no_grad():
-            predicted = ((logits.argmax(-1) == labels) | (labels == -100)).all(1)
-        if logits.dtype != torch.float64:
-            logits = logits.float()
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-        loss.backward()
-    return loss.detach(), predicted
-
-
-def weighted_forward_backward(model, batch: Dict[str, torch.Tensor]):
-    """Forward ``batch``, back-propagate ``L = Σ_r w_r Σ_{t∈r} CE_t`` over its answer
-    positions (``w = batch["loss_weight"]``, ``ultraedit.turn.loss_weights``) and return
-    ``(L detached, predicted)``: which requests (B bool) the model already predicts
-    (teacher-forced argmax equal to the target at every answer position).
-
-    The vocabulary projection (``model.get_output_embeddings()``) sees only the answer rows: a
-    forward pre-hook gathers them, ``(B, L, h) -> (1, n, h)``, so a big batch computes ``n``
-    logit rows instead of ``B`` times the union of its requests' answer columns."""
-    labels = batch["labels"]
     mask = labels != -100
+    with torch.enable_grad():
+        rows = answer_logits(model, batch, mask)
+        target = labels[mask].to(rows.device)
+        loss = _column_mean(F.cross_entropy(rows, target, reduction="none"), mask)
+        loss.backward()
+    return loss.detach(), _predicted(rows, target, mask)
+
+
+def _column_mean(ce: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(1/n) Σ_t CE_t`` of the answer rows' ``ce`` (n), summed in the order and grouping of
+    ``F.cross_entropy(logits[:, cols].flatten(0, 1), labels[:, cols].flatten(),
+    ignore_index=-100)`` over the union ``cols`` of the batch's answer columns: the loss (and
+    its last bit) of an editor that projected those ``B x |cols|`` rows to the vocabulary. Why:
+    the mean's summation tree depends on the positions of the ignored rows, and the recorded
+    turns' losses are compared bit for bit. The ``(B |cols|, 1)`` input of ``F.nll_loss``
+    holds ``-CE_t`` at the answer positions (target 0) and is ignored elsewhere; its gradient
+    with respect to ``CE_t`` is ``1/n``, as that of the plain mean."""
+    sub = mask[:, mask.any(0)].reshape(-1).to(ce.device)
+    flat = ce.new_zeros(sub.numel(), 1).index_put((sub.nonzero().squeeze(1),), -ce[:, None])
+    target = torch.where(sub, 0, -100)
+    return F.nll_loss(flat, target, ignore_index=-100)
+
+
+def answer_logits(model, batch: Dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """The logits of the answer rows, ``(n, V)`` float32 (float64 kept), rows in row-major order
+    of ``mask`` (B x L bool): ``model(...).logits[mask]``, but the vocabulary projection
+    (``model.get_output_embeddings()``) sees only those rows: a forward pre-hook gathers them,
+    ``(B, L, h) -> (1, n, h)``, so ``n`` logit rows are computed instead of ``B x L`` (a 49k
+    vocabulary on a 135M model is a quarter of a forward) or ``B`` times the union of the
+    requests' answer columns. No ``logits_to_keep`` is passed (``0`` = all positions)."""
     index = mask.reshape(-1).nonzero().squeeze(1)
     gathered: List[bool] = []
 
@@ -102,25 +104,40 @@ def weighted_forward_backward(model, batch: Dict[str, torch.Tensor]):
     head = get_head() if callable(get_head) else None
     handle = head.register_forward_pre_hook(gather) if head is not None else None
     try:
-        with torch.enable_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).logits
     finally:
         if handle is not None:
             handle.remove()
+    rows = logits[0] if gathered else logits[mask.to(logits.device)]
+    return rows if rows.dtype == torch.float64 else rows.float()
+
+
+def _predicted(rows: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Which requests (B bool) predict every answer token (argmax of its row = target)."""
+    with torch.no_grad():
+        owner = mask.nonzero()[:, 0].to(rows.device)       # the request of each answer row
+        wrong = torch.zeros(mask.shape[0], device=rows.device).index_add_(
+            0, owner, (rows.argmax(-1) != target).float())
+    return wrong == 0
+
+
+def weighted_forward_backward(model, batch: Dict[str, torch.Tensor]):
+    """Forward ``batch``, back-propagate ``L = Σ_r w_r Σ_{t∈r} CE_t`` over its answer
+    positions (``w = batch["loss_weight"]``, ``ultraedit.turn.loss_weights``) and return
+    ``(L detached, predicted)``: which requests (B bool) the model already predicts
+    (teacher-forced argmax equal to the target at every answer position). Only the answer
+    rows are projected to the vocabulary (:func:`answer_logits`)."""
+    labels = batch["labels"]
+    mask = labels != -100
     with torch.enable_grad():
-        rows = logits[0] if gathered else logits[mask.to(logits.device)]
-        if rows.dtype != torch.float64:
-            rows = rows.float()
+        rows = answer_logits(model, batch, mask)
         target = labels[mask].to(rows.device)
         owner = mask.nonzero()[:, 0].to(rows.device)       # the request of each answer row
         ce = F.cross_entropy(rows, target, reduction="none")
         loss = (ce * batch["loss_weight"].to(ce)[owner]).sum()
         loss.backward()
-    with torch.no_grad():
-        wrong = torch.zeros(mask.shape[0], device=rows.device).index_add_(
-            0, owner, (rows.argmax(-1) != target).float())
-    return loss.detach(), wrong == 0
+    return loss.detach(), _predicted(rows, target, mask)
 
 
 def group_parts(kg: Tuple[torch.Tensor, torch.Tensor], batch: Dict[str, torch.Tensor],
