@@ -46,15 +46,14 @@ FREE_SHARE = 0.85              # of the free memory a turn may use by default
 CPU_FALLBACK_BYTES = 8 * GiB   # available RAM where the system does not say
 
 
-def forward_backward(model, batch: Dict[str, torch.Tensor], keep_logits: bool = True):
+def forward_backward(model, batch: Dict[str, torch.Tensor]):
     """Forward ``batch``, back-propagate its loss and return ``(loss detached, predicted)``:
     which requests (B bool) the model already predicts (teacher-forced argmax equal to the
     target at every answer position). The paper's loss, the mean cross-entropy over the
     micro-batch's ``n`` answer tokens, ``L = (1/n) Σ_t CE_t`` (``F.cross_entropy`` of the
     ``(n, V)`` answer rows), unless the batch carries ``loss_weight`` (``micro_batch="auto"``:
     :func:`weighted_forward_backward`). Only the answer rows are projected to the vocabulary
-    (:func:`answer_logits`); ``keep_logits`` is accepted for callers of the former signature
-    and has no effect."""
+    (:func:`answer_logits`)."""
     if "loss_weight" in batch:
         return weighted_forward_backward(model, batch)
     labels = batch["labels"]

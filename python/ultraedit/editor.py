@@ -25,7 +25,6 @@ zeroes the pseudo-values of requests the model already predicts and ends the tur
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -83,7 +82,6 @@ class UltraEditor:
         self.journal = TurnJournal(self.modules, self._layout, accumulate=cfg.accumulate,
                                    device=cfg.delta_device, history=cfg.history, slots=slots)
         self._max_length = context_length(model)
-        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.sizer = MicroBatchSizer(self) if cfg.micro_batch == "auto" else None
         self.preserve_s = 0.0
         if cfg.preserve > 0:  # keys of the preserved subjects, from the model as it is now
@@ -167,7 +165,7 @@ class UltraEditor:
                 if first:
                     n_tokens += int((batch["labels"] != -100).sum())
                 loss, predicted = meter.run(
-                    lambda: forward_backward(self.model, batch, self._keep_arg))
+                    lambda: forward_backward(self.model, batch))
                 if first:
                     loss_sum += float(loss)
                 for name, kg in cap.pop().items():  # official: statistics per group of 10

@@ -165,7 +165,7 @@ def check_editable(model: nn.Module, modules: Dict[str, nn.Module], device) -> N
     """Refuse modules no turn can edit, before anything is changed (ValueError naming them):
 
     * the output embedding (``model.get_output_embeddings()``, e.g. ``lm_head``): its input is
-      cut to the answer columns (``logits_to_keep``) and its weight is the vocabulary
+      cut to the answer rows (``batching.answer_logits``) and its weight is the vocabulary
       projection, often tied to the input embeddings;
     * modules a forward pass does not call (found with one forward of one token in eval mode,
       no gradient): no loss gradient reaches them.
