@@ -208,8 +208,6 @@ class MicroBatchSizer:
 
         ed, cfg = self.editor, self.editor.config
         shape = request_shape(None, reqs, size, lengths)
-        most = max(sum(t for _, t in lengths[i:i + size]) for i in range(0, len(reqs), size))
-        shape["logit_columns"] = max(1, -(-most // min(size, len(reqs))))
         pres = max((p.keys.shape[0] for p in ed.state.preserved.values()), default=0)
         return plan_turn(ed.model, next(iter(ed.modules.values())).weight.dtype,
                          list(ed.modules), edits=len(reqs), micro_batch=size,

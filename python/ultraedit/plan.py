@@ -9,7 +9,7 @@ weights                every parameter and buffer in ``dtype`` (tied embeddings 
                        counted on an empty-weights instance of the architecture (no memory used)
 activations            what autograd keeps for one micro-batch from the earliest edited module on
                        (no weight gradient is computed: the graph starts there), the logits of the
-                       answer columns and the backward's working set
+                       answer rows and the backward's working set
 captured rows          the turn's keys K (N x d_in) and output gradients G (N x d_out) of every
                        edited module, in the activation dtype, while they are stacked
 statistics             the running count/mean/M2 (float64) per weight shape, with the turn's copy
@@ -238,8 +238,10 @@ def request_shape(tokenizer, requests, micro_batch: int = 10,
 
     A request of ``P`` prompt and ``T`` target tokens is ``P + T - 1`` tokens long with answer
     positions ``P-1 .. P+T-2`` (right padded): ``answer_tokens`` is the mean ``T``, ``seq_len``
-    the longest request, ``logit_columns`` the largest union of a micro-batch's answer
-    positions. ``lengths``: :func:`request_lengths` of the requests, if already known."""
+    the longest request, ``logit_columns`` the answer rows per request of the micro-batch with
+    the most (only answer rows are projected to the vocabulary, so a micro-batch's logits are
+    ``micro_batch x logit_columns`` rows). ``lengths``: :func:`request_lengths` of the
+    requests, if already known."""
     if lengths is None:
         lengths = request_lengths(tokenizer, requests)
     answer, seq, cols = 0, 0, 0
@@ -247,7 +249,7 @@ def request_shape(tokenizer, requests, micro_batch: int = 10,
         chunk = lengths[i:i + micro_batch]
         answer += sum(t for _, t in chunk)
         seq = max(seq, max(p + t - 1 for p, t in chunk))
-        cols = max(cols, len({c for p, t in chunk for c in range(p - 1, p + t - 1)}))
+        cols = max(cols, -(-sum(t for _, t in chunk) // len(chunk)))
     return {"answer_tokens": answer / max(1, len(lengths)), "seq_len": seq, "logit_columns": cols}
 
 
@@ -270,8 +272,8 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
         budget_bytes: the memory the turn may use (default 24 GiB, a consumer GPU).
         answer_tokens: answer tokens per request, on average (rows captured per request at
             answer positions; 1 with ``positions="subject"``).
-        logit_columns: columns of a micro-batch that hold an answer token (the logits are
-            computed for those only); default ``2 x answer_tokens``.
+        logit_columns: answer rows per request in the fullest micro-batch (the logits are
+            computed for answer rows only); default ``2 x answer_tokens``.
         seq_len: padded tokens of a micro-batch (prompt + target).
         accumulate: ``"auto"`` (on for bf16/fp16), True, False: the float32 delta record.
         history: turns ``rollback`` can undo.
@@ -405,7 +407,7 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
         PlanItem("activations", saved + max(logits, backward_ws),
                  f"one micro-batch of {B} x {L} tokens: kept by autograd from "
                  f"{names[0]} on ({kept_layers} whole layers) {saved / MiB:.0f} MiB, logits of "
-                 f"{logit_cols} answer columns {logits / MiB:.0f} MiB or the backward's working set "
+                 f"{logit_cols} answer rows {logits / MiB:.0f} MiB or the backward's working set "
                  f"{backward_ws / MiB:.0f} MiB, whichever is larger", "forward/backward"),
         PlanItem("captured rows", rows_total - per_mb_rows,
                  f"K and G of the micro-batches before the last (N = {N})", "forward/backward"),
