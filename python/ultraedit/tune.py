@@ -122,8 +122,11 @@ def layer_windows(n_layers: int) -> List[Tuple[int, int]]:
     return out
 
 
-def search_space(model, families: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """The searched values for ``model`` (a JSON-able dict, recorded in the preset)."""
+def search_space(model, families: Optional[Sequence[str]] = None,
+                 grid: Optional[Dict[str, Sequence[Any]]] = None) -> Dict[str, Any]:
+    """The searched values for ``model`` (a JSON-able dict, recorded in the preset); ``grid``
+    replaces the values of some fields (``lr``, ``steps``, ``positions``, ``hold_done``,
+    ``memory``, ``preserve``, ``protect_mean``, ``windows``)."""
     n = _n_layers(model)
     named = dict(model.named_modules())
     fams = module_families(model, families)
@@ -131,10 +134,19 @@ def search_space(model, families: Optional[Sequence[str]] = None) -> Dict[str, A
         if fam.format(i=0) not in named:
             raise ValueError(f"module family {fam!r}: the model has no module "
                              f"{fam.format(i=0)!r}")
-    return {"n_layers": n, "families": fams, "windows": [list(w) for w in layer_windows(n)],
-            "positions": list(POSITIONS), "lr": list(LR_GRID), "steps": list(STEPS_GRID),
-            "hold_done": [False, True], "memory": list(MEMORY_GRID),
-            "preserve": list(PRESERVE_GRID), "protect_mean": list(PROTECT_GRID)}
+    space = {"n_layers": n, "families": fams, "windows": [list(w) for w in layer_windows(n)],
+             "positions": list(POSITIONS), "lr": list(LR_GRID), "steps": list(STEPS_GRID),
+             "hold_done": [False, True], "memory": list(MEMORY_GRID),
+             "preserve": list(PRESERVE_GRID), "protect_mean": list(PROTECT_GRID)}
+    for key, values in (grid or {}).items():
+        if key not in space or key in ("n_layers", "families"):
+            raise ValueError(f"grid: unknown field {key!r}; give some of "
+                             f"{[k for k in space if k not in ('n_layers', 'families')]}")
+        values = [list(v) if isinstance(v, (list, tuple)) else v for v in values]
+        if not values:
+            raise ValueError(f"grid: no values for {key!r}")
+        space[key] = values
+    return space
 
 
 def _grid(space: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -200,6 +212,8 @@ def rank_key(row: Dict[str, Any], ls_target: float) -> Tuple:
     then fewer forward+backward passes, then the earlier candidate; after them the others by
     LS, then ES, descending."""
     es, ls = row["es"] or 0.0, row["ls"] if row["ls"] is not None else 0.0
+    if row.get("error"):
+        return (2, row["candidate"])
     if ls >= ls_target:
         return (0, -es, row["passes"], row["candidate"])
     return (1, -ls, -es, row["passes"], row["candidate"])
@@ -316,25 +330,29 @@ def _score(model, tokenizer, records, ref, config: EditConfig, turns: int, per_t
 
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    warnings.filterwarnings("ignore", message="edit requests carry subjects")
-    editor = UltraEditor(model, tokenizer, config)
-    weights.remember(editor.modules)
-    passes = turn_s = 0.0
-    steps_run = 0
-    try:
-        for t in range(turns):
-            chunk = records[t * per_turn:(t + 1) * per_turn]
-            rep = editor.edit([r.as_request() for r in chunk])
-            steps_run += rep.steps_run
-            # forward+backward passes: one capture per step run, plus the last check
-            passes += (rep.steps_run + (1 if rep.steps_run < config.steps else 0))
-            turn_s += rep.turn_s
-        te = time.perf_counter()
-        res = evaluate_records(model, tokenizer, records[:turns * per_turn],
-                               locality_reference=ref, portability=False)
-        eval_s = time.perf_counter() - te
-    finally:
-        weights.restore()
+    quiet = warnings.catch_warnings()
+    with quiet:   # expected for some candidates; one line per candidate is the progress
+        warnings.filterwarnings("ignore", message="edit requests carry subjects")
+        warnings.filterwarnings("ignore", message="the update is exactly zero")
+        editor = UltraEditor(model, tokenizer, config)
+        weights.remember(editor.modules)
+        passes = turn_s = 0.0
+        steps_run = 0
+        try:
+            for t in range(turns):
+                chunk = records[t * per_turn:(t + 1) * per_turn]
+                rep = editor.edit([r.as_request() for r in chunk])
+                steps_run += rep.steps_run
+                # forward+backward passes: one capture per step run, plus the check that ended
+                # the turn early (held edits)
+                passes += rep.steps_run + (1 if rep.steps_run < config.steps else 0)
+                turn_s += rep.turn_s
+            te = time.perf_counter()
+            res = evaluate_records(model, tokenizer, records[:turns * per_turn],
+                                   locality_reference=ref, portability=False)
+            eval_s = time.perf_counter() - te
+        finally:
+            weights.restore()
     return {"es": res["es"], "gs": res["gs"], "ls": res["ls"], "steps_run": steps_run,
             "passes": int(passes), "edit_s": turn_s, "eval_s": eval_s,
             "preserve_s": editor.preserve_s, "wall_s": time.perf_counter() - t0}
@@ -386,12 +404,16 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
          eta: int = 3, rounds: int = 3, candidates: Optional[int] = None,
          families: Optional[Sequence[str]] = None, known: bool = True,
          name: str = "tuned", log: Callable[[str], None] = lambda s: None,
-         model_name: Optional[str] = None) -> TuneResult:
+         model_name: Optional[str] = None, records: Optional[Sequence[Any]] = None,
+         grid: Optional[Dict[str, Sequence[Any]]] = None) -> TuneResult:
     """Search a preset for ``model`` within ``budget_s`` seconds (see the module docstring).
 
     ``candidates``: round-0 candidates (default: as many as the budget allows, sized after the
     first candidate). ``log`` receives one line per scored candidate and per round. The
-    returned ``preset`` is in the format of ``ultraedit/presets`` plus a ``tuning`` record."""
+    returned ``preset`` is in the format of ``ultraedit/presets`` plus a ``tuning`` record.
+    ``records``: the tuning facts (default :func:`tuning_records`); at least ``turns x
+    edits_per_turn``, every one of a tuning relation (else ValueError). ``grid``: see
+    :func:`search_space`."""
     import torch
 
     if not 0 <= ls_target <= 1:
@@ -402,13 +424,24 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
         raise ValueError(f"candidates must be >= 1, got {candidates}")
     t_start = time.perf_counter()
     deadline = t_start + budget_s
-    space = search_space(model, families)
+    space = search_space(model, families, grid)
     rule = DEFAULT_RULE.format(target=ls_target)
     log(f"rule (fixed before the search): {rule}")
     from .data import REPORT_RELATIONS, TUNING_RELATIONS
     from .eval import locality_reference
 
-    records = tuning_records(model, tokenizer, turns * edits_per_turn, seed=seed, known=known)
+    need = turns * edits_per_turn
+    if records is None:
+        records = tuning_records(model, tokenizer, need, seed=seed, known=known)
+    else:
+        records = list(records)[:need]
+        outside = sorted({str(r.relation) for r in records} - set(TUNING_RELATIONS))
+        if outside:
+            raise ValueError(f"tune: records of relations {outside} are not tuning relations "
+                             f"{list(TUNING_RELATIONS)}; a preset is chosen on those only")
+        if len(records) < need:
+            raise ValueError(f"tune: {len(records)} records; {turns} turns x {edits_per_turn} "
+                             f"edits need {need}")
     ref = locality_reference(model, tokenizer, records)
     prep_s = time.perf_counter() - t_start
     log(f"{len(records)} tuning facts ({', '.join(TUNING_RELATIONS)}) and their unedited "
@@ -439,8 +472,18 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
         row = {"candidate": idx, "round": r, "source": source, "label": label(config),
                "config": {f: _json(getattr(config, f)) for f in SEARCHED},
                "turns": turns, "edits_per_turn": per, "edits": turns * per}
-        row.update(_score(model, tokenizer, records, ref, config, turns, per, weights,
-                          seed))
+        try:
+            row.update(_score(model, tokenizer, records, ref, config, turns, per, weights,
+                              seed))
+        except (ValueError, RuntimeError, FloatingPointError) as err:  # a setting that fails
+            weights.restore()
+            row.update({"es": None, "gs": None, "ls": None, "steps_run": 0, "passes": 0,
+                        "edit_s": 0.0, "eval_s": 0.0, "preserve_s": 0.0, "wall_s": 0.0,
+                        "error": f"{type(err).__name__}: {err}"})
+            rows.append(row)
+            round_rows[r].append(row)
+            log(f"[round {r} {k}/{total}] #{idx} {row['label']} | failed: {row['error']}")
+            return row
         row["predicted_s"] = cost.predict(config, turns * per) if cost.per_step else None
         cost.observe(config, turns * per, row)
         rows.append(row)
@@ -459,8 +502,9 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
                 run_one(0, 0, first_src, first_cfg, candidates or "?", 1)
                 # size the schedule from the first candidate's time
                 left = deadline - time.perf_counter()
-                n0 = candidates or _fit_n0(cost, pool, sizes, turns, eta, FILL * left,
-                                           max_n=len(pool))
+                n0 = candidates or (_fit_n0(cost, pool, sizes, turns, eta, FILL * left,
+                                            max_n=len(pool))
+                                    if cost.per_step else 3 * eta ** (rounds - 1))
                 schedule = plan_schedule(n0, edits_per_turn, eta, rounds)
                 log("schedule: " + "; ".join(
                     f"round {i}: {s['candidates']} x {turns} turns of {s['edits_per_turn']}"
@@ -494,6 +538,8 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
     chosen = choose(last, ls_target)
     if chosen is None:
         raise RuntimeError("no candidate was scored within the budget; give a larger budget")
+    if chosen.get("error"):
+        raise RuntimeError(f"every candidate of the last round failed, e.g. {chosen['error']}")
     config = pool[chosen["candidate"]][1]
     feasible = chosen["ls"] is not None and chosen["ls"] >= ls_target
     wall = time.perf_counter() - t_start
