@@ -383,7 +383,9 @@ class _Cost:
         if config.preserve > 0:
             self.captured.add(tuple(config.modules or ()))
         if self.per_step is None:
-            self.per_step = row["edit_s"] / max(1, edits * max(1, row["steps_run"]))
+            # steps_run counts each turn's steps; every edit goes through its own turn's
+            steps_per_edit = max(1.0, row["steps_run"] / max(1, row["turns"]))
+            self.per_step = row["edit_s"] / max(1, edits * steps_per_edit)
             self.per_eval = row["eval_s"] / max(1, edits)
             # a capture is one forward over ~2,500 short texts, cut after the deepest edited
             # module: about a tenth of a request's forward+backward each
