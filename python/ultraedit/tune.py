@@ -366,6 +366,7 @@ class _Cost:
     def __init__(self):
         self.per_step = self.per_eval = None
         self.capture = 0.0
+        self.capture_seen = False
         self.captured: set = set()
         self.factor = 1.0
 
@@ -390,6 +391,7 @@ class _Cost:
             # a capture is one forward over ~2,500 short texts, cut after the deepest edited
             # module: about a tenth of a request's forward+backward each
             self.capture = row["preserve_s"] or 2500 * self.per_step / 10
+            self.capture_seen = bool(row["preserve_s"])
             return
         pred = self.predict(config, edits)
         if pred > 0:
@@ -397,8 +399,10 @@ class _Cost:
             base = pred - (self.capture if row["preserve_s"] else 0.0)
             ratio = max(0.3, min(3.0, seen / max(1e-9, base / self.factor)))
             self.factor = 0.5 * self.factor + 0.5 * ratio
-        if row["preserve_s"]:
-            self.capture = max(self.capture, row["preserve_s"])
+        if row["preserve_s"]:   # measured: replaces the first guess, then the largest seen
+            self.capture = (max(self.capture, row["preserve_s"]) if self.capture_seen
+                            else row["preserve_s"])
+            self.capture_seen = True
 
 
 def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
@@ -468,6 +472,7 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
     stopped = "done"
     round_rows: List[List[Dict[str, Any]]] = []
     entrants: List[Tuple[int, str, EditConfig]] = []
+    resized: List[Dict[str, Any]] = []   # round 0's size as the cost model learned
 
     def run_one(r: int, idx: int, source: str, config: EditConfig, total: int, k: int):
         per = sizes[r]
@@ -500,35 +505,24 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
         for r in range(rounds):
             round_rows.append([])
             if r == 0:
-                first_src, first_cfg = pool[0]
-                run_one(0, 0, first_src, first_cfg, candidates or "?", 1)
-                # size the schedule from the first candidate's time
-                left = deadline - time.perf_counter()
-                n0 = candidates or (_fit_n0(cost, pool, sizes, turns, eta, FILL * left,
-                                            max_n=len(pool))
-                                    if cost.per_step else 3 * eta ** (rounds - 1))
+                n0 = _round0(run_one, cost, pool, sizes, turns, eta, rounds, candidates,
+                             deadline, edits_per_turn, log, resized)
                 schedule = plan_schedule(n0, edits_per_turn, eta, rounds)
-                log("schedule: " + "; ".join(
-                    f"round {i}: {s['candidates']} x {turns} turns of {s['edits_per_turn']}"
-                    for i, s in enumerate(schedule)) + f" (sized for {left / 60:.1f} min)")
-                entrants = [(i, src, cfg) for i, (src, cfg) in enumerate(pool[:n0])]
-                todo = entrants[1:]
-            else:
-                prev = sorted(round_rows[r - 1], key=lambda row: rank_key(row, ls_target))
-                keep = schedule[r]["candidates"]
-                by_idx = {i: (src, cfg) for i, src, cfg in entrants}
-                entrants = [(row["candidate"],) + by_idx[row["candidate"]] for row in prev[:keep]]
-                todo = entrants
-                log(f"round {r}: {len(todo)} survivors on {turns} turns of {sizes[r]} edits")
-            total = len(entrants)
-            for k, (idx, src, cfg) in enumerate(todo, total - len(todo) + 1):
-                need = cost.predict(cfg, turns * sizes[r])
-                if time.perf_counter() + need > deadline:
+                if resized and resized[-1]["stopped"]:
                     stopped = "budget"
-                    log(f"budget: #{idx} would need {need:.0f}s, "
-                        f"{max(0.0, deadline - time.perf_counter()):.0f}s left; stopping")
                     break
-                run_one(r, idx, src, cfg, total, k)
+                entrants = [(i, src, cfg) for i, (src, cfg) in enumerate(pool[:n0])]
+                continue
+            prev = sorted(round_rows[r - 1], key=lambda row: rank_key(row, ls_target))
+            keep = schedule[r]["candidates"]
+            by_idx = {i: (src, cfg) for i, src, cfg in entrants}
+            entrants = [(row["candidate"],) + by_idx[row["candidate"]] for row in prev[:keep]]
+            log(f"round {r}: {len(entrants)} survivors on {turns} turns of {sizes[r]} edits")
+            for k, (idx, src, cfg) in enumerate(entrants, 1):
+                if not _fits(cost, cfg, turns * sizes[r], deadline, idx, log):
+                    stopped = "budget"
+                    break
+                run_one(r, idx, src, cfg, len(entrants), k)
             if stopped != "done":
                 break
     except KeyboardInterrupt:
@@ -567,7 +561,8 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
             "facts": len(records), "known_only": known, "seed": seed,
             "model": model_name, "budget_s": budget_s, "wall_s": wall, "stopped": stopped,
             "prepare_s": prep_s, "eta": eta, "rounds": rounds, "turns": turns,
-            "edits_per_turn": edits_per_turn, "schedule": schedule, "space": space,
+            "edits_per_turn": edits_per_turn, "schedule": schedule, "resized": resized,
+            "space": space,
             "grid_size": len(pool) - 1, "chosen": chosen["candidate"],
             "chosen_round": chosen["round"], "candidates": rows,
             "cost_model": {"s_per_edit_step": cost.per_step, "eval_s_per_edit": cost.per_eval,
@@ -581,25 +576,66 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
     return TuneResult(preset=preset, rows=rows, chosen=chosen, stopped=stopped)
 
 
+def _fits(cost: _Cost, config: EditConfig, edits: int, deadline: float, idx: int,
+          log: Callable[[str], None]) -> bool:
+    """Whether a candidate is predicted to finish before ``deadline`` (says so if not)."""
+    need = cost.predict(config, edits)
+    if time.perf_counter() + need <= deadline:
+        return True
+    log(f"budget: #{idx} would need {need:.0f}s, "
+        f"{max(0.0, deadline - time.perf_counter()):.0f}s left; stopping")
+    return False
+
+
+def _round0(run_one, cost: _Cost, pool, sizes: List[int], turns: int, eta: int, rounds: int,
+            candidates: Optional[int], deadline: float, edits_per_turn: int,
+            log: Callable[[str], None], resized: List[Dict[str, Any]]) -> int:
+    """Score round 0 and return its size: ``candidates``, else sized after the first candidate
+    and grown (never shrunk) after every later one while the predicted schedule still fits
+    ``FILL`` of the time left. ``resized`` records each size with the time left."""
+    n0 = candidates or 1
+    i = 0
+    while i < n0:
+        src, cfg = pool[i]
+        if i and not _fits(cost, cfg, turns * sizes[0], deadline, i, log):
+            resized.append({"after": i, "candidates": i, "stopped": True})
+            return i
+        run_one(0, i, src, cfg, candidates or "?", i + 1)
+        i += 1
+        if candidates is None:
+            left = deadline - time.perf_counter()
+            fit = (_fit_n0(cost, pool, sizes, turns, eta, FILL * left, done=i,
+                           max_n=len(pool)) if cost.per_step else 3 * eta ** (rounds - 1))
+            if fit > n0:
+                n0 = fit
+                resized.append({"after": i, "candidates": n0, "left_s": left,
+                                "stopped": False})
+                log("schedule: " + "; ".join(
+                    f"round {k}: {s['candidates']} x {turns} turns of {s['edits_per_turn']}"
+                    for k, s in enumerate(plan_schedule(n0, edits_per_turn, eta, rounds)))
+                    + f" (sized after {i} candidate(s), {left / 60:.1f} min left)")
+    return n0
+
+
 def _fit_n0(cost: _Cost, pool, sizes: List[int], turns: int, eta: int, seconds: float,
-            max_n: int) -> int:
-    """The largest round-0 size whose predicted schedule fits ``seconds`` (the first candidate
-    is already scored); at least 1."""
+            done: int, max_n: int) -> int:
+    """The largest round-0 size whose rest (round 0's candidates from ``done`` on, then the
+    later rounds) is predicted to fit ``seconds``; at least ``done``."""
     def predicted(n0: int) -> float:
         total, n = 0.0, n0
         for r, e in enumerate(sizes):
-            cands = [cfg for _, cfg in pool[(1 if r == 0 else 0):n]]
+            cands = [cfg for _, cfg in pool[(done if r == 0 else 0):n]]
             total += sum(cost.predict(c, turns * e) for c in cands)
             n = max(1, math.ceil(n / eta))
         return total
 
-    best = 1
-    for n0 in range(1, max_n + 1):
+    best = done
+    for n0 in range(done, max_n + 1):
         if predicted(n0) <= seconds:
             best = n0
         elif n0 > best + 8:
             break
-    return best
+    return max(1, best)
 
 
 def _json(v):
