@@ -29,7 +29,8 @@ candidate (the most edits).
 The budget (``budget_s``): the first candidate (the current config) is timed, a cost model
 (seconds per edit and step, seconds of evaluation per edit, preserved-key capture per layer
 window) is fitted to it, and the number of round-0 candidates is the largest whose schedule is
-predicted to fit in 85% of what is left. Before each candidate the prediction is checked against
+predicted to fit in 85% of what is left (at least ``eta ** (rounds - 1)``, so that every round
+halves), re-sized (never down) after every round-0 candidate. Before each candidate the prediction is checked against
 the time left; a candidate that would not finish is not started, the search stops cleanly and
 the best so far is chosen. Times observed correct the predictions as the search goes.
 
@@ -604,8 +605,12 @@ def _round0(run_one, cost: _Cost, pool, sizes: List[int], turns: int, eta: int, 
         i += 1
         if candidates is None:
             left = deadline - time.perf_counter()
-            fit = (_fit_n0(cost, pool, sizes, turns, eta, FILL * left, done=i,
-                           max_n=len(pool)) if cost.per_step else 3 * eta ** (rounds - 1))
+            # at least eta^(rounds-1) candidates, so that every round halves: on a budget that
+            # the prediction says is too short, the budget check then ends the search in an
+            # earlier round with the best so far rather than scoring one candidate throughout
+            fit = max(eta ** (rounds - 1),
+                      _fit_n0(cost, pool, sizes, turns, eta, FILL * left, done=i,
+                              max_n=len(pool)) if cost.per_step else 0)
             if fit > n0:
                 n0 = fit
                 resized.append({"after": i, "candidates": n0, "left_s": left,
