@@ -257,6 +257,9 @@ def write_preset(preset: Dict[str, Any], path) -> None:
         with os.fdopen(fd, "w") as fh:
             json.dump(preset, fh, indent=1)
             fh.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # a shared file, like any other the user writes
         os.replace(tmp, path)
     except BaseException:
         try:
