@@ -198,3 +198,12 @@ def test_bad_output_path_is_refused_before_any_work(tmp_path, monkeypatch, capsy
         assert needle in err[0]
     assert main(["tune", "--out", str(tmp_path / "p.json"), "--budget-minutes", "0"]) == 2
     assert "--budget-minutes" in capsys.readouterr().err
+
+
+def test_schedule_halves_and_keeps_two_finalists():
+    from ultraedit.tune import plan_schedule, round_sizes
+
+    assert round_sizes(50, 3, 3) == [6, 17, 50]
+    assert [s["candidates"] for s in plan_schedule(15, 50, 3, 3)] == [15, 5, 2]
+    assert [s["candidates"] for s in plan_schedule(9, 50, 3, 3)] == [9, 3, 2]
+    assert [s["candidates"] for s in plan_schedule(1, 4, 2, 3)] == [1, 1, 1]

@@ -13,7 +13,7 @@ drawn from that grid without repetition (``random.Random(seed)``); the model's c
 
 How (successive halving, :func:`plan_schedule`): round 0 scores many candidates on few edits
 (``turns`` lifelong turns of a few edits each), every next round keeps the best ``1/eta`` of the
-previous one (by the rule) and scores them on ``eta`` times more edits; the last round uses the
+previous one (by the rule; at least two) and scores them on ``eta`` times more edits; the last round uses the
 full protocol (by default 2 turns of 50, as the hand tuning in experiments/tuning.md). Every
 candidate of a round edits the same facts, from the unedited model (weights restored between
 candidates), and is scored teacher-forced (ES, GS, LS against the unedited model's predictions,
@@ -200,11 +200,12 @@ def round_sizes(edits_per_turn: int, eta: int, rounds: int) -> List[int]:
 
 def plan_schedule(n0: int, edits_per_turn: int, eta: int, rounds: int) -> List[Dict[str, int]]:
     """``[{"candidates", "edits_per_turn"}]`` per round: ``n0`` candidates in round 0, then
-    ``ceil(n / eta)`` of the previous round's (at least 1)."""
+    ``ceil(n / eta)`` of the previous round's, but at least 2 (a round of one cannot choose)
+    where the previous round had 2 or more."""
     out, n = [], n0
     for e in round_sizes(edits_per_turn, eta, rounds):
         out.append({"candidates": n, "edits_per_turn": e})
-        n = max(1, math.ceil(n / eta))
+        n = max(min(2, n), math.ceil(n / eta))
     return out
 
 
@@ -634,7 +635,7 @@ def _fit_n0(cost: _Cost, pool, sizes: List[int], turns: int, eta: int, seconds: 
         for r, e in enumerate(sizes):
             cands = [cfg for _, cfg in pool[(done if r == 0 else 0):n]]
             total += sum(cost.predict(c, turns * e) for c in cands)
-            n = max(1, math.ceil(n / eta))
+            n = max(min(2, n), math.ceil(n / eta))
         return total
 
     best = done
