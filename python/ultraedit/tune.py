@@ -14,8 +14,8 @@ drawn from that grid without repetition (``random.Random(seed)``); the model's c
 How (successive halving, :func:`plan_schedule`): round 0 scores many candidates on few edits
 (``turns`` lifelong turns of a few edits each), every next round keeps the best ``1/eta`` of the
 previous one (by the rule; at least two) and scores them on ``eta`` times more edits; the last
-round uses the full protocol (by default 2 turns of 50, as the hand tuning in experiments/tuning.md). Every
-candidate of a round edits the same facts, from the unedited model (weights restored between
+round uses the full protocol (by default 2 turns of 50, as the hand tuning in
+experiments/tuning.md). Every candidate of a round edits the same facts, from the unedited model (weights restored between
 candidates), and is scored teacher-forced (ES, GS, LS against the unedited model's predictions,
 :func:`ultraedit.eval.evaluate_records`) over all its edits after its last turn.
 
