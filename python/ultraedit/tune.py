@@ -16,8 +16,8 @@ How (successive halving, :func:`plan_schedule`): round 0 scores many candidates 
 previous one (by the rule; at least two) and scores them on ``eta`` times more edits; the last
 round uses the full protocol (by default 2 turns of 50, as the hand tuning in
 experiments/tuning.md). Every candidate of a round edits the same facts, from the unedited
-model (weights restored between candidates), and is scored teacher-forced (ES, GS, LS against the unedited model's predictions,
-:func:`ultraedit.eval.evaluate_records`) over all its edits after its last turn.
+model (weights restored between candidates), and is scored teacher-forced (ES, GS, LS
+against the unedited model's predictions, :func:`ultraedit.eval.evaluate_records`) over all its edits after its last turn.
 
 The rule (:data:`DEFAULT_RULE`, fixed before the search and recorded in the preset): the highest
 ES among the candidates with LS >= ``ls_target``; ties go to the cheaper turn (fewer
@@ -32,7 +32,8 @@ window) is fitted to it, and the number of round-0 candidates is the largest who
 predicted to fit in 85% of what is left (at least ``eta ** (rounds - 1)``, so that every round
 halves), re-sized (never down) after every round-0 candidate. Before each candidate the
 prediction is checked against the time left; a candidate that would not finish is not started,
-the search stops cleanly and the best so far is chosen. Times observed correct the predictions as the search goes.
+the search stops cleanly and the best so far is chosen. Times observed correct the predictions
+as the search goes.
 
 Facts: the offline stand-in facts of the TUNING relations only (``ultraedit.data``,
 ``split="tuning"``): the facts the unedited model answers correctly (``known=True``), else
