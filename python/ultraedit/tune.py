@@ -17,7 +17,8 @@ previous one (by the rule; at least two) and scores them on ``eta`` times more e
 round uses the full protocol (by default 2 turns of 50, as the hand tuning in
 experiments/tuning.md). Every candidate of a round edits the same facts, from the unedited
 model (weights restored between candidates), and is scored teacher-forced (ES, GS, LS
-against the unedited model's predictions, :func:`ultraedit.eval.evaluate_records`) over all its edits after its last turn.
+against the unedited model's predictions, :func:`ultraedit.eval.evaluate_records`) over all
+its edits after its last turn.
 
 The rule (:data:`DEFAULT_RULE`, fixed before the search and recorded in the preset): the highest
 ES among the candidates with LS >= ``ls_target``; ties go to the cheaper turn (fewer
