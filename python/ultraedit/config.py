@@ -16,7 +16,9 @@ Measured presets are JSON files in ``ultraedit/presets/`` (``{"name", "descripti
 "fingerprint", "config"}``). :meth:`EditConfig.for_model` picks the preset whose
 **model fingerprint** equals the model's: the values of ``config.model_type``,
 ``num_hidden_layers``, ``hidden_size``, ``intermediate_size`` and ``vocab_size``
-(:func:`model_fingerprint`); every other model gets :meth:`EditConfig.paper`.
+(:func:`model_fingerprint`); every other model gets :meth:`EditConfig.paper`. User presets
+(e.g. written by ``ultraedit tune``) are found first: ``for_model(model, presets=[files or
+folders])`` and the folders or files of ``$ULTRAEDIT_PRESETS`` (:func:`preset_files`).
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 __all__ = ["EditConfig", "resolve_config", "model_fingerprint", "preset_names", "PAPER_LR", "BEYOND_PAPER",
-           "FINGERPRINT_KEYS", "PAPER_MICRO_BATCH"]
+           "FINGERPRINT_KEYS", "PAPER_MICRO_BATCH", "preset_files", "PRESETS_ENV"]
 
 PAPER_LR = 1e-6
 # the paper's micro-batch: its loss is the mean over each group of 10 requests' answer tokens
@@ -40,6 +43,7 @@ BEYOND_PAPER = ("protect_mean", "steps", "hold_done", "positions", "memory", "pr
 FINGERPRINT_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
                     "vocab_size")
 PRESET_DIR = Path(__file__).parent / "presets"
+PRESETS_ENV = "ULTRAEDIT_PRESETS"   # folders or files of user presets (EditConfig.for_model)
 
 
 def _opt(default, help: str, **kw):
@@ -211,14 +215,18 @@ class EditConfig:
         return cls.from_dict({**values, **overrides})
 
     @classmethod
-    def for_model(cls, model, **overrides) -> "EditConfig":
+    def for_model(cls, model, presets: Optional[Sequence[Union[str, Path]]] = None,
+                  **overrides) -> "EditConfig":
         """The measured preset whose fingerprint equals ``model_fingerprint(model)``, else the
-        paper's config."""
+        paper's config. Searched in order: ``presets`` (preset files or folders of them), the
+        folders or files of ``$ULTRAEDIT_PRESETS`` (separated by ``os.pathsep``; e.g. the output
+        of ``ultraedit tune``), then the shipped presets; the first match wins."""
         fp = model_fingerprint(model)
-        for name in preset_names():
-            data = _read_json(PRESET_DIR / f"{name}.json")
-            want = data.get("fingerprint", {})
-            if want and all(fp.get(k) == v for k, v in want.items()):
+        for path in preset_files(presets):
+            data = _read_json(path)
+            want = data.get("fingerprint", {}) if isinstance(data, dict) else None
+            if want and isinstance(data.get("config"), dict) and all(
+                    fp.get(k) == v for k, v in want.items()):
                 return cls.from_dict({**data["config"], **overrides})
         return cls.paper(**overrides)
 
@@ -291,6 +299,27 @@ def model_fingerprint(model) -> Dict[str, Any]:
     layers, the hidden and MLP sizes and the vocabulary size (None where the config lacks one)."""
     cfg = getattr(model, "config", None)
     return {k: getattr(cfg, k, None) for k in FINGERPRINT_KEYS}
+
+
+def preset_files(presets: Optional[Sequence[Union[str, Path]]] = None) -> List[Path]:
+    """The preset files :meth:`EditConfig.for_model` searches, in order: ``presets`` (files, or
+    folders whose ``*.json`` are taken in name order), those of ``$ULTRAEDIT_PRESETS``, then the
+    shipped ones. A path that does not exist is a ValueError naming it (and the variable)."""
+    if isinstance(presets, (str, Path)):
+        presets = [presets]
+    given = [(p, "presets") for p in presets or ()]
+    env = os.environ.get(PRESETS_ENV, "")
+    given += [(p, f"${PRESETS_ENV}") for p in env.split(os.pathsep) if p.strip()]
+    out: List[Path] = []
+    for item, where in given:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            out += sorted(path.glob("*.json"))
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise ValueError(f"{where}: no preset file or folder {str(item)!r}")
+    return out + [PRESET_DIR / f"{name}.json" for name in preset_names()]
 
 
 def preset_names() -> List[str]:

@@ -5,7 +5,9 @@
 - ``ultraedit run`` (:mod:`ultraedit.cli.run`): a lifelong editing run over a data set or the
   offline facts, with per-turn and final scores, JSON and plot;
 - ``ultraedit plan`` (:mod:`ultraedit.cli.plan`): a turn's peak memory predicted item by item
-  from a model config, and whether it fits a budget (exit 1 when it does not).
+  from a model config, and whether it fits a budget (exit 1 when it does not);
+- ``ultraedit tune`` (:mod:`ultraedit.cli.tune`): a budgeted search for a model's editing preset
+  on the tuning relations, written as a preset file.
 
 Exit status: 0 done, 2 a bad argument, path or input (one line on stderr, nothing done), 130
 interrupted. Importing this package and ``--help`` load neither torch nor transformers.
@@ -17,7 +19,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import demo, plan, run
+from . import demo, plan, run, tune
 
 __all__ = ["main", "build_parser"]
 
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     run.add_parser(sub)
     plan.add_parser(sub)
+    tune.add_parser(sub)
     return parser
 
 

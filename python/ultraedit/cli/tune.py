@@ -1,0 +1,125 @@
+"""``ultraedit tune``: search an editing preset for a model within a time budget, on the tuning
+relations only, and write it as a preset file (:mod:`ultraedit.tune`).
+
+    ultraedit tune --model DIR --out presets/my-model.json            # 45 minutes
+    ultraedit run --model DIR --data offline --split report --preset presets/my-model.json
+    ULTRAEDIT_PRESETS=presets ultraedit run --model DIR ...        # found by fingerprint
+
+Successive halving: many candidates (module family over early/middle/late layer windows,
+capture positions, lr, steps, held edits, key memory, preserved subjects, mean-key protection)
+on few edits, the best third on three times more, and so on to the full protocol (2 lifelong
+turns of 50 by default). The rule is fixed before the search and recorded: the highest
+teacher-forced ES with LS >= --ls-target, ties to the cheaper turn. The output path is checked
+before any work; the file is written atomically once the search ends (or the budget runs out,
+or Ctrl-C: then with the best so far).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ._common import EXIT_INTERRUPTED, UsageError, add_machine_options, check_threads, error, \
+    set_threads, split_csv
+
+DEFAULT_LS_TARGET = 0.85   # = ultraedit.tune.DEFAULT_LS_TARGET (--help without torch)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("tune", help="search an editing preset for a model in a time budget (tuning "
+                                    "relations only) and write it as a preset file",
+                       description=__doc__.split("\n\n")[0].replace("``", ""))
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded SmolLM2-135M-Instruct) or a local HF model directory")
+    p.add_argument("--out", metavar="FILE.json", required=True,
+                   help="the preset file to write (checked before any work; loaded by --preset "
+                        "FILE, and by EditConfig.for_model from a folder in ULTRAEDIT_PRESETS)")
+    p.add_argument("--name", default=None,
+                   help="the preset's name (default: the file name without .json)")
+    p.add_argument("--budget-minutes", type=float, default=45.0,
+                   help="wall-clock budget of the search in minutes (45); the schedule is sized "
+                        "for it and the search stops with the best so far when it runs out")
+    p.add_argument("--ls-target", type=float, default=DEFAULT_LS_TARGET,
+                   help=f"the rule: the highest ES among candidates with LS >= this "
+                        f"({DEFAULT_LS_TARGET})")
+    p.add_argument("--turns", type=int, default=2,
+                   help="lifelong turns per candidate (2)")
+    p.add_argument("--edits-per-turn", type=int, default=50,
+                   help="edits per turn of the last round (50); earlier rounds use 1/eta of the "
+                        "next round's")
+    p.add_argument("--eta", type=int, default=3,
+                   help="successive halving: each round keeps 1/eta of the candidates on eta "
+                        "times more edits (3)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the schedule (3)")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="candidates of round 0 (default: as many as the budget allows, sized "
+                        "after timing the first)")
+    p.add_argument("--families", default=None, metavar="A,B,...",
+                   help="module families searched, comma-separated: suffixes under the layer "
+                        "list ('mlp.up_proj') or templates with {i} (default: the MLP output "
+                        "projection)")
+    p.add_argument("--known", action=argparse.BooleanOptionalAction, default=True,
+                   help="tune on the facts the unedited model answers correctly (default); "
+                        "--no-known takes the first tuning facts (a model that knows none)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="fact selection, candidate order and torch seed (0)")
+    add_machine_options(p)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return _tune(args)
+    except UsageError as err:
+        return error("tune", str(err))
+
+
+def _tune(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    check_threads(args.threads)
+    if args.budget_minutes <= 0:
+        raise UsageError(f"--budget-minutes must be positive, got {args.budget_minutes}")
+    if not 0 <= args.ls_target <= 1:
+        raise UsageError(f"--ls-target must be in 0..1, got {args.ls_target}")
+    if args.turns < 1 or args.edits_per_turn < 1 or args.rounds < 1 or args.eta < 2:
+        raise UsageError("--turns, --edits-per-turn and --rounds must be at least 1, --eta at "
+                         "least 2")
+    if args.candidates is not None and args.candidates < 1:
+        raise UsageError(f"--candidates must be at least 1, got {args.candidates}")
+    from ..tune import check_output_path
+
+    try:
+        check_output_path(args.out)
+    except ValueError as err:
+        raise UsageError(f"--out {err}") from None
+
+    import torch
+
+    from ..models import load_model
+    from ..tune import default_log, tune, write_preset
+
+    set_threads(args.threads)
+    torch.manual_seed(args.seed)
+    try:
+        model, tok = load_model(args.model)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise UsageError(f"cannot load model {args.model!r}: {err}") from None
+    name = args.name or os.path.splitext(os.path.basename(args.out))[0]
+    log = default_log if not args.no_progress else (lambda s: None)
+    try:
+        result = tune(model, tok, budget_s=60.0 * args.budget_minutes, seed=args.seed,
+                      ls_target=args.ls_target, turns=args.turns,
+                      edits_per_turn=args.edits_per_turn, eta=args.eta, rounds=args.rounds,
+                      candidates=args.candidates, families=split_csv(args.families),
+                      known=args.known, name=name, log=log, model_name=args.model)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    result.preset["tuning"]["command"] = " ".join(["ultraedit"] + sys.argv[1:])
+    write_preset(result.preset, args.out)
+    c = result.chosen
+    print(f"chosen: {c['label']} | ES {c['es']:.3f} GS {c['gs'] or 0:.3f} LS {c['ls']:.3f} on "
+          f"{c['edits']} tuning edits; {len(result.rows)} candidates scored in "
+          f"{result.preset['tuning']['wall_s'] / 60:.1f} min ({result.stopped})")
+    print(f"wrote {args.out}")
+    return EXIT_INTERRUPTED if result.stopped == "interrupted" else 0

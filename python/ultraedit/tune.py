@@ -1,0 +1,660 @@
+"""A budgeted search for a model's editing preset, on the tuning relations only.
+
+    from ultraedit.tune import tune
+    result = tune(model, tokenizer, budget_s=45 * 60, seed=0)     # ultraedit tune --model DIR
+    result.preset         # {"name", "description", "fingerprint", "config", "tuning"}
+
+What it searches (:func:`search_space`, derived from the model): the edited modules (a module
+family, by default the MLP output projection, over four layer windows of about a sixth of the
+depth each: two early, one middle, one late), the capture positions (``subject``, ``answer``),
+``lr``, ``steps``, ``hold_done``, ``memory``, ``preserve`` and ``protect_mean``. Candidates are
+drawn from that grid without repetition (``random.Random(seed)``); the model's current config
+(:meth:`EditConfig.for_model`: its preset, else the paper's) is always candidate 0.
+
+How (successive halving, :func:`plan_schedule`): round 0 scores many candidates on few edits
+(``turns`` lifelong turns of a few edits each), every next round keeps the best ``1/eta`` of the
+previous one (by the rule; at least two) and scores them on ``eta`` times more edits; the last
+round uses the full protocol (by default 2 turns of 50, as the hand tuning in
+experiments/tuning.md). Every candidate of a round edits the same facts, from the unedited
+model (weights restored between candidates), and is scored teacher-forced (ES, GS, LS
+against the unedited model's predictions, :func:`ultraedit.eval.evaluate_records`) over all
+its edits after its last turn.
+
+The rule (:data:`DEFAULT_RULE`, fixed before the search and recorded in the preset): the highest
+ES among the candidates with LS >= ``ls_target``; ties go to the cheaper turn (fewer
+forward+backward passes run), then to the earlier candidate. If no candidate meets the target,
+the one with the highest LS (then ES) is chosen, and the record says so. Survivors of a round
+are its best candidates in the same order. The pick comes from the last round that scored a
+candidate (the most edits).
+
+The budget (``budget_s``): the first candidate (the current config) is timed, a cost model
+(seconds per edit and step, seconds of evaluation per edit, preserved-key capture per layer
+window) is fitted to it, and the number of round-0 candidates is the largest whose schedule is
+predicted to fit in 85% of what is left (at least ``eta ** (rounds - 1)``, so that every round
+halves), re-sized (never down) after every round-0 candidate. Before each candidate the
+prediction is checked against the time left; a candidate that would not finish is not started,
+the search stops cleanly and the best so far is chosen. Times observed correct the predictions
+as the search goes.
+
+Facts: the offline stand-in facts of the TUNING relations only (``ultraedit.data``,
+``split="tuning"``): the facts the unedited model answers correctly (``known=True``), else
+(``known=False``, for models that know none, e.g. tests) the first ones. A record of another
+relation is an error; the report relations are never drawn. The preset file records the split
+and the relations.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from .config import EditConfig, model_fingerprint
+
+__all__ = ["tune", "search_space", "plan_schedule", "rank_key", "choose", "TuneResult",
+           "DEFAULT_RULE", "DEFAULT_LS_TARGET", "check_output_path", "write_preset"]
+
+DEFAULT_LS_TARGET = 0.85
+DEFAULT_RULE = ("the highest teacher-forced ES among the candidates with LS >= {target}; ties: "
+                "fewer forward+backward passes run, then the earlier candidate; if none meets "
+                "the target: the highest LS, then ES; the pick comes from the last round that "
+                "scored a candidate")
+# grids of the searched fields (values beyond the paper's first where they measured well)
+LR_GRID = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4)
+STEPS_GRID = (1, 6, 12)
+MEMORY_GRID = (0.0, 1.0, 4.0)
+PRESERVE_GRID = (0.0, 0.3, 1.0)
+PROTECT_GRID = (0.0, 4.0)
+POSITIONS = ("subject", "answer")
+# first layer of each window, as a fraction of the depth: two early, one middle, one late
+WINDOW_STARTS = (0.07, 0.14, 0.4, 0.8)
+SEARCHED = ("modules", "positions", "lr", "steps", "hold_done", "memory", "preserve",
+            "protect_mean")
+FILL = 0.85   # the share of the time left that the schedule is sized for
+
+
+# ---------------------------------------------------------------------- the search space
+def _n_layers(model) -> int:
+    from .modules import _n_layers as n_layers
+
+    return n_layers(getattr(model, "config", None))
+
+
+def module_families(model, families: Optional[Sequence[str]] = None) -> List[str]:
+    """Module name templates with ``{i}`` for the layer: ``families`` as given (a suffix such as
+    ``mlp.up_proj`` is put under the model's layer list), default the MLP output projection."""
+    from .modules import MLP_OUT
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    base = MLP_OUT.get(model_type)
+    out = []
+    for fam in families or ([base] if base else []):
+        if "{i}" not in fam:
+            if base is None:
+                raise ValueError(f"no layer list known for model_type {model_type!r}; give "
+                                 f"families as templates with {{i}}, e.g. "
+                                 f"'model.layers.{{i}}.mlp.down_proj'")
+            fam = base[:base.index("{i}") + 3] + "." + fam
+        out.append(fam)
+    if not out:
+        raise ValueError(f"no default module family for model_type {model_type!r}; give "
+                         f"families=['<layers>.{{i}}.<module>']")
+    return out
+
+
+def layer_windows(n_layers: int) -> List[Tuple[int, int]]:
+    """Four windows of about ``n_layers / 6`` layers (first, last; inclusive), starting at 7%,
+    14%, 40% and 80% of the depth (30 layers: 2-6, 4-8, 12-16, 24-28); duplicates dropped."""
+    width = max(1, round(n_layers / 6))
+    out = []
+    for f in WINDOW_STARTS:
+        first = min(int(f * n_layers + 0.5), n_layers - width)
+        w = (max(0, first), min(n_layers - 1, max(0, first) + width - 1))
+        if w not in out:
+            out.append(w)
+    return out
+
+
+def search_space(model, families: Optional[Sequence[str]] = None,
+                 grid: Optional[Dict[str, Sequence[Any]]] = None) -> Dict[str, Any]:
+    """The searched values for ``model`` (a JSON-able dict, recorded in the preset); ``grid``
+    replaces the values of some fields (``lr``, ``steps``, ``positions``, ``hold_done``,
+    ``memory``, ``preserve``, ``protect_mean``, ``windows``)."""
+    n = _n_layers(model)
+    named = dict(model.named_modules())
+    fams = module_families(model, families)
+    for fam in fams:
+        if fam.format(i=0) not in named:
+            raise ValueError(f"module family {fam!r}: the model has no module "
+                             f"{fam.format(i=0)!r}")
+    space = {"n_layers": n, "families": fams, "windows": [list(w) for w in layer_windows(n)],
+             "positions": list(POSITIONS), "lr": list(LR_GRID), "steps": list(STEPS_GRID),
+             "hold_done": [False, True], "memory": list(MEMORY_GRID),
+             "preserve": list(PRESERVE_GRID), "protect_mean": list(PROTECT_GRID)}
+    for key, values in (grid or {}).items():
+        if key not in space or key in ("n_layers", "families"):
+            raise ValueError(f"grid: unknown field {key!r}; give some of "
+                             f"{[k for k in space if k not in ('n_layers', 'families')]}")
+        values = [list(v) if isinstance(v, (list, tuple)) else v for v in values]
+        if not values:
+            raise ValueError(f"grid: no values for {key!r}")
+        space[key] = values
+    return space
+
+
+def _grid(space: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Every point of ``space`` (``hold_done`` only with more than one step)."""
+    out = []
+    for fam, win, pos, lr, steps, hold, mem, pres, prot in itertools.product(
+            space["families"], space["windows"], space["positions"], space["lr"],
+            space["steps"], space["hold_done"], space["memory"], space["preserve"],
+            space["protect_mean"]):
+        if hold and steps == 1:
+            continue
+        out.append({"family": fam, "window": list(win), "positions": pos, "lr": lr,
+                    "steps": steps, "hold_done": hold, "memory": mem, "preserve": pres,
+                    "protect_mean": prot})
+    return out
+
+
+def _config_of(point: Dict[str, Any]) -> EditConfig:
+    a, b = point["window"]
+    mods = [point["family"].format(i=i) for i in range(a, b + 1)]
+    return EditConfig(modules=tuple(mods), lr=point["lr"], steps=point["steps"],
+                      hold_done=point["hold_done"], positions=point["positions"],
+                      memory=point["memory"], preserve=point["preserve"],
+                      protect_mean=point["protect_mean"])
+
+
+def label(config: EditConfig) -> str:
+    """A short description of a candidate's searched fields."""
+    mods = list(config.modules or ["default modules"])
+    groups: Dict[str, List[str]] = {}
+    for m in mods:
+        parts = m.split(".")
+        j = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        fam, layer = (m, "") if j is None else (".".join(parts[j + 1:]), parts[j])
+        groups.setdefault(fam, []).append(layer)
+    where = " + ".join(
+        f"{fam} {ls[0]}-{ls[-1]}" if len(ls) > 1 else f"{fam} {ls[0]}".rstrip()
+        for fam, ls in groups.items())
+    return (f"{where} @{config.positions} lr {config.lr:g} steps {config.steps}"
+            f"{' hold' if config.hold_done else ''} mem {config.memory:g} "
+            f"pres {config.preserve:g} prot {config.protect_mean:g}")
+
+
+# ---------------------------------------------------------------------- schedule and rule
+def round_sizes(edits_per_turn: int, eta: int, rounds: int) -> List[int]:
+    """Edits per turn of each round: the last has ``edits_per_turn``, each earlier ``1/eta``
+    of the next (at least 1)."""
+    return [max(1, math.ceil(edits_per_turn / eta ** (rounds - 1 - r))) for r in range(rounds)]
+
+
+def plan_schedule(n0: int, edits_per_turn: int, eta: int, rounds: int) -> List[Dict[str, int]]:
+    """``[{"candidates", "edits_per_turn"}]`` per round: ``n0`` candidates in round 0, then
+    ``ceil(n / eta)`` of the previous round's, but at least 2 (a round of one cannot choose)
+    where the previous round had 2 or more."""
+    out, n = [], n0
+    for e in round_sizes(edits_per_turn, eta, rounds):
+        out.append({"candidates": n, "edits_per_turn": e})
+        n = max(min(2, n), math.ceil(n / eta))
+    return out
+
+
+def rank_key(row: Dict[str, Any], ls_target: float) -> Tuple:
+    """Sort key of the rule (smaller is better): feasible rows (LS >= target) by ES, descending,
+    then fewer forward+backward passes, then the earlier candidate; after them the others by
+    LS, then ES, descending."""
+    es, ls = row["es"] or 0.0, row["ls"] if row["ls"] is not None else 0.0
+    if row.get("error"):
+        return (2, row["candidate"])
+    if ls >= ls_target:
+        return (0, -es, row["passes"], row["candidate"])
+    return (1, -ls, -es, row["passes"], row["candidate"])
+
+
+def choose(rows: Sequence[Dict[str, Any]], ls_target: float) -> Optional[Dict[str, Any]]:
+    """The rule's pick among ``rows`` of ONE round (None when empty)."""
+    return min(rows, key=lambda r: rank_key(r, ls_target)) if rows else None
+
+
+# ---------------------------------------------------------------------- files
+def check_output_path(path) -> Path:
+    """That a preset may be written at ``path``, before any work: a ``.json`` file name whose
+    folder exists and accepts a new file. ValueError naming the problem."""
+    p = Path(path)
+    if p.suffix != ".json":
+        raise ValueError(f"{str(path)!r}: a preset file name ends in .json")
+    if p.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder; give a file name")
+    folder = p.resolve().parent
+    if not folder.is_dir():
+        raise ValueError(f"{str(path)!r}: the folder {str(folder)!r} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ultraedit-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"{str(path)!r}: cannot write to {str(folder)!r} "
+                         f"({err.strerror or err})") from None
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ValueError(f"{str(path)!r} exists and is read-only")
+    return p
+
+
+def write_preset(preset: Dict[str, Any], path) -> None:
+    """Write ``preset`` to ``path`` atomically (a temporary file renamed over it)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(preset, fh, indent=1)
+            fh.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # a shared file, like any other the user writes
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# ---------------------------------------------------------------------- facts
+def tuning_records(model, tokenizer, n: int, seed: int = 0, known: bool = True):
+    """``n`` counterfactual records of the tuning relations only (see the module docstring)."""
+    from .data import TUNING_RELATIONS, drop_edited_locality, offline_facts
+
+    if known:
+        from .eval import offline_records
+
+        records = offline_records(model, tokenizer, n, relations=TUNING_RELATIONS, seed=seed,
+                                  split="tuning")
+    else:
+        records = offline_facts(TUNING_RELATIONS, seed=seed, limit=n, n_locality=3,
+                                split="tuning")
+        if len(records) < n:
+            raise ValueError(f"only {len(records)} tuning facts; {n} needed")
+        records = drop_edited_locality(records)
+    outside = sorted({r.relation for r in records} - set(TUNING_RELATIONS))
+    if outside:   # never: the split refuses them; a guard that the search stays on tuning facts
+        raise RuntimeError(f"tuning records of relations {outside} outside the tuning split")
+    return records
+
+
+# ---------------------------------------------------------------------- the search
+@dataclass
+class TuneResult:
+    """What :func:`tune` returns: ``preset`` (the file's contents), ``rows`` (every scored
+    candidate), ``chosen`` (the rule's pick) and ``stopped`` (``done``, ``budget``,
+    ``interrupted``)."""
+    preset: Dict[str, Any]
+    rows: List[Dict[str, Any]] = field(default_factory=list)
+    chosen: Optional[Dict[str, Any]] = None
+    stopped: str = "done"
+
+
+class _Weights:
+    """The unedited weights of every module a candidate edits, restored after it."""
+
+    def __init__(self, model):
+        self.named = dict(model.named_modules())
+        self.saved: Dict[str, Any] = {}
+
+    def remember(self, names):
+        for n in names:
+            if n not in self.saved:
+                self.saved[n] = self.named[n].weight.detach().clone()
+
+    def restore(self):
+        import torch
+
+        with torch.no_grad():
+            for n, w in self.saved.items():
+                self.named[n].weight.copy_(w)
+
+
+def _score(model, tokenizer, records, ref, config: EditConfig, turns: int, per_turn: int,
+           weights: _Weights, seed: int) -> Dict[str, Any]:
+    """Edit ``records`` (``turns`` x ``per_turn``) from the unedited model with ``config`` and
+    score them; the weights are restored afterwards."""
+    import torch
+
+    from .editor import UltraEditor
+    from .eval import evaluate_records
+
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    quiet = warnings.catch_warnings()
+    with quiet:   # expected for some candidates; one line per candidate is the progress
+        warnings.filterwarnings("ignore", message="edit requests carry subjects")
+        warnings.filterwarnings("ignore", message="the update is exactly zero")
+        editor = UltraEditor(model, tokenizer, config)
+        weights.remember(editor.modules)
+        passes = turn_s = 0.0
+        steps_run = 0
+        try:
+            for t in range(turns):
+                chunk = records[t * per_turn:(t + 1) * per_turn]
+                rep = editor.edit([r.as_request() for r in chunk])
+                steps_run += rep.steps_run
+                # forward+backward passes: one capture per step run, plus the check that ended
+                # the turn early (held edits)
+                passes += rep.steps_run + (1 if rep.steps_run < config.steps else 0)
+                turn_s += rep.turn_s
+            te = time.perf_counter()
+            res = evaluate_records(model, tokenizer, records[:turns * per_turn],
+                                   locality_reference=ref, portability=False)
+            eval_s = time.perf_counter() - te
+        finally:
+            weights.restore()
+    return {"es": res["es"], "gs": res["gs"], "ls": res["ls"], "steps_run": steps_run,
+            "passes": int(passes), "edit_s": turn_s, "eval_s": eval_s,
+            "preserve_s": editor.preserve_s, "wall_s": time.perf_counter() - t0}
+
+
+class _Cost:
+    """Predicted seconds of a candidate: edits x steps x seconds per edit-step, plus edits x
+    evaluation seconds per edit, plus the preserved-key capture of a window not yet captured;
+    fitted to the first candidate, corrected by every later one."""
+
+    def __init__(self):
+        self.per_step = self.per_eval = None
+        self.capture = 0.0
+        self.capture_seen = False
+        self.captured: set = set()
+        self.factor = 1.0
+
+    def steps(self, config: EditConfig) -> float:
+        return config.steps * (0.8 if config.hold_done else 1.0)
+
+    def predict(self, config: EditConfig, edits: int) -> float:
+        if self.per_step is None:
+            return 0.0
+        cap = (self.capture if config.preserve > 0 and tuple(config.modules or ())
+               not in self.captured else 0.0)
+        return self.factor * edits * (self.steps(config) * self.per_step + self.per_eval) + cap
+
+    def observe(self, config: EditConfig, edits: int, row: Dict[str, Any]) -> None:
+        if config.preserve > 0:
+            self.captured.add(tuple(config.modules or ()))
+        if self.per_step is None:
+            # steps_run counts each turn's steps; every edit goes through its own turn's
+            steps_per_edit = max(1.0, row["steps_run"] / max(1, row["turns"]))
+            self.per_step = row["edit_s"] / max(1, edits * steps_per_edit)
+            self.per_eval = row["eval_s"] / max(1, edits)
+            # a capture is one forward over ~2,500 short texts, cut after the deepest edited
+            # module: about a tenth of a request's forward+backward each
+            self.capture = row["preserve_s"] or 2500 * self.per_step / 10
+            self.capture_seen = bool(row["preserve_s"])
+            return
+        pred = self.predict(config, edits)
+        if pred > 0:
+            seen = row["wall_s"] - (row["preserve_s"] or 0.0)
+            base = pred - (self.capture if row["preserve_s"] else 0.0)
+            ratio = max(0.3, min(3.0, seen / max(1e-9, base / self.factor)))
+            self.factor = 0.5 * self.factor + 0.5 * ratio
+        if row["preserve_s"]:   # measured: replaces the first guess, then the largest seen
+            self.capture = (max(self.capture, row["preserve_s"]) if self.capture_seen
+                            else row["preserve_s"])
+            self.capture_seen = True
+
+
+def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
+         ls_target: float = DEFAULT_LS_TARGET, turns: int = 2, edits_per_turn: int = 50,
+         eta: int = 3, rounds: int = 3, candidates: Optional[int] = None,
+         families: Optional[Sequence[str]] = None, known: bool = True,
+         name: str = "tuned", log: Callable[[str], None] = lambda s: None,
+         model_name: Optional[str] = None, records: Optional[Sequence[Any]] = None,
+         grid: Optional[Dict[str, Sequence[Any]]] = None) -> TuneResult:
+    """Search a preset for ``model`` within ``budget_s`` seconds (see the module docstring).
+
+    ``candidates``: round-0 candidates (default: as many as the budget allows, sized after the
+    first candidate). ``log`` receives one line per scored candidate and per round. The
+    returned ``preset`` is in the format of ``ultraedit/presets`` plus a ``tuning`` record.
+    ``records``: the tuning facts (default :func:`tuning_records`); at least ``turns x
+    edits_per_turn``, every one of a tuning relation (else ValueError). ``grid``: see
+    :func:`search_space`."""
+    import torch
+
+    if not 0 <= ls_target <= 1:
+        raise ValueError(f"ls_target must be in 0..1, got {ls_target!r}")
+    if turns < 1 or edits_per_turn < 1 or eta < 2 or rounds < 1:
+        raise ValueError("turns and edits_per_turn must be >= 1, eta >= 2 and rounds >= 1")
+    if candidates is not None and candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
+    t_start = time.perf_counter()
+    deadline = t_start + budget_s
+    space = search_space(model, families, grid)
+    rule = DEFAULT_RULE.format(target=ls_target)
+    log(f"rule (fixed before the search): {rule}")
+    from .data import REPORT_RELATIONS, TUNING_RELATIONS
+    from .eval import locality_reference
+
+    need = turns * edits_per_turn
+    if records is None:
+        records = tuning_records(model, tokenizer, need, seed=seed, known=known)
+    else:
+        records = list(records)[:need]
+        outside = sorted({str(r.relation) for r in records} - set(TUNING_RELATIONS))
+        if outside:
+            raise ValueError(f"tune: records of relations {outside} are not tuning relations "
+                             f"{list(TUNING_RELATIONS)}; a preset is chosen on those only")
+        if len(records) < need:
+            raise ValueError(f"tune: {len(records)} records; {turns} turns x {edits_per_turn} "
+                             f"edits need {need}")
+    ref = locality_reference(model, tokenizer, records)
+    prep_s = time.perf_counter() - t_start
+    log(f"{len(records)} tuning facts ({', '.join(TUNING_RELATIONS)}) and their unedited "
+        f"locality predictions in {prep_s:.0f}s")
+
+    # candidate 0: the config the model gets now; then the grid in a seeded random order
+    current = EditConfig.for_model(model)
+    if current.modules is None:
+        from .modules import default_module_names
+
+        current = current.replace(modules=tuple(default_module_names(model, current.positions)))
+    order = _grid(space)
+    random.Random(seed).shuffle(order)
+    pool = [("current", current)] + [("grid", _config_of(p)) for p in order
+                                     if _config_of(p) != current]
+
+    sizes = round_sizes(edits_per_turn, eta, rounds)
+    weights = _Weights(model)
+    cost = _Cost()
+    rows: List[Dict[str, Any]] = []
+    schedule: Optional[List[Dict[str, int]]] = None
+    stopped = "done"
+    round_rows: List[List[Dict[str, Any]]] = []
+    entrants: List[Tuple[int, str, EditConfig]] = []
+    resized: List[Dict[str, Any]] = []   # round 0's size as the cost model learned
+
+    def run_one(r: int, idx: int, source: str, config: EditConfig, total: int, k: int):
+        per = sizes[r]
+        row = {"candidate": idx, "round": r, "source": source, "label": label(config),
+               "config": {f: _json(getattr(config, f)) for f in SEARCHED},
+               "turns": turns, "edits_per_turn": per, "edits": turns * per}
+        try:
+            row.update(_score(model, tokenizer, records, ref, config, turns, per, weights,
+                              seed))
+        except (ValueError, RuntimeError, FloatingPointError) as err:  # a setting that fails
+            weights.restore()
+            row.update({"es": None, "gs": None, "ls": None, "steps_run": 0, "passes": 0,
+                        "edit_s": 0.0, "eval_s": 0.0, "preserve_s": 0.0, "wall_s": 0.0,
+                        "error": f"{type(err).__name__}: {err}"})
+            rows.append(row)
+            round_rows[r].append(row)
+            log(f"[round {r} {k}/{total}] #{idx} {row['label']} | failed: {row['error']}")
+            return row
+        row["predicted_s"] = cost.predict(config, turns * per) if cost.per_step else None
+        cost.observe(config, turns * per, row)
+        rows.append(row)
+        round_rows[r].append(row)
+        left = deadline - time.perf_counter()
+        log(f"[round {r} {k}/{total}] #{idx} {row['label']} | ES {row['es']:.3f} GS "
+            f"{_f(row['gs'])} LS {row['ls']:.3f} | {row['passes']} passes {row['wall_s']:.0f}s "
+            f"| {max(0.0, left) / 60:.1f} min left")
+        return row
+
+    try:
+        for r in range(rounds):
+            round_rows.append([])
+            if r == 0:
+                n0 = _round0(run_one, cost, pool, sizes, turns, eta, rounds, candidates,
+                             deadline, edits_per_turn, log, resized)
+                schedule = plan_schedule(n0, edits_per_turn, eta, rounds)
+                if resized and resized[-1]["stopped"]:
+                    stopped = "budget"
+                    break
+                entrants = [(i, src, cfg) for i, (src, cfg) in enumerate(pool[:n0])]
+                continue
+            prev = sorted(round_rows[r - 1], key=lambda row: rank_key(row, ls_target))
+            keep = schedule[r]["candidates"]
+            by_idx = {i: (src, cfg) for i, src, cfg in entrants}
+            entrants = [(row["candidate"],) + by_idx[row["candidate"]] for row in prev[:keep]]
+            log(f"round {r}: {len(entrants)} survivors on {turns} turns of {sizes[r]} edits")
+            for k, (idx, src, cfg) in enumerate(entrants, 1):
+                if not _fits(cost, cfg, turns * sizes[r], deadline, idx, log):
+                    stopped = "budget"
+                    break
+                run_one(r, idx, src, cfg, len(entrants), k)
+            if stopped != "done":
+                break
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+        log("interrupted: choosing among the candidates scored so far")
+        weights.restore()
+
+    last = next((rr for rr in reversed(round_rows) if rr), [])
+    chosen = choose(last, ls_target)
+    if chosen is None:
+        raise RuntimeError("no candidate was scored within the budget; give a larger budget")
+    if chosen.get("error"):
+        raise RuntimeError(f"every candidate of the last round failed, e.g. {chosen['error']}")
+    config = pool[chosen["candidate"]][1]
+    feasible = chosen["ls"] is not None and chosen["ls"] >= ls_target
+    wall = time.perf_counter() - t_start
+    paper = EditConfig().to_dict()
+    config_out = {k: _json(v) for k, v in config.to_dict().items()
+                  if k in SEARCHED or v != paper[k]}
+    fp = model_fingerprint(model)
+    preset = {
+        "name": name,
+        "description": (
+            f"Tuned by `ultraedit tune` on the tuning relations ({', '.join(TUNING_RELATIONS)}; "
+            f"offline facts, seed {seed}): {label(config)}. Teacher-forced on the last round's "
+            f"{chosen['edits']} edits ({turns} lifelong turns): ES {chosen['es']:.3f}, GS "
+            f"{_f(chosen['gs'])}, LS {chosen['ls']:.3f}"
+            + ("" if feasible else f" (no candidate reached LS {ls_target}: the highest LS)")
+            + "."),
+        "fingerprint": fp,
+        "config": config_out,
+        "tuning": {
+            "rule": rule, "ls_target": ls_target, "met_target": feasible,
+            "split": "tuning", "relations": list(TUNING_RELATIONS),
+            "report_relations_used": False, "report_relations": list(REPORT_RELATIONS),
+            "facts": len(records), "known_only": known, "seed": seed,
+            "model": model_name, "budget_s": budget_s, "wall_s": wall, "stopped": stopped,
+            "prepare_s": prep_s, "eta": eta, "rounds": rounds, "turns": turns,
+            "edits_per_turn": edits_per_turn, "schedule": schedule, "resized": resized,
+            "space": space,
+            "grid_size": len(pool) - 1, "chosen": chosen["candidate"],
+            "chosen_round": chosen["round"], "candidates": rows,
+            "cost_model": {"s_per_edit_step": cost.per_step, "eval_s_per_edit": cost.per_eval,
+                           "capture_s": cost.capture, "factor": cost.factor},
+            "threads": torch.get_num_threads(),
+        },
+    }
+    log(f"chosen #{chosen['candidate']} (round {chosen['round']}): {label(config)} | ES "
+        f"{chosen['es']:.3f} LS {chosen['ls']:.3f}{'' if feasible else ' (target not met)'}; "
+        f"{wall / 60:.1f} min, stopped: {stopped}")
+    return TuneResult(preset=preset, rows=rows, chosen=chosen, stopped=stopped)
+
+
+def _fits(cost: _Cost, config: EditConfig, edits: int, deadline: float, idx: int,
+          log: Callable[[str], None]) -> bool:
+    """Whether a candidate is predicted to finish before ``deadline`` (says so if not)."""
+    need = cost.predict(config, edits)
+    if time.perf_counter() + need <= deadline:
+        return True
+    log(f"budget: #{idx} would need {need:.0f}s, "
+        f"{max(0.0, deadline - time.perf_counter()):.0f}s left; stopping")
+    return False
+
+
+def _round0(run_one, cost: _Cost, pool, sizes: List[int], turns: int, eta: int, rounds: int,
+            candidates: Optional[int], deadline: float, edits_per_turn: int,
+            log: Callable[[str], None], resized: List[Dict[str, Any]]) -> int:
+    """Score round 0 and return its size: ``candidates``, else sized after the first candidate
+    and grown (never shrunk) after every later one while the predicted schedule still fits
+    ``FILL`` of the time left. ``resized`` records each size with the time left."""
+    n0 = candidates or 1
+    i = 0
+    while i < n0:
+        src, cfg = pool[i]
+        if i and not _fits(cost, cfg, turns * sizes[0], deadline, i, log):
+            resized.append({"after": i, "candidates": i, "stopped": True})
+            return i
+        run_one(0, i, src, cfg, candidates or "?", i + 1)
+        i += 1
+        if candidates is None:
+            left = deadline - time.perf_counter()
+            # at least eta^(rounds-1) candidates, so that every round halves: on a budget that
+            # the prediction says is too short, the budget check then ends the search in an
+            # earlier round with the best so far rather than scoring one candidate throughout
+            fit = max(eta ** (rounds - 1),
+                      _fit_n0(cost, pool, sizes, turns, eta, FILL * left, done=i,
+                              max_n=len(pool)) if cost.per_step else 0)
+            if fit > n0:
+                n0 = fit
+                resized.append({"after": i, "candidates": n0, "left_s": left,
+                                "stopped": False})
+                log("schedule: " + "; ".join(
+                    f"round {k}: {s['candidates']} x {turns} turns of {s['edits_per_turn']}"
+                    for k, s in enumerate(plan_schedule(n0, edits_per_turn, eta, rounds)))
+                    + f" (sized after {i} candidate(s), {left / 60:.1f} min left)")
+    return n0
+
+
+def _fit_n0(cost: _Cost, pool, sizes: List[int], turns: int, eta: int, seconds: float,
+            done: int, max_n: int) -> int:
+    """The largest round-0 size whose rest (round 0's candidates from ``done`` on, then the
+    later rounds) is predicted to fit ``seconds``; at least ``done``."""
+    def predicted(n0: int) -> float:
+        total, n = 0.0, n0
+        for r, e in enumerate(sizes):
+            cands = [cfg for _, cfg in pool[(done if r == 0 else 0):n]]
+            total += sum(cost.predict(c, turns * e) for c in cands)
+            n = max(min(2, n), math.ceil(n / eta))
+        return total
+
+    best = done
+    for n0 in range(done, max_n + 1):
+        if predicted(n0) <= seconds:
+            best = n0
+        elif n0 > best + 8:
+            break
+    return max(1, best)
+
+
+def _json(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _f(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def default_log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

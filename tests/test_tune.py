@@ -1,0 +1,209 @@
+"""``ultraedit tune`` on a tiny random-init llama: a budgeted search that writes a preset which
+``EditConfig.from_preset`` / ``--preset FILE`` and ``EditConfig.for_model`` load, chosen by the
+recorded rule, on tuning relations only; a bad output path is refused before any work."""
+
+import json
+
+import pytest
+
+from conftest import ue_tiny_model
+
+# a small grid for a random model: large steps (it knows nothing), no preserved-key captures
+GRID = {"lr": [1e-2, 1e-1], "steps": [1, 2], "memory": [0.0, 1.0], "preserve": [0.0],
+        "protect_mean": [0.0]}
+
+
+@pytest.fixture(scope="module")
+def tiny(ue_tokenizer):
+    return ue_tiny_model("llama", len(ue_tokenizer)), ue_tokenizer
+
+
+@pytest.fixture(scope="module")
+def facts():
+    from ultraedit.data import offline_facts
+
+    return offline_facts(("capital",), seed=0, limit=8, n_locality=2,
+                         split="tuning")
+
+
+@pytest.fixture(scope="module")
+def searched(tiny, facts):
+    from ultraedit.tune import tune
+
+    model, tok = tiny
+    lines = []
+    result = tune(model, tok, budget_s=120, seed=3, ls_target=0.5, turns=2, edits_per_turn=4,
+                  eta=2, rounds=2, candidates=6, records=facts, grid=GRID, name="tiny-tuned",
+                  log=lines.append)
+    return result, lines
+
+
+def test_search_runs_the_schedule_and_records_it(searched):
+    result, lines = searched
+    t = result.preset["tuning"]
+    assert result.stopped == t["stopped"] == "done"
+    assert t["schedule"] == [{"candidates": 6, "edits_per_turn": 2},
+                             {"candidates": 3, "edits_per_turn": 4}]
+    by_round = [[r for r in t["candidates"] if r["round"] == k] for k in (0, 1)]
+    assert [len(rows) for rows in by_round] == [6, 3]
+    assert [r["edits"] for r in by_round[0]] == [4] * 6 and {r["edits"] for r in by_round[1]} == {8}
+    for row in t["candidates"]:
+        assert 0 <= row["es"] <= 1 and 0 <= row["ls"] <= 1 and row["wall_s"] > 0
+        assert row["passes"] >= row["steps_run"] >= 1
+    # candidate 0 is the model's current config; the survivors are round 0's best by the rule
+    from ultraedit.tune import rank_key
+
+    assert by_round[0][0]["source"] == "current"
+    best3 = sorted(by_round[0], key=lambda r: rank_key(r, 0.5))[:3]
+    assert [r["candidate"] for r in by_round[1]] == [r["candidate"] for r in best3]
+    assert t["space"]["lr"] == GRID["lr"] and t["space"]["n_layers"] == 3
+    assert t["rule"].startswith("the highest teacher-forced ES") and "0.5" in t["rule"]
+    assert lines[0].startswith("rule (fixed before the search)")
+    assert sum(ln.startswith("[round") for ln in lines) == 9
+
+
+def test_the_pick_follows_the_rule(searched):
+    result, _ = searched
+    t = result.preset["tuning"]
+    last = [r for r in t["candidates"] if r["round"] == 1]
+    feasible = [r for r in last if r["ls"] >= 0.5]
+    chosen = result.chosen
+    assert chosen["round"] == 1 and t["chosen"] == chosen["candidate"]
+    if feasible:
+        assert chosen["ls"] >= 0.5 and t["met_target"] is True
+        assert chosen["es"] == max(r["es"] for r in feasible)
+    else:
+        assert chosen["ls"] == max(r["ls"] for r in last) and t["met_target"] is False
+    assert result.preset["config"] == {k: v for k, v in chosen["config"].items()}
+
+
+def test_rule_ties_and_infeasible_rows():
+    from ultraedit.tune import choose
+
+    rows = [{"candidate": 0, "es": 0.9, "ls": 0.80, "passes": 2},
+            {"candidate": 1, "es": 0.7, "ls": 0.90, "passes": 9},
+            {"candidate": 2, "es": 0.7, "ls": 0.95, "passes": 4},
+            {"candidate": 3, "es": 0.6, "ls": 0.99, "passes": 1}]
+    assert choose(rows, 0.85)["candidate"] == 2          # highest ES with LS >= 0.85, cheaper
+    assert choose(rows, 0.5)["candidate"] == 0
+    assert choose(rows, 0.999)["candidate"] == 3         # none meets it: the highest LS
+    assert choose([], 0.85) is None
+
+
+def test_preset_loads_by_file_and_by_fingerprint(searched, tiny, tmp_path, monkeypatch):
+    from ultraedit.config import EditConfig, model_fingerprint
+    from ultraedit.editor import UltraEditor
+    from ultraedit.tune import write_preset
+
+    result, _ = searched
+    model, tok = tiny
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    path = folder / "tiny-tuned.json"
+    write_preset(result.preset, path)
+    data = json.loads(path.read_text())
+    assert set(data) == {"name", "description", "fingerprint", "config", "tuning"}
+    assert data["fingerprint"] == model_fingerprint(model) and data["name"] == "tiny-tuned"
+    cfg = EditConfig.from_preset(str(path))
+    assert cfg.lr == data["config"]["lr"] and list(cfg.modules) == data["config"]["modules"]
+    assert EditConfig.for_model(model, presets=[folder]) == cfg
+    assert EditConfig.for_model(model, presets=[path]) == cfg
+    assert EditConfig.for_model(model) == EditConfig.paper()      # not found without a path
+    monkeypatch.setenv("ULTRAEDIT_PRESETS", str(folder))
+    assert EditConfig.for_model(model) == cfg
+    assert UltraEditor(model, tok).config == cfg                   # the editor's default
+    # another model's fingerprint does not match; a missing folder is named
+    other = ue_tiny_model("llama", len(tok), intermediate=40)
+    assert EditConfig.for_model(other) == EditConfig.paper()
+    monkeypatch.setenv("ULTRAEDIT_PRESETS", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="ULTRAEDIT_PRESETS.*missing"):
+        EditConfig.for_model(model)
+
+
+def test_cli_preset_flag_loads_a_tune_output(searched, tiny, tmp_path):
+    import argparse
+
+    from ultraedit.cli.options import add_method_options, resolve
+    from ultraedit.config import EditConfig
+    from ultraedit.tune import write_preset
+
+    result, _ = searched
+    path = tmp_path / "t.json"
+    write_preset(result.preset, path)
+    p = argparse.ArgumentParser()
+    add_method_options(p)
+    cfg = resolve(p.parse_args(["--preset", str(path), "--ridge", "2"]), tiny[0])
+    assert cfg == EditConfig.from_preset(str(path), ridge=2.0)
+
+
+def test_tuning_relations_only(tiny, facts, monkeypatch):
+    """Records of a report relation are refused; the facts drawn are of the tuning split."""
+    import ultraedit.data as data
+    from ultraedit.data import REPORT_RELATIONS, TUNING_RELATIONS, offline_facts
+    from ultraedit.tune import tune, tuning_records
+
+    model, tok = tiny
+    report = offline_facts(("language",), limit=8, split="report")
+    with pytest.raises(ValueError, match="not tuning relations"):
+        tune(model, tok, budget_s=5, turns=1, edits_per_turn=8, records=report, grid=GRID)
+    calls = []
+    real = data.offline_facts
+
+    def spy(relations=None, *a, **k):
+        calls.append((tuple(relations), k.get("split")))
+        return real(("capital",), *a, **{**k, "split": "tuning"})   # fast: one relation
+
+    monkeypatch.setattr(data, "offline_facts", spy)
+    recs = tuning_records(model, tok, 6, known=False)
+    assert calls == [(TUNING_RELATIONS, "tuning")]
+    assert len(recs) == 6 and not {r.relation for r in recs} & set(REPORT_RELATIONS)
+
+
+def test_budget_stops_cleanly_with_the_best_so_far(tiny, facts):
+    from ultraedit.tune import tune
+
+    model, tok = tiny
+    result = tune(model, tok, budget_s=1e-3, turns=2, edits_per_turn=2, eta=2, rounds=2,
+                  records=facts, grid=GRID)
+    assert result.stopped == "budget" and len(result.rows) == 1
+    assert result.chosen["candidate"] == 0 and result.preset["config"]
+
+
+def test_weights_are_restored_between_candidates(tiny, facts):
+    import torch
+
+    from ultraedit.tune import tune
+
+    model, tok = tiny
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tune(model, tok, budget_s=60, turns=1, edits_per_turn=2, rounds=1, candidates=3,
+         records=facts, grid=GRID)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_bad_output_path_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    import ultraedit.models
+    from ultraedit.cli import main
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(ultraedit.models, "load_model", no_work)
+    for out, needle in ((tmp_path / "no" / "p.json", "does not exist"),
+                        (tmp_path, "ends in .json"),
+                        (tmp_path / "p.txt", "ends in .json")):
+        assert main(["tune", "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("ultraedit tune: error: --out"), err
+        assert needle in err[0]
+    assert main(["tune", "--out", str(tmp_path / "p.json"), "--budget-minutes", "0"]) == 2
+    assert "--budget-minutes" in capsys.readouterr().err
+
+
+def test_schedule_halves_and_keeps_two_finalists():
+    from ultraedit.tune import plan_schedule, round_sizes
+
+    assert round_sizes(50, 3, 3) == [6, 17, 50]
+    assert [s["candidates"] for s in plan_schedule(15, 50, 3, 3)] == [15, 5, 2]
+    assert [s["candidates"] for s in plan_schedule(9, 50, 3, 3)] == [9, 3, 2]
+    assert [s["candidates"] for s in plan_schedule(1, 4, 2, 3)] == [1, 1, 1]
