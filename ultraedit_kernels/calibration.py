@@ -410,16 +410,28 @@ def predicted_ratio(data: dict, op: str, backend: str, args: Sequence) -> Option
 
 
 _decisions: Dict[tuple, str] = {}   # (op, device, class, features, candidates, data) -> backend
+_calibration_env = None   # reads ULTRAEDIT_CALIBRATION's raw value (set below)
 
 
 def choose(op: str, device: torch.device, candidates: Sequence[str], args: Sequence) -> str:
     """The backend ``auto`` uses for this call: a candidate measured faster, else ``torch``."""
+    global _calibration_env
+    if _calibration_env is None:
+        from ._backends import env_reader
+        _calibration_env = env_reader(ENV_VAR)
+    feat = features(op, args)
+    # fast path: the decision made for this op, device, shape, candidates and calibration
+    # setting since the calibration in use last changed (calibrate() and reset() forget them)
+    fast_key = (op, device.type, feat, tuple(candidates), _calibration_env())
+    hit = _decisions.get(fast_key)
+    if hit is not None:
+        return hit
     if not candidates or op not in GRIDS or mode() == "off":
         return "torch"
     data = current(device)
-    feat = features(op, args)
     memo_key = (op, device.type, feat, tuple(candidates), id(data))
     if data is not None and memo_key in _decisions:
+        _decisions[fast_key] = _decisions[memo_key]
         return _decisions[memo_key]
     cls = feat[0] if feat is not None else None
     measured = data is not None and cls in data.get("ops", {}).get(op, {}).get("grid", {})
@@ -438,6 +450,7 @@ def choose(op: str, device: torch.device, candidates: Sequence[str], args: Seque
     if len(_decisions) > 4096:   # shapes vary with every turn's row count: stay bounded
         _decisions.clear()
     _decisions[(op, device.type, feat, tuple(candidates), id(data))] = best
+    _decisions[fast_key] = best
     return best
 
 

@@ -100,7 +100,7 @@ def check_stats_for(keys: torch.Tensor, values_grad: torch.Tensor, stats) -> Non
         if not bool(torch.isfinite(stats.mean).all() & torch.isfinite(stats.std).all()):
             raise ValueError("the given mean/std hold NaN/Inf")
         return
-    if stats.count == 0:
+    if not stats.is_nonempty():
         raise ValueError("stats are empty: update them with torch.cat([keys, values_grad], 1) first")
     if not stats.m2_is_finite():
         raise ValueError(
