@@ -35,8 +35,8 @@ _BLOCK_BYTES = 64 << 20
 def apply_shift_reference(weight: torch.Tensor, keys: torch.Tensor, factors: torch.Tensor,
                           linear: bool) -> None:
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    k = keys.to(compute)
-    a = factors.to(compute)
+    k = keys if keys.dtype == compute else keys.to(compute)
+    a = factors if factors.dtype == compute else factors.to(compute)
     left, right = (a.T, k) if linear else (k.T, a)   # W += left @ right
     if weight.dtype == compute:
         weight.addmm_(left, right)
