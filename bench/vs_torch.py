@@ -20,7 +20,11 @@ its sides), ``loops`` (calls per timed round) and ``rounds``, ``op_times_s`` /
 each op at one row, 64 -> 64, where the arithmetic is negligible: ``op_us``, ``plain_us``,
 ``overhead_us`` (their difference) and ``overhead_paired_us``.  ``summary``:
 ``ops_slower_than_plain`` / ``min_speed`` (by ``speed``), ``ops_slower_than_plain_paired`` /
-``min_speed_paired`` (by ``speed_paired``), ``calibration_disagrees``, ``loadavg_1m_end``.
+``min_speed_paired`` (by ``speed_paired``), ``calibration_disagrees`` (``auto``'s backend more
+than the calibration's margin slower than the fastest by both statistics) and
+``calibration_disagrees_medians`` (by the ratio of medians alone), ``loadavg_1m_end``.  Per
+``backends`` row: ``chosen_vs_fastest`` (ratio of medians), ``chosen_vs_fastest_paired``,
+``agrees_medians``, ``agrees_paired``, ``agrees`` (either within the margin).
 
 Also in the same run:
 
@@ -307,10 +311,17 @@ def run_backends(shapes, rounds):
             med = {b: median(v) for b, v in t.items()}
             fastest = min(med, key=med.get)
             chosen = _backends.select(op, device, *args)[0]
+            # the chosen backend's time over the fastest's: ratio of medians, and the median of
+            # the per-round ratios (a load spike hits both sides of a round)
+            ratio = med[chosen] / med[fastest]
+            paired = (paired_speed(t, fastest, chosen) if chosen != fastest else 1.0)
+            limit = 1 + calibration.MARGIN
             rows.append({"op": op, "shape": label, "median_s": med, "fastest": fastest,
                          "loops": info["loops"], "rounds": info["rounds"],
-                         "auto": chosen, "agrees": chosen == fastest
-                         or med[chosen] <= med[fastest] * (1 + calibration.MARGIN)})
+                         "auto": chosen, "chosen_vs_fastest": ratio,
+                         "chosen_vs_fastest_paired": paired,
+                         "agrees_medians": ratio <= limit, "agrees_paired": paired <= limit,
+                         "agrees": ratio <= limit or paired <= limit})
             print(f"{op:12s} {label:26s} " + "  ".join(f"{b} {s * 1e3:8.2f} ms" for b, s in med.items())
                   + f"  fastest {fastest}, auto -> {chosen}", flush=True)
     return rows
@@ -386,9 +397,12 @@ def main(argv=None) -> int:
     slow_paired = [f"{r['op']}@{r['shape']} {r['speed_paired']:.2f}x" for r in result["ops"]
                    if r["speed_paired"] < 1.0]
     disagree = [f"{r['op']}@{r['shape']}" for r in result["backends"] if not r["agrees"]]
+    disagree_medians = [f"{r['op']}@{r['shape']} {r['chosen_vs_fastest']:.2f}x"
+                        for r in result["backends"] if not r["agrees_medians"]]
     result["summary"] = {"ops_slower_than_plain": slow, "calibration_disagrees": disagree,
                          "min_speed": min((r["speed"] for r in result["ops"]), default=None),
                          "ops_slower_than_plain_paired": slow_paired,
+                         "calibration_disagrees_medians": disagree_medians,
                          "min_speed_paired": min((r["speed_paired"] for r in result["ops"]),
                                                  default=None),
                          "loadavg_1m_end": os.getloadavg()[0]}
