@@ -9,13 +9,15 @@ rate measured at the start of the same run.
 
 Timing: a call shorter than 5 ms is timed as a loop of calls per round (the same count for
 the op and the plain code, enough for the faster one to last >= 20 ms; the time reported is
-the loop's mean per call) and runs 3x the rounds asked for; the order within a round alternates
-(op, plain / plain, op).
+the loop's mean per call); a case shorter than 100 ms runs 3x the rounds asked for; the order
+within a round alternates (op, plain / plain, op) and the rounds are rounded up to an even
+number, so that each side runs first and second equally often (some calls here alternate
+slow / fast by their position in the sequence of calls, whatever the function).
 
 JSON fields per ``ops`` row: ``op_s`` / ``plain_s`` (medians over rounds of the per-call
 seconds), ``speed`` (``plain_s / op_s``, the ratio of the medians), ``speed_paired`` (the median
-over rounds of plain / op within the same round: a load spike that hits one round hits both of
-its sides), ``loops`` (calls per timed round) and ``rounds``, ``op_times_s`` /
+over pairs of rounds (op, plain / plain, op) of plain / op within the pair: a load spike that
+hits a pair hits both of its sides), ``loops`` (calls per timed round) and ``rounds``, ``op_times_s`` /
 ``plain_times_s`` (per-call seconds of every round), cost and roofline fields.  ``overhead``:
 each op at one row, 64 -> 64, where the arithmetic is negligible: ``op_us``, ``plain_us``,
 ``overhead_us`` (their difference) and ``overhead_paired_us``.  ``summary``:
@@ -74,7 +76,8 @@ SEVEN_B = [(f"7b-{a}x{b}-N{n}", n, a, b)
 # ---------------------------------------------------------------------------- timing
 SHORT_S = 5e-3      # a call shorter than this is timed as a loop of calls per round ...
 ROUND_S = 20e-3     # ... of at least this long (the per-call time is the loop's mean)
-SHORT_ROUNDS = 3    # and short cases run this many times the rounds asked for
+SHORT_ROUNDS = 3    # and cases shorter than MID_S run this many times the rounds asked for
+MID_S = 0.1
 MAX_LOOPS = 20000
 
 
@@ -115,7 +118,9 @@ def alternate(fns: Dict[str, Callable[[], object]], rounds: int,
     loops = 1
     if fastest < SHORT_S:
         loops = max(1, min(MAX_LOOPS, math.ceil(ROUND_S / max(fastest, 1e-7))))
+    if fastest < MID_S:
         rounds *= SHORT_ROUNDS
+    rounds += rounds % 2   # whole (A B, B A) pairs: see paired_speed
     if info is not None:
         info.update(loops=loops, rounds=rounds)
     names = list(fns)
@@ -135,9 +140,17 @@ def median(values: List[float]) -> float:
 
 
 def paired_speed(times: Dict[str, List[float]], fast: str, slow: str) -> float:
-    """Median over rounds of ``slow / fast`` within the same round (a load spike that hits one
-    round hits both of its sides)."""
-    return statistics.median(s / f for f, s in zip(times[fast], times[slow]))
+    """Median over pairs of rounds of ``slow / fast`` within the pair (``A B, B A``: a load
+    spike that hits a pair hits both sides, and each side runs once first and once second).
+
+    Pairs, not single rounds: on this machine some calls alternate slow / fast by their
+    position in the sequence of calls (measured: a 100 x 14336 Gram matrix 12 ms, 8 ms, 12 ms,
+    ... whichever function ran), which per single round favours the side that runs second;
+    the rounds are therefore always an even number and the medians over rounds balanced too.
+    """
+    f, s = times[fast], times[slow]
+    ratios = [(s[i] + s[i + 1]) / (f[i] + f[i + 1]) for i in range(0, len(f) - 1, 2)]
+    return statistics.median(ratios or [s[0] / f[0]])
 
 
 def machine_rates(rounds: int) -> Dict[str, float]:
