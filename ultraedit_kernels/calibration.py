@@ -2,8 +2,8 @@
 
 An op with a native implementation (the host or device Cholesky, a Triton kernel) besides its
 PyTorch reference is timed once per machine on a small grid of shapes: every available backend
-and the reference, alternating, median of ``ROUNDS`` rounds after a warm-up, on synthetic inputs
-of that shape.  A backend whose result disagrees with the reference is never chosen.  A call
+and the reference, alternating (A B, B A, ...), median of ``ROUNDS`` (even) rounds after a
+warm-up, on synthetic inputs of that shape.  A backend whose result disagrees with the reference is never chosen.  A call
 under ``ULTRAEDIT_BACKEND=auto`` then takes the backend whose time relative to the reference,
 interpolated (log-log, clamped to the grid) at the call's shape, is below ``1 - MARGIN``;
 otherwise the reference.  Shape features per op:
@@ -53,7 +53,10 @@ _log = logging.getLogger("ultraedit_kernels")
 
 ENV_VAR = "ULTRAEDIT_CALIBRATION"
 FORMAT = 1
-ROUNDS = 3          # timed rounds per backend and grid point (after one warm-up)
+ROUNDS = 4          # timed rounds per backend and grid point (after one warm-up); even, and the
+                    # order alternates (A B, B A): on the 2-core machine some calls alternate slow /
+                    # fast by their position in the call sequence, which a fixed order over an odd
+                    # number of rounds turned into a 2x error at one grid point
 MARGIN = 0.05       # a backend must be at least 5% faster than the reference to be chosen
 AGREE_RTOL = 1e-3   # a backend whose result differs more than this from the reference is dropped
 
@@ -289,8 +292,8 @@ def measure_point(op: str, cls: str, point: Sequence[int], device: torch.device,
         except Exception as exc:  # a backend that fails here is simply not chosen
             rejected[b] = f"{type(exc).__name__}: {exc}"[:200]
     names = [b for b in names if b not in rejected]
-    for _ in range(rounds):
-        for b in names:
+    for r in range(rounds + rounds % 2):
+        for b in (names if r % 2 == 0 else names[::-1]):
             _sync(device)
             start = time.perf_counter()
             impls[b].fn(*args)
