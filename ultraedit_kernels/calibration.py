@@ -57,6 +57,8 @@ ROUNDS = 4          # timed rounds per backend and grid point (after one warm-up
                     # order alternates (A B, B A): on the 2-core machine some calls alternate slow /
                     # fast by their position in the call sequence, which a fixed order over an odd
                     # number of rounds turned into a 2x error at one grid point
+ROUND_S = 0.01      # a grid point's call shorter than this is timed as a loop this long
+MAX_LOOPS = 200
 MARGIN = 0.05       # a backend must be at least 5% faster than the reference to be chosen
 AGREE_RTOL = 1e-3   # a backend whose result differs more than this from the reference is dropped
 
@@ -64,10 +66,12 @@ AGREE_RTOL = 1e-3   # a backend whose result differs more than this from the ref
 # (one system vs a batch solved one system per thread).
 # The grids stay small (1-2 s of measuring per class on the 2-core CPU machine when idle);
 # beyond the grid the ratio of the nearest edge is used.  The host Cholesky's ratio changes
-# fastest between n = 256 and 1024 (a 4x step there mispredicted n = 400 by 15%): 512 too.
+# fastest between n = 256 and 1024 (a 4x step there mispredicted n = 400 by 15%): 512 too,
+# and 384 (with 256 and 512 alone, auto kept LAPACK at n = 300-400, k = 576-1536, where the host
+# build measured 1.1-1.6x faster in bench/vs_torch.py).
 GRIDS: Dict[str, Dict[str, Tuple[Tuple[str, ...], Tuple[Tuple[int, ...], ...]]]] = {
     "spd_solve": {
-        "single": (("n", "k"), ((16, 64, 256, 512, 1024), (256, 1024, 4096))),
+        "single": (("n", "k"), ((16, 64, 256, 384, 512, 1024), (256, 1024, 4096))),
         "batched": (("n", "k"), ((16, 64, 256), (256, 1024))),
     },
     "gram": {"rows": (("m", "r"), ((64, 512, 2048), (512, 8192)))},
@@ -292,13 +296,22 @@ def measure_point(op: str, cls: str, point: Sequence[int], device: torch.device,
         except Exception as exc:  # a backend that fails here is simply not chosen
             rejected[b] = f"{type(exc).__name__}: {exc}"[:200]
     names = [b for b in names if b not in rejected]
+    # a short call is timed as a loop of calls per round (at least ROUND_S long for the
+    # reference): single sub-millisecond calls on a loaded machine are mostly scheduler noise
+    _sync(device)
+    start = time.perf_counter()
+    impls["torch"].fn(*args)
+    _sync(device)
+    once = time.perf_counter() - start
+    loops = max(1, min(MAX_LOOPS, int(ROUND_S / max(once, 1e-7))))
     for r in range(rounds + rounds % 2):
         for b in (names if r % 2 == 0 else names[::-1]):
             _sync(device)
             start = time.perf_counter()
-            impls[b].fn(*args)
+            for _ in range(loops):
+                impls[b].fn(*args)
             _sync(device)
-            times[b].append(time.perf_counter() - start)
+            times[b].append((time.perf_counter() - start) / loops)
     out: Dict[str, object] = {"point": list(point),
                               "seconds": {b: statistics.median(times[b]) for b in names}}
     if rejected:
