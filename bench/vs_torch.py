@@ -7,6 +7,27 @@ at least as fast).  Beside each time: the op's FLOPs and algorithmic bytes (``_c
 and the GFLOP/s and GB/s they imply, next to the machine's copy bandwidth and float32 GEMM
 rate measured at the start of the same run.
 
+Timing: a call shorter than 5 ms is timed as a loop of calls per round (the same count for
+the op and the plain code, enough for the faster one to last >= 20 ms; the time reported is
+the loop's mean per call); a case shorter than 100 ms runs 3x the rounds asked for; the order
+within a round alternates (op, plain / plain, op) and the rounds are rounded up to an even
+number, so that each side runs first and second equally often (some calls here alternate
+slow / fast by their position in the sequence of calls, whatever the function).
+
+JSON fields per ``ops`` row: ``op_s`` / ``plain_s`` (medians over rounds of the per-call
+seconds), ``speed`` (``plain_s / op_s``, the ratio of the medians), ``speed_paired`` (the median
+over pairs of rounds (op, plain / plain, op) of plain / op within the pair: a load spike that
+hits a pair hits both of its sides), ``loops`` (calls per timed round) and ``rounds``, ``op_times_s`` /
+``plain_times_s`` (per-call seconds of every round), cost and roofline fields.  ``overhead``:
+each op at one row, 64 -> 64, where the arithmetic is negligible: ``op_us``, ``plain_us``,
+``overhead_us`` (their difference) and ``overhead_paired_us``.  ``summary``:
+``ops_slower_than_plain`` / ``min_speed`` (by ``speed``), ``ops_slower_than_plain_paired`` /
+``min_speed_paired`` (by ``speed_paired``), ``calibration_disagrees`` (``auto``'s backend more
+than the calibration's margin slower than the fastest by both statistics) and
+``calibration_disagrees_medians`` (by the ratio of medians alone), ``loadavg_1m_end``.  Per
+``backends`` row: ``chosen_vs_fastest`` (ratio of medians), ``chosen_vs_fastest_paired``,
+``agrees_medians``, ``agrees_paired``, ``agrees`` (either within the margin).
+
 Also in the same run:
 
 * the dispatch calibration (``ultraedit_kernels.calibration``), measured again at the start so
@@ -25,11 +46,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -52,21 +74,83 @@ SEVEN_B = [(f"7b-{a}x{b}-N{n}", n, a, b)
 
 
 # ---------------------------------------------------------------------------- timing
-def alternate(fns: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, List[float]]:
-    """Each callable once as a warm-up, then ``rounds`` rounds calling each in turn."""
-    for fn in fns.values():
+SHORT_S = 5e-3      # a call shorter than this is timed as a loop of calls per round ...
+ROUND_S = 20e-3     # ... of at least this long (the per-call time is the loop's mean)
+SHORT_ROUNDS = 3    # and cases shorter than MID_S run this many times the rounds asked for
+MID_S = 0.1
+MAX_LOOPS = 20000
+
+
+def _estimate(fn: Callable[[], object]) -> float:
+    """Seconds per call: the warm-up call's time when it is long, else the faster of two timed
+    calls after it (then, when short, of a loop long enough for the clock)."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    if first >= 4 * SHORT_S:   # long: the warm-up's time is estimate enough
+        return first
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
         fn()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
+        best = min(best, time.perf_counter() - start)
+    if best < SHORT_S:
+        loops = max(1, min(MAX_LOOPS, int(2e-3 / max(best, 1e-7))))
+        start = time.perf_counter()
+        for _ in range(loops):
             fn()
-            times[name].append(time.perf_counter() - start)
+        best = min(best, (time.perf_counter() - start) / loops)
+    return best
+
+
+def alternate(fns: Dict[str, Callable[[], object]], rounds: int,
+              info: Optional[Dict[str, int]] = None) -> Dict[str, List[float]]:
+    """Per-call seconds of each callable over alternating rounds (after warm-ups).
+
+    Where the fastest callable takes under ``SHORT_S`` per call, every round times a loop of
+    ``loops`` calls of each (the same count for all, enough for the fastest to take
+    ``ROUND_S``) and records the mean per call, and ``SHORT_ROUNDS`` times as many rounds run.
+    The order within a round alternates (A B, B A, ...) so that a drift in the machine's load
+    favours neither.  ``info``, when given, receives ``loops`` and ``rounds``.
+    """
+    estimate = {name: _estimate(fn) for name, fn in fns.items()}
+    fastest = min(estimate.values())
+    loops = 1
+    if fastest < SHORT_S:
+        loops = max(1, min(MAX_LOOPS, math.ceil(ROUND_S / max(fastest, 1e-7))))
+    if fastest < MID_S:
+        rounds *= SHORT_ROUNDS
+    rounds += rounds % 2   # whole (A B, B A) pairs: see paired_speed
+    if info is not None:
+        info.update(loops=loops, rounds=rounds)
+    names = list(fns)
+    times = {name: [] for name in fns}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            fn = fns[name]
+            start = time.perf_counter()
+            for _ in range(loops):
+                fn()
+            times[name].append((time.perf_counter() - start) / loops)
     return times
 
 
 def median(values: List[float]) -> float:
     return statistics.median(values)
+
+
+def paired_speed(times: Dict[str, List[float]], fast: str, slow: str) -> float:
+    """Median over pairs of rounds of ``slow / fast`` within the pair (``A B, B A``: a load
+    spike that hits a pair hits both sides, and each side runs once first and once second).
+
+    Pairs, not single rounds: on this machine some calls alternate slow / fast by their
+    position in the sequence of calls (measured: a 100 x 14336 Gram matrix 12 ms, 8 ms, 12 ms,
+    ... whichever function ran), which per single round favours the side that runs second;
+    the rounds are therefore always an even number and the medians over rounds balanced too.
+    """
+    f, s = times[fast], times[slow]
+    ratios = [(s[i] + s[i + 1]) / (f[i] + f[i + 1]) for i in range(0, len(f) - 1, 2)]
+    return statistics.median(ratios or [s[0] / f[0]])
 
 
 def machine_rates(rounds: int) -> Dict[str, float]:
@@ -170,11 +254,14 @@ def run_ops(shapes, rounds, ops=None, rates=None):
         for op, (ours, plain, key) in op_cases(n, d_in, d_out).items():
             if ops and op not in ops:
                 continue
-            t = alternate({"op": ours, "plain": plain}, rounds)
+            info = {}
+            t = alternate({"op": ours, "plain": plain}, rounds, info)
             c = cost(key, n, d_in, d_out)
             row = {"op": op, "shape": label, "n": n, "d_in": d_in, "d_out": d_out,
                    "op_s": median(t["op"]), "plain_s": median(t["plain"]),
                    "speed": median(t["plain"]) / median(t["op"]),
+                   "speed_paired": paired_speed(t, "op", "plain"),
+                   "loops": info["loops"], "rounds": info["rounds"],
                    "flops": c["flops"], "bytes": c["bytes_moved"],
                    "op_times_s": t["op"], "plain_times_s": t["plain"]}
             row["gflops"] = c["flops"] / row["op_s"] / 1e9
@@ -188,11 +275,33 @@ def run_ops(shapes, rounds, ops=None, rates=None):
                                    > c["bytes_moved"] / rates["copy_gbps"] else "bytes")
             rows.append(row)
             print(f"{op:26s} {label:26s} op {row['op_s'] * 1e3:9.2f} ms  plain "
-                  f"{row['plain_s'] * 1e3:9.2f} ms  speed {row['speed']:5.2f}x  "
+                  f"{row['plain_s'] * 1e3:9.2f} ms  speed {row['speed']:5.2f}x "
+                  f"(paired {row['speed_paired']:5.2f}x, {row['rounds']} x {row['loops']})  "
                   f"{row['gflops']:7.1f} GFLOP/s {row['gbps']:6.1f} GB/s"
                   + (f"  {100 * row['of_roofline']:5.1f}% of roofline ({row['bound_by']})"
                      if rates else ""), flush=True)
     return rows
+
+
+# ---------------------------------------------------------------------------- overhead
+OVERHEAD_SHAPE = (1, 64, 64)   # N, d_in, d_out: the arithmetic is negligible, the call is not
+
+
+def run_overhead(rounds):
+    """Per-call cost of each public op beyond its plain composition, where the arithmetic is
+    negligible (one row, 64 -> 64): ``overhead_us = op_us - plain_us`` (validation, dispatch,
+    the checks on the result)."""
+    n, d_in, d_out = OVERHEAD_SHAPE
+    out = {}
+    for op, (ours, plain, _key) in op_cases(n, d_in, d_out).items():
+        t = alternate({"op": ours, "plain": plain}, rounds)
+        op_us, plain_us = median(t["op"]) * 1e6, median(t["plain"]) * 1e6
+        out[op] = {"op_us": op_us, "plain_us": plain_us, "overhead_us": op_us - plain_us,
+                   "overhead_paired_us": statistics.median(
+                       (a - b) * 1e6 for a, b in zip(t["op"], t["plain"]))}
+        print(f"overhead {op:26s} op {op_us:8.2f} us  plain {plain_us:8.2f} us  "
+              f"overhead {op_us - plain_us:7.2f} us", flush=True)
+    return {"n": n, "d_in": d_in, "d_out": d_out, "ops": out}
 
 
 # ---------------------------------------------------------------------------- backends
@@ -210,13 +319,22 @@ def run_backends(shapes, rounds):
             if args is None:
                 continue
             fns = {b: (lambda b=b: _backends.implementations(op)[b].fn(*args)) for b in names}
-            t = alternate(fns, rounds)
+            info = {}
+            t = alternate(fns, rounds, info)
             med = {b: median(v) for b, v in t.items()}
             fastest = min(med, key=med.get)
             chosen = _backends.select(op, device, *args)[0]
+            # the chosen backend's time over the fastest's: ratio of medians, and the median of
+            # the per-round ratios (a load spike hits both sides of a round)
+            ratio = med[chosen] / med[fastest]
+            paired = (paired_speed(t, fastest, chosen) if chosen != fastest else 1.0)
+            limit = 1 + calibration.MARGIN
             rows.append({"op": op, "shape": label, "median_s": med, "fastest": fastest,
-                         "auto": chosen, "agrees": chosen == fastest
-                         or med[chosen] <= med[fastest] * (1 + calibration.MARGIN)})
+                         "loops": info["loops"], "rounds": info["rounds"],
+                         "auto": chosen, "chosen_vs_fastest": ratio,
+                         "chosen_vs_fastest_paired": paired,
+                         "agrees_medians": ratio <= limit, "agrees_paired": paired <= limit,
+                         "agrees": ratio <= limit or paired <= limit})
             print(f"{op:12s} {label:26s} " + "  ".join(f"{b} {s * 1e3:8.2f} ms" for b, s in med.items())
                   + f"  fastest {fastest}, auto -> {chosen}", flush=True)
     return rows
@@ -285,13 +403,24 @@ def main(argv=None) -> int:
         print(f"calibrated in {time.perf_counter() - start:.1f} s", flush=True)
     result["calibration"] = calibration.describe(torch.device("cpu"))
     result["backends"] = run_backends(shapes, a.rounds) if not ops or "spd_solve" in ops else []
+    result["overhead"] = run_overhead(a.rounds) if not a.shapes else None
     result["ops"] = run_ops(shapes, a.rounds, ops, result["rates"])
     result["paper"] = run_paper(a.rounds) if not ops or "param_shift" in ops else None
     slow = [f"{r['op']}@{r['shape']} {r['speed']:.2f}x" for r in result["ops"] if r["speed"] < 1.0]
+    slow_paired = [f"{r['op']}@{r['shape']} {r['speed_paired']:.2f}x" for r in result["ops"]
+                   if r["speed_paired"] < 1.0]
     disagree = [f"{r['op']}@{r['shape']}" for r in result["backends"] if not r["agrees"]]
+    disagree_medians = [f"{r['op']}@{r['shape']} {r['chosen_vs_fastest']:.2f}x"
+                        for r in result["backends"] if not r["agrees_medians"]]
     result["summary"] = {"ops_slower_than_plain": slow, "calibration_disagrees": disagree,
-                         "min_speed": min((r["speed"] for r in result["ops"]), default=None)}
-    print(f"slower than plain torch: {slow or 'none'}; calibration disagrees: {disagree or 'none'}")
+                         "min_speed": min((r["speed"] for r in result["ops"]), default=None),
+                         "ops_slower_than_plain_paired": slow_paired,
+                         "calibration_disagrees_medians": disagree_medians,
+                         "min_speed_paired": min((r["speed_paired"] for r in result["ops"]),
+                                                 default=None),
+                         "loadavg_1m_end": os.getloadavg()[0]}
+    print(f"slower than plain torch: {slow or 'none'} (paired: {slow_paired or 'none'}); "
+          f"calibration disagrees: {disagree or 'none'}")
     if a.json:
         os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
         with open(a.json, "w") as fh:

@@ -102,3 +102,34 @@ def test_ops_compose_with_torch_compile():
     eager = shift(keys, grads, stats.mean, stats.std)
     compiled = torch.compile(shift, backend="eager", fullgraph=True)(keys, grads, stats.mean, stats.std)
     assert torch.allclose(eager, compiled)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pseudo_values_slabs_are_bit_identical_to_one_pass(monkeypatch, threads):
+    """The torch reference computes large inputs slab by slab (cache-sized row blocks): the
+    same values bit for bit, and the finiteness check sees every slab."""
+    import sys
+    pv = sys.modules["ultraedit_kernels.pseudo_values"]
+    keys, grads = realistic_features(37, 64, 300, seed=4)
+    stats = uk.RunningStats(364).update(torch.cat([keys, grads], 1))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        one, finite = pv.pseudo_values_torch(keys, grads, stats.mean, stats.std, 1e-3, uk.EPS,
+                                             check=True)
+        assert finite and pv._slab_rows(37, 64, 300, 4) == 37
+        monkeypatch.setattr(pv, "_SLAB_MIN_INPUT", 0)
+        monkeypatch.setattr(pv, "_SLAB_BYTES", 4 * 364 * 10)   # 10-row slabs, a 7-row last one
+        assert pv._slab_rows(37, 64, 300, 4) == 10
+        slabbed, finite = pv.pseudo_values_torch(keys, grads, stats.mean, stats.std, 1e-3,
+                                                 uk.EPS, check=True)
+        assert finite and torch.equal(slabbed, one)
+        assert torch.equal(uk.pseudo_values(keys, grads, stats, 1e-3), one)
+        bad = grads.clone()
+        bad[35, 7] = float("nan")   # in the last slab
+        assert pv.pseudo_values_torch(keys, bad, stats.mean, stats.std, 1e-3, uk.EPS,
+                                      check=True)[1] is False
+        with pytest.raises(ValueError, match="NaN"):
+            uk.pseudo_values(keys, bad, stats, 1e-3)
+    finally:
+        torch.set_num_threads(saved)

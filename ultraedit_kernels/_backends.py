@@ -26,6 +26,23 @@ BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 ENV_VAR = "ULTRAEDIT_BACKEND"
 
 
+def env_reader(name: str) -> Callable[[], object]:
+    """A function returning the current raw value of the environment variable ``name`` (or
+    ``None``), for use as a cache key on every call: ``os.environ.get`` of an unset variable
+    costs ~1.7 µs (it raises and catches a KeyError inside); a lookup in the mapping's own
+    dict, which every write through ``os.environ`` (and ``monkeypatch.setenv``) updates,
+    costs ~0.05 µs.  Falls back to ``os.environ.get`` where that dict is not there."""
+    data = getattr(os.environ, "_data", None)
+    encode = getattr(os.environ, "encodekey", None)
+    if isinstance(data, dict) and callable(encode):
+        key = encode(name)
+        return lambda: data.get(key)
+    return lambda: os.environ.get(name)
+
+
+_backend_env = env_reader(ENV_VAR)
+
+
 @dataclass(frozen=True)
 class Impl:
     """One implementation of an op.
@@ -57,6 +74,7 @@ def register_impl(op: str, backend: str, fn: Callable, *, available=_always,
     if backend not in BACKENDS or backend == "auto":
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS[1:]}")
     _REGISTRY.setdefault(op, {})[backend] = Impl(backend, fn, available, auto_priority, auto_ok)
+    _SELECTED.clear()
 
 
 def registered_ops() -> List[str]:
@@ -92,10 +110,9 @@ def backend_status(backend: str, device: torch.device) -> Optional[str]:
     return reasons[0]
 
 
-def select(op: str, device: torch.device, *args) -> Tuple[str, Callable]:
-    """Return ``(backend_name, fn)`` for ``op`` on ``device`` under the requested backend."""
-    impls = _REGISTRY[op]
-    name = requested_backend()
+def _select_slow(op: str, impls: Dict[str, Impl], name: str, device: torch.device):
+    """What :func:`select` decides without the call's arguments: ``(name, fn)`` when that is
+    final, or ``(None, candidates)`` (the native :class:`Impl` s ``auto`` considers)."""
     if name == "torch":
         return "torch", impls["torch"].fn
     if name != "auto":
@@ -110,14 +127,51 @@ def select(op: str, device: torch.device, *args) -> Tuple[str, Callable]:
             # the reference computes it.
             return "torch", impls["torch"].fn
         return name, impl.fn
-    candidates = [i.backend for i in impls.values()
-                  if i.backend != "torch" and i.auto_priority >= 0 and i.available(device) is None
-                  and (i.auto_ok is None or i.auto_ok(*args))]
+    candidates = tuple(i for i in impls.values()
+                       if i.backend != "torch" and i.auto_priority >= 0
+                       and i.available(device) is None)
     if not candidates:
         return "torch", impls["torch"].fn
-    from . import calibration   # imported here: importing the package never calibrates
-    chosen = calibration.choose(op, device, candidates, args)
+    return None, candidates
+
+
+# (op, device, raw ULTRAEDIT_BACKEND value) -> (the op's registry dict, name or None, fn or
+# candidates): the part of a selection that does not depend on the call's shapes.  An
+# implementation's availability does not change within a process (Triton's interpreter mode,
+# the extension's load and a device's capability are fixed once read); register_impl clears it,
+# and an entry made for another registry dict (a test replacing an op's dict) is not used.
+_SELECTED: Dict[tuple, tuple] = {}
+
+
+def select(op: str, device: torch.device, *args) -> Tuple[str, Callable]:
+    """Return ``(backend_name, fn)`` for ``op`` on ``device`` under the requested backend.
+
+    The environment variable is read on every call (a dict lookup); what follows from its value,
+    the op and the device is memoized, and ``auto``'s shape-dependent choice is memoized by the
+    calibration (:func:`.calibration.choose`), so a call costs about a microsecond.
+    """
+    impls = _REGISTRY[op]
+    key = (op, device, _backend_env())
+    hit = _SELECTED.get(key)
+    if hit is None or hit[0] is not impls:
+        name = requested_backend()
+        hit = (impls,) + _select_slow(op, impls, name, device)
+        if len(_SELECTED) > 1024:
+            _SELECTED.clear()
+        _SELECTED[key] = hit
+    if hit[1] is not None:
+        return hit[1], hit[2]
+    candidates = tuple(i.backend for i in hit[2] if i.auto_ok is None or i.auto_ok(*args))
+    if not candidates:
+        return "torch", impls["torch"].fn
+    global _calibration
+    if _calibration is None:   # imported here: importing the package never calibrates
+        from . import calibration as _calibration
+    chosen = _calibration.choose(op, device, candidates, args)
     return chosen, impls[chosen].fn
+
+
+_calibration = None
 
 
 def dispatch_table(device: torch.device) -> Dict[str, str]:

@@ -35,8 +35,8 @@ _BLOCK_BYTES = 64 << 20
 def apply_shift_reference(weight: torch.Tensor, keys: torch.Tensor, factors: torch.Tensor,
                           linear: bool) -> None:
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    k = keys.to(compute)
-    a = factors.to(compute)
+    k = keys if keys.dtype == compute else keys.to(compute)
+    a = factors if factors.dtype == compute else factors.to(compute)
     left, right = (a.T, k) if linear else (k.T, a)   # W += left @ right
     if weight.dtype == compute:
         weight.addmm_(left, right)
@@ -94,8 +94,8 @@ def apply_shift_(weight, keys: torch.Tensor, factors: torch.Tensor,
         layout, weight = inferred, weight.weight
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS} (or pass the module), got {layout!r}")
-    if isinstance(weight, torch.nn.Parameter):
-        weight = weight.data
+    if type(weight) is not torch.Tensor and isinstance(weight, torch.nn.Parameter):
+        weight = weight.data   # (Parameter's isinstance check is Python code: skipped for tensors)
     check_float_matrix("weight", weight)
     check_float_matrix("keys", keys)
     check_float_matrix("factors", factors)
@@ -144,4 +144,10 @@ def _update_is_safe(weight: torch.Tensor, keys: torch.Tensor, factors: torch.Ten
     k_max = max(-float(k_lo), float(k_hi))
     a_max = max(-float(a_lo), float(a_hi))
     bound = keys.shape[0] * k_max * a_max
-    return math.isfinite(bound) and bound <= torch.finfo(weight.dtype).max * _SAFE_FRACTION
+    limit = _LIMITS.get(weight.dtype)
+    if limit is None:
+        limit = _LIMITS[weight.dtype] = torch.finfo(weight.dtype).max * _SAFE_FRACTION
+    return math.isfinite(bound) and bound <= limit
+
+
+_LIMITS: dict = {}   # weight dtype -> its largest value x _SAFE_FRACTION

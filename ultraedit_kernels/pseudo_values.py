@@ -50,17 +50,60 @@ def _normalizer(mean, std, d_in: int, dtype, lr: float, eps: float):
     return vectors
 
 
-def pseudo_values_reference(keys, values_grad, mean, std, lr: float, eps: float):
-    """Pure-PyTorch implementation (CPU path); never builds the concatenated z.
+# Large inputs are computed in slabs of rows small enough to stay in the core's cache (L2 is
+# 1 MiB on the EPYC machine): the passes over a slab (subtract, scale, square and sum the keys;
+# subtract, scale and scale by the row coefficient the gradients; the public op's finiteness
+# sum) then read memory once, and no temporary of the keys' size is allocated (at N = 2000,
+# d_in = 14336 that is 115 MB of fresh pages).  Every element is computed by the same kernels in
+# the same order as in one pass (a row's sum of squares does not depend on the other rows, with
+# one or two threads), so the result is bit-identical.  Measured (one thread, alternating
+# rounds): 3.3-3.8x faster than one pass at N = 2000, 14336 -> 4096, 1.05-1.15x at 4096 -> 14336
+# (N = 400, 2000); below ~16 MiB of input the per-slab dispatch outweighs the saving.
+_SLAB_BYTES = 1 << 20
+_SLAB_MIN_INPUT = 16 << 20
+
+
+def _slab_rows(n: int, d_in: int, d_out: int, itemsize: int) -> int:
+    if n * (d_in + d_out) * itemsize < _SLAB_MIN_INPUT:
+        return n
+    return max(8, _SLAB_BYTES // (itemsize * (d_in + d_out)))
+
+
+def pseudo_values_torch(keys, values_grad, mean, std, lr: float, eps: float, check: bool = False):
+    """``(V, finite)``: the pure-PyTorch pseudo-values and, when ``check``, whether every value
+    is finite (``None`` otherwise).  Never builds the concatenated z.
 
     Each input is read once: the subtraction promotes it to the compute dtype as it goes (no
-    separate cast), everything after it works in place on that one temporary; ``-lr`` rides
-    on the gradients' scale.
+    separate cast), everything after it works in place on that one temporary; ``-lr`` rides on
+    the gradients' scale.  Large inputs go slab by slab (see ``_SLAB_BYTES``).
     """
+    dtype = compute_dtype(keys, values_grad)
     shift_k, scale_k, shift_g, scale_g = _normalizer(
-        mean, std, keys.shape[1], compute_dtype(keys, values_grad), float(lr), float(eps))
-    coeff = torch.sub(keys, shift_k).mul_(scale_k).square_().sum(1, keepdim=True)
-    return torch.sub(values_grad, shift_g).mul_(scale_g).mul_(coeff)
+        mean, std, keys.shape[1], dtype, float(lr), float(eps))
+    n = keys.shape[0]
+    rows = _slab_rows(n, keys.shape[1], values_grad.shape[1], torch.finfo(dtype).bits // 8)
+    if rows >= n:
+        coeff = torch.sub(keys, shift_k).mul_(scale_k).square_().sum(1, keepdim=True)
+        values = torch.sub(values_grad, shift_g).mul_(scale_g).mul_(coeff)
+        return values, (all_finite(values) if check else None)
+    values = torch.empty(values_grad.shape, dtype=dtype, device=values_grad.device)
+    k_hat = torch.empty((rows, keys.shape[1]), dtype=dtype, device=keys.device)
+    coeff = torch.empty((n, 1), dtype=dtype, device=keys.device)
+    finite = True if check else None
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        k = torch.sub(keys[start:stop], shift_k, out=k_hat[:stop - start]).mul_(scale_k).square_()
+        c = torch.sum(k, 1, keepdim=True, out=coeff[start:stop])
+        v = torch.sub(values_grad[start:stop], shift_g, out=values[start:stop])
+        v.mul_(scale_g).mul_(c)
+        if check and finite:
+            finite = all_finite(v)
+    return values, finite
+
+
+def pseudo_values_reference(keys, values_grad, mean, std, lr: float, eps: float):
+    """Pure-PyTorch implementation (CPU path); see :func:`pseudo_values_torch`."""
+    return pseudo_values_torch(keys, values_grad, mean, std, lr, eps)[0]
 
 
 def _pseudo_values_body(keys, values_grad, mean, std, lr, eps):
@@ -100,7 +143,7 @@ def check_stats_for(keys: torch.Tensor, values_grad: torch.Tensor, stats) -> Non
         if not bool(torch.isfinite(stats.mean).all() & torch.isfinite(stats.std).all()):
             raise ValueError("the given mean/std hold NaN/Inf")
         return
-    if stats.count == 0:
+    if not stats.is_nonempty():
         raise ValueError("stats are empty: update them with torch.cat([keys, values_grad], 1) first")
     if not stats.m2_is_finite():
         raise ValueError(
@@ -119,7 +162,17 @@ def pseudo_values(keys: torch.Tensor, values_grad: torch.Tensor, stats,
     check_keys_grads(keys, values_grad, finite=False)
     check_stats_for(keys, values_grad, stats)
     check_lr(lr)
-    values = pseudo_values_call(keys, values_grad, stats.mean, stats.std, float(lr), EPS)
+    if not torch.compiler.is_compiling():
+        backend, fn = _backends.select(OP, keys.device, keys, values_grad)
+        if backend == "torch":   # the finiteness check rides along, slab by slab
+            values, finite = pseudo_values_torch(keys, values_grad, stats.mean, stats.std,
+                                                 float(lr), EPS, check=True)
+            if not finite:
+                check_result("pseudo_values", values, keys, values_grad)
+            return values
+        values = fn(keys, values_grad, stats.mean, stats.std, float(lr), EPS)
+    else:
+        values = pseudo_values_op(keys, values_grad, stats.mean, stats.std, float(lr), EPS)
     check_result("pseudo_values", values, keys, values_grad)
     return values
 

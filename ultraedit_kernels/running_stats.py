@@ -125,8 +125,12 @@ class RunningStats:
         """Whether M2 holds no NaN/Inf (False after a one-row block in compat="official")."""
         return self._derived()[2]
 
+    def is_nonempty(self) -> bool:
+        """``count > 0``, read once per state (no host sync per call)."""
+        return self._derived()[3]
+
     def _derived(self):
-        """``(var, std, m2 finite)``, computed once per state: every op of a turn reads the std,
+        """``(var, std, m2 finite, count > 0)``, computed once per state: every op of a turn reads the std,
         and recomputing it (five small kernels and a host sync) cost more than the pseudo-values
         of a small module.  Keyed on the state tensors and their version counters, so a new
         state or an in-place change recomputes it."""
@@ -140,7 +144,7 @@ class RunningStats:
         else:
             denom = (self._count - 1).clamp_min(1.0)
             var = torch.where(self._count > 1, self._m2 / denom, torch.zeros_like(self._m2))
-        value = (var, var.sqrt(), bool(torch.isfinite(self._m2).all()))
+        value = (var, var.sqrt(), bool(torch.isfinite(self._m2).all()), bool(self._count > 0))
         # the versions of var/std themselves: a caller that changes them in place gets new ones
         self._cache = (key, value, (value[0]._version, value[1]._version))
         return value

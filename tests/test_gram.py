@@ -1,0 +1,85 @@
+"""The PyTorch reference of ``gram``: the blocked (lower tiles only) product, the mirrored small
+product and the 1 x 1 case, against float64 and against the plain float32 product."""
+import sys
+
+import pytest
+import torch
+
+import ultraedit_kernels as uk
+from fp64_reference import realistic_features
+from tolerances import bound, rel_err
+
+gram_mod = sys.modules["ultraedit_kernels.gram"]
+
+
+def _references(keys, ridge, rows):
+    k64 = keys.double()
+    ref = k64 @ k64.T if rows else k64.T @ k64
+    ref.diagonal().add_(ridge)
+    k32 = keys.double() if keys.dtype == torch.float64 else keys.float()
+    plain = k32 @ k32.T if rows else k32.T @ k32
+    plain.diagonal().add_(ridge)
+    return ref, plain
+
+
+@pytest.fixture
+def blocked(monkeypatch):
+    """Block every CPU product of >= 2 x 16 rows (the slab minimum lowered to 16 rows)."""
+    monkeypatch.setattr(gram_mod, "_BLOCK_MIN_WORK", 0)
+    monkeypatch.setattr(gram_mod, "_BLOCK_ROWS", 16)
+
+
+# (n, d): 1 x 1, a mirrored small product (n <= 16), one GEMM, and products blocked in 2-4 slabs
+# (with the fixture) of equal and unequal heights
+SHAPES = [(1, 37), (7, 33), (16, 5), (50, 61), (67, 130), (131, 40)]
+
+
+@pytest.mark.parametrize("rows", [True, False], ids=["rows", "cols"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("block", [False, True], ids=["default", "blocked"])
+def test_matches_fp64_symmetric_and_lower_triangle_of_the_plain_product(
+        shape, dtype, rows, block, monkeypatch):
+    if block:
+        monkeypatch.setattr(gram_mod, "_BLOCK_MIN_WORK", 0)
+        monkeypatch.setattr(gram_mod, "_BLOCK_ROWS", 16)
+    keys, _ = realistic_features(shape[0], shape[1], 1, seed=sum(shape))
+    keys = keys.to(dtype)
+    got = uk.gram(keys, 0.7, rows)
+    ref, plain = _references(keys, 0.7, rows)
+    m = shape[0] if rows else shape[1]
+    assert got.shape == (m, m) and got.is_contiguous()
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    assert rel_err(got, ref) <= bound("gram", compute, rel_err(plain, ref))
+    blocks = gram_mod.gram_blocks(m, shape[1] if rows else shape[0], keys.device, compute)
+    if blocks > 1 or m <= gram_mod._MIRROR_MAX:
+        assert torch.equal(got, got.T)   # exactly symmetric by construction
+    if m > 8 or blocks == 1:
+        # the tiles are the plain product's elements (MKL's kernels for <= 8-row operands
+        # round differently, hence slabs of >= 100 rows outside this test)
+        assert torch.equal(got.tril(), plain.tril())
+
+
+def test_blocking_rule():
+    cpu = torch.device("cpu")
+    assert gram_mod.gram_blocks(50, 1536, cpu) == 1            # small: one GEMM
+    assert gram_mod.gram_blocks(400, 4096, cpu) == 4
+    assert gram_mod.gram_blocks(2000, 14336, cpu) == 4
+    assert gram_mod.gram_blocks(2000, 14336, torch.device("meta")) == 1   # CPU only
+
+
+def test_blocked_slabs_float32_only(blocked):
+    keys, _ = realistic_features(70, 9, 1, seed=3)
+    assert gram_mod.gram_blocks(70, 9, keys.device) == 4
+    assert gram_mod.gram_blocks(70, 9, keys.device, torch.float64) == 1
+    got = uk.gram(keys, 2.0)
+    ref, plain = _references(keys, 2.0, True)
+    assert torch.equal(got, got.T) and torch.equal(got.tril(), plain.tril())
+    assert rel_err(got, ref) <= bound("gram", torch.float32, rel_err(plain, ref))
+
+
+def test_the_op_and_its_fake_agree():
+    keys, _ = realistic_features(20, 7, 1, seed=5)
+    torch.library.opcheck(uk.gram_op, (keys, 1.0, True))
+    torch.library.opcheck(uk.gram_op, (keys, 1.0, False))
