@@ -247,8 +247,8 @@ def extract_spans(text: str) -> List[str]:
     return spans
 
 
-def _table_words() -> "set":
-    """Lower-cased names of every entity and value in the offline tables."""
+def _table_words() -> Tuple[set, set]:
+    """Lower-cased ``(country-level names and values, city names)`` of the offline tables."""
     from .data.offline import city_table, country_table
 
     names = set()
@@ -256,9 +256,7 @@ def _table_words() -> "set":
         for k in ("name", "capital", "currency", "language", "continent", "region"):
             if row.get(k):
                 names.add(str(row[k]).lower())
-    for row in city_table():
-        names.add(row["name"].lower())
-    return names
+    return names, {row["name"].lower() for row in city_table()}
 
 
 def mine_subjects(model, tokenizer, prompts: Sequence[str] = GENERIC_PROMPTS,
@@ -266,15 +264,16 @@ def mine_subjects(model, tokenizer, prompts: Sequence[str] = GENERIC_PROMPTS,
                   rounds: int = MINED_ROUNDS, exclude_tables: bool = True) -> List[str]:
     """Entity names from the model's own greedy continuations of ``prompts``: the spans of
     :func:`extract_spans` in each continuation (the prompt's own words are not mined), in
-    prompt order, without duplicates and (``exclude_tables``) without any span that is, or
-    holds as whole words, a name or value of the offline tables (so the preserved subjects are
-    not the evaluated facts' entities). Each further round continues ``"<name> is"`` for the
+    prompt order, without duplicates and (``exclude_tables``) without any span that is a city of
+    the offline tables or holds one of their countries, capitals, languages, currencies,
+    continents or regions as whole words (so the preserved subjects are not the evaluated
+    facts' entities). Each further round continues ``"<name> is"`` for the
     names the previous round found. At most ``limit`` names."""
     from .eval.probing import greedy_continuations
     from .tokenization import encode_request, special_prefix
 
     prefix = special_prefix(tokenizer)
-    table = _table_words() if exclude_tables else set()
+    table = _table_words() if exclude_tables else None
     out: Dict[str, None] = {}
     for r in range(rounds):
         if r:
@@ -292,11 +291,17 @@ def mine_subjects(model, tokenizer, prompts: Sequence[str] = GENERIC_PROMPTS,
 
 
 def _holds_table_name(span: str, table) -> bool:
+    """``span`` is a city of the tables, or holds a country, capital, language, currency,
+    continent or region of them as whole words."""
     import re
 
+    if not table:
+        return False
+    countries, cities = table
     parts = re.findall(r"[\w'’&.-]+", span.lower())
-    return any(" ".join(parts[i:j]) in table
-               for i in range(len(parts)) for j in range(i + 1, len(parts) + 1))
+    return " ".join(parts) in cities or any(
+        " ".join(parts[i:j]) in countries
+        for i in range(len(parts)) for j in range(i + 1, len(parts) + 1))
 
 
 def mined_subjects(model, tokenizer) -> List[str]:
