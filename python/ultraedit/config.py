@@ -110,8 +110,9 @@ class EditConfig:
     preserve: float = _opt(0.0, "mu >= 0 of the preserved subjects' keys mu*Kp^T Kp "
                                 "(0 = the paper)")
     preserve_subjects: Optional[Tuple[str, ...]] = _opt(
-        None, "subject names to preserve (default: the offline tables' countries and 1,000 "
-              "largest cities)", cli_type="list")
+        None, "subject names to preserve, and sources: ':generic' (entities mined from the "
+              "unedited model's continuations of generic prompts; the default) or ':tables' "
+              "(the offline tables' countries and 1,000 largest cities)", cli_type="list")
     preserve_contexts: Optional[Tuple[str, ...]] = _opt(
         None, "texts around each preserved subject, '{s}' marks it (default: "
               "ultraedit.preserve.DEFAULT_CONTEXTS)", cli_type="list")

@@ -1,7 +1,9 @@
 """Preserved subjects: keys of named entities whose outputs an edit turn must keep.
 
 With ``UltraEditor(preserve=μ)`` every edited module gets, once, the keys ``K_p`` of a list of
-subjects (entity names: by default the offline tables' countries and most populous cities),
+subjects (entity names: by default entities the unedited model names itself when it continues
+generic prompts, :func:`mined_subjects`, none of them a country or city of the offline tables
+that evaluated edits come from; ``":tables"``: those tables' countries and populous cities),
 captured from the UNEDITED model at the last token of each subject in a few neutral contexts
 (:data:`DEFAULT_CONTEXTS`), and every solve becomes
 
