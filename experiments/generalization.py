@@ -53,7 +53,8 @@ def row(path: Path) -> str:
     per_turn = sum(t["turn_s"] for t in turns) / len(turns)
     editor = sum(t["editor_s"] for t in turns) / len(turns)
     subjects = ec.get("preserve_subjects") or [":generic (default)"]
-    label = f"{','.join(subjects)[:30]}, key_contexts={ec.get('key_contexts', 0)}"
+    label = (f"{','.join(subjects)[:30]}, μ = {ec.get('preserve')}, "
+             f"key_contexts={ec.get('key_contexts', 0)}")
     fmt = lambda d, k: "-" if d.get(k) is None else f"{d[k]:.3f}"  # noqa: E731
     return (f"| {Path(path).stem} | {label} | {len(turns)} x {turns[0]['edits']} | "
             f"{fmt(tf, 'es')} / {fmt(tf, 'gs')} / {fmt(tf, 'ls')} | "
