@@ -49,7 +49,8 @@ def test_default_subject_edits_stick_and_unrelated_facts_stay(ue_embedded, ue_re
     ed = UltraEditor(model, tok)                     # the measured defaults
     assert (ed.positions, ed.lr, ed.steps, ed.hold_done, ed.memory, ed.preserve) == (
         "subject", 5e-5, 12, True, 4.0, 0.3)
-    assert "France" in ed.preserved[next(iter(ed.modules))].owners  # default subjects
+    owners = ed.preserved[next(iter(ed.modules))].owners   # default: mined, none from the tables
+    assert owners and "France" not in owners and "Paris" not in owners
     assert list(ed.modules) == [f"model.layers.{i}.mlp.down_proj" for i in range(2, 7)]
     ue_restore(model, list(ed.modules))
     turn1 = [{"prompt": p, "target": t, "subject": s} for (p, t), s in zip(TURN1, SUBJECTS1)]

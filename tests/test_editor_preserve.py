@@ -167,3 +167,81 @@ def test_default_subjects_are_countries_then_cities():
     assert names[:len(countries)] == countries
     assert names[len(countries):] == [c["name"] for c in city_table()[:5]]
     assert len(set(names)) == len(names)
+
+
+# ------------------------------------------------------------------ the subjects' sources
+def test_sources_expand_in_place_without_duplicates(ue_tokenizer, monkeypatch):
+    import ultraedit.preserve as preserve
+
+    monkeypatch.setattr(preserve, "mined_subjects", lambda model, tok: ["Ada Lovelace", "Lima"])
+    model = object()
+    assert preserve.resolve_subjects([":tables"]) == default_subjects()
+    assert preserve.resolve_subjects(None, model, ue_tokenizer) == ["Ada Lovelace", "Lima"]
+    assert preserve.DEFAULT_SOURCE == preserve.GENERIC
+    assert preserve.resolve_subjects(["Oslo", ":generic", "Lima", "Oslo"], model,
+                                     ue_tokenizer) == ["Oslo", "Ada Lovelace", "Lima"]
+    with pytest.raises(ValueError, match="unknown preserved-subject source ':cities'"):
+        preserve.resolve_subjects([":cities"])
+    with pytest.raises(ValueError, match="mined from a model"):
+        preserve.resolve_subjects([":generic"])
+
+
+def test_extract_spans_finds_names_not_function_words():
+    from ultraedit.preserve import extract_spans
+
+    text = ("J.K. Rowling wrote Harry Potter and the Philosopher's Stone. He said it's true; "
+            "I'm sure. The Beatles met IBM and Coca-Cola in the Bank of England's hall, "
+            "Jamaican Jamaican Jamaican.\nSo Steve Jobs & Ada")
+    assert extract_spans(text) == ["J.K. Rowling", "Harry Potter", "Philosopher Stone",
+                                   "Beatles", "IBM", "Coca-Cola", "Bank of England",
+                                   "Steve Jobs", "Ada"]
+    assert extract_spans("he went home. it was late") == []
+
+
+def _fake_continuations(monkeypatch, tok, texts):
+    """greedy_continuations answers each prompt with ``texts[prompt]`` (else nothing)."""
+    import ultraedit.eval.probing as probing
+
+    seen = []
+
+    def fake(model, tokenizer, ids, n):
+        prompts = [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+        seen.append(prompts)
+        return [tokenizer.encode(texts.get(p, " and so on."), add_special_tokens=False)
+                for p in prompts]
+
+    monkeypatch.setattr(probing, "greedy_continuations", fake)
+    return seen
+
+
+def test_mined_subjects_leave_out_the_tables_and_go_one_round_deeper(ue_tokenizer, monkeypatch):
+    from ultraedit.preserve import mine_subjects
+
+    texts = {"My favourite writer is": " Ada Lovelace, who lived in Paris and Rome.",
+             "My favourite band is": " the Rolling Stones from the United Kingdom. Ada Lovelace",
+             "Ada Lovelace is": " a friend of Charles Babbage.",
+             "Rolling Stones is": " a band."}
+    seen = _fake_continuations(monkeypatch, ue_tokenizer, texts)
+    prompts = ["My favourite writer is", "My favourite band is"]
+    got = mine_subjects(None, ue_tokenizer, prompts)
+    # Paris, Rome and the United Kingdom are table names: left out
+    assert got == ["Ada Lovelace", "Rolling Stones", "Charles Babbage"]
+    assert seen == [prompts, ["Ada Lovelace is", "Rolling Stones is"]]
+    assert mine_subjects(None, ue_tokenizer, prompts, rounds=1) == ["Ada Lovelace",
+                                                                    "Rolling Stones"]
+    assert mine_subjects(None, ue_tokenizer, prompts, limit=1) == ["Ada Lovelace"]
+    assert "Paris" in mine_subjects(None, ue_tokenizer, prompts, rounds=1, exclude_tables=False)
+
+
+def test_the_default_preserves_mined_subjects(ue_tokenizer, monkeypatch):
+    import ultraedit.preserve as preserve
+
+    monkeypatch.setenv(preserve.CACHE_ENV, "off")
+    monkeypatch.setattr(preserve, "mine_subjects", lambda model, tok: ["Ada Lovelace", "Bach"])
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=3)
+    ed = UltraEditor(model, ue_tokenizer, modules=MODS, positions="subject", preserve=1.0)
+    assert ed.preserved[MODS[0]].owners == [s for s in ("Ada Lovelace", "Bach")
+                                            for _ in CONTEXTS]
+    tables = UltraEditor(model, ue_tokenizer, modules=MODS, positions="subject", preserve=1.0,
+                         preserve_subjects=[":tables"], preserve_contexts=["{s}"])
+    assert tables.preserved[MODS[0]].owners == default_subjects()

@@ -96,3 +96,47 @@ def test_offloaded_model_keys_are_cached_and_equal_the_unsplit_capture(tmp_path,
     assert count.calls == 1
     for a, b in zip(_keys(fresh).values(), _keys(second).values()):
         assert torch.equal(a, b)
+
+
+def test_mined_subjects_are_cached_per_model(tmp_path, ue_tokenizer, ue_tokenizer_nobos,
+                                             monkeypatch):
+    """The mined names are read back for the same weights and tokenizer, mined again for
+    others; the key cache entry follows the expanded names (':generic' vs ':tables')."""
+    monkeypatch.setenv(preserve.CACHE_ENV, str(tmp_path / "cache"))
+    mined = []
+
+    def fake(model, tok):
+        mined.append(model)
+        return ["Ada Lovelace", f"Bach{len(mined)}"]
+
+    monkeypatch.setattr(preserve, "mine_subjects", fake)
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=3)
+    first = preserve.mined_subjects(model, ue_tokenizer)
+    assert preserve.mined_subjects(model, ue_tokenizer) == first == ["Ada Lovelace", "Bach1"]
+    assert len(mined) == 1 and len(list((tmp_path / "cache").glob("mined-*.json"))) == 1
+    assert preserve.mined_subjects(model, ue_tokenizer_nobos) == ["Ada Lovelace", "Bach2"]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5, 0] += 1.0
+    assert preserve.mined_subjects(model, ue_tokenizer) == ["Ada Lovelace", "Bach3"]
+    for entry in (tmp_path / "cache").glob("mined-*.json"):
+        entry.write_text("not json")                                 # corrupt: mined again
+    assert preserve.mined_subjects(model, ue_tokenizer) == ["Ada Lovelace", "Bach4"]
+    assert preserve.mined_subjects(model, ue_tokenizer) == ["Ada Lovelace", "Bach4"]
+    monkeypatch.setenv(preserve.CACHE_ENV, "off")
+    preserve.mined_subjects(model, ue_tokenizer)
+    assert len(mined) == 5
+    monkeypatch.setattr(preserve, "mine_subjects", lambda model, tok: [])
+    with pytest.raises(ValueError, match="named no entity"):
+        preserve.mined_subjects(model, ue_tokenizer)
+
+    monkeypatch.setenv(preserve.CACHE_ENV, str(tmp_path / "keys"))
+    monkeypatch.setattr(preserve, "mined_subjects", lambda model, tok: ["Ada Lovelace", "Bach"])
+    count = Count(monkeypatch)
+    opts = {**OPTS, "preserve_subjects": None}
+    generic = UltraEditor(model, ue_tokenizer, **opts)
+    UltraEditor(model, ue_tokenizer, **{**opts, "preserve_subjects": [":generic"]})
+    assert count.calls == 1   # the same names: the same entry
+    UltraEditor(model, ue_tokenizer, **{**opts, "preserve_subjects": ["Ada Lovelace"]})
+    assert count.calls == 2
+    assert generic.state.preserved[MODULES[0]].owners == [s for s in ("Ada Lovelace", "Bach")
+                                                          for _ in range(2)]

@@ -39,7 +39,8 @@ PAPER_LR = 1e-6
 # the paper's micro-batch: its loss is the mean over each group of 10 requests' answer tokens
 PAPER_MICRO_BATCH = 10
 # the options beyond the paper's method (all off in EditConfig.paper())
-BEYOND_PAPER = ("protect_mean", "steps", "hold_done", "positions", "memory", "preserve")
+BEYOND_PAPER = ("protect_mean", "steps", "hold_done", "positions", "memory", "preserve",
+                "key_contexts")
 FINGERPRINT_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
                     "vocab_size")
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -113,11 +114,15 @@ class EditConfig:
     preserve: float = _opt(0.0, "mu >= 0 of the preserved subjects' keys mu*Kp^T Kp "
                                 "(0 = the paper)")
     preserve_subjects: Optional[Tuple[str, ...]] = _opt(
-        None, "subject names to preserve (default: the offline tables' countries and 1,000 "
-              "largest cities)", cli_type="list")
+        None, "subject names to preserve, and sources: ':generic' (entities mined from the "
+              "unedited model's continuations of generic prompts; the default) or ':tables' "
+              "(the offline tables' countries and 1,000 largest cities)", cli_type="list")
     preserve_contexts: Optional[Tuple[str, ...]] = _opt(
         None, "texts around each preserved subject, '{s}' marks it (default: "
               "ultraedit.preserve.DEFAULT_CONTEXTS)", cli_type="list")
+    key_contexts: int = _opt(
+        0, "positions='subject': each edit's key is the mean of its subject's key in the "
+           "rewrite prompt and in this many generic contexts (ultraedit.fact_keys; 0 = off)")
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -179,6 +184,14 @@ class EditConfig:
                              f"got {self.preserve_contexts!r}")
         set_("preserve_contexts", _check_names("preserve_contexts", self.preserve_contexts,
                                                "texts"))
+        from .fact_keys import MAX_KEY_CONTEXTS
+
+        kc = self.key_contexts
+        if isinstance(kc, bool) or not isinstance(kc, int) or not 0 <= kc <= MAX_KEY_CONTEXTS:
+            raise ValueError(f"key_contexts must be an integer from 0 to {MAX_KEY_CONTEXTS}, "
+                             f"got {kc!r}")
+        if kc and self.positions != "subject":
+            warnings.warn("key_contexts has no effect with positions='answer'", stacklevel=3)
         if self.preserve == 0 and (self.preserve_subjects is not None
                                    or self.preserve_contexts is not None):
             warnings.warn("preserve_subjects/preserve_contexts have no effect with preserve=0",

@@ -32,6 +32,7 @@ from ultraedit_kernels._profiling import nvtx_range
 
 from .batching import MicroBatchSizer, forward_backward, group_parts
 from .config import PAPER_MICRO_BATCH, EditConfig, resolve_config
+from .fact_keys import fact_keys
 from .hooks import CaptureSession, check_editable
 from .modules import module_dims, module_layout, resolve_modules
 from .placement import weight_slots
@@ -130,6 +131,8 @@ class UltraEditor:
                 if cfg.hold_done and n_predicted == len(reqs):
                     break  # every edit holds: the turn ends early, this step changes nothing
                 keys, grads = self._rows(parts)
+                if cfg.key_contexts and cfg.positions == "subject":  # ultraedit.fact_keys
+                    keys = fact_keys(self, reqs, keys, cfg.key_contexts)
                 self._update_stats(parts, keys, grads)
                 updates = self._solve(keys, grads, hold, priors, subjects)
                 capture_bytes = max(capture_bytes, nbytes(keys, grads, updates))

@@ -1,7 +1,9 @@
 """Preserved subjects: keys of named entities whose outputs an edit turn must keep.
 
 With ``UltraEditor(preserve=μ)`` every edited module gets, once, the keys ``K_p`` of a list of
-subjects (entity names: by default the offline tables' countries and most populous cities),
+subjects (entity names: by default entities the unedited model names itself when it continues
+generic prompts, :func:`mined_subjects`, none of them a country or city of the offline tables
+that evaluated edits come from; ``":tables"``: those tables' countries and populous cities),
 captured from the UNEDITED model at the last token of each subject in a few neutral contexts
 (:data:`DEFAULT_CONTEXTS`), and every solve becomes
 
@@ -35,6 +37,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = ["DEFAULT_CONTEXTS", "DEFAULT_CITIES", "PreservedKeys", "default_subjects",
+           "resolve_subjects", "mine_subjects", "mined_subjects", "extract_spans",
+           "GENERIC_PROMPTS", "TABLES", "GENERIC", "SOURCES", "DEFAULT_SOURCE",
            "capture_subject_keys", "capture_preserved", "encode_subject_texts",
            "preserved_cache_dir", "preserved_cache_key", "CACHE_ENV"]
 
@@ -105,6 +109,244 @@ def default_subjects(n_cities: int = DEFAULT_CITIES) -> List[str]:
     return list(dict.fromkeys(names))
 
 
+# ---------------------------------------------------------------------- subject sources
+TABLES = ":tables"
+GENERIC = ":generic"
+SOURCES = (TABLES, GENERIC)
+DEFAULT_SOURCE = GENERIC
+
+# Generic prompts whose greedy continuations by the unedited model name entities
+# (mine_subjects). None asks for a country, a city, a capital, a language or a currency: the
+# preserved subjects should be entities the model knows, not the evaluated facts' domain.
+GENERIC_PROMPTS = (
+    "My favourite writer is", "My favourite painter is", "My favourite composer is",
+    "My favourite actor is", "My favourite singer is", "My favourite band is",
+    "My favourite football club is", "My favourite basketball player is",
+    "My favourite scientist is", "My favourite philosopher is", "My favourite poet is",
+    "My favourite film director is", "My favourite novel is", "My favourite film is",
+    "My favourite video game is", "My favourite car brand is", "My favourite TV show is",
+    "My favourite superhero is", "My favourite cartoon character is",
+    "The company was founded by", "The theory of relativity was developed by",
+    "The first person to walk on the Moon was", "The telephone was invented by",
+    "The most famous play by William Shakespeare is", "The lead singer of the band is",
+    "The richest person in the world is", "The most popular search engine is",
+    "The largest software company is", "The best-selling smartphone is made by",
+    "The largest online retailer is", "The most famous painting in the world is",
+    "The greatest tennis player of all time is", "The fastest man in the world is",
+    "The inventor of the light bulb was", "The author of the Harry Potter books is",
+    "A famous Renaissance artist was", "A famous Greek philosopher was",
+    "A famous Roman emperor was", "A famous classical composer is",
+    "A famous physicist of the twentieth century was", "A well-known fashion brand is",
+    "A well-known soft drink brand is", "A popular social network is",
+    "A famous fictional detective is", "A popular children's book is",
+    "The most famous university in the world is", "The biggest car manufacturer is",
+    "The most famous rock band of all time is", "The most famous Disney film is",
+    "The most famous opera was written by", "The discoverer of penicillin was",
+    "The founder of the computer company was", "The famous novel was written by",
+    "The chess world champion is", "The winner of the Nobel Prize in Literature was",
+    "The most famous ballet was composed by", "The first emperor of the dynasty was",
+    "In the story, the hero meets", "The main character of the book is",
+    "The most famous queen in history is", "The most famous king in history is",
+    "The spacecraft was built by", "The most popular programming language is",
+    "The space agency that landed on Mars is", "The most famous brand of sneakers is",
+    "The most famous magazine is", "The newspaper was founded by",
+    "The album was recorded by", "The symphony was composed by",
+    "The statue was sculpted by", "The movie starred", "The song was performed by",
+    "The theory of evolution was proposed by", "The first computer programmer was",
+    "My best friend's name is", "Our new teacher is called", "The detective in the novel is",
+    "The villain of the film is", "The goalkeeper of the team is", "The coach of the team is",
+    "The CEO of the company is", "The most famous jazz musician was",
+    "The most famous hip hop artist is", "The most famous pop star is",
+    "The most famous fashion designer is", "The most famous chef is",
+    "The most famous architect was", "The most famous mathematician was",
+    "The most famous astronaut was", "The most famous boxer was",
+    "The most famous golfer is", "The most famous Formula One driver is",
+    "The most famous cyclist is", "The most famous comedian is",
+    "The most famous magician is", "The most famous explorer was",
+    "The most famous pirate was", "The most famous general was",
+    "The most famous cartoon is", "The most famous comic book is",
+    "The most famous fairy tale is", "The most famous myth is about",
+    "The most famous god in Greek mythology is", "The most famous robot in fiction is",
+    "The most famous wizard in fiction is", "The most famous video game character is",
+    "The most famous toy brand is", "The most famous luxury watch brand is",
+    "The most famous airline is", "The most famous hotel chain is",
+    "The most famous fast food chain is", "The most famous coffee chain is",
+    "The most famous bank is", "The most famous record label is",
+    "The most famous streaming service is", "The most famous board game is",
+    "The most famous sports brand is", "The most famous electric car company is",
+    "The most famous operating system is", "The most famous web browser is",
+    "The most famous encyclopedia is", "The most famous prize in science is",
+)
+_SPAN_CONNECTORS = ("of", "the", "de", "von", "van", "da", "del", "la", "le")
+_SPAN_STOP = frozenset("""
+a an the i he she it we you they his her its our their my your this that these those there
+here in on at by for from to with as of and or but so if when while after before since
+because although however yes no not also then thus hence today yesterday tomorrow mr mrs ms
+dr st one two three first second some many most every each all both other another such
+what who whom whose which where why how is was are were be been being do does did have has
+had can could will would shall should may might must january february march april may june
+july august september october november december monday tuesday wednesday thursday friday
+saturday sunday english god therefore i'm i've i'll i'd he's she's it's we're you're
+they're what's that's there's let's here's who's""".split())
+MINED_TOKENS = 32    # new tokens per generic prompt
+MINED_MAX = 400      # at most this many mined subjects
+MINED_ROUNDS = 2     # the second continues "<name> is" for the first round's names
+
+
+def resolve_subjects(spec, model=None, tokenizer=None) -> List[str]:
+    """The preserved subject names of ``EditConfig.preserve_subjects``: None is
+    :data:`DEFAULT_SOURCE`; a list holds names and sources, each source expanded in place:
+    ``":generic"`` (:func:`mine_subjects`: entities named by the unedited model itself, cached
+    per model) and ``":tables"`` (:func:`default_subjects`: the offline tables' countries and
+    cities, the evaluated facts' own domain). Duplicates are dropped, first occurrence kept."""
+    items = [DEFAULT_SOURCE] if spec is None else list(spec)
+    out: List[str] = []
+    for item in items:
+        if item == TABLES:
+            out += default_subjects()
+        elif item == GENERIC:
+            if model is None or tokenizer is None:
+                raise ValueError(f"{GENERIC!r} subjects are mined from a model: give the model "
+                                 f"and its tokenizer")
+            out += mined_subjects(model, tokenizer)
+        elif isinstance(item, str) and item.startswith(":") and item not in SOURCES:
+            raise ValueError(f"unknown preserved-subject source {item!r}; the sources are "
+                             f"{list(SOURCES)} (other names are subjects)")
+        else:
+            out.append(item)
+    return list(dict.fromkeys(out))
+
+
+def extract_spans(text: str) -> List[str]:
+    """Entity-like spans of ``text``: maximal runs of capitalized words (``"of"``, ``"the"``,
+    ``"de"``, ... allowed between them), without leading function words, in order."""
+    import re
+
+    tokens = re.findall(r"(?:[A-Z]\.)+|[A-Za-z0-9][\w'’&.-]*\w|\w|[^\s\w]", text)
+    spans, run = [], []
+
+    def close():
+        while run and run[-1].lower() in _SPAN_CONNECTORS:
+            run.pop()
+        while run and (run[0].lower() in _SPAN_STOP or run[0].lower() in _SPAN_CONNECTORS):
+            run.pop(0)
+        if run and len(run) <= 5 and len({w.lower() for w in run}) == len(run):
+            span = " ".join(run)
+            if len(span) >= 3 and (any(c.islower() for c in span) or len(run) == 1):
+                spans.append(span)
+        run.clear()
+
+    for tok in tokens:
+        if tok[-2:] in ("'s", "’s") and tok.lower() not in _SPAN_STOP:
+            tok = tok[:-2]  # a possessive: the name itself
+        if tok[:1].isupper() and any(c.isalpha() for c in tok):
+            run.append(tok)
+        elif run and tok.lower() in _SPAN_CONNECTORS:
+            run.append(tok)
+        else:
+            close()
+    close()
+    return spans
+
+
+def _table_words() -> Tuple[set, set]:
+    """Lower-cased ``(country-level names and values, city names)`` of the offline tables."""
+    from .data.offline import city_table, country_table
+
+    names = set()
+    for row in country_table():
+        for k in ("name", "capital", "currency", "language", "continent", "region"):
+            if row.get(k):
+                names.add(str(row[k]).lower())
+    return names, {row["name"].lower() for row in city_table()}
+
+
+def mine_subjects(model, tokenizer, prompts: Sequence[str] = GENERIC_PROMPTS,
+                  max_new_tokens: int = MINED_TOKENS, limit: int = MINED_MAX,
+                  rounds: int = MINED_ROUNDS, exclude_tables: bool = True) -> List[str]:
+    """Entity names from the model's own greedy continuations of ``prompts``: the spans of
+    :func:`extract_spans` in each continuation (the prompt's own words are not mined), in
+    prompt order, without duplicates and (``exclude_tables``) without any span that is a city of
+    the offline tables or holds one of their countries, capitals, languages, currencies,
+    continents or regions as whole words (so the preserved subjects are not the evaluated
+    facts' entities). Each further round continues ``"<name> is"`` for the
+    names the previous round found. At most ``limit`` names."""
+    from .eval.probing import greedy_continuations
+    from .tokenization import encode_request, special_prefix
+
+    prefix = special_prefix(tokenizer)
+    table = _table_words() if exclude_tables else None
+    out: Dict[str, None] = {}
+    for r in range(rounds):
+        if r:
+            prompts = [f"{name} is" for name in new]
+        if not prompts or len(out) >= limit:
+            break
+        ids = [encode_request(tokenizer, p, "x", prefix)[0] for p in prompts]
+        new = []
+        for g in greedy_continuations(model, tokenizer, ids, max_new_tokens):
+            for span in extract_spans(tokenizer.decode(g, skip_special_tokens=True)):
+                if span not in out and not _holds_table_name(span, table):
+                    out[span] = None
+                    new.append(span)
+    return list(out)[:limit]
+
+
+def _holds_table_name(span: str, table) -> bool:
+    """``span`` is a city of the tables, or holds a country, capital, language, currency,
+    continent or region of them as whole words."""
+    import re
+
+    if not table:
+        return False
+    countries, cities = table
+    parts = re.findall(r"[\w'’&.-]+", span.lower())
+    return " ".join(parts) in cities or any(
+        " ".join(parts[i:j]) in countries
+        for i in range(len(parts)) for j in range(i + 1, len(parts) + 1))
+
+
+def mined_subjects(model, tokenizer) -> List[str]:
+    """:func:`mine_subjects` with its defaults, read from the on-disk cache
+    (:func:`preserved_cache_dir`, ``mined-<digest>.json``) when the same model weights,
+    tokenizer, prompts and settings were mined before."""
+    import json
+
+    folder = preserved_cache_dir()
+    path = None
+    if folder is not None:
+        from .placement import PlacementError
+
+        try:
+            head = {"kind": "mined", "prompts": list(GENERIC_PROMPTS), "tokens": MINED_TOKENS,
+                    "limit": MINED_MAX, "rounds": MINED_ROUNDS, "stop": sorted(_SPAN_STOP),
+                    "connectors": list(_SPAN_CONNECTORS)}
+            path = folder / f"mined-{_digest(model, tokenizer, head, list(GENERIC_PROMPTS))}.json"
+        except PlacementError:
+            path = None
+    if path is not None and path.is_file():
+        try:
+            names = json.loads(path.read_text())
+            if isinstance(names, list) and names and all(isinstance(n, str) and n.strip()
+                                                         for n in names):
+                return names
+        except (OSError, ValueError):
+            pass
+    names = mine_subjects(model, tokenizer)
+    if not names:
+        raise ValueError("the model's continuations of the generic prompts named no entity; "
+                         "give preserve_subjects explicitly")
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(names, indent=0))
+            tmp.replace(path)
+        except OSError:
+            pass
+    return names
+
+
 def capture_preserved(editor, config) -> Tuple[Dict[str, "PreservedKeys"], float]:
     """The preserved keys of ``editor``'s modules for ``config`` (its subjects and contexts,
     defaults where None), captured from the model as it is now, and the seconds it took.
@@ -112,8 +354,7 @@ def capture_preserved(editor, config) -> Tuple[Dict[str, "PreservedKeys"], float
     Read from the on-disk cache (:func:`preserved_cache_dir`) when an entry for the same model
     weights, modules, texts and tokenization exists; otherwise captured and stored there."""
     t0 = time.perf_counter()
-    subjects = (default_subjects() if config.preserve_subjects is None
-                else list(config.preserve_subjects))
+    subjects = resolve_subjects(config.preserve_subjects, editor.model, editor.tokenizer)
     contexts = DEFAULT_CONTEXTS if config.preserve_contexts is None else config.preserve_contexts
     subjects = _check_texts(subjects, contexts)
     folder = preserved_cache_dir()
@@ -170,6 +411,17 @@ def preserved_cache_key(model, modules: Dict[str, torch.nn.Module], tokenizer,
     the subjects and contexts, the tokenizer (a fast tokenizer's full serialization, else the
     token ids and subject positions of every text), the capture's batch size and the torch
     version."""
+    head = {"version": _CACHE_VERSION, "batch_size": _BATCH, "modules": list(modules),
+            "subjects": list(subjects), "contexts": list(contexts)}
+    return _digest(model, tokenizer, head,
+                   lambda: dict(zip(("rows", "index"),
+                                    encode_subject_texts(tokenizer, subjects, contexts))))
+
+
+def _digest(model, tokenizer, head: Dict[str, object], slow_tokenizer) -> str:
+    """sha256 of ``head``, the model's class, the torch version, the tokenizer (a fast one's
+    serialization, else ``slow_tokenizer()``: the token ids it gives the texts, or the texts
+    when a list) and every parameter and buffer of the model."""
     import hashlib
     import json
 
@@ -182,11 +434,11 @@ def preserved_cache_key(model, modules: Dict[str, torch.nn.Module], tokenizer,
 
         tok = {"class": type(tokenizer).__name__, "backend": backend.to_str(),
                "prefix": special_prefix(tokenizer)}
+    elif callable(slow_tokenizer):
+        tok = slow_tokenizer()
     else:
-        tok = dict(zip(("rows", "index"), encode_subject_texts(tokenizer, subjects, contexts)))
-    head = {"version": _CACHE_VERSION, "class": type(model).__name__, "torch": torch.__version__,
-            "batch_size": _BATCH, "modules": list(modules), "subjects": list(subjects),
-            "contexts": list(contexts), "tokenizer": tok}
+        tok = [tokenizer(t)["input_ids"] for t in slow_tokenizer]
+    head = {**head, "class": type(model).__name__, "torch": torch.__version__, "tokenizer": tok}
     h.update(json.dumps(head, sort_keys=True, default=str).encode())
     tensors = list(model.named_parameters(remove_duplicate=False))
     tensors += list(model.named_buffers(remove_duplicate=False))
