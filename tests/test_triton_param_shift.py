@@ -25,7 +25,10 @@ def triton_calls(monkeypatch):
             calls[_op] = calls.get(_op, 0) + 1
             return _fn(*args)
 
-        monkeypatch.setitem(_backends._REGISTRY[op], "triton", dataclasses.replace(impl, fn=counted))
+        # a new dict for the op (not an item set in the old one): the backend selection is
+        # memoized per registry dict, so the counted implementation is what gets selected
+        impls = dict(_backends._REGISTRY[op], triton=dataclasses.replace(impl, fn=counted))
+        monkeypatch.setitem(_backends._REGISTRY, op, impls)
     use_backend(monkeypatch, "triton")
     return calls
 
