@@ -63,3 +63,24 @@ def test_default_subject_edits_stick_and_unrelated_facts_stay(ue_embedded, ue_re
     unrelated_after = next_token_predictions(model, tok, UNRELATED)
     assert sum(a == b for a, b in zip(unrelated_before, unrelated_after)) >= len(UNRELATED) - 2
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.embedded
+def test_the_embedded_models_mined_subjects_ship_with_the_package(ue_embedded, monkeypatch):
+    """The default preserved subjects of the embedded model are read from the package (the same
+    names mining gives, so a first use decodes nothing); the tables' names are not among them."""
+    import json
+
+    from ultraedit import preserve
+
+    def no_mining(*args, **kwargs):
+        raise AssertionError("mined again although the package ships the names")
+
+    monkeypatch.setenv("ULTRAEDIT_PRESERVED_CACHE", "off")
+    monkeypatch.setattr(preserve, "mine_subjects", no_mining)
+    model, tok = ue_embedded
+    names = preserve.mined_subjects(model, tok)
+    shipped = sorted(preserve.SHIPPED_MINED_DIR.glob("mined-*.json"))
+    assert len(shipped) == 1 and names == json.loads(shipped[0].read_text())
+    countries, cities = preserve._table_words()
+    assert not any(preserve._holds_table_name(n, (countries, cities)) for n in names)

@@ -32,6 +32,7 @@ Equivalent PyTorch for one module (``keys`` = the preserved rows not edited this
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -306,32 +307,48 @@ def _holds_table_name(span: str, table) -> bool:
         for i in range(len(parts)) for j in range(i + 1, len(parts) + 1))
 
 
-def mined_subjects(model, tokenizer) -> List[str]:
-    """:func:`mine_subjects` with its defaults, read from the on-disk cache
-    (:func:`preserved_cache_dir`, ``mined-<digest>.json``) when the same model weights,
-    tokenizer, prompts and settings were mined before."""
+# Mined names shipped with the package (``presets/mined/mined-<digest>.json``): the entries the
+# on-disk cache would hold, for models whose names were mined once before release (the
+# embedded model), so that a first use does not spend minutes decoding the prompts.
+SHIPPED_MINED_DIR = Path(__file__).parent / "presets" / "mined"
+
+
+def _read_mined(path: Path) -> Optional[List[str]]:
     import json
 
-    folder = preserved_cache_dir()
-    path = None
-    if folder is not None:
-        from .placement import PlacementError
+    try:
+        names = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(names, list) and names and all(isinstance(n, str) and n.strip() for n in names):
+        return names
+    return None
 
-        try:
-            head = {"kind": "mined", "prompts": list(GENERIC_PROMPTS), "tokens": MINED_TOKENS,
-                    "limit": MINED_MAX, "rounds": MINED_ROUNDS, "stop": sorted(_SPAN_STOP),
-                    "connectors": list(_SPAN_CONNECTORS)}
-            path = folder / f"mined-{_digest(model, tokenizer, head, list(GENERIC_PROMPTS))}.json"
-        except PlacementError:
-            path = None
-    if path is not None and path.is_file():
-        try:
-            names = json.loads(path.read_text())
-            if isinstance(names, list) and names and all(isinstance(n, str) and n.strip()
-                                                         for n in names):
+
+def mined_subjects(model, tokenizer) -> List[str]:
+    """:func:`mine_subjects` with its defaults, read from the names shipped with the package
+    (:data:`SHIPPED_MINED_DIR`) or the on-disk cache (:func:`preserved_cache_dir`), both
+    ``mined-<digest>.json``, when the same model weights, tokenizer, prompts and settings were
+    mined before."""
+    import json
+
+    from .placement import PlacementError
+
+    name = None
+    try:
+        head = {"kind": "mined", "prompts": list(GENERIC_PROMPTS), "tokens": MINED_TOKENS,
+                "limit": MINED_MAX, "rounds": MINED_ROUNDS, "stop": sorted(_SPAN_STOP),
+                "connectors": list(_SPAN_CONNECTORS)}
+        name = f"mined-{_digest(model, tokenizer, head, list(GENERIC_PROMPTS))}.json"
+    except PlacementError:
+        pass
+    folder = preserved_cache_dir()
+    path = folder / name if folder is not None and name is not None else None
+    for candidate in ([SHIPPED_MINED_DIR / name] if name is not None else []) + [path]:
+        if candidate is not None and candidate.is_file():
+            names = _read_mined(candidate)
+            if names is not None:
                 return names
-        except (OSError, ValueError):
-            pass
     names = mine_subjects(model, tokenizer)
     if not names:
         raise ValueError("the model's continuations of the generic prompts named no entity; "
