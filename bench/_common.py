@@ -16,6 +16,7 @@ Conventions for every case's ``extra_info`` (pytest-benchmark JSON):
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -145,6 +146,14 @@ def machine_description() -> Dict[str, object]:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def write_results(path: Optional[str], result: Dict[str, object], indent: int = 1) -> None:
+    """A benchmark's results as JSON at ``path`` (its folder created); nothing without a path."""
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=indent)
 
 
 def device_label(device: torch.device) -> str:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import statistics
 import sys
@@ -50,7 +49,7 @@ for _p in (_HERE, _ROOT, os.path.join(_ROOT, "python")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from _common import machine_description  # noqa: E402
+from _common import machine_description, write_results  # noqa: E402
 from ultraedit.integrations import apply_ultraedit_kernels  # noqa: E402
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -263,10 +262,7 @@ def main(argv=None):
                     ref[name] = fp64_shift(k, g, norm, 1e-6)
                 rows.append(report("official", label + ", N=280", outs, times, ref))
     result = {"machine": machine_description(), "command": " ".join(sys.argv), "rows": rows}
-    if a.json:
-        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
-        with open(a.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+    write_results(a.json, result)
     return 0
 
 

@@ -35,7 +35,6 @@ fresh run. The first round of each is a warm-up (not timed); its weight updates 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -52,7 +51,7 @@ for _p in (_HERE, _ROOT, os.path.join(_ROOT, "python")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from _common import machine_description  # noqa: E402
+from _common import machine_description, write_results  # noqa: E402
 from bench_integrations_real import load_official  # noqa: E402  (stand-ins for its imports)
 
 MODULES = [f"model.layers.{i}.mlp.down_proj" for i in range(22, 29)]   # 7 x down_proj 1536->576
@@ -217,10 +216,7 @@ def main(argv=None):
           f"{result['speedup']:.2f}x; ours fwd+bwd {split['fwd_bwd_s']:.3f} s, editor "
           f"{split['editor_s']:.3f} s; forward-only floor {med['floor']:.3f} s (bound "
           f"{result['speedup_bound_forward_only']:.2f}x); updates agree to {result['max_rel_diff_updates']:.1e}")
-    if a.json:
-        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
-        with open(a.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+    write_results(a.json, result)
     return 0
 
 

@@ -45,7 +45,6 @@ Usage (results as JSON; ``--quick`` keeps the embedded model's shapes and N <= 4
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -63,7 +62,7 @@ import ultraedit_kernels as uk  # noqa: E402
 from ultraedit_kernels import _backends, calibration  # noqa: E402
 from ultraedit_kernels.running_stats import EPS  # noqa: E402
 
-from _common import F32, machine_description, op_cost  # noqa: E402
+from _common import F32, machine_description, op_cost, write_results  # noqa: E402
 
 # (label, n, d_in, d_out): the embedded model's MLP (SmolLM2-135M: 576 <-> 1536) at the row
 # counts of a 100-edit turn, and 7B MLP shapes (4096 <-> 14336) from one row to 2,000.
@@ -421,10 +420,7 @@ def main(argv=None) -> int:
                          "loadavg_1m_end": os.getloadavg()[0]}
     print(f"slower than plain torch: {slow or 'none'} (paired: {slow_paired or 'none'}); "
           f"calibration disagrees: {disagree or 'none'}")
-    if a.json:
-        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
-        with open(a.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+    write_results(a.json, result)
     return 0
 
 

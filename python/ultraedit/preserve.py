@@ -278,6 +278,7 @@ def mine_subjects(model, tokenizer, prompts: Sequence[str] = GENERIC_PROMPTS,
     prefix = special_prefix(tokenizer)
     table = _table_words() if exclude_tables else None
     out: Dict[str, None] = {}
+    new: List[str] = []
     for r in range(rounds):
         if r:
             prompts = [f"{name} is" for name in new]

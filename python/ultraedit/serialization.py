@@ -33,12 +33,13 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import torch
 
-__all__ = ["StateError", "write_dir", "read_dir", "recover", "tensor_sha256", "file_sha256",
+__all__ = ["StateError", "write_json_atomic", "write_dir", "read_dir", "recover", "tensor_sha256", "file_sha256",
            "dtype_name", "model_info", "check_model", "field", "FORMAT", "FORMAT_VERSION",
            "MANIFEST"]
 
@@ -188,6 +189,28 @@ def _only_state_files(path: Path) -> bool:
 
 
 # ---------------------------------------------------------------------- write / read
+def write_json_atomic(obj: Any, path, indent: int = 1) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically: a temporary file in the same folder, renamed
+    over the path (the temporary file never stays behind); the file gets the permissions the
+    user's umask gives a new file, not the temporary file's private ones."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=indent)
+            fh.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def write_dir(path, files: Dict[str, Dict[str, torch.Tensor]], manifest: Dict[str, Any]) -> None:
     """Write ``files`` (file name -> tensors) and ``manifest.json`` atomically into ``path``."""
     from safetensors.torch import save_file

@@ -46,22 +46,18 @@ and the relations.
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
 import random
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .config import EditConfig, model_fingerprint
 
 __all__ = ["tune", "search_space", "plan_schedule", "rank_key", "choose", "TuneResult",
-           "DEFAULT_RULE", "DEFAULT_LS_TARGET", "check_output_path", "write_preset"]
+           "DEFAULT_RULE", "DEFAULT_LS_TARGET", "write_preset"]
 
 DEFAULT_LS_TARGET = 0.85
 DEFAULT_RULE = ("the highest teacher-forced ES among the candidates with LS >= {target}; ties: "
@@ -228,50 +224,13 @@ def choose(rows: Sequence[Dict[str, Any]], ls_target: float) -> Optional[Dict[st
 
 
 # ---------------------------------------------------------------------- files
-def check_output_path(path) -> Path:
-    """That a preset may be written at ``path``, before any work: a ``.json`` file name whose
-    folder exists and accepts a new file. ValueError naming the problem."""
-    p = Path(path)
-    if p.suffix != ".json":
-        raise ValueError(f"{str(path)!r}: a preset file name ends in .json")
-    if p.is_dir():
-        raise ValueError(f"{str(path)!r} is a folder; give a file name")
-    folder = p.resolve().parent
-    if not folder.is_dir():
-        raise ValueError(f"{str(path)!r}: the folder {str(folder)!r} does not exist")
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ultraedit-check-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise ValueError(f"{str(path)!r}: cannot write to {str(folder)!r} "
-                         f"({err.strerror or err})") from None
-    if p.exists() and not os.access(p, os.W_OK):
-        raise ValueError(f"{str(path)!r} exists and is read-only")
-    return p
-
-
 def write_preset(preset: Dict[str, Any], path) -> None:
     """Write ``preset`` to ``path`` atomically (a temporary file renamed over it)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(preset, fh, indent=1)
-            fh.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # a shared file, like any other the user writes
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from .serialization import write_json_atomic
+
+    write_json_atomic(preset, path)
 
 
-# ---------------------------------------------------------------------- facts
 def tuning_records(model, tokenizer, n: int, seed: int = 0, known: bool = True):
     """``n`` counterfactual records of the tuning relations only (see the module docstring)."""
     from .data import TUNING_RELATIONS, drop_edited_locality, offline_facts

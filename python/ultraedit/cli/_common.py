@@ -3,7 +3,6 @@ JSON files, CPU threads and a description of the machine."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -61,22 +60,12 @@ def check_output_paths(paths: Sequence[Tuple[str, Optional[str]]]) -> None:
 
 
 def write_json(result: Dict[str, Any], path: Optional[str], indent: int = 1) -> None:
-    """Write ``result`` to ``path`` atomically (a temporary file in the same folder, renamed over
-    the path); the temporary file never stays behind."""
-    if not path:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(result, fh, indent=indent)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write ``result`` to ``path`` atomically (:func:`ultraedit.serialization.write_json_atomic`);
+    nothing when no path was given."""
+    if path:
+        from ..serialization import write_json_atomic
+
+        write_json_atomic(result, path, indent)
 
 
 def default_threads() -> Optional[int]:

@@ -20,8 +20,8 @@ import argparse
 import os
 import sys
 
-from ._common import EXIT_INTERRUPTED, UsageError, add_machine_options, check_threads, error, \
-    set_threads, split_csv
+from ._common import EXIT_INTERRUPTED, UsageError, add_machine_options, check_output_paths, \
+    check_threads, error, set_threads, split_csv
 
 DEFAULT_LS_TARGET = 0.85   # = ultraedit.tune.DEFAULT_LS_TARGET (--help without torch)
 
@@ -87,12 +87,9 @@ def _tune(args: argparse.Namespace) -> int:
                          "least 2")
     if args.candidates is not None and args.candidates < 1:
         raise UsageError(f"--candidates must be at least 1, got {args.candidates}")
-    from ..tune import check_output_path
-
-    try:
-        check_output_path(args.out)
-    except ValueError as err:
-        raise UsageError(f"--out {err}") from None
+    if not args.out.endswith(".json"):
+        raise UsageError(f"--out {args.out!r}: a preset file name ends in .json")
+    check_output_paths([("--out", args.out)])
 
     import torch
 
