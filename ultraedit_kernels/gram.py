@@ -7,7 +7,8 @@ Formula (``K`` is N x d, λ = ``ridge``)::
 
 ``K`` may be any float dtype; the product is accumulated and returned in float32
 (float64 input gives float64).  Large CPU products compute only the lower tiles (SYRK-like,
-about 60% of the FLOPs) and mirror them; the lower triangle is the plain product's bit for bit.  Equivalent PyTorch::
+about 60% of the FLOPs) and mirror them; the lower triangle is the plain product's bit for
+bit.  Equivalent PyTorch::
 
     Kf = K.float(); G = Kf @ Kf.T if rows else Kf.T @ Kf; G.diagonal().add_(ridge)
 """
@@ -156,6 +157,4 @@ def gram(x: torch.Tensor, ridge: float = 1.0, rows: bool = True) -> torch.Tensor
     """``K Kᵀ + λI`` (``rows=True``) or ``Kᵀ K + λI`` (``rows=False``); see the module docstring."""
     check_float_matrix("x", x)
     check_ridge(ridge)
-    if torch.compiler.is_compiling():
-        return gram_op(x, float(ridge), bool(rows))
-    return _gram_body(x, float(ridge), bool(rows))
+    return gram_call(x, float(ridge), bool(rows))
