@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .config import PAPER_MICRO_BATCH
 
 __all__ = ["MicroBatchSizer", "memory_budget", "forward_backward", "weighted_forward_backward",
-           "answer_logits", "group_parts",
+           "answer_logits", "group_parts", "request_order",
            "FREE_SHARE", "CPU_FALLBACK_BYTES"]
 
 GiB = 1 << 30
@@ -149,6 +149,23 @@ def group_parts(kg: Tuple[torch.Tensor, torch.Tensor], batch: Dict[str, torch.Te
     rows = torch.zeros(int(index[-1]) + 1, dtype=torch.long).index_add_(
         0, index, mask.sum(1).cpu()).tolist()
     return list(zip(kg[0].split(rows), kg[1].split(rows)))
+
+
+def request_order(parts: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]],
+                  owners: List[torch.Tensor]):
+    """The rows of forwards that ran in another order than the turn's requests
+    (``ultraedit.turn.bucket_order``) put back in the turn's order: ``(parts, perm)`` with
+    ``parts[name] = [(K, G)]``, rows sorted by request (``owners``: each forward's captured rows'
+    ``request_index``, in capture order; a stable sort keeps each request's rows in position
+    order), and ``perm`` the index that did it (for other per-row tensors)."""
+    perm = torch.argsort(torch.cat([o.cpu() for o in owners]), stable=True)
+    out = {}
+    for name, p in parts.items():
+        k = p[0][0] if len(p) == 1 else torch.cat([x[0] for x in p])
+        g = p[0][1] if len(p) == 1 else torch.cat([x[1] for x in p])
+        index = perm.to(k.device)
+        out[name] = [(k.index_select(0, index), g.index_select(0, index))]
+    return out, perm
 
 
 def available_ram() -> int:

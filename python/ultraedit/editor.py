@@ -3,7 +3,9 @@
 One turn (``UltraEditor.edit(requests)``), for requests ``(prompt, target)``:
 
 1. **Tokenize** (``ultraedit.turn.encode_turn``): answer positions are those whose label (the
-   next token) is a target token; micro-batches of ``micro_batch`` requests (or ``"auto"``).
+   next token) is a target token; micro-batches of ``micro_batch`` requests (or ``"auto"``),
+   run by length when that pads fewer tokens (``ultraedit.turn.bucket_order``; the loss
+   weights keep the given order's groups, the captured rows are put back in its order).
 2. **Capture**: per micro-batch a forward, the mean cross-entropy over its answer tokens (the
    paper's loss; ``"auto"``: ``ultraedit.batching``) and a backward. Hooks take, for every
    edited module ``m`` (d_in -> d_out), its inputs ``K_m`` (n x d_in) and the gradients of the loss w.r.t.
@@ -30,7 +32,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from ultraedit_kernels._profiling import nvtx_range
 
-from .batching import MicroBatchSizer, forward_backward, group_parts
+from .batching import MicroBatchSizer, forward_backward, group_parts, request_order
 from .config import PAPER_MICRO_BATCH, EditConfig, resolve_config
 from .fact_keys import fact_keys
 from .hooks import CaptureSession, check_editable
@@ -159,7 +161,7 @@ class UltraEditor:
         requests (N bool, ``hold_done``; None when none is) and, on the first step, the summed
         micro-batch losses and the number of answer tokens."""
         parts: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in self.modules}
-        predictions, held = [], []
+        predictions, held, owners = [], [], []
         loss_sum, n_tokens = 0.0, 0
         with nvtx_range("ultraedit/capture"), CaptureSession(self.model, self.modules) as cap:
             for batch in batches:
@@ -177,8 +179,13 @@ class UltraEditor:
                 if self.config.hold_done:
                     predicted = predicted.to(mask.device)
                     held.append(predicted[:, None].expand(mask.shape)[mask])
+                if "request_index" in batch:  # forwards by length: rows back in turn order
+                    owners.append(batch["request_index"][:, None].expand(mask.shape)[mask])
         n_predicted = int(sum(p.sum() for p in predictions))  # one sync per step
         hold = torch.cat(held) if self.config.hold_done and n_predicted else None
+        if owners:
+            parts, perm = request_order(parts, owners)
+            hold = None if hold is None else hold.index_select(0, perm.to(hold.device))
         return parts, n_predicted, hold, (loss_sum, n_tokens)
 
     def _rows(self, parts):

@@ -141,7 +141,9 @@ def _limit(tokenizer, max_length: Optional[int]) -> Optional[int]:
 
 
 def encode_edit_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str], device=None,
-                      max_length: Optional[int] = None) -> Dict[str, torch.Tensor]:
+                      max_length: Optional[int] = None,
+                      encoded: Optional[Sequence[Tuple[List[int], List[int]]]] = None
+                      ) -> Dict[str, torch.Tensor]:
     """Tokenize a batch of edit requests, right padded.
 
     Args:
@@ -151,6 +153,8 @@ def encode_edit_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str],
         device: where the returned tensors go.
         max_length: the model's context length; a longer input raises ValueError. Defaults to the
             tokenizer's ``model_max_length`` when that is a real limit.
+        encoded: the requests' ``encode_request`` ids when the caller has them already (they
+            are not tokenized again).
 
     Returns:
         dict with ``input_ids`` (B, L) long, ``attention_mask`` (B, L) long, ``labels`` (B, L)
@@ -164,9 +168,12 @@ def encode_edit_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str],
         raise ValueError("no edit requests to encode")
     limit = _limit(tokenizer, max_length)
     prefix = special_prefix(tokenizer)
+    if encoded is not None and len(encoded) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(encoded)} encoded requests")
     rows = []
-    for prompt, target in zip(prompts, targets):
-        p_ids, t_ids = encode_request(tokenizer, prompt, target, prefix)
+    for i, (prompt, target) in enumerate(zip(prompts, targets)):
+        p_ids, t_ids = (encode_request(tokenizer, prompt, target, prefix) if encoded is None
+                        else encoded[i])
         ids = p_ids + t_ids[:-1]
         if limit is not None and len(ids) > limit:
             raise ValueError(f"edit request {shown(prompt)} -> {shown(target)} is {len(ids)} tokens long, "

@@ -12,7 +12,7 @@ import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -20,7 +20,8 @@ from .config import PAPER_MICRO_BATCH
 from .tokenization import (encode_edit_batch, encode_request, shown, special_prefix,
                            subject_token_index)
 
-__all__ = ["EditRequest", "TurnReport", "TurnMeter", "prepare_turn", "encode_turn"]
+__all__ = ["EditRequest", "TurnReport", "TurnMeter", "prepare_turn", "encode_turn",
+           "bucket_order", "length_order"]
 
 
 @dataclass(frozen=True)
@@ -97,25 +98,36 @@ class TurnReport:
 
 def prepare_turn(tokenizer, requests, config, device, max_length, sizer=None):
     """``(requests, micro-batches)`` of a turn: each request coerced (:meth:`EditRequest.coerce`),
-    in the reference code's order with ``compat="official"``, tokenized (:func:`encode_turn`).
-    With ``micro_batch="auto"``, ``sizer(tokenizer, requests)`` gives the requests per forward
-    and each batch carries the paper's loss weights (:func:`loss_weights`). Warns about
-    subjects that are not used (``positions="answer"``) and about a prompt given two targets in
-    one turn."""
+    in the reference code's order with ``compat="official"``, tokenized once
+    (:func:`encode_turn`). With ``micro_batch="auto"``, ``sizer(tokenizer, requests)`` gives the
+    requests per forward and each batch carries the paper's loss weights (:func:`loss_weights`).
+    With ``compat="fixed"`` the forwards run in :func:`bucket_order` (by length) when that pads
+    fewer tokens: each batch then carries its requests' ``request_index`` and the loss weights
+    of the requests' groups in the given order, so the gradients are the given order's
+    (``ultraedit.batching.request_order`` puts the captured rows back in that order). Warns
+    about subjects that are not used (``positions="answer"``) and about a prompt given two
+    targets in one turn."""
     reqs = [EditRequest.coerce(r) for r in requests]
     if not reqs:
         raise ValueError("edit() needs at least one request")
-    if config.compat == "official":
-        reqs = official_order(tokenizer, reqs)
-    if config.micro_batch == "auto":
-        if sizer is None:
-            raise ValueError("micro_batch='auto' needs a sizer (UltraEditor makes one)")
-        batches = encode_turn(tokenizer, reqs, int(sizer(tokenizer, reqs)), config.positions,
-                              device, max_length)
-        loss_weights(batches, PAPER_MICRO_BATCH, index=config.compat == "official")
-    else:
-        batches = encode_turn(tokenizer, reqs, config.micro_batch, config.positions, device,
-                              max_length)
+    prefix = special_prefix(tokenizer)
+    encoded = [encode_request(tokenizer, r.prompt, r.target, prefix) for r in reqs]
+    lengths = [len(p) + len(t) - 1 for p, t in encoded]
+    official = config.compat == "official"
+    if official:
+        order = length_order(lengths)
+        reqs, encoded = [reqs[i] for i in order], [encoded[i] for i in order]
+        lengths = [lengths[i] for i in order]
+    auto = config.micro_batch == "auto"
+    if auto and sizer is None:
+        raise ValueError("micro_batch='auto' needs a sizer (UltraEditor makes one)")
+    size = int(sizer(tokenizer, reqs)) if auto else config.micro_batch
+    run = None if official else bucket_order(lengths, size)
+    index = range(len(reqs)) if run is None else run
+    batches = encode_turn(tokenizer, [reqs[i] for i in index], size, config.positions, device,
+                          max_length, encoded=[encoded[i] for i in index])
+    if auto or run is not None:
+        loss_weights(batches, PAPER_MICRO_BATCH if auto else size, index=official, order=run)
     if config.positions == "answer" and any(r.subject is not None for r in reqs):
         warnings.warn("edit requests carry subjects, but keys are captured at the answer "
                       "positions (positions='answer'): the subjects are not used", stacklevel=3)
@@ -131,12 +143,16 @@ def prepare_turn(tokenizer, requests, config, device, max_length, sizer=None):
 
 
 def encode_turn(tokenizer, reqs: List[EditRequest], micro_batch: int, positions: str,
-                device, max_length: Optional[int]) -> List[Dict[str, torch.Tensor]]:
-    """The turn's micro-batches (``encode_edit_batch``), with ``subject_index`` (B long) when
-    keys are captured at the subject's last token."""
+                device, max_length: Optional[int],
+                encoded: Optional[List[Tuple[List[int], List[int]]]] = None
+                ) -> List[Dict[str, torch.Tensor]]:
+    """The turn's micro-batches (``encode_edit_batch``; ``encoded``: the requests'
+    ``encode_request`` ids if already made), with ``subject_index`` (B long) when keys are
+    captured at the subject's last token."""
     batches = [encode_edit_batch(tokenizer, [r.prompt for r in reqs[i:i + micro_batch]],
                                  [r.target for r in reqs[i:i + micro_batch]],
-                                 device=device, max_length=max_length)
+                                 device=device, max_length=max_length,
+                                 encoded=None if encoded is None else encoded[i:i + micro_batch])
                for i in range(0, len(reqs), micro_batch)]
     if positions == "subject":
         index = subject_indices(tokenizer, reqs)
@@ -146,16 +162,43 @@ def encode_turn(tokenizer, reqs: List[EditRequest], micro_batch: int, positions:
     return batches
 
 
-def loss_weights(batches: List[Dict[str, torch.Tensor]], group: int, index: bool = False) -> None:
+def length_order(lengths: List[int]) -> List[int]:
+    """Indices by token length, longest first; ties keep their order (the reference code's
+    sort of a turn's requests)."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def bucket_order(lengths: List[int], size: int) -> Optional[List[int]]:
+    """The order in which a turn's requests (token ``lengths``) go through forwards of ``size``:
+    :func:`length_order` when its forwards pad fewer tokens than the given order's, else None
+    (the given order). Each forward is padded to its longest request, so its cost grows with
+    ``size x`` that length; sorted chunks minimize the sum of those."""
+    if size >= len(lengths):
+        return None
+
+    def padded(order):
+        return sum(len(order[i:i + size]) * max(lengths[j] for j in order[i:i + size])
+                   for i in range(0, len(order), size))
+
+    order = length_order(lengths)
+    return order if padded(order) < padded(range(len(lengths))) else None
+
+
+def loss_weights(batches: List[Dict[str, torch.Tensor]], group: int, index: bool = False,
+                 order: Optional[List[int]] = None) -> None:
     """Give every batch ``loss_weight`` (B, float64): ``w_r = 1 / T_b`` for each request ``r``
     of the turn's group ``b`` of ``group`` consecutive requests, ``T_b`` the group's answer
     tokens, so that a forward's loss ``Σ_r w_r Σ_{t∈r} CE_t = Σ_b (1/T_b) Σ_{t∈b} CE_t`` has
     the gradients of the paper's per-micro-batch mean losses (requests are independent rows
     of a batch). ``index``: also ``group_index`` (B long), each request's group counted from 0
-    per batch (to split the captured rows by group, ``ultraedit.batching.group_parts``)."""
+    per batch (to split the captured rows by group, ``ultraedit.batching.group_parts``).
+    ``order``: the batches hold the requests ``order[0], order[1], ...`` of the turn (not its
+    given order): groups are the given order's, and each batch gets ``request_index`` (B long,
+    the requests' places in the given order)."""
     counts = torch.cat([(b["labels"] != -100).sum(1).cpu() for b in batches])
-    owner = torch.arange(counts.numel()) // group
-    totals = torch.zeros(int(owner[-1]) + 1, dtype=torch.float64).index_add_(
+    place = torch.arange(counts.numel()) if order is None else torch.tensor(order)
+    owner = place // group
+    totals = torch.zeros(int(owner.max()) + 1, dtype=torch.float64).index_add_(
         0, owner, counts.to(torch.float64))
     weights, start = 1.0 / totals[owner], 0
     for b in batches:
@@ -163,6 +206,8 @@ def loss_weights(batches: List[Dict[str, torch.Tensor]], group: int, index: bool
         b["loss_weight"] = weights[start:start + n].to(device)
         if index:
             b["group_index"] = (owner[start:start + n] - owner[start]).to(device)
+        if order is not None:
+            b["request_index"] = place[start:start + n].to(device)
         start += n
 
 
@@ -192,9 +237,10 @@ def context_length(model) -> Optional[int]:
 
 def official_order(tokenizer, reqs: List[EditRequest]) -> List[EditRequest]:
     """The reference code's order: by tokenized length, longest first (stable for ties)."""
-    lengths = [sum(len(x) for x in encode_request(tokenizer, r.prompt, r.target)) - 1
+    prefix = special_prefix(tokenizer)
+    lengths = [sum(len(x) for x in encode_request(tokenizer, r.prompt, r.target, prefix)) - 1
                for r in reqs]
-    return [reqs[i] for i in sorted(range(len(reqs)), key=lambda i: -lengths[i])]
+    return [reqs[i] for i in length_order(lengths)]
 
 
 def subject_indices(tokenizer, reqs: List[EditRequest]) -> List[int]:
