@@ -392,6 +392,25 @@ def test_progress_per_step_and_per_evaluation_batch(model_dir, tmp_path, capsys)
     assert err.index("capturing the preserved") < err.index("editing")
 
 
+def test_a_cached_preserved_capture_is_not_announced_as_a_capture(model_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    """The first run captures the preserved keys and says so; the second reads them from the
+    cache and says that instead."""
+    monkeypatch.setenv("ULTRAEDIT_PRESERVED_CACHE", str(tmp_path / "cache"))
+    data = _write(tmp_path / "counterfact.json", COUNTERFACT)
+    args = [a for a in _base(model_dir, data, tmp_path, "--format", "counterfact",
+                             "--positions", "subject", "--preserve", "1")
+            if a != "--no-progress"]
+    errs = []
+    for _ in range(2):
+        assert main(args) == 0
+        errs.append(capsys.readouterr().err)
+    assert "capturing the preserved subjects' keys" in errs[0]
+    assert "preserved subjects' keys captured in" in errs[0]
+    assert "capturing the preserved" not in errs[1]
+    assert "preserved subjects' keys read from the cache in" in errs[1]
+
+
 def test_preset_and_the_recorded_config_reproduce_a_run(model_dir, tmp_path, capsys):
     """The run JSON records EditConfig.to_dict() (modules resolved); given back as --preset FILE
     it edits the same way. An unknown preset is a one-line error."""

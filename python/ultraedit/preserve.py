@@ -31,6 +31,8 @@ Equivalent PyTorch for one module (``keys`` = the preserved rows not edited this
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -41,7 +43,7 @@ __all__ = ["DEFAULT_CONTEXTS", "DEFAULT_CITIES", "PreservedKeys", "default_subje
            "resolve_subjects", "mine_subjects", "mined_subjects", "extract_spans",
            "GENERIC_PROMPTS", "TABLES", "GENERIC", "SOURCES", "DEFAULT_SOURCE",
            "capture_subject_keys", "capture_preserved", "encode_subject_texts",
-           "preserved_cache_dir", "preserved_cache_key", "CACHE_ENV"]
+           "preserved_cache_dir", "preserved_cache_key", "CACHE_ENV", "announce_capture"]
 
 # Neutral left contexts: a subject's key depends only on the tokens up to it, so these differ
 # from any relation's prompt ("The capital of {s}") while keeping the subject's representation.
@@ -365,6 +367,22 @@ def mined_subjects(model, tokenizer) -> List[str]:
     return names
 
 
+_ANNOUNCE: contextvars.ContextVar = contextvars.ContextVar("ultraedit_preserve_announce",
+                                                          default=None)
+
+
+@contextlib.contextmanager
+def announce_capture(callback):
+    """Within the block, ``callback(n_subjects)`` is called when preserved keys are about to be
+    captured from the model (seconds to minutes), not when they are read from the cache: a
+    command line's "this takes a while" line. ``None`` announces nothing."""
+    token = _ANNOUNCE.set(callback)
+    try:
+        yield
+    finally:
+        _ANNOUNCE.reset(token)
+
+
 def capture_preserved(editor, config) -> Tuple[Dict[str, "PreservedKeys"], float]:
     """The preserved keys of ``editor``'s modules for ``config`` (its subjects and contexts,
     defaults where None), captured from the model as it is now, and the seconds it took.
@@ -392,6 +410,9 @@ def capture_preserved(editor, config) -> Tuple[Dict[str, "PreservedKeys"], float
         keys = _read_cached(folder / digest, editor.modules, owners)
         if keys is not None:
             return keys, time.perf_counter() - t0
+    announce = _ANNOUNCE.get()
+    if announce is not None:
+        announce(len(subjects))
     rows, index, owners = encode_subject_texts(editor.tokenizer, subjects, contexts)
     keys = _capture_rows(editor.model, editor.tokenizer, editor.modules, rows, index, owners,
                          progress=len(subjects) > 256)

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "no_progress"):
+        # --no-progress also silences transformers' own bars (its weight loading bar)
+        from transformers.utils import logging as hf_logging
+
+        (hf_logging.disable_progress_bar if args.no_progress else hf_logging.enable_progress_bar)()
     return int(args.func(args) or 0)
 
 

@@ -114,21 +114,28 @@ def resolve(args: argparse.Namespace, model, **changes) -> EditConfig:
 
 def build_editor(model, tokenizer, config: EditConfig, progress: bool = True):
     """``UltraEditor(model, tokenizer, config)``; says so first when it captures the preserved
-    subjects' keys (once, seconds to minutes). A setting the editor refuses (a module that is
-    not a Linear, a name that matches nothing) is a :class:`UsageError`."""
+    subjects' keys from the model (once, seconds to minutes), and afterwards whether they were
+    captured or read from the cache. A setting the editor refuses (a module that is not a
+    Linear, a name that matches nothing) is a :class:`UsageError`."""
     from ..editor import UltraEditor
+    from ..preserve import announce_capture
 
-    announce = progress and config.preserve > 0
-    if announce:
-        print("capturing the preserved subjects' keys once, before the first turn ...",
-              file=sys.stderr, flush=True)
+    captured = []
+
+    def announce(n_subjects):
+        captured.append(n_subjects)
+        print(f"capturing the preserved subjects' keys once ({n_subjects} subjects), before the "
+              f"first turn ...", file=sys.stderr, flush=True)
+
     t0 = time.perf_counter()
     try:
-        editor = UltraEditor(model, tokenizer, config)
+        with announce_capture(announce if progress else None):
+            editor = UltraEditor(model, tokenizer, config)
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
-    if announce:
-        print(f"preserved subjects' keys captured in {time.perf_counter() - t0:.1f}s",
+    if progress and config.preserve > 0:
+        how = "captured" if captured else "read from the cache"
+        print(f"preserved subjects' keys {how} in {time.perf_counter() - t0:.1f}s",
               file=sys.stderr, flush=True)
     return editor
 
