@@ -102,7 +102,7 @@ def test_bucket_order_sorts_only_when_it_pads_fewer_tokens():
 
 def test_forwards_by_length_keep_the_given_orders_groups(ue_tokenizer):
     from ultraedit import EditConfig
-    from ultraedit.turn import EditRequest, prepare_turn
+    from ultraedit.turn import prepare_turn
 
     reqs, batches = prepare_turn(ue_tokenizer, MIXED, EditConfig(micro_batch=3),
                                  torch.device("cpu"), None)
