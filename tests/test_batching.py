@@ -179,13 +179,16 @@ def test_default_budget_is_weights_plus_free_memory(ue_tokenizer):
 
 
 def test_request_shape_is_what_the_encoding_gives(ue_tokenizer):
+    """request_shape describes the micro-batches the editor runs (forwards by length included)."""
+    from ultraedit.turn import prepare_turn
+
     reqs = _requests(13)
     for size in (1, 4, 13):
         shape = request_shape(ue_tokenizer, reqs, size)
+        _, batches = prepare_turn(ue_tokenizer, reqs, EditConfig(micro_batch=size),
+                                  torch.device("cpu"), None)
         answer, seq, cols = 0, 0, 0
-        for i in range(0, 13, size):
-            b = encode_edit_batch(ue_tokenizer, [r["prompt"] for r in reqs[i:i + size]],
-                                  [r["target"] for r in reqs[i:i + size]])
+        for b in batches:
             mask = b["labels"] != -100
             answer, seq = answer + int(mask.sum()), max(seq, mask.shape[1])
             # answer rows per request: only those rows are projected to the vocabulary

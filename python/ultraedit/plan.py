@@ -241,9 +241,15 @@ def request_shape(tokenizer, requests, micro_batch: int = 10,
     the longest request, ``logit_columns`` the answer rows per request of the micro-batch with
     the most (only answer rows are projected to the vocabulary, so a micro-batch's logits are
     ``micro_batch x logit_columns`` rows). ``lengths``: :func:`request_lengths` of the
-    requests, if already known."""
+    requests, if already known. The micro-batches are those the editor runs: in length order
+    when that pads fewer tokens (:func:`ultraedit.turn.bucket_order`)."""
+    from .turn import bucket_order
+
     if lengths is None:
         lengths = request_lengths(tokenizer, requests)
+    order = bucket_order([p + t - 1 for p, t in lengths], micro_batch)
+    if order is not None:
+        lengths = [lengths[i] for i in order]
     answer, seq, cols = 0, 0, 0
     for i in range(0, len(lengths), micro_batch):
         chunk = lengths[i:i + micro_batch]
