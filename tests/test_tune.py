@@ -90,6 +90,39 @@ def test_rule_ties_and_infeasible_rows():
     assert choose([], 0.85) is None
 
 
+def test_trade_offs_are_the_rows_nothing_beats_on_both():
+    from ultraedit.tune import trade_offs
+
+    rows = [{"candidate": 0, "es": 0.2, "ls": 0.97},
+            {"candidate": 1, "es": 0.9, "ls": 0.50},
+            {"candidate": 2, "es": 0.6, "ls": 0.60},
+            {"candidate": 3, "es": 0.5, "ls": 0.55},       # beaten by #2 on both
+            {"candidate": 4, "es": 0.6, "ls": 0.60},       # #2's twin: the earlier one stays
+            {"candidate": 5, "es": None, "ls": None, "error": "ValueError: ..."}]
+    assert [r["candidate"] for r in trade_offs(rows)] == [1, 2, 0]
+    assert trade_offs([]) == []
+
+
+def test_the_record_has_each_rounds_trade_offs(searched):
+    from ultraedit.tune import WEAK_GAIN, trade_offs
+
+    result, lines = searched
+    t = result.preset["tuning"]
+    assert [f["round"] for f in t["trade_offs"]] == [0, 1]
+    for front in t["trade_offs"]:
+        rows = [r for r in t["candidates"] if r["round"] == front["round"]]
+        assert [r["candidate"] for r in front["rows"]] == [r["candidate"]
+                                                            for r in trade_offs(rows)]
+        assert front["edits"] == rows[0]["edits"]
+    assert sum(ln.startswith("ES/LS trade-offs of round") for ln in lines) == 2
+    base = [r for r in t["candidates"] if r["round"] == result.chosen["round"]
+            and r["candidate"] == 0]
+    weak = bool(base) and result.chosen["candidate"] != 0 and \
+        result.chosen["es"] - base[0]["es"] < WEAK_GAIN
+    assert t["weak_pick"] == weak
+    assert any(ln.startswith("note: the pick edits barely") for ln in lines) == weak
+
+
 def test_preset_loads_by_file_and_by_fingerprint(searched, tiny, tmp_path, monkeypatch):
     from ultraedit.config import EditConfig, model_fingerprint
     from ultraedit.editor import UltraEditor

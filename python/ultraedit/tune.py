@@ -25,7 +25,10 @@ ES among the candidates with LS >= ``ls_target``; ties go to the cheaper turn (f
 forward+backward passes run), then to the earlier candidate. If no candidate meets the target,
 the one with the highest LS (then ES) is chosen, and the record says so. Survivors of a round
 are its best candidates in the same order. The pick comes from the last round that scored a
-candidate (the most edits).
+candidate (the most edits). Beside it the preset records, and the log prints, each round's
+ES/LS trade-offs (:func:`trade_offs`: the candidates no other beats on both), and says when the
+pick edits barely more than the current config (ES within :data:`WEAK_GAIN`): on a model where
+only near no-ops keep LS >= ``ls_target``, those trade-offs say what a lower target buys.
 
 The budget (``budget_s``): the first candidate (the current config) is timed, a cost model
 (seconds per edit and step, seconds of evaluation per edit, preserved-key capture per layer
@@ -56,8 +59,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .config import EditConfig, model_fingerprint
 
-__all__ = ["tune", "search_space", "plan_schedule", "rank_key", "choose", "TuneResult",
-           "DEFAULT_RULE", "DEFAULT_LS_TARGET", "write_preset"]
+__all__ = ["tune", "search_space", "plan_schedule", "rank_key", "choose", "trade_offs",
+           "TuneResult", "DEFAULT_RULE", "DEFAULT_LS_TARGET", "WEAK_GAIN", "write_preset"]
 
 DEFAULT_LS_TARGET = 0.85
 DEFAULT_RULE = ("the highest teacher-forced ES among the candidates with LS >= {target}; ties: "
@@ -221,6 +224,23 @@ def rank_key(row: Dict[str, Any], ls_target: float) -> Tuple:
 def choose(rows: Sequence[Dict[str, Any]], ls_target: float) -> Optional[Dict[str, Any]]:
     """The rule's pick among ``rows`` of ONE round (None when empty)."""
     return min(rows, key=lambda r: rank_key(r, ls_target)) if rows else None
+
+
+def trade_offs(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The ES/LS trade-offs among ``rows`` of ONE round: the rows no other row beats on both
+    teacher-forced ES and LS (higher is better; equal on both: the earlier candidate), by ES
+    descending. What a user reads to pick another ``--ls-target`` when the rule's pick edits
+    too little."""
+    ok = [r for r in rows if not r.get("error") and r["es"] is not None and r["ls"] is not None]
+    front = [r for r in ok
+             if not any((o["es"] >= r["es"] and o["ls"] >= r["ls"])
+                        and (o["es"] > r["es"] or o["ls"] > r["ls"]
+                             or o["candidate"] < r["candidate"]) for o in ok)]
+    return sorted(front, key=lambda r: (-r["es"], -r["ls"], r["candidate"]))
+
+
+# the pick "barely edits" when its ES exceeds the current config's by less than this
+WEAK_GAIN = 0.05
 
 
 # ---------------------------------------------------------------------- files
@@ -503,6 +523,14 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
         raise RuntimeError(f"every candidate of the last round failed, e.g. {chosen['error']}")
     config = pool[chosen["candidate"]][1]
     feasible = chosen["ls"] is not None and chosen["ls"] >= ls_target
+    fronts = [{"round": r, "edits": rr[0]["edits"],
+               "rows": [{k: row[k] for k in ("candidate", "label", "es", "gs", "ls", "passes")}
+                        for row in trade_offs(rr)]}
+              for r, rr in enumerate(round_rows) if rr]
+    baseline = next((row for row in round_rows[chosen["round"]] if row["candidate"] == 0
+                     and not row.get("error")), None)
+    weak = (baseline is not None and chosen["candidate"] != 0
+            and chosen["es"] - baseline["es"] < WEAK_GAIN)
     wall = time.perf_counter() - t_start
     paper = EditConfig().to_dict()
     config_out = {k: _json(v) for k, v in config.to_dict().items()
@@ -530,6 +558,7 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
             "space": space,
             "grid_size": len(pool) - 1, "chosen": chosen["candidate"],
             "chosen_round": chosen["round"], "candidates": rows,
+            "trade_offs": fronts, "weak_pick": weak,
             "cost_model": {"s_per_edit_step": cost.per_step, "eval_s_per_edit": cost.per_eval,
                            "capture_s": cost.capture, "factor": cost.factor},
             "threads": torch.get_num_threads(),
@@ -538,6 +567,14 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
     log(f"chosen #{chosen['candidate']} (round {chosen['round']}): {label(config)} | ES "
         f"{chosen['es']:.3f} LS {chosen['ls']:.3f}{'' if feasible else ' (target not met)'}; "
         f"{wall / 60:.1f} min, stopped: {stopped}")
+    for front in fronts:
+        log(f"ES/LS trade-offs of round {front['round']} ({front['edits']} edits): "
+            + "; ".join(f"#{r['candidate']} ES {r['es']:.3f} LS {r['ls']:.3f}"
+                        for r in front["rows"]))
+    if weak:
+        log(f"note: the pick edits barely more than the current config (#0, ES "
+            f"{baseline['es']:.3f}): no searched setting met LS >= {ls_target} with stronger "
+            f"edits on this model; the trade-offs above say what a lower --ls-target buys")
     return TuneResult(preset=preset, rows=rows, chosen=chosen, stopped=stopped)
 
 

@@ -118,5 +118,10 @@ def _tune(args: argparse.Namespace) -> int:
     print(f"chosen: {c['label']} | ES {c['es']:.3f} GS {c['gs'] or 0:.3f} LS {c['ls']:.3f} on "
           f"{c['edits']} tuning edits; {len(result.rows)} candidates scored in "
           f"{result.preset['tuning']['wall_s'] / 60:.1f} min ({result.stopped})")
+    if result.preset["tuning"]["weak_pick"]:
+        print(f"note: the pick edits barely more than the model's current config; no searched "
+              f"setting met LS >= {args.ls_target} with stronger edits. The ES/LS trade-offs "
+              f"of every round are in the file (tuning.trade_offs): rerun with a lower "
+              f"--ls-target to choose among them")
     print(f"wrote {args.out}")
     return EXIT_INTERRUPTED if result.stopped == "interrupted" else 0
