@@ -50,12 +50,14 @@ def test_search_runs_the_schedule_and_records_it(searched):
     for row in t["candidates"]:
         assert 0 <= row["es"] <= 1 and 0 <= row["ls"] <= 1 and row["wall_s"] > 0
         assert row["passes"] >= row["steps_run"] >= 1
-    # candidate 0 is the model's current config; the survivors are round 0's best by the rule
-    from ultraedit.tune import rank_key
+    # candidate 0 is the model's current config; the survivors: round 0's best by the rule and
+    # its ES/LS trade-offs
+    from ultraedit.tune import rank_key, survivors
 
     assert by_round[0][0]["source"] == "current"
-    best3 = sorted(by_round[0], key=lambda r: rank_key(r, 0.5))[:3]
-    assert [r["candidate"] for r in by_round[1]] == [r["candidate"] for r in best3]
+    kept = survivors(by_round[0], 3, 0.5)
+    assert [r["candidate"] for r in by_round[1]] == [r["candidate"] for r in kept]
+    assert kept[:2] == sorted(by_round[0], key=lambda r: rank_key(r, 0.5))[:2]
     assert t["space"]["lr"] == GRID["lr"] and t["space"]["n_layers"] == 3
     assert t["rule"].startswith("the highest teacher-forced ES") and "0.5" in t["rule"]
     assert lines[0].startswith("rule (fixed before the search)")
@@ -101,6 +103,23 @@ def test_trade_offs_are_the_rows_nothing_beats_on_both():
             {"candidate": 5, "es": None, "ls": None, "error": "ValueError: ..."}]
     assert [r["candidate"] for r in trade_offs(rows)] == [1, 2, 0]
     assert trade_offs([]) == []
+
+
+def test_survivors_are_half_by_the_rule_and_half_trade_offs():
+    from ultraedit.tune import survivors
+
+    rows = [{"candidate": 0, "es": 0.20, "ls": 0.97, "passes": 2},
+            {"candidate": 1, "es": 0.25, "ls": 0.90, "passes": 2},
+            {"candidate": 2, "es": 0.22, "ls": 0.88, "passes": 2},
+            {"candidate": 3, "es": 0.95, "ls": 0.55, "passes": 9},
+            {"candidate": 4, "es": 0.70, "ls": 0.70, "passes": 9},
+            {"candidate": 5, "es": 0.60, "ls": 0.60, "passes": 9},
+            {"candidate": 6, "es": None, "ls": None, "passes": 0, "error": "ValueError: x"}]
+    # the rule (LS >= 0.85) alone would keep the near no-ops 1, 2, 0
+    assert [r["candidate"] for r in survivors(rows, 4, 0.85)] == [1, 2, 3, 4]
+    assert [r["candidate"] for r in survivors(rows, 2, 0.85)] == [1, 3]
+    assert [r["candidate"] for r in survivors(rows, 7, 0.85)] == [1, 2, 0, 4, 3, 5]
+    assert [r["candidate"] for r in survivors(rows, 3, 0.5)] == [3, 4, 1]
 
 
 def test_the_record_has_each_rounds_trade_offs(searched):

@@ -23,9 +23,10 @@ its edits after its last turn.
 The rule (:data:`DEFAULT_RULE`, fixed before the search and recorded in the preset): the highest
 ES among the candidates with LS >= ``ls_target``; ties go to the cheaper turn (fewer
 forward+backward passes run), then to the earlier candidate. If no candidate meets the target,
-the one with the highest LS (then ES) is chosen, and the record says so. Survivors of a round
-are its best candidates in the same order. The pick comes from the last round that scored a
-candidate (the most edits). Beside it the preset records, and the log prints, each round's
+the one with the highest LS (then ES) is chosen, and the record says so. Of the places in the
+next round, half go to a round's best candidates by the rule and the rest to its ES/LS
+trade-offs (:func:`survivors`). The pick comes from the last round that scored a candidate (the most
+edits). Beside it the preset records, and the log prints, each round's
 ES/LS trade-offs (:func:`trade_offs`: the candidates no other beats on both), and says when the
 pick edits barely more than the current config (ES within :data:`WEAK_GAIN`): on a model where
 only near no-ops keep LS >= ``ls_target``, those trade-offs say what a lower target buys.
@@ -60,6 +61,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .config import EditConfig, model_fingerprint
 
 __all__ = ["tune", "search_space", "plan_schedule", "rank_key", "choose", "trade_offs",
+           "survivors",
            "TuneResult", "DEFAULT_RULE", "DEFAULT_LS_TARGET", "WEAK_GAIN", "write_preset"]
 
 DEFAULT_LS_TARGET = 0.85
@@ -241,6 +243,25 @@ def trade_offs(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 # the pick "barely edits" when its ES exceeds the current config's by less than this
 WEAK_GAIN = 0.05
+
+
+def survivors(rows: Sequence[Dict[str, Any]], keep: int, ls_target: float
+              ) -> List[Dict[str, Any]]:
+    """The ``keep`` rows of a round that go on to the next: the best ``ceil(keep / 2)`` by the
+    rule (:func:`rank_key`), then the round's ES/LS trade-offs (:func:`trade_offs`, highest ES
+    first) not among them, then the rule's next best. Why: ranked by the rule alone, a model
+    whose strong edits all fall short of the LS target sends only near no-ops to the last
+    round, and the full protocol then measures no trade-off a user could choose instead."""
+    ranked = sorted(rows, key=lambda row: rank_key(row, ls_target))
+    out = ranked[:(keep + 1) // 2]
+    chosen = {row["candidate"] for row in out}
+    for row in trade_offs(rows) + ranked:
+        if len(out) >= keep:
+            break
+        if row["candidate"] not in chosen and not row.get("error"):
+            out.append(row)
+            chosen.add(row["candidate"])
+    return out
 
 
 # ---------------------------------------------------------------------- files
@@ -498,10 +519,10 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
                     break
                 entrants = [(i, src, cfg) for i, (src, cfg) in enumerate(pool[:n0])]
                 continue
-            prev = sorted(round_rows[r - 1], key=lambda row: rank_key(row, ls_target))
             keep = schedule[r]["candidates"]
             by_idx = {i: (src, cfg) for i, src, cfg in entrants}
-            entrants = [(row["candidate"],) + by_idx[row["candidate"]] for row in prev[:keep]]
+            entrants = [(row["candidate"],) + by_idx[row["candidate"]]
+                        for row in survivors(round_rows[r - 1], keep, ls_target)]
             log(f"round {r}: {len(entrants)} survivors on {turns} turns of {sizes[r]} edits")
             for k, (idx, src, cfg) in enumerate(entrants, 1):
                 if not _fits(cost, cfg, turns * sizes[r], deadline, idx, log):
