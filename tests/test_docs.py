@@ -75,6 +75,22 @@ def test_every_cli_option_is_documented():
                     assert flag in cli_doc or flag.replace("--no-", "--") in cli_doc, (name, flag)
 
 
+def test_every_command_prints_its_help(capsys):
+    """``ultraedit COMMAND --help`` works (argparse formats help texts with %: a literal percent
+    sign in a field's help must not break it) and names every flag of the command."""
+    from ultraedit.cli import build_parser, main
+
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for name, parser in sub.items():
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        assert done.value.code == 0, name
+        out = capsys.readouterr().out
+        for action in parser._actions:
+            for flag in action.option_strings:
+                assert flag in out, (name, flag)
+
+
 @pytest.mark.parametrize("top", ["README.md", "CHANGELOG.md", "docs", "experiments", "bench",
                                  "tests", os.path.join("python", "ultraedit", "cli"),
                                  os.path.join("python", "ultraedit", "eval"),

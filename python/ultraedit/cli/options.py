@@ -74,7 +74,7 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(EditConfig):
         meta = dict(f.metadata)
         kwargs: Dict[str, Any] = {"dest": _DEST + f.name, "default": None,
-                                  "help": meta.get("help", "")}
+                                  "help": meta.get("help", "").replace("%", "%%")}  # argparse formats it
         if meta.get("cli_type") == "list":
             kwargs.update(type=_list, metavar="A,B,...|@FILE")
             if f.name == "modules":
