@@ -58,6 +58,7 @@ def test_search_runs_the_schedule_and_records_it(searched):
     kept = survivors(by_round[0], 3, 0.5)
     assert [r["candidate"] for r in by_round[1]] == [r["candidate"] for r in kept]
     assert kept[:2] == sorted(by_round[0], key=lambda r: rank_key(r, 0.5))[:2]
+    assert 0 in [r["candidate"] for r in kept]
     assert t["space"]["lr"] == GRID["lr"] and t["space"]["n_layers"] == 3
     assert t["rule"].startswith("the highest teacher-forced ES") and "0.5" in t["rule"]
     assert lines[0].startswith("rule (fixed before the search)")
@@ -105,7 +106,7 @@ def test_trade_offs_are_the_rows_nothing_beats_on_both():
     assert trade_offs([]) == []
 
 
-def test_survivors_are_half_by_the_rule_and_half_trade_offs():
+def test_survivors_are_half_by_the_rule_the_current_config_and_trade_offs():
     from ultraedit.tune import survivors
 
     rows = [{"candidate": 0, "es": 0.20, "ls": 0.97, "passes": 2},
@@ -115,11 +116,14 @@ def test_survivors_are_half_by_the_rule_and_half_trade_offs():
             {"candidate": 4, "es": 0.70, "ls": 0.70, "passes": 9},
             {"candidate": 5, "es": 0.60, "ls": 0.60, "passes": 9},
             {"candidate": 6, "es": None, "ls": None, "passes": 0, "error": "ValueError: x"}]
-    # the rule (LS >= 0.85) alone would keep the near no-ops 1, 2, 0
-    assert [r["candidate"] for r in survivors(rows, 4, 0.85)] == [1, 2, 3, 4]
-    assert [r["candidate"] for r in survivors(rows, 2, 0.85)] == [1, 3]
+    # the rule (LS >= 0.85) alone would keep the near no-ops 1, 2, 0; candidate 0 (the current
+    # config) always goes on
+    assert [r["candidate"] for r in survivors(rows, 4, 0.85)] == [1, 2, 0, 3]
+    assert [r["candidate"] for r in survivors(rows, 5, 0.85)] == [1, 2, 0, 3, 4]
+    assert [r["candidate"] for r in survivors(rows, 2, 0.85)] == [1, 0]
     assert [r["candidate"] for r in survivors(rows, 7, 0.85)] == [1, 2, 0, 4, 3, 5]
-    assert [r["candidate"] for r in survivors(rows, 3, 0.5)] == [3, 4, 1]
+    assert [r["candidate"] for r in survivors(rows, 3, 0.5)] == [3, 4, 0]
+    assert [r["candidate"] for r in survivors(rows[1:], 3, 0.5)] == [3, 4, 1]
 
 
 def test_the_record_has_each_rounds_trade_offs(searched):

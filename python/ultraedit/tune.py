@@ -24,8 +24,8 @@ The rule (:data:`DEFAULT_RULE`, fixed before the search and recorded in the pres
 ES among the candidates with LS >= ``ls_target``; ties go to the cheaper turn (fewer
 forward+backward passes run), then to the earlier candidate. If no candidate meets the target,
 the one with the highest LS (then ES) is chosen, and the record says so. Of the places in the
-next round, half go to a round's best candidates by the rule and the rest to its ES/LS
-trade-offs (:func:`survivors`). The pick comes from the last round that scored a candidate (the most
+next round, half go to a round's best candidates by the rule, one to candidate 0 and the rest to
+its ES/LS trade-offs (:func:`survivors`). The pick comes from the last round that scored a candidate (the most
 edits). Beside it the preset records, and the log prints, each round's
 ES/LS trade-offs (:func:`trade_offs`: the candidates no other beats on both), and says when the
 pick edits barely more than the current config (ES within :data:`WEAK_GAIN`): on a model where
@@ -248,14 +248,16 @@ WEAK_GAIN = 0.05
 def survivors(rows: Sequence[Dict[str, Any]], keep: int, ls_target: float
               ) -> List[Dict[str, Any]]:
     """The ``keep`` rows of a round that go on to the next: the best ``ceil(keep / 2)`` by the
-    rule (:func:`rank_key`), then the round's ES/LS trade-offs (:func:`trade_offs`, highest ES
-    first) not among them, then the rule's next best. Why: ranked by the rule alone, a model
-    whose strong edits all fall short of the LS target sends only near no-ops to the last
-    round, and the full protocol then measures no trade-off a user could choose instead."""
+    rule (:func:`rank_key`), candidate 0 (the model's current config: what the pick is
+    compared with), then the round's ES/LS trade-offs (:func:`trade_offs`, highest ES first)
+    not among them, then the rule's next best. Why: ranked by the rule alone, a model whose
+    strong edits all fall short of the LS target sends only near no-ops to the last round, and
+    the full protocol then measures no trade-off a user could choose instead."""
     ranked = sorted(rows, key=lambda row: rank_key(row, ls_target))
     out = ranked[:(keep + 1) // 2]
     chosen = {row["candidate"] for row in out}
-    for row in trade_offs(rows) + ranked:
+    current = [row for row in ranked if row["candidate"] == 0]
+    for row in current + trade_offs(rows) + ranked:
         if len(out) >= keep:
             break
         if row["candidate"] not in chosen and not row.get("error"):
