@@ -215,6 +215,18 @@ def test_tuning_relations_only(tiny, facts, monkeypatch):
     assert len(recs) == 6 and not {r.relation for r in recs} & set(REPORT_RELATIONS)
 
 
+def test_looking_for_known_facts_stops_at_its_deadline(tiny):
+    """A model that knows too few tuning facts gets a clear error naming --no-known, not a search
+    that eats the budget."""
+    import time
+
+    from ultraedit.tune import tuning_records
+
+    model, tok = tiny
+    with pytest.raises(ValueError, match=r"within the time allowed.*--no-known"):
+        tuning_records(model, tok, 6, known=True, deadline=time.perf_counter() - 1.0)
+
+
 def test_budget_stops_cleanly_with_the_best_so_far(tiny, facts):
     from ultraedit.tune import tune
 

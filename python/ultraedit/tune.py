@@ -41,8 +41,9 @@ the search stops cleanly and the best so far is chosen. Times observed correct t
 as the search goes.
 
 Facts: the offline stand-in facts of the TUNING relations only (``ultraedit.data``,
-``split="tuning"``): the facts the unedited model answers correctly (``known=True``), else
-(``known=False``, for models that know none, e.g. tests) the first ones. A record of another
+``split="tuning"``): the facts the unedited model answers correctly (``known=True``; looked for
+during at most :data:`KNOWN_SHARE` of the budget, then a ValueError suggests ``known=False``),
+else (``known=False``, for models that know few, e.g. a base model or tests) the first ones. A record of another
 relation is an error; the report relations are never drawn. The preset file records the split
 and the relations.
 """
@@ -81,6 +82,7 @@ WINDOW_STARTS = (0.07, 0.14, 0.4, 0.8)
 SEARCHED = ("modules", "positions", "lr", "steps", "hold_done", "memory", "preserve",
             "protect_mean")
 FILL = 0.85   # the share of the time left that the schedule is sized for
+KNOWN_SHARE = 0.25   # of the budget, at most, to look for tuning facts the model knows
 
 
 # ---------------------------------------------------------------------- the search space
@@ -274,15 +276,22 @@ def write_preset(preset: Dict[str, Any], path) -> None:
     write_json_atomic(preset, path)
 
 
-def tuning_records(model, tokenizer, n: int, seed: int = 0, known: bool = True):
-    """``n`` counterfactual records of the tuning relations only (see the module docstring)."""
+def tuning_records(model, tokenizer, n: int, seed: int = 0, known: bool = True,
+                   deadline: Optional[float] = None):
+    """``n`` counterfactual records of the tuning relations only (see the module docstring).
+    ``known``: facts the model answers right, looked for until ``deadline`` (a
+    ``time.perf_counter()`` value; ValueError after it, suggesting ``known=False``)."""
     from .data import TUNING_RELATIONS, drop_edited_locality, offline_facts
 
     if known:
         from .eval import offline_records
 
-        records = offline_records(model, tokenizer, n, relations=TUNING_RELATIONS, seed=seed,
-                                  split="tuning")
+        try:
+            records = offline_records(model, tokenizer, n, relations=TUNING_RELATIONS,
+                                      seed=seed, split="tuning", deadline=deadline)
+        except ValueError as err:
+            raise ValueError(f"tune: {err}; tune on the first tuning facts instead (--no-known, "
+                             f"known=False): the edits are counterfactual either way") from None
     else:
         records = offline_facts(TUNING_RELATIONS, seed=seed, limit=n, n_locality=3,
                                 split="tuning")
@@ -445,8 +454,9 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
     from .eval import locality_reference
 
     need = turns * edits_per_turn
-    if records is None:
-        records = tuning_records(model, tokenizer, need, seed=seed, known=known)
+    if records is None:   # looking for known facts may take a quarter of the budget
+        records = tuning_records(model, tokenizer, need, seed=seed, known=known,
+                                 deadline=t_start + KNOWN_SHARE * budget_s)
     else:
         records = list(records)[:need]
         outside = sorted({str(r.relation) for r in records} - set(TUNING_RELATIONS))

@@ -12,6 +12,7 @@ against knowledge that was there.
 from __future__ import annotations
 
 import random
+import time
 from typing import Any, Iterable, List, Optional, Sequence
 
 from ..data.offline import offline_facts
@@ -88,7 +89,8 @@ def demo_records(model, tokenizer, n: int, relations: Sequence[str] = DEMO_RELAT
 
 def offline_records(model, tokenizer, n: int, relations: Sequence[str] = RUN_RELATIONS,
                     seed: int = 0, exclude_subjects: Sequence[str] = (), n_locality: int = 3,
-                    batch_size: int = 32, split: str = "all") -> List[EditRecord]:
+                    batch_size: int = 32, split: str = "all",
+                    deadline: Optional[float] = None) -> List[EditRecord]:
     """``n`` counterfactual offline records whose TRUE answer the unedited model predicts
     (:func:`filter_known`), relations interleaved round-robin (the selection of
     ``ultraedit run --data offline``).
@@ -98,7 +100,8 @@ def offline_records(model, tokenizer, n: int, relations: Sequence[str] = RUN_REL
     ``exclude_subjects`` are never used (e.g. facts a setting was tuned on). ``split``
     (``"all"``, ``"tuning"``, ``"report"``; ``ultraedit.data.split_relations``) refuses relations
     outside it. Locality prompts that are themselves edited in the run are dropped. ValueError
-    when fewer than ``n`` known facts exist."""
+    when fewer than ``n`` known facts exist, or when ``deadline`` (a ``time.perf_counter()``
+    value) passes before ``n`` are found."""
     excluded = set(exclude_subjects)
     streams = []
     for rel in relations:
@@ -111,6 +114,10 @@ def offline_records(model, tokenizer, n: int, relations: Sequence[str] = RUN_REL
     known: List[EditRecord] = []
     start = 0
     while len(known) < n and start < len(candidates):
+        if deadline is not None and time.perf_counter() > deadline:
+            raise ValueError(f"found only {len(known)} of {n} facts of {list(relations)} known to "
+                             f"the model after checking {start} of {len(candidates)} within the "
+                             f"time allowed")
         chunk = max(64, int(1.6 * (n - len(known))))
         known += filter_known(candidates[start:start + chunk], model, tokenizer,
                               batch_size=batch_size)
