@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 

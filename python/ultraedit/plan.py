@@ -396,7 +396,7 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
                  f"parameters in {dname}"),
         PlanItem("delta record", base + delta,
                  f"base copy of {len(names)} edited weights ({w_edit / 1e6:.1f} M values, "
-                 f"{dname})" + (f" + float32 accumulated delta" if acc else "")),
+                 f"{dname})" + (" + float32 accumulated delta" if acc else "")),
         PlanItem("rollback history", kept_snaps,
                  f"{history} snapshot(s) of the edited weights ({'float32 delta' if acc else dname})"
                  " and of the statistics" + (" and key memory" if mem_bytes else "")),
