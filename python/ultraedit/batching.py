@@ -158,7 +158,8 @@ def request_order(parts: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]],
     ``parts[name] = [(K, G)]``, rows sorted by request (``owners``: each forward's captured rows'
     ``request_index``, in capture order; a stable sort keeps each request's rows in position
     order), and ``perm`` the index that did it (for other per-row tensors)."""
-    perm = torch.argsort(torch.cat([o.cpu() for o in owners]), stable=True)
+    # sorted where the masks live (no host round trip on a GPU)
+    perm = torch.argsort(torch.cat([o.to(owners[0].device) for o in owners]), stable=True)
     out = {}
     for name, p in parts.items():
         k = p[0][0] if len(p) == 1 else torch.cat([x[0] for x in p])

@@ -235,14 +235,6 @@ def context_length(model) -> Optional[int]:
     return None
 
 
-def official_order(tokenizer, reqs: List[EditRequest]) -> List[EditRequest]:
-    """The reference code's order: by tokenized length, longest first (stable for ties)."""
-    prefix = special_prefix(tokenizer)
-    lengths = [sum(len(x) for x in encode_request(tokenizer, r.prompt, r.target, prefix)) - 1
-               for r in reqs]
-    return [reqs[i] for i in length_order(lengths)]
-
-
 def subject_indices(tokenizer, reqs: List[EditRequest]) -> List[int]:
     """Each request's subject token index (``positions="subject"``); errors name the request."""
     prefix = special_prefix(tokenizer)
