@@ -1,0 +1,160 @@
+"""Prototype: a per-request step size from the loss (Polyak) instead of one fixed ``lr``.
+
+The preset runs up to 12 steps of ``lr`` 5e-5 per turn; a request becomes predicted after 5 to
+12 of them, so most of a turn's forwards and backwards move every edit by the same small step.
+Polyak's step size sets each request's step so that the first-order prediction of its loss
+reaches ``target``:
+
+    V_r = lr_r · V1_r,   lr_r = clip(c · (L_r - target) / D_r, lr, lr · max_scale)
+    D_r = -Σ_modules Σ_{rows of r} ∂L_r/∂out · V1_row        (first-order decrease per unit lr)
+
+(``V1`` = the pseudo-values with lr 1, ``L_r`` = the request's summed answer cross-entropy).
+Requests already predicted keep V = 0 (``hold_done``), so the turn still ends when all hold.
+Monkey-patches the editor (subject positions only); prints per-step predicted counts and scores
+with ``ultraedit.eval`` as ``ultraedit run`` does.
+
+    PYTHONPATH=python python experiments/polyak_steps.py --turns 2 --edits 25 --c 1 --json out.json
+"""
+import argparse
+import json
+import time
+
+import _common  # noqa: F401  (puts the repository on sys.path)
+import torch
+import torch.nn.functional as F
+
+import ultraedit.batching as batching
+import ultraedit.editor as editor_mod
+import ultraedit.solver as solver_mod
+from ultraedit_kernels import EPS, pseudo_values_op
+
+STASH = {"ce": [], "w": [], "scale": None, "log": []}
+
+
+def forward_backward(model, batch):
+    labels = batch["labels"]
+    mask = labels != -100
+    with torch.enable_grad():
+        rows = batching.answer_logits(model, batch, mask)
+        target = labels[mask].to(rows.device)
+        owner = mask.nonzero()[:, 0].to(rows.device)
+        ce = F.cross_entropy(rows, target, reduction="none")
+        if "loss_weight" in batch:
+            w = batch["loss_weight"].to(ce)
+            loss = (ce * w[owner]).sum()
+        else:
+            loss = batching._column_mean(ce, mask)
+            w = torch.full((mask.shape[0],), 1.0 / int(mask.sum()), dtype=ce.dtype)
+        loss.backward()
+    per_req = torch.zeros(mask.shape[0], dtype=ce.dtype).index_add_(0, owner.cpu(), ce.detach().cpu())
+    order = batch.get("request_index")
+    STASH["ce"].append((per_req, w.detach().cpu(), None if order is None else order.cpu()))
+    return loss.detach(), batching._predicted(rows, target, mask)
+
+
+class PolyakEditor(editor_mod.UltraEditor):
+    c = 1.0
+    target = 0.0
+    max_scale = 64.0
+
+    def _capture(self, batches, meter, first):
+        STASH["ce"].clear()
+        out = super()._capture(batches, meter, first)
+        ces, ws, idx = [], [], []
+        for per_req, w, order in STASH["ce"]:
+            ces.append(per_req); ws.append(w)
+            idx.append(order if order is not None else None)
+        ce, w = torch.cat(ces), torch.cat(ws)
+        if all(i is not None for i in idx):
+            perm = torch.argsort(torch.cat(idx), stable=True)
+            ce, w = ce[perm], w[perm]
+        self._ce, self._w = ce.double(), w.double()
+        STASH["log"].append(out[1])
+        return out
+
+    def _solve(self, keys, grads, hold, priors, subjects):
+        cfg = self.config
+        n = len(self._ce)
+        dec = torch.zeros(n, dtype=torch.float64)
+        for name, k in keys.items():
+            if k.shape[0] != n:
+                raise SystemExit("prototype: subject positions only (one row per request)")
+            st = self._stats_for(name, k.device)
+            v1 = pseudo_values_op(k, grads[name], st.mean, st.std, 1.0, EPS).double()
+            dec += -(grads[name].double() * v1).sum(1) / self._w
+        lr_r = self.c * (self._ce - self.target).clamp_min(0) / dec.clamp_min(1e-30)
+        scale = (lr_r / cfg.lr).clamp(1.0, self.max_scale)
+        scale[dec <= 0] = 1.0
+        STASH["scale"] = scale.float()
+        STASH["scales"] = scale
+        return super()._solve(keys, grads, hold, priors, subjects)
+
+
+_pv = solver_mod.pseudo_values_op
+
+
+def scaled_pseudo_values(keys, grads, mean, std, lr, eps):
+    v = _pv(keys, grads, mean, std, lr, eps)
+    s = STASH["scale"]
+    return v if s is None else v * s.to(v)[:, None]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--records", default="experiments/results/generalization_tuning.jsonl")
+    ap.add_argument("--turns", type=int, default=2)
+    ap.add_argument("--edits", type=int, default=25)
+    ap.add_argument("--c", type=float, default=1.0)
+    ap.add_argument("--target", type=float, default=0.0)
+    ap.add_argument("--max-scale", type=float, default=64.0)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--off", action="store_true", help="the preset as is (no Polyak)")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    import warnings
+    warnings.simplefilter("ignore")
+    from ultraedit import EditConfig
+    from ultraedit.data.formats import load_records
+    from ultraedit.eval import lifelong_run
+    from ultraedit.models import load_model
+
+    model, tok = load_model("default")
+    records = load_records(args.records, format="records", limit=args.turns * args.edits)
+    if not args.off:
+        editor_mod.forward_backward = forward_backward
+        solver_mod.pseudo_values_op = scaled_pseudo_values
+    PolyakEditor.c, PolyakEditor.target, PolyakEditor.max_scale = args.c, args.target, args.max_scale
+    cfg = EditConfig.for_model(model, steps=args.steps)
+    ed = (editor_mod.UltraEditor if args.off else PolyakEditor)(model, tok, config=cfg)
+    real_edit = ed.edit
+
+    def edit(requests):
+        STASH["log"] = []
+        rep = real_edit(requests)
+        sc = STASH.get("scales")
+        print(f"turn: {rep.turn_s:.1f} s, steps {rep.steps_run}, predicted per step {STASH['log']}"
+              + ("" if sc is None or args.off else
+                 f", last scales median {float(sc.median()):.1f} max {float(sc.max()):.1f}"),
+              flush=True)
+        return rep
+
+    ed.edit = edit
+    t0 = time.perf_counter()
+    res = lifelong_run(model, tok, records, ed, args.turns, args.edits, eval_end=True,
+                       wild=True, progress=False)
+    res["wall_s"] = time.perf_counter() - t0
+    res["args"] = vars(args)
+    tf, wild = res["final"]["teacher_forced"], res["final"]["wild"]
+    turn_s = [round(t.get("report", t).get("turn_s"), 1) for t in res["turns"]]
+    print(f"TF ES {tf['es']:.3f} GS {tf['gs']:.3f} LS {tf['ls']:.3f} | WILD ES {wild['es']:.3f} "
+          f"GS {wild['gs']:.3f} LS {wild['ls']:.3f} contains ES {wild['es_contains']:.3f} "
+          f"GS {wild['gs_contains']:.3f} | turns {turn_s}", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
