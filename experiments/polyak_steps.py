@@ -60,13 +60,10 @@ class PolyakEditor(editor_mod.UltraEditor):
     def _capture(self, batches, meter, first):
         STASH["ce"].clear()
         out = super()._capture(batches, meter, first)
-        ces, ws, idx = [], [], []
-        for per_req, w, order in STASH["ce"]:
-            ces.append(per_req); ws.append(w)
-            idx.append(order if order is not None else None)
-        ce, w = torch.cat(ces), torch.cat(ws)
-        if all(i is not None for i in idx):
-            perm = torch.argsort(torch.cat(idx), stable=True)
+        per_req, weights, orders = zip(*STASH["ce"])
+        ce, w = torch.cat(per_req), torch.cat(weights)
+        if all(o is not None for o in orders):   # forwards by length: back in turn order
+            perm = torch.argsort(torch.cat(orders), stable=True)
             ce, w = ce[perm], w[perm]
         self._ce, self._w = ce.double(), w.double()
         STASH["log"].append(out[1])
@@ -85,8 +82,7 @@ class PolyakEditor(editor_mod.UltraEditor):
         lr_r = self.c * (self._ce - self.target).clamp_min(0) / dec.clamp_min(1e-30)
         scale = (lr_r / cfg.lr).clamp(1.0, self.max_scale)
         scale[dec <= 0] = 1.0
-        STASH["scale"] = scale.float()
-        STASH["scales"] = scale
+        STASH["scale"] = scale
         return super()._solve(keys, grads, hold, priors, subjects)
 
 
@@ -133,7 +129,7 @@ def main():
     def edit(requests):
         STASH["log"] = []
         rep = real_edit(requests)
-        sc = STASH.get("scales")
+        sc = STASH["scale"]
         print(f"turn: {rep.turn_s:.1f} s, steps {rep.steps_run}, predicted per step {STASH['log']}"
               + ("" if sc is None or args.off else
                  f", last scales median {float(sc.median()):.1f} max {float(sc.max()):.1f}"),
