@@ -42,3 +42,54 @@ def run_demo(model, tokenizer, records, turns, edits_per_turn, editor_kwargs=Non
         "memory": run.get("memory"),
         "turns": rows,
     }
+
+
+def add_stream_args(ap, records="experiments/results/generalization_tuning.jsonl"):
+    """``--records``, ``--turns``, ``--edits``, ``--json``: the prototype scripts' stream."""
+    ap.add_argument("--records", default=records)
+    ap.add_argument("--turns", type=int, default=2)
+    ap.add_argument("--edits", type=int, default=25)
+    ap.add_argument("--json")
+
+
+def load_stream(args):
+    """``(model, tokenizer, records)``: the embedded model and the first ``turns x edits``
+    records, one torch thread, seed 0, warnings off (what ``ultraedit run --threads 1`` does)."""
+    import warnings
+
+    import torch
+    from ultraedit.data.formats import load_records
+    from ultraedit.models import load_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    warnings.simplefilter("ignore")
+    model, tok = load_model("default")
+    return model, tok, load_records(args.records, format="records",
+                                    limit=args.turns * args.edits)
+
+
+def score_and_save(model, tokenizer, records, editor, args, **extra):
+    """Run the lifelong stream with teacher-forced and WILD-style scores after the last turn
+    (``ultraedit.eval.lifelong_run``), print one summary line, write ``--json``; returns the
+    result with ``wall_s``, ``args`` and ``extra``."""
+    import json
+    import time
+
+    from ultraedit.eval import lifelong_run
+
+    t0 = time.perf_counter()
+    res = lifelong_run(model, tokenizer, records, editor, args.turns, args.edits,
+                       eval_end=True, wild=True, progress=False)
+    res["wall_s"] = time.perf_counter() - t0
+    res.update(extra)
+    res["args"] = vars(args)
+    tf, wild = res["final"]["teacher_forced"], res["final"]["wild"]
+    turn_s = [round(t.get("report", t).get("turn_s"), 1) for t in res["turns"]]
+    print(f"TF ES {tf['es']:.3f} GS {tf['gs']:.3f} LS {tf['ls']:.3f} | WILD ES {wild['es']:.3f} "
+          f"GS {wild['gs']:.3f} LS {wild['ls']:.3f} contains ES {wild['es_contains']:.3f} "
+          f"GS {wild['gs_contains']:.3f} | turns {turn_s}", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1, default=str)
+    return res

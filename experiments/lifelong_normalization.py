@@ -31,10 +31,9 @@ WILD-style, after the last turn):
 """
 import argparse
 import dataclasses
-import json
 import time
 
-import _common  # noqa: F401  (puts the repository on sys.path)
+import _common  # puts the repository on sys.path; the stream and its scores
 import torch
 
 import ultraedit.editor as editor_mod
@@ -50,8 +49,10 @@ class Editor(editor_mod.UltraEditor):
     nas = False
     memory_growth = 0.0
 
-    def setup(self):
-        self._cov = {}      # stats key -> [rows, Σg, Σ g gᵀ] (float64)
+    def __init__(self, model, tokenizer, config):
+        super().__init__(model, tokenizer, config=config)
+        self._cov = {}        # stats key -> [rows, Σg, Σ g gᵀ] (float64)
+        self._whitener = {}   # stats key -> (rows, mean, Σ^{-1/2}): once per step, not per module
         self._w0 = {n: m.weight.detach().clone() for n, m in self.modules.items()} if self.nas else {}
         self._nu0 = self.config.memory
 
@@ -76,12 +77,16 @@ class Editor(editor_mod.UltraEditor):
                 acc[2] = acc[2] + g64.T @ g64
 
     def whitened(self, name, g):
-        rows, s1, s2 = self._cov[self.stats_key(name)]
-        mean = s1 / rows
-        cov = s2 / rows - torch.outer(mean, mean)
-        cov.diagonal().add_(self.whiten_eps * float(cov.diagonal().mean()))
-        evals, evecs = torch.linalg.eigh(cov)
-        inv_sqrt = evecs @ torch.diag(evals.clamp_min(1e-30).rsqrt()) @ evecs.T
+        key = self.stats_key(name)
+        rows, s1, s2 = self._cov[key]
+        cached = self._whitener.get(key)
+        if cached is None or cached[0] != rows:
+            mean = s1 / rows
+            cov = s2 / rows - torch.outer(mean, mean)
+            cov.diagonal().add_(self.whiten_eps * float(cov.diagonal().mean()))
+            evals, evecs = torch.linalg.eigh(cov)
+            cached = self._whitener[key] = (rows, mean, (evecs * evals.clamp_min(1e-30).rsqrt()) @ evecs.T)
+        _, mean, inv_sqrt = cached
         return ((g.double() - mean) @ inv_sqrt).to(g.dtype)
 
     # ---------------------------------------------------------------- per module
@@ -140,9 +145,7 @@ def warmup_requests(model, tok, n):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--records", default="experiments/results/generalization_tuning.jsonl")
-    ap.add_argument("--turns", type=int, default=2)
-    ap.add_argument("--edits", type=int, default=25)
+    _common.add_stream_args(ap)
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--whiten", action="store_true")
     ap.add_argument("--whiten-eps", type=float, default=1e-3)
@@ -150,45 +153,23 @@ def main():
     ap.add_argument("--lr", type=float)
     ap.add_argument("--nas", action="store_true")
     ap.add_argument("--memory-growth", type=float, default=0.0)
-    ap.add_argument("--json")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    import warnings
-    warnings.simplefilter("ignore")
     from ultraedit import EditConfig
-    from ultraedit.data.formats import load_records
-    from ultraedit.eval import lifelong_run
-    from ultraedit.models import load_model
 
-    model, tok = load_model("default")
-    records = load_records(args.records, format="records", limit=args.turns * args.edits)
+    model, tok, records = _common.load_stream(args)
     solver_mod.pseudo_values_op = pseudo_values
     Editor.whiten, Editor.whiten_eps = args.whiten, args.whiten_eps
     Editor.nas, Editor.memory_growth = args.nas, args.memory_growth
     overrides = {k: getattr(args, k) for k in ("ridge", "lr") if getattr(args, k) is not None}
     ed = Editor(model, tok, config=EditConfig.for_model(model, **overrides))
-    ed.setup()
     warm_s = 0.0
     if args.warmup:
         t0 = time.perf_counter()
         ed.warm_up(warmup_requests(model, tok, args.warmup))
         warm_s = time.perf_counter() - t0
         print(f"warm-up: {args.warmup} requests in {warm_s:.1f} s", flush=True)
-    t0 = time.perf_counter()
-    res = lifelong_run(model, tok, records, ed, args.turns, args.edits, eval_end=True,
-                       wild=True, progress=False)
-    res["wall_s"] = time.perf_counter() - t0
-    res["warmup_s"] = warm_s
-    res["args"] = vars(args)
-    tf, wild = res["final"]["teacher_forced"], res["final"]["wild"]
-    turn_s = [round(t.get("report", t).get("turn_s"), 1) for t in res["turns"]]
-    print(f"{vars(args)}\nTF ES {tf['es']:.3f} GS {tf['gs']:.3f} LS {tf['ls']:.3f} | WILD ES "
-          f"{wild['es']:.3f} GS {wild['gs']:.3f} LS {wild['ls']:.3f} contains ES "
-          f"{wild['es_contains']:.3f} | turns {turn_s}", flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=1, default=str)
+    print(vars(args), flush=True)
+    _common.score_and_save(model, tok, records, ed, args, warmup_s=warm_s)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,8 @@ with ``ultraedit.eval`` as ``ultraedit run`` does.
     PYTHONPATH=python python experiments/polyak_steps.py --turns 2 --edits 25 --c 1 --json out.json
 """
 import argparse
-import json
-import time
 
-import _common  # noqa: F401  (puts the repository on sys.path)
+import _common  # puts the repository on sys.path; the stream and its scores
 import torch
 import torch.nn.functional as F
 
@@ -97,27 +95,16 @@ def scaled_pseudo_values(keys, grads, mean, std, lr, eps):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--records", default="experiments/results/generalization_tuning.jsonl")
-    ap.add_argument("--turns", type=int, default=2)
-    ap.add_argument("--edits", type=int, default=25)
+    _common.add_stream_args(ap)
     ap.add_argument("--c", type=float, default=1.0)
     ap.add_argument("--target", type=float, default=0.0)
     ap.add_argument("--max-scale", type=float, default=64.0)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--off", action="store_true", help="the preset as is (no Polyak)")
-    ap.add_argument("--json")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    import warnings
-    warnings.simplefilter("ignore")
     from ultraedit import EditConfig
-    from ultraedit.data.formats import load_records
-    from ultraedit.eval import lifelong_run
-    from ultraedit.models import load_model
 
-    model, tok = load_model("default")
-    records = load_records(args.records, format="records", limit=args.turns * args.edits)
+    model, tok, records = _common.load_stream(args)
     if not args.off:
         editor_mod.forward_backward = forward_backward
         solver_mod.pseudo_values_op = scaled_pseudo_values
@@ -137,19 +124,7 @@ def main():
         return rep
 
     ed.edit = edit
-    t0 = time.perf_counter()
-    res = lifelong_run(model, tok, records, ed, args.turns, args.edits, eval_end=True,
-                       wild=True, progress=False)
-    res["wall_s"] = time.perf_counter() - t0
-    res["args"] = vars(args)
-    tf, wild = res["final"]["teacher_forced"], res["final"]["wild"]
-    turn_s = [round(t.get("report", t).get("turn_s"), 1) for t in res["turns"]]
-    print(f"TF ES {tf['es']:.3f} GS {tf['gs']:.3f} LS {tf['ls']:.3f} | WILD ES {wild['es']:.3f} "
-          f"GS {wild['gs']:.3f} LS {wild['ls']:.3f} contains ES {wild['es_contains']:.3f} "
-          f"GS {wild['gs_contains']:.3f} | turns {turn_s}", flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=1, default=str)
+    _common.score_and_save(model, tok, records, ed, args)
 
 
 if __name__ == "__main__":
