@@ -43,14 +43,16 @@ def turn_requests(t, n=4):
 
 
 def snapshot(editor):
-    """Everything a turn may change: model state dict, statistics, key memories, turn count, Δ
-    accumulators."""
+    """Everything a turn may change: model state dict, statistics, key memories, gradient
+    covariances, turn count, Δ accumulators."""
     return {
         "model": {k: v.detach().clone() for k, v in editor.model.state_dict().items()},
         "stats": {k: {p: t.clone() for p, t in v.state_dict().items()}
                   for k, v in editor.stats.items()},
         "memory": {k: {p: t.clone() for p, t in v.state_dict().items()}
                    for k, v in editor.state.memory.items()},
+        "whitening": {k: {p: t.clone() for p, t in v.state_dict().items()}
+                      for k, v in editor.state.whitening.items()},
         "turns": editor.turns,
         "delta": {k: (None if v is None else v.clone()) for k, v in editor.journal.delta.items()},
     }
@@ -71,6 +73,11 @@ def assert_same(a, b):
     for k in a["memory"]:
         for p in a["memory"][k]:
             assert torch.equal(a["memory"][k][p], b["memory"][k][p]), f"memory {k}.{p} differ"
+    assert a["whitening"].keys() == b["whitening"].keys()
+    for k in a["whitening"]:
+        for p in a["whitening"][k]:
+            assert torch.equal(a["whitening"][k][p], b["whitening"][k][p]), \
+                f"gradient covariance {k}.{p} differs"
     assert a["delta"].keys() == b["delta"].keys()
     for k in a["delta"]:
         x, y = a["delta"][k], b["delta"][k]

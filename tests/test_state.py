@@ -315,7 +315,7 @@ def test_editor_state_dict_round_trip(tok):
                  preserve_subjects=["France", "Lima"])
     ed.edit([("The capital of France is", "Rome", "France"), ("Paris is in", "Peru", "Paris")])
     sd = ed.state.state_dict()
-    assert set(sd) == {"turns", "stats", "compat", "memory", "preserved"}
+    assert set(sd) == {"turns", "stats", "compat", "memory", "whitening", "preserved"}
     devices = {**{ed.stats_key(n): torch.device("cpu") for n in ed.modules},
                **{n: torch.device("cpu") for n in ed.modules}}
     back = EditorState()

@@ -6,10 +6,12 @@ A **state** (``kind="state"``)::
 
     manifest.json        + "model", "config" (``EditConfig.to_dict()``), "turns", "base_turn",
                          "include_delta", "modules" (shape, dtype, sha256 of weight and base),
-                         "stats" (key, dim, compat or kind="memory"), "preserve_owners"
+                         "stats" (key, dim, compat, or kind="memory" / "whitening"),
+                         "preserve_owners"
     stats.safetensors    ``<key>.count``, ``<key>.mean``, ``<key>.m2`` per normalizer key
                          (float64, the exact RunningStats state); ``memory:<module>.gram``,
-                         ``memory:<module>.count`` per key memory
+                         ``memory:<module>.count`` per key memory; ``whitening:<key>.count``,
+                         ``.sum``, ``.outer`` per gradient covariance (``whiten > 0``)
     delta.safetensors    (``include_delta=True``) ``base.<module>`` (W0, weight dtype) and
                          ``delta.<module>`` (Δ with ``W = round(W0 + Δ)`` exactly)
     preserve.safetensors (``preserve > 0``) ``<module>``: the preserved subject keys
@@ -48,9 +50,10 @@ STATS_FILE = "stats.safetensors"
 DELTA_FILE = "delta.safetensors"
 PRESERVE_FILE = "preserve.safetensors"
 MEMORY_PREFIX = "memory:"
+WHITENING_PREFIX = "whitening:"
 # options that states written before them were made without
 _OLD_DEFAULTS = {"protect_mean": 0.0, "steps": 1, "hold_done": False, "positions": "answer",
-                 "memory": 0.0, "preserve": 0.0}
+                 "memory": 0.0, "preserve": 0.0, "whiten": 0.0}
 
 
 # ---------------------------------------------------------------------- state
@@ -72,6 +75,10 @@ def save_state(editor, path, include_delta: bool = True) -> str:
         for part, t in mem.state_dict().items():
             stats_t[f"{MEMORY_PREFIX}{name}.{part}"] = t
         stats_meta.append({"key": MEMORY_PREFIX + name, "dim": mem.dim, "kind": "memory"})
+    for key, cov in state.whitening.items():
+        for part, t in cov.state_dict().items():
+            stats_t[f"{WHITENING_PREFIX}{key}.{part}"] = t
+        stats_meta.append({"key": WHITENING_PREFIX + key, "dim": cov.dim, "kind": "whitening"})
     files = {STATS_FILE: stats_t}
     modules = []
     for name in editor.modules:
@@ -201,18 +208,22 @@ def _state_dict_from_files(path, manifest, files, editor, turns) -> Dict[str, An
     """The ``EditorState.state_dict()`` stored in a state directory."""
     stats_t = files[STATS_FILE]
     sd: Dict[str, Any] = {"turns": turns, "stats": {}, "compat": {}, "memory": {},
-                          "preserved": {}}
+                          "whitening": {}, "preserved": {}}
+    layouts = {"memory": (MEMORY_PREFIX, ("count", "gram")),
+               "whitening": (WHITENING_PREFIX, ("count", "sum", "outer"))}
     owners = manifest.get("preserve_owners")
     for meta in field(manifest, path, "stats", kind=list):
         key = field(meta, path, "key", kind=str)
-        memory = meta.get("kind") == "memory"
-        parts = ("count", "gram") if memory else ("count", "mean", "m2")
+        kind = meta.get("kind")
+        if kind is not None and kind not in layouts:
+            raise StateError(f"{path}: statistics {key!r} are of unknown kind {kind!r}")
+        prefix, parts = layouts.get(kind, ("", ("count", "mean", "m2")))
         missing = [p for p in parts if f"{key}.{p}" not in stats_t]
         if missing:
             raise StateError(f"{path}: statistics {key!r} lack {missing}")
         values = {p: stats_t[f"{key}.{p}"] for p in parts}
-        if memory:
-            sd["memory"][key[len(MEMORY_PREFIX):]] = values
+        if kind is not None:
+            sd[kind][key[len(prefix):]] = values
         else:
             sd["stats"][key] = values
             sd["compat"][key] = meta.get("compat", "fixed")

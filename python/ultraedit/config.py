@@ -40,7 +40,7 @@ PAPER_LR = 1e-6
 PAPER_MICRO_BATCH = 10
 # the options beyond the paper's method (all off in EditConfig.paper())
 BEYOND_PAPER = ("protect_mean", "steps", "hold_done", "positions", "memory", "preserve",
-                "key_contexts")
+                "key_contexts", "whiten")
 FINGERPRINT_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
                     "vocab_size")
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -123,6 +123,10 @@ class EditConfig:
     key_contexts: int = _opt(
         0, "positions='subject': each edit's key is the mean of its subject's key in the "
            "rewrite prompt and in this many generic contexts (ultraedit.fact_keys; 0 = off)")
+    whiten: float = _opt(
+        0.0, "eps >= 0: whiten the output gradients with their running covariance "
+             "Cov(g) + eps*tr(Cov(g))/d*I instead of dividing by their standard deviations "
+             "(ultraedit.whitening; 0 = the paper)")
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -163,7 +167,7 @@ class EditConfig:
         if not (ridge > 0 and ridge != float("inf")):
             raise ValueError(f"ridge must be a positive finite number, got {self.ridge!r}")
         set_("ridge", ridge)
-        for name in ("protect_mean", "memory", "preserve"):
+        for name in ("protect_mean", "memory", "preserve", "whiten"):
             set_(name, _check_number(name, getattr(self, name), positive=False))
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")

@@ -14,7 +14,8 @@ One turn (``UltraEditor.edit(requests)``), for requests ``(prompt, target)``:
 3. **Statistics**: one ``RunningStats`` of ``z = [k ; g]`` per weight shape (the paper;
    ``normalizer="module"``: per module), updated with the turn's rows BEFORE solving.
 4. **Solve** (``ultraedit.solver``): per module ``ΔW = (K'ᵀK' + P)⁻¹K'ᵀV'`` with
-   ``V = -lr ||k̂||² ĝ``, as a dual factor (rank-N update) or a dense primal ΔW.
+   ``V = -lr ||k̂||² ĝ``, as a dual factor (rank-N update) or a dense primal ΔW; ``whiten > 0``
+   whitens ``ĝ`` with the gradients' running covariance (``ultraedit.whitening``).
 5. **Apply** in place (``ultraedit.state.TurnJournal``), then **commit**: the key memory takes
    the turn's keys and the turn count grows. The turn is a transaction: if anything fails,
    weights and state are restored bit for bit.
@@ -40,6 +41,7 @@ from .modules import module_dims, module_layout, resolve_modules
 from .placement import weight_slots
 from .solver import Prior, Update, check_updates, first_non_finite, solve
 from .state import EditorState, KeyMemory, TurnJournal
+from .whitening import add_gradients, step_whiteners
 from .turn import (EditRequest, TurnMeter, TurnReport, capture_mask, context_length,
                    input_device, nbytes, prepare_turn)
 
@@ -226,19 +228,25 @@ class UltraEditor:
             for name, (k, g) in blocks:
                 st = self._stats_for(name, k.device)
                 st.update_pair(k.to(st.device), g.to(st.device), check_finite_values=False)
+            if self.config.whiten > 0:  # the gradients' running covariance (ultraedit.whitening)
+                add_gradients(self.state.whitening, grads, self.stats_key)
 
     def _solve(self, keys, grads, hold, priors, subjects) -> Dict[str, Update]:
         """Every module's update before any weight changes; refused if one is not finite."""
         cfg, out = self.config, {}
         with nvtx_range("ultraedit/solve"):
+            whiteners = (step_whiteners(self.state.whitening, keys, self.stats_key, cfg.whiten)
+                         if cfg.whiten > 0 else {})
             for name, k in keys.items():
-                out[name] = self._solve_module(name, k, grads[name], hold, priors, subjects)
+                out[name] = self._solve_module(name, k, grads[name], hold, priors, subjects,
+                                               whiteners.get(name))
         check_updates(out, cfg.lr, cfg.ridge, official=cfg.compat == "official")
         return out
 
-    def _solve_module(self, name, k, g, hold, priors, subjects) -> Update:
+    def _solve_module(self, name, k, g, hold, priors, subjects, whitener=None) -> Update:
         """One module's update (``ultraedit.solver.solve``); ``priors`` caches the module's
-        ``νM + μK_pᵀK_p + λI`` (without this turn's ``subjects``), constant during a turn."""
+        ``νM + μK_pᵀK_p + λI`` (without this turn's ``subjects``), constant during a turn;
+        ``whitener``: the statistics key's ``ultraedit.whitening.Whitener`` (``whiten > 0``)."""
         cfg = self.config
         st = self.state.stats[self.stats_key(name)]
         if st.device != k.device:  # modules of one shape on several devices
@@ -250,7 +258,7 @@ class UltraEditor:
                      (None if pk is None else pk.gram_without(subjects), cfg.preserve)]
             priors[name] = Prior(terms, cfg.ridge) if memory or pk else None
         return solve(k, g, st, lr=cfg.lr, ridge=cfg.ridge, hold=hold,
-                     protect_mean=cfg.protect_mean, prior=priors[name])
+                     protect_mean=cfg.protect_mean, prior=priors[name], whitener=whitener)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:

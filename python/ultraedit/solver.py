@@ -4,6 +4,7 @@ For a module ``d_in -> d_out`` with this step's keys ``K`` (N x d_in) and output
 ``G`` (N x d_out), and statistics that already hold this turn's rows::
 
     V   = pseudo_values(K, G, stats, lr)            = -lr ||k̂_i||² ĝ_i        (N x d_out)
+          (``whitener``: ĝ = (g - m_g) Σ_g^{-1/2}, ``ultraedit.whitening``)
     ΔW  = argmin ||K' ΔW - V'||² + ΔWᵀ P ΔW
         = (K'ᵀK' + P)⁻¹ K'ᵀV'                                                (d_in x d_out)
 
@@ -46,6 +47,8 @@ import torch
 
 from ultraedit_kernels import (EPS, SolveError, choose_method, gram, pseudo_values_op, spd_factor,
                                spd_solve, spd_solve_factored)
+
+from .whitening import Whitener, whitened_pseudo_values
 
 __all__ = ["Update", "Prior", "solve", "check_updates", "first_non_finite", "SolveError"]
 
@@ -107,16 +110,20 @@ def _spd_solve(system: torch.Tensor, rhs: torch.Tensor, what: str) -> torch.Tens
 
 def solve(keys: torch.Tensor, grads: torch.Tensor, stats, *, lr: float, ridge: float,
           hold: Optional[torch.Tensor] = None, protect_mean: float = 0.0,
-          prior: Optional[Prior] = None) -> Update:
+          prior: Optional[Prior] = None, whitener: Optional[Whitener] = None) -> Update:
     """The update of one module for one step (see the module docstring for the system).
 
     ``keys`` (N x d_in) and ``grads`` (N x d_out) are this step's captured rows, already
-    checked finite; ``stats`` (RunningStats on their device) holds this turn's rows. The
-    solve runs in float32, in float64 for float64 keys (the factors then are float64 too).
+    checked finite; ``stats`` (RunningStats on their device) holds this turn's rows;
+    ``whitener`` (on their device), when given, replaces the gradients' per-coordinate scaling.
+    The solve runs in float32, in float64 for float64 keys (the factors then are float64 too).
     """
     n, d_in = keys.shape
     c = torch.float64 if keys.dtype == torch.float64 else torch.float32
-    v = pseudo_values_op(keys, grads, stats.mean, stats.std, float(lr), EPS).to(c)
+    if whitener is None:
+        v = pseudo_values_op(keys, grads, stats.mean, stats.std, float(lr), EPS).to(c)
+    else:
+        v = whitened_pseudo_values(keys, grads, stats, whitener, float(lr), EPS)
     if hold is not None:
         v = v.masked_fill(hold.to(v.device)[:, None], 0.0)
     k1, v1 = keys, v

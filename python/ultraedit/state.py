@@ -5,6 +5,8 @@
 * ``stats``: the normalizer, ``{stats key: RunningStats}`` of ``z = [k ; g]``, keyed
   ``"shape:<d_in>x<d_out>"`` (one per weight shape, the paper) or ``"module:<name>"``;
 * ``memory``: ``{module: KeyMemory}``, ``M = Σ_t K_tᵀK_t`` over committed turns' keys;
+* ``whitening``: ``{stats key: GradientCovariance}`` of the output gradients (``whiten > 0``,
+  ``ultraedit.whitening``), updated with the statistics;
 * ``preserved``: ``{module: PreservedKeys}``, captured once at construction (read-only);
 * ``turns``: committed turns.
 
@@ -22,7 +24,8 @@ place, or, for a module that accelerate offloads to CPU RAM or disk, the values 
 
 Memory: ``base`` is one copy of the edited weights; ``delta`` one float32 copy when
 accumulating; each history entry one more copy (weight dtype, or float32 when accumulating)
-plus the statistics and key memories. ``device="cpu"`` keeps all of it off the accelerator.
+plus the statistics, key memories and gradient covariances. ``device="cpu"`` keeps all of it
+off the accelerator.
 """
 
 from __future__ import annotations
@@ -99,29 +102,35 @@ class EditorState:
     def __init__(self):
         self.stats: Dict[str, Any] = {}
         self.memory: Dict[str, KeyMemory] = {}
+        self.whitening: Dict[str, Any] = {}
         self.preserved: Dict[str, Any] = {}
         self.turns = 0
 
     def snapshot(self) -> Dict[str, Any]:
         """Copies of everything a turn may change (the preserved keys never change)."""
         return {"stats": {k: v.clone() for k, v in self.stats.items()},
-                "memory": {k: v.clone() for k, v in self.memory.items()}, "turns": self.turns}
+                "memory": {k: v.clone() for k, v in self.memory.items()},
+                "whitening": {k: v.clone() for k, v in self.whitening.items()},
+                "turns": self.turns}
 
     def restore(self, snap: Dict[str, Any]) -> None:
         """Back to :meth:`snapshot`'s contents (the dicts keep their identity)."""
-        for mine, saved in ((self.stats, snap["stats"]), (self.memory, snap["memory"])):
+        for mine, saved in ((self.stats, snap["stats"]), (self.memory, snap["memory"]),
+                            (self.whitening, snap["whitening"])):
             mine.clear()
             mine.update({k: v.clone() for k, v in saved.items()})
         self.turns = snap["turns"]
 
     def state_dict(self) -> Dict[str, Any]:
         """``{"turns", "stats": {key: {count, mean, m2}}, "compat": {key: str},
-        "memory": {module: {gram, count}}, "preserved": {module: {keys, owners}}}`` (tensors
-        and plain values; each part is its object's own ``state_dict()``)."""
+        "memory": {module: {gram, count}}, "whitening": {key: {count, sum, outer}},
+        "preserved": {module: {keys, owners}}}`` (tensors and plain values; each part is its
+        object's own ``state_dict()``)."""
         return {"turns": self.turns,
                 "stats": {k: dict(v.state_dict()) for k, v in self.stats.items()},
                 "compat": {k: v.compat for k, v in self.stats.items()},
                 "memory": {k: dict(v.state_dict()) for k, v in self.memory.items()},
+                "whitening": {k: dict(v.state_dict()) for k, v in self.whitening.items()},
                 "preserved": {k: v.state_dict() for k, v in self.preserved.items()}}
 
     def load_state_dict(self, sd: Dict[str, Any], devices: Dict[str, torch.device]) -> None:
@@ -130,8 +139,9 @@ class EditorState:
         from ultraedit_kernels import RunningStats
 
         from .preserve import PreservedKeys
+        from .whitening import GradientCovariance
 
-        stats, memory, preserved = {}, {}, {}
+        stats, memory, whitening, preserved = {}, {}, {}, {}
         for key, parts in sd.get("stats", {}).items():
             if key not in devices:
                 raise ValueError(f"statistics {key!r} belong to no edited module")
@@ -145,11 +155,18 @@ class EditorState:
             mem = KeyMemory(parts["gram"].shape[0], device=devices[name])
             mem.load_state_dict(parts)
             memory[name] = mem
+        for key, parts in sd.get("whitening", {}).items():
+            if key not in devices:
+                raise ValueError(f"gradient covariance {key!r} belongs to no edited module")
+            cov = GradientCovariance(parts["sum"].numel(), device=devices[key])
+            cov.load_state_dict(parts)
+            whitening[key] = cov
         for name, parts in sd.get("preserved", {}).items():
             if name not in devices:
                 raise ValueError(f"preserved keys {name!r} belong to no edited module")
             preserved[name] = PreservedKeys.from_state_dict(parts, devices[name])
-        for mine, new in ((self.stats, stats), (self.memory, memory), (self.preserved, preserved)):
+        for mine, new in ((self.stats, stats), (self.memory, memory), (self.whitening, whitening),
+                          (self.preserved, preserved)):
             mine.clear()
             mine.update(new)
         self.turns = int(sd.get("turns", 0))
