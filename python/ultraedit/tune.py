@@ -7,8 +7,8 @@
 What it searches (:func:`search_space`, derived from the model): the edited modules (a module
 family, by default the MLP output projection, over four layer windows of about a sixth of the
 depth each: two early, one middle, one late), the capture positions (``subject``, ``answer``),
-``lr``, ``steps``, ``hold_done``, ``memory``, ``preserve`` and ``protect_mean``. Candidates are
-drawn from that grid without repetition (``random.Random(seed)``); the model's current config
+``lr``, ``steps``, ``hold_done``, ``memory``, ``preserve``, ``protect_mean`` and ``whiten``.
+Candidates are drawn from that grid without repetition (``random.Random(seed)``); the model's current config
 (:meth:`EditConfig.for_model`: its preset, else the paper's) is always candidate 0.
 
 How (successive halving, :func:`plan_schedule`): round 0 scores many candidates on few edits
@@ -76,11 +76,12 @@ STEPS_GRID = (1, 6, 12)
 MEMORY_GRID = (0.0, 1.0, 4.0)
 PRESERVE_GRID = (0.0, 0.3, 1.0)
 PROTECT_GRID = (0.0, 4.0)
+WHITEN_GRID = (0.0, 1e-2)
 POSITIONS = ("subject", "answer")
 # first layer of each window, as a fraction of the depth: two early, one middle, one late
 WINDOW_STARTS = (0.07, 0.14, 0.4, 0.8)
 SEARCHED = ("modules", "positions", "lr", "steps", "hold_done", "memory", "preserve",
-            "protect_mean")
+            "protect_mean", "whiten")
 FILL = 0.85   # the share of the time left that the schedule is sized for
 KNOWN_SHARE = 0.25   # of the budget, at most, to look for tuning facts the model knows
 
@@ -131,7 +132,7 @@ def search_space(model, families: Optional[Sequence[str]] = None,
                  grid: Optional[Dict[str, Sequence[Any]]] = None) -> Dict[str, Any]:
     """The searched values for ``model`` (a JSON-able dict, recorded in the preset); ``grid``
     replaces the values of some fields (``lr``, ``steps``, ``positions``, ``hold_done``,
-    ``memory``, ``preserve``, ``protect_mean``, ``windows``)."""
+    ``memory``, ``preserve``, ``protect_mean``, ``whiten``, ``windows``)."""
     n = _n_layers(model)
     named = dict(model.named_modules())
     fams = module_families(model, families)
@@ -142,7 +143,8 @@ def search_space(model, families: Optional[Sequence[str]] = None,
     space = {"n_layers": n, "families": fams, "windows": [list(w) for w in layer_windows(n)],
              "positions": list(POSITIONS), "lr": list(LR_GRID), "steps": list(STEPS_GRID),
              "hold_done": [False, True], "memory": list(MEMORY_GRID),
-             "preserve": list(PRESERVE_GRID), "protect_mean": list(PROTECT_GRID)}
+             "preserve": list(PRESERVE_GRID), "protect_mean": list(PROTECT_GRID),
+             "whiten": list(WHITEN_GRID)}
     for key, values in (grid or {}).items():
         if key not in space or key in ("n_layers", "families"):
             raise ValueError(f"grid: unknown field {key!r}; give some of "
@@ -157,15 +159,15 @@ def search_space(model, families: Optional[Sequence[str]] = None,
 def _grid(space: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Every point of ``space`` (``hold_done`` only with more than one step)."""
     out = []
-    for fam, win, pos, lr, steps, hold, mem, pres, prot in itertools.product(
+    for fam, win, pos, lr, steps, hold, mem, pres, prot, white in itertools.product(
             space["families"], space["windows"], space["positions"], space["lr"],
             space["steps"], space["hold_done"], space["memory"], space["preserve"],
-            space["protect_mean"]):
+            space["protect_mean"], space.get("whiten", [0.0])):
         if hold and steps == 1:
             continue
         out.append({"family": fam, "window": list(win), "positions": pos, "lr": lr,
                     "steps": steps, "hold_done": hold, "memory": mem, "preserve": pres,
-                    "protect_mean": prot})
+                    "protect_mean": prot, "whiten": white})
     return out
 
 
@@ -175,7 +177,7 @@ def _config_of(point: Dict[str, Any]) -> EditConfig:
     return EditConfig(modules=tuple(mods), lr=point["lr"], steps=point["steps"],
                       hold_done=point["hold_done"], positions=point["positions"],
                       memory=point["memory"], preserve=point["preserve"],
-                      protect_mean=point["protect_mean"])
+                      protect_mean=point["protect_mean"], whiten=point.get("whiten", 0.0))
 
 
 def label(config: EditConfig) -> str:
@@ -192,7 +194,8 @@ def label(config: EditConfig) -> str:
         for fam, ls in groups.items())
     return (f"{where} @{config.positions} lr {config.lr:g} steps {config.steps}"
             f"{' hold' if config.hold_done else ''} mem {config.memory:g} "
-            f"pres {config.preserve:g} prot {config.protect_mean:g}")
+            f"pres {config.preserve:g} prot {config.protect_mean:g}"
+            + (f" whiten {config.whiten:g}" if config.whiten else ""))
 
 
 # ---------------------------------------------------------------------- schedule and rule
