@@ -62,6 +62,7 @@ CONFIGS = {
     "protect": dict(PAPER, steps=3, hold_done=True, protect_mean=0.5, lr=2e-2, micro_batch=3),
     "protect_memory": dict(PAPER, memory=2.0, protect_mean=0.5, lr=1e-3, micro_batch=3,
                            normalizer="module"),
+    "whiten": dict(PAPER, whiten=1e-2, steps=2, hold_done=True, lr=2e-2, micro_batch=3),
 }
 # "-held": a logit bias makes the model predict one word everywhere, and each turn's first request
 # targets that word, so hold_done holds its rows from the first step on
@@ -117,7 +118,8 @@ def requests(turn, subjects):
 
 def editor_tensors(ed):
     """Every tensor the golden test compares: ``{name: tensor}`` (ΔW = W - W0 is formed at
-    comparison time from ``base.*``); key memories under ``stats.memory:<module>.*``."""
+    comparison time from ``base.*``); key memories under ``stats.memory:<module>.*``, gradient
+    covariances under ``stats.whitening:<stats key>.*``."""
     out = {}
     for name, module in ed.modules.items():
         out[f"weight.{name}"] = module.weight.detach()
@@ -133,6 +135,9 @@ def editor_tensors(ed):
             out[f"stats.memory:{name}.{part}"] = t
     for name, pk in ed.state.preserved.items():
         out[f"preserved.{name}"] = pk.keys
+    for key, cov in ed.state.whitening.items():
+        for part, t in cov.state_dict().items():
+            out[f"stats.whitening:{key}.{part}"] = t
     return out
 
 
@@ -197,7 +202,8 @@ def embedded_case(model, tok, restore):
 def _settings(ed):
     keys = ("lr", "ridge", "micro_batch", "compat", "normalizer", "steps", "hold_done",
             "positions", "memory", "preserve", "protect_mean")
-    return {k: getattr(ed, k) for k in keys} | {"modules": list(ed.modules)}
+    whiten = {"whiten": ed.whiten} if ed.whiten else {}   # (recordings from before it: none)
+    return {k: getattr(ed, k) for k in keys} | whiten | {"modules": list(ed.modules)}
 
 
 def stored(tensors):
