@@ -182,3 +182,16 @@ def test_states_without_the_field_still_load(tmp_path, tok):
         warnings.simplefilter("error")
         resumed = UltraEditor.load_state(tmp_path / "old", tiny_llama(len(tok)), tok)
     assert resumed.whiten == 0.0 and resumed.state.whitening == {}
+
+
+def test_bf16_model_with_accumulation(tok):
+    ed = UltraEditor(tiny_llama(len(tok), torch.bfloat16), tok, modules=MODULES, lr=1e-2,
+                     micro_batch=3, whiten=1e-3)
+    base = {n: m.weight.detach().clone() for n, m in ed.modules.items()}
+    for t in range(2):
+        ed.edit(turn_requests(t))
+    assert ed.journal.accumulate
+    for name, module in ed.modules.items():
+        assert module.weight.dtype == torch.bfloat16 and bool(torch.isfinite(module.weight).all())
+        assert not torch.equal(module.weight, base[name])
+    assert all(cov.outer.dtype == F64 for cov in ed.state.whitening.values())
