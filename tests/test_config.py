@@ -29,7 +29,7 @@ def test_presets():
     assert "smollm2-135m" in preset_names()
     smol = EditConfig.from_preset("smollm2-135m")
     assert smol.beyond_paper() == {"steps": 12, "hold_done": True, "positions": "subject",
-                                   "memory": 4.0, "preserve": 0.3}
+                                   "memory": 4.0, "preserve": 0.3, "whiten": 1e-3}
     assert smol.lr == 5e-5
     assert EditConfig.from_preset("paper") == paper
     assert EditConfig.from_preset("official", lr=1e-3).lr == 1e-3

@@ -24,7 +24,8 @@ def test_edits_stick_and_unrelated_facts_stay(ue_embedded, ue_restore):
     mods = [f"model.layers.{i}.mlp.down_proj" for i in range(22, 29)]
     ue_restore(model, mods)
     editor = UltraEditor(model, tok, modules="model.layers.2[2-8].mlp.down_proj", lr=3e-4,
-                         steps=1, positions="answer", hold_done=False, memory=0.0, preserve=0.0)
+                         steps=1, positions="answer", hold_done=False, memory=0.0, preserve=0.0,
+                         whiten=0.0)
     assert list(editor.modules) == mods
     editor.edit([{"prompt": p, "target": t} for p, t in TURN1])
     assert sum(token_accuracy(model, tok, *zip(*TURN1))) >= 3.0
