@@ -153,7 +153,9 @@ def print_demo(result: Dict[str, Any], turns: int, edits_per_turn: int) -> None:
     s = result["edit_config"]
     print(f"\n{result['edits']} edits in {turns} turns of {edits_per_turn}; lr={s['lr']:g}, "
           f"{s['steps']} steps, {s['positions']} positions, memory={s['memory']:g}, "
-          f"preserve={s['preserve']:g}, {len(s['modules'])} modules ({s['modules'][0]} ...)")
+          f"preserve={s['preserve']:g}"
+          + (f", whiten={s['whiten']:g}" if s.get("whiten") else "")
+          + f", {len(s['modules'])} modules ({s['modules'][0]} ...)")
     if s["preserve"] > 0:
         print(f"preserved subjects' keys captured once, before the first turn, in "
               f"{result['timing']['preserve_s']:.1f}s")
