@@ -18,7 +18,9 @@ monkey-patched here, nothing of it ships:
   (``E||ĝ||² = d`` either way, so lr keeps its meaning); combine with ``--ridge`` for the
   larger ridge. This one now ships as ``EditConfig.whiten`` (``ultraedit.whitening``), which
   the flag sets; the package's turns are bit-identical to this prototype's earlier
-  monkey-patched version (checked on two 8-edit turns of the preset).
+  monkey-patched version (checked on two 8-edit turns of the preset). The embedded preset has
+  since turned it on (ε = 1e-3): the rows recorded before that as "the preset" are now
+  ``--whiten --whiten-eps 0``.
 * ``--nas`` (Norm-Anchor Scaling): each row's new module output is rescaled to the unedited
   module's output norm at the same key, ``V' = (O + V) ||O₀|| / ||O + V|| - O`` with ``O = k Wᵀ``
   now and ``O₀ = k W₀ᵀ`` before the first turn.
