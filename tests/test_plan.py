@@ -78,6 +78,9 @@ CASES = {
                              positions="subject", memory=1.0, preserve=0.3,
                              modules=["model.layers.1.mlp.down_proj",
                                       "model.layers.2.mlp.down_proj"]),
+    # whitened value gradients: a 344 x 344 covariance kept, an eigh in every solve
+    "fp32-whiten": dict(dtype=torch.float32, edits=30, micro_batch=10, turns=3, whiten=1e-3,
+                        hidden=128, inter=344, layers=4, modules=["model.layers.1.mlp.up_proj"]),
     "bf16-large-vocab-no-history": dict(dtype=torch.bfloat16, edits=40, micro_batch=10, history=0,
                                         vocab=2000, modules=["model.layers.0.mlp.up_proj"]),
 }
@@ -92,7 +95,7 @@ def test_prediction_within_15_percent_of_measured_peak(case, ue_tokenizer):
     torch.set_num_threads(1)
     model = _model(dtype, attn=attn, **shape)
     requests = _requests(c["edits"])
-    options = {k: c[k] for k in ("positions", "memory", "preserve", "steps") if k in c}
+    options = {k: c[k] for k in ("positions", "memory", "preserve", "steps", "whiten") if k in c}
     extra = dict(options, lr=1e-4, preserve_subjects=PRESERVED) if options else {}
     measured, modules, editor = _measure(model, ue_tokenizer, requests, turns,
                                          modules=c["modules"], micro_batch=c["micro_batch"],

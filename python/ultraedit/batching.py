@@ -232,7 +232,7 @@ class MicroBatchSizer:
                          budget_bytes=budget, **shape, positions=cfg.positions,
                          accumulate=cfg.accumulate, history=cfg.history, memory=cfg.memory,
                          preserve=cfg.preserve, preserved_rows=pres, steps=cfg.steps,
-                         delta_device=cfg.delta_device,
+                         whiten=cfg.whiten, delta_device=cfg.delta_device,
                          attn_implementation=getattr(ed.model.config, "_attn_implementation",
                                                      None))
 

@@ -18,6 +18,8 @@ solver                 pseudo-values, the N x N Gram and its factor, and the fac
 key memory             ``memory > 0``: the d_in x d_in float64 memory per module, its new copy and
                        the turn's Cholesky factor
 preserved keys         ``preserve > 0``: the preserved rows (float32) and their float64 Gram
+gradient covariance    ``whiten > 0``: Σ g gᵀ (d_out x d_out float64) per weight shape; in the
+                       solve its Σ^{-1/2} per shape and one ``eigh``'s working copies
 delta record           the base copy of the edited weights; with ``accumulate`` (default for
                        bf16/fp16) the float32 accumulated delta
 rollback history       ``history`` snapshots kept plus the turn's own (float32 deltas when
@@ -127,10 +129,10 @@ class TurnPlan:
         lines = [f"turn plan: {self.model}, {self.dtype}, {self.edits} edits in micro-batches of "
                  f"{self.micro_batch} ({self.seq_len} tokens), N = {self.n_rows} rows, "
                  f"{len(self.modules)} modules ({self.modules[0]} ...)",
-                 f"{'item':<18} {'phase':<17} {'MiB':>10}  counts"]
+                 f"{'item':<19} {'phase':<17} {'MiB':>10}  counts"]
         for it in self.items:
-            lines.append(f"{it.name:<18} {it.phase:<17} {it.bytes / MiB:>10.1f}  {it.detail}")
-        lines.append(f"{'peak':<18} {self.peak_phase:<17} {self.total_bytes / MiB:>10.1f}  "
+            lines.append(f"{it.name:<19} {it.phase:<17} {it.bytes / MiB:>10.1f}  {it.detail}")
+        lines.append(f"{'peak':<19} {self.peak_phase:<17} {self.total_bytes / MiB:>10.1f}  "
                      f"= {self.total_bytes / GiB:.2f} GiB (kept items + the larger phase; the "
                      f"solve/apply phase counts its solves or its apply, whichever is larger)")
         lines.append(self.reason)
@@ -264,7 +266,8 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
               edits: int = 100, micro_batch: int = 10, budget_bytes: int = 24 * GiB,
               answer_tokens: float = 4, seq_len: int = 32, positions: str = "answer",
               accumulate="auto", history: int = 1, memory: float = 0.0, preserve: float = 0.0,
-              preserved_rows: int = 0, steps: int = 1, attn_implementation: Optional[str] = None,
+              preserved_rows: int = 0, steps: int = 1, whiten: float = 0.0,
+              attn_implementation: Optional[str] = None,
               act_dtype=None, logit_columns: Optional[int] = None,
               delta_device: Optional[str] = None) -> TurnPlan:
     """Predict the peak memory of one turn (see the module docstring).
@@ -286,6 +289,7 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
         memory, preserve: ν and μ of the key memory and the preserved subjects;
             ``preserved_rows``: the preserved key rows per module.
         steps: capture/solve/apply steps per turn (a multi-step turn snapshots before its first).
+        whiten: ε of the whitened value gradients (> 0: their covariance is kept).
         attn_implementation: "sdpa" (default) or "eager".
         act_dtype: the activations' dtype (default: ``dtype``).
         delta_device: ``"cpu"`` when the editor keeps base, delta and history off the device
@@ -376,8 +380,14 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
     # steady state: `history` snapshots kept, one more taken during the turn
     turn_snap = w_edit * snap_e if (history or steps > 1) else 0
     mem_bytes = sum(8 * dims[n][0] ** 2 for n in names) if memory > 0 else 0
-    # a turn record holds the weights' snapshot and a copy of the statistics (key memory too)
-    stats_copy = stats // 2 + mem_bytes
+    # whiten: Σ g gᵀ and Σ g per weight shape; in the solve Σ^{-1/2} per shape, and one eigh's
+    # copies of the covariance, its eigenvectors and a product (largest d_out)
+    white_bytes = sum(8 * (d_out ** 2 + d_out + 1) for _, d_out in shapes) if whiten > 0 else 0
+    white_turn = (sum(8 * d_out ** 2 for _, d_out in shapes)
+                  + 3 * 8 * max(d_out for _, d_out in shapes) ** 2) if whiten > 0 else 0
+    # a turn record holds the weights' snapshot and a copy of the statistics (key memory and
+    # gradient covariance too)
+    stats_copy = stats // 2 + mem_bytes + white_bytes
     kept_snaps = int(history) * (w_edit * snap_e + stats_copy)
     # dual (N <= d_in): A is N x d_out; primal: the dense ΔW, d_in x d_out
     factors_A = sum(4 * min(N, dims[n][0]) * dims[n][1] for n in names)
@@ -405,6 +415,9 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
     ]
     if mem_bytes:
         items.append(PlanItem("key memory", mem_bytes, "d_in x d_in float64 per module"))
+    if white_bytes:
+        items.append(PlanItem("gradient covariance", white_bytes,
+                              "d_out x d_out float64 per weight shape (whiten)"))
     if pres:
         items.append(PlanItem("preserved keys", pres, f"{preserved_rows} rows (float32) and "
                               f"their float64 Gram per module"))
@@ -430,10 +443,11 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
         PlanItem("captured rows", rows_total * (2 if n_mb > 1 else 1),
                  f"K (N x d_in) and G (N x d_out) in {aname}, N = {N}"
                  + (", per micro-batch and stacked" if n_mb > 1 else ""), "solve/apply"),
-        PlanItem("solver", factors_A + one_solve + mem_turn,
+        PlanItem("solver", factors_A + one_solve + mem_turn + white_turn,
                  f"A (N x d_out, float32; the dense ΔW when N > d_in) of every module, one "
                  f"module's pseudo-values, Gram and "
-                 f"factor" + (", the memory/preserved system and factor" if mem_turn else ""),
+                 f"factor" + (", the memory/preserved system and factor" if mem_turn else "")
+                 + (", the whitening matrices and one eigh's copies" if white_turn else ""),
                  "solve/apply"),
         PlanItem("rollback history", turn_snap + stats_copy * (2 if steps > 1 else 1) + apply_tmp,
                  "the turn's own snapshot" + (", float32 copies of K and A for the apply"
@@ -479,6 +493,7 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
                     settings=dict(answer_tokens=answer_tokens, logit_columns=logit_columns, positions=positions,
                                   accumulate=acc, history=history, memory=memory,
                                   preserve=preserve, preserved_rows=preserved_rows, steps=steps,
+                                  whiten=whiten,
                                   attn_implementation=attn, act_dtype=aname,
                                   delta_device=delta_device))
 
@@ -509,6 +524,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", type=float, default=0.0)
     p.add_argument("--preserve", type=float, default=0.0)
     p.add_argument("--preserved-rows", type=int, default=0)
+    p.add_argument("--whiten", type=float, default=0.0, help="ε of the whitened value gradients "
+                   "(> 0: their d_out x d_out covariance is kept)")
     p.add_argument("--delta-device", default=None, help="cpu: base, delta and history kept on "
                    "the host (UltraEditor(delta_device='cpu'))")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -527,7 +544,8 @@ def run(args: argparse.Namespace, prog: str = "ultraedit plan") -> int:
                          micro_batch=args.micro_batch, budget_bytes=int(args.budget_gib * GiB),
                          answer_tokens=args.answer_tokens, seq_len=args.seq_len,
                          history=args.history, memory=args.memory, preserve=args.preserve,
-                         preserved_rows=args.preserved_rows, delta_device=args.delta_device)
+                         preserved_rows=args.preserved_rows, whiten=args.whiten,
+                         delta_device=args.delta_device)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
