@@ -46,17 +46,19 @@ def with_aside(prompt: str, subject: str, aside: str):
 
 
 def gs_by_prefix(model, tok, records):
-    """Teacher-forced GS of the edited model split by whether a paraphrase has the rewrite
-    prompt's text before the subject (the same subject key at the edited layers) or not."""
+    """Teacher-forced GS of the edited model split by the paraphrase's text before the subject:
+    the rewrite prompt's (the same subject key at the edited layers), none (the subject first),
+    or other text."""
     from ultraedit.eval.probing import token_accuracy
 
-    groups = {"same_prefix": ([], []), "other_prefix": ([], [])}
+    groups = {"same_prefix": ([], []), "subject_first": ([], []), "other_prefix": ([], [])}
     for r in records:
         before = r.prompt[:r.prompt.find(r.subject)] if r.subject in r.prompt else None
         for p in r.paraphrases:
             at = p.find(r.subject)
-            same = before is not None and at >= 0 and p[:at] == before
-            prompts, targets = groups["same_prefix" if same else "other_prefix"]
+            group = ("same_prefix" if before is not None and at >= 0 and p[:at] == before
+                     else "subject_first" if at == 0 else "other_prefix")
+            prompts, targets = groups[group]
             prompts.append(p)
             targets.append(r.target)
     out = {}
@@ -75,6 +77,8 @@ def main(argv=None):
                                                       "generalization_tuning.jsonl"))
     ap.add_argument("--turns", type=int, default=2)
     ap.add_argument("--edits-per-turn", type=int, default=25)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="an EditConfig field over the preset, e.g. key_contexts=4 (repeatable)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -89,7 +93,8 @@ def main(argv=None):
 
     model, tok = load_model("default")
     records = load_records(a.records, format="records", limit=a.turns * a.edits_per_turn)
-    editor = UltraEditor(model, tok)
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.set)}
+    editor = UltraEditor(model, tok, **overrides)
     real_edit = editor.edit
     contexts = (CONTEXTS if a.placement == "before" else ASIDES)[:a.contexts]
 
@@ -110,11 +115,12 @@ def main(argv=None):
     res["wall_s"] = time.perf_counter() - t0
     res["contexts"] = list(contexts)
     res["placement"] = a.placement
+    res["overrides"] = overrides
     res["command"] = "python experiments/augmented_prompts.py " + " ".join(argv or sys.argv[1:])
     res["gs_by_prefix"] = gs_by_prefix(model, tok, records[:a.turns * a.edits_per_turn])
     tf, wild = res["final"]["teacher_forced"], res["final"]["wild"]
     turn_s = [t.get("report", t).get("turn_s") for t in res["turns"]]
-    print(f"{a.placement} contexts {a.contexts}: TF ES {tf['es']:.3f} GS {tf['gs']:.3f} LS {tf['ls']:.3f} | "
+    print(f"{a.placement} contexts {a.contexts} {overrides}: TF ES {tf['es']:.3f} GS {tf['gs']:.3f} LS {tf['ls']:.3f} | "
           f"WILD ES {wild['es']:.3f} GS {wild['gs']:.3f} LS {wild['ls']:.3f} contains ES "
           f"{wild['es_contains']:.3f} GS {wild['gs_contains']:.3f} | turns {turn_s}")
     print("TF GS by the paraphrase's text before the subject:", res["gs_by_prefix"])
