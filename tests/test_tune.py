@@ -60,9 +60,9 @@ def test_search_runs_the_schedule_and_records_it(searched):
     assert kept[:2] == sorted(by_round[0], key=lambda r: rank_key(r, 0.5))[:2]
     assert 0 in [r["candidate"] for r in kept]
     assert t["space"]["lr"] == GRID["lr"] and t["space"]["n_layers"] == 3
-    assert t["space"]["whiten"] == [0.0, 0.01]   # not in GRID: the default values
+    assert t["space"]["whiten"] == [0.0, 0.001]   # not in GRID: the default values
     for row in t["candidates"]:
-        assert row["config"]["whiten"] in (0.0, 0.01)
+        assert row["config"]["whiten"] in (0.0, 0.001)
     assert t["rule"].startswith("the highest teacher-forced ES") and "0.5" in t["rule"]
     assert lines[0].startswith("rule (fixed before the search)")
     assert sum(ln.startswith("[round") for ln in lines) == 9
