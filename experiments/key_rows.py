@@ -10,7 +10,8 @@ the held edits and the key memory see the extra rows like any other. The preset 
 WILD-style scores over the original edits, and teacher-forced GS split by whether a
 paraphrase has the rewrite prompt's text before the subject.
 
-    PYTHONPATH=python python experiments/key_rows.py --contexts 1 --json experiments/results/key_rows_1.json
+    PYTHONPATH=python python experiments/key_rows.py --contexts 1 --json experiments/results/paraphrase_tuning_keyrows1.json
+    PYTHONPATH=python python experiments/key_rows.py --contexts 4 --mean --json key_rows_mean4.json
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contexts", type=int, default=1,
                     help="the first N of ultraedit.fact_keys.KEY_CONTEXTS ('{s}' first)")
+    ap.add_argument("--mean", action="store_true",
+                    help="one extra row per edit: the mean of the rewrite key and the contexts' "
+                         "keys (the fact key of key_contexts), instead of one row per context")
     ap.add_argument("--records", default=os.path.join(ROOT, "experiments", "results",
                                                       "generalization_tuning.jsonl"))
     ap.add_argument("--turns", type=int, default=2)
@@ -78,12 +82,17 @@ def main(argv=None):
             assert k.shape[0] == len(turn_subjects), "one key row per request (subject keys)"
             ctx = captured[name].keys.to(device=k.device, dtype=k.dtype)
             ctx = ctx.reshape(len(unique), len(contexts), -1)
-            extra_k = torch.cat([ctx[[where[s] for s in turn_subjects], j]
-                                 for j in range(len(contexts))])
-            extra_g = g.repeat(len(contexts), 1)
+            if a.mean:
+                mine = ctx[[where[s] for s in turn_subjects]]           # N x C x d_in
+                extra_k = (mine.sum(1) + k) / (len(contexts) + 1)
+                extra_g = g
+            else:
+                extra_k = torch.cat([ctx[[where[s] for s in turn_subjects], j]
+                                     for j in range(len(contexts))])
+                extra_g = g.repeat(len(contexts), 1)
             out[name] = [(torch.cat([k, extra_k]), torch.cat([g, extra_g]))]
         if hold is not None:
-            hold = hold.repeat(len(contexts) + 1)
+            hold = hold.repeat(2 if a.mean else len(contexts) + 1)
         return out, n_predicted, hold, first_out
 
     editor.edit, editor._capture = edit, capture
@@ -92,11 +101,12 @@ def main(argv=None):
                        wild=True, progress=False)
     res["wall_s"] = time.perf_counter() - t0
     res["contexts"] = list(contexts)
+    res["mean"] = a.mean
     res["command"] = "python experiments/key_rows.py " + " ".join(argv or sys.argv[1:])
     res["gs_by_prefix"] = gs_by_prefix(model, tok, records[:a.turns * a.edits_per_turn])
     tf, wild = res["final"]["teacher_forced"], res["final"]["wild"]
     turn_s = [t.get("report", t).get("turn_s") for t in res["turns"]]
-    print(f"key rows, {a.contexts} contexts: TF ES {tf['es']:.3f} GS {tf['gs']:.3f} "
+    print(f"key rows{' (mean)' if a.mean else ''}, {a.contexts} contexts: TF ES {tf['es']:.3f} GS {tf['gs']:.3f} "
           f"LS {tf['ls']:.3f} | WILD ES {wild['es']:.3f} GS {wild['gs']:.3f} LS {wild['ls']:.3f} "
           f"contains ES {wild['es_contains']:.3f} GS {wild['gs_contains']:.3f} | turns {turn_s}")
     print("TF GS by the paraphrase's text before the subject:", res["gs_by_prefix"])
