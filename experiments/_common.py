@@ -69,10 +69,11 @@ def load_stream(args):
                                     limit=args.turns * args.edits)
 
 
-def score_and_save(model, tokenizer, records, editor, args, **extra):
+def score_and_save(model, tokenizer, records, editor, args, post=None, **extra):
     """Run the lifelong stream with teacher-forced and WILD-style scores after the last turn
     (``ultraedit.eval.lifelong_run``), print one summary line, write ``--json``; returns the
-    result with ``wall_s``, ``args`` and ``extra``."""
+    result with ``wall_s``, ``args`` and ``extra``. ``post``: a function of no argument called
+    after the run (the edited model), whose dict joins the result and is printed."""
     import json
     import time
 
@@ -84,11 +85,15 @@ def score_and_save(model, tokenizer, records, editor, args, **extra):
     res["wall_s"] = time.perf_counter() - t0
     res.update(extra)
     res["args"] = vars(args)
+    more = post() if post is not None else {}
+    res.update(more)
     tf, wild = res["final"]["teacher_forced"], res["final"]["wild"]
     turn_s = [round(t.get("report", t).get("turn_s"), 1) for t in res["turns"]]
     print(f"TF ES {tf['es']:.3f} GS {tf['gs']:.3f} LS {tf['ls']:.3f} | WILD ES {wild['es']:.3f} "
           f"GS {wild['gs']:.3f} LS {wild['ls']:.3f} contains ES {wild['es_contains']:.3f} "
           f"GS {wild['gs_contains']:.3f} | turns {turn_s}", flush=True)
+    for key, value in more.items():
+        print(f"{key}: {value}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=1, default=str)

@@ -17,15 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-import time
-import warnings
 
-import torch
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, os.path.join(ROOT, "python"))
+import _common
 
 CONTEXTS = ("Here is something I read today.", "This is a short note.",
             "Let me tell you a fact.", "I learned this a while ago.")
@@ -73,26 +66,15 @@ def main(argv=None):
     ap.add_argument("--contexts", type=int, default=2)
     ap.add_argument("--placement", choices=("before", "after-subject"), default="before",
                     help="generic left contexts before the prompt, or asides after the subject")
-    ap.add_argument("--records", default=os.path.join(ROOT, "experiments", "results",
-                                                      "generalization_tuning.jsonl"))
-    ap.add_argument("--turns", type=int, default=2)
-    ap.add_argument("--edits-per-turn", type=int, default=25)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="an EditConfig field over the preset, e.g. key_contexts=4 (repeatable)")
-    ap.add_argument("--json", default=None)
+    _common.add_stream_args(ap)
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    warnings.simplefilter("ignore")
+    model, tok, records = _common.load_stream(a)
 
     from ultraedit import UltraEditor
-    from ultraedit.data.formats import load_records
-    from ultraedit.eval import lifelong_run
-    from ultraedit.models import load_model
     from ultraedit.turn import EditRequest
 
-    model, tok = load_model("default")
-    records = load_records(a.records, format="records", limit=a.turns * a.edits_per_turn)
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.set)}
     editor = UltraEditor(model, tok, **overrides)
     real_edit = editor.edit
@@ -109,24 +91,9 @@ def main(argv=None):
         return real_edit(reqs + [v for r in reqs for v in variants(r)])
 
     editor.edit = edit
-    t0 = time.perf_counter()
-    res = lifelong_run(model, tok, records, editor, a.turns, a.edits_per_turn, eval_end=True,
-                       wild=True, progress=False)
-    res["wall_s"] = time.perf_counter() - t0
-    res["contexts"] = list(contexts)
-    res["placement"] = a.placement
-    res["overrides"] = overrides
-    res["command"] = "python experiments/augmented_prompts.py " + " ".join(argv or sys.argv[1:])
-    res["gs_by_prefix"] = gs_by_prefix(model, tok, records[:a.turns * a.edits_per_turn])
-    tf, wild = res["final"]["teacher_forced"], res["final"]["wild"]
-    turn_s = [t.get("report", t).get("turn_s") for t in res["turns"]]
-    print(f"{a.placement} contexts {a.contexts} {overrides}: TF ES {tf['es']:.3f} GS {tf['gs']:.3f} LS {tf['ls']:.3f} | "
-          f"WILD ES {wild['es']:.3f} GS {wild['gs']:.3f} LS {wild['ls']:.3f} contains ES "
-          f"{wild['es_contains']:.3f} GS {wild['gs_contains']:.3f} | turns {turn_s}")
-    print("TF GS by the paraphrase's text before the subject:", res["gs_by_prefix"])
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=1, default=str)
+    _common.score_and_save(model, tok, records, editor, a,
+                           post=lambda: {"gs_by_prefix": gs_by_prefix(model, tok, records)},
+                           contexts=list(contexts), placement=a.placement, overrides=overrides)
 
 
 if __name__ == "__main__":

@@ -16,17 +16,10 @@ paraphrase has the rewrite prompt's text before the subject.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-import time
-import warnings
 
 import torch
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, os.path.join(ROOT, "python"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common
 
 
 def main(argv=None):
@@ -36,27 +29,16 @@ def main(argv=None):
     ap.add_argument("--mean", action="store_true",
                     help="one extra row per edit: the mean of the rewrite key and the contexts' "
                          "keys (the fact key of key_contexts), instead of one row per context")
-    ap.add_argument("--records", default=os.path.join(ROOT, "experiments", "results",
-                                                      "generalization_tuning.jsonl"))
-    ap.add_argument("--turns", type=int, default=2)
-    ap.add_argument("--edits-per-turn", type=int, default=25)
-    ap.add_argument("--json", default=None)
+    _common.add_stream_args(ap)
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    warnings.simplefilter("ignore")
+    model, tok, records = _common.load_stream(a)
 
     from augmented_prompts import gs_by_prefix
     from ultraedit import UltraEditor
-    from ultraedit.data.formats import load_records
-    from ultraedit.eval import lifelong_run
     from ultraedit.fact_keys import KEY_CONTEXTS
-    from ultraedit.models import load_model
     from ultraedit.preserve import capture_subject_keys
     from ultraedit.turn import EditRequest
 
-    model, tok = load_model("default")
-    records = load_records(a.records, format="records", limit=a.turns * a.edits_per_turn)
     editor = UltraEditor(model, tok)
     contexts = KEY_CONTEXTS[:a.contexts]
     real_edit, real_capture = editor.edit, editor._capture
@@ -96,23 +78,9 @@ def main(argv=None):
         return out, n_predicted, hold, first_out
 
     editor.edit, editor._capture = edit, capture
-    t0 = time.perf_counter()
-    res = lifelong_run(model, tok, records, editor, a.turns, a.edits_per_turn, eval_end=True,
-                       wild=True, progress=False)
-    res["wall_s"] = time.perf_counter() - t0
-    res["contexts"] = list(contexts)
-    res["mean"] = a.mean
-    res["command"] = "python experiments/key_rows.py " + " ".join(argv or sys.argv[1:])
-    res["gs_by_prefix"] = gs_by_prefix(model, tok, records[:a.turns * a.edits_per_turn])
-    tf, wild = res["final"]["teacher_forced"], res["final"]["wild"]
-    turn_s = [t.get("report", t).get("turn_s") for t in res["turns"]]
-    print(f"key rows{' (mean)' if a.mean else ''}, {a.contexts} contexts: TF ES {tf['es']:.3f} GS {tf['gs']:.3f} "
-          f"LS {tf['ls']:.3f} | WILD ES {wild['es']:.3f} GS {wild['gs']:.3f} LS {wild['ls']:.3f} "
-          f"contains ES {wild['es_contains']:.3f} GS {wild['gs_contains']:.3f} | turns {turn_s}")
-    print("TF GS by the paraphrase's text before the subject:", res["gs_by_prefix"])
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=1, default=str)
+    _common.score_and_save(model, tok, records, editor, a,
+                           post=lambda: {"gs_by_prefix": gs_by_prefix(model, tok, records)},
+                           contexts=list(contexts), mean=a.mean)
 
 
 if __name__ == "__main__":
