@@ -66,6 +66,8 @@ def main(argv=None):
     ap.add_argument("--contexts", type=int, default=2)
     ap.add_argument("--placement", choices=("before", "after-subject"), default="before",
                     help="generic left contexts before the prompt, or asides after the subject")
+    ap.add_argument("--variant-steps", type=int, default=None, metavar="K",
+                    help="train the variants only in a turn's first K steps (default: every step)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="an EditConfig field over the preset, e.g. key_contexts=4 (repeatable)")
     _common.add_stream_args(ap)
@@ -73,7 +75,7 @@ def main(argv=None):
     model, tok, records = _common.load_stream(a)
 
     from ultraedit import UltraEditor
-    from ultraedit.turn import EditRequest
+    from ultraedit.turn import EditRequest, input_device, prepare_turn
 
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.set)}
     editor = UltraEditor(model, tok, **overrides)
@@ -86,14 +88,27 @@ def main(argv=None):
         prompts = [with_aside(r.prompt, r.subject, c) for c in contexts]
         return [EditRequest(p, r.target, r.subject) for p in prompts if p is not None]
 
+    real_capture, turn = editor._capture, {}
+
     def edit(requests):
         reqs = [EditRequest.coerce(r) for r in requests]
+        if a.variant_steps is not None:   # the originals alone, batched as the editor does
+            turn["plain"] = prepare_turn(editor.tokenizer, reqs, editor.config,
+                                         input_device(editor.model), editor._max_length,
+                                         editor.sizer)[1]
         return real_edit(reqs + [v for r in reqs for v in variants(r)])
 
-    editor.edit = edit
+    def capture(batches, meter, first):
+        turn["step"] = 0 if first else turn["step"] + 1
+        if a.variant_steps is not None and turn["step"] >= a.variant_steps:
+            batches = turn["plain"]
+        return real_capture(batches, meter, first)
+
+    editor.edit, editor._capture = edit, capture
     _common.score_and_save(model, tok, records, editor, a,
                            post=lambda: {"gs_by_prefix": gs_by_prefix(model, tok, records)},
-                           contexts=list(contexts), placement=a.placement, overrides=overrides)
+                           contexts=list(contexts), placement=a.placement, overrides=overrides,
+                           variant_steps=a.variant_steps)
 
 
 if __name__ == "__main__":
