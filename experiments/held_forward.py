@@ -11,26 +11,21 @@ the per-request loss weights of the whole micro-batch (so their gradients are th
 rows are left out of that step's statistics update (no gradient to merge). A held request that
 is no longer predicted stays held for that step and runs its backward from the next one.
 
-Scores and turn times of the preset with and without it on the shared tuning or report records
-(2 turns of 25), both in one process one after the other so the times are comparable.
+Scores and turn times of the preset with (``--only held-forward``) or without it (``--only
+preset``) on the shared tuning or report records (2 turns of 25); run the two as two processes
+at once so that they see the same load. Each turn's ``steps_run`` and ``n_predicted`` are in the
+JSON's ``turns``.
 
-    PYTHONPATH=python python experiments/held_forward.py --json experiments/results/held_forward_tuning.json
-    PYTHONPATH=python python experiments/held_forward.py --records experiments/results/generalization_report.jsonl \\
-        --json experiments/results/held_forward_report.json
+    PYTHONPATH=python python experiments/held_forward.py --only preset --json preset.json
+    PYTHONPATH=python python experiments/held_forward.py --only held-forward --json held_forward.json
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-import time
-import warnings
 
 import torch
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, os.path.join(ROOT, "python"))
+import _common
 
 
 def install(editor):
@@ -130,57 +125,20 @@ def install(editor):
     editor._capture, editor._update_stats = capture, update_stats
 
 
-def run_one(records, turns, per_turn, held_forward: bool):
-    from ultraedit import UltraEditor
-    from ultraedit.eval import lifelong_run
-    from ultraedit.models import load_model
-
-    torch.manual_seed(0)
-    model, tok = load_model("default")
-    editor = UltraEditor(model, tok)
-    if held_forward:
-        install(editor)
-    t0 = time.perf_counter()
-    res = lifelong_run(model, tok, records, editor, turns, per_turn, eval_end=True, wild=True,
-                       progress=False)
-    res["wall_s"] = time.perf_counter() - t0
-    return res
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--records", default=os.path.join(ROOT, "experiments", "results",
-                                                      "generalization_tuning.jsonl"))
-    ap.add_argument("--turns", type=int, default=2)
-    ap.add_argument("--edits-per-turn", type=int, default=25)
-    ap.add_argument("--only", choices=("preset", "held-forward"), default=None)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--only", choices=("preset", "held-forward"), default="held-forward",
+                    help="the variant this process runs")
+    _common.add_stream_args(ap)
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    from ultraedit.data.formats import load_records
+    model, tok, records = _common.load_stream(a)
 
-    records = load_records(a.records, format="records", limit=a.turns * a.edits_per_turn)
-    out = {"command": "python experiments/held_forward.py " + " ".join(argv or sys.argv[1:])}
-    for name, flag in (("preset", False), ("held-forward", True)):
-        if a.only and a.only != name:
-            continue
-        res = run_one(records, a.turns, a.edits_per_turn, flag)
-        tf, wild = res["final"]["teacher_forced"], res["final"]["wild"]
-        reports = [t.get("report", t) for t in res["turns"]]
-        row = {"tf": {k: tf[k] for k in ("es", "gs", "ls")},
-               "wild": {k: wild[k] for k in ("es", "gs", "ls", "es_contains", "gs_contains")},
-               "turn_s": [r.get("turn_s") for r in reports],
-               "fwd_bwd_s": [r.get("fwd_bwd_s") for r in reports],
-               "steps_run": [r.get("steps_run") for r in reports],
-               "n_predicted": [r.get("n_predicted") for r in reports]}
-        out[name] = row
-        print(f"{name}: TF ES {tf['es']:.3f} GS {tf['gs']:.3f} LS {tf['ls']:.3f} | WILD LS "
-              f"{wild['ls']:.3f} | turn s {[round(t, 1) for t in row['turn_s']]} | steps "
-              f"{row['steps_run']} predicted {row['n_predicted']}", flush=True)
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(out, fh, indent=1, default=str)
+    from ultraedit import UltraEditor
+
+    editor = UltraEditor(model, tok)
+    if a.only == "held-forward":
+        install(editor)
+    _common.score_and_save(model, tok, records, editor, a, variant=a.only)
 
 
 if __name__ == "__main__":

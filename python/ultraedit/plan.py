@@ -126,13 +126,14 @@ class TurnPlan:
         return asdict(self)
 
     def format(self) -> str:
+        w = 19   # the item column: the longest item name, "gradient covariance"
         lines = [f"turn plan: {self.model}, {self.dtype}, {self.edits} edits in micro-batches of "
                  f"{self.micro_batch} ({self.seq_len} tokens), N = {self.n_rows} rows, "
                  f"{len(self.modules)} modules ({self.modules[0]} ...)",
-                 f"{'item':<19} {'phase':<17} {'MiB':>10}  counts"]
+                 f"{'item':<{w}} {'phase':<17} {'MiB':>10}  counts"]
         for it in self.items:
-            lines.append(f"{it.name:<19} {it.phase:<17} {it.bytes / MiB:>10.1f}  {it.detail}")
-        lines.append(f"{'peak':<19} {self.peak_phase:<17} {self.total_bytes / MiB:>10.1f}  "
+            lines.append(f"{it.name:<{w}} {it.phase:<17} {it.bytes / MiB:>10.1f}  {it.detail}")
+        lines.append(f"{'peak':<{w}} {self.peak_phase:<17} {self.total_bytes / MiB:>10.1f}  "
                      f"= {self.total_bytes / GiB:.2f} GiB (kept items + the larger phase; the "
                      f"solve/apply phase counts its solves or its apply, whichever is larger)")
         lines.append(self.reason)
