@@ -168,7 +168,7 @@ class UltraEditor:
         with nvtx_range("ultraedit/capture"), CaptureSession(self.model, self.modules) as cap:
             for batch in batches:
                 mask = capture_mask(batch, self.config.positions)
-                cap.set_mask(mask)
+                cap.set_mask(mask, batch["labels"] != -100)
                 if first:
                     n_tokens += int((batch["labels"] != -100).sum())
                 loss, predicted = meter.run(

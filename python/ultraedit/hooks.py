@@ -15,6 +15,12 @@ is then a leaf that requires grad), so autograd builds the graph only from the e
 module on and the backward stops there. A tensor hook on each output (``output.register_hook``)
 receives ``G_m``. The model's own ``requires_grad`` flags and train/eval mode are restored on
 exit, also when an error is raised.
+
+The backward covers only the positions that can reach a captured row (from a sequence's first
+captured position to its last captured or loss position; ``ultraedit.backward_rows``): the
+model's plain ``nn.Linear`` modules compute their input gradients on those rows only, which
+leaves ``G_m`` unchanged (causal attention) and skips most of the backward where the captured
+positions are the last few of each prompt.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+
+from .backward_rows import LinearRowsBackward, backward_span
 
 __all__ = ["CaptureSession", "check_editable"]
 
@@ -52,7 +60,7 @@ class CaptureSession:
     Captured tensors keep the activation dtype and device of their module.
     """
 
-    def __init__(self, model: nn.Module, modules: Dict[str, nn.Module]):
+    def __init__(self, model: nn.Module, modules: Dict[str, nn.Module], rows_backward: bool = True):
         self.model = model
         self.modules = dict(modules)
         self._slots = {name: _Slot() for name in self.modules}
@@ -61,6 +69,11 @@ class CaptureSession:
         self._saved_training: Optional[bool] = None
         self._flat_index: Optional[torch.Tensor] = None
         self._index_cache: Dict[torch.device, torch.Tensor] = {}
+        self._rows_backward: Optional[LinearRowsBackward] = None
+        if rows_backward:
+            get_out = getattr(model, "get_output_embeddings", None)
+            head = get_out() if callable(get_out) else None
+            self._rows_backward = LinearRowsBackward(model, exclude=(head,))
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "CaptureSession":
@@ -73,6 +86,8 @@ class CaptureSession:
             self.model.eval()
             for name, module in self.modules.items():
                 self._handles.append(module.register_forward_hook(self._make_hook(name)))
+            if self._rows_backward is not None:
+                self._rows_backward.__enter__()
         except BaseException:
             self._restore()
             raise
@@ -82,6 +97,8 @@ class CaptureSession:
         self._restore()
 
     def _restore(self) -> None:
+        if self._rows_backward is not None:
+            self._rows_backward.__exit__(None, None, None)
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -93,10 +110,16 @@ class CaptureSession:
             self._saved_training = None
 
     # ------------------------------------------------------------------ capture
-    def set_mask(self, mask: torch.Tensor) -> int:
-        """Set the answer mask (B x L bool) for the next forward; returns the number of rows."""
-        if mask.dim() != 2 or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a 2-D bool tensor, got {tuple(mask.shape)} {mask.dtype}")
+    def set_mask(self, mask: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> int:
+        """Set the captured positions ``mask`` (B x L bool) for the next forward; returns the
+        number of rows. ``loss_mask`` (B x L bool, default ``mask``): the positions with a loss,
+        which bound the backward's span (:func:`ultraedit.backward_rows.backward_span`)."""
+        for what, m in (("mask", mask), ("loss_mask", loss_mask)):
+            if m is not None and (m.dim() != 2 or m.dtype != torch.bool or m.shape != mask.shape):
+                raise ValueError(f"{what} must be a 2-D bool tensor of the mask's shape, got "
+                                 f"{tuple(m.shape)} {m.dtype}")
+        if self._rows_backward is not None:
+            self._rows_backward.set_span(backward_span(mask, loss_mask))
         self._flat_index = mask.reshape(-1).nonzero().squeeze(1)
         self._mask_shape = tuple(mask.shape)
         self._index_cache = {}

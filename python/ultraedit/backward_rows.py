@@ -1,0 +1,131 @@
+"""A turn's backward over the positions that reach a captured row, and no others.
+
+A turn needs the output gradients ``G`` of the edited modules at the captured positions only
+(answer tokens, or the subject's last token). In a causal language model the activation at
+position ``j`` influences positions ``>= j`` only, so the gradient at a position ``p`` is a sum
+over paths through positions ``>= p``: the gradient rows of positions before the first captured
+position of a sequence never reach a captured row. Positions after the last position with a
+loss carry no gradient at all. So, per sequence ``b``, only the span
+
+    S_b = [first captured position, last captured-or-loss position]
+
+needs a backward; the rest of a ``B x L`` backward is work whose result is never read.
+
+Inside :class:`LinearRowsBackward` every plain ``nn.Linear`` of the model computes its input
+gradient only on the rows of that span:
+
+    dx = zeros(B*L, d_in);  dx[S] = dy[S] @ W        (instead of dx = dy @ W)
+
+which is what ``torch.nn.functional.linear(x, W, b)`` back-propagates, restricted to ``S``
+(``index_select`` + ``mm`` + ``index_copy_``: the same products row by row). The captured
+``G`` are unchanged, to the bit on the machines measured (``experiments/turn_speed.md``). The
+forward is untouched: ``F.linear(x, W, b)``. No weight gradient is computed (the editor's
+parameters have ``requires_grad=False`` during a capture; a module whose weight requires grad
+keeps the plain ``F.linear``).
+
+Only modules of type exactly ``nn.Linear`` whose ``forward`` is the class's own are switched
+(not subclasses such as quantized layers, not modules whose forward another library wrapped,
+e.g. accelerate's offload hooks, and never the output embedding), and only for inputs whose
+leading shape is the captured mask's ``(B, L)`` (batch-first activations, as the capture itself
+assumes); every other call is the plain ``F.linear``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["LinearRowsBackward", "backward_span"]
+
+
+def backward_span(captured: torch.Tensor, loss: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The ``(B x L bool)`` positions whose gradients can reach a captured row: per sequence,
+    from its first captured position to its last captured or loss position (a sequence with
+    none: no position). ``captured``, ``loss``: ``(B x L bool)``."""
+    ends = captured if loss is None else captured | loss.to(captured.device)
+    length = captured.shape[1]
+    pos = torch.arange(length, device=captured.device).expand_as(captured)
+    first = torch.where(captured, pos, length).amin(1, keepdim=True)
+    last = torch.where(ends, pos, -1).amax(1, keepdim=True)
+    return (pos >= first) & (pos <= last)
+
+
+class _LinearRows(torch.autograd.Function):
+    """``F.linear(x, weight, bias)``; backward: the input gradient on the rows ``index`` of the
+    flattened ``(B*L, d_out)`` output gradient, zero elsewhere; no weight or bias gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, index):
+        ctx.save_for_backward(weight, index)
+        ctx.x_shape = x.shape
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, index = ctx.saved_tensors
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_in = rows.new_zeros(rows.shape[0], weight.shape[1])
+        grad_in.index_copy_(0, index, rows.index_select(0, index).mm(weight.to(rows.dtype)))
+        return grad_in.view(ctx.x_shape), None, None, None
+
+
+class LinearRowsBackward:
+    """Context manager: the model's plain ``nn.Linear`` modules (but ``exclude``) back-propagate
+    only the rows of :meth:`set_span`'s positions. Restores every module on exit, also when an
+    error is raised."""
+
+    def __init__(self, model: nn.Module, exclude: Tuple[nn.Module, ...] = ()):
+        self.model = model
+        self.exclude = tuple(m for m in exclude if m is not None)
+        self._switched: List[nn.Linear] = []
+        self._shape: Optional[Tuple[int, int]] = None
+        self._flat: Optional[torch.Tensor] = None
+        self._on_device: Dict[torch.device, torch.Tensor] = {}
+
+    def __enter__(self) -> "LinearRowsBackward":
+        try:
+            for module in self.model.modules():
+                if (type(module) is nn.Linear and "forward" not in module.__dict__
+                        and not any(module is m for m in self.exclude)
+                        and module.weight.device.type != "meta"):
+                    module.forward = self._forward_of(module)
+                    self._switched.append(module)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for module in self._switched:
+            module.__dict__.pop("forward", None)
+        self._switched = []
+        self._shape = self._flat = None
+        self._on_device = {}
+
+    def set_span(self, span: torch.Tensor) -> None:
+        """The ``(B x L bool)`` positions of the next forward whose gradient rows are computed
+        (:func:`backward_span`)."""
+        self._shape = tuple(span.shape)
+        self._flat = span.reshape(-1).nonzero().squeeze(1)
+        self._on_device = {}
+
+    def _index_on(self, device: torch.device) -> torch.Tensor:
+        idx = self._on_device.get(device)
+        if idx is None:
+            idx = self._on_device[device] = self._flat.to(device)
+        return idx
+
+    def _forward_of(self, module: nn.Linear):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if (self._flat is None or not x.requires_grad or not torch.is_grad_enabled()
+                    or tuple(x.shape[:-1]) != self._shape or module.weight.requires_grad
+                    or (module.bias is not None and module.bias.requires_grad)):
+                return F.linear(x, module.weight, module.bias)
+            return _LinearRows.apply(x, module.weight, module.bias, self._index_on(x.device))
+        return forward
