@@ -1,10 +1,13 @@
-// torch binding of the Cholesky solve: the op schema, CPU (and CUDA) kernels, Python helpers.
+// torch binding of the Cholesky solve and the host Gram product: the op schemas, CPU (and CUDA)
+// kernels, Python helpers.
 //
 //   torch.ops.ultraedit_C.spd_solve(Tensor a, Tensor b) -> (Tensor x, Tensor info)
 //     a (..., n, n), b (..., n, k), float32 or float64, same device; only the lower triangle
 //     of a is read.  x solves a x = b; info (...) int32 is 0 or the 1-based order of the
 //     first leading minor that is not positive definite (or holds NaN), like
 //     torch.linalg.cholesky_ex; x of such a system is NaN.
+//   torch.ops.ultraedit_C.gram(Tensor x, float ridge, bool rows) -> Tensor   (CPU)
+//     x (m, k) float32 or float64: x xᵀ + ridge I (rows) or xᵀ x + ridge I, exactly symmetric.
 //
 // The algorithm lives in torch-free files (cholesky/host.cpp, cholesky/device.cu); this
 // file only checks arguments, makes contiguous working copies and plugs in ATen's thread
@@ -120,6 +123,36 @@ std::tuple<at::Tensor, at::Tensor> spd_solve_cpu(const at::Tensor& a, const at::
   return finish(p, a, b);
 }
 
+// gram(x, ridge, rows): x xᵀ + ridge I (rows) or xᵀ x + ridge I, float32 or float64, from the
+// lower triangle only (the built-in packed kernels skip the micro-tiles above the diagonal),
+// mirrored so that the result is exactly symmetric.
+at::Tensor gram_cpu(const at::Tensor& x, double ridge, bool rows) {
+  TORCH_CHECK(x.device().is_cpu(), "gram_cpu: a CPU tensor expected");
+  TORCH_CHECK(x.dim() == 2, "gram: x must be a matrix, got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "gram: float32 or float64 expected, got ", x.scalar_type());
+  const at::Tensor xc = x.contiguous();
+  const int64_t m = rows ? xc.size(0) : xc.size(1), k = rows ? xc.size(1) : xc.size(0);
+  at::Tensor g = at::zeros({m, m}, xc.options());
+  if (m == 0) return g;
+  // row blocks over torch's thread count, on std::threads: this extension is built without
+  // OpenMP, where at::parallel_for runs its body serially
+  const uc::ParallelFor pfor = uc::thread_pool_for(at::get_num_threads());
+  // Both as tᵀ t with t (k x m) read by rows: t = xᵀ (copied once) for x xᵀ, t = x for xᵀ x.
+  // The packed A operand (tᵀ) then reads rows of t, the packed B operand (t) copies them.
+  const at::Tensor t = rows ? xc.t().contiguous() : xc;
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "gram_cpu", [&] {
+    scalar_t* c = g.data_ptr<scalar_t>();
+    const scalar_t* tp = t.data_ptr<scalar_t>();
+    uc::syrk_lower_native(pfor, /*trans_a=*/true, tp, m, /*trans_b=*/false, tp, m, m, k, c, m);
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = i + 1; j < m; ++j) c[i * m + j] = c[j * m + i];
+      c[i * m + i] += static_cast<scalar_t>(ridge);
+    }
+  });
+  return g;
+}
+
 #ifdef UE_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> spd_solve_cuda(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.is_cuda(), "spd_solve_cuda: CUDA tensors expected");
@@ -178,9 +211,13 @@ std::string host_gemm(const std::string& which) {
 
 TORCH_LIBRARY(ultraedit_C, m) {
   m.def("spd_solve(Tensor a, Tensor b) -> (Tensor, Tensor)");
+  m.def("gram(Tensor x, float ridge, bool rows) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(ultraedit_C, CPU, m) { m.impl("spd_solve", &spd_solve_cpu); }
+TORCH_LIBRARY_IMPL(ultraedit_C, CPU, m) {
+  m.impl("spd_solve", &spd_solve_cpu);
+  m.impl("gram", &gram_cpu);
+}
 
 #ifdef UE_WITH_CUDA
 TORCH_LIBRARY_IMPL(ultraedit_C, CUDA, m) { m.impl("spd_solve", &spd_solve_cuda); }

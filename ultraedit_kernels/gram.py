@@ -14,11 +14,11 @@ bit.  Equivalent PyTorch::
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
-from . import _backends
+from . import _backends, _extension
 from ._validation import check_float_matrix, check_ridge
 
 OP = "gram"
@@ -151,6 +151,57 @@ def _(x, ridge, rows):
 
 
 _backends.register_impl(OP, "torch", gram_reference)
+
+
+# --- compiled implementation (csrc/: torch.ops.ultraedit_C.gram, CPU) -------------------------
+
+_native_fake_registered = False
+
+
+def _cpp_available(device: torch.device) -> Optional[str]:
+    """``None`` when the host build is loaded (registers the fake of ``ultraedit_C::gram`` the
+    first time), else why not."""
+    global _native_fake_registered
+    if device.type != "cpu":
+        return "the cpp backend computes CPU tensors only"
+    why = _extension.unavailable_reason("cpu")
+    if why is None and not _native_fake_registered:
+        _native_fake_registered = True
+        try:
+            torch.library.register_fake("ultraedit_C::gram")(_fake_native)
+        except Exception:   # a fake registered elsewhere already, or an old torch
+            pass
+    return why
+
+
+def _fake_native(x, ridge, rows):
+    n = x.shape[0] if rows else x.shape[1]
+    return x.new_empty((n, n))
+
+
+def gram_native(x: torch.Tensor, ridge: float, rows: bool) -> torch.Tensor:
+    """The host build: only the lower triangle's micro-tiles are multiplied (the built-in packed
+    kernels of ``csrc/cholesky/host_gemm.cpp``), then mirrored: exactly symmetric, rounded in
+    another order than ``X @ X.T`` (a ``gram`` tolerance apart)."""
+    dtype = _compute_dtype(x)
+    return torch.ops.ultraedit_C.gram(x if x.dtype == dtype else x.to(dtype), float(ridge),
+                                      bool(rows))
+
+
+# `auto` uses it only where this machine's calibration measured it faster than the reference.
+# Measured on the 2-core EPYC: one thread, 1.3-1.5x at m = 300-400 rows and d = 576-1536, slower
+# at m <= 128 (one BLAS call beats packing plus the diagonal tiles' waste) and where the
+# reference's blocked product runs (m * m * d >= 2.5e8); two threads, faster only at m = 2000
+# (the host build is serial below ~1e9 multiply-adds). Below AUTO_MIN_ROWS `auto` does not even
+# consult the calibration: that lookup costs a few µs, a tenth of a 1 x 576 or 50 x 576 product.
+AUTO_MIN_ROWS = 128
+
+
+def _auto_ok(x, ridge, rows=True) -> bool:
+    return (x.shape[0] if rows else x.shape[1]) >= AUTO_MIN_ROWS
+
+
+_backends.register_impl(OP, "cpp", gram_native, available=_cpp_available, auto_ok=_auto_ok)
 
 
 def gram(x: torch.Tensor, ridge: float = 1.0, rows: bool = True) -> torch.Tensor:

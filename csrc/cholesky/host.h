@@ -54,6 +54,17 @@ void gemm_native(const ParallelFor& pfor, bool trans_a, bool trans_b, int64_t m,
 void gemm_native(const ParallelFor& pfor, bool trans_a, bool trans_b, int64_t m, int64_t n,
                  int64_t k, double alpha, const double* a, int64_t lda, const double* b,
                  int64_t ldb, double* c, int64_t ldc);
+// The lower triangle of C = op(A) op(B), op(B) = op(A)ᵀ, with the built-in kernels (op(A):
+// m x k, Aᵀ if trans_a; op(B): k x m, Bᵀ if trans_b; pass a matrix and its transpose so that
+// both operands are read by rows). C (m x m, ldc) must be zero on entry; on return its lower
+// triangle holds the product, and so do the entries above the diagonal inside diagonal
+// micro-tiles (the rest of the upper triangle stays zero): the caller mirrors.
+void syrk_lower_native(const ParallelFor& pfor, bool trans_a, const float* a, int64_t lda,
+                       bool trans_b, const float* b, int64_t ldb, int64_t m, int64_t k,
+                       float* c, int64_t ldc);
+void syrk_lower_native(const ParallelFor& pfor, bool trans_a, const double* a, int64_t lda,
+                       bool trans_b, const double* b, int64_t ldb, int64_t m, int64_t k,
+                       double* c, int64_t ldc);
 // Which instruction set the built-in GEMM dispatched to ("avx512", "avx2", "generic").
 const char* gemm_native_isa();
 

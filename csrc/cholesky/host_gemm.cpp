@@ -143,6 +143,92 @@ inline void gemm_serial_any(bool ta, bool tb, int64_t m, int64_t n, int64_t k, d
   gemm_serial_f64(ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc, abuf, bbuf);
 }
 
+// The rows [i0, i1) of the lower triangle of C = op(A) op(B) where op(B) = op(A)ᵀ (op(A):
+// m x k, Aᵀ if ta; op(B): k x m, Bᵀ if tb; the caller passes the same matrix twice or A and
+// its transpose, so that both operands pack from contiguous rows): C[i0:i1, 0:i1] +=
+// op(A)[i0:i1] op(B)[:, 0:i1], skipping every micro-tile that lies wholly above the diagonal (a
+// diagonal tile is computed whole; its upper part is left to the caller).
+template <typename T>
+UE_INLINE void syrk_rows_serial(bool ta, const T* a, int64_t lda, bool tb, const T* b,
+                                int64_t ldb, int64_t i0, int64_t i1, int64_t k, T* c,
+                                int64_t ldc, T* abuf, T* bbuf) {
+  constexpr int NR = Vec<T>::kNR;
+  for (int64_t jc = 0; jc < i1; jc += kNC) {
+    const int64_t nc = std::min(kNC, i1 - jc);
+    for (int64_t pc = 0; pc < k; pc += kKC) {
+      const int64_t kc = std::min(kKC, k - pc);
+      pack_b(tb, b, ldb, pc, kc, jc, nc, bbuf);
+      for (int64_t ic = i0; ic < i1; ic += kMC) {
+        const int64_t mc = std::min(kMC, i1 - ic);
+        if (jc > ic + mc - 1) continue;  // this block of rows lies wholly left of the panel
+        pack_a(ta, a, lda, ic, mc, pc, kc, abuf);
+        for (int64_t ir = 0; ir < mc; ir += kMR) {
+          const int64_t mr = std::min<int64_t>(kMR, mc - ir);
+          const int64_t last_col = ic + ir + mr - 1;  // the diagonal of this strip's last row
+          for (int64_t jr = 0; jr < nc && jc + jr <= last_col; jr += NR) {
+            micro_kernel<T>(kc, abuf + ir * kc, bbuf + jr * kc, c + (ic + ir) * ldc + jc + jr,
+                            ldc, T(1), mr, std::min<int64_t>(NR, nc - jr));
+          }
+        }
+      }
+    }
+  }
+}
+
+UE_CLONES void syrk_rows_f32(bool ta, const float* a, int64_t lda, bool tb, const float* b,
+                             int64_t ldb, int64_t i0, int64_t i1, int64_t k, float* c,
+                             int64_t ldc, float* abuf, float* bbuf) {
+  syrk_rows_serial<float>(ta, a, lda, tb, b, ldb, i0, i1, k, c, ldc, abuf, bbuf);
+}
+
+UE_CLONES void syrk_rows_f64(bool ta, const double* a, int64_t lda, bool tb, const double* b,
+                             int64_t ldb, int64_t i0, int64_t i1, int64_t k, double* c,
+                             int64_t ldc, double* abuf, double* bbuf) {
+  syrk_rows_serial<double>(ta, a, lda, tb, b, ldb, i0, i1, k, c, ldc, abuf, bbuf);
+}
+
+inline void syrk_rows_any(bool ta, const float* a, int64_t lda, bool tb, const float* b,
+                          int64_t ldb, int64_t i0, int64_t i1, int64_t k, float* c, int64_t ldc,
+                          float* abuf, float* bbuf) {
+  syrk_rows_f32(ta, a, lda, tb, b, ldb, i0, i1, k, c, ldc, abuf, bbuf);
+}
+inline void syrk_rows_any(bool ta, const double* a, int64_t lda, bool tb, const double* b,
+                          int64_t ldb, int64_t i0, int64_t i1, int64_t k, double* c,
+                          int64_t ldc, double* abuf, double* bbuf) {
+  syrk_rows_f64(ta, a, lda, tb, b, ldb, i0, i1, k, c, ldc, abuf, bbuf);
+}
+
+// C (m x m, zero on entry) := the lower triangle and the diagonal tiles of op(A) op(B). Small
+// products run as one serial pass (B packed once per panel); larger ones split the rows into
+// blocks of kMC (block u costs ~ u + 1), handed out heaviest and lightest in turn so that
+// contiguous ranges of blocks carry similar work.
+template <typename T>
+void syrk_parallel(const ParallelFor& pfor, bool ta, const T* a, int64_t lda, bool tb,
+                   const T* b, int64_t ldb, int64_t m, int64_t k, T* c, int64_t ldc) {
+  if (m <= 0 || k <= 0) return;
+  constexpr int NR = Vec<T>::kNR;
+  const int64_t blocks = (m + kMC - 1) / kMC;
+  auto buffers = [&](std::vector<T>& abuf, std::vector<T>& bbuf) {
+    abuf.resize(static_cast<size_t>(kMC * kKC));
+    bbuf.resize(static_cast<size_t>(kKC * (std::min(kNC, m) + NR)));
+  };
+  if (blocks == 1 || m * m * k < (int64_t(1) << 30)) {  // measured: threads pay only above this
+    std::vector<T> abuf, bbuf;
+    buffers(abuf, bbuf);
+    syrk_rows_any(ta, a, lda, tb, b, ldb, 0, m, k, c, ldc, abuf.data(), bbuf.data());
+    return;
+  }
+  pfor(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<T> abuf, bbuf;
+    buffers(abuf, bbuf);
+    for (int64_t u = lo; u < hi; ++u) {
+      const int64_t blk = (u % 2 == 0) ? blocks - 1 - u / 2 : u / 2;
+      const int64_t i0 = blk * kMC, i1 = std::min(m, i0 + kMC);
+      syrk_rows_any(ta, a, lda, tb, b, ldb, i0, i1, k, c, ldc, abuf.data(), bbuf.data());
+    }
+  });
+}
+
 // Splits C into independent strips (columns when it is wide, rows otherwise) and runs the
 // serial kernel on each strip; every worker owns its packing buffers.
 template <typename T>
@@ -189,6 +275,18 @@ void gemm_native(const ParallelFor& pfor, bool ta, bool tb, int64_t m, int64_t n
                  double alpha, const double* a, int64_t lda, const double* b, int64_t ldb,
                  double* c, int64_t ldc) {
   gemm_parallel<double>(pfor, ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc);
+}
+
+void syrk_lower_native(const ParallelFor& pfor, bool trans_a, const float* a, int64_t lda,
+                       bool trans_b, const float* b, int64_t ldb, int64_t m, int64_t k,
+                       float* c, int64_t ldc) {
+  syrk_parallel<float>(pfor, trans_a, a, lda, trans_b, b, ldb, m, k, c, ldc);
+}
+
+void syrk_lower_native(const ParallelFor& pfor, bool trans_a, const double* a, int64_t lda,
+                       bool trans_b, const double* b, int64_t ldb, int64_t m, int64_t k,
+                       double* c, int64_t ldc) {
+  syrk_parallel<double>(pfor, trans_a, a, lda, trans_b, b, ldb, m, k, c, ldc);
 }
 
 const char* gemm_native_isa() {
