@@ -165,6 +165,9 @@ def _cpp_available(device: torch.device) -> Optional[str]:
     if device.type != "cpu":
         return "the cpp backend computes CPU tensors only"
     why = _extension.unavailable_reason("cpu")
+    if why is None and not hasattr(torch.ops.ultraedit_C, "gram"):
+        return ("the loaded host build of ultraedit_kernels._C predates its gram kernel; rebuild "
+                "it (pip install --no-build-isolation -e .)")
     if why is None and not _native_fake_registered:
         _native_fake_registered = True
         try:
