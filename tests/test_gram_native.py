@@ -46,8 +46,8 @@ def test_matches_fp64_and_is_exactly_symmetric(shape, dtype, rows, monkeypatch):
 
 def test_non_contiguous_input_and_threads(monkeypatch):
     monkeypatch.setenv("ULTRAEDIT_BACKEND", "cpp")
-    keys, _ = realistic_features(300, 401, 1, seed=3)
-    x = keys[:, ::2]               # strided columns; m * m * d >= 2**24: the threaded path
+    keys, _ = realistic_features(1100, 1801, 1, seed=3)
+    x = keys[:, ::2]             # strided columns; m * m * d >= 2**30: the threaded path
     ref, plain = _references(x, 1.0, True)
     saved = torch.get_num_threads()
     try:

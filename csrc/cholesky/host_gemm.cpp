@@ -198,32 +198,140 @@ inline void syrk_rows_any(bool ta, const double* a, int64_t lda, bool tb, const 
   syrk_rows_f64(ta, a, lda, tb, b, ldb, i0, i1, k, c, ldc, abuf, bbuf);
 }
 
-// C (m x m, zero on entry) := the lower triangle and the diagonal tiles of op(A) op(B). Small
-// products run as one serial pass (B packed once per panel); larger ones split the rows into
-// blocks of kMC (block u costs ~ u + 1), handed out heaviest and lightest in turn so that
-// contiguous ranges of blocks carry similar work.
+// The row blocks u in [u_lo, u_hi) (rows block_of(u) * kMC ... of kMC each, in the order of
+// `order`: blocks[u]) of the same lower triangle against a B packed whole beforehand (`bpack`:
+// the panels of kKC rows of op(B), each mround x kc, one after the other; mround = m rounded up
+// to NR), so that the threads share one packing of B. Panel by panel: a thread's blocks reuse a
+// panel while it is in its cache.
+template <typename T>
+UE_INLINE void syrk_rows_prepacked(bool ta, const T* a, int64_t lda, const T* bpack,
+                                   int64_t m, int64_t mround, const int64_t* order,
+                                   int64_t u_lo, int64_t u_hi, int64_t k, T* c, int64_t ldc,
+                                   T* abuf) {
+  constexpr int NR = Vec<T>::kNR;
+  for (int64_t pc = 0; pc < k; pc += kKC) {
+    const int64_t kc = std::min(kKC, k - pc);
+    const T* bp = bpack + pc * mround;
+    for (int64_t u = u_lo; u < u_hi; ++u) {
+      const int64_t ic = order[u] * kMC, mc = std::min(kMC, m - ic);
+      pack_a(ta, a, lda, ic, mc, pc, kc, abuf);
+      for (int64_t ir = 0; ir < mc; ir += kMR) {
+        const int64_t mr = std::min<int64_t>(kMR, mc - ir);
+        const int64_t last_col = ic + ir + mr - 1;
+        for (int64_t jr = 0; jr <= last_col; jr += NR) {
+          micro_kernel<T>(kc, abuf + ir * kc, bp + jr * kc, c + (ic + ir) * ldc + jr, ldc, T(1),
+                          mr, std::min<int64_t>(NR, m - jr));
+        }
+      }
+    }
+  }
+}
+
+UE_CLONES void syrk_prepacked_f32(bool ta, const float* a, int64_t lda, const float* bpack,
+                                  int64_t m, int64_t mround, const int64_t* order, int64_t u_lo,
+                                  int64_t u_hi, int64_t k, float* c, int64_t ldc, float* abuf) {
+  syrk_rows_prepacked<float>(ta, a, lda, bpack, m, mround, order, u_lo, u_hi, k, c, ldc, abuf);
+}
+
+UE_CLONES void syrk_prepacked_f64(bool ta, const double* a, int64_t lda, const double* bpack,
+                                  int64_t m, int64_t mround, const int64_t* order, int64_t u_lo,
+                                  int64_t u_hi, int64_t k, double* c, int64_t ldc, double* abuf) {
+  syrk_rows_prepacked<double>(ta, a, lda, bpack, m, mround, order, u_lo, u_hi, k, c, ldc, abuf);
+}
+
+UE_CLONES void pack_b_f32(bool tb, const float* b, int64_t ldb, int64_t p0, int64_t kc,
+                          int64_t nc, float* dst) {
+  pack_b<float>(tb, b, ldb, p0, kc, 0, nc, dst);
+}
+
+UE_CLONES void pack_b_f64(bool tb, const double* b, int64_t ldb, int64_t p0, int64_t kc,
+                          int64_t nc, double* dst) {
+  pack_b<double>(tb, b, ldb, p0, kc, 0, nc, dst);
+}
+
+inline void syrk_prepacked_any(bool ta, const float* a, int64_t lda, const float* bpack,
+                               int64_t m, int64_t mround, const int64_t* order, int64_t u_lo,
+                               int64_t u_hi, int64_t k, float* c, int64_t ldc, float* abuf) {
+  syrk_prepacked_f32(ta, a, lda, bpack, m, mround, order, u_lo, u_hi, k, c, ldc, abuf);
+}
+inline void syrk_prepacked_any(bool ta, const double* a, int64_t lda, const double* bpack,
+                               int64_t m, int64_t mround, const int64_t* order, int64_t u_lo,
+                               int64_t u_hi, int64_t k, double* c, int64_t ldc, double* abuf) {
+  syrk_prepacked_f64(ta, a, lda, bpack, m, mround, order, u_lo, u_hi, k, c, ldc, abuf);
+}
+inline void pack_b_any(bool tb, const float* b, int64_t ldb, int64_t p0, int64_t kc, int64_t nc,
+                       float* dst) {
+  pack_b_f32(tb, b, ldb, p0, kc, nc, dst);
+}
+inline void pack_b_any(bool tb, const double* b, int64_t ldb, int64_t p0, int64_t kc,
+                       int64_t nc, double* dst) {
+  pack_b_f64(tb, b, ldb, p0, kc, nc, dst);
+}
+
+// A grow-only buffer of the calling thread, kept between calls up to kScratchKeep bytes: a fresh
+// allocation above malloc's mmap threshold costs a page fault per 4 KiB on every call, which
+// measured as much as the product itself at m = 300 (in a VM).
+constexpr size_t kScratchKeep = size_t(32) << 20;
+
+template <typename T>
+T* scratch(std::vector<T>& fallback, size_t n, int slot) {
+  thread_local std::vector<T> kept[2];
+  std::vector<T>& buf = n * sizeof(T) <= kScratchKeep ? kept[slot] : fallback;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+// C (m x m, zero on entry) := the lower triangle and the diagonal tiles of op(A) op(B).
+//   - below ~1e9 multiply-adds or one row block: one serial pass;
+//   - op(B) up to 2^25 elements: its panels are packed once (in parallel), then the row blocks
+//     of kMC rows (block u costs ~ u + 1) run on the threads, handed out heaviest and lightest
+//     in turn so that contiguous ranges of blocks carry similar work;
+//   - larger: the row blocks run on the threads, each packing the columns it needs itself.
 template <typename T>
 void syrk_parallel(const ParallelFor& pfor, bool ta, const T* a, int64_t lda, bool tb,
                    const T* b, int64_t ldb, int64_t m, int64_t k, T* c, int64_t ldc) {
   if (m <= 0 || k <= 0) return;
   constexpr int NR = Vec<T>::kNR;
   const int64_t blocks = (m + kMC - 1) / kMC;
-  auto buffers = [&](std::vector<T>& abuf, std::vector<T>& bbuf) {
-    abuf.resize(static_cast<size_t>(kMC * kKC));
-    bbuf.resize(static_cast<size_t>(kKC * (std::min(kNC, m) + NR)));
+  auto block_rows = [&](int64_t u, int64_t& i0, int64_t& i1) {
+    const int64_t blk = (u % 2 == 0) ? blocks - 1 - u / 2 : u / 2;
+    i0 = blk * kMC;
+    i1 = std::min(m, i0 + kMC);
   };
-  if (blocks == 1 || m * m * k < (int64_t(1) << 30)) {  // measured: threads pay only above this
-    std::vector<T> abuf, bbuf;
-    buffers(abuf, bbuf);
-    syrk_rows_any(ta, a, lda, tb, b, ldb, 0, m, k, c, ldc, abuf.data(), bbuf.data());
+  std::vector<T> own_a, own_b;
+  // threads only above ~1e9 multiply-adds: each call starts its threads (std::thread; this
+  // extension is built without OpenMP), which measured ~1-3 ms on the 2-core VM
+  if (blocks == 1 || m * m * k < (int64_t(1) << 30)) {
+    T* abuf = scratch(own_a, static_cast<size_t>(kMC * kKC), 0);
+    T* bbuf = scratch(own_b, static_cast<size_t>(kKC * (std::min(kNC, m) + NR)), 1);
+    syrk_rows_any(ta, a, lda, tb, b, ldb, 0, m, k, c, ldc, abuf, bbuf);
+    return;
+  }
+  const int64_t mround = (m + NR - 1) / NR * NR;
+  if (k * mround <= (int64_t(1) << 25)) {
+    T* bpack = scratch(own_b, static_cast<size_t>(k * mround), 1);
+    const int64_t panels = (k + kKC - 1) / kKC;
+    pfor(0, panels, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t p = lo; p < hi; ++p) {
+        const int64_t pc = p * kKC;
+        pack_b_any(tb, b, ldb, pc, std::min(kKC, k - pc), m, bpack + pc * mround);
+      }
+    });
+    std::vector<int64_t> order(static_cast<size_t>(blocks));
+    for (int64_t u = 0; u < blocks; ++u) order[u] = (u % 2 == 0) ? blocks - 1 - u / 2 : u / 2;
+    pfor(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<T> abuf(static_cast<size_t>(kMC * kKC));
+      syrk_prepacked_any(ta, a, lda, bpack, m, mround, order.data(), lo, hi, k, c, ldc,
+                         abuf.data());
+    });
     return;
   }
   pfor(0, blocks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<T> abuf, bbuf;
-    buffers(abuf, bbuf);
+    std::vector<T> abuf(static_cast<size_t>(kMC * kKC));
+    std::vector<T> bbuf(static_cast<size_t>(kKC * (std::min(kNC, m) + NR)));
     for (int64_t u = lo; u < hi; ++u) {
-      const int64_t blk = (u % 2 == 0) ? blocks - 1 - u / 2 : u / 2;
-      const int64_t i0 = blk * kMC, i1 = std::min(m, i0 + kMC);
+      int64_t i0, i1;
+      block_rows(u, i0, i1);
       syrk_rows_any(ta, a, lda, tb, b, ldb, i0, i1, k, c, ldc, abuf.data(), bbuf.data());
     }
   });
