@@ -293,11 +293,6 @@ void syrk_parallel(const ParallelFor& pfor, bool ta, const T* a, int64_t lda, bo
   if (m <= 0 || k <= 0) return;
   constexpr int NR = Vec<T>::kNR;
   const int64_t blocks = (m + kMC - 1) / kMC;
-  auto block_rows = [&](int64_t u, int64_t& i0, int64_t& i1) {
-    const int64_t blk = (u % 2 == 0) ? blocks - 1 - u / 2 : u / 2;
-    i0 = blk * kMC;
-    i1 = std::min(m, i0 + kMC);
-  };
   std::vector<T> own_a, own_b;
   // threads only above ~1e9 multiply-adds: each call starts its threads (std::thread; this
   // extension is built without OpenMP), which measured ~1-3 ms on the 2-core VM
@@ -307,6 +302,8 @@ void syrk_parallel(const ParallelFor& pfor, bool ta, const T* a, int64_t lda, bo
     syrk_rows_any(ta, a, lda, tb, b, ldb, 0, m, k, c, ldc, abuf, bbuf);
     return;
   }
+  std::vector<int64_t> order(static_cast<size_t>(blocks));   // heaviest, lightest, ...
+  for (int64_t u = 0; u < blocks; ++u) order[u] = (u % 2 == 0) ? blocks - 1 - u / 2 : u / 2;
   const int64_t mround = (m + NR - 1) / NR * NR;
   if (k * mround <= (int64_t(1) << 25)) {
     T* bpack = scratch(own_b, static_cast<size_t>(k * mround), 1);
@@ -317,8 +314,6 @@ void syrk_parallel(const ParallelFor& pfor, bool ta, const T* a, int64_t lda, bo
         pack_b_any(tb, b, ldb, pc, std::min(kKC, k - pc), m, bpack + pc * mround);
       }
     });
-    std::vector<int64_t> order(static_cast<size_t>(blocks));
-    for (int64_t u = 0; u < blocks; ++u) order[u] = (u % 2 == 0) ? blocks - 1 - u / 2 : u / 2;
     pfor(0, blocks, 1, [&](int64_t lo, int64_t hi) {
       std::vector<T> abuf(static_cast<size_t>(kMC * kKC));
       syrk_prepacked_any(ta, a, lda, bpack, m, mround, order.data(), lo, hi, k, c, ldc,
@@ -330,8 +325,7 @@ void syrk_parallel(const ParallelFor& pfor, bool ta, const T* a, int64_t lda, bo
     std::vector<T> abuf(static_cast<size_t>(kMC * kKC));
     std::vector<T> bbuf(static_cast<size_t>(kKC * (std::min(kNC, m) + NR)));
     for (int64_t u = lo; u < hi; ++u) {
-      int64_t i0, i1;
-      block_rows(u, i0, i1);
+      const int64_t i0 = order[u] * kMC, i1 = std::min(m, i0 + kMC);
       syrk_rows_any(ta, a, lda, tb, b, ldb, i0, i1, k, c, ldc, abuf.data(), bbuf.data());
     }
   });
