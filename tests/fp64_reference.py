@@ -51,3 +51,15 @@ def param_shift_fp64(keys, grads, mean, std, lr, ridge):
     V = pseudo_values_fp64(keys, grads, mean, std, lr)
     eye = torch.eye(K.shape[1], dtype=torch.float64)
     return torch.linalg.solve(K.T @ K + ridge * eye, K.T @ V)
+
+
+def gram_references(x, ridge, rows):
+    """``(float64 X Xᵀ + λI, the plain product in the op's compute dtype)`` of ``x`` (``X = x`` or
+    ``xᵀ``), the oracle and the baseline of the ``gram`` tests."""
+    x64 = x.double()
+    ref = x64 @ x64.T if rows else x64.T @ x64
+    ref.diagonal().add_(ridge)
+    xc = x.double() if x.dtype == torch.float64 else x.float()
+    plain = xc @ xc.T if rows else xc.T @ xc
+    plain.diagonal().add_(ridge)
+    return ref, plain

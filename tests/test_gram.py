@@ -6,20 +6,10 @@ import pytest
 import torch
 
 import ultraedit_kernels as uk
-from fp64_reference import realistic_features
+from fp64_reference import gram_references, realistic_features
 from tolerances import bound, rel_err
 
 gram_mod = sys.modules["ultraedit_kernels.gram"]
-
-
-def _references(keys, ridge, rows):
-    k64 = keys.double()
-    ref = k64 @ k64.T if rows else k64.T @ k64
-    ref.diagonal().add_(ridge)
-    k32 = keys.double() if keys.dtype == torch.float64 else keys.float()
-    plain = k32 @ k32.T if rows else k32.T @ k32
-    plain.diagonal().add_(ridge)
-    return ref, plain
 
 
 @pytest.fixture
@@ -46,7 +36,7 @@ def test_matches_fp64_symmetric_and_lower_triangle_of_the_plain_product(
     keys, _ = realistic_features(shape[0], shape[1], 1, seed=sum(shape))
     keys = keys.to(dtype)
     got = uk.gram(keys, 0.7, rows)
-    ref, plain = _references(keys, 0.7, rows)
+    ref, plain = gram_references(keys, 0.7, rows)
     m = shape[0] if rows else shape[1]
     assert got.shape == (m, m) and got.is_contiguous()
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -74,7 +64,7 @@ def test_blocked_slabs_float32_only(blocked):
     assert gram_mod.gram_blocks(70, 9, keys.device) == 4
     assert gram_mod.gram_blocks(70, 9, keys.device, torch.float64) == 1
     got = uk.gram(keys, 2.0)
-    ref, plain = _references(keys, 2.0, True)
+    ref, plain = gram_references(keys, 2.0, True)
     assert torch.equal(got, got.T) and torch.equal(got.tril(), plain.tril())
     assert rel_err(got, ref) <= bound("gram", torch.float32, rel_err(plain, ref))
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ultraedit_kernels as uk
-from fp64_reference import realistic_features
+from fp64_reference import gram_references, realistic_features
 from tolerances import bound, rel_err
 from ultraedit_kernels import _backends, _extension
 
@@ -15,16 +15,6 @@ pytestmark = pytest.mark.skipif(HOST_REASON is not None,
 
 # (m, d): one row, one tile, partial tiles, several panels (d > 256), several row blocks (m > 96)
 SHAPES = [(1, 37), (5, 3), (17, 33), (50, 61), (97, 300), (131, 40), (203, 517)]
-
-
-def _references(x, ridge, rows):
-    x64 = x.double()
-    ref = x64 @ x64.T if rows else x64.T @ x64
-    ref.diagonal().add_(ridge)
-    xc = x.double() if x.dtype == torch.float64 else x.float()
-    plain = xc @ xc.T if rows else xc.T @ xc
-    plain.diagonal().add_(ridge)
-    return ref, plain
 
 
 @pytest.mark.parametrize("rows", [True, False], ids=["rows", "cols"])
@@ -39,7 +29,7 @@ def test_matches_fp64_and_is_exactly_symmetric(shape, dtype, rows, monkeypatch):
     got = uk.gram(x, 0.7, rows)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     assert got.dtype == compute and got.shape == (m, m)
-    ref, plain = _references(x, 0.7, rows)
+    ref, plain = gram_references(x, 0.7, rows)
     assert rel_err(got, ref) <= bound("gram", compute, rel_err(plain, ref))
     assert torch.equal(got, got.T)
 
@@ -48,7 +38,7 @@ def test_non_contiguous_input_and_threads(monkeypatch):
     monkeypatch.setenv("ULTRAEDIT_BACKEND", "cpp")
     keys, _ = realistic_features(1100, 1801, 1, seed=3)
     x = keys[:, ::2]             # strided columns; m * m * d >= 2**30: the threaded path
-    ref, plain = _references(x, 1.0, True)
+    ref, plain = gram_references(x, 1.0, True)
     saved = torch.get_num_threads()
     try:
         for threads in (1, 2):                        # row blocks split over the threads

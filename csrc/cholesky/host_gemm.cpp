@@ -143,6 +143,22 @@ inline void gemm_serial_any(bool ta, bool tb, int64_t m, int64_t n, int64_t k, d
   gemm_serial_f64(ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc, abuf, bbuf);
 }
 
+// The micro-tiles of rows [ic, ic + mc) x columns [jc, jc + nc) of C that touch the diagonal or
+// lie below it, from a packed block of A (abuf) and a packed panel of B (bp), both kc deep.
+template <typename T>
+UE_INLINE void lower_tiles(int64_t kc, const T* abuf, const T* bp, int64_t ic, int64_t mc,
+                           int64_t jc, int64_t nc, T* c, int64_t ldc) {
+  constexpr int NR = Vec<T>::kNR;
+  for (int64_t ir = 0; ir < mc; ir += kMR) {
+    const int64_t mr = std::min<int64_t>(kMR, mc - ir);
+    const int64_t last_col = ic + ir + mr - 1;  // the diagonal of this strip's last row
+    for (int64_t jr = 0; jr < nc && jc + jr <= last_col; jr += NR) {
+      micro_kernel<T>(kc, abuf + ir * kc, bp + jr * kc, c + (ic + ir) * ldc + jc + jr, ldc, T(1),
+                      mr, std::min<int64_t>(NR, nc - jr));
+    }
+  }
+}
+
 // The rows [i0, i1) of the lower triangle of C = op(A) op(B) where op(B) = op(A)ᵀ (op(A):
 // m x k, Aᵀ if ta; op(B): k x m, Bᵀ if tb; the caller passes the same matrix twice or A and
 // its transpose, so that both operands pack from contiguous rows): C[i0:i1, 0:i1] +=
@@ -162,14 +178,7 @@ UE_INLINE void syrk_rows_serial(bool ta, const T* a, int64_t lda, bool tb, const
         const int64_t mc = std::min(kMC, i1 - ic);
         if (jc > ic + mc - 1) continue;  // this block of rows lies wholly left of the panel
         pack_a(ta, a, lda, ic, mc, pc, kc, abuf);
-        for (int64_t ir = 0; ir < mc; ir += kMR) {
-          const int64_t mr = std::min<int64_t>(kMR, mc - ir);
-          const int64_t last_col = ic + ir + mr - 1;  // the diagonal of this strip's last row
-          for (int64_t jr = 0; jr < nc && jc + jr <= last_col; jr += NR) {
-            micro_kernel<T>(kc, abuf + ir * kc, bbuf + jr * kc, c + (ic + ir) * ldc + jc + jr,
-                            ldc, T(1), mr, std::min<int64_t>(NR, nc - jr));
-          }
-        }
+        lower_tiles<T>(kc, abuf, bbuf, ic, mc, jc, nc, c, ldc);
       }
     }
   }
@@ -215,14 +224,7 @@ UE_INLINE void syrk_rows_prepacked(bool ta, const T* a, int64_t lda, const T* bp
     for (int64_t u = u_lo; u < u_hi; ++u) {
       const int64_t ic = order[u] * kMC, mc = std::min(kMC, m - ic);
       pack_a(ta, a, lda, ic, mc, pc, kc, abuf);
-      for (int64_t ir = 0; ir < mc; ir += kMR) {
-        const int64_t mr = std::min<int64_t>(kMR, mc - ir);
-        const int64_t last_col = ic + ir + mr - 1;
-        for (int64_t jr = 0; jr <= last_col; jr += NR) {
-          micro_kernel<T>(kc, abuf + ir * kc, bp + jr * kc, c + (ic + ir) * ldc + jr, ldc, T(1),
-                          mr, std::min<int64_t>(NR, m - jr));
-        }
-      }
+      lower_tiles<T>(kc, abuf, bp, ic, mc, 0, m, c, ldc);
     }
   }
 }
