@@ -168,7 +168,6 @@ template <typename T>
 UE_INLINE void syrk_rows_serial(bool ta, const T* a, int64_t lda, bool tb, const T* b,
                                 int64_t ldb, int64_t i0, int64_t i1, int64_t k, T* c,
                                 int64_t ldc, T* abuf, T* bbuf) {
-  constexpr int NR = Vec<T>::kNR;
   for (int64_t jc = 0; jc < i1; jc += kNC) {
     const int64_t nc = std::min(kNC, i1 - jc);
     for (int64_t pc = 0; pc < k; pc += kKC) {
@@ -217,7 +216,6 @@ UE_INLINE void syrk_rows_prepacked(bool ta, const T* a, int64_t lda, const T* bp
                                    int64_t m, int64_t mround, const int64_t* order,
                                    int64_t u_lo, int64_t u_hi, int64_t k, T* c, int64_t ldc,
                                    T* abuf) {
-  constexpr int NR = Vec<T>::kNR;
   for (int64_t pc = 0; pc < k; pc += kKC) {
     const int64_t kc = std::min(kKC, k - pc);
     const T* bp = bpack + pc * mround;
