@@ -32,13 +32,13 @@ assumes); every other call is the plain ``F.linear``.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LinearRowsBackward", "backward_span"]
+__all__ = ["LinearRowsBackward", "MaskRows", "backward_span"]
 
 
 def backward_span(captured: torch.Tensor, loss: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -51,6 +51,23 @@ def backward_span(captured: torch.Tensor, loss: Optional[torch.Tensor] = None) -
     first = torch.where(captured, pos, length).amin(1, keepdim=True)
     last = torch.where(ends, pos, -1).amax(1, keepdim=True)
     return (pos >= first) & (pos <= last)
+
+
+class MaskRows:
+    """The rows of a ``(B x L bool)`` mask in a flattened ``(B*L, d)`` activation: ``shape``
+    (``(B, L)``), ``count`` and ``on(device)``, the row index on that device (moved once per
+    device: the modules of a model spread over devices each gather on their own)."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.shape = tuple(mask.shape)
+        self._index = {mask.device: mask.reshape(-1).nonzero().squeeze(1)}
+        self.count = int(next(iter(self._index.values())).numel())
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        idx = self._index.get(device)
+        if idx is None:
+            idx = self._index[device] = next(iter(self._index.values())).to(device)
+        return idx
 
 
 class _LinearRows(torch.autograd.Function):
@@ -81,9 +98,7 @@ class LinearRowsBackward:
         self.model = model
         self.exclude = tuple(m for m in exclude if m is not None)
         self._switched: List[nn.Linear] = []
-        self._shape: Optional[Tuple[int, int]] = None
-        self._flat: Optional[torch.Tensor] = None
-        self._on_device: Dict[torch.device, torch.Tensor] = {}
+        self._span: Optional[MaskRows] = None
 
     def __enter__(self) -> "LinearRowsBackward":
         try:
@@ -105,27 +120,19 @@ class LinearRowsBackward:
         for module in self._switched:
             module.__dict__.pop("forward", None)
         self._switched = []
-        self._shape = self._flat = None
-        self._on_device = {}
+        self._span = None
 
     def set_span(self, span: torch.Tensor) -> None:
         """The ``(B x L bool)`` positions of the next forward whose gradient rows are computed
         (:func:`backward_span`)."""
-        self._shape = tuple(span.shape)
-        self._flat = span.reshape(-1).nonzero().squeeze(1)
-        self._on_device = {}
-
-    def _index_on(self, device: torch.device) -> torch.Tensor:
-        idx = self._on_device.get(device)
-        if idx is None:
-            idx = self._on_device[device] = self._flat.to(device)
-        return idx
+        self._span = MaskRows(span)
 
     def _forward_of(self, module: nn.Linear):
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if (self._flat is None or not x.requires_grad or not torch.is_grad_enabled()
-                    or tuple(x.shape[:-1]) != self._shape or module.weight.requires_grad
+            span = self._span
+            if (span is None or not x.requires_grad or not torch.is_grad_enabled()
+                    or tuple(x.shape[:-1]) != span.shape or module.weight.requires_grad
                     or (module.bias is not None and module.bias.requires_grad)):
                 return F.linear(x, module.weight, module.bias)
-            return _LinearRows.apply(x, module.weight, module.bias, self._index_on(x.device))
+            return _LinearRows.apply(x, module.weight, module.bias, span.on(x.device))
         return forward

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .backward_rows import LinearRowsBackward, backward_span
+from .backward_rows import LinearRowsBackward, MaskRows, backward_span
 
 __all__ = ["CaptureSession", "check_editable"]
 
@@ -67,8 +67,7 @@ class CaptureSession:
         self._handles: List = []
         self._saved_flags: List[Tuple[torch.nn.Parameter, bool]] = []
         self._saved_training: Optional[bool] = None
-        self._flat_index: Optional[torch.Tensor] = None
-        self._index_cache: Dict[torch.device, torch.Tensor] = {}
+        self._captured: Optional[MaskRows] = None     # the captured positions
         self._rows_backward: Optional[LinearRowsBackward] = None
         if rows_backward:
             get_out = getattr(model, "get_output_embeddings", None)
@@ -120,34 +119,25 @@ class CaptureSession:
                                  f"{tuple(m.shape)} {m.dtype}")
         if self._rows_backward is not None:
             self._rows_backward.set_span(backward_span(mask, loss_mask))
-        self._flat_index = mask.reshape(-1).nonzero().squeeze(1)
-        self._mask_shape = tuple(mask.shape)
-        self._index_cache = {}
+        self._captured = MaskRows(mask)
         for slot in self._slots.values():
             slot.keys = slot.grads = None
             slot.calls = 0
-        return int(self._flat_index.numel())
-
-    def _index_on(self, device: torch.device) -> torch.Tensor:
-        # Modules of a model spread over devices each gather on their own device.
-        idx = self._index_cache.get(device)
-        if idx is None:
-            idx = self._flat_index.to(device)
-            self._index_cache[device] = idx
-        return idx
+        return self._captured.count
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[:2]) != self._mask_shape:
+        rows = self._captured
+        if tuple(x.shape[:2]) != rows.shape:
             raise RuntimeError(f"activation of shape {tuple(x.shape)} does not match the answer "
-                               f"mask {self._mask_shape} (batch x length)")
+                               f"mask {rows.shape} (batch x length)")
         # only the answer rows are copied: n x d, not B x L x d
-        return x.reshape(-1, x.shape[-1]).index_select(0, self._index_on(x.device))
+        return x.reshape(-1, x.shape[-1]).index_select(0, rows.on(x.device))
 
     def _make_hook(self, name: str):
         slot = self._slots[name]
 
         def forward_hook(module, inputs, output):
-            if self._flat_index is None:
+            if self._captured is None:
                 raise RuntimeError("CaptureSession.set_mask() must be called before the forward")
             slot.calls += 1
             if slot.calls > 1:
