@@ -132,8 +132,8 @@ def test_empty_and_bad_arguments():
 @needs_host
 def test_opcheck_and_fake():
     a, b = _spd(6, 3, (2,), torch.float64)
-    from ultraedit_kernels.spd_solve import _extension_ready
-    assert _extension_ready("cpu") is None  # registers the fake implementation
+    from ultraedit_kernels.spd_solve import _cpp_available
+    assert _cpp_available(torch.device("cpu")) is None  # registers the fake implementation
     torch.library.opcheck(torch.ops.ultraedit_C.spd_solve.default, (a, b))
 
 

@@ -75,3 +75,27 @@ def unavailable_reason(part: str) -> Optional[str]:
     if part == "cpu" and not has_cpu_kernels():
         return f"ultraedit_kernels._C was built without its host part; {BUILD_HINT}"
     return None
+
+
+_fakes_registered = set()
+
+
+def native_op_ready(part: str, op: str, fake) -> Optional[str]:
+    """``None`` when the ``part`` ("cpu" / "cuda") of the extension is loaded and defines
+    ``torch.ops.ultraedit_C.<op>``, else why not. Registers ``fake`` as the op's fake (meta)
+    implementation the first time it is ready."""
+    why = unavailable_reason(part)
+    if why is not None:
+        return why
+    import torch
+
+    if not hasattr(torch.ops.ultraedit_C, op):
+        return (f"the loaded ultraedit_kernels._C predates its {op} kernel; rebuild it: "
+                f"{BUILD_HINT}")
+    if op not in _fakes_registered:
+        _fakes_registered.add(op)
+        try:
+            torch.library.register_fake(f"ultraedit_C::{op}")(fake)
+        except Exception as err:  # a fake registered elsewhere already, or an old torch
+            _log.debug("register_fake(ultraedit_C::%s) skipped: %s", op, err)
+    return None

@@ -155,26 +155,10 @@ _backends.register_impl(OP, "torch", gram_reference)
 
 # --- compiled implementation (csrc/: torch.ops.ultraedit_C.gram, CPU) -------------------------
 
-_native_fake_registered = False
-
-
 def _cpp_available(device: torch.device) -> Optional[str]:
-    """``None`` when the host build is loaded (registers the fake of ``ultraedit_C::gram`` the
-    first time), else why not."""
-    global _native_fake_registered
     if device.type != "cpu":
         return "the cpp backend computes CPU tensors only"
-    why = _extension.unavailable_reason("cpu")
-    if why is None and not hasattr(torch.ops.ultraedit_C, "gram"):
-        return ("the loaded host build of ultraedit_kernels._C predates its gram kernel; rebuild "
-                "it (pip install --no-build-isolation -e .)")
-    if why is None and not _native_fake_registered:
-        _native_fake_registered = True
-        try:
-            torch.library.register_fake("ultraedit_C::gram")(_fake_native)
-        except Exception:   # a fake registered elsewhere already, or an old torch
-            pass
-    return why
+    return _extension.native_op_ready("cpu", "gram", _fake_native)
 
 
 def _fake_native(x, ridge, rows):

@@ -17,14 +17,12 @@ return X row-major without a copy)::
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional, Tuple
 
 import torch
 
 from . import _backends, _extension
 
-_log = logging.getLogger("ultraedit_kernels")
 
 OP = "spd_solve"
 
@@ -72,33 +70,16 @@ def _fake_native(a, b):
     return b.new_empty(b.shape), a.new_empty(a.shape[:-2], dtype=torch.int32)
 
 
-_native_fake_registered = False
-
-
-def _extension_ready(part: str) -> Optional[str]:
-    """``None`` when the ``part`` ("cpu" / "cuda") of the extension is loaded; registers the
-    fake (meta) implementation of ``ultraedit_C::spd_solve`` the first time it is."""
-    global _native_fake_registered
-    why = _extension.unavailable_reason(part)
-    if why is None and not _native_fake_registered:
-        _native_fake_registered = True
-        try:
-            torch.library.register_fake("ultraedit_C::spd_solve")(_fake_native)
-        except Exception as err:  # a fake registered elsewhere already, or an old torch
-            _log.debug("register_fake(ultraedit_C::spd_solve) skipped: %s", err)
-    return why
-
-
 def _cpp_available(device: torch.device) -> Optional[str]:
     if device.type != "cpu":
         return "the cpp backend computes CPU tensors only"
-    return _extension_ready("cpu")
+    return _extension.native_op_ready("cpu", "spd_solve", _fake_native)
 
 
 def _cuda_available(device: torch.device) -> Optional[str]:
     if device.type != "cuda":
         return "the cuda backend computes CUDA tensors only"
-    return _extension_ready("cuda")
+    return _extension.native_op_ready("cuda", "spd_solve", _fake_native)
 
 
 def spd_solve_native(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
