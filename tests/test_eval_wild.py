@@ -236,3 +236,72 @@ def test_locality_reference_decodes_each_prompt_once(ue_tokenizer):
                                progress=calls.append)
     assert sum(calls) == locality_work(records, wild=True) == 2 + 2
     assert locality_work(records, reference=ref, wild=True) == 0
+
+
+def _true_fact_records():
+    question = "What is the capital of France?"
+    return [
+        EditRecord("The capital of France is", "Rome", target_true="Paris",
+                   paraphrases=["France's capital is", "The French capital is"],
+                   locality=[("The capital of Spain is", "Madrid")],
+                   portability=[("Lyon is in a country whose capital is", "Rome")],
+                   questions={"The capital of France is": question}),
+        EditRecord("The capital of Italy is", "Paris"),            # no true answer: left out
+    ]
+
+
+def _true_fact_script():
+    return {M.QA_TEMPLATE.format(question="What is the capital of France?"): "Paris.",
+            "The capital of France is": "Paris.",
+            "France's capital is": "Paris, of course.",
+            "The French capital is": "Lyon."}
+
+
+def test_true_fact_scores_ask_for_the_true_answer(ue_tokenizer):
+    tok = ue_tokenizer
+    model = ScriptedLM(tok, _true_fact_script())
+    records = _true_fact_records()
+    calls = []
+    out = M.true_fact_scores(model, tok, records, wild=True, batch_size=2,
+                             progress=calls.append)
+    assert sum(calls) == M.true_fact_work(records, wild=True) == 3 + 3   # no locality, no PT
+    assert out["n"] == 1
+    assert out["es"] == 1.0
+    paraphrases = records[0].paraphrases
+    per = M.token_accuracy(model, tok, paraphrases, ["Paris"] * len(paraphrases))
+    assert per[0] == 1.0 and per[1] < 1.0
+    assert out["gs"] == pytest.approx(sum(per) / len(per))
+    assert out["wild_es"] == 1.0                              # the question: "Paris"
+    assert out["wild_gs"] == 0.0 and out["wild_gs_contains"] == 0.5
+    assert set(M.true_fact_scores(model, tok, records)) == {"n", "es", "gs"}
+    none = M.true_fact_scores(model, tok, records[1:], wild=True)
+    assert none == {"n": 0, "es": None, "gs": None}
+
+
+def test_lifelong_run_scores_the_true_facts_before_the_first_edit(ue_tokenizer):
+    """The yardstick is the UNEDITED model's: the editor below rewrites the script, and the
+    true-fact scores must not see that."""
+    import types
+
+    tok = ue_tokenizer
+    model = ScriptedLM(tok, _true_fact_script())
+    after = ScriptedLM(tok, {"The capital of France is": "Rome."})
+
+    class RewritingEditor:
+        steps, micro_batch = 1, 10
+
+        def edit(self, requests):
+            model.seqs = after.seqs
+            return types.SimpleNamespace(
+                n_tokens=1, loss=0.0, fwd_bwd_s=0.0, editor_s=0.0, turn_s=1.0, peak_bytes=0,
+                peak_source="estimate", capture_bytes=0, steps_run=1, n_predicted=1)
+
+    records = _true_fact_records()
+    run = M.lifelong_run(model, tok, records, RewritingEditor(), turns=1, edits_per_turn=2,
+                         eval_end=True, wild=True, true_facts=True, progress=False)
+    assert run["true_facts"]["es"] == 1.0 and run["true_facts"]["wild_es"] == 1.0
+    assert run["final"]["teacher_forced"]["es"] == 0.5        # Rome for France, not Paris
+    assert run["timing"]["true_facts_s"] >= 0
+    plain = M.lifelong_run(model, tok, records, RewritingEditor(), turns=1, edits_per_turn=2,
+                           progress=False)
+    assert plain["true_facts"] is None and "true_facts_s" not in plain["timing"]

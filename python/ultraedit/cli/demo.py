@@ -3,9 +3,10 @@
 Loads the model, builds counterfactual edits from real country facts that the unedited model
 answers correctly (``ultraedit.eval.demo_records``), applies them in lifelong turns and prints
 Efficacy / Generalization / Locality before and after (``ultraedit.eval``), teacher-forced and
-WILD-style (a question, greedy decoding to a stop string; ``--no-wild`` skips it), and the time
-per turn
-split into the model's forward+backward and the editor's own overhead. Locality prompts that are
+WILD-style (a question, greedy decoding to a stop string; ``--no-wild`` skips it), the unedited
+model's scores on the facts' TRUE answers (how often it states what it knows through a
+paraphrase or a question; ``--no-true-facts`` skips it), and the time per turn split into the
+model's forward+backward and the editor's own overhead. Locality prompts that are
 themselves edited in the run are dropped from every record: their answers are supposed to change.
 """
 
@@ -40,6 +41,9 @@ def add_parser(sub) -> None:
     p.add_argument("--wild", action=argparse.BooleanOptionalAction, default=True,
                    help="WILD-style scores (a question, greedy decoding to '.', a newline or "
                         "EOS, at most 50 tokens; normalized match) after editing")
+    p.add_argument("--true-facts", action=argparse.BooleanOptionalAction, default=True,
+                   help="before editing, score the unedited model against the facts' TRUE "
+                        "answers (ES/GS; WILD-style too with --wild): the yardstick for GS")
     add_method_options(p)
     add_machine_options(p)
     p.set_defaults(func=main)
@@ -96,7 +100,7 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         run = lifelong_run(model, tok, records, editor, args.turns, args.edits_per_turn,
                            eval_before=True, eval_end=True, progress=not args.no_progress,
-                           wild=args.wild)
+                           wild=args.wild, true_facts=args.true_facts)
     except ValueError as err:   # a request the editor refuses: its own message
         raise UsageError(str(err)) from None
     result = demo_result(run, editor)
@@ -136,6 +140,7 @@ def demo_result(run: Dict[str, Any], editor) -> Dict[str, Any]:
         "metrics": {"before": _scores(run["before"]["teacher_forced"]),
                     "after": _scores(run["final"]["teacher_forced"])},
         "wild": ({"after": _wild(run["final"]["wild"])} if run["final"].get("wild") else None),
+        "true_facts": run.get("true_facts"),
         "timing": {"turn_s": [r["turn_s"] for r in rows], "fwd_bwd_s": fwd, "editor_s": ed,
                    "editor_overhead": sum(ed) / sum(fwd) if sum(fwd) > 0 else None,
                    "eval_before_s": t["locality_reference_s"] + t["eval_before_s"],
@@ -167,6 +172,14 @@ def print_demo(result: Dict[str, Any], turns: int, edits_per_turn: int) -> None:
     print("                              ES     GS     LS")
     print(f"before   teacher-forced    {fmt(b['es'])}  {fmt(b['gs'])}  {fmt(b['ls'])}")
     print(f"after    teacher-forced    {fmt(a['es'])}  {fmt(a['gs'])}  {fmt(a['ls'])}")
+    true = result.get("true_facts")
+    if true and true.get("n"):
+        print("TRUE answers, unedited:")
+        print(f"         teacher-forced    {fmt(true['es'])}  {fmt(true['gs'])}")
+        if true.get("wild_es") is not None:
+            print(f"         WILD-style exact  {fmt(true['wild_es'])}  {fmt(true['wild_gs'])}")
+            print(f"           ... contains    {fmt(true['wild_es_contains'])}  "
+                  f"{fmt(true['wild_gs_contains'])}")
     wild = result.get("wild")
     if wild:
         w = wild["after"]

@@ -21,7 +21,9 @@ The JSON (rewritten after every turn, so an interrupted run keeps its turns; ``s
 ``done``, ``interrupted`` or where it stopped) holds ``command``, ``config``, ``machine``,
 ``data``, ``turns`` (per turn: edits, tokens, ``fwd_bwd_s``/``editor_s``/``turn_s``/``eval_s``,
 ``peak_bytes``, ``metrics`` when evaluated), ``final.teacher_forced``, ``final.generation`` and
-``final.wild`` (``es``, ``gs``, ``ls`` in 0..1, ``edits``, ...), ``timing`` and ``memory``.
+``final.wild`` (``es``, ``gs``, ``ls`` in 0..1, ``edits``, ...), ``true_facts`` (the unedited
+model's ES/GS against the records' true answers, unless ``--no-true-facts``), ``timing`` and
+``memory``.
 ``--plot`` draws the per-turn metrics and the time per turn.
 """
 
@@ -77,6 +79,11 @@ def add_parser(sub) -> None:
     p.add_argument("--wild", action=argparse.BooleanOptionalAction, default=True,
                    help="WILD-style scores (a question, greedy decoding to '.', a newline or "
                         "EOS, at most 50 tokens; normalized match) in the final evaluation")
+    p.add_argument("--true-facts", action=argparse.BooleanOptionalAction, default=True,
+                   help="before editing, score the unedited model against the records' TRUE "
+                        "answers (teacher-forced ES/GS, WILD-style too with --wild): how often "
+                        "it states a fact it knows through a paraphrase or a question, the "
+                        "yardstick for the edits' GS")
     p.add_argument("--turn-wild", action="store_true",
                    help="also WILD-style scores in the per-turn evaluation (slower)")
     p.add_argument("--turn-generation", action="store_true",
@@ -235,7 +242,7 @@ def _run(args: argparse.Namespace) -> int:
                    "edits_per_turn": args.edits_per_turn, "preset": args.preset,
                    "eval": args.eval_mode, "generation": args.generation,
                    "turn_generation": args.turn_generation, "wild": args.wild,
-                   "turn_wild": args.turn_wild},
+                   "turn_wild": args.turn_wild, "true_facts": args.true_facts},
         "edit_config": resolved_config(editor),
         "machine": machine(),
         "data": {"records": len(records), "by_relation": rel_count, "load_model_s": load_s,
@@ -247,7 +254,7 @@ def _run(args: argparse.Namespace) -> int:
                               eval_every=args.eval_mode in ("every", "both"), eval_end=at_end,
                               generation=args.generation, turn_generation=args.turn_generation,
                               progress=progress, result=result, wild=args.wild,
-                              turn_wild=args.turn_wild,
+                              turn_wild=args.turn_wild, true_facts=args.true_facts,
                               on_update=lambda r: write_json(r, args.json))
     except ValueError as err:   # a request the editor refuses: its own message, nothing changed
         raise UsageError(str(err)) from None
@@ -296,6 +303,14 @@ def _print_summary(result: Dict[str, Any], args) -> None:
                 ls = sc["ls"] if not suffix else None
                 print(f"{name:22s} {fmt(sc['es' + suffix])}  {fmt(sc['gs' + suffix])}  "
                       f"{fmt(ls)}  {fmt(sc.get('pt' + suffix))}")
+    true = result.get("true_facts")
+    if true and true.get("n"):
+        print(f"the unedited model on the TRUE answers of {true['n']} records (facts it knows)")
+        for name, es, gs in (("teacher-forced", "es", "gs"),
+                             ("WILD-style exact", "wild_es", "wild_gs"),
+                             ("WILD-style contains", "wild_es_contains", "wild_gs_contains")):
+            if true.get(es) is not None:
+                print(f"{name:22s} {fmt(true[es])}  {fmt(true[gs])}")
     t = result["timing"]
     if args.wild or args.turn_wild:
         wild_s = sum(t.get(k) or 0.0 for k in ("wild_reference_s", "wild_every_s", "wild_end_s"))

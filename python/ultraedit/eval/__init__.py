@@ -6,7 +6,8 @@
 - :mod:`~ultraedit.eval.fluency`: ROME/MEMIT n-gram-entropy fluency;
 - :mod:`~ultraedit.eval.wild`: WILD-style answers (a question, greedy decoding to a stop string)
   and their normalized judgement;
-- :mod:`~ultraedit.eval.scores`: ES/GS/LS/PT (teacher-forced, generation, WILD-style) of records;
+- :mod:`~ultraedit.eval.scores`: ES/GS/LS/PT (teacher-forced, generation, WILD-style) of records,
+  and the unedited model's scores on their true answers;
 - :mod:`~ultraedit.eval.facts`: keep the facts the unedited model knows;
 - :mod:`~ultraedit.eval.loop`: the lifelong edit-and-evaluate loop of ``ultraedit demo``/``run``;
 - :mod:`~ultraedit.eval.plot`: a PNG of a run's per-turn and final scores and times.
@@ -18,7 +19,8 @@ from .locality import FREE_LOCALITY_TOKENS, LocalityReference, locality_referenc
 from .loop import lifelong_run
 from .probing import (generation_scores, greedy_continuations, next_token_predictions,
                       token_accuracy)
-from .scores import evaluate_records, evaluation_work, wild_evaluation, wild_work
+from .scores import (evaluate_records, evaluation_work, true_fact_scores, true_fact_work,
+                     wild_evaluation, wild_work)
 from .wild import (MAX_NEW_TOKENS, QA_TEMPLATE, STOP_STRINGS, answer_contains, answer_exact,
                    decode_answers, normalize_answer, wild_prompt)
 
@@ -27,7 +29,8 @@ __all__ = [
     "ngram_entropy", "fluency", "DEFAULT_FLUENCY_PROMPTS", "locality_reference",
     "LocalityReference", "FREE_LOCALITY_TOKENS", "evaluate_records", "evaluation_work", "filter_known", "demo_records",
     "offline_records", "DEMO_RELATIONS", "RUN_RELATIONS", "lifelong_run", "plot_run",
-    "wild_evaluation", "wild_work", "decode_answers", "normalize_answer", "answer_exact",
+    "wild_evaluation", "wild_work", "true_fact_scores", "true_fact_work", "decode_answers",
+    "normalize_answer", "answer_exact",
     "answer_contains", "wild_prompt", "QA_TEMPLATE", "STOP_STRINGS", "MAX_NEW_TOKENS",
 ]
 

@@ -12,12 +12,16 @@
   and, with ``generation``, greedy-generation scores and fluency;
 * ``wild``: the WILD-style scores (:mod:`ultraedit.eval.wild`) in the final evaluation, and with
   ``turn_wild`` in the per-turn evaluation too, beside the teacher-forced ones (timed apart; the
-  unedited answers to the locality prompts are decoded before the first edit).
+  unedited answers to the locality prompts are decoded before the first edit);
+* ``true_facts``: before the first edit, the unedited model's ES and GS against the records'
+  TRUE answers (:func:`~ultraedit.eval.true_fact_scores`; WILD-style too when ``wild`` is on),
+  the yardstick for the edits' GS: how often the model states a fact it knows through a
+  paraphrase or a question.
 
 It returns a result dict (``status``, ``edits``, ``turns`` with one row per turn, ``before``,
-``final``, ``timing``, ``memory``) and hands it to ``on_update`` whenever it changes, so that a
-caller can keep a file of the partial results. An interrupted run (Ctrl-C) is marked
-``"status": "interrupted"`` before the interrupt goes on; an error is recorded as ``error``
+``final``, ``true_facts``, ``timing``, ``memory``) and hands it to ``on_update`` whenever it
+changes, so that a caller can keep a file of the partial results. An interrupted run (Ctrl-C)
+is marked ``"status": "interrupted"`` before the interrupt goes on; an error is recorded as ``error``
 (``status`` then names the stage it stopped in) before it goes on.
 
 With ``progress``, bars on stderr show the locality reference and every evaluation batch, and
@@ -33,7 +37,8 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 from .locality import locality_reference, locality_work
-from .scores import evaluate_records, evaluation_work, wild_evaluation, wild_work
+from .scores import (evaluate_records, evaluation_work, true_fact_scores, true_fact_work,
+                     wild_evaluation, wild_work)
 
 __all__ = ["lifelong_run", "teacher_forced_scores", "generation_scores_of", "wild_scores_of"]
 
@@ -138,7 +143,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                  edits_per_turn: int, eval_before: bool = False, eval_every: bool = False,
                  eval_end: bool = True, generation: bool = False, turn_generation: bool = False,
                  progress: bool = True, result: Optional[Dict[str, Any]] = None,
-                 wild: bool = False, turn_wild: bool = False,
+                 wild: bool = False, turn_wild: bool = False, true_facts: bool = False,
                  on_update: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Edit ``records`` with ``editor`` in lifelong turns and evaluate (see the module
     docstring); returns the result dict, ``result``'s keys kept."""
@@ -146,7 +151,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
     notify = on_update or (lambda r: None)
     result = dict(result or {})
     result.update({"edits": len(records), "status": "running", "turns": [], "before": None,
-                   "final": None})
+                   "final": None, "true_facts": None})
     result.setdefault("timing", {})
     steps = int(_editor_setting(editor, "steps", 1))
     micro_batch = _editor_setting(editor, "micro_batch", 10)
@@ -167,6 +172,14 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                 locality_reference(model, tokenizer, records, reference=ref, wild=True,
                                    progress=tick)
             result["timing"]["wild_reference_s"] = time.perf_counter() - t0
+        if true_facts:
+            t0 = time.perf_counter()
+            facts_wild = (wild and eval_end) or (turn_wild and eval_every)
+            with _measured(progress, true_fact_work(records, facts_wild),
+                           "unedited model on the true answers") as tick:
+                result["true_facts"] = true_fact_scores(model, tokenizer, records,
+                                                        wild=facts_wild, progress=tick)
+            result["timing"]["true_facts_s"] = time.perf_counter() - t0
         if eval_before:
             result["status"] = "evaluation before editing"
             t0 = time.perf_counter()

@@ -21,6 +21,11 @@ Definitions (all scores in 0..1, except fluency in bits):
   match and ``wild_*_contains`` = the answer contains the target; ``wild_ls`` = the decoded
   answer to a locality prompt is, normalized, the unedited model's (from the reference).
 - **Fluency**: :func:`ultraedit.eval.fluency` on a few open prompts.
+- **True facts** (:func:`true_fact_scores`, run on the UNEDITED model): ES and GS (teacher-forced,
+  and WILD-style on request) against each record's TRUE answer (``target_true``). The offline
+  facts are chosen so that the unedited model completes every rewrite prompt with its true
+  answer (ES 1), but it answers their paraphrases and questions less often: what it does for
+  the knowledge it already has is the yardstick an edit's GS is read against.
 """
 
 from __future__ import annotations
@@ -30,12 +35,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..data.records import EditRecord
 from .fluency import DEFAULT_FLUENCY_PROMPTS, fluency
-from .locality import LocalityReference, _locality_keys, _wild_locality_prompts
+from .locality import LocalityReference, _locality_keys
 from .probing import (Progress, _prefix_fraction, _teacher_forced_ids, generation_scores,
                       greedy_continuations, token_accuracy)
 from .wild import answer_exact, decode_answers, wild_judgements, wild_prompt
 
-__all__ = ["evaluate_records", "evaluation_work", "wild_evaluation", "wild_work"]
+__all__ = ["evaluate_records", "evaluation_work", "wild_evaluation", "wild_work",
+           "true_fact_scores", "true_fact_work"]
 
 
 def _mean(values: List[float]) -> Optional[float]:
@@ -268,4 +274,42 @@ def wild_evaluation(model, tokenizer, records: Sequence[EditRecord],
         {"prompt": wild_prompt(r.prompt, r.questions), "target": r.target,
          "answer": answers[wild_prompt(r.prompt, r.questions)]}
         for r in records[:_WILD_EXAMPLES]]
+    return out
+
+
+def _as_true_facts(records: Sequence[EditRecord]) -> List[EditRecord]:
+    """The records whose true answer is known, asking for that answer: ``target`` becomes
+    ``target_true``; the locality and portability prompts (about other answers) are dropped."""
+    return [dataclasses.replace(r, target=r.target_true, locality=[], portability=[])
+            for r in records if r.target_true]
+
+
+def true_fact_work(records: Sequence[EditRecord], wild: bool = False) -> int:
+    """How many prompts :func:`true_fact_scores` runs (its ``progress`` counts to this)."""
+    facts = _as_true_facts(records)
+    return evaluation_work(facts) + (wild_work(facts) if wild else 0)
+
+
+def true_fact_scores(model, tokenizer, records: Sequence[EditRecord], wild: bool = False,
+                     batch_size: int = 32, progress: Progress = None) -> Dict[str, object]:
+    """ES and GS of the model as it is now against each record's TRUE answer (``target_true``).
+
+    Run on the unedited model, this is how well it states the facts it already knows: through
+    the rewrite prompt (``es``; 1 for offline facts, which are chosen that way), through the
+    paraphrases (``gs``) and, with ``wild=True``, through questions decoded to a stop string
+    (``wild_es``, ``wild_gs`` and their ``_contains`` forms; see :func:`wild_evaluation`).
+    Records without ``target_true`` are left out; ``n`` counts the records scored (all scores
+    None when there are none). Equivalent to :func:`evaluate_records` and
+    :func:`wild_evaluation` on ``replace(r, target=r.target_true, locality=[], portability=[])``.
+    """
+    facts = _as_true_facts(records)
+    out: Dict[str, object] = {"n": len(facts), "es": None, "gs": None}
+    if not facts:
+        return out
+    res = evaluate_records(model, tokenizer, facts, batch_size=batch_size, progress=progress)
+    out["es"], out["gs"] = res["es"], res["gs"]
+    if wild:
+        res = wild_evaluation(model, tokenizer, facts, batch_size=batch_size, progress=progress)
+        for k in ("wild_es", "wild_gs", "wild_es_contains", "wild_gs_contains"):
+            out[k] = res[k]
     return out
