@@ -96,8 +96,11 @@ def test_demo_small_run(tmp_path, ue_embedded, capsys):
     assert rc == 0
     data = json.loads(path.read_text())
     before, after = data["metrics"]["before"], data["metrics"]["after"]
-    assert set(before) == set(after) == {"es", "gs", "ls"}
-    assert all(0.0 <= v <= 1.0 for v in list(before.values()) + list(after.values()))
+    assert set(before) == set(after) == {"es", "gs", "ls", "gs_known"}
+    assert all(0.0 <= s[k] <= 1.0 for s in (before, after) for k in ("es", "gs", "ls"))
+    true = data["true_facts"]             # the unedited model on the true answers, by default
+    assert true["n"] == 6 and true["es"] == 1.0 and 0.0 <= true["gs"] <= 1.0   # facts it knows
+    assert 0 <= true["known_paraphrases"] and 0.0 <= true["wild_es_contains"] <= 1.0
     assert after["es"] >= before["es"] + 0.3
     assert data["edits"] == 6
     assert len(data["timing"]["turn_s"]) == len(data["timing"]["fwd_bwd_s"]) == 2
@@ -106,6 +109,7 @@ def test_demo_small_run(tmp_path, ue_embedded, capsys):
     assert data["edit_config"]["modules"][0] == "model.layers.2.mlp.down_proj"
     out = capsys.readouterr().out
     assert "before" in out and "after" in out and "forward+backward" in out
+    assert "TRUE answers, unedited" in out
     wild = data["wild"]["after"]                       # WILD-style, on by default
     assert all(0.0 <= wild[k] <= 1.0 for k in ("es", "gs", "ls", "es_contains", "gs_contains"))
     assert wild["examples"][0]["prompt"].startswith("Q: ") and data["timing"]["wild_s"] > 0

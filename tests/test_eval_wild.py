@@ -273,9 +273,23 @@ def test_true_fact_scores_ask_for_the_true_answer(ue_tokenizer):
     assert out["gs"] == pytest.approx(sum(per) / len(per))
     assert out["wild_es"] == 1.0                              # the question: "Paris"
     assert out["wild_gs"] == 0.0 and out["wild_gs_contains"] == 0.5
-    assert set(M.true_fact_scores(model, tok, records)) == {"n", "es", "gs"}
+    assert out["known_paraphrases"] == [["The capital of France is", "France's capital is"]]
+    assert set(M.true_fact_scores(model, tok, records)) == {"n", "es", "gs", "known_paraphrases"}
     none = M.true_fact_scores(model, tok, records[1:], wild=True)
-    assert none == {"n": 0, "es": None, "gs": None}
+    assert none == {"n": 0, "es": None, "gs": None, "known_paraphrases": []}
+
+
+def test_gs_known_scores_only_the_listed_paraphrases(ue_tokenizer):
+    tok = ue_tokenizer
+    model = ScriptedLM(tok, {"France's capital is": "Rome.", "The French capital is": "Lyon."})
+    records = _true_fact_records()
+    known = [("The capital of France is", "France's capital is")]
+    out = M.evaluate_records(model, tok, records, known_paraphrases=known)
+    per = M.token_accuracy(model, tok, records[0].paraphrases, ["Rome"] * 2)
+    assert per[0] == 1.0 and per[1] < 1.0
+    assert out["gs_known"] == 1.0 and out["gs"] == pytest.approx(sum(per) / 2)
+    assert M.evaluate_records(model, tok, records, known_paraphrases=[])["gs_known"] is None
+    assert "gs_known" not in M.evaluate_records(model, tok, records)
 
 
 def test_lifelong_run_scores_the_true_facts_before_the_first_edit(ue_tokenizer):
@@ -300,8 +314,11 @@ def test_lifelong_run_scores_the_true_facts_before_the_first_edit(ue_tokenizer):
     run = M.lifelong_run(model, tok, records, RewritingEditor(), turns=1, edits_per_turn=2,
                          eval_end=True, wild=True, true_facts=True, progress=False)
     assert run["true_facts"]["es"] == 1.0 and run["true_facts"]["wild_es"] == 1.0
+    assert run["true_facts"]["known_paraphrases"] == 1          # the JSON keeps their number
     assert run["final"]["teacher_forced"]["es"] == 0.5        # Rome for France, not Paris
+    assert run["final"]["teacher_forced"]["gs_known"] == 0.0  # "France's capital is" -> end
     assert run["timing"]["true_facts_s"] >= 0
     plain = M.lifelong_run(model, tok, records, RewritingEditor(), turns=1, edits_per_turn=2,
                            progress=False)
     assert plain["true_facts"] is None and "true_facts_s" not in plain["timing"]
+    assert "gs_known" not in plain["final"]["teacher_forced"]

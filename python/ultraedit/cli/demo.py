@@ -119,7 +119,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _scores(tf: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: tf.get(k) for k in ("es", "gs", "ls")}
+    return {k: tf.get(k) for k in ("es", "gs", "ls", "gs_known") if k in tf}
 
 
 def _wild(sc: Dict[str, Any]) -> Dict[str, Any]:
@@ -180,6 +180,9 @@ def print_demo(result: Dict[str, Any], turns: int, edits_per_turn: int) -> None:
             print(f"         WILD-style exact  {fmt(true['wild_es'])}  {fmt(true['wild_gs'])}")
             print(f"           ... contains    {fmt(true['wild_es_contains'])}  "
                   f"{fmt(true['wild_gs_contains'])}")
+        if a.get("gs_known") is not None:
+            print(f"after    GS over the {true['known_paraphrases']} paraphrases completed "
+                  f"with the true answer before editing: {fmt(a['gs_known'])}")
     wild = result.get("wild")
     if wild:
         w = wild["after"]

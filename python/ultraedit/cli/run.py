@@ -311,6 +311,10 @@ def _print_summary(result: Dict[str, Any], args) -> None:
                              ("WILD-style contains", "wild_es_contains", "wild_gs_contains")):
             if true.get(es) is not None:
                 print(f"{name:22s} {fmt(true[es])}  {fmt(true[gs])}")
+        tf = final.get("teacher_forced") or {}
+        if tf.get("gs_known") is not None:
+            print(f"teacher-forced GS after editing over the {true['known_paraphrases']} "
+                  f"paraphrases it completed with the true answer: {fmt(tf['gs_known'])}")
     t = result["timing"]
     if args.wild or args.turn_wild:
         wild_s = sum(t.get(k) or 0.0 for k in ("wild_reference_s", "wild_every_s", "wild_end_s"))

@@ -16,7 +16,8 @@
 * ``true_facts``: before the first edit, the unedited model's ES and GS against the records'
   TRUE answers (:func:`~ultraedit.eval.true_fact_scores`; WILD-style too when ``wild`` is on),
   the yardstick for the edits' GS: how often the model states a fact it knows through a
-  paraphrase or a question.
+  paraphrase or a question. The evaluations after editing then also report ``gs_known``, GS
+  over the paraphrases through which the unedited model completed the true answer.
 
 It returns a result dict (``status``, ``edits``, ``turns`` with one row per turn, ``before``,
 ``final``, ``true_facts``, ``timing``, ``memory``) and hands it to ``on_update`` whenever it
@@ -50,6 +51,8 @@ def _num(x) -> Optional[float]:
 def teacher_forced_scores(res: Dict[str, Any]) -> Dict[str, Any]:
     """The teacher-forced part of an :func:`~ultraedit.eval.evaluate_records` result."""
     out = {k: _num(res.get(k)) for k in ("es", "gs", "ls", "ls_data", "pt")}
+    if "gs_known" in res:
+        out["gs_known"] = _num(res["gs_known"])
     out["ls_source"] = res.get("ls_source")
     out["edits"] = int(res.get("n", 0))
     return out
@@ -157,6 +160,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
     micro_batch = _editor_setting(editor, "micro_batch", 10)
     # "auto": as many as fit, the whole turn when it does (the bar counts forwards)
     micro_batch = max(1, edits_per_turn) if micro_batch == "auto" else int(micro_batch)
+    known = None   # the paraphrases the unedited model completes with the true answer
     try:
         t0 = time.perf_counter()
         ref_generation = (generation and eval_end) or turn_generation
@@ -177,8 +181,10 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
             facts_wild = (wild and eval_end) or (turn_wild and eval_every)
             with _measured(progress, true_fact_work(records, facts_wild),
                            "unedited model on the true answers") as tick:
-                result["true_facts"] = true_fact_scores(model, tokenizer, records,
-                                                        wild=facts_wild, progress=tick)
+                true = true_fact_scores(model, tokenizer, records, wild=facts_wild,
+                                        progress=tick)
+            known = true.pop("known_paraphrases")      # the JSON keeps their number
+            result["true_facts"] = {**true, "known_paraphrases": len(known)}
             result["timing"]["true_facts_s"] = time.perf_counter() - t0
         if eval_before:
             result["status"] = "evaluation before editing"
@@ -186,7 +192,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
             with _measured(progress, evaluation_work(records, ref), "evaluation before editing",
                            leave=True) as tick:
                 res = evaluate_records(model, tokenizer, records, locality_reference=ref,
-                                       progress=tick)
+                                       progress=tick, known_paraphrases=known)
             result["before"] = {"teacher_forced": teacher_forced_scores(res)}
             result["timing"]["eval_before_s"] = time.perf_counter() - t0
             result["status"] = "running"
@@ -216,7 +222,8 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                     with _measured(progress, evaluation_work(chunk, ref, turn_generation),
                                    f"evaluating turn {turn}") as tick:
                         res = evaluate_records(model, tokenizer, chunk, locality_reference=ref,
-                                               generation=turn_generation, progress=tick)
+                                               generation=turn_generation, progress=tick,
+                                               known_paraphrases=known)
                     row["eval_s"] = time.perf_counter() - te
                     row["metrics"] = {"teacher_forced": teacher_forced_scores(res),
                                       "generation": generation_scores_of(res)}
@@ -258,7 +265,8 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
             with _measured(progress, evaluation_work(done, ref, generation),
                            f"final evaluation of {len(done)} edits", leave=True) as tick:
                 res = evaluate_records(model, tokenizer, done, locality_reference=ref,
-                                       generation=generation, progress=tick)
+                                       generation=generation, progress=tick,
+                                       known_paraphrases=known)
             result["timing"]["eval_end_s"] = time.perf_counter() - te
             result["final"] = {"teacher_forced": teacher_forced_scores(res),
                                "generation": generation_scores_of(res), "wild": None,

@@ -25,13 +25,15 @@ Definitions (all scores in 0..1, except fluency in bits):
   and WILD-style on request) against each record's TRUE answer (``target_true``). The offline
   facts are chosen so that the unedited model completes every rewrite prompt with its true
   answer (ES 1), but it answers their paraphrases and questions less often: what it does for
-  the knowledge it already has is the yardstick an edit's GS is read against.
+  the knowledge it already has is the yardstick an edit's GS is read against. ``gs_known``
+  (:func:`evaluate_records` with ``known_paraphrases``) is an edit's GS over only the
+  paraphrases through which the unedited model completed the true answer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
 from ..data.records import EditRecord
 from .fluency import DEFAULT_FLUENCY_PROMPTS, fluency
@@ -139,7 +141,9 @@ def evaluate_records(model, tokenizer, records: Sequence[EditRecord],
                      generation: bool = False, batch_size: int = 32,
                      fluency_prompts: Optional[Sequence[str]] = None,
                      portability: bool = True, progress: Progress = None,
-                     wild: bool = False) -> Dict[str, object]:
+                     wild: bool = False,
+                     known_paraphrases: Optional[Collection[Sequence[str]]] = None
+                     ) -> Dict[str, object]:
     """Score ``records`` on the model as it is now (see the module docstring for definitions).
 
     Returns a dict with ``n`` (records), ``es``, ``gs``, ``ls``, ``ls_data``, ``pt`` (None where
@@ -153,6 +157,9 @@ def evaluate_records(model, tokenizer, records: Sequence[EditRecord],
     reference's unedited answers, captured with ``wild=True``; without a reference against the
     data set's locality answers), ``wild_ls_source`` and ``wild_examples`` (the first records'
     questions and answers, to read).
+    With ``known_paraphrases`` (``(rewrite prompt, paraphrase)`` pairs, e.g.
+    :func:`true_fact_scores`' ``known_paraphrases``) also ``gs_known``: GS over those
+    paraphrases only (records without one are left out; None when no record has one).
     A locality prompt missing from ``locality_reference`` raises KeyError. ``portability=False``
     skips the portability prompts (``pt`` keys are then None), which saves their forward passes.
     ``progress`` is called with the number of prompts of each finished batch
@@ -170,6 +177,11 @@ def evaluate_records(model, tokenizer, records: Sequence[EditRecord],
                                          [t for _, t in pairs], batch_size, progress)))
     out["es"] = _mean([acc[(r.prompt, r.target)] for r in records])
     out["gs"] = _per_record(records, lambda r: [(p, r.target) for p in r.paraphrases], acc)
+    if known_paraphrases is not None:
+        known = {tuple(k) for k in known_paraphrases}
+        out["gs_known"] = _per_record(
+            records, lambda r: [(p, r.target) for p in r.paraphrases if (r.prompt, p) in known],
+            acc)
     out["pt"] = _per_record(records, lambda r: list(r.portability), acc)
     out["ls_data"] = _per_record(
         records, lambda r: [(lp.prompt, lp.answer) for lp in r.locality if lp.answer], acc)
@@ -287,7 +299,7 @@ def _as_true_facts(records: Sequence[EditRecord]) -> List[EditRecord]:
 def true_fact_work(records: Sequence[EditRecord], wild: bool = False) -> int:
     """How many prompts :func:`true_fact_scores` runs (its ``progress`` counts to this)."""
     facts = _as_true_facts(records)
-    return evaluation_work(facts) + (wild_work(facts) if wild else 0)
+    return len(_teacher_forced_pairs(facts)) + (wild_work(facts) if wild else 0)
 
 
 def true_fact_scores(model, tokenizer, records: Sequence[EditRecord], wild: bool = False,
@@ -298,16 +310,24 @@ def true_fact_scores(model, tokenizer, records: Sequence[EditRecord], wild: bool
     the rewrite prompt (``es``; 1 for offline facts, which are chosen that way), through the
     paraphrases (``gs``) and, with ``wild=True``, through questions decoded to a stop string
     (``wild_es``, ``wild_gs`` and their ``_contains`` forms; see :func:`wild_evaluation`).
-    Records without ``target_true`` are left out; ``n`` counts the records scored (all scores
-    None when there are none). Equivalent to :func:`evaluate_records` and
-    :func:`wild_evaluation` on ``replace(r, target=r.target_true, locality=[], portability=[])``.
+    ``known_paraphrases`` lists the ``[rewrite prompt, paraphrase]`` pairs whose true answer the
+    model completes fully (teacher-forced accuracy 1): :func:`evaluate_records` scores an
+    edit's GS over those (``gs_known``). Records without ``target_true`` are left out; ``n``
+    counts the records scored (the scores are None when there are none). The scores equal
+    :func:`evaluate_records`' and :func:`wild_evaluation`'s on
+    ``replace(r, target=r.target_true, locality=[], portability=[])``.
     """
     facts = _as_true_facts(records)
-    out: Dict[str, object] = {"n": len(facts), "es": None, "gs": None}
+    out: Dict[str, object] = {"n": len(facts), "es": None, "gs": None, "known_paraphrases": []}
     if not facts:
         return out
-    res = evaluate_records(model, tokenizer, facts, batch_size=batch_size, progress=progress)
-    out["es"], out["gs"] = res["es"], res["gs"]
+    pairs = _teacher_forced_pairs(facts)
+    acc = dict(zip(pairs, token_accuracy(model, tokenizer, [p for p, _ in pairs],
+                                         [t for _, t in pairs], batch_size, progress)))
+    out["es"] = _mean([acc[(r.prompt, r.target)] for r in facts])
+    out["gs"] = _per_record(facts, lambda r: [(p, r.target) for p in r.paraphrases], acc)
+    out["known_paraphrases"] = [[r.prompt, p] for r in facts for p in r.paraphrases
+                                if acc[(p, r.target)] == 1.0]
     if wild:
         res = wild_evaluation(model, tokenizer, facts, batch_size=batch_size, progress=progress)
         for k in ("wild_es", "wild_gs", "wild_es_contains", "wild_gs_contains"):
