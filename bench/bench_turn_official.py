@@ -19,6 +19,10 @@ on a second copy, same 100 offline edits (``offline_facts(split="report")``), sa
     the official collate does; right padded).
 (b) ours: ``UltraEditor.edit`` with ``compat="official"``; its ``TurnReport`` split
     (``fwd_bwd_s``: forward + loss + backward; ``editor_s``: everything else) is reported.
+(b') with ``--auto``, also ours with ``micro_batch="auto"`` (a third copy of the model): as
+    many requests per forward as fit the memory (here the whole turn), the loss weighted so
+    that every request keeps the gradient of its micro-batch of 10 (``ultraedit.batching``):
+    the same update, fewer and larger forwards.
 (c) floor: the same micro-batches through the backbone of our copy without autograd
     (``model.base_model``: no vocabulary projection, no backward, no editor), timed in the same
     rounds. Every turn of the method needs at least this forward, so ``official / floor``
@@ -118,11 +122,11 @@ class OfficialTurn:
 
 
 class OurTurn:
-    def __init__(self, model, tok, names, reqs):
+    def __init__(self, model, tok, names, reqs, micro_batch=MICRO):
         from ultraedit import EditConfig, UltraEditor
 
-        self.editor = UltraEditor(model, tok, config=EditConfig.official(modules=list(names),
-                                                                         lr=LR))
+        config = EditConfig.official(modules=list(names), lr=LR, micro_batch=micro_batch)
+        self.editor = UltraEditor(model, tok, config=config)
         self.reqs, self.names = reqs, names
         self.base = {n: w.detach().clone() for n, w in weights(model, names).items()}
         self.reports = []
@@ -156,6 +160,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="timed rounds of each (>= 5)")
     p.add_argument("--edits", type=int, default=100)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--auto", action="store_true",
+                   help="also time ours with micro_batch='auto' (same update, larger forwards)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     if a.threads:
@@ -166,6 +172,7 @@ def main(argv=None):
 
     model_off, tok = load_model("default")
     model_ours, _ = load_model("default")
+    model_auto = load_model("default")[0] if a.auto else None
     reqs = requests(a.edits)
     # the official collate's micro-batches: length-sorted (longest first), right padded
     _, batches = prepare_turn(tok, reqs, EditConfig.official(), torch.device("cpu"), None)
@@ -174,20 +181,25 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as cache_root:
         off = OfficialTurn(a.official, model_off, MODULES, batches, cache_root)
         ours = OurTurn(model_ours, tok, MODULES, reqs)
+        runners = [("official", off), ("ours", ours)]
+        if a.auto:
+            runners.append(("ours_auto", OurTurn(model_auto, tok, MODULES, reqs, "auto")))
         off.reset()
         shifts = off.turn()                                  # warm-up, kept for the check
-        ours.reset()
-        ours.turn()
-        deltas = ours.deltas()
         diffs = {}
-        for n in MODULES:
-            ref = shifts[n].double().T                        # Linear: W += shiftᵀ
-            diffs[n] = float((deltas[n] - ref).norm() / ref.norm())
-        ours.reports.clear()
+        for name, runner in runners[1:]:
+            runner.reset()
+            runner.turn()
+            deltas = runner.deltas()
+            for n in MODULES:
+                ref = shifts[n].double().T                    # Linear: W += shiftᵀ
+                diffs.setdefault(name, {})[n] = float((deltas[n] - ref).norm() / ref.norm())
+            runner.reports.clear()
         ours.floor(batches)
-        times = {"official": [], "ours": [], "floor": []}
+        times = {name: [] for name, _ in runners}
+        times["floor"] = []
         for r in range(a.rounds):
-            for name, runner in (("official", off), ("ours", ours)):
+            for name, runner in runners:
                 runner.reset()
                 t0 = time.perf_counter()
                 runner.turn()
@@ -195,8 +207,8 @@ def main(argv=None):
             t0 = time.perf_counter()
             ours.floor(batches)
             times["floor"].append(time.perf_counter() - t0)
-            print(f"round {r}: official {times['official'][-1]:.3f} s, ours "
-                  f"{times['ours'][-1]:.3f} s, floor {times['floor'][-1]:.3f} s", flush=True)
+            print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()),
+                  flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     split = {k: statistics.median(getattr(rep, k) for rep in ours.reports)
              for k in ("turn_s", "fwd_bwd_s", "editor_s")}
@@ -209,13 +221,28 @@ def main(argv=None):
         "speedup_bound_forward_only": med["official"] / med["floor"],
         "ours_report_median_s": split,
         "ours_editor_share": split["editor_s"] / split["turn_s"],
-        "max_rel_diff_updates": max(diffs.values()), "rel_diff_updates": diffs,
+        "max_rel_diff_updates": max(diffs["ours"].values()), "rel_diff_updates": diffs["ours"],
         "n_tokens": ours.reports[-1].n_tokens if ours.reports else None,
     }
+    if a.auto:
+        auto = runners[2][1]
+        result["auto"] = {
+            "micro_batch": getattr(auto.reports[-1], "micro_batch", None) if auto.reports else None,
+            "speedup": med["official"] / med["ours_auto"],
+            "speedup_vs_ours_10": med["ours"] / med["ours_auto"],
+            "report_median_s": {k: statistics.median(getattr(rep, k) for rep in auto.reports)
+                                for k in ("turn_s", "fwd_bwd_s", "editor_s")},
+            "max_rel_diff_updates": max(diffs["ours_auto"].values()),
+            "rel_diff_updates": diffs["ours_auto"]}
     print(f"official {med['official']:.3f} s, ours {med['ours']:.3f} s: "
           f"{result['speedup']:.2f}x; ours fwd+bwd {split['fwd_bwd_s']:.3f} s, editor "
           f"{split['editor_s']:.3f} s; forward-only floor {med['floor']:.3f} s (bound "
           f"{result['speedup_bound_forward_only']:.2f}x); updates agree to {result['max_rel_diff_updates']:.1e}")
+    if a.auto:
+        print(f"ours, micro_batch='auto' ({result['auto']['micro_batch']} per forward): "
+              f"{med['ours_auto']:.3f} s: {result['auto']['speedup']:.2f}x the official turn, "
+              f"{result['auto']['speedup_vs_ours_10']:.2f}x ours with 10; updates agree to "
+              f"{result['auto']['max_rel_diff_updates']:.1e}")
     write_results(a.json, result)
     return 0
 

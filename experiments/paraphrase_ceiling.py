@@ -42,14 +42,19 @@ def main():
         by_relation = collections.defaultdict(list)
         for r in records:
             by_relation[r.relation or "?"].append(r)
-        parts = {rel: true_fact_scores(model, tok, rs, wild=a.wild)
-                 for rel, rs in sorted(by_relation.items())}
+        parts = {}
+        for rel, rs in sorted(by_relation.items()):
+            part = true_fact_scores(model, tok, rs, wild=a.wild)
+            part["known_paraphrases"] = len(part["known_paraphrases"])
+            parts[rel] = part
         # every score is a mean over records (all offline records have paraphrases and
         # questions), so the whole file's is the record-weighted mean of its relations'
         n = sum(p["n"] for p in parts.values())
         row = {"n": n}
         for key in next(iter(parts.values())):
-            if key != "n":
+            if key == "known_paraphrases":
+                row[key] = sum(p[key] for p in parts.values())
+            elif key != "n":
                 row[key] = sum(p[key] * p["n"] for p in parts.values()) / n
         row["by_relation"] = parts
         out["files"][path] = row

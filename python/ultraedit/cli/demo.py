@@ -147,7 +147,7 @@ def demo_result(run: Dict[str, Any], editor) -> Dict[str, Any]:
                    "eval_after_s": t["eval_end_s"], "preserve_s": editor.preserve_s,
                    "wild_s": sum(t.get(k, 0.0) for k in ("wild_reference_s", "wild_end_s")),
                    "wild_reference_s": t.get("wild_reference_s"),
-                   "wild_end_s": t.get("wild_end_s")},
+                   "wild_end_s": t.get("wild_end_s"), "true_facts_s": t.get("true_facts_s")},
         "memory": run["memory"],
         "turns": rows,
     }
