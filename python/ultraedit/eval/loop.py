@@ -22,8 +22,8 @@
 It returns a result dict (``status``, ``edits``, ``turns`` with one row per turn, ``before``,
 ``final``, ``true_facts``, ``timing``, ``memory``) and hands it to ``on_update`` whenever it
 changes, so that a caller can keep a file of the partial results. An interrupted run (Ctrl-C)
-is marked ``"status": "interrupted"`` before the interrupt goes on; an error is recorded as ``error``
-(``status`` then names the stage it stopped in) before it goes on.
+is marked ``"status": "interrupted"`` before the interrupt goes on; an error is recorded as
+``error`` (``status`` then names the stage it stopped in) before it goes on.
 
 With ``progress``, bars on stderr show the locality reference and every evaluation batch, and
 the editing bar moves once per micro-batch forward of every step of a turn.
