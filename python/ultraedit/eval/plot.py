@@ -1,6 +1,7 @@
 """A PNG of a lifelong run: per-turn teacher-forced scores (and WILD-style ones, dashed), the
-final scores over all edits (teacher-forced, generation, WILD-style), and the time per turn split
-into the model's forward+backward and the editor's own work."""
+final scores over all edits (teacher-forced, generation, WILD-style), the unedited model's GS on
+the true answers (dotted, when scored), and the time per turn split into the model's
+forward+backward and the editor's own work."""
 
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def plot_run(result: Dict[str, Any], path: str) -> None:
                 ax1.plot([last + dx], [sc[k]], marker, color=c,
                          markersize=7 if marker == "D" else 11,
                          label=f"{k.upper()} final, all edits ({_KIND[kind]})")
+    true = result.get("true_facts") or {}
+    if true.get("gs") is not None:      # the yardstick: the unedited model's GS on true answers
+        ax1.axhline(true["gs"], color=colors["gs"], linestyle=":", linewidth=1,
+                    label="GS of the unedited model on the TRUE answers")
     ax1.set_ylim(-0.02, 1.02)
     ax1.set_ylabel("score")
     cfg = result.get("edit_config") or result.get("config") or {}
