@@ -57,6 +57,8 @@ def main():
     es = token_accuracy(model, tok, [r.prompt for r in records], [r.target for r in records])
     new_after = token_accuracy(model, tok, [p for _, p in pairs],
                                [records[i].target for i, _ in pairs])
+    true_after = token_accuracy(model, tok, [p for _, p in pairs],
+                                [records[i].target_true for i, _ in pairs])
     known = [j for j, x in enumerate(true_acc) if x == 1.0]
     unknown = [j for j, x in enumerate(true_acc) if x < 1.0]
     row = {
@@ -72,6 +74,10 @@ def main():
         "gs_before_all": _mean(new_before),
         "gs_before_known": _mean([new_before[j] for j in known]),
         "gs_before_unknown": _mean([new_before[j] for j in unknown]),
+        # where the edit does not reach an understood paraphrase: does the old answer survive?
+        "old_answer_kept_known": _mean([float(true_after[j] == 1.0) for j in known]),
+        "old_answer_kept_known_unreached": _mean([float(true_after[j] == 1.0) for j in known
+                                                  if new_after[j] < 1.0]),
         "full_after_known": _mean([float(new_after[j] == 1.0) for j in known]),
         "full_after_unknown": _mean([float(new_after[j] == 1.0) for j in unknown]),
     }

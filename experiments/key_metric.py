@@ -1,0 +1,117 @@
+"""Would a covariance of generic-text keys separate a subject's contexts from other subjects?
+
+A rank-one edit ``ΔW ∝ v (M k)ᵀ`` made at key ``k`` moves the output at another key ``k'`` by
+``r(k') = k'ᵀ M k / kᵀ M k`` of what it moves at ``k``. UltraEdit's solve with preserved keys
+``Kp`` has ``M = (μ KpᵀKp + λ I)⁻¹`` (ROME/MEMIT: ``M = C⁻¹``, ``C`` the keys' second moment
+over generic text). For the unedited model, per layer, this prints the mean ``r`` at the
+subject in a paraphrase with other text before it (``same``: the edit reaching the paraphrase)
+and at the nearest other record's subject (``nearest``: the locality side), for ``M = I`` (the
+plain dot product) and for ``M = (ρ C + I)⁻¹`` with ``C`` over every token of the model's own
+greedy continuations of the generic prompts (``ultraedit.preserve.GENERIC_PROMPTS``: nothing
+of the evaluated tables). Keys are z-scored with the generic tokens' mean and std, as the
+editor z-scores them with its running statistics. A metric helps when it keeps ``same`` while
+lowering ``nearest``.
+
+    PYTHONPATH=python python experiments/key_metric.py --json experiments/results/key_metric.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+import _common  # noqa: F401  (puts the repository on sys.path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--records", default="experiments/results/generalization_report.jsonl")
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--layers", default="0,1,2,3,4,5,6,8,10")
+    ap.add_argument("--rho", default="0.1,1,10,100")
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+
+    from ultraedit.data.formats import load_records
+    from ultraedit.eval.probing import greedy_continuations
+    from ultraedit.models import load_model
+    from ultraedit.preserve import GENERIC_PROMPTS
+    from ultraedit.tokenization import encode_request, special_prefix, subject_token_index
+
+    model, tok = load_model("default")
+    model.eval()
+    layers = [int(x) for x in a.layers.split(",")]
+    rhos = [float(x) for x in a.rho.split(",")]
+    prefix = special_prefix(tok)
+    store = {}
+    handles = [model.model.layers[i].mlp.down_proj.register_forward_pre_hook(
+        lambda mod, inp, i=i: store.__setitem__(i, inp[0][0].detach().double()))
+        for i in layers]
+
+    def keys(ids):
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]))
+        return torch.stack([store[i] for i in layers])          # L x T x d
+
+    # generic tokens: the prompts and the model's own continuations of them
+    prompt_ids = [encode_request(tok, p, "x", prefix)[0] for p in GENERIC_PROMPTS]
+    generic = [keys(p + list(g))[:, len(prefix):]
+               for p, g in zip(prompt_ids, greedy_continuations(model, tok, prompt_ids,
+                                                                a.new_tokens))]
+    g = torch.cat(generic, 1)                                    # L x T x d
+    mean, std = g.mean(1, keepdim=True), g.std(1, keepdim=True).clamp_min(1e-6)
+    z = (g - mean) / std
+    second = torch.einsum("ltd,lte->lde", z, z) / z.shape[1]     # L x d x d
+
+    def subject_key(prompt, subject):
+        ids = encode_request(tok, prompt, "x", prefix)[0]
+        k = keys(ids)[:, subject_token_index(tok, prompt, subject, prefix)]
+        return ((k - mean[:, 0]) / std[:, 0])                    # L x d
+
+    records = [r for r in load_records(a.records, format="records", limit=a.limit)
+               if r.subject and r.subject in r.prompt]
+    rewrite, pairs = [], []
+    for r in records:
+        rewrite.append(subject_key(r.prompt, r.subject))
+        before = r.prompt[:r.prompt.find(r.subject)]
+        for p in r.paraphrases:
+            at = p.find(r.subject)
+            if at >= 0 and p[:at] != before:
+                pairs.append((len(rewrite) - 1, subject_key(p, r.subject)))
+    for h in handles:
+        h.remove()
+    rw = torch.stack(rewrite, 1)                                 # L x R x d
+    para = torch.stack([k for _, k in pairs], 1)                 # L x P x d
+    owner = torch.tensor([i for i, _ in pairs])
+    off = ~torch.eye(rw.shape[1], dtype=torch.bool)
+    out = {"records": len(records), "paraphrases": len(pairs), "generic_tokens": z.shape[1],
+           "layers": layers, "metrics": {}}
+    eye = torch.eye(rw.shape[-1], dtype=torch.float64)
+    for name in ["identity"] + [f"rho={r:g}" for r in rhos]:
+        rows = []
+        for li in range(len(layers)):
+            m = eye if name == "identity" else torch.linalg.inv(
+                float(name[4:]) * second[li] + eye)
+            mk = rw[li] @ m                                       # R x d: (M k)ᵀ
+            self_r = (mk * rw[li]).sum(-1)                         # kᵀ M k
+            same = (mk[owner] * para[li]).sum(-1) / self_r[owner]
+            cross = (mk @ rw[li].T) / self_r[:, None]              # R x R: r at the others
+            cross = cross.abs().masked_fill(~off, -1)
+            rows.append({"layer": layers[li], "same": round(float(same.mean()), 3),
+                         "nearest": round(float(cross.max(1).values.mean()), 3),
+                         "other_mean": round(float(cross[off].mean()), 3)})
+        out["metrics"][name] = rows
+        print(name, " ".join(f"L{r['layer']}:{r['same']:.2f}/{r['nearest']:.2f}" for r in rows),
+              flush=True)
+    out["command"] = "python experiments/key_metric.py " + " ".join(sys.argv[1:])
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
