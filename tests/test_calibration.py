@@ -157,6 +157,15 @@ def test_calibrate_writes_the_cache_and_info_shows_it(tmp_path, monkeypatch):
         calibration.reset()
 
 
+def test_a_new_grid_is_a_new_cache_file(monkeypatch):
+    """A cache measured on other grid points is never read: `auto` would find no points to
+    interpolate between and keep the reference without saying so."""
+    before = calibration.cache_path(CPU)
+    monkeypatch.setitem(calibration.GRIDS, "gram", {"rows": (("m", "r"), ((64, 2048), (512,)))})
+    assert calibration.cache_path(CPU) != before
+    assert calibration.machine_key(CPU)["grids"] == calibration.grids_digest()
+
+
 def test_fixture_decision_reaches_shift_factors(fixture_grid, monkeypatch):
     """The public op goes through the same dispatch (the result is the same either way)."""
     monkeypatch.setenv(_backends.ENV_VAR, "auto")

@@ -17,7 +17,8 @@ otherwise the reference.  Shape features per op:
 
 Results are cached as JSON in ``$XDG_CACHE_HOME/ultraedit_kernels/`` (``~/.cache`` when unset),
 one file per machine key (CPU model and count, torch threads, torch / Triton versions, the
-extension's build, the GPU name).  ``ULTRAEDIT_CALIBRATION`` chooses:
+extension's build, the GPU name, and a hash of the grids, so that a version measuring other
+points calibrates afresh).  ``ULTRAEDIT_CALIBRATION`` chooses:
 
 ``auto`` (default)
     use the cache; calibrate an op's shape class on a device the first time ``auto`` needs a
@@ -164,7 +165,10 @@ def machine_key(device: torch.device) -> Dict[str, object]:
     from . import _extension
     key: Dict[str, object] = {"format": FORMAT, "python": platform.python_version(),
                               "torch": torch.__version__, "threads": torch.get_num_threads(),
-                              "cpu": cpu_model(), "cpu_count": os.cpu_count()}
+                              "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+                              # a new grid means a new file: a cache measured on other points
+                              # would leave `auto` without the points it interpolates between
+                              "grids": grids_digest()}
     mod = _extension.extension()
     if mod is not None:
         info = getattr(mod, "build_info", lambda: {})()
@@ -177,6 +181,11 @@ def machine_key(device: torch.device) -> Dict[str, object]:
     if device.type == "cuda":
         key["gpu"] = torch.cuda.get_device_name(device)
     return key
+
+
+def grids_digest() -> str:
+    """A short hash of :data:`GRIDS`, the points a calibration measures."""
+    return hashlib.sha256(json.dumps(GRIDS, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def cpu_model() -> str:
