@@ -98,3 +98,11 @@ def score_and_save(model, tokenizer, records, editor, args, post=None, **extra):
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=1, default=str)
     return res
+
+
+def other_prefix_paraphrases(record):
+    """The record's paraphrases that hold its subject after other text than the rewrite prompt
+    puts before it (the subject's key there is not the rewrite key)."""
+    before = record.prompt[:record.prompt.find(record.subject)]
+    return [p for p in record.paraphrases
+            if p.find(record.subject) >= 0 and p[:p.find(record.subject)] != before]

@@ -40,6 +40,7 @@ def main(argv=None):
     from ultraedit.data.formats import load_records
     from ultraedit.models import load_model
     from ultraedit.tokenization import encode_request, special_prefix, subject_token_index
+    from _common import other_prefix_paraphrases
 
     model, tok = load_model("default")
     model.eval()
@@ -73,11 +74,8 @@ def main(argv=None):
             k = k + keys_of(c.format(s=r.subject), r.subject)
         k = k / (a.fact_keys + 1)
         rewrite.append(k)
-        before = r.prompt[:r.prompt.find(r.subject)]
-        for p in r.paraphrases:
-            at = p.find(r.subject)
-            if at >= 0 and p[:at] != before:
-                pairs.append((len(rewrite) - 1, keys_of(p, r.subject)))
+        for p in other_prefix_paraphrases(r):
+            pairs.append((len(rewrite) - 1, keys_of(p, r.subject)))
     for h in handles:
         h.remove()
     rw = torch.stack(rewrite)                     # R x L x d

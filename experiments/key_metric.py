@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-import _common  # noqa: F401  (puts the repository on sys.path)
+from _common import other_prefix_paraphrases  # (and the repository on sys.path)
 
 
 def main(argv=None):
@@ -77,11 +77,8 @@ def main(argv=None):
     rewrite, pairs = [], []
     for r in records:
         rewrite.append(subject_key(r.prompt, r.subject))
-        before = r.prompt[:r.prompt.find(r.subject)]
-        for p in r.paraphrases:
-            at = p.find(r.subject)
-            if at >= 0 and p[:at] != before:
-                pairs.append((len(rewrite) - 1, subject_key(p, r.subject)))
+        for p in other_prefix_paraphrases(r):
+            pairs.append((len(rewrite) - 1, subject_key(p, r.subject)))
     for h in handles:
         h.remove()
     rw = torch.stack(rewrite, 1)                                 # L x R x d
