@@ -60,13 +60,14 @@ class MaskRows:
 
     def __init__(self, mask: torch.Tensor):
         self.shape = tuple(mask.shape)
-        self._index = {mask.device: mask.reshape(-1).nonzero().squeeze(1)}
-        self.count = int(next(iter(self._index.values())).numel())
+        self._flat = mask.reshape(-1).nonzero().squeeze(1)
+        self.count = int(self._flat.numel())
+        self._index = {mask.device: self._flat}
 
     def on(self, device: torch.device) -> torch.Tensor:
         idx = self._index.get(device)
         if idx is None:
-            idx = self._index[device] = next(iter(self._index.values())).to(device)
+            idx = self._index[device] = self._flat.to(device)
         return idx
 
 

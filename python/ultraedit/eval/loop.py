@@ -169,7 +169,8 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
             ref = locality_reference(model, tokenizer, records, generation=ref_generation,
                                      progress=tick)
         result["timing"]["locality_reference_s"] = time.perf_counter() - t0
-        if (wild and eval_end) or (turn_wild and eval_every):   # timed apart: what WILD adds
+        any_wild = (wild and eval_end) or (turn_wild and eval_every)
+        if any_wild:   # timed apart: what WILD adds
             t0 = time.perf_counter()
             with _measured(progress, locality_work(records, reference=ref, wild=True),
                            "unedited answers (WILD-style)") as tick:
@@ -178,10 +179,9 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
             result["timing"]["wild_reference_s"] = time.perf_counter() - t0
         if true_facts:
             t0 = time.perf_counter()
-            facts_wild = (wild and eval_end) or (turn_wild and eval_every)
-            with _measured(progress, true_fact_work(records, facts_wild),
+            with _measured(progress, true_fact_work(records, any_wild),
                            "unedited model on the true answers") as tick:
-                true = true_fact_scores(model, tokenizer, records, wild=facts_wild,
+                true = true_fact_scores(model, tokenizer, records, wild=any_wild,
                                         progress=tick)
             known = true.pop("known_paraphrases")      # the JSON keeps their number
             result["true_facts"] = {**true, "known_paraphrases": len(known)}
