@@ -17,8 +17,10 @@ on a second copy, same 100 offline edits (``offline_facts(split="report")``), sa
     constructor is bypassed because it only loads a tokenizer from ``config.model.name_or_path``.
     The micro-batches are the same tensors our editor builds (length-sorted, longest first, as
     the official collate does; right padded).
-(b) ours: ``UltraEditor.edit`` with ``compat="official"``; its ``TurnReport`` split
-    (``fwd_bwd_s``: forward + loss + backward; ``editor_s``: everything else) is reported.
+(b) ours: ``UltraEditor.edit`` with ``compat="official"`` (the default
+    ``backward_group="auto"``: on a CPU one vocabulary projection and one backward for the
+    turn's ten micro-batches, the same update); its ``TurnReport`` split (``fwd_bwd_s``:
+    forward + loss + backward; ``editor_s``: everything else) is reported.
 (b') with ``--auto``, also ours with ``micro_batch="auto"`` (a third copy of the model): as
     many requests per forward as fit the memory (here the whole turn), the loss weighted so
     that every request keeps the gradient of its micro-batch of 10 (``ultraedit.batching``):
@@ -223,6 +225,8 @@ def main(argv=None):
         "ours_editor_share": split["editor_s"] / split["turn_s"],
         "max_rel_diff_updates": max(diffs["ours"].values()), "rel_diff_updates": diffs["ours"],
         "n_tokens": ours.reports[-1].n_tokens if ours.reports else None,
+        # micro-batches per backward (the default "auto": all of the turn's on a CPU)
+        "ours_backward_group": ours.reports[-1].backward_group if ours.reports else None,
     }
     if a.auto:
         auto = runners[2][1]

@@ -26,11 +26,12 @@ def test_lifelong_run_stays_exact_finite_and_flat(tok, monkeypatch):
     rows = {name: [] for name in MODULES}
 
     class Recording(CaptureSession):
-        def pop(self):
-            out = super().pop()
-            for name, (k, g) in out.items():
-                rows[name].append(torch.cat([k, g], 1).double())
-            return out
+        def pop_frames(self):
+            frames = super().pop_frames()
+            for out in frames:
+                for name, (k, g) in out.items():
+                    rows[name].append(torch.cat([k, g], 1).double())
+            return frames
 
     monkeypatch.setattr(editor_mod, "CaptureSession", Recording)
     ed = UltraEditor(tiny_llama(len(tok)), tok, modules=MODULES, lr=1e-3, micro_batch=3,

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .config import PAPER_MICRO_BATCH
 
 __all__ = ["MicroBatchSizer", "memory_budget", "forward_backward", "weighted_forward_backward",
-           "answer_logits", "group_parts", "request_order",
+           "grouped_forward_backward", "backward_group_size", "answer_logits", "group_parts", "request_order",
            "FREE_SHARE", "CPU_FALLBACK_BYTES"]
 
 GiB = 1 << 30
@@ -139,6 +139,126 @@ def weighted_forward_backward(model, batch: Dict[str, torch.Tensor]):
     return loss.detach(), _predicted(rows, target, mask)
 
 
+def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begin=None):
+    """Forward every batch of ``batches`` and back-propagate ``Σ_b L_b`` once, with one
+    vocabulary projection for all of them; returns ``[(L_b detached, predicted_b)]`` as
+    :func:`forward_backward` would for each batch alone.
+
+    ``L_b`` is the batch's own loss (the paper's micro-batch mean, or the weighted loss of
+    ``loss_weight``), and the batches are separate graphs, so ``∂(Σ L)/∂h`` at any activation
+    ``h`` of batch ``b`` is ``∂L_b/∂h``: the captured gradients of :func:`forward_backward` run
+    batch by batch. What changes is the vocabulary projection: the answer rows of every batch
+    (``n_b x h``; a forward pre-hook on ``model.get_output_embeddings()`` keeps them and passes
+    on an empty input) are projected at the last batch's forward as one ``(Σ n_b) x h`` product,
+    and its backward is one product too. On a CPU the 49152 x 576 projection of a 135M model
+    runs at twice the FLOP rate for 170 rows as for 17 (measured, ``experiments/turn_speed.md``),
+    and each of its rows is the same to the bit (the GEMM's rows are independent on one thread).
+
+    ``begin(i, batch)`` is called before batch ``i``'s forward (the capture's
+    ``CaptureSession.set_mask``). The batches' activations stay alive until the backward: the
+    memory of one forward of all their requests, less padding.
+
+    One batch is :func:`forward_backward` itself. Raises RuntimeError if the model does not
+    call its output embedding on ``(B, L, h)`` hidden states (then only
+    :func:`forward_backward`, batch by batch, applies)."""
+    if len(batches) == 1:
+        if begin is not None:
+            begin(0, batches[0])
+        return [forward_backward(model, batches[0])]
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        raise RuntimeError(f"{type(model).__name__} has no output embedding "
+                           f"(get_output_embeddings()): its micro-batches cannot share one vocabulary "
+                           f"projection; use backward_group=1 (one backward per micro-batch)")
+    masks = [b["labels"] != -100 for b in batches]
+    pending: List[torch.Tensor] = []
+    current = {"index": None, "mask": None, "fired": False, "last": False}
+
+    def gather(module, args):
+        x, mask = args[0], current["mask"]
+        if tuple(x.shape[:2]) != tuple(mask.shape):
+            return None
+        current["fired"] = True
+        rows = x.reshape(-1, x.shape[-1]).index_select(0, current["index"].to(x.device))
+        pending.append(rows)
+        if not current["last"]:
+            return (rows[:0].unsqueeze(0),) + tuple(args[1:])   # projected at the last batch
+        return (torch.cat(pending).unsqueeze(0),) + tuple(args[1:])
+
+    logits = None
+    with torch.enable_grad():
+        handle = head.register_forward_pre_hook(gather)
+        try:
+            for i, (batch, mask) in enumerate(zip(batches, masks)):
+                if begin is not None:
+                    begin(i, batch)
+                current.update(index=mask.reshape(-1).nonzero().squeeze(1), mask=mask,
+                               fired=False, last=i == len(batches) - 1)
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            use_cache=False).logits
+                if not current["fired"]:
+                    raise RuntimeError(
+                        f"{type(model).__name__} did not call its output embedding on the "
+                        f"(batch, length, hidden) states of the forward, so its batches cannot "
+                        f"share one vocabulary projection; use backward_group=1 (one backward per "
+                        f"micro-batch)")
+            logits = out[0]
+        finally:
+            handle.remove()
+        rows = logits if logits.dtype == torch.float64 else logits.float()
+        losses, outputs, start = [], [], 0
+        for batch, mask in zip(batches, masks):
+            n = int(pending[len(outputs)].shape[0])
+            part = rows[start:start + n]
+            start += n
+            target = batch["labels"][mask].to(part.device)
+            ce = F.cross_entropy(part, target, reduction="none")
+            if "loss_weight" in batch:
+                owner = mask.nonzero()[:, 0].to(part.device)
+                loss = (ce * batch["loss_weight"].to(ce)[owner]).sum()
+            else:
+                loss = _column_mean(ce, mask)
+            losses.append(loss)
+            outputs.append((part, target, mask))
+        total = losses[0]
+        for loss in losses[1:]:
+            total = total + loss.to(total.device)
+        total.backward()
+    return [(loss.detach(), _predicted(part, target, mask))
+            for loss, (part, target, mask) in zip(losses, outputs)]
+
+
+def backward_group_size(editor, reqs, batches: List[Dict[str, torch.Tensor]]) -> int:
+    """The micro-batches per backward of a turn (:func:`grouped_forward_backward`):
+    ``config.backward_group`` when it is a number; with ``"auto"``, on a model whose parameters
+    are all on the CPU, the largest of the turn's forwards, half of them, a quarter, ... whose
+    activations are predicted to fit the memory budget (:func:`ultraedit.plan.plan_turn` with
+    that ``backward_group``; it pads every forward to the longest request), else 1. On
+    other devices 1: the gain is the CPU's (a vocabulary projection of 17 rows runs at half the
+    FLOP rate of one of 170, ``experiments/turn_speed.md``), a GPU's was not measured."""
+    group = editor.config.backward_group
+    if group != "auto":
+        return group
+    if len(batches) < 2 or any(p.device.type != "cpu" for p in editor.model.parameters()):
+        return 1
+    from .plan import request_lengths
+
+    per_forward = batches[0]["labels"].shape[0]
+    try:
+        sizer = editor.sizer or MicroBatchSizer(editor)
+        lengths = request_lengths(editor.tokenizer, reqs)
+        budget = memory_budget(editor.model, editor.config)
+        group = len(batches)
+        while group > 1:
+            if sizer.plan(reqs, lengths, per_forward, budget, backward_group=group).fits:
+                return group
+            group = (group + 1) // 2 if group > 2 else 1
+    except Exception:  # noqa: BLE001 (an architecture the plan does not know: the paper's loop)
+        return 1
+    return 1
+
+
 def group_parts(kg: Tuple[torch.Tensor, torch.Tensor], batch: Dict[str, torch.Tensor],
                 mask: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """A forward's captured ``(K, G)`` split into its groups' rows (views), in order; one part
@@ -217,11 +337,11 @@ class MicroBatchSizer:
         small = [g] if self.editor.config.compat == "official" else [5, 2, 1]
         return sorted({n} | set(range(g, n, g)) | {s for s in small if s <= n}, reverse=True)
 
-    def plan(self, reqs, lengths, size: int, budget: int):
+    def plan(self, reqs, lengths, size: int, budget: int, backward_group: int = 1):
         """The :class:`ultraedit.plan.TurnPlan` of the turn ``reqs`` (token ``lengths`` from
         :func:`ultraedit.plan.request_lengths`) in forwards of ``size`` requests, with this
         editor's model, modules and settings; its logits are counted at the answer rows
-        only (:func:`weighted_forward_backward`)."""
+        only (:func:`weighted_forward_backward`); ``backward_group`` forwards per backward."""
         from .plan import plan_turn, request_shape
 
         ed, cfg = self.editor, self.editor.config
@@ -233,6 +353,7 @@ class MicroBatchSizer:
                          accumulate=cfg.accumulate, history=cfg.history, memory=cfg.memory,
                          preserve=cfg.preserve, preserved_rows=pres, steps=cfg.steps,
                          whiten=cfg.whiten, delta_device=cfg.delta_device,
+                         backward_group=backward_group,
                          attn_implementation=getattr(ed.model.config, "_attn_implementation",
                                                      None))
 

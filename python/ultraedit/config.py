@@ -86,6 +86,11 @@ class EditConfig:
         PAPER_MICRO_BATCH, "requests per forward+backward (the paper: 10), or 'auto': the largest "
         "number whose predicted peak fits memory_budget_gib (ultraedit.plan), each forward's "
         "loss weighted so the gradients equal the paper's 10-request means")
+    backward_group: Union[int, str] = _opt(
+        "auto", "micro-batches whose answer rows share one vocabulary projection and one "
+                "backward (1: each alone, the paper's loop; the same gradients either way, the "
+                "group's activations held at once), or 'auto': on the CPU as many as the memory "
+                "budget fits, elsewhere 1 (ultraedit.batching)")
     memory_budget_gib: Optional[float] = _opt(
         None, "GiB a turn may use with micro_batch='auto' (default: the model's weights plus "
               "85% of the free memory: the CUDA devices' free memory, or the available RAM)")
@@ -147,6 +152,12 @@ class EditConfig:
             if isinstance(mb, bool) or not isinstance(mb, (int, float)) or int(mb) != mb or mb < 1:
                 raise ValueError(f"micro_batch must be a positive integer or 'auto', got {mb!r}")
             set_("micro_batch", int(mb))
+        bg = self.backward_group
+        if bg != "auto":
+            if isinstance(bg, bool) or not isinstance(bg, (int, float)) or int(bg) != bg or bg < 1:
+                raise ValueError(f"backward_group must be a positive integer or 'auto', got "
+                                 f"{bg!r}")
+            set_("backward_group", int(bg))
         if self.memory_budget_gib is not None:
             set_("memory_budget_gib", _check_number("memory_budget_gib", self.memory_budget_gib,
                                                     positive=True))

@@ -6,8 +6,9 @@ One turn (``UltraEditor.edit(requests)``), for requests ``(prompt, target)``:
    next token) is a target token; micro-batches of ``micro_batch`` requests (or ``"auto"``),
    run by length when that pads fewer tokens (``ultraedit.turn.bucket_order``; the loss
    weights keep the given order's groups, the captured rows are put back in its order).
-2. **Capture**: per micro-batch a forward, the mean cross-entropy over its answer tokens (the
-   paper's loss; ``"auto"``: ``ultraedit.batching``) and a backward. Hooks take, for every
+2. **Capture**: per micro-batch a forward and the mean cross-entropy over its answer tokens (the
+   paper's loss; ``"auto"``: ``ultraedit.batching``), a backward per ``backward_group`` of
+   micro-batches (the same gradients: ``ultraedit.batching``). Hooks take, for every
    edited module ``m`` (d_in -> d_out), its inputs ``K_m`` (n x d_in) and the gradients of the loss w.r.t.
    its outputs ``G_m`` (n x d_out) at the answer positions (or at the subject's last token,
    ``positions="subject"``); no weight gradient is computed.
@@ -33,7 +34,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from ultraedit_kernels._profiling import nvtx_range
 
-from .batching import MicroBatchSizer, forward_backward, group_parts, request_order
+from .batching import (MicroBatchSizer, backward_group_size, group_parts,
+                       grouped_forward_backward, request_order)
 from .config import PAPER_MICRO_BATCH, EditConfig, resolve_config
 from .fact_keys import fact_keys
 from .hooks import CaptureSession, check_editable
@@ -127,9 +129,11 @@ class UltraEditor:
         steps_run = n_predicted = capture_bytes = 0
         keys: Dict[str, torch.Tensor] = {}
         applied: Dict[str, torch.Tensor] = {}
+        group = backward_group_size(self, reqs, batches)
         with self.journal.transaction(self.state):
             for step in range(cfg.steps):
-                parts, n_predicted, hold, first = self._capture(batches, meter, step == 0)
+                parts, n_predicted, hold, first = self._capture(batches, group, meter,
+                                                                step == 0)
                 if step == 0:  # the report's loss and tokens: before this turn's first update
                     loss, n_tokens = first
                 if cfg.hold_done and n_predicted == len(reqs):
@@ -155,34 +159,35 @@ class UltraEditor:
                           editor_s=turn_s - meter.fwd_bwd, turn_s=turn_s, peak_bytes=int(peak),
                           peak_source=source, capture_bytes=int(capture_bytes),
                           loss=loss / groups, modules=list(self.modules), steps_run=steps_run,
-                          n_predicted=n_predicted, micro_batch=batches[0]["labels"].shape[0])
+                          n_predicted=n_predicted, micro_batch=batches[0]["labels"].shape[0],
+                          backward_group=min(group, len(batches)))
 
-    def _capture(self, batches, meter: TurnMeter, first: bool):
-        """One forward/backward per micro-batch: ``(parts, n_predicted, hold, (loss, tokens))``
-        with ``parts[name]`` the micro-batches' ``(K, G)``, ``hold`` the rows of predicted
-        requests (N bool, ``hold_done``; None when none is) and, on the first step, the summed
-        micro-batch losses and the number of answer tokens."""
+    def _capture(self, batches, size: int, meter: TurnMeter, first: bool):
+        """A forward per micro-batch, a backward per ``size`` of them (``ultraedit.batching``):
+        ``(parts, n_predicted, hold, (loss, tokens))`` with ``parts[name]`` the micro-batches'
+        ``(K, G)``, ``hold`` the rows of predicted requests (N bool, ``hold_done``; None when
+        none is) and, on the first step, the summed micro-batch losses and the answer tokens."""
         parts: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in self.modules}
-        predictions, held, owners = [], [], []
-        loss_sum, n_tokens = 0.0, 0
+        predictions, held, owners, loss_sum, n_tokens = [], [], [], 0.0, 0
+        masks = [capture_mask(batch, self.config.positions) for batch in batches]
         with nvtx_range("ultraedit/capture"), CaptureSession(self.model, self.modules) as cap:
-            for batch in batches:
-                mask = capture_mask(batch, self.config.positions)
-                cap.set_mask(mask, batch["labels"] != -100)
-                if first:
-                    n_tokens += int((batch["labels"] != -100).sum())
-                loss, predicted = meter.run(
-                    lambda: forward_backward(self.model, batch))
-                if first:
-                    loss_sum += float(loss)
-                for name, kg in cap.pop().items():  # official: statistics per group of 10
-                    parts[name] += group_parts(kg, batch, mask)
-                predictions.append(predicted)
-                if self.config.hold_done:
-                    predicted = predicted.to(mask.device)
-                    held.append(predicted[:, None].expand(mask.shape)[mask])
-                if "request_index" in batch:  # forwards by length: rows back in turn order
-                    owners.append(batch["request_index"][:, None].expand(mask.shape)[mask])
+            for start in range(0, len(batches), size):
+                group = batches[start:start + size]
+                begin = lambda i, b: cap.set_mask(masks[start + i], b["labels"] != -100)  # noqa: E731
+                results = meter.run(lambda: grouped_forward_backward(self.model, group, begin))
+                frames = cap.pop_frames()
+                for batch, mask, (loss, predicted), kg in zip(group, masks[start:], results, frames):
+                    if first:
+                        n_tokens += int((batch["labels"] != -100).sum())
+                        loss_sum += float(loss)
+                    for name, pair in kg.items():  # official: statistics per group of 10
+                        parts[name] += group_parts(pair, batch, mask)
+                    predictions.append(predicted)
+                    if self.config.hold_done:
+                        predicted = predicted.to(mask.device)
+                        held.append(predicted[:, None].expand(mask.shape)[mask])
+                    if "request_index" in batch:  # forwards by length: rows back in turn order
+                        owners.append(batch["request_index"][:, None].expand(mask.shape)[mask])
         n_predicted = int(sum(p.sum() for p in predictions))  # one sync per step
         hold = torch.cat(held) if self.config.hold_done and n_predicted else None
         if owners:

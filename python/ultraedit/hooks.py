@@ -35,15 +35,16 @@ from .backward_rows import LinearRowsBackward, MaskRows, backward_span
 __all__ = ["CaptureSession", "check_editable"]
 
 
-class _Slot:
-    """Per-module storage for one micro-batch."""
+class _Frame:
+    """One forward's captured positions and, per module, its keys and output gradients."""
 
-    __slots__ = ("keys", "grads", "calls")
+    __slots__ = ("rows", "keys", "grads", "calls")
 
-    def __init__(self):
-        self.keys: Optional[torch.Tensor] = None
-        self.grads: Optional[torch.Tensor] = None
-        self.calls = 0
+    def __init__(self, rows: MaskRows):
+        self.rows = rows
+        self.keys: Dict[str, torch.Tensor] = {}
+        self.grads: Dict[str, torch.Tensor] = {}
+        self.calls: Dict[str, int] = {}
 
 
 class CaptureSession:
@@ -57,17 +58,20 @@ class CaptureSession:
             loss.backward()
             kg = cap.pop()          # {"name": (K (n x d_in), G (n x d_out))}, detached
 
+    Several forwards may run before one backward (``ultraedit.batching.grouped_forward_backward``):
+    each ``set_mask`` starts a forward's frame, each frame keeps its own positions, and
+    :meth:`pop_frames` gives the frames' captures in order.
+
     Captured tensors keep the activation dtype and device of their module.
     """
 
     def __init__(self, model: nn.Module, modules: Dict[str, nn.Module], rows_backward: bool = True):
         self.model = model
         self.modules = dict(modules)
-        self._slots = {name: _Slot() for name in self.modules}
+        self._frames: List[_Frame] = []
         self._handles: List = []
         self._saved_flags: List[Tuple[torch.nn.Parameter, bool]] = []
         self._saved_training: Optional[bool] = None
-        self._captured: Optional[MaskRows] = None     # the captured positions
         self._rows_backward: Optional[LinearRowsBackward] = None
         if rows_backward:
             get_out = getattr(model, "get_output_embeddings", None)
@@ -110,23 +114,22 @@ class CaptureSession:
 
     # ------------------------------------------------------------------ capture
     def set_mask(self, mask: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> int:
-        """Set the captured positions ``mask`` (B x L bool) for the next forward; returns the
-        number of rows. ``loss_mask`` (B x L bool, default ``mask``): the positions with a loss,
-        which bound the backward's span (:func:`ultraedit.backward_rows.backward_span`)."""
+        """Set the captured positions ``mask`` (B x L bool) of the next forward (a new frame;
+        the frames of earlier forwards stay until :meth:`pop`); returns the number of rows.
+        ``loss_mask`` (B x L bool, default ``mask``): the positions with a loss, which bound the
+        backward's span (:func:`ultraedit.backward_rows.backward_span`)."""
         for what, m in (("mask", mask), ("loss_mask", loss_mask)):
             if m is not None and (m.dim() != 2 or m.dtype != torch.bool or m.shape != mask.shape):
                 raise ValueError(f"{what} must be a 2-D bool tensor of the mask's shape, got "
                                  f"{tuple(m.shape)} {m.dtype}")
         if self._rows_backward is not None:
             self._rows_backward.set_span(backward_span(mask, loss_mask))
-        self._captured = MaskRows(mask)
-        for slot in self._slots.values():
-            slot.keys = slot.grads = None
-            slot.calls = 0
-        return self._captured.count
+        frame = _Frame(MaskRows(mask))
+        self._frames.append(frame)
+        return frame.rows.count
 
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self._captured
+    @staticmethod
+    def _rows(rows: MaskRows, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[:2]) != rows.shape:
             raise RuntimeError(f"activation of shape {tuple(x.shape)} does not match the answer "
                                f"mask {rows.shape} (batch x length)")
@@ -134,44 +137,57 @@ class CaptureSession:
         return x.reshape(-1, x.shape[-1]).index_select(0, rows.on(x.device))
 
     def _make_hook(self, name: str):
-        slot = self._slots[name]
-
         def forward_hook(module, inputs, output):
-            if self._captured is None:
+            if not self._frames:
                 raise RuntimeError("CaptureSession.set_mask() must be called before the forward")
-            slot.calls += 1
-            if slot.calls > 1:
+            frame = self._frames[-1]
+            calls = frame.calls[name] = frame.calls.get(name, 0) + 1
+            if calls > 1:
                 raise RuntimeError(f"module {name!r} ran twice in one forward; an edited module "
                                    f"must be called once per forward")
             x = inputs[0] if isinstance(inputs, tuple) else inputs
-            slot.keys = self._rows(x.detach())
+            frame.keys[name] = self._rows(frame.rows, x.detach())
             out = output[0] if isinstance(output, tuple) else output
             if not out.requires_grad:
                 # Earliest edited module: its output starts the graph (a leaf; no weight grads).
                 out.requires_grad_(True)
 
             def grad_hook(grad):
-                slot.grads = self._rows(grad.detach())
+                frame.grads[name] = self._rows(frame.rows, grad.detach())
 
             out.register_hook(grad_hook)
             return None
 
         return forward_hook
 
-    def pop(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-        """Return ``{name: (K, G)}`` of the last forward+backward and clear the slots."""
-        result = {}
-        for name, slot in self._slots.items():
-            if slot.keys is None:
-                raise RuntimeError(f"module {name!r} was not called in the forward (is it part "
-                                   f"of this model's computation?)")
-            if slot.grads is None:
-                raise RuntimeError(f"no gradient reached module {name!r}: the loss does not "
-                                   f"depend on its output")
-            result[name] = (slot.keys, slot.grads)
-            slot.keys = slot.grads = None
-            slot.calls = 0
+    def pop_frames(self) -> List[Dict[str, Tuple[torch.Tensor, torch.Tensor]]]:
+        """``[{name: (K, G)}]``, one per forward since the last pop, in order; clears them."""
+        frames, self._frames = self._frames, []
+        result = []
+        for frame in frames:
+            kg = {}
+            for name in self.modules:
+                if name not in frame.keys:
+                    raise RuntimeError(f"module {name!r} was not called in the forward (is it "
+                                       f"part of this model's computation?)")
+                if name not in frame.grads:
+                    raise RuntimeError(f"no gradient reached module {name!r}: the loss does not "
+                                       f"depend on its output")
+                kg[name] = (frame.keys[name], frame.grads[name])
+            result.append(kg)
         return result
+
+    def pop(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """``{name: (K, G)}`` of the forwards+backward since the last pop (the frames' rows
+        concatenated in order) and clear them."""
+        frames = self.pop_frames()
+        if not frames:
+            raise RuntimeError("CaptureSession.pop(): nothing was captured (call set_mask() "
+                               "and run a forward and backward first)")
+        if len(frames) == 1:
+            return frames[0]
+        return {name: (torch.cat([f[name][0] for f in frames]),
+                       torch.cat([f[name][1] for f in frames])) for name in self.modules}
 
 
 def check_editable(model: nn.Module, modules: Dict[str, nn.Module], device) -> None:

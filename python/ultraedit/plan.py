@@ -270,7 +270,7 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
               preserved_rows: int = 0, steps: int = 1, whiten: float = 0.0,
               attn_implementation: Optional[str] = None,
               act_dtype=None, logit_columns: Optional[int] = None,
-              delta_device: Optional[str] = None) -> TurnPlan:
+              delta_device: Optional[str] = None, backward_group: int = 1) -> TurnPlan:
     """Predict the peak memory of one turn (see the module docstring).
 
     Args:
@@ -296,12 +296,18 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
         delta_device: ``"cpu"`` when the editor keeps base, delta and history off the device
             (``UltraEditor(delta_device="cpu")``): those items are listed as ``host`` and not
             counted in the device's peak.
+        backward_group: micro-batches that share one backward (``EditConfig.backward_group``):
+            their activations and answer logits are alive at once. Each is counted at a
+            micro-batch's peak, transient tensors included: an upper bound (measured 1.0-1.5x
+            the allocator's peak, ``tests/test_plan.py``).
     """
     from .modules import module_dims, paper_module_names, resolve_modules
 
     if int(edits) != edits or edits < 1 or int(micro_batch) != micro_batch or micro_batch < 1:
         raise ValueError(f"edits and micro_batch must be positive integers, got {edits!r}, "
                          f"{micro_batch!r}")
+    if int(backward_group) != backward_group or backward_group < 1:
+        raise ValueError(f"backward_group must be a positive integer, got {backward_group!r}")
     cfg = load_config(config)
     dname = _dtype_name(dtype)
     aname = _dtype_name(act_dtype) if act_dtype is not None else dname
@@ -325,6 +331,7 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
     N = max(1, round(int(edits) * n_req_rows))
     B = min(int(micro_batch), int(edits))
     n_mb = -(-int(edits) // int(micro_batch))
+    group = min(int(backward_group), n_mb)   # micro-batches alive at once
     L = int(seq_len)
     T = B * L
 
@@ -360,10 +367,10 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
             first_part = 2 * mlp_part // 3      # gate's output for act's gradient, up's output
         else:
             first_part = mlp_part if is_mlp else per_token_layer
-    saved = T * (kept_layers * per_token_layer + first_part + 4 * h + 4)
+    saved = group * T * (kept_layers * per_token_layer + first_part + 4 * h + 4)
     if logit_columns is None:
         logit_columns = 2 * math.ceil(float(answer_tokens))
-    logit_cols = B * min(L, max(1, int(logit_columns)))
+    logit_cols = group * B * min(L, max(1, int(logit_columns)))
     logits = logit_cols * vocab * (2 * e + 8)
     backward_ws = T * (e * h * 2 + e * inter * 3)
 
@@ -425,7 +432,9 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
     fb = [
         # the backward frees the logits' tensors before it reaches the layers' working set
         PlanItem("activations", saved + max(logits, backward_ws),
-                 f"one micro-batch of {B} x {L} tokens: kept by autograd from "
+                 (f"one micro-batch of {B} x {L} tokens" if group == 1 else
+                  f"{group} micro-batches of {B} x {L} tokens (one backward)")
+                 + f": kept by autograd from "
                  f"{names[0]} on ({kept_layers} whole layers) {saved / MiB:.0f} MiB, logits of "
                  f"{logit_cols} answer rows {logits / MiB:.0f} MiB or the backward's working set "
                  f"{backward_ws / MiB:.0f} MiB, whichever is larger", "forward/backward"),

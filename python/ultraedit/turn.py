@@ -74,6 +74,7 @@ class TurnReport:
     a process's resident memory grows by more. ``capture_bytes``: the largest step's captured
     keys and gradients plus its solved factors. ``micro_batch``: requests per forward pass (the
     last one may hold fewer); with ``micro_batch="auto"`` the size the memory budget allowed.
+    ``backward_group``: micro-batches per backward (``ultraedit.batching.backward_group_size``).
     """
 
     turn: int
@@ -91,6 +92,7 @@ class TurnReport:
     steps_run: int = 1
     n_predicted: int = 0
     micro_batch: int = 0
+    backward_group: int = 1
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
