@@ -203,30 +203,28 @@ def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begi
                         f"(batch, length, hidden) states of the forward, so its batches cannot "
                         f"share one vocabulary projection; use backward_group=1 (one backward per "
                         f"micro-batch)")
-            logits = out[0]
+            logits = out.reshape(-1, out.shape[-1])    # a view: no zero-filled gradient
         finally:
             handle.remove()
         rows = logits if logits.dtype == torch.float64 else logits.float()
-        losses, outputs, start = [], [], 0
-        for batch, mask in zip(batches, masks):
-            n = int(pending[len(outputs)].shape[0])
-            part = rows[start:start + n]
-            start += n
+        # the cross-entropy batch by batch on a split of the rows: cache-sized pieces, and the
+        # split's backward concatenates their gradients (a slice's would zero-fill all rows)
+        sizes = [int(block.shape[0]) for block in pending]
+        losses, predicted = [], []
+        for batch, mask, part in zip(batches, masks, rows.split(sizes)):
             target = batch["labels"][mask].to(part.device)
             ce = F.cross_entropy(part, target, reduction="none")
             if "loss_weight" in batch:
-                owner = mask.nonzero()[:, 0].to(part.device)
-                loss = (ce * batch["loss_weight"].to(ce)[owner]).sum()
+                owner = mask.nonzero()[:, 0].to(ce.device)   # the request of each answer row
+                losses.append((ce * batch["loss_weight"].to(ce)[owner]).sum())
             else:
-                loss = _column_mean(ce, mask)
-            losses.append(loss)
-            outputs.append((part, target, mask))
+                losses.append(_column_mean(ce, mask))
+            predicted.append(_predicted(part, target, mask))
         total = losses[0]
         for loss in losses[1:]:
             total = total + loss.to(total.device)
         total.backward()
-    return [(loss.detach(), _predicted(part, target, mask))
-            for loss, (part, target, mask) in zip(losses, outputs)]
+    return [(loss.detach(), p) for loss, p in zip(losses, predicted)]
 
 
 def backward_group_size(editor, reqs, batches: List[Dict[str, torch.Tensor]]) -> int:
@@ -234,7 +232,8 @@ def backward_group_size(editor, reqs, batches: List[Dict[str, torch.Tensor]]) ->
     ``config.backward_group`` when it is a number; with ``"auto"``, on a model whose parameters
     are all on the CPU, the largest of the turn's forwards, half of them, a quarter, ... whose
     activations are predicted to fit the memory budget (:func:`ultraedit.plan.plan_turn` with
-    that ``backward_group``; it pads every forward to the longest request), else 1. On
+    that ``backward_group``; it pads every forward to the longest request; planned once per
+    shape of turn and budget), else 1. On
     other devices 1: the gain is the CPU's (a vocabulary projection of 17 rows runs at half the
     FLOP rate of one of 170, ``experiments/turn_speed.md``), a GPU's was not measured."""
     group = editor.config.backward_group
@@ -242,21 +241,30 @@ def backward_group_size(editor, reqs, batches: List[Dict[str, torch.Tensor]]) ->
         return group
     if len(batches) < 2 or any(p.device.type != "cpu" for p in editor.model.parameters()):
         return 1
-    from .plan import request_lengths
+    from .plan import request_shape
 
+    # each request's (prompt, target) tokens from its batch: P + T - 1 positions, T labels
+    answers = torch.cat([(b["labels"] != -100).sum(1) for b in batches]).tolist()
+    spans = torch.cat([b["attention_mask"].sum(1) for b in batches]).tolist()
+    lengths = [(n - t + 1, t) for n, t in zip(spans, answers)]
     per_forward = batches[0]["labels"].shape[0]
     try:
-        sizer = editor.sizer or MicroBatchSizer(editor)
-        lengths = request_lengths(editor.tokenizer, reqs)
         budget = memory_budget(editor.model, editor.config)
-        group = len(batches)
-        while group > 1:
-            if sizer.plan(reqs, lengths, per_forward, budget, backward_group=group).fits:
-                return group
-            group = (group + 1) // 2 if group > 2 else 1
+        shape = request_shape(None, reqs, per_forward, lengths)
+        # the plan depends on the turn only through its shape: turns alike are planned once
+        key = (len(batches), per_forward, *sorted(shape.items()), budget >> 26)
+        cache = editor.__dict__.setdefault("_backward_group_plans", {})
+        if key not in cache:
+            sizer = editor.sizer or MicroBatchSizer(editor)
+            cache[key], group = 1, len(batches)
+            while group > 1:
+                if sizer.plan(reqs, lengths, per_forward, budget, backward_group=group).fits:
+                    cache[key] = group
+                    break
+                group = (group + 1) // 2 if group > 2 else 1
+        return cache[key]
     except Exception:  # noqa: BLE001 (an architecture the plan does not know: the paper's loop)
         return 1
-    return 1
 
 
 def group_parts(kg: Tuple[torch.Tensor, torch.Tensor], batch: Dict[str, torch.Tensor],
