@@ -185,3 +185,20 @@ def test_builtin_configs_and_cli(capsys, tmp_path):
     assert main(["--config", "no-such-model"]) == 2
     assert "neither a built-in name" in capsys.readouterr().err
     assert main(["--config", "mistral-7b", "--modules", "nope.layer"]) == 2
+
+
+def test_a_shared_backward_counts_the_groups_activations(capsys):
+    """``--backward-group G`` (``plan_turn(backward_group=G)``): G micro-batches' activations
+    and answer logits at once; more than the turn has counts as the turn's; 0 is refused."""
+    def activations(*extra):
+        assert main(["--config", "smollm2-135m", "--dtype", "fp32", "--edits", "100", "--json",
+                     *extra]) == 0
+        items = json.loads(capsys.readouterr().out)["items"]
+        return next(i["bytes"] for i in items if i["name"] == "activations")
+
+    one, four, ten = activations(), activations("--backward-group", "4"), activations(
+        "--backward-group", "10")
+    assert one < four < ten and ten == pytest.approx(10 * one, rel=0.05)
+    assert activations("--backward-group", "50") == ten
+    assert main(["--config", "smollm2-135m", "--backward-group", "0"]) == 2
+    assert "backward_group must be a positive integer" in capsys.readouterr().err

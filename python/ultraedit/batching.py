@@ -66,6 +66,15 @@ def forward_backward(model, batch: Dict[str, torch.Tensor]):
     return loss.detach(), _predicted(rows, target, mask)
 
 
+def _batch_loss(ce: torch.Tensor, batch: Dict[str, torch.Tensor], mask: torch.Tensor):
+    """A batch's own loss from its answer rows' cross-entropies ``ce`` (n, row-major in
+    ``mask``): ``Σ_r w_r Σ_{t∈r} CE_t`` with ``batch["loss_weight"]``, else the paper's mean."""
+    if "loss_weight" in batch:
+        owner = mask.nonzero()[:, 0].to(ce.device)          # the request of each answer row
+        return (ce * batch["loss_weight"].to(ce)[owner]).sum()
+    return _column_mean(ce, mask)
+
+
 def _column_mean(ce: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``(1/n) Σ_t CE_t`` of the answer rows' ``ce`` (n), summed in the order and grouping of
     ``F.cross_entropy(logits[:, cols].flatten(0, 1), labels[:, cols].flatten(),
@@ -132,9 +141,7 @@ def weighted_forward_backward(model, batch: Dict[str, torch.Tensor]):
     with torch.enable_grad():
         rows = answer_logits(model, batch, mask)
         target = labels[mask].to(rows.device)
-        owner = mask.nonzero()[:, 0].to(rows.device)       # the request of each answer row
-        ce = F.cross_entropy(rows, target, reduction="none")
-        loss = (ce * batch["loss_weight"].to(ce)[owner]).sum()
+        loss = _batch_loss(F.cross_entropy(rows, target, reduction="none"), batch, mask)
         loss.backward()
     return loss.detach(), _predicted(rows, target, mask)
 
@@ -158,9 +165,9 @@ def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begi
     ``CaptureSession.set_mask``). The batches' activations stay alive until the backward: the
     memory of one forward of all their requests, less padding.
 
-    One batch is :func:`forward_backward` itself. Raises RuntimeError if the model does not
-    call its output embedding on ``(B, L, h)`` hidden states (then only
-    :func:`forward_backward`, batch by batch, applies)."""
+    One batch is :func:`forward_backward` itself. A model that does not call its output
+    embedding on the ``(B, L, h)`` hidden states (or has none) runs its batches one by one with
+    :func:`forward_backward`, the same result, and a warning."""
     if len(batches) == 1:
         if begin is not None:
             begin(0, batches[0])
@@ -168,9 +175,7 @@ def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begi
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if head is None:
-        raise RuntimeError(f"{type(model).__name__} has no output embedding "
-                           f"(get_output_embeddings()): its micro-batches cannot share one vocabulary "
-                           f"projection; use backward_group=1 (one backward per micro-batch)")
+        return _one_by_one(model, batches, begin, 0)
     masks = [b["labels"] != -100 for b in batches]
     pending: List[torch.Tensor] = []
     current = {"index": None, "mask": None, "fired": False, "last": False}
@@ -186,7 +191,6 @@ def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begi
             return (rows[:0].unsqueeze(0),) + tuple(args[1:])   # projected at the last batch
         return (torch.cat(pending).unsqueeze(0),) + tuple(args[1:])
 
-    logits = None
     with torch.enable_grad():
         handle = head.register_forward_pre_hook(gather)
         try:
@@ -198,11 +202,19 @@ def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begi
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             use_cache=False).logits
                 if not current["fired"]:
-                    raise RuntimeError(
-                        f"{type(model).__name__} did not call its output embedding on the "
-                        f"(batch, length, hidden) states of the forward, so its batches cannot "
-                        f"share one vocabulary projection; use backward_group=1 (one backward per "
-                        f"micro-batch)")
+                    if i > 0:
+                        raise RuntimeError(f"{type(model).__name__} called its output embedding "
+                                           f"on the hidden states of one forward and not of "
+                                           f"another; use backward_group=1")
+                    handle.remove()   # its logits are whole: this batch alone, then the rest
+                    rows = out[mask.to(out.device)]
+                    rows = rows if rows.dtype == torch.float64 else rows.float()
+                    target = batch["labels"][mask].to(rows.device)
+                    loss = _batch_loss(F.cross_entropy(rows, target, reduction="none"), batch,
+                                       mask)
+                    loss.backward()
+                    first = (loss.detach(), _predicted(rows, target, mask))
+                    return [first] + _one_by_one(model, batches, begin, 1)
             logits = out.reshape(-1, out.shape[-1])    # a view: no zero-filled gradient
         finally:
             handle.remove()
@@ -213,18 +225,29 @@ def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begi
         losses, predicted = [], []
         for batch, mask, part in zip(batches, masks, rows.split(sizes)):
             target = batch["labels"][mask].to(part.device)
-            ce = F.cross_entropy(part, target, reduction="none")
-            if "loss_weight" in batch:
-                owner = mask.nonzero()[:, 0].to(ce.device)   # the request of each answer row
-                losses.append((ce * batch["loss_weight"].to(ce)[owner]).sum())
-            else:
-                losses.append(_column_mean(ce, mask))
+            losses.append(_batch_loss(F.cross_entropy(part, target, reduction="none"), batch,
+                                      mask))
             predicted.append(_predicted(part, target, mask))
         total = losses[0]
         for loss in losses[1:]:
             total = total + loss.to(total.device)
         total.backward()
     return [(loss.detach(), p) for loss, p in zip(losses, predicted)]
+
+
+def _one_by_one(model, batches, begin, start: int):
+    """:func:`forward_backward` of ``batches[start:]``, one by one (a model whose output
+    embedding the shared projection cannot use); warns once per process and call site."""
+    warnings.warn(f"{type(model).__name__} does not call its output embedding "
+                  f"(get_output_embeddings()) on the hidden states of a forward, so its "
+                  f"micro-batches cannot share one vocabulary projection: one backward per "
+                  f"micro-batch (backward_group=1)", stacklevel=3)
+    out = []
+    for i in range(start, len(batches)):
+        if begin is not None:
+            begin(i, batches[i])
+        out.append(forward_backward(model, batches[i]))
+    return out
 
 
 def backward_group_size(editor, reqs, batches: List[Dict[str, torch.Tensor]]) -> int:

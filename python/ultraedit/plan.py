@@ -527,6 +527,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="edited modules (names, globs, re:...); default: the paper's")
     p.add_argument("--edits", type=int, default=100, help="requests per turn (default 100)")
     p.add_argument("--micro-batch", type=int, default=10, help="requests per forward/backward")
+    p.add_argument("--backward-group", type=int, default=1,
+                   help="micro-batches per backward (EditConfig.backward_group; 'auto' uses all "
+                        "of a turn's that fit on a CPU, 1 elsewhere; default 1)")
     p.add_argument("--budget-gib", type=float, default=24.0, help="memory budget (default 24)")
     p.add_argument("--answer-tokens", type=float, default=4, help="answer tokens per request")
     p.add_argument("--seq-len", type=int, default=32, help="padded tokens per request")
@@ -555,7 +558,7 @@ def run(args: argparse.Namespace, prog: str = "ultraedit plan") -> int:
                          answer_tokens=args.answer_tokens, seq_len=args.seq_len,
                          history=args.history, memory=args.memory, preserve=args.preserve,
                          preserved_rows=args.preserved_rows, whiten=args.whiten,
-                         delta_device=args.delta_device)
+                         delta_device=args.delta_device, backward_group=args.backward_group)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
