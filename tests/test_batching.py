@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 
+from _same_turns import assert_same, fact_requests, recording
 from conftest import ue_tiny_model
 from ultraedit import EditConfig, UltraEditor
 from ultraedit.batching import MicroBatchSizer, memory_budget, weighted_forward_backward
@@ -14,35 +15,9 @@ from ultraedit.tokenization import encode_edit_batch
 
 MODULES = {"llama": ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.up_proj"],
            "gpt2": ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_proj"]}
-FACTS = [("The capital of France is", "Rome", "France"),
-         ("The capital of Germany is", "Madrid, a large city", "Germany"),
-         ("The capital of Italy is", "Berlin", "Italy"),
-         ("The official language of Peru is", "Japanese", "Peru"),
-         ("Paris is in", "Japan and Peru", "Paris"),
-         ("The capital of Spain is", "Tokyo", "Spain"),
-         ("The currency of Japan is the", "euro", "Japan"),
-         ("Berlin is in", "Italy", "Berlin")]
-F64 = dict(rtol=1e-10, atol=1e-12)
 pytestmark = pytest.mark.filterwarnings("ignore:edit requests carry subjects",
                                         "ignore:prompt .* targets in one turn")
-
-
-def _requests(n):
-    return [dict(prompt=p, target=t, subject=s) for p, t, s in (FACTS * 8)[:n]]
-
-
-def _recording(editor):
-    """Record every step's stacked keys and gradients (the rows the solver gets)."""
-    rows, inner = [], editor._rows
-
-    def rows_(parts):
-        keys, grads = inner(parts)
-        rows.append(({n: k.clone() for n, k in keys.items()},
-                     {n: g.clone() for n, g in grads.items()}))
-        return keys, grads
-
-    editor._rows = rows_
-    return rows
+_requests, _recording = fact_requests, recording
 
 
 def _pair(kind, tok, **kw):
@@ -57,24 +32,7 @@ def _pair(kind, tok, **kw):
     return eds
 
 
-def _assert_same(ref, auto, rows_ref, rows_auto, reports):
-    assert len(rows_ref) == len(rows_auto) > 0
-    for (k1, g1), (k2, g2) in zip(rows_ref, rows_auto):
-        for n in k1:
-            torch.testing.assert_close(k2[n], k1[n], **F64)
-            torch.testing.assert_close(g2[n], g1[n], **F64)
-    for key, st in ref.stats.items():
-        other = auto.stats[key]
-        assert float(other.count) == float(st.count)
-        torch.testing.assert_close(other.mean, st.mean, **F64)
-        torch.testing.assert_close(other.m2, st.m2, **F64)
-    for n, m in ref.modules.items():
-        torch.testing.assert_close(auto.modules[n].weight, m.weight, rtol=1e-12, atol=1e-14)
-    assert any(not torch.equal(m.weight, ref.journal.base[n]) for n, m in ref.modules.items())
-    for r1, r2 in reports:
-        assert (r1.n_tokens, r1.steps_run, r1.n_predicted) == (r2.n_tokens, r2.steps_run,
-                                                              r2.n_predicted)
-        assert r2.loss == pytest.approx(r1.loss, rel=1e-12)
+_assert_same = assert_same
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
