@@ -103,8 +103,13 @@ def test_cpu_smoke_turns_against_the_paper_path(tmp_path):
         for f in ("turn_s", "fwd_bwd_s", "edits_per_s", "throughput_gain_vs_10",
                   "fwd_bwd_gain_vs_10", "peak_ratio_vs_10", "plan_vs_measured"):
             assert _finite(a[f]) and a[f] > 0, (t["step"], f)
+        g = t["grouped"]    # one backward for the turn's micro-batches of 10
+        assert g["backward_group"] == -(-t["edits"] // 10) and g["rounds"] == 2, (t["step"], g)
+        for f in ("turn_s", "fwd_bwd_s", "throughput_gain_vs_10", "peak_ratio_vs_10"):
+            assert _finite(g[f]) and g[f] > 0, (t["step"], f)
     md = (tmp_path / "acceptance.md").read_text()
     assert "## One lifelong turn" in md and 'micro_batch="auto" beside' in md
+    assert "One backward for the turn's micro-batches" in md
 
 
 def test_failed_and_overrunning_steps_are_recorded(tmp_path):
