@@ -124,6 +124,20 @@ def test_a_backend_that_disagrees_is_never_chosen(monkeypatch):
     assert "cuda" in result["rejected"] and "cuda" not in result["seconds"]
 
 
+def test_a_ratio_near_the_threshold_gets_more_rounds():
+    """Within NEAR of 1 - MARGIN the choice turns on a few percent: measure_point times
+    EXTRA_ROUNDS more rounds there, and only there."""
+    threshold = 1.0 - calibration.MARGIN
+    near = calibration.near_threshold
+    assert near({"torch": 1.0, "cpp": threshold + 0.5 * calibration.NEAR})
+    assert near({"torch": 2.0, "cpp": 2.0 * (threshold - 0.5 * calibration.NEAR)})
+    assert not near({"torch": 1.0, "cpp": 0.5})
+    assert not near({"torch": 1.0, "cpp": 1.5, "triton": 0.6})
+    assert not near({"torch": 1.0}) and not near({"cpp": 0.95})
+    point = calibration.measure_point("spd_solve", "single", (8, 4), CPU, ["cpp"], rounds=1)
+    assert point["rounds"] in (2, 2 + calibration.EXTRA_ROUNDS)
+
+
 def test_import_and_info_never_calibrate(tmp_path):
     env = {**ENV, "XDG_CACHE_HOME": str(tmp_path), "ULTRAEDIT_CALIBRATION": "auto"}
     code = ("import torch, ultraedit_kernels, ultraedit_kernels.info as i; "
