@@ -764,6 +764,19 @@ def _x(v):
     return _f(v, "{:.2f}x")
 
 
+def _beside_rows(rep: Dict[str, Any], key: str, cells: Callable, columns: int) -> List[str]:
+    """One table row per turn step for the variant ``key`` beside the 10-request turn: the
+    model, then ``cells(turn, variant)``, or why the variant did not run."""
+    rows = []
+    for r in rep["turns"]:
+        v = r.get(key) or {}
+        if "turn_s" not in v:
+            rows.append(f"| {r['model']} | {v.get('skipped', 'not run')} |" + "  |" * (columns - 2))
+        else:
+            rows.append(f"| {r['model']} ({r['dtype']}) | {cells(r, v)} |")
+    return rows
+
+
 def markdown(rep: Dict[str, Any]) -> str:
     env = rep.get("env", {})
     v = rep.get("versions", {})
@@ -844,34 +857,23 @@ def markdown(rep: Dict[str, Any]) -> str:
                   "| model | auto micro-batch | turn s (10) | throughput gain | fwd+bwd gain | "
                   "edits/s (10) | peak GiB (10) | plan GiB / measured |",
                   "|---|---|---|---|---|---|---|---|"]
-        for r in rep["turns"]:
-            a = r.get("auto") or {}
-            if "turn_s" not in a:
-                lines.append(f"| {r['model']} | {a.get('skipped', 'not run')} |  |  |  |  |  |  |")
-                continue
-            lines.append(
-                f"| {r['model']} ({r['dtype']}) | {a['micro_batch']} | {a['turn_s']:.3f} "
-                f"({r['editor']['turn_s']:.3f}) | {_x(a['throughput_gain_vs_10'])} | "
-                f"{_x(a['fwd_bwd_gain_vs_10'])} | {a['edits_per_s']:.1f} ({a['edits_per_s_10']:.1f}) | "
-                f"{a['peak_bytes'] / gib:.3f} ({r['editor']['peak_bytes'] / gib:.3f}) | "
-                f"{_f(a['plan_bytes'] / gib if a['plan_bytes'] else None)} / "
-                f"{_x(a['plan_vs_measured'])} |")
+        lines += _beside_rows(rep, "auto", lambda r, a: (
+            f"{a['micro_batch']} | {a['turn_s']:.3f} ({r['editor']['turn_s']:.3f}) | "
+            f"{_x(a['throughput_gain_vs_10'])} | {_x(a['fwd_bwd_gain_vs_10'])} | "
+            f"{a['edits_per_s']:.1f} ({a['edits_per_s_10']:.1f}) | "
+            f"{a['peak_bytes'] / gib:.3f} ({r['editor']['peak_bytes'] / gib:.3f}) | "
+            f"{_f(a['plan_bytes'] / gib if a['plan_bytes'] else None)} / "
+            f"{_x(a['plan_vs_measured'])}"), 8)
         lines += ["", "### One backward for the turn's micro-batches beside the 10-request turn", "",
                   "The same editor settings with `backward_group` = the turn's micro-batches of 10: "
                   "one vocabulary projection and one backward for all of them (the same "
                   "gradients; `auto` keeps 1 off the CPU until this is measured).", "",
                   "| model | group | turn s (10) | throughput gain | fwd+bwd gain | peak GiB (10) |",
                   "|---|---|---|---|---|---|"]
-        for r in rep["turns"]:
-            g = r.get("grouped") or {}
-            if "turn_s" not in g:
-                lines.append(f"| {r['model']} | {g.get('skipped', 'not run')} |  |  |  |  |")
-                continue
-            lines.append(
-                f"| {r['model']} ({r['dtype']}) | {g['backward_group']} | {g['turn_s']:.3f} "
-                f"({r['editor']['turn_s']:.3f}) | {_x(g['throughput_gain_vs_10'])} | "
-                f"{_x(g['fwd_bwd_gain_vs_10'])} | "
-                f"{g['peak_bytes'] / gib:.3f} ({r['editor']['peak_bytes'] / gib:.3f}) |")
+        lines += _beside_rows(rep, "grouped", lambda r, g: (
+            f"{g['backward_group']} | {g['turn_s']:.3f} ({r['editor']['turn_s']:.3f}) | "
+            f"{_x(g['throughput_gain_vs_10'])} | {_x(g['fwd_bwd_gain_vs_10'])} | "
+            f"{g['peak_bytes'] / gib:.3f} ({r['editor']['peak_bytes'] / gib:.3f})"), 6)
     return "\n".join(lines) + "\n"
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _same_turns import FACTS
 from conftest import ue_tiny_model
 from tolerances import SOLVE, rel_err
 
@@ -40,16 +41,7 @@ def golden_rtol(reports):
 LLAMA_MODULES = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.up_proj",
                  "model.layers.2.mlp.down_proj"]
 GPT2_MODULES = ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_proj"]
-REQUESTS = [
-    ("The capital of France is", "Rome", "France"),
-    ("The capital of Germany is", "Madrid, a large city", "Germany"),
-    ("The capital of Italy is", "Berlin", "Italy"),
-    ("The official language of Peru is", "Japanese", "Peru"),
-    ("Paris is in", "Japan and Peru", "Paris"),
-    ("The capital of Spain is", "Tokyo", "Spain"),
-    ("The currency of Japan is the", "euro", "Japan"),
-    ("Berlin is in", "Italy", "Berlin"),
-]
+REQUESTS = FACTS
 TURNS = [REQUESTS[0:5], REQUESTS[3:8]]
 SUBJECTS = ["France", "Spain", "New York", "Lima", "Kenya"]
 PAPER = dict(positions="answer", steps=1, hold_done=False, memory=0.0, preserve=0.0,

@@ -51,28 +51,33 @@ def forward_backward(model, batch: Dict[str, torch.Tensor]):
     which requests (B bool) the model already predicts (teacher-forced argmax equal to the
     target at every answer position). The paper's loss, the mean cross-entropy over the
     micro-batch's ``n`` answer tokens, ``L = (1/n) Σ_t CE_t`` (``F.cross_entropy`` of the
-    ``(n, V)`` answer rows), unless the batch carries ``loss_weight`` (``micro_batch="auto"``:
-    :func:`weighted_forward_backward`). Only the answer rows are projected to the vocabulary
-    (:func:`answer_logits`)."""
-    if "loss_weight" in batch:
-        return weighted_forward_backward(model, batch)
-    labels = batch["labels"]
-    mask = labels != -100
+    ``(n, V)`` answer rows), or with ``batch["loss_weight"]`` (``micro_batch="auto"``) the
+    weighted ``L = Σ_r w_r Σ_{t∈r} CE_t`` (:func:`weighted_forward_backward`). Only the answer
+    rows are projected to the vocabulary (:func:`answer_logits`)."""
+    mask = batch["labels"] != -100
     with torch.enable_grad():
-        rows = answer_logits(model, batch, mask)
-        target = labels[mask].to(rows.device)
-        loss = _column_mean(F.cross_entropy(rows, target, reduction="none"), mask)
+        loss, predicted = _answer_loss(answer_logits(model, batch, mask), batch, mask)
         loss.backward()
-    return loss.detach(), _predicted(rows, target, mask)
+    return loss.detach(), predicted
 
 
-def _batch_loss(ce: torch.Tensor, batch: Dict[str, torch.Tensor], mask: torch.Tensor):
-    """A batch's own loss from its answer rows' cross-entropies ``ce`` (n, row-major in
-    ``mask``): ``Σ_r w_r Σ_{t∈r} CE_t`` with ``batch["loss_weight"]``, else the paper's mean."""
+def _answer_loss(rows: torch.Tensor, batch: Dict[str, torch.Tensor], mask: torch.Tensor):
+    """``(L, predicted)`` of a batch from the logits of its answer rows (n x V, row-major in
+    ``mask``): ``L = Σ_r w_r Σ_{t∈r} CE_t`` with ``batch["loss_weight"]``, else the paper's
+    mean (:func:`_column_mean`); ``predicted`` as :func:`_predicted`."""
+    target = batch["labels"][mask].to(rows.device)
+    ce = F.cross_entropy(rows, target, reduction="none")
     if "loss_weight" in batch:
         owner = mask.nonzero()[:, 0].to(ce.device)          # the request of each answer row
-        return (ce * batch["loss_weight"].to(ce)[owner]).sum()
-    return _column_mean(ce, mask)
+        loss = (ce * batch["loss_weight"].to(ce)[owner]).sum()
+    else:
+        loss = _column_mean(ce, mask)
+    return loss, _predicted(rows, target, mask)
+
+
+def _float_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Logits for the loss: float32, float64 kept."""
+    return rows if rows.dtype == torch.float64 else rows.float()
 
 
 def _column_mean(ce: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -117,8 +122,7 @@ def answer_logits(model, batch: Dict[str, torch.Tensor], mask: torch.Tensor) -> 
     finally:
         if handle is not None:
             handle.remove()
-    rows = logits[0] if gathered else logits[mask.to(logits.device)]
-    return rows if rows.dtype == torch.float64 else rows.float()
+    return _float_rows(logits[0] if gathered else logits[mask.to(logits.device)])
 
 
 def _predicted(rows: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -136,14 +140,10 @@ def weighted_forward_backward(model, batch: Dict[str, torch.Tensor]):
     ``(L detached, predicted)``: which requests (B bool) the model already predicts
     (teacher-forced argmax equal to the target at every answer position). Only the answer
     rows are projected to the vocabulary (:func:`answer_logits`)."""
-    labels = batch["labels"]
-    mask = labels != -100
-    with torch.enable_grad():
-        rows = answer_logits(model, batch, mask)
-        target = labels[mask].to(rows.device)
-        loss = _batch_loss(F.cross_entropy(rows, target, reduction="none"), batch, mask)
-        loss.backward()
-    return loss.detach(), _predicted(rows, target, mask)
+    if "loss_weight" not in batch:
+        raise ValueError("weighted_forward_backward needs batch['loss_weight'] "
+                         "(ultraedit.turn.loss_weights)")
+    return forward_backward(model, batch)
 
 
 def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begin=None):
@@ -207,27 +207,19 @@ def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begi
                                            f"on the hidden states of one forward and not of "
                                            f"another; use backward_group=1")
                     handle.remove()   # its logits are whole: this batch alone, then the rest
-                    rows = out[mask.to(out.device)]
-                    rows = rows if rows.dtype == torch.float64 else rows.float()
-                    target = batch["labels"][mask].to(rows.device)
-                    loss = _batch_loss(F.cross_entropy(rows, target, reduction="none"), batch,
-                                       mask)
+                    loss, predicted = _answer_loss(_float_rows(out[mask.to(out.device)]), batch,
+                                                   mask)
                     loss.backward()
-                    first = (loss.detach(), _predicted(rows, target, mask))
-                    return [first] + _one_by_one(model, batches, begin, 1)
+                    return [(loss.detach(), predicted)] + _one_by_one(model, batches, begin, 1)
             logits = out.reshape(-1, out.shape[-1])    # a view: no zero-filled gradient
         finally:
             handle.remove()
-        rows = logits if logits.dtype == torch.float64 else logits.float()
+        rows = _float_rows(logits)
         # the cross-entropy batch by batch on a split of the rows: cache-sized pieces, and the
         # split's backward concatenates their gradients (a slice's would zero-fill all rows)
         sizes = [int(block.shape[0]) for block in pending]
-        losses, predicted = [], []
-        for batch, mask, part in zip(batches, masks, rows.split(sizes)):
-            target = batch["labels"][mask].to(part.device)
-            losses.append(_batch_loss(F.cross_entropy(part, target, reduction="none"), batch,
-                                      mask))
-            predicted.append(_predicted(part, target, mask))
+        losses, predicted = zip(*(_answer_loss(part, batch, mask)
+                                  for batch, mask, part in zip(batches, masks, rows.split(sizes))))
         total = losses[0]
         for loss in losses[1:]:
             total = total + loss.to(total.device)
