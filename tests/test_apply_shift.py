@@ -10,9 +10,10 @@ def _factors(n=19, d_in=31, d_out=23, seed=0):
     return torch.randn(n, d_in, generator=g) * 4, torch.randn(n, d_out, generator=g) * 1e-3
 
 
+@pytest.mark.parametrize("rows", [19, 1], ids=["rows19", "one_row"])   # one row: addr_ on the CPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_linear_and_conv1d_layouts(dtype):
-    keys, factors = _factors()
+def test_linear_and_conv1d_layouts(dtype, rows):
+    keys, factors = _factors(n=rows)
     delta = keys.double().T @ factors.double()            # d_in x d_out
     w_lin = (torch.randn(23, 31) * 0.1).to(dtype)
     w_conv = (torch.randn(31, 23) * 0.1).to(dtype)
