@@ -112,6 +112,10 @@ class EditConfig:
                          "(1 = the paper)")
     hold_done: bool = _opt(False, "rows of requests the model already predicts get "
                                   "pseudo-value 0; the turn ends when all hold")
+    recheck: int = _opt(0, "K >= 1 with hold_done and positions='subject': a step runs only "
+                           "the requests that did not hold at their last step, the held ones "
+                           "keep their last key, and every K-th step runs all (ultraedit.held; "
+                           "0 or 1 = every step runs every request)")
     positions: str = _opt("answer", "capture keys at the 'answer' positions (the paper) or at "
                                     "the last 'subject' token", choices=("answer", "subject"))
     memory: float = _opt(0.0, "nu >= 0 of the key memory nu*M of earlier turns' keys "
@@ -184,6 +188,13 @@ class EditConfig:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if not isinstance(self.hold_done, bool):
             raise ValueError(f"hold_done must be True or False, got {self.hold_done!r}")
+        rc = self.recheck
+        if isinstance(rc, bool) or not isinstance(rc, int) or rc < 0:
+            raise ValueError(f"recheck must be a non-negative integer, got {rc!r}")
+        if rc > 1 and not (self.hold_done and self.positions == "subject"
+                           and self.compat == "fixed" and not self.key_contexts):
+            warnings.warn("recheck has no effect without hold_done, with positions='answer', "
+                          "compat='official' or key_contexts", stacklevel=3)
         if self.accumulate not in ("auto", True, False):
             raise ValueError(f"accumulate must be 'auto', True or False, got {self.accumulate!r}")
         h = self.history

@@ -22,7 +22,8 @@ One turn (``UltraEditor.edit(requests)``), for requests ``(prompt, target)``:
    weights and state are restored bit for bit.
 
 ``steps > 1`` repeats 2-5 on the updated model within the same transaction; ``hold_done``
-zeroes the pseudo-values of requests the model already predicts and ends the turn when all do.
+zeroes the pseudo-values of requests the model already predicts and ends the turn when all do
+(``recheck``: held requests are not run again until a re-check step, ``ultraedit.held``).
 ``compat="official"`` reproduces the reference code: requests sorted by tokenized length
 (longest first) and statistics updated per micro-batch and module with its variance formula.
 """
@@ -38,6 +39,7 @@ from .batching import (MicroBatchSizer, backward_group_size, group_parts,
                        grouped_forward_backward, request_order)
 from .config import PAPER_MICRO_BATCH, EditConfig, resolve_config
 from .fact_keys import fact_keys
+from .held import HeldRows, recheck_every
 from .hooks import CaptureSession, check_editable
 from .modules import module_dims, module_layout, resolve_modules
 from .placement import weight_slots
@@ -100,14 +102,9 @@ class UltraEditor:
     stats = property(lambda self: self.state.stats, doc="``state.stats``: the normalizers.")
     preserved = property(lambda self: self.state.preserved, doc="``state.preserved``.")
 
-    @property
-    def turns(self) -> int:
-        """Committed turns (``state.turns``)."""
-        return self.state.turns
-
-    @turns.setter
-    def turns(self, value: int) -> None:
-        self.state.turns = int(value)
+    turns = property(lambda self: self.state.turns,
+                     lambda self, value: setattr(self.state, "turns", int(value)),
+                     doc="Committed turns (``state.turns``).")
 
     def stats_key(self, name: str) -> str:
         """The statistics a module uses: ``"shape:<d_in>x<d_out>"`` or ``"module:<name>"``."""
@@ -130,10 +127,12 @@ class UltraEditor:
         keys: Dict[str, torch.Tensor] = {}
         applied: Dict[str, torch.Tensor] = {}
         group = backward_group_size(self, reqs, batches)
+        held = HeldRows(len(reqs), recheck_every(cfg))  # recheck (ultraedit.held); 0: off
         with self.journal.transaction(self.state):
             for step in range(cfg.steps):
-                parts, n_predicted, hold, first = self._capture(batches, group, meter,
-                                                                step == 0)
+                run = held.batches(batches, step)
+                parts, n_predicted, hold, first = self._capture(run, group, meter, step == 0)
+                parts, n_predicted, hold = held.merge(parts, n_predicted, hold)
                 if step == 0:  # the report's loss and tokens: before this turn's first update
                     loss, n_tokens = first
                 if cfg.hold_done and n_predicted == len(reqs):
@@ -141,7 +140,7 @@ class UltraEditor:
                 keys, grads = self._rows(parts)
                 if cfg.key_contexts and cfg.positions == "subject":  # ultraedit.fact_keys
                     keys = fact_keys(self, reqs, keys, cfg.key_contexts)
-                self._update_stats(parts, keys, grads)
+                self._update_stats(*held.fresh_rows(parts, keys, grads))
                 updates = self._solve(keys, grads, hold, priors, subjects)
                 capture_bytes = max(capture_bytes, nbytes(keys, grads, updates))
                 with nvtx_range("ultraedit/apply"):
