@@ -112,7 +112,7 @@ class EditConfig:
                          "(1 = the paper)")
     hold_done: bool = _opt(False, "rows of requests the model already predicts get "
                                   "pseudo-value 0; the turn ends when all hold")
-    recheck: int = _opt(0, "K >= 1 with hold_done and positions='subject': a step runs only "
+    recheck: int = _opt(0, "K >= 2 with hold_done and positions='subject': a step runs only "
                            "the requests that did not hold at their last step, the held ones "
                            "keep their last key, and every K-th step runs all (ultraedit.held; "
                            "0 or 1 = every step runs every request)")

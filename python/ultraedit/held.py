@@ -9,6 +9,8 @@ since to the layers before its module) and pseudo-value 0, and it adds nothing t
 running statistics or gradient covariance (it has no new gradient). Every ``K``-th step of the
 turn (and its first) runs every request again: fresh keys, predictions checked again, and a
 request that no longer holds is edited again. ``K = 1`` is every step running every request.
+As with ``hold_done`` alone, the turn ends at a step where every request holds (a held one as
+it was last checked).
 
 Keys are captured at the subject (``positions="subject"``: one row per request and module),
 and ``compat="fixed"`` (statistics per step, not per micro-batch).
@@ -89,9 +91,9 @@ class HeldRows:
         """``(parts, n_predicted, hold)`` of every request from the step's own (rows of the
         requests it ran, in request order): held requests' rows are their last keys with
         zero gradients, and they count as predicted."""
-        ran = self.fresh
         if not self.every:
             return parts, n_predicted, hold
+        ran = self.fresh
         if ran is None:   # every request ran: remember their keys and predictions
             self.keys = {n: p[0][0] if len(p) == 1 else torch.cat([x[0] for x in p])
                          for n, p in parts.items()}
