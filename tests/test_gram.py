@@ -74,3 +74,16 @@ def test_the_op_and_its_fake_agree():
     keys, _ = realistic_features(20, 7, 1, seed=5)
     torch.library.opcheck(uk.gram_op, (keys, 1.0, True))
     torch.library.opcheck(uk.gram_op, (keys, 1.0, False))
+
+
+@pytest.mark.parametrize("m", [1, 7, 50])
+def test_a_ridge_beyond_float32_gives_an_infinite_diagonal_only(m):
+    """λ = 1e300 rounds to inf in float32: the diagonal is inf, as ``X @ Xᵀ + λ`` gives, and
+    nothing else changes (the cached λI must not carry 0 * inf = NaN off the diagonal)."""
+    keys, _ = realistic_features(m, 33, 1, seed=m)
+    got = uk.gram(keys, 1e300)
+    _, plain = gram_references(keys, 1e300, True)
+    assert torch.isinf(got.diagonal()).all()
+    off = ~torch.eye(m, dtype=torch.bool)
+    assert torch.isfinite(got[off]).all()
+    assert torch.equal(got.tril(-1), plain.tril(-1))   # (small products mirror this triangle)

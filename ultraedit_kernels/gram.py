@@ -64,7 +64,10 @@ def _ridge_identity(m: int, ridge: float, dtype: torch.dtype, device: torch.devi
         eye = _RIDGE_EYES.get(base_key)
         if eye is None or len(_RIDGE_EYES) >= 64:
             _RIDGE_EYES.clear()
-            eye = torch.eye(_EYE_MAX, dtype=dtype, device=device).mul_(ridge)
+            # λ on the diagonal only: eye * λ would put 0 * inf = NaN off it for a λ beyond
+            # the dtype's range (the product plus λ then has an infinite diagonal, as before)
+            eye = torch.zeros(_EYE_MAX, _EYE_MAX, dtype=dtype, device=device)
+            eye.diagonal().add_(ridge)
             _RIDGE_EYES[base_key] = eye
         view = _RIDGE_EYES[key] = eye[:m, :m]
     return view
