@@ -10,7 +10,7 @@ import torch
 from _same_turns import F64, fact_requests
 from conftest import ue_tiny_model
 from ultraedit import EditConfig, UltraEditor
-from ultraedit.held import HeldRows, recheck_every
+from ultraedit.held import HeldRows
 from ultraedit.turn import input_device, prepare_turn
 
 MODULES = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
@@ -108,8 +108,8 @@ def test_recheck_validates(bad):
 def test_recheck_without_effect_warns_and_is_off():
     with pytest.warns(UserWarning, match="recheck has no effect"):
         cfg = EditConfig(recheck=4, steps=3, hold_done=False, positions="subject")
-    assert recheck_every(cfg) == 0
+    assert cfg.recheck_every == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cfg = EditConfig(recheck=4, steps=3, hold_done=True, positions="subject")
-    assert recheck_every(cfg) == 4
+    assert cfg.recheck_every == 4

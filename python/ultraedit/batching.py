@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .config import PAPER_MICRO_BATCH
 
 __all__ = ["MicroBatchSizer", "memory_budget", "forward_backward", "weighted_forward_backward",
-           "grouped_forward_backward", "backward_group_size", "answer_logits", "group_parts", "request_order",
+           "grouped_forward_backward", "backward_group_size", "answer_logits", "group_parts", "joined", "request_order",
            "FREE_SHARE", "CPU_FALLBACK_BYTES"]
 
 GiB = 1 << 30
@@ -294,6 +294,14 @@ def group_parts(kg: Tuple[torch.Tensor, torch.Tensor], batch: Dict[str, torch.Te
     return list(zip(kg[0].split(rows), kg[1].split(rows)))
 
 
+def joined(pairs: List[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One module's ``(K, G)`` of a step from its list of per-forward ``(K, G)`` pairs (rows
+    concatenated in order; a single pair as it is)."""
+    if len(pairs) == 1:
+        return pairs[0]
+    return torch.cat([k for k, _ in pairs]), torch.cat([g for _, g in pairs])
+
+
 def request_order(parts: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]],
                   owners: List[torch.Tensor]):
     """The rows of forwards that ran in another order than the turn's requests
@@ -305,8 +313,7 @@ def request_order(parts: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]],
     perm = torch.argsort(torch.cat([o.to(owners[0].device) for o in owners]), stable=True)
     out = {}
     for name, p in parts.items():
-        k = p[0][0] if len(p) == 1 else torch.cat([x[0] for x in p])
-        g = p[0][1] if len(p) == 1 else torch.cat([x[1] for x in p])
+        k, g = joined(p)
         index = perm.to(k.device)
         out[name] = [(k.index_select(0, index), g.index_select(0, index))]
     return out, perm

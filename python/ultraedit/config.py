@@ -191,8 +191,7 @@ class EditConfig:
         rc = self.recheck
         if isinstance(rc, bool) or not isinstance(rc, int) or rc < 0:
             raise ValueError(f"recheck must be a non-negative integer, got {rc!r}")
-        if rc > 1 and not (self.hold_done and self.positions == "subject"
-                           and self.compat == "fixed" and not self.key_contexts):
+        if rc > 1 and not self.recheck_every:
             warnings.warn("recheck has no effect without hold_done, with positions='answer', "
                           "compat='official' or key_contexts", stacklevel=3)
         if self.accumulate not in ("auto", True, False):
@@ -222,6 +221,15 @@ class EditConfig:
                                    or self.preserve_contexts is not None):
             warnings.warn("preserve_subjects/preserve_contexts have no effect with preserve=0",
                           stacklevel=3)
+
+    @property
+    def recheck_every(self) -> int:
+        """``recheck`` where it applies (``hold_done``, ``positions="subject"``,
+        ``compat="fixed"``, no ``key_contexts``, and ``recheck >= 2``), else 0
+        (``ultraedit.held``)."""
+        applies = (self.recheck > 1 and self.hold_done and self.positions == "subject"
+                   and self.compat == "fixed" and not self.key_contexts)
+        return self.recheck if applies else 0
 
     # ------------------------------------------------------------------ presets
     @classmethod

@@ -36,10 +36,10 @@ import torch
 from ultraedit_kernels._profiling import nvtx_range
 
 from .batching import (MicroBatchSizer, backward_group_size, group_parts,
-                       grouped_forward_backward, request_order)
+                       grouped_forward_backward, joined, request_order)
 from .config import PAPER_MICRO_BATCH, EditConfig, resolve_config
 from .fact_keys import fact_keys
-from .held import HeldRows, recheck_every
+from .held import HeldRows
 from .hooks import CaptureSession, check_editable
 from .modules import module_dims, module_layout, resolve_modules
 from .placement import weight_slots
@@ -127,7 +127,7 @@ class UltraEditor:
         keys: Dict[str, torch.Tensor] = {}
         applied: Dict[str, torch.Tensor] = {}
         group = backward_group_size(self, reqs, batches)
-        held = HeldRows(len(reqs), recheck_every(cfg))  # recheck (ultraedit.held); 0: off
+        held = HeldRows(len(reqs), cfg.recheck_every)  # recheck (ultraedit.held); 0: off
         with self.journal.transaction(self.state):
             for step in range(cfg.steps):
                 run = held.batches(batches, step)
@@ -197,8 +197,8 @@ class UltraEditor:
     def _rows(self, parts):
         """Each module's ``K`` and ``G`` of the step, refused if any holds NaN/Inf (one check
         per tensor)."""
-        keys = {n: p[0][0] if len(p) == 1 else torch.cat([x[0] for x in p]) for n, p in parts.items()}
-        grads = {n: p[0][1] if len(p) == 1 else torch.cat([x[1] for x in p]) for n, p in parts.items()}
+        pairs = {n: joined(p) for n, p in parts.items()}
+        keys, grads = {n: k for n, (k, _) in pairs.items()}, {n: g for n, (_, g) in pairs.items()}
         bad = first_non_finite({**{(n, "inputs (keys)"): k for n, k in keys.items()},
                                 **{(n, "output gradients"): g for n, g in grads.items()}})
         if bad is not None:

@@ -25,7 +25,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["HeldRows", "recheck_every"]
+from .batching import joined
+from .turn import loss_weights
+
+__all__ = ["HeldRows"]
 
 Parts = Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]]
 
@@ -36,14 +39,6 @@ def _subset(batch: Dict[str, torch.Tensor], rows: torch.Tensor) -> Dict[str, tor
     return {k: (v.index_select(0, rows.to(v.device))
                 if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == b else v)
             for k, v in batch.items()}
-
-
-def recheck_every(config) -> int:
-    """``config.recheck`` where it applies (``hold_done``, ``positions="subject"``,
-    ``compat="fixed"``, no ``key_contexts``, and ``recheck >= 2``), else 0."""
-    applies = (config.recheck > 1 and config.hold_done and config.positions == "subject"
-               and config.compat == "fixed" and not config.key_contexts)
-    return config.recheck if applies else 0
 
 
 class HeldRows:
@@ -60,27 +55,35 @@ class HeldRows:
         self.held = torch.zeros(n_requests, dtype=torch.bool)
         self.keys: Dict[str, torch.Tensor] = {}
         self.fresh: Optional[torch.Tensor] = None
+        self._indexed: Optional[List[Dict[str, torch.Tensor]]] = None
+
+    def _with_request_weights(self, batches):
+        """The turn's micro-batches with ``request_index`` and per-request ``loss_weight``
+        (:func:`ultraedit.turn.loss_weights`: the micro-batch mean's), made once per turn, so
+        that a subset of a micro-batch's requests keeps their gradients."""
+        if self._indexed is None:
+            out, offset = [dict(b) for b in batches], 0
+            if "loss_weight" not in out[0]:   # the plain micro-batch means, in the given order
+                loss_weights(out, out[0]["labels"].shape[0])
+            for b in out:
+                size = b["labels"].shape[0]
+                if "request_index" not in b:
+                    b["request_index"] = torch.arange(offset, offset + size,
+                                                      device=b["labels"].device)
+                offset += size
+            self._indexed = out
+        return self._indexed
 
     def batches(self, batches: List[Dict[str, torch.Tensor]], step: int):
         """The micro-batches step ``step`` (from 0) runs: all of them at the first step, at every
         ``every``-th and while nothing holds; else each one's requests that do not hold, with
-        ``request_index`` and per-request ``loss_weight`` of the whole micro-batch's mean (so
-        each request keeps its gradient)."""
+        ``request_index`` and per-request ``loss_weight`` (so each request keeps its gradient)."""
         if (not self.every or step == 0 or (step + 1) % self.every == 0
                 or not bool(self.held.any())):
             self.fresh = None
             return batches
-        out, offset = [], 0
-        for batch in batches:
-            b, device = batch["labels"].shape[0], batch["labels"].device
-            batch = dict(batch)
-            if "request_index" not in batch:
-                batch["request_index"] = torch.arange(offset, offset + b, device=device)
-            if "loss_weight" not in batch:
-                tokens = float((batch["labels"] != -100).sum())
-                batch["loss_weight"] = torch.full((b,), 1.0 / tokens, dtype=torch.float64,
-                                                  device=device)
-            offset += b
+        out = []
+        for batch in self._with_request_weights(batches):
             rows = (~self.held[batch["request_index"].cpu()]).nonzero().squeeze(1)
             if rows.numel():
                 out.append(_subset(batch, rows))
@@ -89,25 +92,22 @@ class HeldRows:
 
     def merge(self, parts: Parts, n_predicted: int, hold: Optional[torch.Tensor]):
         """``(parts, n_predicted, hold)`` of every request from the step's own (rows of the
-        requests it ran, in request order): held requests' rows are their last keys with
-        zero gradients, and they count as predicted."""
+        requests it ran, in request order), each module's rows as one ``(K, G)`` pair: held
+        requests' rows are their last keys with zero gradients, and they count as predicted."""
         if not self.every:
             return parts, n_predicted, hold
-        ran = self.fresh
-        if ran is None:   # every request ran: remember their keys and predictions
-            self.keys = {n: p[0][0] if len(p) == 1 else torch.cat([x[0] for x in p])
-                         for n, p in parts.items()}
+        pairs = {name: joined(p) for name, p in parts.items()}
+        if self.fresh is None:   # every request ran: remember their keys and predictions
+            self.keys = {name: k for name, (k, _) in pairs.items()}
             self.held = (torch.zeros(self.n, dtype=torch.bool) if hold is None
                          else hold.cpu().clone())
-            return parts, n_predicted, hold
-        index = ran.nonzero().squeeze(1)
+            return {name: [pair] for name, pair in pairs.items()}, n_predicted, hold
+        index = self.fresh.nonzero().squeeze(1)
         held = self.held.clone()
         if hold is not None:
             held[index] = hold.cpu()
         merged: Parts = {}
-        for name, p in parts.items():
-            k_ran = p[0][0] if len(p) == 1 else torch.cat([x[0] for x in p])
-            g_ran = p[0][1] if len(p) == 1 else torch.cat([x[1] for x in p])
+        for name, (k_ran, g_ran) in pairs.items():
             if k_ran.shape[0] != index.numel():
                 raise RuntimeError(f"recheck: {k_ran.shape[0]} rows captured for {index.numel()} "
                                    f"requests in {name!r}; it needs one row per request")
