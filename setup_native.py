@@ -30,7 +30,8 @@ from typing import Dict, List, Optional
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EXT_NAME = "ultraedit_kernels._C"
 DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0"
-HOST_SOURCES = ["csrc/ops.cpp", "csrc/cholesky/host.cpp", "csrc/cholesky/host_gemm.cpp"]
+HOST_SOURCES = ["csrc/ops.cpp", "csrc/cholesky/host.cpp", "csrc/cholesky/host_gemm.cpp",
+                "csrc/stats/moments.cpp"]
 GENERATED_INCLUDE = os.path.join("build", "ultraedit_generated")
 CXX_FLAGS = ["-O3", "-ffp-contract=fast", "-Wno-psabi"]
 NVCC_FLAGS = ["-O3", "-lineinfo"]

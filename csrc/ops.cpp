@@ -8,8 +8,13 @@
 //     torch.linalg.cholesky_ex; x of such a system is NaN.
 //   torch.ops.ultraedit_C.gram(Tensor x, float ridge, bool rows) -> Tensor   (CPU)
 //     x (m, k) float32 or float64: x xᵀ + ridge I (rows) or xᵀ x + ridge I, exactly symmetric.
+//   torch.ops.ultraedit_C.stats_update(Tensor[] blocks, Tensor count, Tensor mean, Tensor m2,
+//                                      bool official) -> (Tensor, Tensor, Tensor)      (CPU)
+//     blocks: matrices of B rows (float32 or float64) whose columns, side by side, are the
+//     block merged into the running float64 (count, mean, m2); returns the new three.
 //
-// The algorithm lives in torch-free files (cholesky/host.cpp, cholesky/device.cu); this
+// The algorithms live in torch-free files (cholesky/host.cpp, cholesky/device.cu,
+// stats/moments.cpp); this
 // file only checks arguments, makes contiguous working copies and plugs in ATen's thread
 // pool and GEMM.
 #include <ATen/Parallel.h>
@@ -21,6 +26,7 @@
 #include <string>
 
 #include "cholesky/host.h"
+#include "stats/moments.h"
 
 #ifdef UE_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -153,6 +159,53 @@ at::Tensor gram_cpu(const at::Tensor& x, double ridge, bool rows) {
   return g;
 }
 
+// stats_update(blocks, count, mean, m2, official): one pass over each block (stats/moments.cpp);
+// the blocks' columns are independent, so each fills its own range of the new mean and m2.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_update_cpu(at::TensorList blocks,
+                                                                const at::Tensor& count,
+                                                                const at::Tensor& mean,
+                                                                const at::Tensor& m2,
+                                                                bool official) {
+  TORCH_CHECK(!blocks.empty(), "stats_update: no blocks");
+  TORCH_CHECK(count.dim() == 0 && count.scalar_type() == at::kDouble && count.device().is_cpu(),
+              "stats_update: count must be a 0-d float64 CPU tensor");
+  TORCH_CHECK(mean.dim() == 1 && m2.dim() == 1 && mean.numel() == m2.numel() &&
+                  mean.scalar_type() == at::kDouble && m2.scalar_type() == at::kDouble &&
+                  mean.device().is_cpu() && m2.device().is_cpu(),
+              "stats_update: mean and m2 must be 1-D float64 CPU tensors of one length");
+  const int64_t rows = blocks[0].dim() == 2 ? blocks[0].size(0) : -1;
+  int64_t cols = 0;
+  for (const at::Tensor& b : blocks) {
+    TORCH_CHECK(b.dim() == 2 && b.size(0) == rows, "stats_update: blocks must be matrices of ",
+                "one row count, got ", b.sizes());
+    TORCH_CHECK(b.device().is_cpu(), "stats_update: CPU tensors expected");
+    TORCH_CHECK(b.scalar_type() == at::kFloat || b.scalar_type() == at::kDouble,
+                "stats_update: float32 or float64 blocks expected, got ", b.scalar_type());
+    cols += b.size(1);
+  }
+  TORCH_CHECK(cols == mean.numel(), "stats_update: the blocks have ", cols,
+              " columns but the statistics track ", mean.numel());
+  const double n = count.item<double>();
+  const at::Tensor mc = mean.contiguous(), m2c = m2.contiguous();
+  at::Tensor new_mean = at::empty_like(mc), new_m2 = at::empty_like(m2c);
+  at::Tensor new_count = at::full({}, n + double(rows), count.options());
+  if (rows == 0) return {new_count, mc.clone(), m2c.clone()};
+  const uc::ParallelFor pfor = uc::thread_pool_for(at::get_num_threads());
+  int64_t offset = 0;
+  for (const at::Tensor& b : blocks) {
+    const at::Tensor x = b.stride(1) == 1 && b.stride(0) >= b.size(1) ? b : b.contiguous();
+    const int64_t width = x.size(1);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stats_update_cpu", [&] {
+      ultraedit::stats::merge_block(x.data_ptr<scalar_t>(), rows, width, x.stride(0), n,
+                                    mc.data_ptr<double>() + offset, m2c.data_ptr<double>() + offset,
+                                    official, new_mean.data_ptr<double>() + offset,
+                                    new_m2.data_ptr<double>() + offset, pfor);
+    });
+    offset += width;
+  }
+  return {new_count, new_mean, new_m2};
+}
+
 #ifdef UE_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> spd_solve_cuda(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.is_cuda(), "spd_solve_cuda: CUDA tensors expected");
@@ -212,11 +265,14 @@ std::string host_gemm(const std::string& which) {
 TORCH_LIBRARY(ultraedit_C, m) {
   m.def("spd_solve(Tensor a, Tensor b) -> (Tensor, Tensor)");
   m.def("gram(Tensor x, float ridge, bool rows) -> Tensor");
+  m.def("stats_update(Tensor[] blocks, Tensor count, Tensor mean, Tensor m2, bool official) -> "
+        "(Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ultraedit_C, CPU, m) {
   m.impl("spd_solve", &spd_solve_cpu);
   m.impl("gram", &gram_cpu);
+  m.impl("stats_update", &stats_update_cpu);
 }
 
 #ifdef UE_WITH_CUDA

@@ -14,6 +14,10 @@ Shapes: ``x`` (B, D) any float dtype; ``count`` 0-d float64; ``mean``, ``m2`` (D
 Returns new ``(count, mean, m2)``; the inputs are not modified (a rejected or failed update
 leaves the caller's state as it was).
 
+Backends: ``torch`` (below, the oracle) and, on the CPU, ``cpp`` (``csrc/stats/moments.cpp``:
+every element read once, the float64 sums kept in the L1 cache, where the reference reads a
+float64 copy of the block four times).
+
 Equivalent PyTorch::
 
     var_b, mb = torch.var_mean(x.double(), 0, correction=0); m2b = var_b * B
@@ -22,11 +26,11 @@ Equivalent PyTorch::
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
-from . import _backends
+from . import _backends, _extension
 
 OP = "stats_update"
 # bounds the float64 temporary of the reference (32 MiB: about 230 rows of a 7B MLP's
@@ -98,3 +102,36 @@ def _(x, count, mean, m2, official):
 
 
 _backends.register_impl(OP, "torch", stats_update_reference)
+
+
+# --- compiled implementation (csrc/stats/moments.cpp: torch.ops.ultraedit_C.stats_update, CPU) --
+
+def cpp_available(device: torch.device) -> Optional[str]:
+    """``None`` when the host build's one-pass statistics kernel can run on ``device``."""
+    if device.type != "cpu":
+        return "the cpp backend computes CPU tensors only"
+    return _extension.native_op_ready("cpu", "stats_update", _fake_native)
+
+
+def _fake_native(blocks, count, mean, m2, official):
+    return torch.empty_like(count), torch.empty_like(mean), torch.empty_like(m2)
+
+
+def native_blocks(*blocks: torch.Tensor) -> List[torch.Tensor]:
+    """The blocks as the kernel reads them: float32 and float64 as given, other float dtypes
+    (bf16, fp16) converted to float32, which holds their values exactly."""
+    return [b if b.dtype in (torch.float32, torch.float64) else b.float() for b in blocks]
+
+
+def stats_update_native(x, count, mean, m2, official: bool):
+    """The host build: one pass over ``x`` per column tile (shifted float64 sums, four rows per
+    sweep), then the same merge as :func:`chan_merge`; sums in another order than the
+    reference's (a ``stats_*`` tolerance apart)."""
+    return torch.ops.ultraedit_C.stats_update(native_blocks(x), count, mean, m2, bool(official))
+
+
+# `auto` uses it where this machine's calibration measured it faster than the reference.
+# Measured on the 2-core EPYC (one thread, alternating rounds, float64 results agreeing to
+# 1e-15): 7x at 50 x 2,112, 42x at 300 x 2,112, 26x at 400 x 18,432 (12.5 GB/s of the block,
+# about one read of it), 18x at 2,000 x 18,432.
+_backends.register_impl(OP, "cpp", stats_update_native, available=cpp_available)

@@ -9,6 +9,9 @@ Shapes: ``keys`` (B, d_in), ``grads`` (B, d_out), any float dtype; ``count`` 0-d
 ``mean``, ``m2`` (d_in + d_out,) float64.  Returns new ``(count, mean, m2)``; the inputs are
 not modified.
 
+Backends: ``torch`` (below) and, on the CPU, ``cpp`` (the kernel of :mod:`.stats_update`, which
+takes the two blocks side by side without copying them).
+
 Equivalent PyTorch::
 
     stats_update_reference(torch.cat([keys, grads], 1), count, mean, m2, official)
@@ -58,6 +61,15 @@ def _(keys, grads, count, mean, m2, official):
 
 
 _backends.register_impl(OP, "torch", stats_update2_reference)
+
+
+def stats_update2_native(keys, grads, count, mean, m2, official: bool):
+    """The host build (:func:`.stats_update.stats_update_native`) on ``keys`` and ``grads``."""
+    return torch.ops.ultraedit_C.stats_update(_stats.native_blocks(keys, grads), count, mean, m2,
+                                              bool(official))
+
+
+_backends.register_impl(OP, "cpp", stats_update2_native, available=_stats.cpp_available)
 
 
 def update_stats_pair(stats, keys: torch.Tensor, grads: torch.Tensor, *,
