@@ -12,6 +12,8 @@ records of experiments/generalization.py.
     PYTHONPATH=python python experiments/augmented_prompts.py --contexts 2 --json experiments/results/augmented_2.json
     PYTHONPATH=python python experiments/augmented_prompts.py --contexts 2 --placement after-subject \
         --json experiments/results/augmented_after_2.json
+    PYTHONPATH=python python experiments/augmented_prompts.py --contexts 1 --subject-first-only \
+        --records experiments/results/generalization_report.jsonl --json subject_first_1.json
 """
 from __future__ import annotations
 
@@ -68,6 +70,9 @@ def main(argv=None):
                     help="generic left contexts before the prompt, or asides after the subject")
     ap.add_argument("--variant-steps", type=int, default=None, metavar="K",
                     help="train the variants only in a turn's first K steps (default: every step)")
+    ap.add_argument("--subject-first-only", action="store_true",
+                    help="variants only for requests whose prompt starts with the subject (whose "
+                         "key is then the first token's, computed without any left context)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="an EditConfig field over the preset, e.g. key_contexts=4 (repeatable)")
     _common.add_stream_args(ap)
@@ -83,6 +88,8 @@ def main(argv=None):
     contexts = (CONTEXTS if a.placement == "before" else ASIDES)[:a.contexts]
 
     def variants(r):
+        if a.subject_first_only and not (r.subject and r.prompt.startswith(r.subject)):
+            return []
         if a.placement == "before":
             return [EditRequest(f"{c} {r.prompt}", r.target, r.subject) for c in contexts]
         prompts = [with_aside(r.prompt, r.subject, c) for c in contexts]
@@ -98,17 +105,18 @@ def main(argv=None):
                                          editor.sizer)[1]
         return real_edit(reqs + [v for r in reqs for v in variants(r)])
 
-    def capture(batches, meter, first):
+    def capture(batches, size, meter, first):
         turn["step"] = 0 if first else turn["step"] + 1
         if a.variant_steps is not None and turn["step"] >= a.variant_steps:
             batches = turn["plain"]
-        return real_capture(batches, meter, first)
+        return real_capture(batches, size, meter, first)
 
     editor.edit, editor._capture = edit, capture
     _common.score_and_save(model, tok, records, editor, a,
                            post=lambda: {"gs_by_prefix": gs_by_prefix(model, tok, records)},
                            contexts=list(contexts), placement=a.placement, overrides=overrides,
-                           variant_steps=a.variant_steps)
+                           variant_steps=a.variant_steps,
+                           subject_first_only=a.subject_first_only)
 
 
 if __name__ == "__main__":
