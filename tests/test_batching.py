@@ -236,3 +236,19 @@ def test_held_requests(positions, ue_tokenizer):
     reports = [(ref.edit(reqs), auto.edit(reqs))]
     assert reports[0][0].n_predicted == 8 and reports[0][1].micro_batch == 23
     _assert_same(ref, auto, rows_ref, rows_auto, reports)
+
+
+def test_predicted_with_a_margin():
+    """A request is predicted when every answer row's target wins (argmax), or with a margin
+    when it leads every other logit by at least that much."""
+    from ultraedit.batching import _predicted
+
+    rows = torch.tensor([[2.0, 1.5, 0.0],     # request 0: target 0 leads by 0.5
+                         [0.0, 3.0, 0.5],     # request 1: target 1 leads by 2.5
+                         [0.0, 0.0, 1.0]])    # request 1: target 2 leads by 1.0
+    target = torch.tensor([0, 1, 2])
+    mask = torch.tensor([[True, False], [True, True]])
+    assert _predicted(rows, target, mask).tolist() == [True, True]
+    assert _predicted(rows, target, mask, 0.5).tolist() == [True, True]
+    assert _predicted(rows, target, mask, 0.75).tolist() == [False, True]
+    assert _predicted(rows, target, mask, 1.5).tolist() == [False, False]

@@ -167,6 +167,35 @@ def test_hold_done_changes_nothing_when_every_edit_holds(ue_tokenizer):
     assert same(weights(model), before) and ed.stats == {} and ed.turns == 1
 
 
+def test_hold_margin_holds_only_targets_that_lead_by_the_margin(ue_tokenizer):
+    """A 1e3 logit bias makes every request predicted: it holds with a margin below that lead
+    and not with one above it (every step then runs; the gradient of a target predicted with
+    probability 1 is 0 in float32, so the update is zero and says so)."""
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=3)
+    word = force_prediction(model, ue_tokenizer)
+    reqs = [{"prompt": r["prompt"], "target": word} for r in REQUESTS]
+    before = weights(model)
+    ed = UltraEditor(model, ue_tokenizer, modules=MODS, lr=1e-2, steps=2, hold_done=True,
+                     hold_margin=10.0)
+    rep = ed.edit(reqs)
+    assert rep.steps_run == 0 and rep.n_predicted == len(reqs) and same(weights(model), before)
+    ed = UltraEditor(model, ue_tokenizer, modules=MODS, lr=1e-2, steps=2, hold_done=True,
+                     hold_margin=1e4)
+    with pytest.warns(UserWarning, match="exactly zero"):
+        rep = ed.edit(reqs)
+    assert rep.steps_run == 2 and rep.n_predicted == 0
+
+
+def test_hold_margin_validation():
+    from ultraedit.config import EditConfig
+
+    with pytest.raises(ValueError, match="hold_margin"):
+        EditConfig(hold_done=True, hold_margin=-1.0)
+    with pytest.warns(UserWarning, match="hold_margin has no effect"):
+        EditConfig(hold_margin=1.0)
+    assert EditConfig(hold_done=True, hold_margin=1).hold_margin == 1.0
+
+
 def test_held_rows_get_zero_pseudo_values(ue_tokenizer, monkeypatch):
     model = ue_tiny_model("llama", len(ue_tokenizer), seed=3)
     held_prompts = {REQUESTS[0]["prompt"], REQUESTS[3]["prompt"]}

@@ -76,7 +76,8 @@ def test_a_turn_with_recheck_counts_only_the_rows_that_ran(ue_tokenizer, monkeyp
     """A tiny random model predicts no counterfactual target, so here every request with an odd
     number of answer tokens counts as predicted: the turn then skips those requests."""
     import ultraedit.batching as batching
-    monkeypatch.setattr(batching, "_predicted", lambda rows, target, mask: mask.sum(1) % 2 == 1)
+    monkeypatch.setattr(batching, "_predicted",
+                        lambda rows, target, mask, margin=0.0: mask.sum(1) % 2 == 1)
     editor = _editor(ue_tokenizer, recheck=3, steps=6)
     ran = []
     real = HeldRows.batches

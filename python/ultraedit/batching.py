@@ -46,22 +46,24 @@ FREE_SHARE = 0.85              # of the free memory a turn may use by default
 CPU_FALLBACK_BYTES = 8 * GiB   # available RAM where the system does not say
 
 
-def forward_backward(model, batch: Dict[str, torch.Tensor]):
+def forward_backward(model, batch: Dict[str, torch.Tensor], margin: float = 0.0):
     """Forward ``batch``, back-propagate its loss and return ``(loss detached, predicted)``:
     which requests (B bool) the model already predicts (teacher-forced argmax equal to the
-    target at every answer position). The paper's loss, the mean cross-entropy over the
+    target at every answer position; with ``margin > 0``, the target's logit ahead of every
+    other token's by at least ``margin``: :func:`_predicted`). The paper's loss, the mean cross-entropy over the
     micro-batch's ``n`` answer tokens, ``L = (1/n) Σ_t CE_t`` (``F.cross_entropy`` of the
     ``(n, V)`` answer rows), or with ``batch["loss_weight"]`` (``micro_batch="auto"``) the
     weighted ``L = Σ_r w_r Σ_{t∈r} CE_t`` (:func:`weighted_forward_backward`). Only the answer
     rows are projected to the vocabulary (:func:`answer_logits`)."""
     mask = batch["labels"] != -100
     with torch.enable_grad():
-        loss, predicted = _answer_loss(answer_logits(model, batch, mask), batch, mask)
+        loss, predicted = _answer_loss(answer_logits(model, batch, mask), batch, mask, margin)
         loss.backward()
     return loss.detach(), predicted
 
 
-def _answer_loss(rows: torch.Tensor, batch: Dict[str, torch.Tensor], mask: torch.Tensor):
+def _answer_loss(rows: torch.Tensor, batch: Dict[str, torch.Tensor], mask: torch.Tensor,
+                 margin: float = 0.0):
     """``(L, predicted)`` of a batch from the logits of its answer rows (n x V, row-major in
     ``mask``): ``L = Σ_r w_r Σ_{t∈r} CE_t`` with ``batch["loss_weight"]``, else the paper's
     mean (:func:`_column_mean`); ``predicted`` as :func:`_predicted`."""
@@ -72,7 +74,7 @@ def _answer_loss(rows: torch.Tensor, batch: Dict[str, torch.Tensor], mask: torch
         loss = (ce * batch["loss_weight"].to(ce)[owner]).sum()
     else:
         loss = _column_mean(ce, mask)
-    return loss, _predicted(rows, target, mask)
+    return loss, _predicted(rows, target, mask, margin)
 
 
 def _float_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -125,16 +127,23 @@ def answer_logits(model, batch: Dict[str, torch.Tensor], mask: torch.Tensor) -> 
     return _float_rows(logits[0] if gathered else logits[mask.to(logits.device)])
 
 
-def _predicted(rows: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Which requests (B bool) predict every answer token (argmax of its row = target)."""
+def _predicted(rows: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+               margin: float = 0.0) -> torch.Tensor:
+    """Which requests (B bool) predict every answer token: the argmax of its row is the target
+    (``margin`` 0), or the target's logit exceeds every other token's by at least ``margin``."""
     with torch.no_grad():
         owner = mask.nonzero()[:, 0].to(rows.device)       # the request of each answer row
-        wrong = torch.zeros(mask.shape[0], device=rows.device).index_add_(
-            0, owner, (rows.argmax(-1) != target).float())
+        if margin > 0:
+            at_target = rows.gather(1, target[:, None])[:, 0]
+            runner_up = rows.scatter(1, target[:, None], float("-inf")).amax(-1)
+            short = at_target - runner_up < margin
+        else:
+            short = rows.argmax(-1) != target
+        wrong = torch.zeros(mask.shape[0], device=rows.device).index_add_(0, owner, short.float())
     return wrong == 0
 
 
-def weighted_forward_backward(model, batch: Dict[str, torch.Tensor]):
+def weighted_forward_backward(model, batch: Dict[str, torch.Tensor], margin: float = 0.0):
     """Forward ``batch``, back-propagate ``L = Σ_r w_r Σ_{t∈r} CE_t`` over its answer
     positions (``w = batch["loss_weight"]``, ``ultraedit.turn.loss_weights``) and return
     ``(L detached, predicted)``: which requests (B bool) the model already predicts
@@ -143,10 +152,11 @@ def weighted_forward_backward(model, batch: Dict[str, torch.Tensor]):
     if "loss_weight" not in batch:
         raise ValueError("weighted_forward_backward needs batch['loss_weight'] "
                          "(ultraedit.turn.loss_weights)")
-    return forward_backward(model, batch)
+    return forward_backward(model, batch, margin)
 
 
-def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begin=None):
+def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begin=None,
+                             margin: float = 0.0):
     """Forward every batch of ``batches`` and back-propagate ``Σ_b L_b`` once, with one
     vocabulary projection for all of them; returns ``[(L_b detached, predicted_b)]`` as
     :func:`forward_backward` would for each batch alone.
@@ -161,7 +171,8 @@ def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begi
     runs at twice the FLOP rate for 170 rows as for 17 (measured, ``experiments/turn_speed.md``),
     and each of its rows is the same to the bit (the GEMM's rows are independent on one thread).
 
-    ``begin(i, batch)`` is called before batch ``i``'s forward (the capture's
+    ``margin``: as in :func:`forward_backward`. ``begin(i, batch)`` is called before batch
+    ``i``'s forward (the capture's
     ``CaptureSession.set_mask``). The batches' activations stay alive until the backward: the
     memory of one forward of all their requests, less padding.
 
@@ -171,11 +182,11 @@ def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begi
     if len(batches) == 1:
         if begin is not None:
             begin(0, batches[0])
-        return [forward_backward(model, batches[0])]
+        return [forward_backward(model, batches[0], margin)]
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if head is None:
-        return _one_by_one(model, batches, begin, 0)
+        return _one_by_one(model, batches, begin, 0, margin)
     masks = [b["labels"] != -100 for b in batches]
     pending: List[torch.Tensor] = []
     current = {"index": None, "mask": None, "fired": False, "last": False}
@@ -208,9 +219,10 @@ def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begi
                                            f"another; use backward_group=1")
                     handle.remove()   # its logits are whole: this batch alone, then the rest
                     loss, predicted = _answer_loss(_float_rows(out[mask.to(out.device)]), batch,
-                                                   mask)
+                                                   mask, margin)
                     loss.backward()
-                    return [(loss.detach(), predicted)] + _one_by_one(model, batches, begin, 1)
+                    return [(loss.detach(), predicted)] + _one_by_one(model, batches, begin, 1,
+                                                                      margin)
             logits = out.reshape(-1, out.shape[-1])    # a view: no zero-filled gradient
         finally:
             handle.remove()
@@ -218,7 +230,7 @@ def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begi
         # the cross-entropy batch by batch on a split of the rows: cache-sized pieces, and the
         # split's backward concatenates their gradients (a slice's would zero-fill all rows)
         sizes = [int(block.shape[0]) for block in pending]
-        losses, predicted = zip(*(_answer_loss(part, batch, mask)
+        losses, predicted = zip(*(_answer_loss(part, batch, mask, margin)
                                   for batch, mask, part in zip(batches, masks, rows.split(sizes))))
         total = losses[0]
         for loss in losses[1:]:
@@ -227,7 +239,7 @@ def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begi
     return [(loss.detach(), p) for loss, p in zip(losses, predicted)]
 
 
-def _one_by_one(model, batches, begin, start: int):
+def _one_by_one(model, batches, begin, start: int, margin: float = 0.0):
     """:func:`forward_backward` of ``batches[start:]``, one by one (a model whose output
     embedding the shared projection cannot use); warns once per process and call site."""
     warnings.warn(f"{type(model).__name__} does not call its output embedding "
@@ -238,7 +250,7 @@ def _one_by_one(model, batches, begin, start: int):
     for i in range(start, len(batches)):
         if begin is not None:
             begin(i, batches[i])
-        out.append(forward_backward(model, batches[i]))
+        out.append(forward_backward(model, batches[i], margin))
     return out
 
 

@@ -39,8 +39,8 @@ PAPER_LR = 1e-6
 # the paper's micro-batch: its loss is the mean over each group of 10 requests' answer tokens
 PAPER_MICRO_BATCH = 10
 # the options beyond the paper's method (all off in EditConfig.paper())
-BEYOND_PAPER = ("protect_mean", "steps", "hold_done", "positions", "memory", "preserve",
-                "key_contexts", "whiten")
+BEYOND_PAPER = ("protect_mean", "steps", "hold_done", "hold_margin", "positions", "memory",
+                "preserve", "key_contexts", "whiten")
 FINGERPRINT_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
                     "vocab_size")
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -112,6 +112,9 @@ class EditConfig:
                          "(1 = the paper)")
     hold_done: bool = _opt(False, "rows of requests the model already predicts get "
                                   "pseudo-value 0; the turn ends when all hold")
+    hold_margin: float = _opt(0.0, "with hold_done: a request holds once its target's logit "
+                                    "leads every other token's by this much at every answer "
+                                    "position (0 = once it is the argmax)")
     recheck: int = _opt(0, "K >= 2 with hold_done and positions='subject': a step runs only "
                            "the requests that did not hold at their last step, the held ones "
                            "keep their last key, and every K-th step runs all (ultraedit.held; "
@@ -182,12 +185,14 @@ class EditConfig:
         if not (ridge > 0 and ridge != float("inf")):
             raise ValueError(f"ridge must be a positive finite number, got {self.ridge!r}")
         set_("ridge", ridge)
-        for name in ("protect_mean", "memory", "preserve", "whiten"):
+        for name in ("protect_mean", "memory", "preserve", "whiten", "hold_margin"):
             set_(name, _check_number(name, getattr(self, name), positive=False))
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if not isinstance(self.hold_done, bool):
             raise ValueError(f"hold_done must be True or False, got {self.hold_done!r}")
+        if self.hold_margin > 0 and not self.hold_done:
+            warnings.warn("hold_margin has no effect without hold_done", stacklevel=3)
         rc = self.recheck
         if isinstance(rc, bool) or not isinstance(rc, int) or rc < 0:
             raise ValueError(f"recheck must be a non-negative integer, got {rc!r}")

@@ -173,7 +173,8 @@ class UltraEditor:
             for start in range(0, len(batches), size):
                 group = batches[start:start + size]
                 begin = lambda i, b: cap.set_mask(masks[start + i], b["labels"] != -100)  # noqa: E731
-                results = meter.run(lambda: grouped_forward_backward(self.model, group, begin))
+                results = meter.run(lambda: grouped_forward_backward(
+                    self.model, group, begin, self.config.hold_margin))
                 frames = cap.pop_frames()
                 for batch, mask, (loss, predicted), kg in zip(group, masks[start:], results, frames):
                     if first:
