@@ -50,8 +50,8 @@ def forward_backward(model, batch: Dict[str, torch.Tensor], margin: float = 0.0)
     """Forward ``batch``, back-propagate its loss and return ``(loss detached, predicted)``:
     which requests (B bool) the model already predicts (teacher-forced argmax equal to the
     target at every answer position; with ``margin > 0``, the target's logit ahead of every
-    other token's by at least ``margin``: :func:`_predicted`). The paper's loss, the mean cross-entropy over the
-    micro-batch's ``n`` answer tokens, ``L = (1/n) Σ_t CE_t`` (``F.cross_entropy`` of the
+    other token's by at least ``margin``: :func:`_predicted`). The paper's loss, the mean
+    cross-entropy over the micro-batch's ``n`` answer tokens, ``L = (1/n) Σ_t CE_t`` (``F.cross_entropy`` of the
     ``(n, V)`` answer rows), or with ``batch["loss_weight"]`` (``micro_batch="auto"``) the
     weighted ``L = Σ_r w_r Σ_{t∈r} CE_t`` (:func:`weighted_forward_backward`). Only the answer
     rows are projected to the vocabulary (:func:`answer_logits`)."""
@@ -172,8 +172,7 @@ def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begi
     and each of its rows is the same to the bit (the GEMM's rows are independent on one thread).
 
     ``margin``: as in :func:`forward_backward`. ``begin(i, batch)`` is called before batch
-    ``i``'s forward (the capture's
-    ``CaptureSession.set_mask``). The batches' activations stay alive until the backward: the
+    ``i``'s forward (the capture's ``CaptureSession.set_mask``). The batches' activations stay alive until the backward: the
     memory of one forward of all their requests, less padding.
 
     One batch is :func:`forward_backward` itself. A model that does not call its output
