@@ -47,11 +47,11 @@ CPU_FALLBACK_BYTES = 8 * GiB   # available RAM where the system does not say
 
 
 def forward_backward(model, batch: Dict[str, torch.Tensor], margin: float = 0.0):
-    """Forward ``batch``, back-propagate its loss and return ``(loss detached, predicted)``:
-    which requests (B bool) the model already predicts (teacher-forced argmax equal to the
-    target at every answer position; with ``margin > 0``, the target's logit ahead of every
-    other token's by at least ``margin``: :func:`_predicted`). The paper's loss, the mean
-    cross-entropy over the micro-batch's ``n`` answer tokens, ``L = (1/n) Σ_t CE_t`` (``F.cross_entropy`` of the
+    """Forward ``batch``, back-propagate its loss and return ``(loss detached, predicted)``: which
+    requests (B bool) the model already predicts (teacher-forced argmax equal to the target at
+    every answer position; with ``margin > 0``, the target's logit ahead of every other token's
+    by at least ``margin``: :func:`_predicted`). The paper's loss, the mean cross-entropy over
+    the micro-batch's ``n`` answer tokens, ``L = (1/n) Σ_t CE_t`` (``F.cross_entropy`` of the
     ``(n, V)`` answer rows), or with ``batch["loss_weight"]`` (``micro_batch="auto"``) the
     weighted ``L = Σ_r w_r Σ_{t∈r} CE_t`` (:func:`weighted_forward_backward`). Only the answer
     rows are projected to the vocabulary (:func:`answer_logits`)."""
@@ -157,8 +157,8 @@ def weighted_forward_backward(model, batch: Dict[str, torch.Tensor], margin: flo
 
 def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begin=None,
                              margin: float = 0.0):
-    """Forward every batch of ``batches`` and back-propagate ``Σ_b L_b`` once, with one
-    vocabulary projection for all of them; returns ``[(L_b detached, predicted_b)]`` as
+    """Forward every batch of ``batches`` and back-propagate ``Σ_b L_b`` once, with one vocabulary
+    projection for all of them; returns ``[(L_b detached, predicted_b)]`` as
     :func:`forward_backward` would for each batch alone.
 
     ``L_b`` is the batch's own loss (the paper's micro-batch mean, or the weighted loss of
@@ -168,12 +168,13 @@ def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begi
     (``n_b x h``; a forward pre-hook on ``model.get_output_embeddings()`` keeps them and passes
     on an empty input) are projected at the last batch's forward as one ``(Σ n_b) x h`` product,
     and its backward is one product too. On a CPU the 49152 x 576 projection of a 135M model
-    runs at twice the FLOP rate for 170 rows as for 17 (measured, ``experiments/turn_speed.md``),
-    and each of its rows is the same to the bit (the GEMM's rows are independent on one thread).
+    runs at twice the FLOP rate for 170 rows as for 17 (measured,
+    ``experiments/turn_speed.md``), and each of its rows is the same to the bit (the GEMM's rows
+    are independent on one thread).
 
     ``margin``: as in :func:`forward_backward`. ``begin(i, batch)`` is called before batch
-    ``i``'s forward (the capture's ``CaptureSession.set_mask``). The batches' activations stay alive until the backward: the
-    memory of one forward of all their requests, less padding.
+    ``i``'s forward (the capture's ``CaptureSession.set_mask``). The batches' activations stay
+    alive until the backward: the memory of one forward of all their requests, less padding.
 
     One batch is :func:`forward_backward` itself. A model that does not call its output
     embedding on the ``(B, L, h)`` hidden states (or has none) runs its batches one by one with
