@@ -71,11 +71,6 @@ UE_INLINE void merge_tile(const T* x, int64_t rows, int64_t width, int64_t ld, d
   }
 }
 
-template <typename T>
-void merge_block_impl(const T* x, int64_t rows, int64_t cols, int64_t ld, double count,
-                      const double* mean, const double* m2, bool official, double* new_mean,
-                      double* new_m2, const cholesky::ParallelFor& pfor);
-
 #define UE_DEFINE_MERGE(T, SUFFIX)                                                               \
   UE_CLONES void merge_tiles_##SUFFIX(const T* x, int64_t rows, int64_t cols, int64_t ld,       \
                                       double count, const double* mean, const double* m2,       \

@@ -133,9 +133,10 @@ def _predicted(rows: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     (``margin`` 0), or the target's logit exceeds every other token's by at least ``margin``."""
     with torch.no_grad():
         owner = mask.nonzero()[:, 0].to(rows.device)       # the request of each answer row
-        if margin > 0:
+        if margin > 0:   # runner-up: the best logit, the second best where that is the target
             at_target = rows.gather(1, target[:, None])[:, 0]
-            runner_up = rows.scatter(1, target[:, None], float("-inf")).amax(-1)
+            best, index = rows.topk(2, dim=-1)
+            runner_up = torch.where(index[:, 0] == target, best[:, 1], best[:, 0])
             short = at_target - runner_up < margin
         else:
             short = rows.argmax(-1) != target
