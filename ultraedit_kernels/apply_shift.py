@@ -31,6 +31,7 @@ from ._validation import check_finite, check_float_matrix, serial
 OP = "apply_shift"
 LAYOUTS = ("linear", "conv1d")
 _BLOCK_BYTES = 64 << 20
+_ADDR_MIN = 1 << 19   # weights from this many elements take addr_ for a single row
 
 
 def apply_shift_reference(weight: torch.Tensor, keys: torch.Tensor, factors: torch.Tensor,
@@ -40,10 +41,11 @@ def apply_shift_reference(weight: torch.Tensor, keys: torch.Tensor, factors: tor
     a = factors if factors.dtype == compute else factors.to(compute)
     left, right = (a.T, k) if linear else (k.T, a)   # W += left @ right
     if weight.dtype == compute:
-        if k.shape[0] == 1 and weight.device.type == "cpu":
+        if k.shape[0] == 1 and weight.device.type == "cpu" and weight.numel() >= _ADDR_MIN:
             # one outer product: addr_ streams the weight 1.1-1.3x faster than addmm_ with an
-            # inner dimension of 1 (2-core EPYC, 576 x 1536 to 14336 x 4096); it rounds
-            # w + a*k without a fused multiply-add, a last-bit difference from addmm_
+            # inner dimension of 1 (2-core EPYC, 576 x 1536 to 14336 x 4096), and 1.1-1.6x
+            # slower below ~500k elements; it rounds w + a*k without a fused multiply-add, a
+            # last-bit difference from addmm_
             weight.addr_(left[:, 0], right[0])
         else:
             weight.addmm_(left, right)
