@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 EXT_NAME = "ultraedit_kernels._C"
 DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0"
 HOST_SOURCES = ["csrc/ops.cpp", "csrc/cholesky/host.cpp", "csrc/cholesky/host_gemm.cpp",
-                "csrc/stats/moments.cpp"]
+                "csrc/stats/moments.cpp", "csrc/checks/abs_max.cpp"]
 GENERATED_INCLUDE = os.path.join("build", "ultraedit_generated")
 CXX_FLAGS = ["-O3", "-ffp-contract=fast", "-Wno-psabi"]
 NVCC_FLAGS = ["-O3", "-lineinfo"]
