@@ -12,9 +12,6 @@
 //                                      bool official) -> (Tensor, Tensor, Tensor)      (CPU)
 //     blocks: matrices of B rows (float32 or float64) whose columns, side by side, are the
 //     block merged into the running float64 (count, mean, m2); returns the new three.
-//   torch.ops.ultraedit_C.apply_shift_(Tensor(a!) weight, Tensor keys, Tensor factors,
-//                                      bool linear) -> ()                               (CPU)
-//     W += Aᵀ K (linear) or Kᵀ A (conv1d) in place; float32 or float64, one dtype.
 //
 // The algorithms live in torch-free files (cholesky/host.cpp, cholesky/device.cu,
 // stats/moments.cpp); this
@@ -164,45 +161,6 @@ at::Tensor gram_cpu(const at::Tensor& x, double ridge, bool rows) {
   return g;
 }
 
-// apply_shift_(weight, keys, factors, linear): the rank-N update in place with the built-in
-// packed GEMM (cholesky/host_gemm.cpp), W += Aᵀ K (linear: W d_out x d_in) or W += Kᵀ A
-// (conv1d: W d_in x d_out); keys K (N x d_in) and factors A (N x d_out) in the weight's dtype,
-// float32 or float64; rows of the weight contiguous.  Threads only above 2^30 multiply-adds:
-// every parallel call starts its std::threads (~1-3 ms on the 2-core VM).
-void apply_shift_cpu(at::Tensor weight, const at::Tensor& keys, const at::Tensor& factors,
-                     bool linear) {
-  TORCH_CHECK(weight.device().is_cpu() && keys.device().is_cpu() && factors.device().is_cpu(),
-              "apply_shift_: CPU tensors expected");
-  TORCH_CHECK(weight.dim() == 2 && keys.dim() == 2 && factors.dim() == 2,
-              "apply_shift_: matrices expected");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble,
-              "apply_shift_: a float32 or float64 weight expected, got ", weight.scalar_type());
-  TORCH_CHECK(keys.scalar_type() == weight.scalar_type() &&
-                  factors.scalar_type() == weight.scalar_type(),
-              "apply_shift_: keys and factors must have the weight's dtype");
-  TORCH_CHECK(weight.stride(1) == 1 && weight.stride(0) >= weight.size(1),
-              "apply_shift_: the weight's rows must be contiguous");
-  const int64_t rank = keys.size(0);
-  TORCH_CHECK(factors.size(0) == rank, "apply_shift_: keys and factors differ in rows");
-  const at::Tensor k = keys.contiguous(), a = factors.contiguous();
-  const at::Tensor& left = linear ? a : k;    // W += leftᵀ right: left N x rows(W)
-  const at::Tensor& right = linear ? k : a;   //                 right N x cols(W)
-  const int64_t m = weight.size(0), n = weight.size(1);
-  TORCH_CHECK(left.size(1) == m && right.size(1) == n, "apply_shift_: the weight is ",
-              weight.sizes(), " but keys ", keys.sizes(), " and factors ", factors.sizes(),
-              linear ? " imply (d_out, d_in)" : " imply (d_in, d_out)");
-  if (rank == 0 || m == 0 || n == 0) return;
-  const int threads = at::get_num_threads();
-  const uc::ParallelFor pfor = threads > 1 && m * n * rank >= (int64_t(1) << 30)
-                                   ? uc::thread_pool_for(threads)
-                                   : uc::ParallelFor(uc::serial_for);
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "apply_shift_cpu", [&] {
-    uc::gemm_native(pfor, /*trans_a=*/true, /*trans_b=*/false, m, n, rank, scalar_t(1),
-                    left.data_ptr<scalar_t>(), m, right.data_ptr<scalar_t>(), n,
-                    weight.data_ptr<scalar_t>(), weight.stride(0));
-  });
-}
-
 // stats_update(blocks, count, mean, m2, official): one pass over each block (stats/moments.cpp);
 // the blocks' columns are independent, so each fills its own range of the new mean and m2.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_update_cpu(at::TensorList blocks,
@@ -330,14 +288,12 @@ TORCH_LIBRARY(ultraedit_C, m) {
   m.def("gram(Tensor x, float ridge, bool rows) -> Tensor");
   m.def("stats_update(Tensor[] blocks, Tensor count, Tensor mean, Tensor m2, bool official) -> "
         "(Tensor, Tensor, Tensor)");
-  m.def("apply_shift_(Tensor(a!) weight, Tensor keys, Tensor factors, bool linear) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ultraedit_C, CPU, m) {
   m.impl("spd_solve", &spd_solve_cpu);
   m.impl("gram", &gram_cpu);
   m.impl("stats_update", &stats_update_cpu);
-  m.impl("apply_shift_", &apply_shift_cpu);
 }
 
 #ifdef UE_WITH_CUDA

@@ -79,47 +79,6 @@ def _(weight, keys, factors, linear):
 _backends.register_impl(OP, "torch", apply_shift_reference)
 
 
-# --- compiled implementation (csrc/ops.cpp: torch.ops.ultraedit_C.apply_shift_, CPU) ---------
-
-def _cpp_available(device: torch.device) -> Optional[str]:
-    if device.type != "cpu":
-        return "the cpp backend computes CPU tensors only"
-    return _extension.native_op_ready("cpu", "apply_shift_", _fake_native)
-
-
-def _fake_native(weight, keys, factors, linear):
-    return None
-
-
-def _native_fits(weight: torch.Tensor) -> bool:
-    return (weight.dtype in (torch.float32, torch.float64) and weight.stride(-1) == 1
-            and weight.stride(0) >= weight.shape[1])
-
-
-def apply_shift_native(weight: torch.Tensor, keys: torch.Tensor, factors: torch.Tensor,
-                       linear: bool) -> None:
-    """The host build: the built-in packed GEMM of ``csrc/cholesky/host_gemm.cpp`` adds the
-    product straight into the weight (float32/float64 weights with contiguous rows; others go
-    to the reference).  Each entry is rounded once per 256 rows of keys, as in the reference's
-    BLAS call, in another summation order (an ``apply_shift`` tolerance apart)."""
-    if not _native_fits(weight):
-        apply_shift_reference(weight, keys, factors, linear)
-        return
-    dtype = weight.dtype
-    torch.ops.ultraedit_C.apply_shift_(weight, keys if keys.dtype == dtype else keys.to(dtype),
-                                       factors if factors.dtype == dtype else factors.to(dtype),
-                                       bool(linear))
-
-
-def _auto_ok(weight, keys, factors, linear=True) -> bool:
-    return _native_fits(weight)
-
-
-# `auto` uses it only where this machine's calibration measured it faster than the reference.
-_backends.register_impl(OP, "cpp", apply_shift_native, available=_cpp_available,
-                        auto_ok=_auto_ok)
-
-
 def layout_of(module: torch.nn.Module) -> str:
     """``"linear"`` for ``nn.Linear``, ``"conv1d"`` for GPT-2 style ``Conv1D``."""
     if isinstance(module, torch.nn.Linear):

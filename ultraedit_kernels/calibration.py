@@ -13,7 +13,6 @@ otherwise the reference.  Shape features per op:
 ``gram``            m (output size), r (reduction length)
 ``pseudo_values``   n (rows), d (d_in + d_out)
 ``stats_update*``   n (rows), d (columns)
-``apply_shift``     n (rows of keys and factors), size (the weight's elements)
 ==================  =====================================================================
 
 Results are cached as JSON in ``$XDG_CACHE_HOME/ultraedit_kernels/`` (``~/.cache`` when unset),
@@ -87,9 +86,6 @@ GRIDS: Dict[str, Dict[str, Tuple[Tuple[str, ...], Tuple[Tuple[int, ...], ...]]]]
     # ~2 s for both ops, paid once, in the first turn that needs them)
     "stats_update": {"all": (("n", "d"), ((16, 256, 1024), (2048, 16384)))},
     "stats_update2": {"all": (("n", "d"), ((16, 256, 1024), (2048, 16384)))},
-    # weights of 2^18 to 2^22 elements (a 4 MiB-element weight at 512 rows: ~0.05 s per call on
-    # the 2-core CPU); larger weights take the ratio of the largest
-    "apply_shift": {"all": (("n", "size"), ((1, 16, 64, 256, 512), (1 << 18, 1 << 20, 1 << 22)))},
 }
 BATCH = 4           # systems per call in the "batched" class
 # Axes along which a native implementation is not assumed to keep its measured ratio beyond the
@@ -116,8 +112,6 @@ def features(op: str, args: Sequence) -> Optional[Tuple[str, Tuple[float, ...]]]
         return "all", tuple(args[0].shape)
     if op == "stats_update2":
         return "all", (args[0].shape[0], args[0].shape[1] + args[1].shape[1])
-    if op == "apply_shift":
-        return "all", (args[1].shape[0], args[0].numel())
     return None
 
 
@@ -151,20 +145,8 @@ def _feature_args(op, n, d_in, d_out, device):
     return None
 
 
-def _apply_args(n, d_in, d_out, device):
-    gen = torch.Generator().manual_seed(n + d_in + d_out)
-    weight = (torch.randn(d_out, d_in, generator=gen) * 0.02).to(device)
-    keys = torch.randn(n, d_in, generator=gen).to(device)
-    factors = (torch.randn(n, d_out, generator=gen) * 1e-4).to(device)
-    return weight, keys, factors, True
-
-
 def grid_args(op: str, cls: str, point: Sequence[int], device: torch.device):
     """Synthetic float32 inputs of ``op`` at one grid point."""
-    if op == "apply_shift":   # a Linear weight d_out x d_in with d_in ~ 8/3 d_out (an MLP's down)
-        n, size = point
-        d_out = max(16, round(math.sqrt(size * 3 / 8) / 16) * 16)
-        return _apply_args(n, size // d_out, d_out, device)
     if op == "spd_solve":
         n, k = point
         return _spd_args(n, k, BATCH if cls == "batched" else 1, device)
@@ -181,8 +163,6 @@ def example_args(op: str, n: int, d_in: int, d_out: int, device: torch.device):
         return _spd_args(n, d_out, 1, device)
     if op in ("gram", "pseudo_values", "stats_update", "stats_update2"):
         return _feature_args(op, n, d_in, d_out, device)
-    if op == "apply_shift":
-        return _apply_args(n, d_in, d_out, device)
     return None
 
 
@@ -307,15 +287,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _result(op, fn, args):
-    """The tensor that ``fn`` (an implementation of ``op``) computes from ``args``; the in-place
-    update is applied to a copy of the weight and its change returned (the check compares the
-    update, not the weight it is added to)."""
-    if op == "apply_shift":
-        weight = args[0].clone()
-        fn(weight, *args[1:])
-        return weight.double() - args[0].double()
-    out = fn(*args)
+def _first_tensor(out):
     if isinstance(out, (tuple, list)):
         return out[1] if len(out) == 3 else out[0]   # stats ops: the mean
     return out
@@ -330,12 +302,12 @@ def measure_point(op: str, cls: str, point: Sequence[int], device: torch.device,
     impls = _backends.implementations(op)
     args = grid_args(op, cls, point, device)
     names = ["torch"] + [b for b in backends if b != "torch"]
-    reference = _result(op, impls["torch"].fn, args).double()
+    reference = _first_tensor(impls["torch"].fn(*args)).double()
     times: Dict[str, List[float]] = {b: [] for b in names}
     rejected = {}
     for b in names[1:]:   # warm-up and agreement with the reference
         try:
-            got = _result(op, impls[b].fn, args).double()
+            got = _first_tensor(impls[b].fn(*args)).double()
             err = float((got - reference).norm() / reference.norm().clamp_min(1e-300))
             if not err <= AGREE_RTOL:
                 rejected[b] = f"relative difference {err:.1e} from the reference"

@@ -27,7 +27,6 @@ constexpr int kMR = 6;
 constexpr int64_t kKC = 256;
 constexpr int64_t kMC = 96;    // multiple of kMR; kMC x kKC of A stays in L2
 constexpr int64_t kNC = 1024;  // kKC x kNC of B
-constexpr int64_t kShallow = 32;  // below this depth C is swept by rows (see gemm_serial)
 
 template <typename T>
 UE_INLINE void pack_a(bool ta, const T* a, int64_t lda, int64_t i0, int64_t mc, int64_t p0,
@@ -109,18 +108,6 @@ UE_INLINE void gemm_serial(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T 
       for (int64_t ic = 0; ic < m; ic += kMC) {
         const int64_t mc = std::min(kMC, m - ic);
         pack_a(ta, a, lda, ic, mc, pc, kc, abuf);
-        if (kc < kShallow) {
-          // a shallow product is bound by C's traffic: sweep C along its rows (kMR rows at a
-          // time, left to right), which the hardware prefetchers stream
-          for (int64_t ir = 0; ir < mc; ir += kMR) {
-            for (int64_t jr = 0; jr < nc; jr += NR) {
-              micro_kernel<T>(kc, abuf + ir * kc, bbuf + jr * kc,
-                              c + (ic + ir) * ldc + jc + jr, ldc, alpha,
-                              std::min<int64_t>(kMR, mc - ir), std::min<int64_t>(NR, nc - jr));
-            }
-          }
-          continue;
-        }
         for (int64_t jr = 0; jr < nc; jr += NR) {
           for (int64_t ir = 0; ir < mc; ir += kMR) {
             micro_kernel<T>(kc, abuf + ir * kc, bbuf + jr * kc,
@@ -373,7 +360,7 @@ void gemm_parallel(const ParallelFor& pfor, bool ta, bool tb, int64_t m, int64_t
   };
   if (units == 1 || flops < (int64_t(1) << 18)) {
     // one pass on the calling thread, on its kept buffers: a fresh zero-filled 1 MiB packing
-    // buffer per call measured ~2% of a rank-50 update of a 576 x 1536 weight
+    // buffer per call measured ~2% of a 50-deep product into a 576 x 1536 matrix
     std::vector<T> own_a, own_b;
     T* abuf = scratch(own_a, static_cast<size_t>(kMC * kKC), 0);
     T* bbuf = scratch(own_b, static_cast<size_t>(kKC * (std::min(kNC, n) + NR)), 1);
