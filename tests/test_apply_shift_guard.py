@@ -51,3 +51,16 @@ def test_both_paths_give_the_same_maxima_and_refuse_non_finite_input(host, monke
         with pytest.raises(ValueError, match="NaN/Inf"):
             uk.apply_shift_(weight, k, factors, layout="linear")
         assert torch.equal(weight, before)
+
+
+def test_check_false_is_the_plain_update():
+    """``check=False``: no guard, the same ``addmm_`` as plain PyTorch, bit for bit; argument
+    errors are still raised."""
+    g = torch.Generator().manual_seed(5)
+    keys, factors = torch.randn(9, 30, generator=g), torch.randn(9, 20, generator=g) * 1e-3
+    weight = torch.randn(20, 30, generator=g)
+    plain = weight.clone().addmm_(factors.T, keys)
+    uk.apply_shift_(weight, keys, factors, layout="linear", check=False)
+    assert torch.equal(weight, plain)
+    with pytest.raises(ValueError, match="shape"):
+        uk.apply_shift_(torch.zeros(30, 20), keys, factors, layout="linear", check=False)

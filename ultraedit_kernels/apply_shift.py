@@ -11,7 +11,8 @@ bf16/fp16 weights are updated in row blocks: each block is computed in float32 a
 rounded once, so the temporary is at most ``_BLOCK_BYTES``.
 
 The weight never receives NaN/Inf: non-finite keys or factors, or a product that would
-overflow the weight's dtype, raise ``ValueError`` with the weight unchanged.
+overflow the weight's dtype, raise ``ValueError`` with the weight unchanged (unless the caller
+passes ``check=False``).
 
 Equivalent PyTorch::
 
@@ -90,11 +91,17 @@ def layout_of(module: torch.nn.Module) -> str:
 
 
 def apply_shift_(weight, keys: torch.Tensor, factors: torch.Tensor,
-                 layout: Optional[str] = None) -> None:
+                 layout: Optional[str] = None, *, check: bool = True) -> None:
     """In place: add ``ΔW = keysᵀ factors`` to ``weight`` (a tensor, or a Linear/Conv1D module).
 
     ``layout`` is ``"linear"`` (weight d_out x d_in) or ``"conv1d"`` (weight d_in x d_out);
     it is inferred when a module is passed.  See the module docstring for the formula.
+
+    ``check=False`` skips the guard that keeps NaN/Inf out of the weight (one read of the keys
+    and factors, 1-4% of the product at the 576 x 1536 shapes of the embedded model on a
+    2-core CPU, ~0.2% at 7B shapes): the caller vouches for finite inputs whose product cannot
+    overflow the weight's dtype, and the call is the plain ``addmm_``.  Shapes, dtypes and
+    devices are still checked.
     """
     if isinstance(weight, torch.nn.Module):
         inferred = layout_of(weight)
@@ -120,7 +127,7 @@ def apply_shift_(weight, keys: torch.Tensor, factors: torch.Tensor,
         raise ValueError(f"weight ({weight.device}), keys ({keys.device}) and factors "
                          f"({factors.device}) must be on one device")
     linear = layout == "linear"
-    if not _update_is_safe(weight, keys, factors):
+    if check and not _update_is_safe(weight, keys, factors):
         # The bound could not rule out an overflow (or an input is not finite): compute the
         # updated weight out of place and write it only if every entry is finite.
         check_finite("keys", keys)
