@@ -7,7 +7,7 @@ Public API (plain tensors in, plain tensors out; no transformers dependency)::
     pseudo_values(keys, values_grad, stats, lr=1e-6)                  -> V  (N x d_out)
     shift_factors(keys, values_grad, stats, lr=1e-6, ridge=1.0)       -> A  (N x d_out), ΔW = Kᵀ A
     param_shift(keys, values_grad, stats, lr, ridge, method="auto")   -> ΔW (d_in x d_out)
-    apply_shift_(weight_or_module, keys, A, layout=None)              in place
+    apply_shift_(weight_or_module, keys, A, layout=None, check=True)  in place
     gram(x, ridge, rows=True), spd_solve(a, b)                        building blocks
     spd_factor(a) -> (L, info), spd_solve_factored(L, b)              factor once, solve many
 
