@@ -8,12 +8,19 @@ reaches ``target``:
     V_r = lr_r · V1_r,   lr_r = clip(c · (L_r - target) / D_r, lr, lr · max_scale)
     D_r = -Σ_modules Σ_{rows of r} ∂L_r/∂out · V1_row        (first-order decrease per unit lr)
 
-(``V1`` = the pseudo-values with lr 1, ``L_r`` = the request's summed answer cross-entropy).
+(``V1`` = the pseudo-values with lr 1, ``L_r`` = the request's summed answer cross-entropy;
+``target`` is per answer token: ``L_r - target · T_r`` for a request of ``T_r`` answer tokens).
+With ``--secant`` the decrease per unit step is the one seen, not predicted: a turn's first step
+is the preset's, and every later step scales request ``r``'s pseudo-values by
+``clip(c · (L_r - target · T_r) / s_r, 1, max_scale)`` with ``s_r`` the drop of ``L_r`` over the
+last step divided by that step's scale (a secant; where the loss did not drop, the last scale).
 Requests already predicted keep V = 0 (``hold_done``), so the turn still ends when all hold.
-Monkey-patches the editor (subject positions only); prints per-step predicted counts and scores
-with ``ultraedit.eval`` as ``ultraedit run`` does.
+Monkey-patches the editor (subject positions only; one backward per micro-batch,
+``backward_group = 1``, to read each request's loss; whitened pseudo-values are scaled too);
+prints per-step predicted counts and scores with ``ultraedit.eval`` as ``ultraedit run`` does.
 
     PYTHONPATH=python python experiments/polyak_steps.py --turns 2 --edits 25 --c 1 --json out.json
+    PYTHONPATH=python python experiments/polyak_steps.py --secant --target 0.7 --max-scale 8 --json out.json
 """
 import argparse
 
@@ -29,11 +36,11 @@ from ultraedit_kernels import EPS, pseudo_values_op
 STASH = {"ce": [], "w": [], "scale": None, "log": []}
 
 
-def forward_backward(model, batch):
+def forward_backward(model, batch, margin=0.0):
     labels = batch["labels"]
     mask = labels != -100
     with torch.enable_grad():
-        rows = batching.answer_logits(model, batch, mask)
+        rows = batching._float_rows(batching.answer_logits(model, batch, mask))
         target = labels[mask].to(rows.device)
         owner = mask.nonzero()[:, 0].to(rows.device)
         ce = F.cross_entropy(rows, target, reduction="none")
@@ -46,29 +53,46 @@ def forward_backward(model, batch):
         loss.backward()
     per_req = torch.zeros(mask.shape[0], dtype=ce.dtype).index_add_(0, owner.cpu(), ce.detach().cpu())
     order = batch.get("request_index")
-    STASH["ce"].append((per_req, w.detach().cpu(), None if order is None else order.cpu()))
-    return loss.detach(), batching._predicted(rows, target, mask)
+    STASH["ce"].append((per_req, mask.sum(1).cpu(), w.detach().cpu(),
+                        None if order is None else order.cpu()))
+    return loss.detach(), batching._predicted(rows, target, mask, margin)
 
 
 class PolyakEditor(editor_mod.UltraEditor):
     c = 1.0
     target = 0.0
     max_scale = 64.0
+    secant = False
 
-    def _capture(self, batches, meter, first):
+    def _capture(self, batches, size, meter, first):
         STASH["ce"].clear()
-        out = super()._capture(batches, meter, first)
-        per_req, weights, orders = zip(*STASH["ce"])
-        ce, w = torch.cat(per_req), torch.cat(weights)
+        if first:
+            self._prev = None
+        out = super()._capture(batches, size, meter, first)
+        per_req, tokens, weights, orders = zip(*STASH["ce"])
+        ce, t, w = torch.cat(per_req), torch.cat(tokens), torch.cat(weights)
         if all(o is not None for o in orders):   # forwards by length: back in turn order
             perm = torch.argsort(torch.cat(orders), stable=True)
-            ce, w = ce[perm], w[perm]
-        self._ce, self._w = ce.double(), w.double()
+            ce, t, w = ce[perm], t[perm], w[perm]
+        self._ce, self._tokens, self._w = ce.double(), t.double(), w.double()
         STASH["log"].append(out[1])
         return out
 
     def _solve(self, keys, grads, hold, priors, subjects):
         cfg = self.config
+        if self.secant:   # the decrease per unit step observed at the last step, not predicted
+            ce, goal = self._ce, self.target * self._tokens
+            if self._prev is None:
+                scale = torch.ones_like(ce)
+            else:
+                prev_ce, prev_scale = self._prev
+                seen = (prev_ce - ce) / prev_scale
+                scale = (self.c * (ce - goal).clamp_min(0) / seen.clamp_min(1e-30)).clamp(
+                    1.0, self.max_scale)
+                scale = torch.where(seen > 0, scale, prev_scale)
+            self._prev = (ce, scale)
+            STASH["scale"] = scale
+            return super()._solve(keys, grads, hold, priors, subjects)
         n = len(self._ce)
         dec = torch.zeros(n, dtype=torch.float64)
         for name, k in keys.items():
@@ -77,7 +101,7 @@ class PolyakEditor(editor_mod.UltraEditor):
             st = self._stats_for(name, k.device)
             v1 = pseudo_values_op(k, grads[name], st.mean, st.std, 1.0, EPS).double()
             dec += -(grads[name].double() * v1).sum(1) / self._w
-        lr_r = self.c * (self._ce - self.target).clamp_min(0) / dec.clamp_min(1e-30)
+        lr_r = self.c * (self._ce - self.target * self._tokens).clamp_min(0) / dec.clamp_min(1e-30)
         scale = (lr_r / cfg.lr).clamp(1.0, self.max_scale)
         scale[dec <= 0] = 1.0
         STASH["scale"] = scale
@@ -85,10 +109,17 @@ class PolyakEditor(editor_mod.UltraEditor):
 
 
 _pv = solver_mod.pseudo_values_op
+_wpv = solver_mod.whitened_pseudo_values
 
 
 def scaled_pseudo_values(keys, grads, mean, std, lr, eps):
     v = _pv(keys, grads, mean, std, lr, eps)
+    s = STASH["scale"]
+    return v if s is None else v * s.to(v)[:, None]
+
+
+def scaled_whitened_pseudo_values(keys, grads, stats, whitener, lr, eps):
+    v = _wpv(keys, grads, stats, whitener, lr, eps)
     s = STASH["scale"]
     return v if s is None else v * s.to(v)[:, None]
 
@@ -100,16 +131,20 @@ def main():
     ap.add_argument("--target", type=float, default=0.0)
     ap.add_argument("--max-scale", type=float, default=64.0)
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--secant", action="store_true",
+                    help="the step from the loss decrease seen at the last step (secant)")
     ap.add_argument("--off", action="store_true", help="the preset as is (no Polyak)")
     args = ap.parse_args()
     from ultraedit import EditConfig
 
     model, tok, records = _common.load_stream(args)
     if not args.off:
-        editor_mod.forward_backward = forward_backward
+        batching.forward_backward = forward_backward
         solver_mod.pseudo_values_op = scaled_pseudo_values
+        solver_mod.whitened_pseudo_values = scaled_whitened_pseudo_values
     PolyakEditor.c, PolyakEditor.target, PolyakEditor.max_scale = args.c, args.target, args.max_scale
-    cfg = EditConfig.for_model(model, steps=args.steps)
+    PolyakEditor.secant = args.secant
+    cfg = EditConfig.for_model(model, steps=args.steps, backward_group=1)
     ed = (editor_mod.UltraEditor if args.off else PolyakEditor)(model, tok, config=cfg)
     real_edit = ed.edit
 
