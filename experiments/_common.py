@@ -106,3 +106,41 @@ def other_prefix_paraphrases(record):
     before = record.prompt[:record.prompt.find(record.subject)]
     return [p for p in record.paraphrases
             if p.find(record.subject) >= 0 and p[:p.find(record.subject)] != before]
+
+
+def down_proj_keys(model, layers):
+    """``(keys, remove)``: ``keys(ids)`` runs ``model`` on one sequence of token ids without
+    autograd and returns the float64 inputs of ``model.model.layers[i].mlp.down_proj`` for ``i``
+    in ``layers`` (L x T x d); ``remove()`` takes the hooks off again."""
+    import torch
+
+    store = {}
+    handles = [model.model.layers[i].mlp.down_proj.register_forward_pre_hook(
+        lambda mod, inp, i=i: store.__setitem__(i, inp[0][0].detach().double()))
+        for i in layers]
+
+    def keys(ids):
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]))
+        return torch.stack([store[i] for i in layers])
+
+    def remove():
+        for h in handles:
+            h.remove()
+    return keys, remove
+
+
+def generic_token_keys(model, tokenizer, keys, new_tokens=48):
+    """``keys`` (:func:`down_proj_keys`) of every token of the generic prompts
+    (``ultraedit.preserve.GENERIC_PROMPTS``) followed by the model's own greedy continuation of
+    ``new_tokens`` tokens, the tokenizer's special prefix left out: L x T x d."""
+    import torch
+    from ultraedit.eval.probing import greedy_continuations
+    from ultraedit.preserve import GENERIC_PROMPTS
+    from ultraedit.tokenization import encode_request, special_prefix
+
+    prefix = special_prefix(tokenizer)
+    prompt_ids = [encode_request(tokenizer, p, "x", prefix)[0] for p in GENERIC_PROMPTS]
+    return torch.cat([keys(p + list(c))[:, len(prefix):] for p, c in
+                      zip(prompt_ids, greedy_continuations(model, tokenizer, prompt_ids,
+                                                           new_tokens))], 1)

@@ -29,7 +29,8 @@ import sys
 
 import torch
 
-from _common import other_prefix_paraphrases  # (and the repository on sys.path)
+from _common import (down_proj_keys, generic_token_keys,  # (and the repository on sys.path)
+                     other_prefix_paraphrases)
 
 
 def reach(d, k, para, owner):
@@ -54,28 +55,16 @@ def main(argv=None):
     torch.set_num_threads(1)
 
     from ultraedit.data.formats import load_records
-    from ultraedit.eval.probing import greedy_continuations
     from ultraedit.models import load_model
-    from ultraedit.preserve import GENERIC_PROMPTS, mined_subjects
+    from ultraedit.preserve import mined_subjects
     from ultraedit.tokenization import encode_request, special_prefix, subject_token_index
 
     model, tok = load_model("default")
     model.eval()
     layers = [int(x) for x in a.layers.split(",")]
     prefix = special_prefix(tok)
-    store = {}
-    handles = [model.model.layers[i].mlp.down_proj.register_forward_pre_hook(
-        lambda mod, inp, i=i: store.__setitem__(i, inp[0][0].detach().double()))
-        for i in layers]
-
-    def keys(ids):
-        with torch.no_grad():
-            model(input_ids=torch.tensor([ids]))
-        return torch.stack([store[i] for i in layers])          # L x T x d
-
-    prompt_ids = [encode_request(tok, p, "x", prefix)[0] for p in GENERIC_PROMPTS]
-    g = torch.cat([keys(p + list(c))[:, len(prefix):]
-                   for p, c in zip(prompt_ids, greedy_continuations(model, tok, prompt_ids, 48))], 1)
+    keys, remove_hooks = down_proj_keys(model, layers)
+    g = generic_token_keys(model, tok, keys)                      # L x T x d
     mean, std = g.mean(1), g.std(1).clamp_min(1e-6)             # L x d
     names = mined_subjects(model, tok)[:a.names]
 
@@ -93,8 +82,7 @@ def main(argv=None):
         at = r.prompt.find(r.subject)
         templates.append(torch.stack([subject_key(r.prompt[:at] + s + r.prompt[at + len(r.subject):], s)
                                       for s in names], 1))      # L x S x d
-    for h in handles:
-        h.remove()
+    remove_hooks()
     raw_k = torch.stack(rewrite, 1)                               # L x R x d
     raw_p = torch.stack([k for _, k in pairs], 1)                 # L x P x d
     owner = torch.tensor([i for i, _ in pairs])

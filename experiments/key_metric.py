@@ -22,7 +22,8 @@ import sys
 
 import torch
 
-from _common import other_prefix_paraphrases  # (and the repository on sys.path)
+from _common import (down_proj_keys, generic_token_keys,  # (and the repository on sys.path)
+                     other_prefix_paraphrases)
 
 
 def main(argv=None):
@@ -37,9 +38,7 @@ def main(argv=None):
     torch.set_num_threads(1)
 
     from ultraedit.data.formats import load_records
-    from ultraedit.eval.probing import greedy_continuations
     from ultraedit.models import load_model
-    from ultraedit.preserve import GENERIC_PROMPTS
     from ultraedit.tokenization import encode_request, special_prefix, subject_token_index
 
     model, tok = load_model("default")
@@ -47,22 +46,10 @@ def main(argv=None):
     layers = [int(x) for x in a.layers.split(",")]
     rhos = [float(x) for x in a.rho.split(",")]
     prefix = special_prefix(tok)
-    store = {}
-    handles = [model.model.layers[i].mlp.down_proj.register_forward_pre_hook(
-        lambda mod, inp, i=i: store.__setitem__(i, inp[0][0].detach().double()))
-        for i in layers]
-
-    def keys(ids):
-        with torch.no_grad():
-            model(input_ids=torch.tensor([ids]))
-        return torch.stack([store[i] for i in layers])          # L x T x d
+    keys, remove_hooks = down_proj_keys(model, layers)
 
     # generic tokens: the prompts and the model's own continuations of them
-    prompt_ids = [encode_request(tok, p, "x", prefix)[0] for p in GENERIC_PROMPTS]
-    generic = [keys(p + list(g))[:, len(prefix):]
-               for p, g in zip(prompt_ids, greedy_continuations(model, tok, prompt_ids,
-                                                                a.new_tokens))]
-    g = torch.cat(generic, 1)                                    # L x T x d
+    g = generic_token_keys(model, tok, keys, a.new_tokens)      # L x T x d
     mean, std = g.mean(1, keepdim=True), g.std(1, keepdim=True).clamp_min(1e-6)
     z = (g - mean) / std
     second = torch.einsum("ltd,lte->lde", z, z) / z.shape[1]     # L x d x d
@@ -79,8 +66,7 @@ def main(argv=None):
         rewrite.append(subject_key(r.prompt, r.subject))
         for p in other_prefix_paraphrases(r):
             pairs.append((len(rewrite) - 1, subject_key(p, r.subject)))
-    for h in handles:
-        h.remove()
+    remove_hooks()
     rw = torch.stack(rewrite, 1)                                 # L x R x d
     para = torch.stack([k for _, k in pairs], 1)                 # L x P x d
     owner = torch.tensor([i for i, _ in pairs])
