@@ -144,3 +144,19 @@ def generic_token_keys(model, tokenizer, keys, new_tokens=48):
     return torch.cat([keys(p + list(c))[:, len(prefix):] for p, c in
                       zip(prompt_ids, greedy_continuations(model, tokenizer, prompt_ids,
                                                            new_tokens))], 1)
+
+
+def edit_reach(direction, keys, paraphrase_keys, owner):
+    """How far rank-one edits reach: the edit ``v dᵀ`` made at the key ``k`` (rows of
+    ``direction`` and ``keys``, R x d) moves the output at a key ``k'`` by
+    ``r(k') = k'ᵀ d / kᵀ d`` of what it moves at ``k``. Returns ``(same, nearest, other)``: the
+    mean ``r`` at each record's paraphrase keys (``paraphrase_keys``, P x d, of record
+    ``owner``), and over records the largest and the mean ``|r|`` at the other records' keys."""
+    import torch
+
+    own = (direction * keys).sum(-1)
+    same = (direction[owner] * paraphrase_keys).sum(-1) / own[owner]
+    off = ~torch.eye(keys.shape[0], dtype=torch.bool)
+    cross = ((direction @ keys.T) / own[:, None]).abs()
+    return (float(same.mean()), float(cross.masked_fill(~off, -1).max(1).values.mean()),
+            float(cross[off].mean()))

@@ -29,18 +29,8 @@ import sys
 
 import torch
 
-from _common import (down_proj_keys, generic_token_keys,  # (and the repository on sys.path)
-                     other_prefix_paraphrases)
-
-
-def reach(d, k, para, owner):
-    """``(same, nearest, other)`` of directions ``d`` (R x d) made at keys ``k`` (R x d)."""
-    own = (d * k).sum(-1)
-    same = (d[owner] * para).sum(-1) / own[owner]
-    off = ~torch.eye(k.shape[0], dtype=torch.bool)
-    cross = ((d @ k.T) / own[:, None]).abs()
-    return (round(float(same.mean()), 3), round(float(cross.masked_fill(~off, -1).max(1).values.mean()), 3),
-            round(float(cross[off].mean()), 3))
+from _common import (down_proj_keys, edit_reach,  # (and the repository on sys.path)
+                     generic_token_keys, other_prefix_paraphrases)
 
 
 def main(argv=None):
@@ -94,7 +84,8 @@ def main(argv=None):
            "columns": ["same", "nearest", "other"], "rows": {}}
 
     def row(name, direction, k, p):
-        out["rows"][name] = [reach(direction(li, k[li]), k[li], p[li], owner)
+        out["rows"][name] = [[round(x, 3) for x in edit_reach(direction(li, k[li]), k[li], p[li],
+                                                              owner)]
                              for li in range(len(layers))]
         print(f"{name:22s}", " ".join(f"L{layer}:{s:.2f}/{n:.2f}/{o:.3f}" for layer, (s, n, o)
                                       in zip(layers, out["rows"][name])), flush=True)

@@ -22,8 +22,8 @@ import sys
 
 import torch
 
-from _common import (down_proj_keys, generic_token_keys,  # (and the repository on sys.path)
-                     other_prefix_paraphrases)
+from _common import (down_proj_keys, edit_reach,  # (and the repository on sys.path)
+                     generic_token_keys, other_prefix_paraphrases)
 
 
 def main(argv=None):
@@ -70,7 +70,6 @@ def main(argv=None):
     rw = torch.stack(rewrite, 1)                                 # L x R x d
     para = torch.stack([k for _, k in pairs], 1)                 # L x P x d
     owner = torch.tensor([i for i, _ in pairs])
-    off = ~torch.eye(rw.shape[1], dtype=torch.bool)
     out = {"records": len(records), "paraphrases": len(pairs), "generic_tokens": z.shape[1],
            "layers": layers, "metrics": {}}
     eye = torch.eye(rw.shape[-1], dtype=torch.float64)
@@ -79,14 +78,9 @@ def main(argv=None):
         for li in range(len(layers)):
             m = eye if name == "identity" else torch.linalg.inv(
                 float(name[4:]) * second[li] + eye)
-            mk = rw[li] @ m                                       # R x d: (M k)ᵀ
-            self_r = (mk * rw[li]).sum(-1)                         # kᵀ M k
-            same = (mk[owner] * para[li]).sum(-1) / self_r[owner]
-            cross = (mk @ rw[li].T) / self_r[:, None]              # R x R: r at the others
-            cross = cross.abs().masked_fill(~off, -1)
-            rows.append({"layer": layers[li], "same": round(float(same.mean()), 3),
-                         "nearest": round(float(cross.max(1).values.mean()), 3),
-                         "other_mean": round(float(cross[off].mean()), 3)})
+            same, nearest, other = edit_reach(rw[li] @ m, rw[li], para[li], owner)   # d = M k
+            rows.append({"layer": layers[li], "same": round(same, 3),
+                         "nearest": round(nearest, 3), "other_mean": round(other, 3)})
         out["metrics"][name] = rows
         print(name, " ".join(f"L{r['layer']}:{r['same']:.2f}/{r['nearest']:.2f}" for r in rows),
               flush=True)

@@ -108,20 +108,14 @@ class PolyakEditor(editor_mod.UltraEditor):
         return super()._solve(keys, grads, hold, priors, subjects)
 
 
-_pv = solver_mod.pseudo_values_op
-_wpv = solver_mod.whitened_pseudo_values
-
-
-def scaled_pseudo_values(keys, grads, mean, std, lr, eps):
-    v = _pv(keys, grads, mean, std, lr, eps)
-    s = STASH["scale"]
-    return v if s is None else v * s.to(v)[:, None]
-
-
-def scaled_whitened_pseudo_values(keys, grads, stats, whitener, lr, eps):
-    v = _wpv(keys, grads, stats, whitener, lr, eps)
-    s = STASH["scale"]
-    return v if s is None else v * s.to(v)[:, None]
+def scaled(pseudo_values):
+    """``pseudo_values`` (the solver's plain or whitened one) with each request's row scaled by
+    ``STASH["scale"]`` (rows: requests, subject positions)."""
+    def wrapper(*args):
+        v = pseudo_values(*args)
+        s = STASH["scale"]
+        return v if s is None else v * s.to(v)[:, None]
+    return wrapper
 
 
 def main():
@@ -140,8 +134,8 @@ def main():
     model, tok, records = _common.load_stream(args)
     if not args.off:
         batching.forward_backward = forward_backward
-        solver_mod.pseudo_values_op = scaled_pseudo_values
-        solver_mod.whitened_pseudo_values = scaled_whitened_pseudo_values
+        solver_mod.pseudo_values_op = scaled(solver_mod.pseudo_values_op)
+        solver_mod.whitened_pseudo_values = scaled(solver_mod.whitened_pseudo_values)
     PolyakEditor.c, PolyakEditor.target, PolyakEditor.max_scale = args.c, args.target, args.max_scale
     PolyakEditor.secant = args.secant
     cfg = EditConfig.for_model(model, steps=args.steps, backward_group=1)
