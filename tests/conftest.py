@@ -69,8 +69,9 @@ def ue_tokenizer_nobos():
     return ue_make_tokenizer(with_bos=False)
 
 
-def ue_tiny_model(kind, vocab_size, seed=0, intermediate=48):
-    """A random-init causal LM from a config: 'llama', 'gpt2' (Conv1D) or 'gptj'."""
+def ue_tiny_model(kind, vocab_size, seed=0, intermediate=48, attn="eager"):
+    """A random-init causal LM from a config: 'llama', 'gpt2' (Conv1D) or 'gptj'; ``attn``: its
+    attention implementation."""
     import torch
     import transformers as tf
 
@@ -88,7 +89,7 @@ def ue_tiny_model(kind, vocab_size, seed=0, intermediate=48):
                             rotary_dim=4, **ids)
     else:
         raise ValueError(kind)
-    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
     return model.float().eval()
 
 

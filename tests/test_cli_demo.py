@@ -46,7 +46,7 @@ def test_method_flags_are_the_config_fields(command, tmp_path):
                               f"@{tmp_path / 'subjects.txt'}", "--preserve-contexts",
                               "{s} is,I saw {s}", "--modules", "x.y,re:z",
                               "--memory-budget-gib", "6", "--key-contexts", "2",
-                              "--whiten", "0.01", "--backward-group", "3", "--recheck", "4",
+                              "--whiten", "0.01", "--backward-group", "3", "--recheck", "4", "--pack", "off",
                               "--hold-margin", "1.5"])
     given = given_options(args)
     assert set(given) == set(EditConfig.field_names()) - {"delta_device"}
@@ -54,7 +54,7 @@ def test_method_flags_are_the_config_fields(command, tmp_path):
     assert cfg.preserve_subjects == ("Paris", "Japan") and cfg.accumulate is False
     assert cfg.preserve_contexts == ("{s} is", "I saw {s}") and cfg.modules == ("x.y", "re:z")
     assert cfg.micro_batch == "auto" and cfg.memory_budget_gib == 6.0 and cfg.key_contexts == 2
-    assert cfg.backward_group == 3
+    assert cfg.backward_group == 3 and cfg.pack == "off"
     assert cfg.whiten == 0.01 and cfg.recheck == 4 and cfg.hold_margin == 1.5
 
 

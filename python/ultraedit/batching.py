@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .config import PAPER_MICRO_BATCH
 
 __all__ = ["MicroBatchSizer", "memory_budget", "forward_backward", "weighted_forward_backward",
-           "grouped_forward_backward", "backward_group_size", "answer_logits", "group_parts", "joined", "request_order",
+           "grouped_forward_backward", "answer_loss_by_batch", "float_rows", "backward_group_size", "answer_logits", "group_parts", "joined", "request_order",
            "FREE_SHARE", "CPU_FALLBACK_BYTES"]
 
 GiB = 1 << 30
@@ -77,7 +77,7 @@ def _answer_loss(rows: torch.Tensor, batch: Dict[str, torch.Tensor], mask: torch
     return loss, _predicted(rows, target, mask, margin)
 
 
-def _float_rows(rows: torch.Tensor) -> torch.Tensor:
+def float_rows(rows: torch.Tensor) -> torch.Tensor:
     """Logits for the loss: float32, float64 kept."""
     return rows if rows.dtype == torch.float64 else rows.float()
 
@@ -124,7 +124,7 @@ def answer_logits(model, batch: Dict[str, torch.Tensor], mask: torch.Tensor) -> 
     finally:
         if handle is not None:
             handle.remove()
-    return _float_rows(logits[0] if gathered else logits[mask.to(logits.device)])
+    return float_rows(logits[0] if gathered else logits[mask.to(logits.device)])
 
 
 def _predicted(rows: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
@@ -219,7 +219,7 @@ def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begi
                                            f"on the hidden states of one forward and not of "
                                            f"another; use backward_group=1")
                     handle.remove()   # its logits are whole: this batch alone, then the rest
-                    loss, predicted = _answer_loss(_float_rows(out[mask.to(out.device)]), batch,
+                    loss, predicted = _answer_loss(float_rows(out[mask.to(out.device)]), batch,
                                                    mask, margin)
                     loss.backward()
                     return [(loss.detach(), predicted)] + _one_by_one(model, batches, begin, 1,
@@ -227,17 +227,24 @@ def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begi
             logits = out.reshape(-1, out.shape[-1])    # a view: no zero-filled gradient
         finally:
             handle.remove()
-        rows = _float_rows(logits)
-        # the cross-entropy batch by batch on a split of the rows: cache-sized pieces, and the
-        # split's backward concatenates their gradients (a slice's would zero-fill all rows)
-        sizes = [int(block.shape[0]) for block in pending]
-        losses, predicted = zip(*(_answer_loss(part, batch, mask, margin)
-                                  for batch, mask, part in zip(batches, masks, rows.split(sizes))))
+        losses, predicted = answer_loss_by_batch(float_rows(logits), batches, masks, margin)
         total = losses[0]
         for loss in losses[1:]:
             total = total + loss.to(total.device)
         total.backward()
     return [(loss.detach(), p) for loss, p in zip(losses, predicted)]
+
+
+def answer_loss_by_batch(rows: torch.Tensor, batches: List[Dict[str, torch.Tensor]],
+                         masks: List[torch.Tensor], margin: float = 0.0):
+    """``(losses, predicted)``: each batch's ``(L_b, predicted_b)`` (:func:`_answer_loss`) from
+    the answer rows of all ``batches`` (``(Σ n_b) x V``, batch after batch, each in row-major
+    order of its answer ``mask``)."""
+    # the cross-entropy batch by batch on a split of the rows: cache-sized pieces, and the
+    # split's backward concatenates their gradients (a slice's would zero-fill all rows)
+    sizes = [int(mask.sum()) for mask in masks]
+    return zip(*(_answer_loss(part, batch, mask, margin)
+                 for batch, mask, part in zip(batches, masks, rows.split(sizes))))
 
 
 def _one_by_one(model, batches, begin, start: int, margin: float = 0.0):

@@ -91,6 +91,11 @@ class EditConfig:
                 "backward (1: each alone, the paper's loop; the same gradients either way, the "
                 "group's activations held at once), or 'auto': on the CPU as many as the memory "
                 "budget fits, elsewhere 1 (ultraedit.batching)")
+    pack: str = _opt(
+        "auto", "forward each backward group's requests as one sequence of their tokens, no "
+                "padding, attention per request (the same gradients up to rounding): 'auto' on "
+                "the CPU when the model passes a check, 'on' anywhere (refused if it fails), "
+                "'off' (ultraedit.packing)", choices=("auto", "on", "off"))
     memory_budget_gib: Optional[float] = _opt(
         None, "GiB a turn may use with micro_batch='auto' (default: the model's weights plus "
               "85% of the free memory: the CUDA devices' free memory, or the available RAM)")
@@ -152,6 +157,8 @@ class EditConfig:
         if self.compat == "official" and self.positions != "answer":
             raise ValueError("compat='official' reproduces the reference code, which captures at "
                              "the answer positions; use positions='answer' with it")
+        if self.pack not in ("auto", "on", "off"):
+            raise ValueError(f"pack must be 'auto', 'on' or 'off', got {self.pack!r}")
         if self.normalizer not in ("shape", "module"):
             raise ValueError(f"normalizer must be 'shape' or 'module', got {self.normalizer!r}")
         mb = self.micro_batch

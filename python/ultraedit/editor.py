@@ -8,7 +8,8 @@ One turn (``UltraEditor.edit(requests)``), for requests ``(prompt, target)``:
    weights keep the given order's groups, the captured rows are put back in its order).
 2. **Capture**: per micro-batch a forward and the mean cross-entropy over its answer tokens (the
    paper's loss; ``"auto"``: ``ultraedit.batching``), a backward per ``backward_group`` of
-   micro-batches (the same gradients: ``ultraedit.batching``). Hooks take, for every
+   micro-batches (the same gradients: ``ultraedit.batching``), on the CPU as one packed sequence
+   of their tokens (``ultraedit.packing``). Hooks take, for every
    edited module ``m`` (d_in -> d_out), its inputs ``K_m`` (n x d_in) and the gradients of the loss w.r.t.
    its outputs ``G_m`` (n x d_out) at the answer positions (or at the subject's last token,
    ``positions="subject"``); no weight gradient is computed.
@@ -35,13 +36,13 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from ultraedit_kernels._profiling import nvtx_range
 
-from .batching import (MicroBatchSizer, backward_group_size, group_parts,
-                       grouped_forward_backward, joined, request_order)
+from .batching import MicroBatchSizer, backward_group_size, group_parts, joined, request_order
 from .config import PAPER_MICRO_BATCH, EditConfig, resolve_config
 from .fact_keys import fact_keys
 from .held import HeldRows
 from .hooks import CaptureSession, check_editable
 from .modules import module_dims, module_layout, resolve_modules
+from .packing import capture_group, pack_turn
 from .placement import weight_slots
 from .solver import Prior, Update, check_updates, first_non_finite, solve
 from .state import EditorState, KeyMemory, TurnJournal
@@ -126,12 +127,12 @@ class UltraEditor:
         steps_run = n_predicted = capture_bytes = 0
         keys: Dict[str, torch.Tensor] = {}
         applied: Dict[str, torch.Tensor] = {}
-        group = backward_group_size(self, reqs, batches)
+        group, pack = backward_group_size(self, reqs, batches), pack_turn(self, batches)
         held = HeldRows(len(reqs), cfg.recheck_every)  # recheck (ultraedit.held); 0: off
         with self.journal.transaction(self.state):
             for step in range(cfg.steps):
                 run = held.batches(batches, step)
-                parts, n_predicted, hold, first = self._capture(run, group, meter, step == 0)
+                parts, n_predicted, hold, first = self._capture(run, group, meter, step == 0, pack)
                 parts, n_predicted, hold = held.merge(parts, n_predicted, hold)
                 if step == 0:  # the report's loss and tokens: before this turn's first update
                     loss, n_tokens = first
@@ -159,10 +160,11 @@ class UltraEditor:
                           peak_source=source, capture_bytes=int(capture_bytes),
                           loss=loss / groups, modules=list(self.modules), steps_run=steps_run,
                           n_predicted=n_predicted, micro_batch=batches[0]["labels"].shape[0],
-                          backward_group=min(group, len(batches)))
+                          backward_group=min(group, len(batches)), packed=pack)
 
-    def _capture(self, batches, size: int, meter: TurnMeter, first: bool):
-        """A forward per micro-batch, a backward per ``size`` of them (``ultraedit.batching``):
+    def _capture(self, batches, size: int, meter: TurnMeter, first: bool, pack: bool):
+        """A forward per micro-batch (``pack``: one per ``size`` of them, ``ultraedit.packing``),
+        a backward per ``size`` of them (``ultraedit.batching``):
         ``(parts, n_predicted, hold, (loss, tokens))`` with ``parts[name]`` the micro-batches'
         ``(K, G)``, ``hold`` the rows of predicted requests (N bool, ``hold_done``; None when
         none is) and, on the first step, the summed micro-batch losses and the answer tokens."""
@@ -172,10 +174,8 @@ class UltraEditor:
         with nvtx_range("ultraedit/capture"), CaptureSession(self.model, self.modules) as cap:
             for start in range(0, len(batches), size):
                 group = batches[start:start + size]
-                begin = lambda i, b: cap.set_mask(masks[start + i], b["labels"] != -100)  # noqa: E731
-                results = meter.run(lambda: grouped_forward_backward(
-                    self.model, group, begin, self.config.hold_margin))
-                frames = cap.pop_frames()
+                results, frames = meter.run(lambda: capture_group(
+                    self.model, group, masks[start:start + size], cap, self.config.hold_margin, pack))
                 for batch, mask, (loss, predicted), kg in zip(group, masks[start:], results, frames):
                     if first:
                         n_tokens += int((batch["labels"] != -100).sum())

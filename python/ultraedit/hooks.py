@@ -113,17 +113,20 @@ class CaptureSession:
             self._saved_training = None
 
     # ------------------------------------------------------------------ capture
-    def set_mask(self, mask: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> int:
+    def set_mask(self, mask: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
+                 span: Optional[torch.Tensor] = None) -> int:
         """Set the captured positions ``mask`` (B x L bool) of the next forward (a new frame;
         the frames of earlier forwards stay until :meth:`pop`); returns the number of rows.
         ``loss_mask`` (B x L bool, default ``mask``): the positions with a loss, which bound the
-        backward's span (:func:`ultraedit.backward_rows.backward_span`)."""
-        for what, m in (("mask", mask), ("loss_mask", loss_mask)):
+        backward's span (:func:`ultraedit.backward_rows.backward_span`); ``span`` (B x L bool):
+        that span itself, when a row holds several sequences (``ultraedit.packing``)."""
+        for what, m in (("mask", mask), ("loss_mask", loss_mask), ("span", span)):
             if m is not None and (m.dim() != 2 or m.dtype != torch.bool or m.shape != mask.shape):
                 raise ValueError(f"{what} must be a 2-D bool tensor of the mask's shape, got "
                                  f"{tuple(m.shape)} {m.dtype}")
         if self._rows_backward is not None:
-            self._rows_backward.set_span(backward_span(mask, loss_mask))
+            self._rows_backward.set_span(backward_span(mask, loss_mask) if span is None
+                                         else span)
         frame = _Frame(MaskRows(mask))
         self._frames.append(frame)
         return frame.rows.count

@@ -75,6 +75,7 @@ class TurnReport:
     keys and gradients plus its solved factors. ``micro_batch``: requests per forward pass (the
     last one may hold fewer); with ``micro_batch="auto"`` the size the memory budget allowed.
     ``backward_group``: micro-batches per backward (``ultraedit.batching.backward_group_size``).
+    ``packed``: each backward group's requests ran as one packed sequence (``ultraedit.packing``).
     """
 
     turn: int
@@ -93,6 +94,7 @@ class TurnReport:
     n_predicted: int = 0
     micro_batch: int = 0
     backward_group: int = 1
+    packed: bool = False
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
