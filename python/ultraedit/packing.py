@@ -4,8 +4,8 @@ A turn's micro-batches are right padded ``B x L`` batches. Every matrix product 
 layer (q/k/v/o, the MLP) works on each token alone, so the group's ``T = Σ_r L_r`` real tokens
 can run as one ``(1, T)`` sequence: one product of ``T`` rows per linear layer instead of one
 per micro-batch of ``~T/10`` rows, and no padded positions. On a 2-core CPU the embedded
-model's backbone forward of the 100 official-settings requests takes 1.26x (one thread) to 1.40x
-(two) less time that way (``experiments/packed_forward.py``), and the backward's row-restricted
+model's backbone forward of the 100 official-settings requests runs 1.21x (one thread) to 1.38x
+(two) faster that way (``experiments/packed_forward.py``), and the backward's row-restricted
 input gradients (``ultraedit.backward_rows``) become one product per linear too.
 
 Only attention mixes tokens. While a packed forward runs, the model's attention implementation
