@@ -45,8 +45,9 @@ def test_packed_turns_equal_padded_turns(kind, group, ue_tokenizer):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_steps_hold_done_and_subject_positions(kind, ue_tokenizer):
+    """Several steps, held requests skipped between re-checks, subject positions."""
     kw = dict(positions="subject", steps=3, hold_done=True, memory=2.0, protect_mean=0.5,
-              micro_batch=2, backward_group=3)
+              micro_batch=2, backward_group=3, recheck=2)
     ref, packed_ed = _pair(kind, ue_tokenizer, **kw)
     reports = _assert_same(ref, packed_ed, [fact_requests(9), fact_requests(6, offset=2)])
     assert sum(r.steps_run for r, _ in reports) > 2

@@ -34,7 +34,7 @@ from .backward_rows import backward_span
 from .batching import answer_loss_by_batch, float_rows, grouped_forward_backward
 
 __all__ = ["PackedLayout", "packed_forward_backward", "capture_group", "pack_turn", "probe",
-           "PACKED_ATTENTION"]
+           "batches_in_forward", "PACKED_ATTENTION"]
 
 PACKED_ATTENTION = "ultraedit_packed"
 _ACTIVE: List["PackedLayout"] = []     # the layout of the packed forward running now
@@ -53,6 +53,7 @@ class PackedLayout:
 
     def __init__(self, batches: List[Dict[str, torch.Tensor]]):
         self.real = [b["attention_mask"].bool() for b in batches]
+        self.n_batches = len(batches)
         for r in self.real:
             n = r.sum(1, keepdim=True)
             if not torch.equal(r, torch.arange(r.shape[1], device=r.device) < n):
@@ -106,6 +107,12 @@ def _packed_attention(module, query, key, value, attention_mask, **kwargs):
         out.append(o.reshape(n * length, *o.shape[2:]))        # (n L, heads, d)
         start += n * length
     return torch.cat(out).index_select(0, layout.restore.to(query.device))[None], None
+
+
+def batches_in_forward() -> int:
+    """The micro-batches the forward running now holds: a packed forward's, else 1 (for a
+    progress bar that counts micro-batches with a forward hook)."""
+    return _ACTIVE[-1].n_batches if _ACTIVE else 1
 
 
 def _configs(model) -> List:
@@ -206,8 +213,9 @@ def capture_group(model, batches, masks, capture, margin: float, pack: bool):
 def probe(model) -> Optional[str]:
     """Why ``model`` cannot run packed forwards, or None when it can: its attention must be
     transformers' ``sdpa``, and a packed forward of two random sequences (5 and 3 tokens) must
-    give their padded forward's logits (relative difference ≤ 1e-3 in float32, 3e-2 in lower
-    precision) with the packed attention called."""
+    give their padded forward's last hidden states (relative difference ≤ 1e-3 in float32,
+    3e-2 in lower precision) with the packed attention called. The two forwards run on
+    ``model.base_model``: hooks on the model itself (a progress bar) do not see them."""
     names = {cfg._attn_implementation for cfg in _configs(model)}
     if names != {"sdpa"}:
         return f"its attention implementation is {sorted(map(str, names))}, not 'sdpa'"
@@ -226,12 +234,14 @@ def probe(model) -> Optional[str]:
     model.eval()
     try:
         with torch.no_grad():
-            padded = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+            body = getattr(model, "base_model", model)
+            padded = body(input_ids=ids, attention_mask=attention,
+                          use_cache=False).last_hidden_state
             layout = PackedLayout([batch])
             with packed(model, layout):
-                out = model(input_ids=layout.input_ids, position_ids=layout.position_ids,
-                            use_cache=False).logits
-    except (TypeError, ValueError, RuntimeError) as exc:
+                out = body(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                           use_cache=False).last_hidden_state
+    except (TypeError, ValueError, RuntimeError, ImportError, AttributeError) as exc:
         return f"its packed forward failed ({type(exc).__name__}: {exc})"
     finally:
         model.train(was_training)

@@ -101,8 +101,9 @@ def _measured(progress: bool, total: int, desc: str, leave: bool = False) -> Ite
 
 
 class _TurnProgress:
-    """Moves the editing bar once per forward pass of the model during a turn: the editor runs
-    one forward per micro-batch per step, so the count tells the step and the micro-batch."""
+    """Moves the editing bar once per micro-batch of every forward of the model during a turn
+    (a packed forward holds several, ``ultraedit.packing``), so the count tells the step and
+    the micro-batch."""
 
     def __init__(self, bar, model, turn: int, turns: int, n_batches: int, steps: int):
         self.bar, self.model = bar, model
@@ -111,6 +112,12 @@ class _TurnProgress:
         self.start = bar.n
 
     def _hook(self, module, args, output):
+        from ..packing import batches_in_forward
+
+        for _ in range(batches_in_forward()):   # a packed forward holds several micro-batches
+            self._tick()
+
+    def _tick(self):
         self.count += 1
         step = min(self.steps, (self.count - 1) // self.n_batches + 1)
         batch = (self.count - 1) % self.n_batches + 1
