@@ -8,7 +8,7 @@ import torch
 from _same_turns import assert_same, fact_requests, recording
 from conftest import ue_tiny_model
 from ultraedit import EditConfig, UltraEditor
-from ultraedit.packing import PACKED_ATTENTION, PackedLayout, packed, probe
+from ultraedit.packing import PACKED_ATTENTION, PackedLayout, packed, probe, sliding_window
 from ultraedit.tokenization import encode_edit_batch
 
 MODULES = {"llama": ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.up_proj"],
@@ -125,7 +125,7 @@ def test_attention_restored_when_the_forward_fails(ue_padded_tokenizer):
 
 def test_probe_decides_auto(ue_tokenizer):
     """'auto' packs an sdpa model on the CPU and not an eager one; 'on' refuses the eager one
-    before any weight changes; a sliding window is refused by the probe."""
+    before any weight changes; a model with a sliding window packs requests that fit in it."""
     import transformers as tf
 
     sdpa = UltraEditor(ue_tiny_model("llama", len(ue_tokenizer), attn="sdpa"), ue_tokenizer,
@@ -144,9 +144,14 @@ def test_probe_decides_auto(ue_tokenizer):
     assert on.turns == 0
     cfg = tf.MistralConfig(vocab_size=len(ue_tokenizer), hidden_size=32, intermediate_size=48,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           sliding_window=4)
+                           sliding_window=6)
     mistral = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-    assert "sliding" in probe(mistral)
+    assert probe(mistral) is None and sliding_window(mistral) == 6
+    ed = UltraEditor(mistral, ue_tokenizer, modules=["model.layers.1.mlp.down_proj"], pack="on",
+                     lr=1e-2)
+    assert ed.edit([("a b", "c")]).packed                     # within the window: packed
+    with pytest.raises(ValueError, match="longer than its sliding window"):
+        ed.edit([("a b c d e f g h", "x y")])
 
 
 def test_pack_validates():

@@ -19,8 +19,9 @@ relative on the embedded model), and the loss, captured keys and gradients are t
 
 When: ``EditConfig.pack``. ``"auto"`` packs a model whose parameters are all on the CPU (the
 measured case) whose attention is transformers' ``sdpa`` and which passes :func:`probe` (a packed
-and a padded forward of two short random sequences agree), once per editor; ``"on"`` packs on
-any device and refuses a model that fails the probe; ``"off"`` never packs.
+and a padded forward of two short random sequences agree), once per editor, in a turn whose
+requests all fit the model's sliding window if it has one; ``"on"`` packs on any device and
+refuses what ``"auto"`` would not pack; ``"off"`` never packs.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .backward_rows import backward_span
 from .batching import answer_loss_by_batch, float_rows, grouped_forward_backward
 
 __all__ = ["PackedLayout", "packed_forward_backward", "capture_group", "pack_turn", "probe",
-           "batches_in_forward", "PACKED_ATTENTION"]
+           "batches_in_forward", "sliding_window", "PACKED_ATTENTION"]
 
 PACKED_ATTENTION = "ultraedit_packed"
 _ACTIVE: List["PackedLayout"] = []     # the layout of the packed forward running now
@@ -210,6 +211,13 @@ def capture_group(model, batches, masks, capture, margin: float, pack: bool):
     return results, frames
 
 
+def sliding_window(model) -> Optional[int]:
+    """The shortest sliding attention window of the model's configs, None without one."""
+    return min((w for cfg in _configs(model)
+                for w in [getattr(cfg, "sliding_window", None)] if isinstance(w, int) and w > 0),
+               default=None)
+
+
 def probe(model) -> Optional[str]:
     """Why ``model`` cannot run packed forwards, or None when it can: its attention must be
     transformers' ``sdpa``, and a packed forward of two random sequences (5 and 3 tokens) must
@@ -219,11 +227,6 @@ def probe(model) -> Optional[str]:
     names = {cfg._attn_implementation for cfg in _configs(model)}
     if names != {"sdpa"}:
         return f"its attention implementation is {sorted(map(str, names))}, not 'sdpa'"
-    window = min((w for cfg in _configs(model)
-                  for w in [getattr(cfg, "sliding_window", None)] if isinstance(w, int)),
-                 default=None)
-    if window is not None:
-        return f"it has sliding-window attention ({window} tokens)"
     emb = model.get_input_embeddings()
     device, vocab = emb.weight.device, emb.weight.shape[0]
     gen = torch.Generator().manual_seed(0)
@@ -259,8 +262,9 @@ def probe(model) -> Optional[str]:
 
 def pack_turn(editor, batches) -> bool:
     """Whether a turn's capture runs packed (``EditConfig.pack``): ``"off"`` never; ``"auto"``
-    when every parameter is on the CPU and :func:`probe` passed; ``"on"`` when the probe passed,
-    else a ValueError naming why. The probe runs once per editor."""
+    when every parameter is on the CPU, :func:`probe` passed and no request is longer than the
+    model's sliding window (if it has one); ``"on"`` when those hold, else a ValueError naming
+    why. The probe runs once per editor."""
     mode = editor.config.pack
     if mode == "off":
         return False
@@ -270,6 +274,11 @@ def pack_turn(editor, batches) -> bool:
     if "_pack_probe" not in cache:
         cache["_pack_probe"] = probe(editor.model)
     reason = cache["_pack_probe"]
+    window, longest = sliding_window(editor.model), max(
+        int(b["attention_mask"].sum(1).max()) for b in batches)
+    if reason is None and window is not None and longest > window:
+        # its blocks attend to all earlier tokens of a request: exact only within the window
+        reason = f"a request of {longest} tokens is longer than its sliding window ({window})"
     if reason is not None and mode == "on":
         raise ValueError(f"pack='on', but {type(editor.model).__name__} cannot run packed "
                          f"forwards: {reason}; use pack='auto' or 'off'")
