@@ -158,3 +158,25 @@ def test_pack_validates():
     assert EditConfig().pack == "auto"
     with pytest.raises(ValueError, match="pack must be"):
         EditConfig(pack="yes")
+
+
+def test_teacher_forced_predictions_packed_equal_padded(ue_tokenizer, monkeypatch):
+    """Evaluation batches run packed on the CPU (an sdpa model) and predict what padded ones do."""
+    import ultraedit.eval.probing as probing
+    from _same_turns import FACTS
+
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=11, attn="sdpa").double()
+    prompts, targets = [p for p, _, _ in FACTS], [t for _, t, _ in FACTS]
+    calls = []
+    real_packed = probing.packed
+
+    def counted(*args):
+        calls.append(1)
+        return real_packed(*args)
+
+    monkeypatch.setattr(probing, "packed", counted)
+    got = probing._teacher_forced(model, ue_tokenizer, prompts, targets, batch_size=3)
+    assert len(calls) == 3                     # 8 pairs in batches of 3, each packed
+    monkeypatch.setattr(probing, "on_cpu", lambda m: False)
+    want = probing._teacher_forced(model, ue_tokenizer, prompts, targets, batch_size=3)
+    assert got == want and len(calls) == 3

@@ -27,6 +27,7 @@ refuses what ``"auto"`` would not pack; ``"off"`` never packs.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -35,7 +36,7 @@ from .backward_rows import backward_span
 from .batching import answer_loss_by_batch, float_rows, grouped_forward_backward
 
 __all__ = ["PackedLayout", "packed_forward_backward", "capture_group", "pack_turn", "probe",
-           "batches_in_forward", "sliding_window", "PACKED_ATTENTION"]
+           "batches_in_forward", "sliding_window", "unpackable", "on_cpu", "PACKED_ATTENTION"]
 
 PACKED_ATTENTION = "ultraedit_packed"
 _ACTIVE: List["PackedLayout"] = []     # the layout of the packed forward running now
@@ -260,25 +261,37 @@ def probe(model) -> Optional[str]:
     return None
 
 
+_PROBED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> probe()
+
+
+def unpackable(model, batches: List[Dict[str, torch.Tensor]]) -> Optional[str]:
+    """Why ``batches`` cannot run packed on ``model``, or None when they can: :func:`probe`
+    (run once per model) and, for a model with a sliding window, no request longer than it."""
+    if model not in _PROBED:
+        _PROBED[model] = probe(model)
+    reason = _PROBED[model]
+    window = sliding_window(model)
+    if reason is None and window is not None:
+        longest = max(int(b["attention_mask"].sum(1).max()) for b in batches)
+        if longest > window:
+            # its blocks attend to all earlier tokens of a request: exact only within the window
+            reason = f"a request of {longest} tokens is longer than its sliding window ({window})"
+    return reason
+
+
+def on_cpu(model) -> bool:
+    """Whether every parameter of ``model`` is on the CPU (where packing was measured)."""
+    return all(p.device.type == "cpu" for p in model.parameters())
+
+
 def pack_turn(editor, batches) -> bool:
     """Whether a turn's capture runs packed (``EditConfig.pack``): ``"off"`` never; ``"auto"``
-    when every parameter is on the CPU, :func:`probe` passed and no request is longer than the
-    model's sliding window (if it has one); ``"on"`` when those hold, else a ValueError naming
-    why. The probe runs once per editor."""
+    when :func:`on_cpu` and not :func:`unpackable`; ``"on"`` when not :func:`unpackable`, else
+    a ValueError naming why."""
     mode = editor.config.pack
-    if mode == "off":
+    if mode == "off" or (mode == "auto" and not on_cpu(editor.model)):
         return False
-    if mode == "auto" and any(p.device.type != "cpu" for p in editor.model.parameters()):
-        return False
-    cache = editor.__dict__
-    if "_pack_probe" not in cache:
-        cache["_pack_probe"] = probe(editor.model)
-    reason = cache["_pack_probe"]
-    window, longest = sliding_window(editor.model), max(
-        int(b["attention_mask"].sum(1).max()) for b in batches)
-    if reason is None and window is not None and longest > window:
-        # its blocks attend to all earlier tokens of a request: exact only within the window
-        reason = f"a request of {longest} tokens is longer than its sliding window ({window})"
+    reason = unpackable(editor.model, batches)
     if reason is not None and mode == "on":
         raise ValueError(f"pack='on', but {type(editor.model).__name__} cannot run packed "
                          f"forwards: {reason}; use pack='auto' or 'off'")

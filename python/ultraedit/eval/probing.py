@@ -3,7 +3,9 @@
 - :func:`token_accuracy`: per ``(prompt, target)``, with the batch of
   ``ultraedit.tokenization.encode_edit_batch`` (input = prompt + target[:-1], ``labels`` already
   shifted), the fraction of answer positions ``t`` (``labels[t] != -100``) where
-  ``logits[t].argmax() == labels[t]``: target tokens predicted given the gold prefix.
+  ``logits[t].argmax() == labels[t]``: target tokens predicted given the gold prefix. On the
+  CPU a batch runs as one packed sequence of its tokens where the model allows
+  (``ultraedit.packing``): the same predictions up to rounding, without padding.
 - :func:`greedy_continuations` / :func:`generation_scores`: greedy decoding without teacher
   forcing; exact match = the generated tokens equal the target tokens (or decode to the same
   stripped text), prefix match = length of the common token prefix / number of target tokens.
@@ -21,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..packing import PackedLayout, on_cpu, packed, unpackable
 from ..tokenization import _pad_id, encode_edit_batch, encode_request, special_prefix
 
 __all__ = ["token_accuracy", "next_token_predictions", "greedy_continuations",
@@ -68,7 +71,13 @@ def _argmax_at_labels(model, batch: Dict[str, torch.Tensor]) -> List[Tuple[List[
     labels = batch["labels"]
     mask = labels != -100
     base, head = _split_head(model)
-    if base is not None:
+    if base is not None and on_cpu(model) and unpackable(model, [batch]) is None:
+        # the batch's tokens as one sequence (ultraedit.packing): no padding, larger products
+        layout = PackedLayout([batch])
+        with packed(model, layout):
+            hidden = base(input_ids=layout.input_ids, position_ids=layout.position_ids)[0]
+        flat = head(hidden[layout.pack([mask])]).argmax(-1)
+    elif base is not None:
         hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
         flat = head(hidden[mask]).argmax(-1)          # answer positions, row-major order
     else:
