@@ -208,7 +208,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
         chunks = [records[t * edits_per_turn:(t + 1) * edits_per_turn] for t in range(turns)]
         chunks = [c for c in chunks if c]
         batches = [math.ceil(len(c) / micro_batch) for c in chunks]
-        bar = _bar(progress, steps * sum(batches), "editing", "forward")
+        bar = _bar(progress, steps * sum(batches), "editing", "micro-batch")
         edited = 0
         try:
             for turn, (chunk, n_batches) in enumerate(zip(chunks, batches), 1):
