@@ -103,7 +103,9 @@ def answer_logits(model, batch: Dict[str, torch.Tensor], mask: torch.Tensor) -> 
     (``model.get_output_embeddings()``) sees only those rows: a forward pre-hook gathers them,
     ``(B, L, h) -> (1, n, h)``, so ``n`` logit rows are computed instead of ``B x L`` (a 49k
     vocabulary on a 135M model is a quarter of a forward) or ``B`` times the union of the
-    requests' answer columns. No ``logits_to_keep`` is passed (``0`` = all positions)."""
+    requests' answer columns. No ``logits_to_keep`` is passed (``0`` = all positions). The
+    model gets the batch's ``input_ids`` and its ``attention_mask`` or ``position_ids``
+    (``ultraedit.packing``: one packed row)."""
     index = mask.reshape(-1).nonzero().squeeze(1)
     gathered: List[bool] = []
 
@@ -119,8 +121,9 @@ def answer_logits(model, batch: Dict[str, torch.Tensor], mask: torch.Tensor) -> 
     head = get_head() if callable(get_head) else None
     handle = head.register_forward_pre_hook(gather) if head is not None else None
     try:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")
+                  if k in batch}
+        logits = model(**inputs, use_cache=False).logits
     finally:
         if handle is not None:
             handle.remove()

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .backward_rows import backward_span
-from .batching import answer_loss_by_batch, float_rows, grouped_forward_backward
+from .batching import answer_logits, answer_loss_by_batch, grouped_forward_backward
 
 __all__ = ["PackedLayout", "packed_forward_backward", "capture_group", "pack_turn", "probe",
            "batches_in_forward", "sliding_window", "unpackable", "on_cpu", "PACKED_ATTENTION"]
@@ -155,34 +155,16 @@ def packed_forward_backward(model, batches: List[Dict[str, torch.Tensor]],
     ``masks``: each batch's captured positions (B x L bool); ``begin(mask, loss_mask, span)``
     is called once, with them packed to ``(1, T)`` (the capture's ``CaptureSession.set_mask``;
     ``span``: each request's backward span, ``ultraedit.backward_rows.backward_span``). Only the
-    answer rows reach the vocabulary projection (a forward pre-hook on the output embedding)."""
+    answer rows reach the vocabulary projection (``ultraedit.batching.answer_logits``)."""
     layout = PackedLayout(batches)
     loss_masks = [b["labels"] != -100 for b in batches]
     answer = layout.pack(loss_masks)
     spans = [backward_span(m, lm) for m, lm in zip(masks, loss_masks)]
     begin(layout.pack(masks), answer, layout.pack(spans))
-    index = answer.reshape(-1).nonzero().squeeze(1)
-    fired: List[bool] = []
-
-    def gather(module, args):
-        x = args[0]
-        if tuple(x.shape[:2]) != tuple(answer.shape):
-            return None
-        fired.append(True)
-        return (x[0].index_select(0, index.to(x.device))[None],) + tuple(args[1:])
-
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
     with torch.enable_grad():
-        handle = head.register_forward_pre_hook(gather) if head is not None else None
-        try:
-            with packed(model, layout):
-                logits = model(input_ids=layout.input_ids, position_ids=layout.position_ids,
-                               use_cache=False).logits
-        finally:
-            if handle is not None:
-                handle.remove()
-        rows = float_rows(logits[0] if fired else logits[0].index_select(0, index))
+        with packed(model, layout):
+            rows = answer_logits(model, {"input_ids": layout.input_ids,
+                                         "position_ids": layout.position_ids}, answer)
         losses, predicted = answer_loss_by_batch(rows, batches, loss_masks, margin)
         total = losses[0]
         for loss in losses[1:]:
