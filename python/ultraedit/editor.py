@@ -8,11 +8,10 @@ One turn (``UltraEditor.edit(requests)``), for requests ``(prompt, target)``:
    weights keep the given order's groups, the captured rows are put back in its order).
 2. **Capture**: per micro-batch a forward and the mean cross-entropy over its answer tokens (the
    paper's loss; ``"auto"``: ``ultraedit.batching``), a backward per ``backward_group`` of
-   micro-batches (the same gradients: ``ultraedit.batching``), on the CPU as one packed sequence
-   of their tokens (``ultraedit.packing``). Hooks take, for every
-   edited module ``m`` (d_in -> d_out), its inputs ``K_m`` (n x d_in) and the gradients of the loss w.r.t.
-   its outputs ``G_m`` (n x d_out) at the answer positions (or at the subject's last token,
-   ``positions="subject"``); no weight gradient is computed.
+   micro-batches (the same gradients: ``ultraedit.batching``), on the CPU packed into one sequence
+   (``ultraedit.packing``). Hooks take, for every edited module ``m`` (d_in -> d_out), its inputs
+   ``K_m`` (n x d_in) and the loss's gradients w.r.t. its outputs ``G_m`` (n x d_out) at the answer
+   positions (or the subject's last token, ``positions="subject"``); no weight gradient is computed.
 3. **Statistics**: one ``RunningStats`` of ``z = [k ; g]`` per weight shape (the paper;
    ``normalizer="module"``: per module), updated with the turn's rows BEFORE solving.
 4. **Solve** (``ultraedit.solver``): per module ``ΔW = (K'ᵀK' + P)⁻¹K'ᵀV'`` with
@@ -163,11 +162,11 @@ class UltraEditor:
                           backward_group=min(group, len(batches)), packed=pack)
 
     def _capture(self, batches, size: int, meter: TurnMeter, first: bool, pack: bool):
-        """A forward per micro-batch (``pack``: one per ``size`` of them, ``ultraedit.packing``),
-        a backward per ``size`` of them (``ultraedit.batching``):
-        ``(parts, n_predicted, hold, (loss, tokens))`` with ``parts[name]`` the micro-batches'
-        ``(K, G)``, ``hold`` the rows of predicted requests (N bool, ``hold_done``; None when
-        none is) and, on the first step, the summed micro-batch losses and the answer tokens."""
+        """One step's forwards and backwards, ``size`` micro-batches per backward, packed with
+        ``pack`` (``ultraedit.packing.capture_group``): ``(parts, n_predicted, hold, (loss,
+        tokens))``; ``parts[name]``: the micro-batches' ``(K, G)``; ``hold``: the rows of
+        predicted requests (N bool, ``hold_done``; None when none is); on the first step the
+        summed micro-batch losses and the answer tokens."""
         parts: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in self.modules}
         predictions, held, owners, loss_sum, n_tokens = [], [], [], 0.0, 0
         masks = [capture_mask(batch, self.config.positions) for batch in batches]
@@ -175,7 +174,8 @@ class UltraEditor:
             for start in range(0, len(batches), size):
                 group = batches[start:start + size]
                 results, frames = meter.run(lambda: capture_group(
-                    self.model, group, masks[start:start + size], cap, self.config.hold_margin, pack))
+                    self.model, group, masks[start:start + size], cap,
+                    self.config.hold_margin, pack))
                 for batch, mask, (loss, predicted), kg in zip(group, masks[start:], results, frames):
                     if first:
                         n_tokens += int((batch["labels"] != -100).sum())
