@@ -1,0 +1,64 @@
+"""Which architectures pass the packing check (``ultraedit.packing.probe``).
+
+Builds a tiny random-init causal LM of each architecture from a config (sdpa attention) and runs
+the check that decides ``pack="auto"``: a packed forward of two random sequences must give the
+hidden states of their padded forward. Prints and writes ``{architecture: reason or None}``.
+
+    PYTHONPATH=.:python python experiments/packing_architectures.py --json experiments/results/packing_architectures.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+
+def configs():
+    import transformers as tf
+
+    small = dict(vocab_size=128)
+    llama_like = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, **small)
+    return {
+        "llama": tf.LlamaConfig(**llama_like),
+        "mistral": tf.MistralConfig(**llama_like),
+        "qwen2": tf.Qwen2Config(**llama_like),
+        "qwen3": tf.Qwen3Config(head_dim=8, **llama_like),
+        "gemma3_text": tf.Gemma3TextConfig(head_dim=8, **llama_like),
+        "phi3": tf.Phi3Config(pad_token_id=0, **llama_like),
+        "olmo2": tf.Olmo2Config(**llama_like),
+        "gpt2": tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, **small),
+        "gptj": tf.GPTJConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, **small),
+        "gpt_neox": tf.GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, **small),
+        "opt": tf.OPTConfig(hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+                            num_attention_heads=4, word_embed_proj_dim=32, **small),
+        "falcon": tf.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  **small),
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    import torch
+    import transformers as tf
+    from ultraedit.packing import probe
+
+    torch.manual_seed(0)
+    warnings.filterwarnings("ignore")
+    out = {"transformers": tf.__version__, "torch": torch.__version__, "probe": {}}
+    for name, cfg in configs().items():
+        model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+        out["probe"][name] = probe(model)
+        print(f"{name}: {out['probe'][name] or 'packs'}")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
