@@ -3,8 +3,13 @@
 Builds a tiny random-init causal LM of each architecture from a config (sdpa attention) and runs
 the check that decides ``pack="auto"``: a packed forward of two random sequences must give the
 hidden states of their padded forward. Prints and writes ``{architecture: reason or None}``.
+With ``--real-models``, also one paper's-settings turn (``EditConfig.paper(lr=1e-4)``, the first
+30 report edits, one thread) on the embedded model and on Gemma 3 270M (``load_model``; the
+latter needs ``python -m ultraedit.models fetch --model gemma3-270m``), padded and packed, and
+the relative difference of their updates (largest over modules).
 
-    PYTHONPATH=.:python python experiments/packing_architectures.py --json experiments/results/packing_architectures.json
+    PYTHONPATH=.:python python experiments/packing_architectures.py --real-models \
+        --json experiments/results/packing_architectures.json
 """
 from __future__ import annotations
 
@@ -39,8 +44,32 @@ def configs():
     }
 
 
+def real_model_turns(name: str, edits: int = 30):
+    """One paper's-settings turn of ``name`` padded and packed: ``{packed, max_rel_diff}``."""
+    import torch
+    from ultraedit import EditConfig, UltraEditor
+    from ultraedit.data import offline_facts
+    from ultraedit.models import load_model
+
+    reqs = [{"prompt": r.prompt, "target": r.target}
+            for r in offline_facts(split="report")[:edits]]
+    deltas, packed = {}, {}
+    for pack in ("off", "auto"):
+        model, tok = load_model(name)
+        editor = UltraEditor(model, tok, config=EditConfig.paper(lr=1e-4, pack=pack))
+        base = {n: m.weight.detach().clone() for n, m in editor.modules.items()}
+        packed[pack] = editor.edit(reqs).packed
+        deltas[pack] = {n: (m.weight.detach() - base[n]).double()
+                        for n, m in editor.modules.items()}
+    diff = max(float((deltas["auto"][n] - deltas["off"][n]).norm() / deltas["off"][n].norm())
+               for n in deltas["off"])
+    return {"edits": edits, "packed": packed["auto"], "max_rel_diff": diff}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--real-models", action="store_true",
+                   help="also a turn on the embedded model and Gemma 3 270M, padded and packed")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     import torch
@@ -54,6 +83,10 @@ def main(argv=None):
         model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
         out["probe"][name] = probe(model)
         print(f"{name}: {out['probe'][name] or 'packs'}")
+    if a.real_models:
+        torch.set_num_threads(1)
+        out["turns"] = {name: real_model_turns(name) for name in ("default", "gemma3-270m")}
+        print(out["turns"])
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(out, fh, indent=1)
