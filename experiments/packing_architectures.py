@@ -46,7 +46,6 @@ def configs():
 
 def real_model_turns(name: str, edits: int = 30):
     """One paper's-settings turn of ``name`` padded and packed: ``{packed, max_rel_diff}``."""
-    import torch
     from ultraedit import EditConfig, UltraEditor
     from ultraedit.data import offline_facts
     from ultraedit.models import load_model
