@@ -13,13 +13,13 @@ is :data:`PACKED_ATTENTION`, registered with transformers' ``AttentionInterface`
 queries, keys and values of requests of equal length into ``(n, heads, L, d)`` blocks and calls
 transformers' own ``sdpa`` attention on each block (causal, no mask), then puts the rows back.
 Each request gets the positions ``0..L_r-1`` (``position_ids``), as in its padded batch. So
-every request's activations are those of its padded forward up to rounding (measured: 6e-7
+every request's activations are those of its padded forward up to rounding (measured: 4e-7
 relative on the embedded model), and the loss, captured keys and gradients are the group's
 (:func:`packed_forward_backward`).
 
 When: ``EditConfig.pack``. ``"auto"`` packs a model whose parameters are all on the CPU (the
 measured case) whose attention is transformers' ``sdpa`` and which passes :func:`probe` (a packed
-and a padded forward of two short random sequences agree), once per editor, in a turn whose
+and a padded forward of two short random sequences agree; once per model), in a turn whose
 requests all fit the model's sliding window if it has one; ``"on"`` packs on any device and
 refuses what ``"auto"`` would not pack; ``"off"`` never packs.
 """
