@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .config import PAPER_MICRO_BATCH
 
 __all__ = ["MicroBatchSizer", "memory_budget", "forward_backward", "weighted_forward_backward",
-           "grouped_forward_backward", "answer_loss_by_batch", "float_rows", "backward_group_size", "answer_logits", "group_parts", "joined", "request_order",
+           "grouped_forward_backward", "backward_by_batch", "float_rows", "backward_group_size", "answer_logits", "group_parts", "joined", "request_order",
            "FREE_SHARE", "CPU_FALLBACK_BYTES"]
 
 GiB = 1 << 30
@@ -230,24 +230,25 @@ def grouped_forward_backward(model, batches: List[Dict[str, torch.Tensor]], begi
             logits = out.reshape(-1, out.shape[-1])    # a view: no zero-filled gradient
         finally:
             handle.remove()
-        losses, predicted = answer_loss_by_batch(float_rows(logits), batches, masks, margin)
-        total = losses[0]
-        for loss in losses[1:]:
-            total = total + loss.to(total.device)
-        total.backward()
-    return [(loss.detach(), p) for loss, p in zip(losses, predicted)]
+        return backward_by_batch(float_rows(logits), batches, masks, margin)
 
 
-def answer_loss_by_batch(rows: torch.Tensor, batches: List[Dict[str, torch.Tensor]],
-                         masks: List[torch.Tensor], margin: float = 0.0):
-    """``(losses, predicted)``: each batch's ``(L_b, predicted_b)`` (:func:`_answer_loss`) from
-    the answer rows of all ``batches`` (``(Σ n_b) x V``, batch after batch, each in row-major
-    order of its answer ``mask``)."""
+def backward_by_batch(rows: torch.Tensor, batches: List[Dict[str, torch.Tensor]],
+                      masks: List[torch.Tensor], margin: float = 0.0):
+    """Back-propagate ``Σ_b L_b`` once and return ``[(L_b detached, predicted_b)]``: each
+    batch's loss and predictions (:func:`_answer_loss`) from the answer rows of all ``batches``
+    (``rows``: ``(Σ n_b) x V``, batch after batch, each in row-major order of its answer
+    ``mask``)."""
     # the cross-entropy batch by batch on a split of the rows: cache-sized pieces, and the
     # split's backward concatenates their gradients (a slice's would zero-fill all rows)
     sizes = [int(mask.sum()) for mask in masks]
-    return zip(*(_answer_loss(part, batch, mask, margin)
-                 for batch, mask, part in zip(batches, masks, rows.split(sizes))))
+    losses, predicted = zip(*(_answer_loss(part, batch, mask, margin)
+                              for batch, mask, part in zip(batches, masks, rows.split(sizes))))
+    total = losses[0]
+    for loss in losses[1:]:
+        total = total + loss.to(total.device)
+    total.backward()
+    return [(loss.detach(), p) for loss, p in zip(losses, predicted)]
 
 
 def _one_by_one(model, batches, begin, start: int, margin: float = 0.0):

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .backward_rows import backward_span
-from .batching import answer_logits, answer_loss_by_batch, grouped_forward_backward
+from .batching import answer_logits, backward_by_batch, grouped_forward_backward
 
 __all__ = ["PackedLayout", "packed_forward_backward", "capture_group", "pack_turn", "probe",
            "batches_in_forward", "sliding_window", "unpackable", "on_cpu", "PACKED_ATTENTION"]
@@ -165,12 +165,7 @@ def packed_forward_backward(model, batches: List[Dict[str, torch.Tensor]],
         with packed(model, layout):
             rows = answer_logits(model, {"input_ids": layout.input_ids,
                                          "position_ids": layout.position_ids}, answer)
-        losses, predicted = answer_loss_by_batch(rows, batches, loss_masks, margin)
-        total = losses[0]
-        for loss in losses[1:]:
-            total = total + loss.to(total.device)
-        total.backward()
-    return [(loss.detach(), p) for loss, p in zip(losses, predicted)]
+        return backward_by_batch(rows, batches, loss_masks, margin)
 
 
 def capture_group(model, batches, masks, capture, margin: float, pack: bool):
