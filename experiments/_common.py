@@ -146,6 +146,65 @@ def generic_token_keys(model, tokenizer, keys, new_tokens=48):
                                                            new_tokens))], 1)
 
 
+def key_experiment(ap, layers, argv=None):
+    """The start of a key-geometry experiment: ``ap`` gets ``--records`` (report records),
+    ``--limit``, ``--layers`` (default ``layers``) and ``--json``; then one torch thread, the
+    embedded model in eval mode and :func:`down_proj_keys` at those layers. Returns
+    ``(args, model, tokenizer, layers, keys, remove_hooks)``."""
+    import torch
+    from ultraedit.models import load_model
+
+    ap.add_argument("--records", default="experiments/results/generalization_report.jsonl")
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--layers", default=layers)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    model, tok = load_model("default")
+    model.eval()
+    layers = [int(x) for x in args.layers.split(",")]
+    keys, remove_hooks = down_proj_keys(model, layers)
+    return args, model, tok, layers, keys, remove_hooks
+
+
+def save_result(path, out, script):
+    """``out`` with the command that made it (``python experiments/<script> <args>``) as JSON
+    at ``path`` (nothing without a path)."""
+    import json
+
+    out["command"] = f"python experiments/{script} " + " ".join(sys.argv[1:])
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def subject_record_keys(tokenizer, keys, records_path, limit):
+    """The keys (:func:`down_proj_keys`) of the report records in ``records_path`` (the first
+    ``limit`` whose prompt holds their subject) at the subject's last token:
+    ``(records, subject_key, rewrite, paraphrase, owner)`` with ``subject_key(prompt, subject)``
+    (L x d), ``rewrite`` (L x R x d: each record's prompt), ``paraphrase`` (L x P x d: its
+    :func:`other_prefix_paraphrases`) and ``owner`` (P: the record of each paraphrase)."""
+    import torch
+    from ultraedit.data.formats import load_records
+    from ultraedit.tokenization import encode_request, special_prefix, subject_token_index
+
+    prefix = special_prefix(tokenizer)
+
+    def subject_key(prompt, subject):
+        ids = encode_request(tokenizer, prompt, "x", prefix)[0]
+        return keys(ids)[:, subject_token_index(tokenizer, prompt, subject, prefix)]
+
+    records = [r for r in load_records(records_path, format="records", limit=limit)
+               if r.subject and r.subject in r.prompt]
+    rewrite, pairs = [], []
+    for r in records:
+        rewrite.append(subject_key(r.prompt, r.subject))
+        for p in other_prefix_paraphrases(r):
+            pairs.append((len(rewrite) - 1, subject_key(p, r.subject)))
+    return (records, subject_key, torch.stack(rewrite, 1),
+            torch.stack([k for _, k in pairs], 1), torch.tensor([i for i, _ in pairs]))
+
+
 def edit_reach(direction, keys, paraphrase_keys, owner):
     """How far rank-one edits reach: the edit ``v dᵀ`` made at the key ``k`` (rows of
     ``direction`` and ``keys``, R x d) moves the output at a key ``k'`` by

@@ -24,63 +24,36 @@ lowering ``nearest`` and ``other``.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 import torch
 
-from _common import (down_proj_keys, edit_reach,  # (and the repository on sys.path)
-                     generic_token_keys, other_prefix_paraphrases)
+from _common import (edit_reach, generic_token_keys,  # (and the repository on sys.path)
+                     key_experiment, save_result, subject_record_keys)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--records", default="experiments/results/generalization_report.jsonl")
-    ap.add_argument("--limit", type=int, default=100)
-    ap.add_argument("--layers", default="2,3,4,5,6")
     ap.add_argument("--names", type=int, default=32)
     ap.add_argument("--raw", action="store_true")
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args(argv)
-    torch.set_num_threads(1)
-
-    from ultraedit.data.formats import load_records
-    from ultraedit.models import load_model
+    a, model, tok, layers, keys, remove_hooks = key_experiment(ap, "2,3,4,5,6", argv)
     from ultraedit.preserve import mined_subjects
-    from ultraedit.tokenization import encode_request, special_prefix, subject_token_index
 
-    model, tok = load_model("default")
-    model.eval()
-    layers = [int(x) for x in a.layers.split(",")]
-    prefix = special_prefix(tok)
-    keys, remove_hooks = down_proj_keys(model, layers)
     g = generic_token_keys(model, tok, keys)                      # L x T x d
     mean, std = g.mean(1), g.std(1).clamp_min(1e-6)             # L x d
     names = mined_subjects(model, tok)[:a.names]
-
-    def subject_key(prompt, subject):
-        ids = encode_request(tok, prompt, "x", prefix)[0]
-        return keys(ids)[:, subject_token_index(tok, prompt, subject, prefix)]   # L x d
-
-    records = [r for r in load_records(a.records, format="records", limit=a.limit)
-               if r.subject and r.subject in r.prompt]
-    rewrite, pairs, templates = [], [], []
+    records, subject_key, raw_k, raw_p, owner = subject_record_keys(tok, keys, a.records,
+                                                                    a.limit)
+    templates = []                                                # the edit's wording, other names
     for r in records:
-        rewrite.append(subject_key(r.prompt, r.subject))
-        for p in other_prefix_paraphrases(r):
-            pairs.append((len(rewrite) - 1, subject_key(p, r.subject)))
         at = r.prompt.find(r.subject)
         templates.append(torch.stack([subject_key(r.prompt[:at] + s + r.prompt[at + len(r.subject):], s)
                                       for s in names], 1))      # L x S x d
     remove_hooks()
-    raw_k = torch.stack(rewrite, 1)                               # L x R x d
-    raw_p = torch.stack([k for _, k in pairs], 1)                 # L x P x d
-    owner = torch.tensor([i for i, _ in pairs])
     z = lambda x: (x - mean[:, None]) / std[:, None]              # noqa: E731
     zk, zp = z(raw_k), z(raw_p)
     zt = z(torch.stack(templates, 1).flatten(1, 2)).unflatten(1, (len(records), len(names)))
     eye = torch.eye(zk.shape[-1], dtype=torch.float64)
-    out = {"records": len(records), "paraphrases": len(pairs), "names": names, "layers": layers,
+    out = {"records": len(records), "paraphrases": len(owner), "names": names, "layers": layers,
            "columns": ["same", "nearest", "other"], "rows": {}}
 
     def row(name, direction, k, p):
@@ -112,10 +85,7 @@ def main(argv=None):
             return torch.linalg.solve(rho * (t.T @ t) / t.shape[0] + eye, k.T).T
         row(f"template own {rho:g}", own, zk, zp)
         row(f"template pooled {rho:g}", pooled, zk, zp)
-    out["command"] = "python experiments/key_directions.py " + " ".join(sys.argv[1:])
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+    save_result(a.json, out, "key_directions.py")
 
 
 if __name__ == "__main__":

@@ -17,36 +17,19 @@ lowering ``nearest``.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 import torch
 
-from _common import (down_proj_keys, edit_reach,  # (and the repository on sys.path)
-                     generic_token_keys, other_prefix_paraphrases)
+from _common import (edit_reach, generic_token_keys,  # (and the repository on sys.path)
+                     key_experiment, save_result, subject_record_keys)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--records", default="experiments/results/generalization_report.jsonl")
-    ap.add_argument("--limit", type=int, default=100)
-    ap.add_argument("--layers", default="0,1,2,3,4,5,6,8,10")
     ap.add_argument("--rho", default="0.1,1,10,100")
     ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args(argv)
-    torch.set_num_threads(1)
-
-    from ultraedit.data.formats import load_records
-    from ultraedit.models import load_model
-    from ultraedit.tokenization import encode_request, special_prefix, subject_token_index
-
-    model, tok = load_model("default")
-    model.eval()
-    layers = [int(x) for x in a.layers.split(",")]
+    a, model, tok, layers, keys, remove_hooks = key_experiment(ap, "0,1,2,3,4,5,6,8,10", argv)
     rhos = [float(x) for x in a.rho.split(",")]
-    prefix = special_prefix(tok)
-    keys, remove_hooks = down_proj_keys(model, layers)
 
     # generic tokens: the prompts and the model's own continuations of them
     g = generic_token_keys(model, tok, keys, a.new_tokens)      # L x T x d
@@ -54,23 +37,11 @@ def main(argv=None):
     z = (g - mean) / std
     second = torch.einsum("ltd,lte->lde", z, z) / z.shape[1]     # L x d x d
 
-    def subject_key(prompt, subject):
-        ids = encode_request(tok, prompt, "x", prefix)[0]
-        k = keys(ids)[:, subject_token_index(tok, prompt, subject, prefix)]
-        return ((k - mean[:, 0]) / std[:, 0])                    # L x d
-
-    records = [r for r in load_records(a.records, format="records", limit=a.limit)
-               if r.subject and r.subject in r.prompt]
-    rewrite, pairs = [], []
-    for r in records:
-        rewrite.append(subject_key(r.prompt, r.subject))
-        for p in other_prefix_paraphrases(r):
-            pairs.append((len(rewrite) - 1, subject_key(p, r.subject)))
+    records, _, rewrite, paraphrase, owner = subject_record_keys(tok, keys, a.records, a.limit)
     remove_hooks()
-    rw = torch.stack(rewrite, 1)                                 # L x R x d
-    para = torch.stack([k for _, k in pairs], 1)                 # L x P x d
-    owner = torch.tensor([i for i, _ in pairs])
-    out = {"records": len(records), "paraphrases": len(pairs), "generic_tokens": z.shape[1],
+    rw = (rewrite - mean) / std                                  # L x R x d, z-scored
+    para = (paraphrase - mean) / std                             # L x P x d
+    out = {"records": len(records), "paraphrases": len(owner), "generic_tokens": z.shape[1],
            "layers": layers, "metrics": {}}
     eye = torch.eye(rw.shape[-1], dtype=torch.float64)
     for name in ["identity"] + [f"rho={r:g}" for r in rhos]:
@@ -84,10 +55,7 @@ def main(argv=None):
         out["metrics"][name] = rows
         print(name, " ".join(f"L{r['layer']}:{r['same']:.2f}/{r['nearest']:.2f}" for r in rows),
               flush=True)
-    out["command"] = "python experiments/key_metric.py " + " ".join(sys.argv[1:])
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+    save_result(a.json, out, "key_metric.py")
 
 
 if __name__ == "__main__":

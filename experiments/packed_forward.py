@@ -12,7 +12,6 @@ the largest relative difference of the last hidden state at the requests' tokens
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -35,6 +34,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    from _common import write_results        # bench/_common.py (bench is first on sys.path)
     from bench_turn_official import requests
     from ultraedit import EditConfig
     from ultraedit.models import load_model
@@ -74,9 +74,7 @@ def main(argv=None):
     print(f"padded {med['padded']:.3f} s ({result['padded_positions']} positions), packed "
           f"{med['packed']:.3f} s ({layout.tokens} tokens): {result['speedup_packed']:.2f}x; "
           f"hidden states agree to {rel:.1e}")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+    write_results(a.json, result)
     return 0
 
 

@@ -14,9 +14,16 @@ the relative difference of their updates (largest over modules).
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import warnings
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _p in (_ROOT, os.path.join(_ROOT, "python"), os.path.join(_ROOT, "bench")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from _common import write_results  # noqa: E402  (bench/_common.py: bench is first on sys.path)
 
 
 def configs():
@@ -86,9 +93,7 @@ def main(argv=None):
         torch.set_num_threads(1)
         out["turns"] = {name: real_model_turns(name) for name in ("default", "gemma3-270m")}
         print(out["turns"])
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(out, fh, indent=1)
+    write_results(a.json, out)
     return 0
 
 
