@@ -3,7 +3,9 @@
 For each public op and shape the op (``auto`` dispatch, validation included: what a caller
 gets) and the few lines of PyTorch a user would write for the same math alternate round by
 round in this process; the table gives medians and ``speed = plain / op`` (>= 1.0: the op is
-at least as fast).  Beside each time: the op's FLOPs and algorithmic bytes (``_common.op_cost``)
+at least as fast).  A third arm, the control, times the same plain code again in the same
+rounds: where an op is the very call the plain code makes (``apply_shift_`` is one ``addmm_``),
+its ratio can only be read against the spread of plain against itself.  Beside each time: the op's FLOPs and algorithmic bytes (``_common.op_cost``)
 and the GFLOP/s and GB/s they imply, next to the machine's copy bandwidth and float32 GEMM
 rate measured at the start of the same run.
 
@@ -18,15 +20,21 @@ JSON fields per ``ops`` row: ``op_s`` / ``plain_s`` (medians over rounds of the 
 seconds), ``speed`` (``plain_s / op_s``, the ratio of the medians), ``speed_paired`` (the median
 over pairs of rounds (op, plain / plain, op) of plain / op within the pair: a load spike that
 hits a pair hits both of its sides), ``loops`` (calls per timed round) and ``rounds``, ``op_times_s`` /
-``plain_times_s`` (per-call seconds of every round), cost and roofline fields.  ``overhead``:
+``plain_times_s`` / ``control_times_s`` (per-call seconds of every round), ``pair_ratios`` (plain
+/ op per pair) and ``control_pair_ratios`` (plain / control per pair), ``control_paired`` (their
+median), ``verdict`` (``faster``: ``speed_paired`` >= 1; ``within noise``: below 1 but not below
+every control ratio; ``slower``: below all of them), cost and roofline fields.  ``overhead``:
 each op at one row, 64 -> 64, where the arithmetic is negligible: ``op_us``, ``plain_us``,
 ``overhead_us`` (their difference) and ``overhead_paired_us``.  ``summary``:
 ``ops_slower_than_plain`` / ``min_speed`` (by ``speed``), ``ops_slower_than_plain_paired`` /
 ``min_speed_paired`` (by ``speed_paired``), ``calibration_disagrees`` (``auto``'s backend more
 than the calibration's margin slower than the fastest by both statistics) and
-``calibration_disagrees_medians`` (by the ratio of medians alone), ``loadavg_1m_end``.  Per
-``backends`` row: ``chosen_vs_fastest`` (ratio of medians), ``chosen_vs_fastest_paired``,
-``agrees_medians``, ``agrees_paired``, ``agrees`` (either within the margin).
+``calibration_disagrees_medians`` (by the ratio of medians alone), ``ops_slower_beyond_noise``
+and ``ops_within_noise`` (by ``verdict``), ``calibration_misses_beyond_noise`` (rows whose
+``misses_beyond_noise``), ``loadavg_1m_end``.  Per ``backends`` row: ``chosen_vs_fastest``
+(ratio of medians), ``chosen_vs_fastest_paired``, ``agrees_medians``, ``agrees_paired``,
+``agrees`` (either within the margin), ``pair_ratios`` (chosen / fastest per pair) and
+``misses_beyond_noise`` (the chosen backend more than the margin slower in every pair).
 
 Also in the same run:
 
@@ -147,9 +155,25 @@ def paired_speed(times: Dict[str, List[float]], fast: str, slow: str) -> float:
     ... whichever function ran), which per single round favours the side that runs second;
     the rounds are therefore always an even number and the medians over rounds balanced too.
     """
+    ratios = pair_ratios(times, fast, slow)
+    return statistics.median(ratios or [times[slow][0] / times[fast][0]])
+
+
+def pair_ratios(times: Dict[str, List[float]], fast: str, slow: str) -> List[float]:
+    """``slow / fast`` within each (A B, B A) pair of rounds (what :func:`paired_speed` takes
+    the median of)."""
     f, s = times[fast], times[slow]
-    ratios = [(s[i] + s[i + 1]) / (f[i] + f[i + 1]) for i in range(0, len(f) - 1, 2)]
-    return statistics.median(ratios or [s[0] / f[0]])
+    return [(s[i] + s[i + 1]) / (f[i] + f[i + 1]) for i in range(0, len(f) - 1, 2)]
+
+
+def verdict(op_ratios: List[float], control_ratios: List[float]) -> str:
+    """``"faster"`` (the op's median pair ratio >= 1), ``"within noise"`` (below 1 but inside the
+    range the control, the plain code timed against itself as a third arm of the same rounds,
+    spans), or ``"slower"`` (below every control ratio)."""
+    speed = statistics.median(op_ratios)
+    if speed >= 1.0:
+        return "faster"
+    return "within noise" if control_ratios and speed >= min(control_ratios) else "slower"
 
 
 def machine_rates(rounds: int) -> Dict[str, float]:
@@ -258,15 +282,25 @@ def run_ops(shapes, rounds, ops=None, rates=None):
             if ops and op not in ops:
                 continue
             info = {}
-            t = alternate({"op": ours, "plain": plain}, rounds, info)
+            # the control: the same plain code as a third arm (its own callable), timed in the
+            # same rounds at the op's positions (first / last), so its spread against `plain`
+            # is what this run can resolve between two identical functions
+            t = alternate({"op": ours, "plain": plain, "control": lambda p=plain: p()},
+                          rounds, info)
             c = cost(key, n, d_in, d_out)
+            op_pairs = pair_ratios(t, "op", "plain")
+            control_pairs = pair_ratios(t, "control", "plain")
             row = {"op": op, "shape": label, "n": n, "d_in": d_in, "d_out": d_out,
                    "op_s": median(t["op"]), "plain_s": median(t["plain"]),
                    "speed": median(t["plain"]) / median(t["op"]),
                    "speed_paired": paired_speed(t, "op", "plain"),
+                   "pair_ratios": op_pairs, "control_pair_ratios": control_pairs,
+                   "control_paired": statistics.median(control_pairs),
+                   "verdict": verdict(op_pairs, control_pairs),
                    "loops": info["loops"], "rounds": info["rounds"],
                    "flops": c["flops"], "bytes": c["bytes_moved"],
-                   "op_times_s": t["op"], "plain_times_s": t["plain"]}
+                   "op_times_s": t["op"], "plain_times_s": t["plain"],
+                   "control_times_s": t["control"]}
             row["gflops"] = c["flops"] / row["op_s"] / 1e9
             row["gbps"] = c["bytes_moved"] / row["op_s"] / 1e9
             if rates:   # the roofline: the time the op needs at the machine's GEMM rate or copy
@@ -279,7 +313,8 @@ def run_ops(shapes, rounds, ops=None, rates=None):
             rows.append(row)
             print(f"{op:26s} {label:26s} op {row['op_s'] * 1e3:9.2f} ms  plain "
                   f"{row['plain_s'] * 1e3:9.2f} ms  speed {row['speed']:5.2f}x "
-                  f"(paired {row['speed_paired']:5.2f}x, {row['rounds']} x {row['loops']})  "
+                  f"(paired {row['speed_paired']:5.2f}x, control {min(control_pairs):4.2f}-"
+                  f"{max(control_pairs):4.2f}x: {row['verdict']}; {row['rounds']} x {row['loops']})  "
                   f"{row['gflops']:7.1f} GFLOP/s {row['gbps']:6.1f} GB/s"
                   + (f"  {100 * row['of_roofline']:5.1f}% of roofline ({row['bound_by']})"
                      if rates else ""), flush=True)
@@ -332,7 +367,12 @@ def run_backends(shapes, rounds):
             ratio = med[chosen] / med[fastest]
             paired = (paired_speed(t, fastest, chosen) if chosen != fastest else 1.0)
             limit = 1 + calibration.MARGIN
+            pairs = pair_ratios(t, fastest, chosen) if chosen != fastest else []
             rows.append({"op": op, "shape": label, "median_s": med, "fastest": fastest,
+                         # a miss beyond the noise: the chosen backend more than the margin
+                         # slower in every pair of rounds, not just in the medians
+                         "pair_ratios": pairs,
+                         "misses_beyond_noise": bool(pairs) and min(pairs) > limit,
                          "loops": info["loops"], "rounds": info["rounds"],
                          "auto": chosen, "chosen_vs_fastest": ratio,
                          "chosen_vs_fastest_paired": paired,
@@ -416,6 +456,16 @@ def main(argv=None) -> int:
     disagree_medians = [f"{r['op']}@{r['shape']} {r['chosen_vs_fastest']:.2f}x"
                         for r in result["backends"] if not r["agrees_medians"]]
     result["summary"] = {"ops_slower_than_plain": slow, "calibration_disagrees": disagree,
+                         "ops_slower_beyond_noise": [
+                             f"{r['op']}@{r['shape']} {r['speed_paired']:.2f}x "
+                             f"(control {min(r['control_pair_ratios']):.2f}x)"
+                             for r in result["ops"] if r["verdict"] == "slower"],
+                         "ops_within_noise": [f"{r['op']}@{r['shape']} {r['speed_paired']:.2f}x"
+                                              for r in result["ops"]
+                                              if r["verdict"] == "within noise"],
+                         "calibration_misses_beyond_noise": [
+                             f"{r['op']}@{r['shape']}" for r in result["backends"]
+                             if r["misses_beyond_noise"]],
                          "min_speed": min((r["speed"] for r in result["ops"]), default=None),
                          "ops_slower_than_plain_paired": slow_paired,
                          "calibration_disagrees_medians": disagree_medians,
@@ -423,7 +473,9 @@ def main(argv=None) -> int:
                                                  default=None),
                          "loadavg_1m_end": os.getloadavg()[0]}
     print(f"slower than plain torch: {slow or 'none'} (paired: {slow_paired or 'none'}); "
-          f"calibration disagrees: {disagree or 'none'}")
+          f"beyond the control's spread: {result['summary']['ops_slower_beyond_noise'] or 'none'}; "
+          f"calibration disagrees: {disagree or 'none'} (beyond noise: "
+          f"{result['summary']['calibration_misses_beyond_noise'] or 'none'})")
     write_results(a.json, result)
     return 0
 

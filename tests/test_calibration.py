@@ -55,7 +55,8 @@ def test_choose_follows_the_measurement(fixture_grid):
     assert choose("spd_solve", CPU, ["cpp"], _system(64, 300)) == "cpp"
     assert choose("spd_solve", CPU, ["cpp"], _system(16, 300)) == "cpp"      # clamped to the grid
     assert choose("spd_solve", CPU, ["cpp"], _system(1024, 300)) == "torch"
-    assert choose("spd_solve", CPU, ["cpp"], _system(64, 9000)) == "cpp"      # k: clamped
+    assert choose("spd_solve", CPU, ["cpp"], _system(64, 2300)) == "cpp"      # k: the edge
+    assert choose("spd_solve", CPU, ["cpp"], _system(64, 9000)) == "torch"    # past: unmeasured
     assert choose("spd_solve", CPU, ["cpp"], _system(4000, 9000)) == "torch"
     # log-log interpolation between ratio 0.5 at n = 64 and 1.5 at n = 1024: at n = 256 (half
     # way in log n) the geometric mean 0.87, at n = 512 (three quarters) 0.5^0.25 * 1.5^0.75
@@ -68,15 +69,69 @@ def test_choose_follows_the_measurement(fixture_grid):
     assert choose("spd_solve", CPU, ["cpp"], _system(512, 512)) == "torch"
 
 
-def test_no_extrapolation_past_the_largest_system(tmp_path, monkeypatch):
-    """Past the largest n measured, the host Cholesky is not assumed to keep its ratio."""
+def test_past_the_grid_only_a_point_measured_there_decides(tmp_path, monkeypatch):
+    """Past the largest n measured, the host Cholesky is not assumed to keep its ratio: a call
+    near the edge uses the edge, one further out needs a point measured at its size (a
+    fixture never measures: the reference)."""
     monkeypatch.setitem(calibration.GRIDS, "spd_solve",
                         {"single": (("n", "k"), ((64, 256), (256,)))})
     monkeypatch.setenv(calibration.ENV_VAR, _fixture(tmp_path, {(64, 256): 0.5, (256, 256): 0.5}))
     calibration.reset()
     try:
         assert calibration.choose("spd_solve", CPU, ["cpp"], _system(256, 256)) == "cpp"
-        assert calibration.choose("spd_solve", CPU, ["cpp"], _system(300, 256)) == "torch"
+        assert calibration.choose("spd_solve", CPU, ["cpp"], _system(300, 256)) == "cpp"  # edge
+        assert calibration.choose("spd_solve", CPU, ["cpp"], _system(400, 256)) == "torch"
+    finally:
+        calibration.reset()
+
+
+def test_beyond_point_snaps_to_the_size_class():
+    """The docstring's examples on the shipped grids."""
+    assert calibration.beyond_point("spd_solve", "single", (2000, 14336)) == (2048, 16384)
+    assert calibration.beyond_point("spd_solve", "single", (400, 14336)) == (384, 16384)
+    assert calibration.beyond_point("spd_solve", "single", (400, 4096)) is None
+    assert calibration.beyond_point("gram", "rows", (2000, 14336)) == (2048, 14336)
+    assert calibration.beyond_point("gram", "rows", (1100, 5000)) is None    # the grid's edge
+    assert calibration.beyond_point("gram", "rows", (400, 99999)) is None    # r: not a size axis
+    assert calibration.beyond_point("spd_solve", "single", (10 ** 5, 8)) is calibration.TOO_LARGE
+
+
+def test_a_call_past_the_grid_is_measured_once_and_cached(tmp_path, monkeypatch):
+    """In ``auto`` mode the first call past the grid measures its size class (here a stand-in
+    for the timing: the host build 1.5x slower on the grid, 2x faster past it), caches it
+    beside the grid, and every later call of that class uses it, in this process and the next."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv(calibration.ENV_VAR, "auto")
+    monkeypatch.setitem(calibration.GRIDS, "spd_solve",
+                        {"single": (("n", "k"), ((64, 256), (256,)))})
+    measured = []
+
+    def fake_measure(op, cls, point, device, backends, rounds=calibration.ROUNDS):
+        measured.append(tuple(point))
+        ratio = 0.5 if point[0] > 256 else 1.5
+        return {"point": list(point), "seconds": {"torch": 1.0, "cpp": ratio}, "rounds": 2}
+
+    monkeypatch.setattr(calibration, "measure_point", fake_measure)
+    calibration.reset()
+    choose = calibration.choose
+    try:
+        assert choose("spd_solve", CPU, ["cpp"], _system(64, 256)) == "torch"
+        assert measured == [(64, 256), (256, 256)]                 # the grid, once
+        assert choose("spd_solve", CPU, ["cpp"], _system(500, 300)) == "cpp"
+        assert choose("spd_solve", CPU, ["cpp"], _system(520, 300)) == "cpp"
+        assert measured[2:] == [(512, 256)]                        # one point, once
+        assert choose("spd_solve", CPU, ["cpp"], _system(1000, 256)) == "cpp"
+        assert choose("spd_solve", CPU, ["cpp"], _system(5000, 256)) == "torch"   # too large
+        assert measured[3:] == [(1024, 256)]
+        cached = json.load(open(calibration.cache_path(CPU)))["ops"]["spd_solve"]
+        assert [p["point"] for p in cached["beyond"]["single"]] == [[512, 256], [1024, 256]]
+        calibration.reset()                                        # the next process
+        assert choose("spd_solve", CPU, ["cpp"], _system(480, 256)) == "cpp"
+        assert len(measured) == 4
+        shown = calibration.describe(CPU)["ops"]["spd_solve"]["beyond"]["single"]
+        assert shown[0] == {"point": {"n": 512, "k": 256}, "vs_torch": {"cpp": 0.5}}
+        calibration.calibrate(CPU, ["spd_solve"], classes=["single"])   # measured again:
+        assert "single" not in calibration.current(CPU)["ops"]["spd_solve"].get("beyond", {})
     finally:
         calibration.reset()
 

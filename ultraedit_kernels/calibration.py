@@ -88,10 +88,17 @@ GRIDS: Dict[str, Dict[str, Tuple[Tuple[str, ...], Tuple[Tuple[int, ...], ...]]]]
     "stats_update2": {"all": (("n", "d"), ((16, 256, 1024), (2048, 16384)))},
 }
 BATCH = 4           # systems per call in the "batched" class
-# Axes along which a native implementation is not assumed to keep its measured ratio beyond the
-# grid: the host Cholesky's packed GEMM falls behind LAPACK's as n grows (measured: faster at
-# n = 1024, 6-10% slower at n = 2000), so past the largest n measured `auto` keeps the reference.
-NO_EXTRAPOLATION = {("spd_solve", "n")}
+# Axes along which a native implementation is not assumed to keep its ratio past the grid's
+# largest value: the host Cholesky against LAPACK at n = 2,000 measured 6-10% slower in some
+# runs and 9% faster in others (with 4,096 right-hand sides 1.09x slower, with 14,336 1.09x
+# faster: the ratio moves with k too), and the host Gram at 2,000 rows 7% faster where the
+# grid's edge (1,024) said 1.2x slower.  A call past the edge on such an axis is decided by a point measured
+# at its own size class, the first time one is needed (then cached beside the grid): the edge
+# times BEYOND_STEPS, the nearest in log; its other axes snap to their nearest grid value.
+# Past BEYOND_STEPS[-1] x BEYOND_SLACK the measurement would cost minutes: the reference.
+BEYOND = {("spd_solve", "n"), ("spd_solve", "k"), ("gram", "m")}
+BEYOND_STEPS = (1.5, 2.0, 3.0, 4.0)
+BEYOND_SLACK = 1.25
 
 
 # ------------------------------------------------------------------------------ shapes
@@ -394,6 +401,8 @@ def calibrate(device: torch.device, ops: Optional[Sequence[str]] = None,
         entry = data["ops"].get(op)
         if entry is None or classes is None or entry.get("backends") != names:
             entry = data["ops"][op] = {"backends": names, "grid": {}, "calibration_s": 0.0}
+        for cls in classes or ():   # points past a grid measured again are measured again
+            entry.get("beyond", {}).pop(cls, None)
         entry["grid"].update(calibrate_op(op, device, names, rounds, classes))
         entry["calibration_s"] = round(entry.get("calibration_s", 0.0)
                                        + time.perf_counter() - start, 2)
@@ -445,6 +454,42 @@ def _interpolate(entries: List[dict], axes_values, feat: Sequence[float], backen
     return total
 
 
+TOO_LARGE = "too large"   # beyond_point: past what a calibration measures
+
+
+def beyond_point(op: str, cls: str, values: Sequence[float]):
+    """The point that decides a call past the grid on a :data:`BEYOND` axis, ``None`` for a
+    call the grid decides, or :data:`TOO_LARGE`.
+
+    A :data:`BEYOND` axis past the grid's largest value ``top`` snaps to the nearest (in log)
+    of ``top`` and ``top x BEYOND_STEPS``; if that is ``top`` itself the grid decides.  Every
+    other axis snaps to its nearest grid value.  Examples: ``spd_solve`` (n up to 1,024, k up
+    to 4,096) with n = 2,000 and 14,336 right-hand sides -> ``(2048, 16384)``, n = 400 and
+    14,336 -> ``(384, 16384)``; ``gram`` (m up to 1,024) at 2,000 x 14,336 -> ``(2048, 14336)``."""
+    axes, grid_values = GRIDS[op][cls]
+    point, beyond = [], False
+    for axis, axis_values, x in zip(axes, grid_values, values):
+        lx = math.log(max(float(x), 1.0))
+        top = max(axis_values)
+        if (op, axis) in BEYOND and x > top:
+            if x > top * BEYOND_STEPS[-1] * BEYOND_SLACK:
+                return TOO_LARGE
+            steps = [top] + [int(round(top * s)) for s in BEYOND_STEPS]
+            snapped = min(steps, key=lambda v: abs(lx - math.log(v)))
+            beyond = beyond or snapped != top
+        else:
+            snapped = min(axis_values, key=lambda v: abs(lx - math.log(v)))
+        point.append(int(snapped))
+    return tuple(point) if beyond else None
+
+
+def _beyond_entry(entry: dict, cls: str, point: Sequence[int]) -> Optional[dict]:
+    for e in entry.get("beyond", {}).get(cls, ()):
+        if tuple(e["point"]) == tuple(point):
+            return e
+    return None
+
+
 def predicted_ratio(data: dict, op: str, backend: str, args: Sequence) -> Optional[float]:
     """Predicted time of ``backend`` relative to the reference for this call (None: unknown)."""
     entry = data.get("ops", {}).get(op)
@@ -455,11 +500,33 @@ def predicted_ratio(data: dict, op: str, backend: str, args: Sequence) -> Option
     if cls not in GRIDS[op] or cls not in entry["grid"]:
         return None
     axes, grid_values = GRIDS[op][cls]
-    for axis, axis_values, x in zip(axes, grid_values, values):
-        if (op, axis) in NO_EXTRAPOLATION and x > max(axis_values):
-            return None
+    point = beyond_point(op, cls, values)
+    if point is TOO_LARGE:
+        return None
+    if point is not None:   # past the grid: only a point measured there decides
+        measured = _beyond_entry(entry, cls, point)
+        secs = measured["seconds"] if measured is not None else {}
+        if secs.get(backend, 0) > 0 and secs.get("torch", 0) > 0:
+            return secs[backend] / secs["torch"]
+        return None
     log_ratio = _interpolate(entry["grid"][cls], grid_values, values, backend)
     return None if log_ratio is None else math.exp(log_ratio)
+
+
+def measure_beyond(op: str, cls: str, point: Sequence[int], device: torch.device,
+                   save: bool = True) -> dict:
+    """Measure one :func:`beyond_point` of ``op`` on ``device``, add it to the calibration in
+    use and cache it; returns the calibration."""
+    data = _loaded[device.type]
+    entry = data["ops"][op]
+    start = time.perf_counter()
+    measured = measure_point(op, cls, point, device, entry["backends"])
+    entry.setdefault("beyond", {}).setdefault(cls, []).append(measured)
+    entry["calibration_s"] = round(entry.get("calibration_s", 0.0)
+                                   + time.perf_counter() - start, 2)
+    if save:
+        _write(cache_path(device), data)
+    return data
 
 
 _decisions: Dict[tuple, str] = {}   # (op, device, class, features, candidates, data) -> backend
@@ -495,6 +562,13 @@ def choose(op: str, device: torch.device, candidates: Sequence[str], args: Seque
         _log.info("calibrating %s (%s) on %s for ULTRAEDIT_BACKEND=auto (once per machine; "
                   "%s=off disables)", op, cls, device.type, ENV_VAR)
         data = calibrate(device, [op], classes=[cls] if cls else None)
+    point = beyond_point(op, cls, feat[1]) if cls in GRIDS[op] else None
+    if (point is not None and point is not TOO_LARGE and mode() in ("auto", "refresh", "")
+            and _beyond_entry(data["ops"][op], cls, point) is None):
+        _log.info("calibrating %s (%s) on %s at %s, past the grid's largest size (once per "
+                  "machine; %s=off disables)", op, cls, device.type,
+                  dict(zip(GRIDS[op][cls][0], point)), ENV_VAR)
+        data = measure_beyond(op, cls, point, device)
     best, best_ratio = "torch", 1.0 - MARGIN
     for b in candidates:
         ratio = predicted_ratio(data, op, b, args)
@@ -505,6 +579,13 @@ def choose(op: str, device: torch.device, candidates: Sequence[str], args: Seque
     _decisions[(op, device.type, feat, tuple(candidates), id(data))] = best
     _decisions[fast_key] = best
     return best
+
+
+def _described(op: str, cls: str, p: dict) -> dict:
+    return {"point": dict(zip(GRIDS.get(op, {}).get(cls, ((),))[0], p["point"])),
+            "vs_torch": {b: round(s / p["seconds"]["torch"], 3)
+                         for b, s in p["seconds"].items() if b != "torch"},
+            **({"rejected": p["rejected"]} if p.get("rejected") else {})}
 
 
 def describe(device: torch.device) -> Dict[str, object]:
@@ -523,13 +604,12 @@ def describe(device: torch.device) -> Dict[str, object]:
     for op, entry in data.get("ops", {}).items():
         rows = {}
         for cls, points in entry["grid"].items():
-            rows[cls] = [{"point": dict(zip(GRIDS.get(op, {}).get(cls, ((),))[0], p["point"])),
-                          "vs_torch": {b: round(s / p["seconds"]["torch"], 3)
-                                       for b, s in p["seconds"].items() if b != "torch"},
-                          **({"rejected": p["rejected"]} if p.get("rejected") else {})}
-                         for p in points]
+            rows[cls] = [_described(op, cls, p) for p in points]
         ops[op] = {"backends": entry["backends"], "calibration_s": entry.get("calibration_s"),
                    "grid": rows}
+        if entry.get("beyond"):
+            ops[op]["beyond"] = {cls: [_described(op, cls, p) for p in points]
+                                 for cls, points in entry["beyond"].items()}
     out["ops"] = ops
     return out
 

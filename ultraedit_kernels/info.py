@@ -95,7 +95,10 @@ def _print_text(info: Dict[str, Any]) -> None:
         for op, entry in cal.get("ops", {}).items():
             print(f"  {op} (measured in {entry['calibration_s']} s; time / torch, "
                   f"chosen below {1 - cal['margin']:.2f}):")
-            for cls, rows in entry["grid"].items():
+            tables = [(cls, rows) for cls, rows in entry["grid"].items()]
+            tables += [(f"{cls}, past the grid", rows)
+                       for cls, rows in entry.get("beyond", {}).items()]
+            for cls, rows in tables:
                 cells = "  ".join(
                     ",".join(f"{k}={v}" for k, v in r["point"].items()) + ": "
                     + " ".join(f"{b} {x:.2f}" for b, x in r["vs_torch"].items())
