@@ -5,7 +5,8 @@ gets) and the few lines of PyTorch a user would write for the same math alternat
 round in this process; the table gives medians and ``speed = plain / op`` (>= 1.0: the op is
 at least as fast).  A third arm, the control, times the same plain code again in the same
 rounds: where an op is the very call the plain code makes (``apply_shift_`` is one ``addmm_``),
-its ratio can only be read against the spread of plain against itself.  Beside each time: the op's FLOPs and algorithmic bytes (``_common.op_cost``)
+its ratio can only be read against the spread of plain against itself.  Beside each time: the
+op's FLOPs and algorithmic bytes (``_common.op_cost``)
 and the GFLOP/s and GB/s they imply, next to the machine's copy bandwidth and float32 GEMM
 rate measured at the start of the same run.
 
@@ -23,7 +24,8 @@ hits a pair hits both of its sides), ``loops`` (calls per timed round) and ``rou
 ``plain_times_s`` / ``control_times_s`` (per-call seconds of every round), ``pair_ratios`` (plain
 / op per pair) and ``control_pair_ratios`` (plain / control per pair), ``control_paired`` (their
 median), ``verdict`` (``faster``: ``speed_paired`` >= 1; ``within noise``: below 1 but not below
-every control ratio, or within 1% of 1; ``slower``: otherwise), cost and roofline fields.  ``overhead``:
+every control ratio, or within 1% of 1; ``slower``: otherwise), cost and roofline fields.
+``overhead``:
 each op at one row, 64 -> 64, where the arithmetic is negligible: ``op_us``, ``plain_us``,
 ``overhead_us`` (their difference) and ``overhead_paired_us``.  ``summary``:
 ``ops_slower_than_plain`` / ``min_speed`` (by ``speed``), ``ops_slower_than_plain_paired`` /
@@ -333,7 +335,8 @@ def run_ops(shapes, rounds, ops=None, rates=None):
             print(f"{op:26s} {label:26s} op {row['op_s'] * 1e3:9.2f} ms  plain "
                   f"{row['plain_s'] * 1e3:9.2f} ms  speed {row['speed']:5.2f}x "
                   f"(paired {row['speed_paired']:5.2f}x, control {min(control_pairs):4.2f}-"
-                  f"{max(control_pairs):4.2f}x: {row['verdict']}; {row['rounds']} x {row['loops']})  "
+                  f"{max(control_pairs):4.2f}x: {row['verdict']}; "
+                  f"{row['rounds']} x {row['loops']})  "
                   f"{row['gflops']:7.1f} GFLOP/s {row['gbps']:6.1f} GB/s"
                   + (f"  {100 * row['of_roofline']:5.1f}% of roofline ({row['bound_by']})"
                      if rates else ""), flush=True)
@@ -468,6 +471,8 @@ def main(argv=None) -> int:
     result["overhead"] = run_overhead(a.rounds) if not a.shapes else None
     result["ops"] = run_ops(shapes, a.rounds, ops, result["rates"])
     result["paper"] = run_paper(a.rounds) if not ops or "param_shift" in ops else None
+    # again at the end: with the points past the grid measured while the cases above ran
+    result["calibration"] = calibration.describe(torch.device("cpu"))
     slow = [f"{r['op']}@{r['shape']} {r['speed']:.2f}x" for r in result["ops"] if r["speed"] < 1.0]
     slow_paired = [f"{r['op']}@{r['shape']} {r['speed_paired']:.2f}x" for r in result["ops"]
                    if r["speed_paired"] < 1.0]

@@ -89,13 +89,13 @@ GRIDS: Dict[str, Dict[str, Tuple[Tuple[str, ...], Tuple[Tuple[int, ...], ...]]]]
 }
 BATCH = 4           # systems per call in the "batched" class
 # Axes along which a native implementation is not assumed to keep its ratio past the grid's
-# largest value: the host Cholesky against LAPACK at n = 2,000 measured 6-10% slower in some
-# runs and 9% faster in others (with 4,096 right-hand sides 1.09x slower, with 14,336 1.09x
-# faster: the ratio moves with k too), and the host Gram at 2,000 rows 7% faster where the
-# grid's edge (1,024) said 1.2x slower.  A call past the edge on such an axis is decided by a point measured
-# at its own size class, the first time one is needed (then cached beside the grid): the edge
-# times BEYOND_STEPS, the nearest in log; its other axes snap to their nearest grid value.
-# Past BEYOND_STEPS[-1] x BEYOND_SLACK the measurement would cost minutes: the reference.
+# largest value: the host Cholesky against LAPACK at n = 2,000 measured 6-10% slower in some runs
+# and 9% faster in others (with 4,096 right-hand sides 1.09x slower, with 14,336 1.09x faster: the
+# ratio moves with k too), and the host Gram at 2,000 rows 7% faster where the grid's edge (1,024)
+# said 1.2x slower.  A call past the edge on such an axis is decided by a point measured at its
+# own size class, the first time one is needed (then cached beside the grid): the edge times
+# BEYOND_STEPS, the nearest in log; its other axes snap to their nearest grid value. Past
+# BEYOND_STEPS[-1] x BEYOND_SLACK the measurement would cost minutes: the reference.
 BEYOND = {("spd_solve", "n"), ("spd_solve", "k"), ("gram", "m")}
 BEYOND_STEPS = (1.5, 2.0, 3.0, 4.0)
 BEYOND_SLACK = 1.25
