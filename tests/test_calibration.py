@@ -136,6 +136,26 @@ def test_a_call_past_the_grid_is_measured_once_and_cached(tmp_path, monkeypatch)
         calibration.reset()
 
 
+def test_a_measurement_that_fails_past_the_grid_leaves_the_reference(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv(calibration.ENV_VAR, "auto")
+    monkeypatch.setitem(calibration.GRIDS, "spd_solve",
+                        {"single": (("n", "k"), ((64, 256), (256,)))})
+
+    def fake_measure(op, cls, point, device, backends, rounds=calibration.ROUNDS):
+        if point[0] > 256:
+            raise RuntimeError("out of memory")
+        return {"point": list(point), "seconds": {"torch": 1.0, "cpp": 0.5}, "rounds": 2}
+
+    monkeypatch.setattr(calibration, "measure_point", fake_measure)
+    calibration.reset()
+    try:
+        assert calibration.choose("spd_solve", CPU, ["cpp"], _system(64, 256)) == "cpp"
+        assert calibration.choose("spd_solve", CPU, ["cpp"], _system(500, 256)) == "torch"
+    finally:
+        calibration.reset()
+
+
 def test_unmeasured_class_or_op_uses_the_reference(fixture_grid):
     a = torch.eye(64).expand(3, 64, 64)
     assert calibration.choose("spd_solve", CPU, ["cpp"], (a, torch.ones(3, 64, 8))) == "torch"

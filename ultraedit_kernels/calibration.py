@@ -563,12 +563,17 @@ def choose(op: str, device: torch.device, candidates: Sequence[str], args: Seque
                   "%s=off disables)", op, cls, device.type, ENV_VAR)
         data = calibrate(device, [op], classes=[cls] if cls else None)
     point = beyond_point(op, cls, feat[1]) if cls in GRIDS[op] else None
-    if (point is not None and point is not TOO_LARGE and mode() in ("auto", "refresh", "")
-            and _beyond_entry(data["ops"][op], cls, point) is None):
+    entry = data.get("ops", {}).get(op) if data is not None else None
+    if (point is not None and point is not TOO_LARGE and entry is not None
+            and mode() in ("auto", "refresh", "") and _beyond_entry(entry, cls, point) is None):
         _log.info("calibrating %s (%s) on %s at %s, past the grid's largest size (once per "
                   "machine; %s=off disables)", op, cls, device.type,
                   dict(zip(GRIDS[op][cls][0], point)), ENV_VAR)
-        data = measure_beyond(op, cls, point, device)
+        try:
+            data = measure_beyond(op, cls, point, device)
+        except Exception as err:  # e.g. out of memory: the call itself must still run
+            _log.warning("could not measure %s at %s (%s: %s); the reference decides there",
+                         op, point, type(err).__name__, err)
     best, best_ratio = "torch", 1.0 - MARGIN
     for b in candidates:
         ratio = predicted_ratio(data, op, b, args)
