@@ -213,6 +213,19 @@ def test_a_ratio_near_the_threshold_gets_more_rounds():
     assert point["rounds"] in (2, 2 + calibration.EXTRA_ROUNDS)
 
 
+def test_a_point_decides_by_its_paired_ratio():
+    """A burst of load during some rounds moves the medians of the seconds, not the ratio
+    within each pair of rounds: the paired ratio decides; cached points that predate it and
+    fixtures use the ratio of the medians."""
+    p = {"point": [8, 4], "seconds": {"torch": 1.0, "cpp": 1.2}, "ratios": {"cpp": 0.9}}
+    assert calibration.point_ratio(p, "cpp") == 0.9
+    assert calibration.point_ratio({"seconds": {"torch": 2.0, "cpp": 1.0}}, "cpp") == 0.5
+    assert calibration.point_ratio({"seconds": {"torch": 2.0}}, "cpp") is None
+    point = calibration.measure_point("spd_solve", "single", (8, 4), CPU, ["cpp"], rounds=2)
+    if "cpp" in point["seconds"]:
+        assert point["ratios"]["cpp"] > 0
+
+
 def test_import_and_info_never_calibrate(tmp_path):
     env = {**ENV, "XDG_CACHE_HOME": str(tmp_path), "ULTRAEDIT_CALIBRATION": "auto"}
     code = ("import torch, ultraedit_kernels, ultraedit_kernels.info as i; "

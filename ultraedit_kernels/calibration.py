@@ -2,11 +2,12 @@
 
 An op with a native implementation (the host or device Cholesky, a Triton kernel) besides its
 PyTorch reference is timed once per machine on a small grid of shapes: every available backend
-and the reference, alternating (A B, B A, ...), median of ``ROUNDS`` (even) rounds after a
-warm-up, on synthetic inputs of that shape.  A backend whose result disagrees with the reference is never chosen.  A call
-under ``ULTRAEDIT_BACKEND=auto`` then takes the backend whose time relative to the reference,
-interpolated (log-log, clamped to the grid) at the call's shape, is below ``1 - MARGIN``;
-otherwise the reference.  Shape features per op:
+and the reference, alternating (A B, B A, ...), ``ROUNDS`` (even) rounds after a warm-up, on
+synthetic inputs of that shape; a backend's ratio to the reference is the median over pairs of
+rounds of its time over the reference's within the pair.  A backend whose result disagrees
+with the reference is never chosen.  A call under ``ULTRAEDIT_BACKEND=auto`` then takes the
+backend whose ratio, interpolated (log-log) at the call's shape, is below ``1 - MARGIN``;
+otherwise the reference (past the grid: :data:`BEYOND`).  Shape features per op:
 
 ==================  =====================================================================
 ``spd_solve``       n (system size), k (right-hand sides), batched or single
@@ -302,9 +303,10 @@ def _first_tensor(out):
 
 def measure_point(op: str, cls: str, point: Sequence[int], device: torch.device,
                   backends: Sequence[str], rounds: int = ROUNDS) -> Dict[str, object]:
-    """Median seconds of ``torch`` and each of ``backends`` at one grid point, alternating;
-    ``EXTRA_ROUNDS`` more rounds where a backend's ratio is near the threshold
-    (:func:`near_threshold`); ``rounds``: the rounds timed."""
+    """Median seconds of ``torch`` and each of ``backends`` at one grid point, alternating,
+    and each backend's paired ratio to ``torch`` (``ratios``); ``EXTRA_ROUNDS`` more rounds
+    where a ratio is near the threshold (:func:`near_threshold`); ``rounds``: the rounds
+    timed."""
     from . import _backends
     impls = _backends.implementations(op)
     args = grid_args(op, cls, point, device)
@@ -340,23 +342,43 @@ def measure_point(op: str, cls: str, point: Sequence[int], device: torch.device,
                 _sync(device)
                 times[b].append((time.perf_counter() - start) / loops)
 
+    def paired_ratios():
+        # per backend, the median over pairs of rounds (A B, B A) of its time over the
+        # reference's within the pair: a burst of load that hits a pair hits both sides
+        ref = times["torch"]
+        return {b: statistics.median((times[b][i] + times[b][i + 1]) / (ref[i] + ref[i + 1])
+                                     for i in range(0, len(ref) - 1, 2))
+                for b in names[1:]}
+
     timed(rounds)
+    ratios = paired_ratios()
+    if near_threshold({"torch": 1.0, **ratios}):
+        timed(EXTRA_ROUNDS)
+        ratios = paired_ratios()
     seconds = {b: statistics.median(times[b]) for b in names}
-    extra = EXTRA_ROUNDS if near_threshold(seconds) else 0
-    if extra:
-        timed(extra)
-        seconds = {b: statistics.median(times[b]) for b in names}
-    out: Dict[str, object] = {"point": list(point), "seconds": seconds,
+    out: Dict[str, object] = {"point": list(point), "seconds": seconds, "ratios": ratios,
                               "rounds": len(times["torch"])}
     if rejected:
         out["rejected"] = rejected
     return out
 
 
+def point_ratio(p: dict, backend: str) -> Optional[float]:
+    """A measured point's time of ``backend`` over the reference's: its paired ratio (points
+    cached before those were recorded, and fixtures: the ratio of the median seconds)."""
+    ratio = p.get("ratios", {}).get(backend)
+    if ratio is not None:
+        return ratio if ratio > 0 else None
+    secs = p.get("seconds", {})
+    if secs.get(backend, 0) > 0 and secs.get("torch", 0) > 0:
+        return secs[backend] / secs["torch"]
+    return None
+
+
 def near_threshold(seconds: Dict[str, float]) -> bool:
     """Whether a backend's ratio to the reference (``seconds[b] / seconds["torch"]``) lies
     within ``NEAR`` of the choice threshold ``1 - MARGIN`` (then :func:`measure_point` times
-    ``EXTRA_ROUNDS`` more rounds before taking the medians)."""
+    ``EXTRA_ROUNDS`` more rounds)."""
     ref = seconds.get("torch")
     if not ref:
         return False
@@ -420,9 +442,9 @@ def _interpolate(entries: List[dict], axes_values, feat: Sequence[float], backen
     """log(t_backend / t_torch) interpolated multilinearly in log space over the grid."""
     table = {}
     for e in entries:
-        secs = e["seconds"]
-        if backend in secs and "torch" in secs and secs["torch"] > 0 and secs[backend] > 0:
-            table[tuple(e["point"])] = math.log(secs[backend] / secs["torch"])
+        ratio = point_ratio(e, backend)
+        if ratio is not None:
+            table[tuple(e["point"])] = math.log(ratio)
     # per axis: the two bracketing grid values and the weight of the upper one
     brackets = []
     for values, x in zip(axes_values, feat):
@@ -505,10 +527,7 @@ def predicted_ratio(data: dict, op: str, backend: str, args: Sequence) -> Option
         return None
     if point is not None:   # past the grid: only a point measured there decides
         measured = _beyond_entry(entry, cls, point)
-        secs = measured["seconds"] if measured is not None else {}
-        if secs.get(backend, 0) > 0 and secs.get("torch", 0) > 0:
-            return secs[backend] / secs["torch"]
-        return None
+        return point_ratio(measured, backend) if measured is not None else None
     log_ratio = _interpolate(entry["grid"][cls], grid_values, values, backend)
     return None if log_ratio is None else math.exp(log_ratio)
 
@@ -588,8 +607,8 @@ def choose(op: str, device: torch.device, candidates: Sequence[str], args: Seque
 
 def _described(op: str, cls: str, p: dict) -> dict:
     return {"point": dict(zip(GRIDS.get(op, {}).get(cls, ((),))[0], p["point"])),
-            "vs_torch": {b: round(s / p["seconds"]["torch"], 3)
-                         for b, s in p["seconds"].items() if b != "torch"},
+            "vs_torch": {b: round(point_ratio(p, b), 3) for b in p["seconds"]
+                         if b != "torch" and point_ratio(p, b) is not None},
             **({"rejected": p["rejected"]} if p.get("rejected") else {})}
 
 
