@@ -87,10 +87,10 @@ def test_past_the_grid_only_a_point_measured_there_decides(tmp_path, monkeypatch
 
 def test_beyond_point_snaps_to_the_size_class():
     """The docstring's examples on the shipped grids."""
-    assert calibration.beyond_point("spd_solve", "single", (2000, 14336)) == (2048, 16384)
-    assert calibration.beyond_point("spd_solve", "single", (400, 14336)) == (384, 16384)
+    assert calibration.beyond_point("spd_solve", "single", (2000, 14336)) == (2000, 16000)
+    assert calibration.beyond_point("spd_solve", "single", (400, 14336)) == (384, 16000)
     assert calibration.beyond_point("spd_solve", "single", (400, 4096)) is None
-    assert calibration.beyond_point("gram", "rows", (2000, 14336)) == (2048, 14336)
+    assert calibration.beyond_point("gram", "rows", (2000, 14336)) == (2000, 14336)
     assert calibration.beyond_point("gram", "rows", (1100, 5000)) is None    # the grid's edge
     assert calibration.beyond_point("gram", "rows", (400, 99999)) is None    # r: not a size axis
     assert calibration.beyond_point("spd_solve", "single", (10 ** 5, 8)) is calibration.TOO_LARGE
@@ -119,17 +119,17 @@ def test_a_call_past_the_grid_is_measured_once_and_cached(tmp_path, monkeypatch)
         assert measured == [(64, 256), (256, 256)]                 # the grid, once
         assert choose("spd_solve", CPU, ["cpp"], _system(500, 300)) == "cpp"
         assert choose("spd_solve", CPU, ["cpp"], _system(520, 300)) == "cpp"
-        assert measured[2:] == [(512, 256)]                        # one point, once
+        assert measured[2:] == [(510, 256)]                        # one point, once
         assert choose("spd_solve", CPU, ["cpp"], _system(1000, 256)) == "cpp"
         assert choose("spd_solve", CPU, ["cpp"], _system(5000, 256)) == "torch"   # too large
-        assert measured[3:] == [(1024, 256)]
+        assert measured[3:] == [(1000, 256)]
         cached = json.load(open(calibration.cache_path(CPU)))["ops"]["spd_solve"]
-        assert [p["point"] for p in cached["beyond"]["single"]] == [[512, 256], [1024, 256]]
+        assert [p["point"] for p in cached["beyond"]["single"]] == [[510, 256], [1000, 256]]
         calibration.reset()                                        # the next process
         assert choose("spd_solve", CPU, ["cpp"], _system(480, 256)) == "cpp"
         assert len(measured) == 4
         shown = calibration.describe(CPU)["ops"]["spd_solve"]["beyond"]["single"]
-        assert shown[0] == {"point": {"n": 512, "k": 256}, "vs_torch": {"cpp": 0.5}}
+        assert shown[0] == {"point": {"n": 510, "k": 256}, "vs_torch": {"cpp": 0.5}}
         calibration.calibrate(CPU, ["spd_solve"], classes=["single"])   # measured again:
         assert "single" not in calibration.current(CPU)["ops"]["spd_solve"].get("beyond", {})
     finally:
