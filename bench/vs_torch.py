@@ -70,6 +70,7 @@ sys.path.insert(0, _HERE)
 
 import ultraedit_kernels as uk  # noqa: E402
 from ultraedit_kernels import _backends, calibration  # noqa: E402
+from ultraedit_kernels.calibration import pair_ratios  # noqa: E402
 from ultraedit_kernels.running_stats import EPS  # noqa: E402
 
 from _common import F32, machine_description, op_cost, write_results  # noqa: E402
@@ -159,13 +160,6 @@ def paired_speed(times: Dict[str, List[float]], fast: str, slow: str) -> float:
     """
     ratios = pair_ratios(times, fast, slow)
     return statistics.median(ratios or [times[slow][0] / times[fast][0]])
-
-
-def pair_ratios(times: Dict[str, List[float]], fast: str, slow: str) -> List[float]:
-    """``slow / fast`` within each (A B, B A) pair of rounds (what :func:`paired_speed` takes
-    the median of)."""
-    f, s = times[fast], times[slow]
-    return [(s[i] + s[i + 1]) / (f[i] + f[i + 1]) for i in range(0, len(f) - 1, 2)]
 
 
 RESOLUTION = 0.01   # differences under 1% are a tie: the few µs of argument checks a public op

@@ -348,10 +348,7 @@ def measure_point(op: str, cls: str, point: Sequence[int], device: torch.device,
     def paired_ratios():
         # per backend, the median over pairs of rounds (A B, B A) of its time over the
         # reference's within the pair: a burst of load that hits a pair hits both sides
-        ref = times["torch"]
-        return {b: statistics.median((times[b][i] + times[b][i + 1]) / (ref[i] + ref[i + 1])
-                                     for i in range(0, len(ref) - 1, 2))
-                for b in names[1:]}
+        return {b: statistics.median(pair_ratios(times, "torch", b)) for b in names[1:]}
 
     timed(rounds)
     ratios = paired_ratios()
@@ -364,6 +361,13 @@ def measure_point(op: str, cls: str, point: Sequence[int], device: torch.device,
     if rejected:
         out["rejected"] = rejected
     return out
+
+
+def pair_ratios(times: Dict[str, List[float]], fast: str, slow: str) -> List[float]:
+    """``slow / fast`` within each pair of rounds ``(2i, 2i + 1)`` of alternating timings
+    (A B, B A): per pair, the sum of ``times[slow]`` over the sum of ``times[fast]``."""
+    f, s = times[fast], times[slow]
+    return [(s[i] + s[i + 1]) / (f[i] + f[i + 1]) for i in range(0, len(f) - 1, 2)]
 
 
 def point_ratio(p: dict, backend: str) -> Optional[float]:
@@ -544,11 +548,10 @@ def predicted_ratio(data: dict, op: str, backend: str, args: Sequence) -> Option
     return None if log_ratio is None else math.exp(log_ratio)
 
 
-def measure_beyond(op: str, cls: str, point: Sequence[int], device: torch.device,
+def measure_beyond(data: dict, op: str, cls: str, point: Sequence[int], device: torch.device,
                    save: bool = True) -> dict:
-    """Measure one :func:`beyond_point` of ``op`` on ``device``, add it to the calibration in
-    use and cache it; returns the calibration."""
-    data = _loaded[device.type]
+    """Measure one :func:`beyond_point` of ``op`` on ``device``, add it to the calibration
+    ``data`` (the one in use) and cache it; returns ``data``."""
     entry = data["ops"][op]
     start = time.perf_counter()
     measured = measure_point(op, cls, point, device, entry["backends"])
@@ -601,7 +604,7 @@ def choose(op: str, device: torch.device, candidates: Sequence[str], args: Seque
                   "machine; %s=off disables)", op, cls, device.type,
                   dict(zip(GRIDS[op][cls][0], point)), ENV_VAR)
         try:
-            data = measure_beyond(op, cls, point, device)
+            data = measure_beyond(data, op, cls, point, device)
         except Exception as err:  # e.g. out of memory: the call itself must still run
             _log.warning("could not measure %s at %s (%s: %s); the reference decides there",
                          op, point, type(err).__name__, err)
@@ -619,8 +622,8 @@ def choose(op: str, device: torch.device, candidates: Sequence[str], args: Seque
 
 def _described(op: str, cls: str, p: dict) -> dict:
     return {"point": dict(zip(GRIDS.get(op, {}).get(cls, ((),))[0], p["point"])),
-            "vs_torch": {b: round(point_ratio(p, b), 3) for b in p["seconds"]
-                         if b != "torch" and point_ratio(p, b) is not None},
+            "vs_torch": {b: round(r, 3) for b in p["seconds"] if b != "torch"
+                         for r in (point_ratio(p, b),) if r is not None},
             **({"rejected": p["rejected"]} if p.get("rejected") else {})}
 
 
