@@ -12,11 +12,18 @@ from tolerances import bound, rel_err
 gram_mod = sys.modules["ultraedit_kernels.gram"]
 
 
+def block_small_products(monkeypatch):
+    """Block every CPU product of >= 2 x 16 rows in up to 4 slabs aligned to 16 rows (at 1-4
+    threads), so that small test shapes take the blocked path."""
+    monkeypatch.setattr(gram_mod, "_BLOCK_MIN_WORK", 0)
+    monkeypatch.setattr(gram_mod, "_BLOCK_MIN_WORK_THREADED", 0)
+    monkeypatch.setattr(gram_mod, "_SLAB_ALIGN", 16)
+    monkeypatch.setattr(gram_mod, "_SLAB_PLAN", ((8, 4),))
+
+
 @pytest.fixture
 def blocked(monkeypatch):
-    """Block every CPU product of >= 2 x 16 rows (the slab minimum lowered to 16 rows)."""
-    monkeypatch.setattr(gram_mod, "_BLOCK_MIN_WORK", 0)
-    monkeypatch.setattr(gram_mod, "_BLOCK_ROWS", 16)
+    block_small_products(monkeypatch)
 
 
 # (n, d): 1 x 1, a mirrored small product (n <= 16), one GEMM, and products blocked in 2-4 slabs
@@ -31,8 +38,7 @@ SHAPES = [(1, 37), (7, 33), (16, 5), (50, 61), (67, 130), (131, 40)]
 def test_matches_fp64_symmetric_and_lower_triangle_of_the_plain_product(
         shape, dtype, rows, block, monkeypatch):
     if block:
-        monkeypatch.setattr(gram_mod, "_BLOCK_MIN_WORK", 0)
-        monkeypatch.setattr(gram_mod, "_BLOCK_ROWS", 16)
+        block_small_products(monkeypatch)
     keys, _ = realistic_features(shape[0], shape[1], 1, seed=sum(shape))
     keys = keys.to(dtype)
     got = uk.gram(keys, 0.7, rows)
@@ -47,17 +53,47 @@ def test_matches_fp64_symmetric_and_lower_triangle_of_the_plain_product(
         assert torch.equal(got, got.T)   # exactly symmetric by construction
     if m > 8 or blocks == 1:
         # below the diagonal the tiles are the plain product's elements (MKL's kernels for
-        # <= 8-row operands round differently, hence slabs of >= 100 rows outside this test);
+        # <= 8-row operands round differently, hence slabs of >= 32 rows outside this test);
         # on it, the small float32 products' addmm may add the ridge before the last partial sums
         assert torch.equal(got.tril(-1), plain.tril(-1))
 
 
-def test_blocking_rule():
+@pytest.fixture
+def threads():
+    """Set torch's thread count inside a test; restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_blocking_rule(threads):
     cpu = torch.device("cpu")
+    threads(1)
     assert gram_mod.gram_blocks(50, 1536, cpu) == 1            # small: one GEMM
+    assert gram_mod.gram_blocks(128, 576, cpu) == 1            # little work: one GEMM
+    assert gram_mod.gram_blocks(100, 4096, cpu) == 2
     assert gram_mod.gram_blocks(400, 4096, cpu) == 4
-    assert gram_mod.gram_blocks(2000, 14336, cpu) == 4
+    assert gram_mod.gram_blocks(1000, 4096, cpu) == 6
+    assert gram_mod.gram_blocks(2000, 14336, cpu) == 8
     assert gram_mod.gram_blocks(2000, 14336, torch.device("meta")) == 1   # CPU only
+    threads(2)   # the plan read at m / 2 rows, above a larger work threshold
+    assert gram_mod.gram_blocks(100, 4096, cpu) == 1
+    assert gram_mod.gram_blocks(300, 1536, cpu) == 1
+    assert gram_mod.gram_blocks(400, 4096, cpu) == 3
+    assert gram_mod.gram_blocks(2000, 14336, cpu) == 6
+
+
+@pytest.mark.parametrize("m, blocks", [(100, 2), (191, 2), (192, 3), (319, 3), (400, 4),
+                                       (1000, 6), (2000, 8), (70, 4)])
+def test_slab_edges_cover_the_rows_in_aligned_slabs(m, blocks):
+    edges = gram_mod.slab_edges(m, blocks)
+    assert edges[0] == 0 and edges[-1] == m and len(edges) == blocks + 1
+    heights = [b - a for a, b in zip(edges, edges[1:])]
+    assert min(heights) >= (gram_mod._SLAB_ALIGN if m >= 100 else 1)
+    if m >= 100:
+        assert all(e % gram_mod._SLAB_ALIGN == 0 for e in edges[1:-1])
+    # each edge within one alignment step of the equal cut
+    assert all(abs(e - m * i / blocks) <= gram_mod._SLAB_ALIGN for i, e in enumerate(edges))
 
 
 def test_blocked_slabs_float32_only(blocked):
@@ -87,3 +123,15 @@ def test_a_ridge_beyond_float32_gives_an_infinite_diagonal_only(m):
     off = ~torch.eye(m, dtype=torch.bool)
     assert torch.isfinite(got[off]).all()
     assert torch.equal(got.tril(-1), plain.tril(-1))   # (small products mirror this triangle)
+
+
+@pytest.mark.parametrize("m, d", [(100, 2100), (200, 700), (333, 500), (900, 40)])
+def test_default_slabs_keep_the_plain_products_bits(m, d, threads):
+    """The shipped plan (one thread: 2, 3, 4 and 6 slabs of >= 32 aligned rows here)."""
+    threads(1)
+    keys, _ = realistic_features(m, d, 1, seed=m + d)
+    assert gram_mod.gram_blocks(m, d, keys.device) > 1
+    got = uk.gram(keys, 0.3)
+    ref, plain = gram_references(keys, 0.3, True)
+    assert torch.equal(got, got.T) and torch.equal(got.tril(-1), plain.tril(-1))
+    assert rel_err(got, ref) <= bound("gram", torch.float32, rel_err(plain, ref))

@@ -55,6 +55,8 @@ _log = logging.getLogger("ultraedit_kernels")
 
 ENV_VAR = "ULTRAEDIT_CALIBRATION"
 FORMAT = 1
+REFERENCES = 2      # revision of the references every backend is timed against: a faster
+                    # reference (gram's aligned slabs) invalidates the ratios measured before it
 ROUNDS = 4          # timed rounds per backend and grid point (after one warm-up); even, and the
                     # order alternates (A B, B A): on the 2-core machine some calls alternate slow /
                     # fast by their position in the call sequence, which a fixed order over an odd
@@ -80,10 +82,13 @@ GRIDS: Dict[str, Dict[str, Tuple[Tuple[str, ...], Tuple[Tuple[int, ...], ...]]]]
         "single": (("n", "k"), ((16, 64, 256, 384, 512, 1024), (256, 1024, 4096))),
         "batched": (("n", "k"), ((16, 64, 256), (256, 1024))),
     },
-    # m = 400: the reference's blocked product goes from 3 slabs to 4 there (gram_blocks: one
-    # per 100 rows), so its time jumps between 384 and 512; interpolated across the jump, the
-    # host build read 0.95-0.97 of the reference at 400 x 4096 where it measured 0.89-0.91
-    "gram": {"rows": (("m", "r"), ((64, 128, 256, 384, 400, 512, 1024), (512, 4096, 14336)))},
+    # The reference's time jumps where its blocked product takes one more slab (gram_blocks:
+    # at 100, 192, 320, 800 and 1,600 rows per thread): grid points at 192 and 320 (one thread)
+    # and 384 (two), so that interpolation spans fewer jumps; r = 1536, the embedded model's
+    # down_proj width, where the host build's ratio lies between its 512 and 4096 values
+    # (0.72-0.88 and 1.07-1.48 of the reference)
+    "gram": {"rows": (("m", "r"), ((64, 128, 192, 256, 320, 384, 512, 1024),
+                                   (512, 1536, 4096, 14336)))},
     "pseudo_values": {"all": (("n", "d"), ((64, 512, 4096), (2048, 16384)))},
     # at most 1,024 rows: the CPU reference merges 1,024 x 16,384 in ~0.12 s and is timed six
     # times per point (with 4,096 rows the statistics' CPU calibration took ~9 s; with 1,024,
@@ -181,7 +186,8 @@ def example_args(op: str, n: int, d_in: int, d_out: int, device: torch.device):
 def machine_key(device: torch.device) -> Dict[str, object]:
     """What the measurements depend on; the cache file is named after its hash."""
     from . import _extension
-    key: Dict[str, object] = {"format": FORMAT, "python": platform.python_version(),
+    key: Dict[str, object] = {"format": FORMAT, "references": REFERENCES,
+                              "python": platform.python_version(),
                               "torch": torch.__version__, "threads": torch.get_num_threads(),
                               "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                               # a new grid means a new file: a cache measured on other points

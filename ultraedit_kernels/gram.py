@@ -6,16 +6,16 @@ Formula (``K`` is N x d, λ = ``ridge``)::
     columns: G = Kᵀ K + λ I      (d x d, the primal system)
 
 ``K`` may be any float dtype; the product is accumulated and returned in float32
-(float64 input gives float64).  Large CPU products compute only the lower tiles (SYRK-like,
-about 60% of the FLOPs) and mirror them; small float32 CPU products (m <= 256 rows) are one
-``addmm`` onto a cached ``λI``.  Off the diagonal the lower triangle is the plain product's bit
+(float64 input gives float64).  Large float32 CPU products (m >= 100 rows) compute only the
+lower tiles of 2-8 row slabs (SYRK-like, 56-75% of the FLOPs) and mirror them; smaller float32
+CPU products are one ``addmm`` onto a cached ``λI``.  Off the diagonal the lower triangle is the plain product's bit
 for bit.  Equivalent PyTorch::
 
     Kf = K.float(); G = Kf @ Kf.T if rows else Kf.T @ Kf; G.diagonal().add_(ridge)
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -78,21 +78,28 @@ def _mirrored(g: torch.Tensor) -> torch.Tensor:
     return torch.where(_lower_mask(g.shape[0], g.device), g, g.T)
 
 
-# Blocked (SYRK-like) product on the CPU: the rows of X are split into `blocks` slabs and only
-# the tiles X_i X_jᵀ with j <= i are multiplied ((b + 1) / 2b of the FLOPs); the strictly upper
-# tiles are the transposed copies.  Measured on the 2-core EPYC (one thread, alternating rounds):
-# b = 4 is 1.2-1.5x faster than X @ Xᵀ for m >= 400 at d >= 4096 and m = 1000-2000, and no
-# faster below ~2.5e8 multiply-adds, where the smaller GEMMs lose efficiency.  Slabs of >= 100
-# rows give the tiles the same rounding as the whole product (every element is the same dot
-# product, accumulated alike), so the lower triangle is bit-identical to ``X @ Xᵀ``'s.
+# Blocked (SYRK-like) product on the CPU: the rows of X are split into `b` slabs and only the
+# tiles X_i X_jᵀ with j <= i are multiplied ((b + 1) / 2b of the FLOPs); the strictly upper
+# tiles are the transposed copies.  The slab edges fall on multiples of 32 rows: MKL's kernels
+# run the tiles of aligned slabs 1.1-1.4x faster than the same split at unaligned edges (e.g.
+# three slabs of 42-43 rows took 1.4x the one product at m = 128, aligned ones 0.95x).
+# Measured on the 2-core EPYC (one thread, alternating rounds, experiments/gram_slabs.py):
+# against one GEMM, 2 slabs 1.05-1.13x at m = 100-160 of d >= 1536, 3 slabs 1.05-1.3x at
+# m = 192-300, 4 slabs 1.1-1.37x at m = 320-500, 6 slabs 1.12x at m = 1000, 8 slabs 1.1-1.17x
+# at m = 2000; below ~2e7 multiply-adds or 100 rows one product is faster (the smaller GEMMs
+# lose efficiency).  Slabs of >= 32 rows give the tiles the same rounding as the whole product
+# (every element is the same dot product, accumulated alike; measured for m = 100-2000,
+# d = 576-14336), so the lower triangle is bit-identical to ``X @ Xᵀ``'s.
 # One GEMM (below the blocking threshold) is what the plain composition computes; MKL's X Xᵀ
 # measured bit-symmetric for every m > 8 tried (m = 9-2000, d = 8-14336) but not for m <= 8
 # (its small-matrix kernels), so up to _MIRROR_MAX rows the lower triangle is mirrored (a few
 # µs there; ~5 µs, 4% of the product, at m = 50, where it is left out).
 _MIRROR_MAX = 16
-_BLOCK_MIN_WORK = 2.5e8      # m * m * d below which one product is used
-_BLOCK_ROWS = 100            # at least this many rows per slab
-_MAX_BLOCKS = 4
+_BLOCK_MIN_WORK = 2e7        # m * m * d below which one product is used (one thread)
+_BLOCK_MIN_WORK_THREADED = 2.5e8   # the same with more threads
+_SLAB_ALIGN = 32             # slab edges fall on multiples of this many rows
+_SLAB_PLAN = ((1600, 8), (800, 6), (320, 4), (192, 3), (100, 2))   # (from m rows per thread,
+#                                                                      slabs); fewer: one GEMM
 
 
 def gram_blocks(m: int, d: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
@@ -100,15 +107,36 @@ def gram_blocks(m: int, d: int, device: torch.device, dtype: torch.dtype = torch
 
     float32 only: MKL's float64 product of X Xᵀ rounds differently from its tiles (measured at
     every size tried), so float64 keeps the one GEMM and its exact plain-product bits."""
-    if (device.type != "cpu" or dtype != torch.float32 or m * m * d < _BLOCK_MIN_WORK):
+    if device.type != "cpu" or dtype != torch.float32:
         return 1
-    return max(1, min(_MAX_BLOCKS, m // _BLOCK_ROWS))
+    # with t threads MKL splits each tile's product t ways: the plan is read at m / t rows,
+    # above a larger threshold (2 threads: ~100-row slabs measured 0.87-0.97x one product,
+    # 2 or 3 slabs of 150-300 rows below 2.5e8 multiply-adds 0.8-1.0x, above it 1.1-1.2x)
+    threads = max(1, torch.get_num_threads())
+    if m * m * d < (_BLOCK_MIN_WORK if threads == 1 else _BLOCK_MIN_WORK_THREADED):
+        return 1
+    rows_per_thread = m // threads
+    for rows, blocks in _SLAB_PLAN:
+        if rows_per_thread >= rows:
+            return max(1, min(blocks, m // _SLAB_ALIGN))
+    return 1
+
+
+def slab_edges(m: int, blocks: int) -> List[int]:
+    """The row edges of ``blocks`` slabs of ``m`` rows, ``0 = e_0 < e_1 < ... < e_b = m``: the
+    inner ones the multiples of ``_SLAB_ALIGN`` nearest ``m i / b`` (equal cuts where a slab
+    would get fewer than ``_SLAB_ALIGN`` rows that way)."""
+    inner = [int(m * i / (blocks * _SLAB_ALIGN) + 0.5) * _SLAB_ALIGN for i in range(1, blocks)]
+    edges = [0] + inner + [m]
+    if any(b - a < _SLAB_ALIGN for a, b in zip(edges, edges[1:])):
+        edges = [m * i // blocks for i in range(blocks + 1)]
+    return edges
 
 
 def _gram_blocked(x: torch.Tensor, blocks: int) -> torch.Tensor:
     m = x.shape[0]
     g = torch.empty(m, m, dtype=x.dtype, device=x.device)
-    edges = [m * i // blocks for i in range(blocks + 1)]
+    edges = slab_edges(m, blocks)
     slabs = [slice(edges[i], edges[i + 1]) for i in range(blocks)]
     for i, ri in enumerate(slabs):
         xi = x[ri]
@@ -135,11 +163,11 @@ def gram_reference(x: torch.Tensor, ridge: float, rows: bool) -> torch.Tensor:
     m = xf.shape[0]
     if m == 1:   # 1 x 1: one addmm onto a cached [[λ]] (bit-identical to mm + add_, measured)
         return torch.addmm(_ridge_identity(1, ridge, xf.dtype, xf.device), xf, xf.T)
-    if (m <= _EYE_MAX and dtype == torch.float32 and xf.device.type == "cpu"
-            and m * m * xf.shape[1] < _BLOCK_MIN_WORK):
+    blocks = gram_blocks(m, xf.shape[1], xf.device, xf.dtype)
+    if (blocks == 1 and m <= _EYE_MAX and dtype == torch.float32
+            and xf.device.type == "cpu"):
         g = torch.addmm(_ridge_identity(m, ridge, dtype, xf.device), xf, xf.T)
         return _mirrored(g) if m <= _MIRROR_MAX else g
-    blocks = gram_blocks(m, xf.shape[1], xf.device, xf.dtype)
     if blocks > 1:
         g = _gram_blocked(xf, blocks)
     else:
