@@ -84,18 +84,18 @@ def _mirrored(g: torch.Tensor) -> torch.Tensor:
 # run the tiles of aligned slabs 1.1-1.4x faster than the same split at unaligned edges (e.g.
 # three slabs of 42-43 rows took 1.4x the one product at m = 128, aligned ones 0.95x).
 # Measured on the 2-core EPYC (one thread, alternating rounds, experiments/gram_slabs.py):
-# against one GEMM, 2 slabs 1.05-1.13x at m = 100-160 of d >= 1536, 3 slabs 1.05-1.3x at
-# m = 192-300, 4 slabs 1.1-1.37x at m = 320-500, 6 slabs 1.12x at m = 1000, 8 slabs 1.1-1.17x
-# at m = 2000; below ~2e7 multiply-adds or 100 rows one product is faster (the smaller GEMMs
-# lose efficiency).  Slabs of >= 32 rows give the tiles the same rounding as the whole product
-# (every element is the same dot product, accumulated alike; measured for m = 100-2000,
-# d = 576-14336), so the lower triangle is bit-identical to ``X @ Xᵀ``'s.
+# against one GEMM, 2 slabs 1.03-1.12x at m = 100-160 of d >= 4096 (0.94-0.98x at 100-128 rows
+# of 1536: below 3e7 multiply-adds one product is faster, the smaller GEMMs lose efficiency),
+# 3-4 slabs 1.0-1.35x at m = 192-512, 6-8 slabs 1.6-2x at m = 1000-2000.  Slabs of >= 32
+# rows give the tiles the same rounding as the whole product (every element is the same dot
+# product, accumulated alike; measured for m = 100-2000, d = 160-14336, one and two threads),
+# so the lower triangle is bit-identical to ``X @ Xᵀ``'s.
 # One GEMM (below the blocking threshold) is what the plain composition computes; MKL's X Xᵀ
 # measured bit-symmetric for every m > 8 tried (m = 9-2000, d = 8-14336) but not for m <= 8
 # (its small-matrix kernels), so up to _MIRROR_MAX rows the lower triangle is mirrored (a few
 # µs there; ~5 µs, 4% of the product, at m = 50, where it is left out).
 _MIRROR_MAX = 16
-_BLOCK_MIN_WORK = 2e7        # m * m * d below which one product is used (one thread)
+_BLOCK_MIN_WORK = 3e7        # m * m * d below which one product is used (one thread)
 _BLOCK_MIN_WORK_THREADED = 2.5e8   # the same with more threads
 _SLAB_ALIGN = 32             # slab edges fall on multiples of this many rows
 _SLAB_PLAN = ((1600, 8), (800, 6), (320, 4), (192, 3), (100, 2))   # (from m rows per thread,
