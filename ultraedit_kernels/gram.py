@@ -223,10 +223,10 @@ def gram_native(x: torch.Tensor, ridge: float, rows: bool) -> torch.Tensor:
 
 
 # `auto` uses it only where this machine's calibration measured it faster than the reference.
-# Measured on the 2-core EPYC: one thread, 1.3-1.5x at m = 300-400 rows and d = 576-1536, slower
-# at m <= 128 (one BLAS call beats packing plus the diagonal tiles' waste) and where the
-# reference's blocked product runs (m * m * d >= 2.5e8); two threads, faster only at m = 2000
-# (the host build is serial below ~1e9 multiply-adds). Below AUTO_MIN_ROWS `auto` does not even
+# Measured on the 2-core EPYC, one thread, against the reference with its aligned slabs: 0.72-0.88
+# of its time at m >= 192 rows of 512-576, 0.85-1.1 at 1536, slower at 4096 and wider and at
+# m <= 128 (one BLAS call beats packing plus the diagonal tiles' waste); two threads, faster
+# only at m = 2000 (the host build is serial below ~1e9 multiply-adds). Below AUTO_MIN_ROWS `auto` does not even
 # consult the calibration: that lookup costs a few µs, a tenth of a 1 x 576 or 50 x 576 product.
 AUTO_MIN_ROWS = 128
 
