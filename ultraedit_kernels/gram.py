@@ -107,15 +107,19 @@ def gram_blocks(m: int, d: int, device: torch.device, dtype: torch.dtype = torch
 
     float32 only: MKL's float64 product of X Xᵀ rounds differently from its tiles (measured at
     every size tried), so float64 keeps the one GEMM and its exact plain-product bits."""
-    if device.type != "cpu" or dtype != torch.float32:
+    return _cpu_blocks(m, d, dtype) if device.type == "cpu" else 1
+
+
+def _cpu_blocks(m: int, d: int, dtype: torch.dtype) -> int:
+    if dtype != torch.float32 or m * m * d < _BLOCK_MIN_WORK:
         return 1
     # with t threads MKL splits each tile's product t ways: the plan is read at m / t rows,
     # above a larger threshold (2 threads: ~100-row slabs measured 0.87-0.97x one product,
     # 2 or 3 slabs of 150-300 rows below 2.5e8 multiply-adds 0.8-1.0x, above it 1.1-1.2x)
-    threads = max(1, torch.get_num_threads())
-    if m * m * d < (_BLOCK_MIN_WORK if threads == 1 else _BLOCK_MIN_WORK_THREADED):
+    threads = torch.get_num_threads()
+    if threads > 1 and m * m * d < _BLOCK_MIN_WORK_THREADED:
         return 1
-    rows_per_thread = m // threads
+    rows_per_thread = m // max(1, threads)
     for rows, blocks in _SLAB_PLAN:
         if rows_per_thread >= rows:
             return max(1, min(blocks, m // _SLAB_ALIGN))
@@ -163,9 +167,9 @@ def gram_reference(x: torch.Tensor, ridge: float, rows: bool) -> torch.Tensor:
     m = xf.shape[0]
     if m == 1:   # 1 x 1: one addmm onto a cached [[λ]] (bit-identical to mm + add_, measured)
         return torch.addmm(_ridge_identity(1, ridge, xf.dtype, xf.device), xf, xf.T)
-    blocks = gram_blocks(m, xf.shape[1], xf.device, xf.dtype)
-    if (blocks == 1 and m <= _EYE_MAX and dtype == torch.float32
-            and xf.device.type == "cpu"):
+    cpu = xf.is_cpu   # (a tensor flag: device.type costs ~0.3 µs, a tenth of a small call's checks)
+    blocks = _cpu_blocks(m, xf.shape[1], dtype) if cpu else 1
+    if blocks == 1 and m <= _EYE_MAX and dtype == torch.float32 and cpu:
         g = torch.addmm(_ridge_identity(m, ridge, dtype, xf.device), xf, xf.T)
         return _mirrored(g) if m <= _MIRROR_MAX else g
     if blocks > 1:
