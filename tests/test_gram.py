@@ -17,6 +17,7 @@ def block_small_products(monkeypatch):
     threads), so that small test shapes take the blocked path."""
     monkeypatch.setattr(gram_mod, "_BLOCK_MIN_WORK", 0)
     monkeypatch.setattr(gram_mod, "_BLOCK_MIN_WORK_THREADED", 0)
+    monkeypatch.setattr(gram_mod, "_BLOCK_MIN_DEPTH", 0)
     monkeypatch.setattr(gram_mod, "_SLAB_ALIGN", 16)
     monkeypatch.setattr(gram_mod, "_SLAB_PLAN", ((8, 4),))
 
@@ -72,6 +73,8 @@ def test_blocking_rule(threads):
     assert gram_mod.gram_blocks(50, 1536, cpu) == 1            # small: one GEMM
     assert gram_mod.gram_blocks(128, 576, cpu) == 1            # little work: one GEMM
     assert gram_mod.gram_blocks(128, 1536, cpu) == 1
+    assert gram_mod.gram_blocks(1536, 150, cpu) == 1           # short reduction: one GEMM
+    assert gram_mod.gram_blocks(1536, 300, cpu) == 6
     assert gram_mod.gram_blocks(100, 4096, cpu) == 2
     assert gram_mod.gram_blocks(400, 4096, cpu) == 4
     assert gram_mod.gram_blocks(1000, 4096, cpu) == 6
@@ -126,7 +129,7 @@ def test_a_ridge_beyond_float32_gives_an_infinite_diagonal_only(m):
     assert torch.equal(got.tril(-1), plain.tril(-1))   # (small products mirror this triangle)
 
 
-@pytest.mark.parametrize("m, d", [(100, 3100), (200, 800), (333, 500), (900, 40)])
+@pytest.mark.parametrize("m, d", [(100, 3100), (200, 800), (333, 500), (900, 300)])
 def test_default_slabs_keep_the_plain_products_bits(m, d, threads):
     """The shipped plan (one thread: 2, 3, 4 and 6 slabs of >= 32 aligned rows here)."""
     threads(1)
@@ -134,5 +137,16 @@ def test_default_slabs_keep_the_plain_products_bits(m, d, threads):
     assert gram_mod.gram_blocks(m, d, keys.device) > 1
     got = uk.gram(keys, 0.3)
     ref, plain = gram_references(keys, 0.3, True)
+    assert torch.equal(got, got.T) and torch.equal(got.tril(-1), plain.tril(-1))
+    assert rel_err(got, ref) <= bound("gram", torch.float32, rel_err(plain, ref))
+
+
+def test_default_slabs_of_the_primal_gram_keep_the_plain_products_bits(threads):
+    """``Kᵀ K`` of 300 rows of 1,536: six slabs of the transposed keys."""
+    threads(1)
+    keys, _ = realistic_features(300, 1536, 1, seed=11)
+    assert gram_mod.gram_blocks(1536, 300, keys.device) == 6
+    got = uk.gram(keys, 0.3, rows=False)
+    ref, plain = gram_references(keys, 0.3, False)
     assert torch.equal(got, got.T) and torch.equal(got.tril(-1), plain.tril(-1))
     assert rel_err(got, ref) <= bound("gram", torch.float32, rel_err(plain, ref))

@@ -97,6 +97,9 @@ def _mirrored(g: torch.Tensor) -> torch.Tensor:
 _MIRROR_MAX = 16
 _BLOCK_MIN_WORK = 3e7        # m * m * d below which one product is used (one thread)
 _BLOCK_MIN_WORK_THREADED = 2.5e8   # the same with more threads
+# ... and below this reduction length: tiles of a short reduction (the primal Gram Kᵀ K of few
+# rows) measured 0.6-0.89x one product at 64-150 rows, ~1.0x at 200, 1.04-1.18x at 300
+_BLOCK_MIN_DEPTH = 256
 _SLAB_ALIGN = 32             # slab edges fall on multiples of this many rows
 _SLAB_PLAN = ((1600, 8), (800, 6), (320, 4), (192, 3), (100, 2))   # (from m rows per thread,
 #                                                                      slabs); fewer: one GEMM
@@ -111,7 +114,7 @@ def gram_blocks(m: int, d: int, device: torch.device, dtype: torch.dtype = torch
 
 
 def _cpu_blocks(m: int, d: int, dtype: torch.dtype) -> int:
-    if dtype != torch.float32 or m * m * d < _BLOCK_MIN_WORK:
+    if dtype != torch.float32 or d < _BLOCK_MIN_DEPTH or m * m * d < _BLOCK_MIN_WORK:
         return 1
     # with t threads MKL splits each tile's product t ways: the plan is read at m / t rows,
     # above a larger threshold (2 threads: ~100-row slabs measured 0.87-0.97x one product,
