@@ -5,8 +5,8 @@ slabs ((b+1)/2b of the FLOPs) above a size threshold (``ultraedit_kernels.gram.g
 For each (m, d) this times, in alternating rounds on the chosen number of threads:
 
 * ``one``: one GEMM, ``addmm(λI, X, Xᵀ)`` (m <= 256) or ``X @ Xᵀ`` plus the ridge: the baseline;
-* ``b{2,3,4,6,8}`` with equal cuts (``a1``) and with the inner edges on multiples of 32 rows
-  (``a32``), where every slab keeps >= 16 rows;
+* ``b{2,3,4,6,8}`` with equal cuts (``a1``) and with the inner edges on multiples of 32
+  rows (``a32``), where every slab keeps >= 16 rows;
 * ``shipped``: ``gram_reference`` as it is;
 
 and prints each arm's median per-pair speed-up over ``one`` (> 1: faster), with whether its

@@ -6,10 +6,11 @@ Formula (``K`` is N x d, λ = ``ridge``)::
     columns: G = Kᵀ K + λ I      (d x d, the primal system)
 
 ``K`` may be any float dtype; the product is accumulated and returned in float32
-(float64 input gives float64).  Large float32 CPU products (m >= 100 rows) compute only the
-lower tiles of 2-8 row slabs (SYRK-like, 56-75% of the FLOPs) and mirror them; smaller float32
-CPU products are one ``addmm`` onto a cached ``λI``.  Off the diagonal the lower triangle is the plain product's bit
-for bit.  Equivalent PyTorch::
+(float64 input gives float64).  Large float32 CPU products (from 100 rows and 3e7
+multiply-adds, :func:`gram_blocks`) compute only the lower tiles of 2-8 row slabs (SYRK-like,
+56-75% of the FLOPs) and mirror them; smaller float32 CPU products are one ``addmm`` onto a
+cached ``λI``.  Off the diagonal the lower triangle is the plain product's bit for bit.
+Equivalent PyTorch::
 
     Kf = K.float(); G = Kf @ Kf.T if rows else Kf.T @ Kf; G.diagonal().add_(ridge)
 """
@@ -170,7 +171,7 @@ def gram_reference(x: torch.Tensor, ridge: float, rows: bool) -> torch.Tensor:
     m = xf.shape[0]
     if m == 1:   # 1 x 1: one addmm onto a cached [[λ]] (bit-identical to mm + add_, measured)
         return torch.addmm(_ridge_identity(1, ridge, xf.dtype, xf.device), xf, xf.T)
-    cpu = xf.is_cpu   # (a tensor flag: device.type costs ~0.3 µs, a tenth of a small call's checks)
+    cpu = xf.is_cpu   # a tensor flag: device.type costs ~0.3 µs, a tenth of a small call's checks
     blocks = _cpu_blocks(m, xf.shape[1], dtype) if cpu else 1
     if blocks == 1 and m <= _EYE_MAX and dtype == torch.float32 and cpu:
         g = torch.addmm(_ridge_identity(m, ridge, dtype, xf.device), xf, xf.T)
@@ -230,11 +231,12 @@ def gram_native(x: torch.Tensor, ridge: float, rows: bool) -> torch.Tensor:
 
 
 # `auto` uses it only where this machine's calibration measured it faster than the reference.
-# Measured on the 2-core EPYC, one thread, against the reference with its aligned slabs: 0.72-0.88
-# of its time at m >= 192 rows of 512-576, 0.85-1.1 at 1536, slower at 4096 and wider and at
-# m <= 128 (one BLAS call beats packing plus the diagonal tiles' waste); two threads, faster
-# only at m = 2000 (the host build is serial below ~1e9 multiply-adds). Below AUTO_MIN_ROWS `auto` does not even
-# consult the calibration: that lookup costs a few µs, a tenth of a 1 x 576 or 50 x 576 product.
+# Measured on the 2-core EPYC, one thread, against the reference with its aligned slabs:
+# 0.72-0.88 of its time at m >= 192 rows of 512-576, 0.85-1.1 at 1536, slower at 4096 and wider
+# and at m <= 128 (one BLAS call beats packing plus the diagonal tiles' waste); two threads,
+# faster only at m = 2000 (the host build is serial below ~1e9 multiply-adds). Below
+# AUTO_MIN_ROWS `auto` does not even consult the calibration: that lookup costs a few µs, a
+# tenth of a 1 x 576 or 50 x 576 product.
 AUTO_MIN_ROWS = 128
 
 
