@@ -112,6 +112,7 @@ def test_a_call_past_the_grid_is_measured_once_and_cached(tmp_path, monkeypatch)
         return {"point": list(point), "seconds": {"torch": 1.0, "cpp": ratio}, "rounds": 2}
 
     monkeypatch.setattr(calibration, "measure_point", fake_measure)
+    monkeypatch.setattr(calibration, "load_average", lambda: None)   # (no load recorded)
     calibration.reset()
     choose = calibration.choose
     try:
@@ -132,6 +133,42 @@ def test_a_call_past_the_grid_is_measured_once_and_cached(tmp_path, monkeypatch)
         assert shown[0] == {"point": {"n": 510, "k": 256}, "vs_torch": {"cpp": 0.5}}
         calibration.calibrate(CPU, ["spd_solve"], classes=["single"])   # measured again:
         assert "single" not in calibration.current(CPU)["ops"]["spd_solve"].get("beyond", {})
+    finally:
+        calibration.reset()
+
+
+def test_a_calibration_measured_under_load_is_flagged(tmp_path, monkeypatch, caplog, capsys):
+    """The load average is recorded with each measurement; above 0.75 per core the calibration
+    says so in a warning, in ``describe`` and in ``info``'s text, with how to measure again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv(calibration.ENV_VAR, "auto")
+    monkeypatch.setitem(calibration.GRIDS, "spd_solve",
+                        {"single": (("n", "k"), ((64, 256), (256,)))})
+    monkeypatch.setattr(calibration, "measure_point", lambda op, cls, point, device, backends,
+                        rounds=calibration.ROUNDS: {"point": list(point), "rounds": 2,
+                                                    "seconds": {"torch": 1.0, "cpp": 0.5}})
+    monkeypatch.setattr(calibration, "_candidates", lambda op, device: ["cpp"])
+    load = {"now": 8.0 * (os.cpu_count() or 1)}
+    monkeypatch.setattr(calibration, "load_average", lambda: load["now"])
+    from ultraedit_kernels import info
+    calibration.reset()
+    try:
+        with caplog.at_level("WARNING", logger="ultraedit_kernels"):
+            calibration.calibrate(CPU, ["spd_solve"])
+            assert calibration.choose("spd_solve", CPU, ["cpp"], _system(500, 256)) == "cpp"
+        assert "load average" in caplog.text and "--calibrate" in caplog.text
+        shown = calibration.describe(CPU)["ops"]["spd_solve"]
+        assert shown["load"] == load["now"] and shown["busy"]
+        assert shown["beyond"]["single"][0]["load"] == load["now"]
+        info._print_text(info.collect())
+        assert "busy machine" in capsys.readouterr().out
+        load["now"] = 0.1                                          # measured again, quietly
+        caplog.clear()
+        calibration.calibrate(CPU, ["spd_solve"])
+        shown = calibration.describe(CPU)["ops"]["spd_solve"]
+        assert shown["load"] == 0.1 and not shown["busy"] and not caplog.text
+        info._print_text(info.collect())
+        assert "busy machine" not in capsys.readouterr().out
     finally:
         calibration.reset()
 

@@ -269,6 +269,31 @@ def _write(path: str, data: dict) -> None:
         _log.warning("could not write the calibration cache %s (%s)", path, err)
 
 
+BUSY = 0.75   # a calibration measured while the 1-minute load average exceeded this many
+              # processes per core is flagged: other jobs may have slowed one side of a ratio
+
+
+def load_average() -> Optional[float]:
+    """The 1-minute load average (None where the OS has none): recorded with each measurement,
+    because a ratio measured while other jobs ran can be off by 10-20% until measured again."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _busy(load: Optional[float]) -> bool:
+    return load is not None and load > BUSY * (os.cpu_count() or 1)
+
+
+def _note_load(what: str, load: Optional[float]) -> None:
+    if _busy(load):
+        _log.warning("%s was measured while the load average was %.2f on %d cores: other jobs "
+                     "may have skewed it; measure again on a quiet machine with "
+                     "`python -m ultraedit_kernels.info --calibrate`", what, load,
+                     os.cpu_count() or 1)
+
+
 def current(device: torch.device) -> Optional[dict]:
     """The calibration in use for ``device``'s type (cached file or fixture), without measuring."""
     m = mode()
@@ -432,7 +457,7 @@ def calibrate(device: torch.device, ops: Optional[Sequence[str]] = None,
         names = _candidates(op, device)
         if not names:
             continue
-        start = time.perf_counter()
+        start, load = time.perf_counter(), load_average()
         entry = data["ops"].get(op)
         if entry is None or classes is None or entry.get("backends") != names:
             entry = data["ops"][op] = {"backends": names, "grid": {}, "calibration_s": 0.0}
@@ -441,6 +466,9 @@ def calibrate(device: torch.device, ops: Optional[Sequence[str]] = None,
         entry["grid"].update(calibrate_op(op, device, names, rounds, classes))
         entry["calibration_s"] = round(entry.get("calibration_s", 0.0)
                                        + time.perf_counter() - start, 2)
+        loads = [x for x in (load, load_average()) if x is not None]
+        entry["load"] = max(loads) if loads else None   # the higher of before and after
+        _note_load(f"the {op} calibration", entry["load"])
         data["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     _loaded[device.type] = data
     _refreshed.add(device.type)
@@ -560,7 +588,11 @@ def measure_beyond(data: dict, op: str, cls: str, point: Sequence[int], device: 
     ``data`` (the one in use) and cache it; returns ``data``."""
     entry = data["ops"][op]
     start = time.perf_counter()
+    load = load_average()
     measured = measure_point(op, cls, point, device, entry["backends"])
+    loads = [x for x in (load, load_average()) if x is not None]
+    measured["load"] = max(loads) if loads else None
+    _note_load(f"the {op} point {tuple(point)} past the grid", measured["load"])
     entry.setdefault("beyond", {}).setdefault(cls, []).append(measured)
     entry["calibration_s"] = round(entry.get("calibration_s", 0.0)
                                    + time.perf_counter() - start, 2)
@@ -630,7 +662,8 @@ def _described(op: str, cls: str, p: dict) -> dict:
     return {"point": dict(zip(GRIDS.get(op, {}).get(cls, ((),))[0], p["point"])),
             "vs_torch": {b: round(r, 3) for b in p["seconds"] if b != "torch"
                          for r in (point_ratio(p, b),) if r is not None},
-            **({"rejected": p["rejected"]} if p.get("rejected") else {})}
+            **({"rejected": p["rejected"]} if p.get("rejected") else {}),
+            **({"load": p["load"]} if p.get("load") is not None else {})}
 
 
 def describe(device: torch.device) -> Dict[str, object]:
@@ -651,7 +684,7 @@ def describe(device: torch.device) -> Dict[str, object]:
         for cls, points in entry["grid"].items():
             rows[cls] = [_described(op, cls, p) for p in points]
         ops[op] = {"backends": entry["backends"], "calibration_s": entry.get("calibration_s"),
-                   "grid": rows}
+                   "load": entry.get("load"), "busy": _busy(entry.get("load")), "grid": rows}
         if entry.get("beyond"):
             ops[op]["beyond"] = {cls: [_described(op, cls, p) for p in points]
                                  for cls, points in entry["beyond"].items()}

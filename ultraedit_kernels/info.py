@@ -92,9 +92,15 @@ def _print_text(info: Dict[str, Any]) -> None:
               + (f", {cal['file']}" if cal.get("file") else ""))
         if cal.get("status"):
             print(f"  {cal['status']}")
+        cores = os.cpu_count() or 1
         for op, entry in cal.get("ops", {}).items():
-            print(f"  {op} (measured in {entry['calibration_s']} s; time / torch, "
-                  f"chosen below {1 - cal['margin']:.2f}):")
+            load = entry.get("load")
+            print(f"  {op} (measured in {entry['calibration_s']} s"
+                  + (f" at load {load:.2f} on {cores} cores" if load is not None else "")
+                  + f"; time / torch, chosen below {1 - cal['margin']:.2f}):")
+            if entry.get("busy"):
+                print("    measured on a busy machine: other jobs may have skewed these ratios; "
+                      "measure again on a quiet one with --calibrate")
             tables = [(cls, rows) for cls, rows in entry["grid"].items()]
             tables += [(f"{cls}, past the grid", rows)
                        for cls, rows in entry.get("beyond", {}).items()]
@@ -102,6 +108,7 @@ def _print_text(info: Dict[str, Any]) -> None:
                 cells = "  ".join(
                     ",".join(f"{k}={v}" for k, v in r["point"].items()) + ": "
                     + " ".join(f"{b} {x:.2f}" for b, x in r["vs_torch"].items())
+                    + (f" (load {r['load']:.2f})" if "load" in r else "")
                     for r in rows)
                 print(f"    {cls:8s} {cells}")
 
