@@ -55,34 +55,29 @@ def main(argv=None):
     from ultraedit import UltraEditor, hooks
 
     editor = UltraEditor(model, tok)
-    if a.only == "bf16":
-        rows = hooks.CaptureSession._rows
-        hooks.CaptureSession._rows = staticmethod(lambda r, x: rows(r, x).float())
-        edit = editor.edit
-
-        def edit_in_bf16(*args, **kwargs):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return edit(*args, **kwargs)
-
-        editor.edit = edit_in_bf16
-    elif a.only == "bf16-weights":
+    if a.only != "float32":
+        # the captured keys and gradients (bfloat16 values) reach the solver as float32
         rows = hooks.CaptureSession._rows
         hooks.CaptureSession._rows = staticmethod(lambda r, x: rows(r, x).float())
         editing = {"on": False}
-        edited = set(editor.modules)
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                module.forward = _bf16_forward(module, editing, frozen=name not in edited)
+        if a.only == "bf16-weights":
+            edited = set(editor.modules)
+            for name, module in model.named_modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.forward = _bf16_forward(module, editing, frozen=name not in edited)
         edit = editor.edit
 
-        def edit_with_bf16_weights(*args, **kwargs):
+        def edit_in_bf16(*args, **kwargs):
             editing["on"] = True
             try:
+                if a.only == "bf16":
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        return edit(*args, **kwargs)
                 return edit(*args, **kwargs)
             finally:
                 editing["on"] = False
 
-        editor.edit = edit_with_bf16_weights
+        editor.edit = edit_in_bf16
     _common.score_and_save(model, tok, records, editor, a, variant=a.only)
 
 

@@ -282,6 +282,12 @@ def load_average() -> Optional[float]:
         return None
 
 
+def _peak_load(before: Optional[float]) -> Optional[float]:
+    """The higher of ``before`` (taken when a measurement started) and the load now."""
+    loads = [x for x in (before, load_average()) if x is not None]
+    return max(loads) if loads else None
+
+
 def _busy(load: Optional[float]) -> bool:
     return load is not None and load > BUSY * (os.cpu_count() or 1)
 
@@ -466,8 +472,7 @@ def calibrate(device: torch.device, ops: Optional[Sequence[str]] = None,
         entry["grid"].update(calibrate_op(op, device, names, rounds, classes))
         entry["calibration_s"] = round(entry.get("calibration_s", 0.0)
                                        + time.perf_counter() - start, 2)
-        loads = [x for x in (load, load_average()) if x is not None]
-        entry["load"] = max(loads) if loads else None   # the higher of before and after
+        entry["load"] = _peak_load(load)
         _note_load(f"the {op} calibration", entry["load"])
         data["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     _loaded[device.type] = data
@@ -590,8 +595,7 @@ def measure_beyond(data: dict, op: str, cls: str, point: Sequence[int], device: 
     start = time.perf_counter()
     load = load_average()
     measured = measure_point(op, cls, point, device, entry["backends"])
-    loads = [x for x in (load, load_average()) if x is not None]
-    measured["load"] = max(loads) if loads else None
+    measured["load"] = _peak_load(load)
     _note_load(f"the {op} point {tuple(point)} past the grid", measured["load"])
     entry.setdefault("beyond", {}).setdefault(cls, []).append(measured)
     entry["calibration_s"] = round(entry.get("calibration_s", 0.0)
