@@ -7,16 +7,22 @@ import torch
 
 
 def check_float_matrix(name: str, x, *, allow_empty: bool = False) -> None:
+    # Two attribute reads (shape, dtype), no tensor method calls: a method goes through torch's
+    # argument parser, whose code the product that usually precedes the check has evicted from
+    # the caches.  Cold, between 0.8 ms products (50 x 1536 -> 576), checking three tensors
+    # with is_floating_point() and dim() cost 0.6% of the product, the attributes 0.3%
+    # (measured on the 2-core EPYC; hot, both are ~0.7 µs per tensor).
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
+    shape = x.shape
+    if not x.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (rows x features), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0 and not allow_empty:
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be 2-D (rows x features), got shape {tuple(shape)}")
+    if shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} has no rows (N = 0): there is nothing to edit")
-    if x.shape[1] == 0:
-        raise ValueError(f"{name} has zero columns, shape {tuple(x.shape)}")
+    if shape[1] == 0:
+        raise ValueError(f"{name} has zero columns, shape {tuple(shape)}")
 
 
 class serial:

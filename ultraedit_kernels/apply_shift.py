@@ -42,7 +42,7 @@ def apply_shift_reference(weight: torch.Tensor, keys: torch.Tensor, factors: tor
     a = factors if factors.dtype == compute else factors.to(compute)
     left, right = (a.T, k) if linear else (k.T, a)   # W += left @ right
     if weight.dtype == compute:
-        if k.shape[0] == 1 and weight.device.type == "cpu" and weight.numel() >= _ADDR_MIN:
+        if k.shape[0] == 1 and weight.is_cpu and weight.numel() >= _ADDR_MIN:
             # one outer product: addr_ streams the weight 1.1-1.3x faster than addmm_ with an
             # inner dimension of 1 (2-core EPYC, 576 x 1536 to 14336 x 4096), and 1.1-1.6x
             # slower below ~500k elements; it rounds w + a*k without a fused multiply-add, a
@@ -115,12 +115,11 @@ def apply_shift_(weight, keys: torch.Tensor, factors: torch.Tensor,
     check_float_matrix("weight", weight)
     check_float_matrix("keys", keys)
     check_float_matrix("factors", factors)
-    if keys.shape[0] != factors.shape[0]:
-        raise ValueError(f"keys and factors must have the same rows, got {keys.shape[0]} and "
-                         f"{factors.shape[0]}")
-    expected = ((factors.shape[1], keys.shape[1]) if layout == "linear"
-                else (keys.shape[1], factors.shape[1]))
-    if tuple(weight.shape) != expected:
+    (n, d_in), (n_factors, d_out) = keys.shape, factors.shape
+    if n != n_factors:
+        raise ValueError(f"keys and factors must have the same rows, got {n} and {n_factors}")
+    expected = (d_out, d_in) if layout == "linear" else (d_in, d_out)
+    if weight.shape != expected:
         raise ValueError(f"{layout} weight has shape {tuple(weight.shape)} but keys/factors imply "
                          f"{expected}")
     if not (weight.device == keys.device == factors.device):
