@@ -47,7 +47,7 @@ def test_method_flags_are_the_config_fields(command, tmp_path):
                               "{s} is,I saw {s}", "--modules", "x.y,re:z",
                               "--memory-budget-gib", "6", "--key-contexts", "2",
                               "--whiten", "0.01", "--backward-group", "3", "--recheck", "4", "--pack", "off",
-                              "--hold-margin", "1.5"])
+                              "--hold-margin", "1.5", "--matmul-dtype", "bfloat16"])
     given = given_options(args)
     assert set(given) == set(EditConfig.field_names()) - {"delta_device"}
     cfg = EditConfig.from_dict(given)
@@ -56,6 +56,7 @@ def test_method_flags_are_the_config_fields(command, tmp_path):
     assert cfg.micro_batch == "auto" and cfg.memory_budget_gib == 6.0 and cfg.key_contexts == 2
     assert cfg.backward_group == 3 and cfg.pack == "off"
     assert cfg.whiten == 0.01 and cfg.recheck == 4 and cfg.hold_margin == 1.5
+    assert cfg.matmul_dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("args, needle", [

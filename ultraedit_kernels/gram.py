@@ -231,13 +231,13 @@ def gram_native(x: torch.Tensor, ridge: float, rows: bool) -> torch.Tensor:
 
 
 # `auto` uses it only where this machine's calibration measured it faster than the reference.
-# Measured on the 2-core EPYC, one thread, against the reference with its aligned slabs:
-# 0.72-0.88 of its time at m >= 192 rows of 512-576, 0.85-1.1 at 1536, slower at 4096 and wider
-# and at m <= 128 (one BLAS call beats packing plus the diagonal tiles' waste); two threads,
-# faster only at m = 2000 (the host build is serial below ~1e9 multiply-adds). Below
-# AUTO_MIN_ROWS `auto` does not even consult the calibration: that lookup costs a few µs, a
-# tenth of a 1 x 576 or 50 x 576 product.
-AUTO_MIN_ROWS = 128
+# Which side wins moves with the reference's slabs and the load: on the 2-core EPYC (one
+# thread) the host build took 0.53-0.97 of the reference's time from 128 rows and 0.92-1.1 at
+# 64, and 0.82x at 100 x 4096 (where a floor of 128 rows had kept `auto` on the reference);
+# with two threads it wins only at m = 2000 (it is serial below ~1e9 multiply-adds). Below
+# AUTO_MIN_ROWS, the calibration grid's first row, `auto` does not even consult it: the lookup
+# costs a few µs, a tenth of a 1 x 576 or 50 x 576 product.
+AUTO_MIN_ROWS = 64
 
 
 def _auto_ok(x, ridge, rows=True) -> bool:

@@ -27,7 +27,9 @@ Only modules of type exactly ``nn.Linear`` whose ``forward`` is the class's own 
 (not subclasses such as quantized layers, not modules whose forward another library wrapped,
 e.g. accelerate's offload hooks, and never the output embedding), and only for inputs whose
 leading shape is the captured mask's ``(B, L)`` (batch-first activations, as the capture itself
-assumes); every other call is the plain ``F.linear``.
+assumes); every other call is the plain ``F.linear``. With ``products``
+(``ultraedit.low_precision``) the switched modules' products run in bfloat16, forward and
+backward, on every call.
 """
 
 from __future__ import annotations
@@ -73,12 +75,16 @@ class MaskRows:
 
 class _LinearRows(torch.autograd.Function):
     """``F.linear(x, weight, bias)``; backward: the input gradient on the rows ``index`` of the
-    flattened ``(B*L, d_out)`` output gradient, zero elsewhere; no weight or bias gradient."""
+    flattened ``(B*L, d_out)`` output gradient, zero elsewhere; no weight or bias gradient.
+    ``low``: the products run in the (low-precision) weight's dtype, the results cast back to
+    the activations' (``ultraedit.low_precision``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, index):
+    def forward(ctx, x, weight, bias, index, low):
         ctx.save_for_backward(weight, index)
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.low = x.shape, low
+        if low:
+            return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -86,8 +92,13 @@ class _LinearRows(torch.autograd.Function):
         weight, index = ctx.saved_tensors
         rows = grad_out.reshape(-1, grad_out.shape[-1])
         grad_in = rows.new_zeros(rows.shape[0], weight.shape[1])
-        grad_in.index_copy_(0, index, rows.index_select(0, index).mm(weight.to(rows.dtype)))
-        return grad_in.view(ctx.x_shape), None, None, None
+        picked = rows.index_select(0, index)
+        if ctx.low:
+            picked = picked.to(weight.dtype).mm(weight).to(rows.dtype)
+        else:
+            picked = picked.mm(weight.to(rows.dtype))
+        grad_in.index_copy_(0, index, picked)
+        return grad_in.view(ctx.x_shape), None, None, None, None
 
 
 class LinearRowsBackward:
@@ -95,9 +106,10 @@ class LinearRowsBackward:
     only the rows of :meth:`set_span`'s positions. Restores every module on exit, also when an
     error is raised."""
 
-    def __init__(self, model: nn.Module, exclude: Tuple[nn.Module, ...] = ()):
+    def __init__(self, model: nn.Module, exclude: Tuple[nn.Module, ...] = (), products=None):
         self.model = model
         self.exclude = tuple(m for m in exclude if m is not None)
+        self.products = products   # ultraedit.low_precision.ProductWeights, or None
         self._switched: List[nn.Linear] = []
         self._span: Optional[MaskRows] = None
 
@@ -129,11 +141,19 @@ class LinearRowsBackward:
         self._span = MaskRows(span)
 
     def _forward_of(self, module: nn.Linear):
+        products = self.products
+
         def forward(x: torch.Tensor) -> torch.Tensor:
             span = self._span
-            if (span is None or not x.requires_grad or not torch.is_grad_enabled()
-                    or tuple(x.shape[:-1]) != span.shape or module.weight.requires_grad
-                    or (module.bias is not None and module.bias.requires_grad)):
+            if module.weight.requires_grad or (module.bias is not None
+                                               and module.bias.requires_grad):
                 return F.linear(x, module.weight, module.bias)
-            return _LinearRows.apply(x, module.weight, module.bias, span.on(x.device))
+            weight, bias = (module.weight, module.bias) if products is None else products.of(module)
+            low = weight.dtype != module.weight.dtype
+            if (span is None or not x.requires_grad or not torch.is_grad_enabled()
+                    or tuple(x.shape[:-1]) != span.shape):
+                if low:
+                    return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+                return F.linear(x, weight, bias)
+            return _LinearRows.apply(x, weight, bias, span.on(x.device), low)
         return forward

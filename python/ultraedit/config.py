@@ -96,6 +96,12 @@ class EditConfig:
                 "padding, attention per request (the same gradients up to rounding): 'auto' on "
                 "the CPU when the model passes a check, 'on' anywhere (refused if it fails), "
                 "'off' (ultraedit.packing)", choices=("auto", "on", "off"))
+    matmul_dtype: str = _opt(
+        "model", "dtype of the model's linear products while a turn captures (its forwards and "
+                 "backwards): 'model' (the weights' own) or 'bfloat16' (float32 weights as "
+                 "bfloat16 copies made once per turn: faster turns on CPUs with native bfloat16 "
+                 "and on GPUs, keys and gradients with bfloat16's rounding; "
+                 "ultraedit.low_precision)", choices=("model", "bfloat16"))
     memory_budget_gib: Optional[float] = _opt(
         None, "GiB a turn may use with micro_batch='auto' (default: the model's weights plus "
               "85% of the free memory: the CUDA devices' free memory, or the available RAM)")
@@ -159,6 +165,9 @@ class EditConfig:
                              "the answer positions; use positions='answer' with it")
         if self.pack not in ("auto", "on", "off"):
             raise ValueError(f"pack must be 'auto', 'on' or 'off', got {self.pack!r}")
+        if self.matmul_dtype not in ("model", "bfloat16"):
+            raise ValueError(f"matmul_dtype must be 'model' or 'bfloat16', got "
+                             f"{self.matmul_dtype!r}")
         if self.normalizer not in ("shape", "module"):
             raise ValueError(f"normalizer must be 'shape' or 'module', got {self.normalizer!r}")
         mb = self.micro_batch

@@ -9,9 +9,10 @@ One turn (``UltraEditor.edit(requests)``), for requests ``(prompt, target)``:
 2. **Capture**: per micro-batch a forward and the mean cross-entropy over its answer tokens (the
    paper's loss; ``"auto"``: ``ultraedit.batching``), a backward per ``backward_group`` of
    micro-batches (the same gradients: ``ultraedit.batching``), on the CPU packed into one sequence
-   (``ultraedit.packing``). Hooks take, for every edited module ``m`` (d_in -> d_out), its inputs
-   ``K_m`` (n x d_in) and the loss's gradients w.r.t. its outputs ``G_m`` (n x d_out) at the answer
-   positions (or the subject's last token, ``positions="subject"``); no weight gradient is computed.
+   (``ultraedit.packing``; ``matmul_dtype``: bfloat16 products, ``ultraedit.low_precision``).
+   Hooks take, for every edited module ``m`` (d_in -> d_out), its inputs ``K_m`` (n x d_in) and
+   the loss's gradients w.r.t. its outputs ``G_m`` (n x d_out) at the answer positions (or the
+   subject's last token, ``positions="subject"``); no weight gradient is computed.
 3. **Statistics**: one ``RunningStats`` of ``z = [k ; g]`` per weight shape (the paper;
    ``normalizer="module"``: per module), updated with the turn's rows BEFORE solving.
 4. **Solve** (``ultraedit.solver``): per module ``ΔW = (K'ᵀK' + P)⁻¹K'ᵀV'`` with
@@ -40,6 +41,7 @@ from .config import PAPER_MICRO_BATCH, EditConfig, resolve_config
 from .fact_keys import fact_keys
 from .held import HeldRows
 from .hooks import CaptureSession, check_editable
+from .low_precision import product_weights
 from .modules import module_dims, module_layout, resolve_modules
 from .packing import capture_group, pack_turn
 from .placement import weight_slots
@@ -75,8 +77,7 @@ class UltraEditor:
     def __init__(self, model, tokenizer, config: Optional[EditConfig] = None, **overrides):
         from ultraedit_kernels import RunningStats  # noqa: F401  (fail early if missing)
 
-        self.config = resolve_config(model, config, overrides)
-        cfg = self.config
+        cfg = self.config = resolve_config(model, config, overrides)
         self.model, self.tokenizer = model, tokenizer
         # Resolving validates names and module types before anything is touched.
         modules = None if cfg.modules is None else list(cfg.modules)
@@ -102,9 +103,8 @@ class UltraEditor:
     stats = property(lambda self: self.state.stats, doc="``state.stats``: the normalizers.")
     preserved = property(lambda self: self.state.preserved, doc="``state.preserved``.")
 
-    turns = property(lambda self: self.state.turns,
-                     lambda self, value: setattr(self.state, "turns", int(value)),
-                     doc="Committed turns (``state.turns``).")
+    turns = property(lambda self: self.state.turns, lambda self, value: setattr(
+        self.state, "turns", int(value)), doc="Committed turns (``state.turns``).")
 
     def stats_key(self, name: str) -> str:
         """The statistics a module uses: ``"shape:<d_in>x<d_out>"`` or ``"module:<name>"``."""
@@ -124,14 +124,15 @@ class UltraEditor:
         subjects = frozenset(r.subject for r in reqs if r.subject)
         priors: Dict[str, Optional[Prior]] = {}
         steps_run = n_predicted = capture_bytes = 0
-        keys: Dict[str, torch.Tensor] = {}
-        applied: Dict[str, torch.Tensor] = {}
+        keys = applied = {}   # {name: K} of the last step / of the last step that applied
         group, pack = backward_group_size(self, reqs, batches), pack_turn(self, batches)
         held = HeldRows(len(reqs), cfg.recheck_every)  # recheck (ultraedit.held); 0: off
+        products = product_weights(cfg.matmul_dtype, self.modules.values())  # per turn, or None
         with self.journal.transaction(self.state):
             for step in range(cfg.steps):
                 run = held.batches(batches, step)
-                parts, n_predicted, hold, first = self._capture(run, group, meter, step == 0, pack)
+                parts, n_predicted, hold, first = self._capture(run, group, meter, step == 0, pack,
+                                                                products)
                 parts, n_predicted, hold = held.merge(parts, n_predicted, hold)
                 if step == 0:  # the report's loss and tokens: before this turn's first update
                     loss, n_tokens = first
@@ -161,16 +162,17 @@ class UltraEditor:
                           n_predicted=n_predicted, micro_batch=batches[0]["labels"].shape[0],
                           backward_group=min(group, len(batches)), packed=pack)
 
-    def _capture(self, batches, size: int, meter: TurnMeter, first: bool, pack: bool):
-        """One step's forwards and backwards, ``size`` micro-batches per backward, packed with
-        ``pack`` (``ultraedit.packing.capture_group``): ``(parts, n_predicted, hold, (loss,
-        tokens))``; ``parts[name]``: the micro-batches' ``(K, G)``; ``hold``: the rows of
-        predicted requests (N bool, ``hold_done``; None when none is); on the first step the
-        summed micro-batch losses and the answer tokens."""
+    def _capture(self, batches, size: int, meter: TurnMeter, first: bool, pack: bool, products):
+        """One step's forwards and backwards, ``size`` micro-batches per backward (``pack``:
+        ``ultraedit.packing.capture_group``; ``products``: ``ultraedit.low_precision``): ``(parts,
+        n_predicted, hold, (loss, tokens))``; ``parts[name]``: the micro-batches' ``(K, G)``;
+        ``hold``: the rows of predicted requests (N bool, ``hold_done``; None when none is); on
+        the first step the summed micro-batch losses and the answer tokens."""
         parts: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in self.modules}
         predictions, held, owners, loss_sum, n_tokens = [], [], [], 0.0, 0
         masks = [capture_mask(batch, self.config.positions) for batch in batches]
-        with nvtx_range("ultraedit/capture"), CaptureSession(self.model, self.modules) as cap:
+        with nvtx_range("ultraedit/capture"), CaptureSession(self.model, self.modules,
+                                                             products=products) as cap:
             for start in range(0, len(batches), size):
                 group = batches[start:start + size]
                 results, frames = meter.run(lambda: capture_group(
@@ -196,8 +198,7 @@ class UltraEditor:
         return parts, n_predicted, hold, (loss_sum, n_tokens)
 
     def _rows(self, parts):
-        """Each module's ``K`` and ``G`` of the step, refused if any holds NaN/Inf (one check
-        per tensor)."""
+        """Each module's ``K`` and ``G``; refused if one holds NaN/Inf (one check per tensor)."""
         pairs = {n: joined(p) for n, p in parts.items()}
         keys, grads = {n: k for n, (k, _) in pairs.items()}, {n: g for n, (_, g) in pairs.items()}
         bad = first_non_finite({**{(n, "inputs (keys)"): k for n, k in keys.items()},
@@ -222,8 +223,7 @@ class UltraEditor:
         return self.state.stats[key]
 
     def _update_stats(self, parts, keys, grads) -> None:
-        """Merge the step's rows into the statistics (the reference: per micro-batch, module
-        by module, in that order)."""
+        """Merge the step's rows into the statistics (official: per micro-batch and module)."""
         with nvtx_range("ultraedit/stats"):
             if self.config.compat == "official":
                 blocks = [(n, kg) for b in range(len(next(iter(parts.values()))))

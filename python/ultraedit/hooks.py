@@ -62,10 +62,12 @@ class CaptureSession:
     each ``set_mask`` starts a forward's frame, each frame keeps its own positions, and
     :meth:`pop_frames` gives the frames' captures in order.
 
-    Captured tensors keep the activation dtype and device of their module.
+    Captured tensors keep the activation dtype and device of their module. ``products``: the
+    turn's ``ultraedit.low_precision.ProductWeights`` (``matmul_dtype="bfloat16"``), or None.
     """
 
-    def __init__(self, model: nn.Module, modules: Dict[str, nn.Module], rows_backward: bool = True):
+    def __init__(self, model: nn.Module, modules: Dict[str, nn.Module], rows_backward: bool = True,
+                 products=None):
         self.model = model
         self.modules = dict(modules)
         self._frames: List[_Frame] = []
@@ -76,7 +78,7 @@ class CaptureSession:
         if rows_backward:
             get_out = getattr(model, "get_output_embeddings", None)
             head = get_out() if callable(get_out) else None
-            self._rows_backward = LinearRowsBackward(model, exclude=(head,))
+            self._rows_backward = LinearRowsBackward(model, exclude=(head,), products=products)
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "CaptureSession":
