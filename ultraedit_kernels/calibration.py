@@ -83,11 +83,12 @@ GRIDS: Dict[str, Dict[str, Tuple[Tuple[str, ...], Tuple[Tuple[int, ...], ...]]]]
         "batched": (("n", "k"), ((16, 64, 256), (256, 1024))),
     },
     # The reference's time jumps where its blocked product takes one more slab (gram_blocks:
-    # at 100, 192, 320, 800 and 1,600 rows per thread): grid points at 192 and 320 (one thread)
-    # and 384 (two), so that interpolation spans fewer jumps; r = 1536, the embedded model's
-    # down_proj width, where the host build's ratio lies between its 512 and 4096 values
-    # (0.72-0.88 and 1.07-1.48 of the reference)
-    "gram": {"rows": (("m", "r"), ((64, 128, 192, 256, 320, 384, 512, 1024),
+    # at 100, 192, 320, 800 and 1,600 rows per thread): grid points at 100, 192 and 320 (one
+    # thread) and 384 (two), so that interpolation spans fewer jumps (between 64 and 128 rows
+    # alone it predicted the host build 1.04x the reference's time at 100 x 4096, where it took
+    # 0.82x); r = 1536, the embedded model's down_proj width, where the host build's ratio lies
+    # between its 512 and 4096 values (0.72-0.88 and 1.07-1.48 of the reference)
+    "gram": {"rows": (("m", "r"), ((64, 100, 128, 192, 256, 320, 384, 512, 1024),
                                    (512, 1536, 4096, 14336)))},
     "pseudo_values": {"all": (("n", "d"), ((64, 512, 4096), (2048, 16384)))},
     # at most 1,024 rows: the CPU reference merges 1,024 x 16,384 in ~0.12 s and is timed six
