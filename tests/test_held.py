@@ -32,7 +32,8 @@ def _turn(editor, n):
 
 def _capture(editor, batches):
     from ultraedit.turn import TurnMeter
-    parts, n_pred, hold, _ = editor._capture(batches, 1, TurnMeter(editor.model), False, False)
+    parts, n_pred, hold, _ = editor._capture(batches, 1, TurnMeter(editor.model), False, False,
+                                             None)
     return parts, n_pred, hold
 
 

@@ -47,7 +47,7 @@ def _capture(model, batch, products=None):
 def test_bfloat16_products_capture_what_plain_bfloat16_linears_capture(ue_tokenizer):
     model = ue_tiny_model("llama", len(ue_tokenizer), seed=11)
     batch = encode_edit_batch(ue_tokenizer, PROMPTS, TARGETS)
-    want = _capture(copy.deepcopy(model).double(), {k: v for k, v in batch.items()})
+    want = _capture(copy.deepcopy(model).double(), batch)
     plain = _capture(_plain_bf16_linears(copy.deepcopy(model)), batch)
     products = product_weights("bfloat16", [dict(model.named_modules())[n] for n in EDITED])
     got = _capture(model, batch, products)
