@@ -140,3 +140,59 @@ def test_mined_subjects_are_cached_per_model(tmp_path, ue_tokenizer, ue_tokenize
     assert count.calls == 2
     assert generic.state.preserved[MODULES[0]].owners == [s for s in ("Ada Lovelace", "Bach")
                                                           for _ in range(2)]
+
+
+def _entry_inputs(tmp_path, ue_tokenizer, monkeypatch):
+    monkeypatch.setenv(preserve.CACHE_ENV, "off")
+    editor = UltraEditor(ue_tiny_model("llama", len(ue_tokenizer), seed=3), ue_tokenizer, **OPTS)
+    keys = editor.state.preserved
+    return keys, keys[MODULES[0]].owners
+
+
+def test_concurrent_writers_of_one_entry_all_succeed(tmp_path, ue_tokenizer, monkeypatch):
+    """Two processes that start at once capture the same keys and both cache them: each writes
+    in a folder of its own, the first rename wins, the other keeps it; neither warns, disturbs
+    the other's half-written files or leaves its own behind."""
+    import threading
+    import warnings
+
+    keys, owners = _entry_inputs(tmp_path, ue_tokenizer, monkeypatch)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    foreign = cache / ".other.ultraedit-new"      # another writer's entry, half-written
+    foreign.mkdir()
+    (foreign / "preserve.safetensors").write_bytes(b"half")
+    for trial in range(8):
+        path = cache / f"entry{trial}"
+        barrier = threading.Barrier(3)
+        caught = []
+
+        def write():
+            barrier.wait()
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                preserve._write_cached(path, keys, owners)
+            caught.extend(str(w.message) for w in seen)
+
+        threads = [threading.Thread(target=write) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert caught == []
+        got = preserve._read_cached(path, {n: torch.nn.Linear(1, 1) for n in MODULES}, owners)
+        assert got is not None and all(torch.equal(got[n].keys, keys[n].keys) for n in MODULES)
+    assert (foreign / "preserve.safetensors").read_bytes() == b"half"
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [".other.ultraedit-new"] + [f"entry{i}" for i in range(8)])
+
+
+def test_a_corrupt_entry_is_replaced_in_place(tmp_path, ue_tokenizer, monkeypatch):
+    keys, owners = _entry_inputs(tmp_path, ue_tokenizer, monkeypatch)
+    path = tmp_path / "cache" / "entry"
+    preserve._write_cached(path, keys, owners)
+    (path / "preserve.safetensors").write_bytes(b"garbage")
+    assert not preserve._valid_entry(path)
+    preserve._write_cached(path, keys, owners)
+    assert preserve._valid_entry(path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["entry"]

@@ -333,8 +333,6 @@ def mined_subjects(model, tokenizer) -> List[str]:
     (:data:`SHIPPED_MINED_DIR`) or the on-disk cache (:func:`preserved_cache_dir`), both
     ``mined-<digest>.json``, when the same model weights, tokenizer, prompts and settings were
     mined before."""
-    import json
-
     from .placement import PlacementError
 
     name = None
@@ -357,11 +355,11 @@ def mined_subjects(model, tokenizer) -> List[str]:
         raise ValueError("the model's continuations of the generic prompts named no entity; "
                          "give preserve_subjects explicitly")
     if path is not None:
-        try:
+        from .serialization import write_json_atomic
+
+        try:   # a temporary file of its own: two processes mining at once never mix theirs
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(names, indent=0))
-            tmp.replace(path)
+            write_json_atomic(names, path, indent=0)
         except OSError:
             pass
     return names
@@ -515,21 +513,53 @@ def _read_cached(path, modules, owners) -> "Dict[str, PreservedKeys] | None":
 
 
 def _write_cached(path, keys, owners) -> None:
+    """Store ``keys`` under ``path``, safe against other processes caching the same entry at
+    once: the entry is written in a folder of its own (``write_dir``'s siblings are unique to
+    this writer) and renamed into place.  An entry another process installed meanwhile is kept
+    (the same digest, the same keys); a corrupt one is replaced."""
     import shutil
+    import tempfile
     import warnings
+    from pathlib import Path
 
     from .serialization import write_dir
 
+    tensors = {n: pk.keys for n, pk in keys.items()}
+    tensors.update({f"{n}{_GRAM}": pk.gram for n, pk in keys.items()})
+    staging = None
     try:
-        if path.exists() and not (path / "manifest.json").is_file():
-            shutil.rmtree(path)  # a corrupt entry under our own cache key
-        tensors = {n: pk.keys for n, pk in keys.items()}
-        tensors.update({f"{n}{_GRAM}": pk.gram for n, pk in keys.items()})
-        write_dir(path, {_CACHE_FILE: tensors},
-                  {"kind": "preserved", "owners": list(owners)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        entry = staging / "entry"
+        write_dir(entry, {_CACHE_FILE: tensors}, {"kind": "preserved", "owners": list(owners)})
+        if path.exists() and not _valid_entry(path):
+            try:   # a corrupt entry under our own cache key: moved aside, removed below
+                path.rename(staging / "stale")
+            except OSError:
+                pass   # another process moved it first
+        try:
+            entry.rename(path)
+        except OSError:
+            if not _valid_entry(path):
+                raise
+            # another process installed the same entry first: keep theirs
     except (OSError, ValueError) as exc:
         warnings.warn(f"could not cache the preserved keys in {path} ({exc}); the next editor "
                       f"captures them again", stacklevel=4)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _valid_entry(path) -> bool:
+    """``path`` is a complete cache entry (its manifest and files check out)."""
+    from .serialization import StateError, read_dir
+
+    try:
+        read_dir(path, expect_kind="preserved")
+    except (StateError, OSError, ValueError):
+        return False
+    return True
 
 
 def _module_device(module) -> torch.device:
