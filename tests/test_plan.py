@@ -83,6 +83,9 @@ CASES = {
     # whitened value gradients: a 344 x 344 covariance kept, an eigh in every solve
     "fp32-whiten": dict(dtype=torch.float32, edits=30, micro_batch=10, turns=3, whiten=1e-3,
                         hidden=128, inter=344, layers=4, modules=["model.layers.1.mlp.up_proj"]),
+    # the turn's products in bfloat16: bfloat16 copies of every frozen linear weight
+    "fp32-matmul-bfloat16": dict(dtype=torch.float32, edits=30, micro_batch=10, turns=2,
+                                 matmul_dtype="bfloat16", modules=["model.layers.1.mlp.down_proj"]),
     "bf16-large-vocab-no-history": dict(dtype=torch.bfloat16, edits=40, micro_batch=10, history=0,
                                         vocab=2000, modules=["model.layers.0.mlp.up_proj"]),
 }
@@ -97,7 +100,8 @@ def test_prediction_within_15_percent_of_measured_peak(case, ue_tokenizer):
     torch.set_num_threads(1)
     model = _model(dtype, attn=attn, **shape)
     requests = _requests(c["edits"])
-    options = {k: c[k] for k in ("positions", "memory", "preserve", "steps", "whiten") if k in c}
+    options = {k: c[k] for k in ("positions", "memory", "preserve", "steps", "whiten",
+                                 "matmul_dtype") if k in c}
     extra = dict(options, lr=1e-4, preserve_subjects=PRESERVED) if options else {}
     measured, modules, editor = _measure(model, ue_tokenizer, requests, turns,
                                          modules=c["modules"], micro_batch=c["micro_batch"],

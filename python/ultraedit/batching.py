@@ -407,6 +407,7 @@ class MicroBatchSizer:
                          accumulate=cfg.accumulate, history=cfg.history, memory=cfg.memory,
                          preserve=cfg.preserve, preserved_rows=pres, steps=cfg.steps,
                          whiten=cfg.whiten, delta_device=cfg.delta_device,
+                         matmul_dtype=cfg.matmul_dtype,
                          backward_group=backward_group,
                          attn_implementation=getattr(ed.model.config, "_attn_implementation",
                                                      None))

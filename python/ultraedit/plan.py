@@ -20,6 +20,8 @@ key memory             ``memory > 0``: the d_in x d_in float64 memory per module
 preserved keys         ``preserve > 0``: the preserved rows (float32) and their float64 Gram
 gradient covariance    ``whiten > 0``: Σ g gᵀ (d_out x d_out float64) per weight shape; in the
                        solve its Σ^{-1/2} per shape and one ``eigh``'s working copies
+bfloat16 weights       ``matmul_dtype="bfloat16"`` with float32 weights: the turn's bfloat16
+                       copies of the linear weights it does not edit, and one edited weight's cast
 delta record           the base copy of the edited weights; with ``accumulate`` (default for
                        bf16/fp16) the float32 accumulated delta
 rollback history       ``history`` snapshots kept plus the turn's own (float32 deltas when
@@ -270,7 +272,8 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
               preserved_rows: int = 0, steps: int = 1, whiten: float = 0.0,
               attn_implementation: Optional[str] = None,
               act_dtype=None, logit_columns: Optional[int] = None,
-              delta_device: Optional[str] = None, backward_group: int = 1) -> TurnPlan:
+              delta_device: Optional[str] = None, backward_group: int = 1,
+              matmul_dtype: str = "model") -> TurnPlan:
     """Predict the peak memory of one turn (see the module docstring).
 
     Args:
@@ -300,12 +303,17 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
             their activations and answer logits are alive at once. Each is counted at a
             micro-batch's peak, transient tensors included: an upper bound (measured 1.0-1.5x
             the allocator's peak, ``tests/test_plan.py``).
+        matmul_dtype: ``EditConfig.matmul_dtype``; ``"bfloat16"`` with float32 weights counts
+            the turn's bfloat16 copies of the linear weights it does not edit (kept for the
+            whole turn) and the cast of the largest edited one.
     """
     from .modules import module_dims, paper_module_names, resolve_modules
 
     if int(edits) != edits or edits < 1 or int(micro_batch) != micro_batch or micro_batch < 1:
         raise ValueError(f"edits and micro_batch must be positive integers, got {edits!r}, "
                          f"{micro_batch!r}")
+    if matmul_dtype not in ("model", "bfloat16"):
+        raise ValueError(f"matmul_dtype must be 'model' or 'bfloat16', got {matmul_dtype!r}")
     if int(backward_group) != backward_group or backward_group < 1:
         raise ValueError(f"backward_group must be a positive integer, got {backward_group!r}")
     cfg = load_config(config)
@@ -426,6 +434,11 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
     if white_bytes:
         items.append(PlanItem("gradient covariance", white_bytes,
                               "d_out x d_out float64 per weight shape (whiten)"))
+    low_copies, low_cast = _low_precision_bytes(model, names, dname, matmul_dtype)
+    if low_copies:
+        items.append(PlanItem("bfloat16 weights", low_copies + low_cast,
+                              "the turn's bfloat16 copies of the linear weights it does not "
+                              "edit (matmul_dtype) and one edited weight's cast"))
     if pres:
         items.append(PlanItem("preserved keys", pres, f"{preserved_rows} rows (float32) and "
                               f"their float64 Gram per module"))
@@ -503,9 +516,31 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
                     settings=dict(answer_tokens=answer_tokens, logit_columns=logit_columns, positions=positions,
                                   accumulate=acc, history=history, memory=memory,
                                   preserve=preserve, preserved_rows=preserved_rows, steps=steps,
-                                  whiten=whiten,
+                                  whiten=whiten, matmul_dtype=matmul_dtype,
                                   attn_implementation=attn, act_dtype=aname,
                                   delta_device=delta_device))
+
+
+def _low_precision_bytes(model, edited: Sequence[str], dname: str, matmul_dtype: str):
+    """``(copies, cast)``: the bytes of the bfloat16 copies a ``matmul_dtype="bfloat16"`` turn
+    makes of the float32 ``nn.Linear`` weights (and biases) it does not edit, the output
+    embedding excepted (:mod:`ultraedit.low_precision`), and of the largest edited weight's
+    per-call cast; ``(0, 0)`` otherwise."""
+    if matmul_dtype != "bfloat16" or dname != "float32":
+        return 0, 0
+    import torch
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    edited = set(edited)
+    copies, cast = 0, 0
+    for name, module in model.named_modules():
+        if type(module) is not torch.nn.Linear or module is head:
+            continue
+        numel = module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+        if name in edited:
+            cast = max(cast, 2 * numel)
+        else:
+            copies += 2 * numel
+    return copies, cast
 
 
 # ------------------------------------------------------------------------------ command line
@@ -539,6 +574,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preserved-rows", type=int, default=0)
     p.add_argument("--whiten", type=float, default=0.0, help="ε of the whitened value gradients "
                    "(> 0: their d_out x d_out covariance is kept)")
+    p.add_argument("--matmul-dtype", default="model", choices=("model", "bfloat16"),
+                   help="bfloat16: count a turn's bfloat16 copies of float32 linear weights "
+                        "(EditConfig.matmul_dtype; default model)")
     p.add_argument("--delta-device", default=None, help="cpu: base, delta and history kept on "
                    "the host (UltraEditor(delta_device='cpu'))")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -558,7 +596,8 @@ def run(args: argparse.Namespace, prog: str = "ultraedit plan") -> int:
                          answer_tokens=args.answer_tokens, seq_len=args.seq_len,
                          history=args.history, memory=args.memory, preserve=args.preserve,
                          preserved_rows=args.preserved_rows, whiten=args.whiten,
-                         delta_device=args.delta_device, backward_group=args.backward_group)
+                         delta_device=args.delta_device, backward_group=args.backward_group,
+                         matmul_dtype=args.matmul_dtype)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
