@@ -61,7 +61,8 @@ class Editor(editor_mod.UltraEditor):
         """The statistics take one capture step of ``requests``; the weights stay as they are."""
         _, batches = prepare_turn(self.tokenizer, requests, self.config,
                                   next(self.model.parameters()).device, self._max_length, self.sizer)
-        parts, *_ = self._capture(batches, editor_mod.TurnMeter(self.model), True)
+        # one forward/backward per micro-batch, unpacked, in the model's own dtype
+        parts, *_ = self._capture(batches, 1, editor_mod.TurnMeter(self.model), True, False, None)
         keys, grads = self._rows(parts)
         self._update_stats(parts, keys, grads)
 

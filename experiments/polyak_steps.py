@@ -40,7 +40,7 @@ def forward_backward(model, batch, margin=0.0):
     labels = batch["labels"]
     mask = labels != -100
     with torch.enable_grad():
-        rows = batching._float_rows(batching.answer_logits(model, batch, mask))
+        rows = batching.float_rows(batching.answer_logits(model, batch, mask))
         target = labels[mask].to(rows.device)
         owner = mask.nonzero()[:, 0].to(rows.device)
         ce = F.cross_entropy(rows, target, reduction="none")
@@ -64,11 +64,11 @@ class PolyakEditor(editor_mod.UltraEditor):
     max_scale = 64.0
     secant = False
 
-    def _capture(self, batches, size, meter, first):
+    def _capture(self, batches, size, meter, first, *rest):
         STASH["ce"].clear()
         if first:
             self._prev = None
-        out = super()._capture(batches, size, meter, first)
+        out = super()._capture(batches, size, meter, first, *rest)
         per_req, tokens, weights, orders = zip(*STASH["ce"])
         ce, t, w = torch.cat(per_req), torch.cat(tokens), torch.cat(weights)
         if all(o is not None for o in orders):   # forwards by length: back in turn order
@@ -138,7 +138,9 @@ def main():
         solver_mod.whitened_pseudo_values = scaled(solver_mod.whitened_pseudo_values)
     PolyakEditor.c, PolyakEditor.target, PolyakEditor.max_scale = args.c, args.target, args.max_scale
     PolyakEditor.secant = args.secant
-    cfg = EditConfig.for_model(model, steps=args.steps, backward_group=1)
+    # one forward and backward per micro-batch, unpacked: the path whose per-request losses
+    # forward_backward above records
+    cfg = EditConfig.for_model(model, steps=args.steps, backward_group=1, pack="off")
     ed = (editor_mod.UltraEditor if args.off else PolyakEditor)(model, tok, config=cfg)
     real_edit = ed.edit
 

@@ -20,9 +20,9 @@ STATE = {"first": False, "warm": 1.0, "log": []}
 
 
 class WarmEditor(editor_mod.UltraEditor):
-    def _capture(self, batches, meter, first):
+    def _capture(self, batches, size, meter, first, *rest):
         STATE["first"] = first
-        out = super()._capture(batches, meter, first)
+        out = super()._capture(batches, size, meter, first, *rest)
         STATE["log"].append(out[1])
         return out
 

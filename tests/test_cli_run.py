@@ -343,6 +343,27 @@ def test_output_paths_checked_before_any_work(model_dir, tmp_path, capsys, monke
         ["zsre.json", "afile"] + (["ro"] if problem == "read-only folder" else []))
 
 
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_a_preset_that_does_not_exist_is_refused_before_the_model_loads(model_dir, tmp_path,
+                                                                        capsys, monkeypatch,
+                                                                        command):
+    import ultraedit.models
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded before --preset was checked")
+
+    monkeypatch.setattr(ultraedit.models, "load_model", no_work)
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    args = [command, "--model", model_dir, "--turns", "1", "--edits-per-turn", "2",
+            "--no-progress", "--threads", "1", "--preset", str(tmp_path / "none.json")]
+    if command == "run":
+        args += ["--data", data]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ultraedit {command}: error: no preset") and "none.json" in err
+    assert "\n" not in err and "Traceback" not in err
+
+
 def test_same_file_for_two_outputs_is_refused(model_dir, tmp_path, capsys):
     data = _write(tmp_path / "zsre.json", ZSRE)
     assert main(_base(model_dir, data, tmp_path, "--plot", str(tmp_path / "r.json"))) == 2

@@ -112,6 +112,17 @@ def resolve(args: argparse.Namespace, model, **changes) -> EditConfig:
         raise UsageError(str(err)) from None
 
 
+def check_preset(args: argparse.Namespace) -> None:
+    """A ``--preset`` that names no preset (or a file that is not one) is a :class:`UsageError`
+    before the model loads; the flags are checked against it once the model is there."""
+    if getattr(args, "preset", None) is None:
+        return
+    try:
+        EditConfig.from_preset(args.preset)
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None
+
+
 def build_editor(model, tokenizer, config: EditConfig, progress: bool = True):
     """``UltraEditor(model, tokenizer, config)``; says so first when it captures the preserved
     subjects' keys from the model (once, seconds to minutes), and afterwards whether they were

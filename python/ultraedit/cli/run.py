@@ -39,7 +39,7 @@ from typing import Any, Dict, List
 from ._common import (EXIT_INTERRUPTED, UsageError, add_machine_options, check_output_paths,
                       check_threads, error, fmt, machine, peak_rss_bytes, set_threads, split_csv,
                       write_json)
-from .options import add_method_options, build_editor, resolve, resolved_config
+from .options import add_method_options, build_editor, check_preset, resolve, resolved_config
 
 DATA_FORMATS = ("auto", "zsre", "counterfact", "fever", "wikibigedit", "ultraeditbench",
                 "easyedit", "records")
@@ -155,6 +155,7 @@ def _run(args: argparse.Namespace) -> int:
     check_output_paths([("--json", args.json), ("--plot", args.plot),
                         ("--records-out", args.records_out)])
     _check_export(args)
+    check_preset(args)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot needs matplotlib: pip install matplotlib")
     offline = args.data == "offline"
