@@ -9,7 +9,8 @@ Formula (``K`` is N x d, λ = ``ridge``)::
 (float64 input gives float64).  Large float32 CPU products (from 100 rows and 3e7
 multiply-adds, :func:`gram_blocks`) compute only the lower tiles of 2-8 row slabs (SYRK-like,
 56-75% of the FLOPs) and mirror them; smaller float32 CPU products are one ``addmm`` onto a
-cached ``λI``.  Off the diagonal the lower triangle is the plain product's bit for bit.
+cached ``λI``.  Off the diagonal every element is the same dot product as the plain product's
+(bit for bit on the AMD Zen 4 measured; another CPU's BLAS may round a tile's last bit apart).
 Equivalent PyTorch::
 
     Kf = K.float(); G = Kf @ Kf.T if rows else Kf.T @ Kf; G.diagonal().add_(ridge)
@@ -87,10 +88,11 @@ def _mirrored(g: torch.Tensor) -> torch.Tensor:
 # Measured on the 2-core EPYC (one thread, alternating rounds, experiments/gram_slabs.py):
 # against one GEMM, 2 slabs 1.03-1.12x at m = 100-160 of d >= 4096 (0.94-0.98x at 100-128 rows
 # of 1536: below 3e7 multiply-adds one product is faster, the smaller GEMMs lose efficiency),
-# 3-4 slabs 1.0-1.35x at m = 192-512, 6-8 slabs 1.6-2x at m = 1000-2000.  Slabs of >= 32
-# rows give the tiles the same rounding as the whole product (every element is the same dot
-# product, accumulated alike; measured for m = 100-2000, d = 160-14336, one and two threads),
-# so the lower triangle is bit-identical to ``X @ Xᵀ``'s.
+# 3-4 slabs 1.0-1.35x at m = 192-512, 6-8 slabs 1.6-2x at m = 1000-2000.  Every element is the
+# same dot product as in the whole product; whether the BLAS accumulates a tile's alike is its
+# choice: on the EPYC (MKL) slabs of >= 32 rows gave the lower triangle of ``X @ Xᵀ`` bit for bit
+# (m = 100-2000, d = 160-14336, one and two threads), on an Intel Xeon (the same torch build)
+# 3 or more slabs from d = 800 differed from it in the last bit of some elements.
 # One GEMM (below the blocking threshold) is what the plain composition computes; MKL's X Xᵀ
 # measured bit-symmetric for every m > 8 tried (m = 9-2000, d = 8-14336) but not for m <= 8
 # (its small-matrix kernels), so up to _MIRROR_MAX rows the lower triangle is mirrored (a few
@@ -159,10 +161,11 @@ def _gram_blocked(x: torch.Tensor, blocks: int) -> torch.Tensor:
 
 def gram_reference(x: torch.Tensor, ridge: float, rows: bool) -> torch.Tensor:
     """``X Xᵀ + λI`` (``X = K`` or ``Kᵀ``) with the ridge added to the diagonal; below the
-    diagonal it equals ``X @ X.T``'s bit for bit.  Large CPU inputs compute only the lower
-    tiles (:func:`gram_blocks`) and mirror them, small ones (m <= 16) mirror the lower
-    triangle: both exactly symmetric; in between the one GEMM (float32 on the CPU: onto a
-    cached ``λI``, :func:`_ridge_identity`) is returned as the BLAS computed it (symmetric on
+    diagonal it equals ``X @ X.T``'s up to the BLAS's rounding of a tile (bit for bit where
+    it rounds tiles like the whole product, as MKL on an AMD Zen 4).  Large CPU inputs compute
+    only the lower tiles (:func:`gram_blocks`) and mirror them, small ones (m <= 16) mirror the
+    lower triangle: both exactly symmetric; in between the one GEMM (float32 on the CPU: onto
+    a cached ``λI``, :func:`_ridge_identity`) is returned as the BLAS computed it (symmetric on
     MKL, as measured)."""
     dtype = _compute_dtype(x)
     xf = x if x.dtype == dtype else x.to(dtype)
