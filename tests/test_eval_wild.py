@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 from conftest import ue_tiny_model  # noqa: E402
 from ultraedit import eval as M  # noqa: E402
 from ultraedit.data import EditRecord  # noqa: E402
+from ultraedit.eval import wild as W  # noqa: E402
 from ultraedit.eval.wild import _cut  # noqa: E402
 from ultraedit.tokenization import encode_request  # noqa: E402
 
@@ -147,10 +148,31 @@ def test_batched_decoding_equals_one_by_one(ue_tokenizer, kind):
     stops = (".", "\n", "is", "e")          # stop strings a random model does produce
     expected = [_one_by_one(model, tok, p, 12, stops) for p in prompts]
     assert any(len(e) < 12 for e in expected)
-    for bs in (1, 4, 32):
+    for bs in (1, 4, 32, None):       # None: sized by the KV cache (256 rows here)
         got = M.decode_answers(model, tok, prompts, max_new_tokens=12, stop_strings=stops,
                                batch_size=bs)
         assert got == expected, bs
+    with pytest.raises(ValueError, match="batch_size"):
+        M.decode_answers(model, tok, prompts, batch_size=0)
+
+
+def test_decode_batch_size_fills_the_cache_budget(ue_tokenizer, monkeypatch):
+    """Rows whose KV cache (2 x layers x kv heads x head dim x element bytes x positions) fits
+    DECODE_CACHE_BYTES, within DECODE_ROWS; the smallest without a config to read."""
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=3)
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4
+    low, high = W.DECODE_ROWS
+    assert W.decode_batch_size(model, 30, 50) == high
+    monkeypatch.setattr(W, "DECODE_CACHE_BYTES", per_token * 80 * 100 + 5)
+    assert W.decode_batch_size(model, 30, 50) == 100
+    monkeypatch.setattr(W, "DECODE_CACHE_BYTES", per_token * 80 * 3)
+    assert W.decode_batch_size(model, 30, 50) == low
+    model.to(torch.bfloat16)            # half the bytes per position: twice the rows
+    monkeypatch.setattr(W, "DECODE_CACHE_BYTES", per_token * 80 * 50)
+    assert W.decode_batch_size(model, 30, 50) == 100
+    assert W.decode_batch_size(ScriptedLM(ue_tokenizer, {}), 30, 50) == low
 
 
 def _records(questions=None):

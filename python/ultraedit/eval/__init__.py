@@ -22,7 +22,7 @@ from .probing import (generation_scores, greedy_continuations, next_token_predic
 from .scores import (evaluate_records, evaluation_work, true_fact_scores, true_fact_work,
                      wild_evaluation, wild_work)
 from .wild import (MAX_NEW_TOKENS, QA_TEMPLATE, STOP_STRINGS, answer_contains, answer_exact,
-                   decode_answers, normalize_answer, wild_prompt)
+                   decode_answers, decode_batch_size, normalize_answer, wild_prompt)
 
 __all__ = [
     "token_accuracy", "next_token_predictions", "greedy_continuations", "generation_scores",
@@ -30,7 +30,7 @@ __all__ = [
     "LocalityReference", "FREE_LOCALITY_TOKENS", "evaluate_records", "evaluation_work", "filter_known", "demo_records",
     "offline_records", "DEMO_RELATIONS", "RUN_RELATIONS", "lifelong_run", "plot_run",
     "wild_evaluation", "wild_work", "true_fact_scores", "true_fact_work", "decode_answers",
-    "normalize_answer", "answer_exact",
+    "decode_batch_size", "normalize_answer", "answer_exact",
     "answer_contains", "wild_prompt", "QA_TEMPLATE", "STOP_STRINGS", "MAX_NEW_TOKENS",
 ]
 

@@ -16,7 +16,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..data.records import EditRecord
 from ..tokenization import encode_request, special_prefix
-from .probing import Progress, _prompt_ids, _teacher_forced_ids, greedy_continuations
+from .probing import (Progress, _prompt_ids, _teacher_forced_ids, greedy_continuations,
+                      rows_per_batch)
 from .wild import decode_answers, wild_prompt
 
 __all__ = ["LocalityReference", "locality_reference", "locality_work", "FREE_LOCALITY_TOKENS"]
@@ -84,13 +85,16 @@ def locality_work(records: Sequence[EditRecord], generation: bool = False,
 
 
 def locality_reference(model, tokenizer, records: Sequence[EditRecord], generation: bool = False,
-                       batch_size: int = 32, reference: Optional[LocalityReference] = None,
+                       batch_size: Optional[int] = None,
+                       reference: Optional[LocalityReference] = None,
                        progress: Progress = None, wild: bool = False) -> LocalityReference:
     """Capture the UNEDITED model's predictions on every locality prompt of ``records`` (call it
     before editing; pass the result to :func:`evaluate_records` after). With ``reference`` given,
     only prompts it lacks are computed and it is extended in place (lifelong runs). ``wild``
-    also decodes the unedited answers the WILD-style locality score compares with."""
+    also decodes the unedited answers the WILD-style locality score compares with.
+    ``batch_size`` as :func:`~ultraedit.eval.evaluate_records`'."""
     ref = reference if reference is not None else LocalityReference()
+    rows = rows_per_batch(batch_size)
     if wild:
         todo = [p for p in _wild_locality_prompts(records) if p not in ref.answers]
         if todo:
@@ -109,7 +113,7 @@ def locality_reference(model, tokenizer, records: Sequence[EditRecord], generati
         for k in free:
             ref.prompt_ids[k] = _prompt_ids(tokenizer, k[0], prefix)
         gens = greedy_continuations(model, tokenizer, [ref.prompt_ids[k] for k in free],
-                                    FREE_LOCALITY_TOKENS, batch_size, progress)
+                                    FREE_LOCALITY_TOKENS, rows, progress)
         for k, g in zip(free, gens):
             ref.gold[k] = g
             ref.predictions[k] = list(g)   # greedy = argmax given its own prefix
@@ -117,12 +121,12 @@ def locality_reference(model, tokenizer, records: Sequence[EditRecord], generati
     if answered:
         preds = _teacher_forced_ids(model, tokenizer,
                                     [(ref.prompt_ids[k], ref.gold[k]) for k in answered],
-                                    batch_size, progress)
+                                    rows, progress)
         for k, p in zip(answered, preds):
             ref.predictions[k] = p
         if generation:
             gens = greedy_continuations(model, tokenizer, [ref.prompt_ids[k] for k in answered],
-                                        [len(ref.gold[k]) for k in answered], batch_size,
+                                        [len(ref.gold[k]) for k in answered], rows,
                                         progress)
             for k, g in zip(answered, gens):
                 ref.generations[k] = g

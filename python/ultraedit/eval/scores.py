@@ -39,7 +39,7 @@ from ..data.records import EditRecord
 from .fluency import DEFAULT_FLUENCY_PROMPTS, fluency
 from .locality import LocalityReference, _locality_keys
 from .probing import (Progress, _prefix_fraction, _teacher_forced_ids, generation_scores,
-                      greedy_continuations, token_accuracy)
+                      greedy_continuations, token_accuracy, rows_per_batch)
 from .wild import answer_exact, decode_answers, wild_judgements, wild_prompt
 
 __all__ = ["evaluate_records", "evaluation_work", "wild_evaluation", "wild_work",
@@ -138,7 +138,7 @@ def wild_work(records: Sequence[EditRecord],
 
 def evaluate_records(model, tokenizer, records: Sequence[EditRecord],
                      locality_reference: Optional[LocalityReference] = None,
-                     generation: bool = False, batch_size: int = 32,
+                     generation: bool = False, batch_size: Optional[int] = None,
                      fluency_prompts: Optional[Sequence[str]] = None,
                      portability: bool = True, progress: Progress = None,
                      wild: bool = False,
@@ -163,9 +163,12 @@ def evaluate_records(model, tokenizer, records: Sequence[EditRecord],
     A locality prompt missing from ``locality_reference`` raises KeyError. ``portability=False``
     skips the portability prompts (``pt`` keys are then None), which saves their forward passes.
     ``progress`` is called with the number of prompts of each finished batch
-    (:func:`evaluation_work` is the total).
+    (:func:`evaluation_work` is the total). ``batch_size``: prompts per forward; None: 32 for
+    the teacher-forced and generation scores, a KV-cache-sized batch for the WILD-style
+    decoding (:func:`~ultraedit.eval.wild.decode_batch_size`).
     """
     records = list(records) if portability else _without_portability(records)
+    rows = rows_per_batch(batch_size)
     out: Dict[str, object] = {"n": len(records)}
     if not records:
         for k in ("es", "gs", "ls", "ls_data", "pt", "ls_source"):
@@ -174,7 +177,7 @@ def evaluate_records(model, tokenizer, records: Sequence[EditRecord],
     ref = locality_reference
     pairs = _teacher_forced_pairs(records)
     acc = dict(zip(pairs, token_accuracy(model, tokenizer, [p for p, _ in pairs],
-                                         [t for _, t in pairs], batch_size, progress)))
+                                         [t for _, t in pairs], rows, progress)))
     out["es"] = _mean([acc[(r.prompt, r.target)] for r in records])
     out["gs"] = _per_record(records, lambda r: [(p, r.target) for p in r.paraphrases], acc)
     if known_paraphrases is not None:
@@ -192,7 +195,7 @@ def evaluate_records(model, tokenizer, records: Sequence[EditRecord],
             raise KeyError(f"{len(missing)} locality prompts are not in the reference, e.g. "
                            f"{missing[0]!r}; capture it with locality_reference() before editing")
         preds = _teacher_forced_ids(model, tokenizer,
-                                    [(ref.prompt_ids[k], ref.gold[k]) for k in keys], batch_size,
+                                    [(ref.prompt_ids[k], ref.gold[k]) for k in keys], rows,
                                     progress)
         same = {k: sum(int(a == b) for a, b in zip(p, ref.predictions[k])) / len(p)
                 for k, p in zip(keys, preds)}
@@ -205,7 +208,7 @@ def evaluate_records(model, tokenizer, records: Sequence[EditRecord],
     if generation:
         gpairs = _generation_pairs(records, ref)
         gen = dict(zip(gpairs, generation_scores(model, tokenizer, [p for p, _ in gpairs],
-                                                 [t for _, t in gpairs], batch_size, progress)))
+                                                 [t for _, t in gpairs], rows, progress)))
         exact = {k: v[0] for k, v in gen.items()}
         pref = {k: v[1] for k, v in gen.items()}
         for name, scores in (("", exact), ("_prefix", pref)):
@@ -219,7 +222,7 @@ def evaluate_records(model, tokenizer, records: Sequence[EditRecord],
                 raise KeyError(f"{len(missing)} locality prompts have no reference generation; "
                                "capture the reference with generation=True")
             gens = greedy_continuations(model, tokenizer, [ref.prompt_ids[k] for k in keys],
-                                        [len(ref.generations[k]) for k in keys], batch_size,
+                                        [len(ref.generations[k]) for k in keys], rows,
                                         progress)
             lex = {k: float(g == ref.generations[k]) for k, g in zip(keys, gens)}
             lpre = {k: _prefix_fraction(g, ref.generations[k]) for k, g in zip(keys, gens)}
@@ -232,7 +235,7 @@ def evaluate_records(model, tokenizer, records: Sequence[EditRecord],
         out["gen_ls_prefix"] = _per_record(records, loc, lpre)
         out["fluency"] = fluency(model, tokenizer,
                                  DEFAULT_FLUENCY_PROMPTS if fluency_prompts is None
-                                 else fluency_prompts, batch_size=batch_size, progress=progress)
+                                 else fluency_prompts, batch_size=rows, progress=progress)
     if wild:
         out.update(wild_evaluation(model, tokenizer, records, ref, batch_size, progress))
     return out
@@ -243,9 +246,10 @@ _WILD_EXAMPLES = 5
 
 def wild_evaluation(model, tokenizer, records: Sequence[EditRecord],
                     locality_reference: Optional[LocalityReference] = None,
-                    batch_size: int = 32, progress: Progress = None) -> Dict[str, object]:
+                    batch_size: Optional[int] = None,
+                    progress: Progress = None) -> Dict[str, object]:
     """Only the WILD-style scores of :func:`evaluate_records` (its ``wild_*`` keys, and ``n``);
-    ``progress`` counts to :func:`wild_work`."""
+    ``progress`` counts to :func:`wild_work`; ``batch_size`` as :func:`decode_answers`'."""
     records, ref = list(records), locality_reference
     out: Dict[str, object] = {"n": len(records)}
     if not records:
@@ -303,7 +307,8 @@ def true_fact_work(records: Sequence[EditRecord], wild: bool = False) -> int:
 
 
 def true_fact_scores(model, tokenizer, records: Sequence[EditRecord], wild: bool = False,
-                     batch_size: int = 32, progress: Progress = None) -> Dict[str, object]:
+                     batch_size: Optional[int] = None,
+                     progress: Progress = None) -> Dict[str, object]:
     """ES and GS of the model as it is now against each record's TRUE answer (``target_true``).
 
     Run on the unedited model, this is how well it states the facts it already knows: through
@@ -315,7 +320,8 @@ def true_fact_scores(model, tokenizer, records: Sequence[EditRecord], wild: bool
     edit's GS over those (``gs_known``). Records without ``target_true`` are left out; ``n``
     counts the records scored (the scores are None when there are none). The scores equal
     :func:`evaluate_records`' and :func:`wild_evaluation`'s on
-    ``replace(r, target=r.target_true, locality=[], portability=[])``.
+    ``replace(r, target=r.target_true, locality=[], portability=[])``; ``batch_size`` as
+    theirs.
     """
     facts = _as_true_facts(records)
     out: Dict[str, object] = {"n": len(facts), "es": None, "gs": None, "known_paraphrases": []}
@@ -323,7 +329,8 @@ def true_fact_scores(model, tokenizer, records: Sequence[EditRecord], wild: bool
         return out
     pairs = _teacher_forced_pairs(facts)
     acc = dict(zip(pairs, token_accuracy(model, tokenizer, [p for p, _ in pairs],
-                                         [t for _, t in pairs], batch_size, progress)))
+                                         [t for _, t in pairs], rows_per_batch(batch_size),
+                                         progress)))
     out["es"] = _mean([acc[(r.prompt, r.target)] for r in facts])
     out["gs"] = _per_record(facts, lambda r: [(p, r.target) for p in r.paraphrases], acc)
     out["known_paraphrases"] = [[r.prompt, p] for r in facts for p in r.paraphrases

@@ -1,0 +1,84 @@
+"""The WILD-style parts of a run's evaluation at fixed 32-prompt decoding batches against the
+KV-cache-sized default (``ultraedit.eval.decode_batch_size``), in alternating rounds on the
+unedited embedded model: the true facts with WILD-style scores, the WILD-style locality
+reference and the WILD-style evaluation of the first ``--records`` of the README's 1,000
+records. The scores must agree (the same token ids at every batch size).
+
+    PYTHONPATH=python python experiments/wild_decode_batches.py --records 150 --rounds 2 \\
+        --json experiments/results/wild_decode_batches.json
+"""
+import argparse
+import gzip
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import _common  # noqa: F401  (the repository on sys.path)
+import torch
+
+from ultraedit.data import load_records
+from ultraedit.eval import locality_reference, true_fact_scores, wild_evaluation
+from ultraedit.models import load_model
+
+RECORDS = os.path.join(_common.ROOT, "experiments", "results", "run_offline_records.jsonl.gz")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--records", type=int, default=150)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    model, tok = load_model("default")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "records.jsonl")
+        with gzip.open(RECORDS, "rt") as src, open(path, "w") as dst:
+            for _, line in zip(range(a.records), src):
+                dst.write(line)
+        records = load_records(path, "records")
+
+    def job(batch_size):
+        t0 = time.perf_counter()
+        true = true_fact_scores(model, tok, records, wild=True, batch_size=batch_size)
+        t1 = time.perf_counter()
+        ref = locality_reference(model, tok, records, wild=True, batch_size=batch_size)
+        t2 = time.perf_counter()
+        wild = wild_evaluation(model, tok, records, ref, batch_size=batch_size)
+        t3 = time.perf_counter()
+        scores = {**{f"true_{k}": v for k, v in true.items() if isinstance(v, float)},
+                  **{k: v for k, v in wild.items() if isinstance(v, float)}}
+        return {"true_facts_s": t1 - t0, "wild_reference_s": t2 - t1, "wild_s": t3 - t2}, scores
+
+    arms = {"32": 32, "auto": None}
+    times = {k: [] for k in arms}
+    scores = {}
+    for r in range(a.rounds):
+        for name in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
+            t, s = job(arms[name])
+            times[name].append(t)
+            scores.setdefault(name, s)
+            print(f"round {r} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()),
+                  flush=True)
+    total = {k: [sum(t.values()) for t in v] for k, v in times.items()}
+    paired = [a32 / auto for a32, auto in zip(total["32"], total["auto"])]
+    wild_paired = [x["wild_s"] / y["wild_s"] for x, y in zip(times["32"], times["auto"])]
+    out = {"command": "experiments/wild_decode_batches.py", "records": a.records,
+           "threads": a.threads, "auto_rows": None, "times_s": times,
+           "total_median_s": {k: statistics.median(v) for k, v in total.items()},
+           "speed_paired_total": paired, "speed_paired_wild": wild_paired,
+           "scores_equal": scores["32"] == scores["auto"], "scores": scores["auto"]}
+    from ultraedit.eval import decode_batch_size
+    out["auto_rows"] = decode_batch_size(model, 30)
+    print(f"total {statistics.median(paired):.2f}x, WILD-style evaluation "
+          f"{statistics.median(wild_paired):.2f}x faster; scores equal: {out['scores_equal']}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
