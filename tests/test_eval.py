@@ -63,14 +63,23 @@ def test_eval_mode_restored(tiny):
     model.eval()
 
 
+@pytest.mark.parametrize("compact", [True, False])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_greedy_continuations_match_uncached_decoding(ue_tokenizer, kind):
+def test_greedy_continuations_match_uncached_decoding(ue_tokenizer, kind, compact, monkeypatch):
+    """Rows that have their tokens leave the batch (their KV-cache rows dropped), or, with a
+    cache that cannot be cut, stay computed and are ignored: the same tokens either way."""
+    import ultraedit.eval.probing as probing
+
+    if not compact:
+        monkeypatch.setattr(probing, "_select_rows", lambda cache, keep: None)
     tok = ue_tokenizer
     model = ue_tiny_model(kind, len(tok), seed=2)
     prefix = special_prefix(tok)
     rows = [encode_request(tok, p, "x", prefix)[0] for p in PROMPTS]
-    lengths = [4, 1, 3, 2]
+    lengths = [4, 1, 3, 0]
     got = M.greedy_continuations(model, tok, rows, lengths, batch_size=3)
+    assert M.greedy_continuations(model, tok, rows, lengths, batch_size=1) == got
+    assert M.greedy_continuations(model, tok, rows, lengths, batch_size=4) == got
     for row, n, g in zip(rows, lengths, got):
         cur, expected = list(row), []
         with torch.no_grad():

@@ -35,8 +35,8 @@ from typing import Iterable, List, Optional, Sequence, Set, Tuple
 import torch
 
 from ..tokenization import _pad_id, special_prefix
-from .probing import (Progress, _cache_of, _device, _eval, _prefill, _prompt_ids, _stepper,
-                      _tick, rows_per_batch)
+from .probing import (Progress, _cache_of, _device, _eval, _prefill, _prompt_ids, _select_rows,
+                      _stepper, _tick, rows_per_batch)
 
 __all__ = ["QA_TEMPLATE", "STOP_STRINGS", "MAX_NEW_TOKENS", "normalize_answer", "answer_exact",
            "answer_contains", "wild_prompt", "decode_answers", "decode_batch_size",
@@ -89,19 +89,6 @@ def _eos_ids(model, tokenizer) -> Set[int]:
             continue
         ids |= {int(v) for v in (value if isinstance(value, (list, tuple)) else [value])}
     return ids
-
-
-def _select_rows(cache, keep: torch.Tensor):
-    """The KV cache of the rows ``keep`` only (in place where the cache allows it), or None when
-    this kind of cache cannot be cut (the stopped rows then stay in the batch)."""
-    if hasattr(cache, "batch_select_indices"):
-        cache.batch_select_indices(keep)
-        return cache
-    if isinstance(cache, (tuple, list)) and cache and all(
-            isinstance(layer, (tuple, list)) and all(torch.is_tensor(x) for x in layer)
-            for layer in cache):
-        return type(cache)(type(layer)(x[keep] for x in layer) for layer in cache)
-    return None
 
 
 def _cut(text: str, stops: Sequence[str]) -> Optional[str]:
