@@ -6,6 +6,13 @@ records. The scores must agree (the same token ids at every batch size).
 
     PYTHONPATH=python python experiments/wild_decode_batches.py --records 150 --rounds 2 \\
         --json experiments/results/wild_decode_batches.json
+
+``--sweep 32,64,128,256`` instead times ``decode_answers`` alone at those batch sizes on the
+rewrite, paraphrase and locality prompts of the first records (``--prompts``, default 512),
+two rounds, and checks that every size gives the same token ids:
+
+    PYTHONPATH=python python experiments/wild_decode_batches.py --sweep 32,64,128,256 \\
+        --json experiments/results/wild_decode_batches_sweep.json
 """
 import argparse
 import gzip
@@ -30,10 +37,14 @@ def main():
     ap.add_argument("--records", type=int, default=150)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sweep", help="comma-separated batch sizes of decode_answers alone")
+    ap.add_argument("--prompts", type=int, default=512)
     ap.add_argument("--json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model, tok = load_model("default")
+    if a.sweep:
+        return sweep(model, tok, [int(x) for x in a.sweep.split(",")], a.prompts, a.json)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "records.jsonl")
         with gzip.open(RECORDS, "rt") as src, open(path, "w") as dst:
@@ -77,6 +88,35 @@ def main():
           f"{statistics.median(wild_paired):.2f}x faster; scores equal: {out['scores_equal']}")
     if a.json:
         with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def sweep(model, tok, sizes, n_prompts, json_path):
+    from ultraedit.eval import decode_answers
+
+    prompts = []
+    with gzip.open(RECORDS, "rt") as src:
+        for line in src:
+            r = json.loads(line)
+            prompts += [r["prompt"], *r["paraphrases"], *(lp["prompt"] for lp in r["locality"])]
+            if len(prompts) >= n_prompts:
+                break
+    prompts = prompts[:n_prompts]
+    times = {str(b): [] for b in sizes}
+    first, same = None, True
+    for r in range(2):
+        for b in (sizes if r % 2 == 0 else sizes[::-1]):
+            t0 = time.perf_counter()
+            _, ids = decode_answers(model, tok, prompts, batch_size=b, return_ids=True)
+            times[str(b)].append(time.perf_counter() - t0)
+            first = ids if first is None else first
+            same = same and ids == first
+            print(f"round {r} batch {b}: {times[str(b)][-1]:.1f} s", flush=True)
+    out = {"command": "experiments/wild_decode_batches.py --sweep", "prompts": len(prompts),
+           "times_s": times, "same_ids": same}
+    print(json.dumps(out))
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(out, f, indent=1)
 
 

@@ -100,9 +100,9 @@ def _cut(text: str, stops: Sequence[str]) -> Optional[str]:
 # decoding batches: as many rows as a KV cache of DECODE_CACHE_BYTES holds, within DECODE_ROWS.
 # A batch runs until its last row stops, and its late steps carry few rows, each step streaming
 # every weight for them; fewer, larger batches spend fewer such steps. Measured on the 2-core
-# CPU (embedded model, 512 prompts of the README's records, one thread, two rounds): 32 rows
-# 59.7 / 57.9 s, 64 rows 42.8 / 41.4 s, 128 rows 33.9 / 32.9 s, 256 rows 30.7 / 30.6 s, the
-# same token ids at every size.
+# CPU (embedded model, 512 prompts of the README's records, one thread, two alternating rounds;
+# experiments/wild_decode_batches.py --sweep): 32 rows 62.1 / 62.8 s, 64 rows 43.5 / 43.4 s,
+# 128 rows 35.4 / 35.5 s, 256 rows 33.1 / 33.7 s, the same token ids at every size.
 DECODE_CACHE_BYTES = 1 << 30
 DECODE_ROWS = (32, 256)
 
