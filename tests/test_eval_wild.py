@@ -217,6 +217,30 @@ def test_scores_of_known_answers(ue_tokenizer):
     assert M.wild_evaluation(edited, tok, records, ref)["wild_ls"] == 1.0
 
 
+def test_locality_contains_counts_the_facts_the_unedited_model_named(ue_tokenizer):
+    """``wild_ls_contains``: of the locality prompts whose unedited answer contains the data
+    set's answer, the share whose answer still does; text after the answer may change."""
+    tok = ue_tokenizer
+    script = {"The capital of France is": "Rome.", "The capital of Italy is": "Paris.",
+              "The capital of Spain is": "Madrid, a large city.",
+              "Berlin in": "Germany, in the north."}
+    records = _records()
+    ref = M.locality_reference(ScriptedLM(tok, script), tok, records, wild=True)
+    tail = ScriptedLM(tok, {**script, "The capital of Spain is": "Madrid, the seat of a king.",
+                            "Berlin in": "Germany, of course."})
+    out = M.wild_evaluation(tail, tok, records, ref)
+    assert out["wild_ls"] == 0.0 and out["wild_ls_contains"] == 1.0
+    lost = ScriptedLM(tok, {**script, "Berlin in": "Japan, of course."})
+    out = M.wild_evaluation(lost, tok, records, ref)
+    assert out["wild_ls_contains"] == pytest.approx((0.5 + 1.0) / 2)
+    # a prompt whose unedited answer did not name the fact does not count
+    ref.answers["Berlin in"] = "Austria"
+    assert M.wild_evaluation(lost, tok, records, ref)["wild_ls_contains"] == 1.0
+    # without a reference: the answer contains the data set's answer
+    assert M.wild_evaluation(lost, tok, records)["wild_ls_contains"] == pytest.approx(
+        (0.5 + 1.0) / 2)
+
+
 def test_questions_are_asked_in_the_qa_format(ue_tokenizer):
     tok = ue_tokenizer
     question = "What is the capital of France?"

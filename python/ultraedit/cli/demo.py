@@ -124,7 +124,8 @@ def _scores(tf: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _wild(sc: Dict[str, Any]) -> Dict[str, Any]:
-    keys = ("es", "gs", "ls", "pt", "es_contains", "gs_contains", "pt_contains", "examples")
+    keys = ("es", "gs", "ls", "pt", "es_contains", "gs_contains", "ls_contains", "pt_contains",
+            "examples")
     return {k: sc.get(k) for k in keys}
 
 
@@ -188,7 +189,8 @@ def print_demo(result: Dict[str, Any], turns: int, edits_per_turn: int) -> None:
     if wild:
         w = wild["after"]
         print(f"after    WILD-style exact  {fmt(w['es'])}  {fmt(w['gs'])}  {fmt(w['ls'])}")
-        print(f"after      ... contains    {fmt(w['es_contains'])}  {fmt(w['gs_contains'])}")
+        print(f"after      ... contains    {fmt(w['es_contains'])}  {fmt(w['gs_contains'])}  "
+              f"{fmt(w.get('ls_contains'))}")
         print(f"WILD-style evaluation (a question, greedy decoding to a stop string): "
               f"{result['timing']['wild_s']:.1f}s in all")
     print("turn  forward+backward  editor overhead   total")

@@ -301,7 +301,7 @@ def _print_summary(result: Dict[str, Any], args) -> None:
                                  ("WILD-style exact", final.get("wild"), ""),
                                  ("WILD-style contains", final.get("wild"), "_contains")):
             if sc:
-                ls = sc["ls"] if not suffix else None
+                ls = sc.get("ls" + suffix)
                 print(f"{name:22s} {fmt(sc['es' + suffix])}  {fmt(sc['gs' + suffix])}  "
                       f"{fmt(ls)}  {fmt(sc.get('pt' + suffix))}")
     true = result.get("true_facts")

@@ -76,7 +76,8 @@ def wild_scores_of(res: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     if "wild_es" not in res:
         return None
     out = {k: _num(res.get("wild_" + k)) for k in ("es", "gs", "ls", "pt")}
-    out.update({k + "_contains": _num(res.get(f"wild_{k}_contains")) for k in ("es", "gs", "pt")})
+    out.update({k + "_contains": _num(res.get(f"wild_{k}_contains"))
+                for k in ("es", "gs", "ls", "pt")})
     out["ls_source"] = res.get("wild_ls_source")
     out["edits"] = int(res.get("n", 0))
     out["examples"] = res.get("wild_examples", [])

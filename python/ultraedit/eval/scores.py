@@ -19,7 +19,10 @@ Definitions (all scores in 0..1, except fluency in bits):
   source has one (else the prompt as it is), greedy decoding to a stop string (``"."``, a
   newline, EOS; at most 50 tokens), then ``wild_es``/``wild_gs``/``wild_pt`` = normalized exact
   match and ``wild_*_contains`` = the answer contains the target; ``wild_ls`` = the decoded
-  answer to a locality prompt is, normalized, the unedited model's (from the reference).
+  answer to a locality prompt is, normalized, the unedited model's (from the reference);
+  ``wild_ls_contains`` = of the locality prompts whose unedited answer contains the data set's
+  answer, the share whose answer still does (the whole decoded text, up to a stop string, may
+  change after the answer and still keep the fact).
 - **Fluency**: :func:`ultraedit.eval.fluency` on a few open prompts.
 - **True facts** (:func:`true_fact_scores`, run on the UNEDITED model): ES and GS (teacher-forced,
   and WILD-style on request) against each record's TRUE answer (``target_true``). The offline
@@ -40,7 +43,7 @@ from .fluency import DEFAULT_FLUENCY_PROMPTS, fluency
 from .locality import LocalityReference, _locality_keys
 from .probing import (Progress, _prefix_fraction, _teacher_forced_ids, generation_scores,
                       greedy_continuations, token_accuracy, rows_per_batch)
-from .wild import answer_exact, decode_answers, wild_judgements, wild_prompt
+from .wild import answer_contains, answer_exact, decode_answers, wild_judgements, wild_prompt
 
 __all__ = ["evaluate_records", "evaluation_work", "wild_evaluation", "wild_work",
            "true_fact_scores", "true_fact_work"]
@@ -155,8 +158,9 @@ def evaluate_records(model, tokenizer, records: Sequence[EditRecord],
     With ``wild=True`` also ``wild_es``, ``wild_gs``, ``wild_pt`` (normalized exact match),
     ``wild_es_contains``, ``wild_gs_contains``, ``wild_pt_contains``, ``wild_ls`` (against the
     reference's unedited answers, captured with ``wild=True``; without a reference against the
-    data set's locality answers), ``wild_ls_source`` and ``wild_examples`` (the first records'
-    questions and answers, to read).
+    data set's locality answers), ``wild_ls_contains`` (see the module docstring),
+    ``wild_ls_source`` and ``wild_examples`` (the first records' questions and answers, to
+    read).
     With ``known_paraphrases`` (``(rewrite prompt, paraphrase)`` pairs, e.g.
     :func:`true_fact_scores`' ``known_paraphrases``) also ``gs_known``: GS over those
     paraphrases only (records without one are left out; None when no record has one).
@@ -286,6 +290,12 @@ def wild_evaluation(model, tokenizer, records: Sequence[EditRecord],
     out["wild_ls"] = _per_record(
         records, lambda r: [(wild_prompt(lp.prompt, r.questions), lp.answer) for lp in r.locality
                             if ref is not None or lp.answer], same)
+    # the locality fact itself: named before (by the unedited model) and still named
+    kept = {(p, a): float(answer_contains(answers[p], a)) for p, a in loc_items
+            if a and (ref is None or answer_contains(ref.answers[p], a))}
+    out["wild_ls_contains"] = _per_record(
+        records, lambda r: [k for k in ((wild_prompt(lp.prompt, r.questions), lp.answer)
+                                        for lp in r.locality) if k in kept], kept)
     out["wild_examples"] = [
         {"prompt": wild_prompt(r.prompt, r.questions), "target": r.target,
          "answer": answers[wild_prompt(r.prompt, r.questions)]}
