@@ -9,10 +9,14 @@ records. The scores must agree (the same token ids at every batch size).
 
 ``--sweep 32,64,128,256`` instead times ``decode_answers`` alone at those batch sizes on the
 rewrite, paraphrase and locality prompts of the first records (``--prompts``, default 512),
-two rounds, and checks that every size gives the same token ids:
+two rounds, and checks that every size gives the same token ids; ``--edited N`` first edits
+the first N records with the preset (turns of 50) and decodes the WILD-style prompts of the
+first 300 records, one round:
 
     PYTHONPATH=python python experiments/wild_decode_batches.py --sweep 32,64,128,256 \\
         --json experiments/results/wild_decode_batches_sweep.json
+    PYTHONPATH=python python experiments/wild_decode_batches.py --sweep 32,256 --edited 100 \\
+        --json experiments/results/wild_decode_batches_edited.json
 """
 import argparse
 import gzip
@@ -39,12 +43,15 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sweep", help="comma-separated batch sizes of decode_answers alone")
     ap.add_argument("--prompts", type=int, default=512)
+    ap.add_argument("--edited", type=int, default=0,
+                    help="--sweep on the model after editing the first N records")
     ap.add_argument("--json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model, tok = load_model("default")
     if a.sweep:
-        return sweep(model, tok, [int(x) for x in a.sweep.split(",")], a.prompts, a.json)
+        return sweep(model, tok, [int(x) for x in a.sweep.split(",")], a.prompts, a.json,
+                     a.edited)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "records.jsonl")
         with gzip.open(RECORDS, "rt") as src, open(path, "w") as dst:
@@ -91,20 +98,35 @@ def main():
             json.dump(out, f, indent=1)
 
 
-def sweep(model, tok, sizes, n_prompts, json_path):
+def sweep(model, tok, sizes, n_prompts, json_path, edited=0):
+    from ultraedit import UltraEditor
     from ultraedit.eval import decode_answers
+    from ultraedit.eval.scores import _wild_prompts
 
-    prompts = []
-    with gzip.open(RECORDS, "rt") as src:
-        for line in src:
-            r = json.loads(line)
-            prompts += [r["prompt"], *r["paraphrases"], *(lp["prompt"] for lp in r["locality"])]
-            if len(prompts) >= n_prompts:
-                break
-    prompts = prompts[:n_prompts]
+    if edited:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "records.jsonl")
+            with gzip.open(RECORDS, "rt") as src, open(path, "w") as dst:
+                for _, line in zip(range(max(300, edited)), src):
+                    dst.write(line)
+            records = load_records(path, "records")
+        editor = UltraEditor(model, tok)
+        for start in range(0, edited, 50):
+            editor.edit([r.as_request() for r in records[start:min(edited, start + 50)]])
+        prompts = _wild_prompts(records[:300], object())   # every WILD prompt, locality too
+    else:
+        prompts = []
+        with gzip.open(RECORDS, "rt") as src:
+            for line in src:
+                r = json.loads(line)
+                prompts += [r["prompt"], *r["paraphrases"],
+                            *(lp["prompt"] for lp in r["locality"])]
+                if len(prompts) >= n_prompts:
+                    break
+        prompts = prompts[:n_prompts]
     times = {str(b): [] for b in sizes}
     first, same = None, True
-    for r in range(2):
+    for r in range(1 if edited else 2):
         for b in (sizes if r % 2 == 0 else sizes[::-1]):
             t0 = time.perf_counter()
             _, ids = decode_answers(model, tok, prompts, batch_size=b, return_ids=True)
@@ -113,7 +135,7 @@ def sweep(model, tok, sizes, n_prompts, json_path):
             same = same and ids == first
             print(f"round {r} batch {b}: {times[str(b)][-1]:.1f} s", flush=True)
     out = {"command": "experiments/wild_decode_batches.py --sweep", "prompts": len(prompts),
-           "times_s": times, "same_ids": same}
+           "edited": edited, "times_s": times, "same_ids": same}
     print(json.dumps(out))
     if json_path:
         with open(json_path, "w") as f:
