@@ -10,7 +10,7 @@ def _factors(n=19, d_in=31, d_out=23, seed=0):
     return torch.randn(n, d_in, generator=g) * 4, torch.randn(n, d_out, generator=g) * 1e-3
 
 
-@pytest.mark.parametrize("rows", [19, 1], ids=["rows19", "one_row"])   # one row: addr_ on the CPU
+@pytest.mark.parametrize("rows", [19, 1], ids=["rows19", "one_row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_linear_and_conv1d_layouts(dtype, rows):
     keys, factors = _factors(n=rows)

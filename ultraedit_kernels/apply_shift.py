@@ -5,8 +5,7 @@ Formula (``K`` keys N x d_in, ``A`` factors N x d_out)::
     nn.Linear  (weight d_out x d_in):  W += Aᵀ K        (= ΔWᵀ)
     GPT-2 Conv1D (weight d_in x d_out): W += Kᵀ A        (= ΔW)
 
-No dense float32 ΔW is materialized for float32/float64 weights (one in-place ``addmm_``; a
-single row on the CPU: ``addr_``).
+No dense float32 ΔW is materialized for float32/float64 weights (one in-place ``addmm_``).
 bf16/fp16 weights are updated in row blocks: each block is computed in float32 and
 rounded once, so the temporary is at most ``_BLOCK_BYTES``.
 
@@ -32,7 +31,6 @@ from ._validation import check_finite, check_float_matrix, serial
 OP = "apply_shift"
 LAYOUTS = ("linear", "conv1d")
 _BLOCK_BYTES = 64 << 20
-_ADDR_MIN = 1 << 19   # weights from this many elements take addr_ for a single row
 
 
 def apply_shift_reference(weight: torch.Tensor, keys: torch.Tensor, factors: torch.Tensor,
@@ -42,14 +40,10 @@ def apply_shift_reference(weight: torch.Tensor, keys: torch.Tensor, factors: tor
     a = factors if factors.dtype == compute else factors.to(compute)
     left, right = (a.T, k) if linear else (k.T, a)   # W += left @ right
     if weight.dtype == compute:
-        if k.shape[0] == 1 and weight.is_cpu and weight.numel() >= _ADDR_MIN:
-            # one outer product: addr_ streams the weight 1.1-1.3x faster than addmm_ with an
-            # inner dimension of 1 (2-core EPYC, 576 x 1536 to 14336 x 4096), and 1.1-1.6x
-            # slower below ~500k elements; it rounds w + a*k without a fused multiply-add, a
-            # last-bit difference from addmm_
-            weight.addr_(left[:, 0], right[0])
-        else:
-            weight.addmm_(left, right)
+        # one addmm_, a single row too: an outer product (addr_) measured 1.1-1.3x faster than
+        # it on a Zen 4 EPYC but 1.16-1.28x slower on an Intel Xeon (the same torch build, 7B
+        # shapes), so the plain call is the one that is never slower
+        weight.addmm_(left, right)
         return
     rows_per_block = max(1, _BLOCK_BYTES // (4 * weight.shape[1]))
     for start in range(0, weight.shape[0], rows_per_block):
