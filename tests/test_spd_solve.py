@@ -48,6 +48,22 @@ def _check_against_torch(a, b, x, info):
     assert_within(x, ref64, "spd_solve", a.dtype, plain=ref_same)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("k", [1, 7, 4096])
+def test_reference_one_by_one_system(dtype, k):
+    """A 1 x 1 system is one division in the reference; its info is cholesky_ex's."""
+    from ultraedit_kernels.spd_solve import spd_solve_reference
+
+    a, b = _spd(1, k, (), dtype)
+    x, info = spd_solve_reference(a, b)
+    assert x.is_contiguous()
+    _check_against_torch(a, b, x, info)
+    for bad in (-1.0, 0.0, float("nan")):
+        got = spd_solve_reference(torch.tensor([[bad]], dtype=dtype), b)[1]
+        assert got.dtype == torch.int32 and got.shape == ()
+        assert int(got) == int(torch.linalg.cholesky_ex(torch.tensor([[bad]], dtype=dtype))[1])
+
+
 @pytest.fixture(params=["native", "aten"])
 def host_gemm(request):
     if HOST_REASON is not None:
