@@ -30,7 +30,8 @@ import _common  # noqa: F401  (the repository on sys.path)
 import torch
 
 from ultraedit.data import load_records
-from ultraedit.eval import locality_reference, true_fact_scores, wild_evaluation
+from ultraedit.eval import (decode_batch_size, locality_reference, true_fact_scores,
+                            wild_evaluation)
 from ultraedit.models import load_model
 
 RECORDS = os.path.join(_common.ROOT, "experiments", "results", "run_offline_records.jsonl.gz")
@@ -85,12 +86,10 @@ def main():
     paired = [a32 / auto for a32, auto in zip(total["32"], total["auto"])]
     wild_paired = [x["wild_s"] / y["wild_s"] for x, y in zip(times["32"], times["auto"])]
     out = {"command": "experiments/wild_decode_batches.py", "records": a.records,
-           "threads": a.threads, "auto_rows": None, "times_s": times,
+           "threads": a.threads, "auto_rows": decode_batch_size(model, 30), "times_s": times,
            "total_median_s": {k: statistics.median(v) for k, v in total.items()},
            "speed_paired_total": paired, "speed_paired_wild": wild_paired,
            "scores_equal": scores["32"] == scores["auto"], "scores": scores["auto"]}
-    from ultraedit.eval import decode_batch_size
-    out["auto_rows"] = decode_batch_size(model, 30)
     print(f"total {statistics.median(paired):.2f}x, WILD-style evaluation "
           f"{statistics.median(wild_paired):.2f}x faster; scores equal: {out['scores_equal']}")
     if a.json:

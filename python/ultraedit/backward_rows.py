@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LinearRowsBackward", "MaskRows", "backward_span"]
+__all__ = ["LinearRowsBackward", "MaskRows", "backward_span", "switchable"]
 
 
 def backward_span(captured: torch.Tensor, loss: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -101,6 +101,14 @@ class _LinearRows(torch.autograd.Function):
         return grad_in.view(ctx.x_shape), None, None, None, None
 
 
+def switchable(module: nn.Module, exclude: Tuple[nn.Module, ...] = ()) -> bool:
+    """Whether a capture switches ``module`` (:class:`LinearRowsBackward`, and with it the
+    low-precision products of ``ultraedit.low_precision``): a plain ``nn.Linear`` whose forward
+    no other library wrapped, not in ``exclude``."""
+    return (type(module) is nn.Linear and "forward" not in module.__dict__
+            and not any(module is m for m in exclude))
+
+
 class LinearRowsBackward:
     """Context manager: the model's plain ``nn.Linear`` modules (but ``exclude``) back-propagate
     only the rows of :meth:`set_span`'s positions. Restores every module on exit, also when an
@@ -116,9 +124,7 @@ class LinearRowsBackward:
     def __enter__(self) -> "LinearRowsBackward":
         try:
             for module in self.model.modules():
-                if (type(module) is nn.Linear and "forward" not in module.__dict__
-                        and not any(module is m for m in self.exclude)
-                        and module.weight.device.type != "meta"):
+                if switchable(module, self.exclude) and module.weight.device.type != "meta":
                     module.forward = self._forward_of(module)
                     self._switched.append(module)
         except BaseException:

@@ -528,12 +528,13 @@ def _low_precision_bytes(model, edited: Sequence[str], dname: str, matmul_dtype:
     per-call cast; ``(0, 0)`` otherwise."""
     if matmul_dtype != "bfloat16" or dname != "float32":
         return 0, 0
-    import torch
+    from .backward_rows import switchable
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     edited = set(edited)
     copies, cast = 0, 0
     for name, module in model.named_modules():
-        if type(module) is not torch.nn.Linear or module is head:
+        if not switchable(module, (head,) if head is not None else ()):
             continue
         numel = module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
         if name in edited:

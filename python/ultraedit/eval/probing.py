@@ -260,15 +260,7 @@ def greedy_continuations(model, tokenizer, prompt_ids: Sequence[Sequence[int]],
                         keep.append(r)
                 if not keep:
                     break
-                if len(keep) < sum(b is not None for b in live):   # rows that are done leave
-                    sel = torch.tensor(keep, device=device)
-                    selected = _select_rows(cache, sel)
-                    if selected is not None:
-                        cache, live = selected, [live[r] for r in keep]
-                        nxt, att, pos = nxt[sel], att[sel], pos[sel]
-                    else:
-                        kept = set(keep)
-                        live = [b if r in kept else None for r, b in enumerate(live)]
+                cache, live, (nxt, att, pos) = _keep_rows(cache, live, keep, device, nxt, att, pos)
                 att = torch.cat([att, att.new_ones((att.shape[0], 1))], dim=1)
                 pos = pos[:, -1:] + 1
                 res = net(input_ids=nxt[:, None], attention_mask=att, position_ids=pos,
@@ -314,6 +306,20 @@ def _cache_argument(model) -> str:
 
 def _cache_of(output):
     return output.cache if hasattr(output, "cache") else output.past_key_values
+
+
+def _keep_rows(cache, live: List[Optional[int]], keep: List[int], device, *tensors):
+    """The batch rows ``keep`` go on decoding, the others are done: ``(cache, live,
+    tensors)`` cut to those rows where the cache allows it (:func:`_select_rows`), else as they
+    were with the done rows' ``live`` entries None (still computed, ignored)."""
+    if len(keep) == len(live):
+        return cache, live, tensors
+    sel = torch.tensor(keep, device=device)
+    selected = _select_rows(cache, sel)
+    if selected is None:
+        kept = set(keep)
+        return cache, [b if r in kept else None for r, b in enumerate(live)], tensors
+    return selected, [live[r] for r in keep], tuple(t[sel] for t in tensors)
 
 
 def _select_rows(cache, keep: torch.Tensor):

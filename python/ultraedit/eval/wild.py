@@ -35,7 +35,7 @@ from typing import Iterable, List, Optional, Sequence, Set, Tuple
 import torch
 
 from ..tokenization import _pad_id, special_prefix
-from .probing import (Progress, _cache_of, _device, _eval, _prefill, _prompt_ids, _select_rows,
+from .probing import (Progress, _cache_of, _device, _eval, _keep_rows, _prefill, _prompt_ids,
                       _stepper, _tick, rows_per_batch)
 
 __all__ = ["QA_TEMPLATE", "STOP_STRINGS", "MAX_NEW_TOKENS", "normalize_answer", "answer_exact",
@@ -187,13 +187,8 @@ def decode_answers(model, tokenizer, prompts: Sequence[str],
                         keep.append(r)
                 if not keep or step == max_new_tokens - 1:
                     break
-                if len(keep) < len(rows_now):   # drop the stopped rows from the batch
-                    selected = _select_rows(cache, torch.tensor(keep, device=device))
-                    if selected is not None:
-                        cache = selected
-                        sel = torch.tensor(keep, device=device)
-                        nxt, att, pos = nxt[sel], att[sel], pos[sel]
-                        rows_now = [rows_now[r] for r in keep]
+                cache, rows_now, (nxt, att, pos) = _keep_rows(cache, rows_now, keep, device, nxt,
+                                                              att, pos)
                 att = torch.cat([att, att.new_ones((att.shape[0], 1))], dim=1)
                 pos = pos[:, -1:] + 1
                 res = net(input_ids=nxt[:, None], attention_mask=att, position_ids=pos,
