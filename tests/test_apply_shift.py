@@ -1,8 +1,21 @@
+"""``apply_shift_`` against float64, through both of its entries: the extension's ``add_shift``
+(the common case, one native call) and the Python checks and dispatch (what runs without the
+extension, and for every argument the native entry declines)."""
 import pytest
 import torch
 
-from ultraedit_kernels import apply_shift_, layout_of
+from ultraedit_kernels import _extension, apply_shift_, layout_of
+from ultraedit_kernels import apply_shift as apply_module
 from tolerances import TOLERANCES, rel_err
+
+
+@pytest.fixture(autouse=True, params=["host_entry", "python"])
+def entry(request, monkeypatch):
+    if request.param == "python":
+        monkeypatch.setattr(apply_module, "_host_add_shift", None)
+    elif _extension.unavailable_reason("cpu") is not None:
+        pytest.skip(f"host build not available: {_extension.unavailable_reason('cpu')}")
+    return request.param
 
 
 def _factors(n=19, d_in=31, d_out=23, seed=0):
