@@ -1,11 +1,13 @@
 """The PyTorch reference of ``gram``: the blocked (lower tiles only) product, the mirrored small
 product and the 1 x 1 case, against float64 and against the plain float32 product."""
+import json
 import sys
 
 import pytest
 import torch
 
 import ultraedit_kernels as uk
+from ultraedit_kernels import calibration
 from fp64_reference import gram_references, realistic_features
 from tolerances import bound, rel_err
 
@@ -20,6 +22,21 @@ def block_small_products(monkeypatch):
     monkeypatch.setattr(gram_mod, "_BLOCK_MIN_DEPTH", 0)
     monkeypatch.setattr(gram_mod, "_SLAB_ALIGN", 16)
     monkeypatch.setattr(gram_mod, "_SLAB_PLAN", ((8, 4),))
+    monkeypatch.setattr(gram_mod, "_SLAB_MIN_ROWS", 0)
+    monkeypatch.setattr(gram_mod, "_MEASURED_MAX_ROWS", 0)   # the fixed plan at every size
+
+
+def measured_plan(tmp_path, monkeypatch, slabs):
+    """Use a calibration file whose gram slab plan has ``slabs[(m, d)]`` slabs at those grid
+    points (one GEMM at the others)."""
+    points = [{"point": [m, d], "slabs": slabs.get((m, d), 1)}
+              for m in gram_mod.SLAB_GRID["m"] for d in gram_mod.SLAB_GRID["d"]]
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"format": calibration.FORMAT, "device": "cpu", "ops": {},
+                                "plans": {"gram_slabs": {"grid": gram_mod.SLAB_GRID,
+                                                         "points": points}}}))
+    monkeypatch.setenv(calibration.ENV_VAR, str(path))
+    calibration.reset()
 
 
 @pytest.fixture
@@ -68,23 +85,83 @@ def threads():
 
 
 def test_blocking_rule(threads):
+    """Without a calibration (the suite's ULTRAEDIT_CALIBRATION=off): one GEMM below 640 rows,
+    the fixed plan from there."""
     cpu = torch.device("cpu")
     threads(1)
     assert gram_mod.gram_blocks(50, 1536, cpu) == 1            # small: one GEMM
     assert gram_mod.gram_blocks(128, 576, cpu) == 1            # little work: one GEMM
-    assert gram_mod.gram_blocks(128, 1536, cpu) == 1
     assert gram_mod.gram_blocks(1536, 150, cpu) == 1           # short reduction: one GEMM
-    assert gram_mod.gram_blocks(1536, 300, cpu) == 6
-    assert gram_mod.gram_blocks(100, 4096, cpu) == 2
-    assert gram_mod.gram_blocks(400, 4096, cpu) == 4
+    assert gram_mod.gram_blocks(100, 4096, cpu) == 1           # not measured: one GEMM
+    assert gram_mod.gram_blocks(400, 4096, cpu) == 1
+    assert gram_mod.gram_blocks(1536, 300, cpu) == 6           # the fixed plan
+    assert gram_mod.gram_blocks(700, 4096, cpu) == 4
     assert gram_mod.gram_blocks(1000, 4096, cpu) == 6
     assert gram_mod.gram_blocks(2000, 14336, cpu) == 8
     assert gram_mod.gram_blocks(2000, 14336, torch.device("meta")) == 1   # CPU only
     threads(2)   # the plan read at m / 2 rows, above a larger work threshold
-    assert gram_mod.gram_blocks(100, 4096, cpu) == 1
-    assert gram_mod.gram_blocks(300, 1536, cpu) == 1
-    assert gram_mod.gram_blocks(400, 4096, cpu) == 3
+    assert gram_mod.gram_blocks(700, 4096, cpu) == 4
+    assert gram_mod.gram_blocks(700, 400, cpu) == 1
     assert gram_mod.gram_blocks(2000, 14336, cpu) == 6
+
+
+def test_below_640_rows_the_slabs_are_the_machines_measurement(tmp_path, monkeypatch, threads):
+    """The nearest measured grid point (in log) decides, at most one slab per 32 rows; float32
+    CPU products only; the decision follows a change of calibration."""
+    threads(1)
+    cpu = torch.device("cpu")
+    measured_plan(tmp_path, monkeypatch, {(384, 4096): 2, (512, 1536): 4, (100, 4096): 4,
+                                          (128, 576): 2})
+    assert gram_mod.gram_blocks(400, 4096, cpu) == 2
+    assert gram_mod.gram_blocks(400, 14336, cpu) == 2           # past the grid's d: its edge
+    assert gram_mod.gram_blocks(500, 1536, cpu) == 4
+    assert gram_mod.gram_blocks(256, 4096, cpu) == 1
+    assert gram_mod.gram_blocks(100, 4096, cpu) == 3            # 100 // 32
+    assert gram_mod.gram_blocks(128, 576, cpu) == 1             # too little work to measure
+    assert gram_mod.gram_blocks(400, 4096, cpu, torch.float64) == 1
+    assert gram_mod.gram_blocks(1000, 4096, cpu) == 6           # the fixed plan from 640 rows
+    keys, _ = realistic_features(400, 4096, 1, seed=2)
+    got = uk.gram(keys, 0.5)
+    assert torch.equal(got.tril(-1), _slab_tiles(keys, 2).tril(-1))
+    monkeypatch.setenv(calibration.ENV_VAR, "off")
+    assert gram_mod.gram_blocks(400, 4096, cpu) == 1
+
+
+def test_the_slab_plan_is_measured_once_and_cached(tmp_path, monkeypatch, threads):
+    """``auto``: the first product that needs the plan measures it (here a stand-in
+    measurement), writes it to the machine's calibration file, and a new process reads it."""
+    threads(1)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv(calibration.ENV_VAR, "auto")
+    calibration.reset()
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return {"points": [{"point": [384, 4096], "slabs": 3}]}
+
+    monkeypatch.setitem(calibration._PLANS, "gram_slabs", ("cpu", gram_mod.SLAB_GRID, measure))
+    cpu = torch.device("cpu")
+    assert gram_mod.gram_blocks(400, 4096, cpu) == 3
+    assert gram_mod.gram_blocks(300, 1536, cpu) == 3 and len(calls) == 1
+    saved = json.loads(open(calibration.cache_path(cpu)).read())
+    assert saved["plans"]["gram_slabs"]["grid"] == gram_mod.SLAB_GRID
+    calibration.reset()   # as a new process: read from the file, not measured again
+    assert gram_mod.gram_blocks(400, 4096, cpu) == 3 and len(calls) == 1
+    assert calibration.describe(cpu)["plans"]["gram_slabs"]["points"][0]["slabs"] == 3
+
+
+def test_the_slab_measurement_times_every_grid_point(monkeypatch):
+    """The real measurement on a reduced grid: one GEMM against each slab count that fits."""
+    monkeypatch.setattr(gram_mod, "SLAB_GRID", {"m": [100, 128], "d": [300], "slabs": [2, 4]})
+    monkeypatch.setattr(calibration, "ROUNDS", 2)
+    plan = gram_mod._measure_slab_plan()
+    assert [p["point"] for p in plan["points"]] == [[100, 300], [128, 300]]
+    assert set(plan["points"][0]["vs_one_gemm"]) == {"2"}          # 4 slabs need 128 rows
+    assert set(plan["points"][1]["vs_one_gemm"]) == {"2", "4"}
+    for p in plan["points"]:
+        best = min(p["vs_one_gemm"].values())
+        assert p["slabs"] == 1 or p["vs_one_gemm"][str(p["slabs"])] == best < 0.95
 
 
 @pytest.mark.parametrize("m, blocks", [(100, 2), (191, 2), (192, 3), (319, 3), (400, 4),
@@ -143,16 +220,17 @@ def _slab_tiles(x, blocks):
 
 
 @pytest.mark.parametrize("m, d", [(100, 3100), (200, 800), (333, 500), (900, 300)])
-def test_default_slabs_are_the_tile_products_mirrored(m, d, threads):
-    """The shipped plan (one thread: 2, 3, 4 and 6 slabs of >= 32 aligned rows here): below the
-    diagonal the tiles' own products bit for bit, mirrored above it, and within the Gram's
+def test_slabs_are_the_tile_products_mirrored(m, d, threads, tmp_path, monkeypatch):
+    """2, 3 and 4 measured slabs and the fixed plan's 6 (one thread, >= 32 aligned rows): below
+    the diagonal the tiles' own products bit for bit, mirrored above it, and within the Gram's
     tolerance of float64. (Whether a tile rounds like the one product ``X @ Xᵀ`` is the BLAS's
     choice: MKL's did at every shape measured on an AMD Zen 4, not from 3 slabs of d >= 800 on
     an Intel Xeon, a last-bit difference.)"""
     threads(1)
+    measured_plan(tmp_path, monkeypatch, {(100, 4096): 2, (192, 576): 3, (320, 576): 4})
     keys, _ = realistic_features(m, d, 1, seed=m + d)
     blocks = gram_mod.gram_blocks(m, d, keys.device)
-    assert blocks > 1
+    assert blocks == {100: 2, 200: 3, 333: 4, 900: 6}[m]
     got = uk.gram(keys, 0.3)
     ref, plain = gram_references(keys, 0.3, True)
     tiles = _slab_tiles(keys, blocks)

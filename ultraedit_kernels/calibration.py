@@ -55,8 +55,9 @@ _log = logging.getLogger("ultraedit_kernels")
 
 ENV_VAR = "ULTRAEDIT_CALIBRATION"
 FORMAT = 1
-REFERENCES = 2      # revision of the references every backend is timed against: a faster
-                    # reference (gram's aligned slabs) invalidates the ratios measured before it
+REFERENCES = 3      # revision of the references every backend is timed against: a faster
+                    # reference (gram's aligned slabs, then its slabs chosen by measurement:
+                    # reference_plan) invalidates the ratios measured before it
 ROUNDS = 4          # timed rounds per backend and grid point (after one warm-up); even, and the
                     # order alternates (A B, B A): on the 2-core machine some calls alternate slow /
                     # fast by their position in the call sequence, which a fixed order over an odd
@@ -325,9 +326,11 @@ def current(device: torch.device) -> Optional[dict]:
 
 def reset() -> None:
     """Forget the calibrations loaded in this process (tests; after changing the variable)."""
+    global generation
     _loaded.clear()
     _refreshed.clear()
     _decisions.clear()
+    generation += 1
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -366,32 +369,18 @@ def measure_point(op: str, cls: str, point: Sequence[int], device: torch.device,
     names = [b for b in names if b not in rejected]
     # a short call is timed as a loop of calls per round (at least ROUND_S long for the
     # reference): single sub-millisecond calls on a loaded machine are mostly scheduler noise
-    _sync(device)
-    start = time.perf_counter()
-    impls["torch"].fn(*args)
-    _sync(device)
-    once = time.perf_counter() - start
-    loops = max(1, min(MAX_LOOPS, int(ROUND_S / max(once, 1e-7))))
-
-    def timed(n_rounds):
-        for r in range(n_rounds + n_rounds % 2):
-            for b in (names if r % 2 == 0 else names[::-1]):
-                _sync(device)
-                start = time.perf_counter()
-                for _ in range(loops):
-                    impls[b].fn(*args)
-                _sync(device)
-                times[b].append((time.perf_counter() - start) / loops)
+    calls = {b: (lambda fn=impls[b].fn: fn(*args)) for b in names}
+    loops = loops_per_round(calls["torch"], device)
 
     def paired_ratios():
         # per backend, the median over pairs of rounds (A B, B A) of its time over the
         # reference's within the pair: a burst of load that hits a pair hits both sides
         return {b: statistics.median(pair_ratios(times, "torch", b)) for b in names[1:]}
 
-    timed(rounds)
+    time_alternating(calls, times, loops, rounds, device)
     ratios = paired_ratios()
     if near_threshold({"torch": 1.0, **ratios}):
-        timed(EXTRA_ROUNDS)
+        time_alternating(calls, times, loops, EXTRA_ROUNDS, device)
         ratios = paired_ratios()
     seconds = {b: statistics.median(times[b]) for b in names}
     out: Dict[str, object] = {"point": list(point), "seconds": seconds, "ratios": ratios,
@@ -399,6 +388,33 @@ def measure_point(op: str, cls: str, point: Sequence[int], device: torch.device,
     if rejected:
         out["rejected"] = rejected
     return out
+
+
+def loops_per_round(fn, device: torch.device) -> int:
+    """Calls per timed round: a short call is timed as a loop at least ``ROUND_S`` long (single
+    sub-millisecond calls on a loaded machine are mostly scheduler noise)."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    once = time.perf_counter() - start
+    return max(1, min(MAX_LOOPS, int(ROUND_S / max(once, 1e-7))))
+
+
+def time_alternating(calls: Dict[str, object], times: Dict[str, List[float]], loops: int,
+                     rounds: int, device: torch.device) -> None:
+    """Append to ``times[name]`` the per-call seconds of ``rounds`` (rounded up to even) rounds
+    of every call, in the order of ``calls`` and reversed in every other round."""
+    names = list(calls)
+    for r in range(rounds + rounds % 2):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            fn = calls[name]
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(loops):
+                fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) / loops)
 
 
 def pair_ratios(times: Dict[str, List[float]], fast: str, slow: str) -> List[float]:
@@ -456,10 +472,17 @@ def calibrate(device: torch.device, ops: Optional[Sequence[str]] = None,
               classes: Optional[Sequence[str]] = None) -> dict:
     """Measure every graded op that has a native backend on ``device`` (or ``ops``, and of
     those only the shape ``classes`` given); cache and return the calibration."""
+    global generation
     from . import _backends
     device = torch.device(device)
     data = _loaded.get(device.type) or _read(cache_path(device)) or {
         "format": FORMAT, "device": device.type, "machine": machine_key(device), "ops": {}}
+    _loaded[device.type] = data   # a plan measured during the ops' timing lands in it
+    _refreshed.add(device.type)
+    if ops is None:   # the references' plans first: the backends are timed against them
+        for name, (device_type, _grid, _measure) in _PLANS.items():
+            if device_type == device.type:
+                _measure_plan(name, device, data, save=False)
     for op in ops or [o for o in GRIDS if o in _backends.registered_ops()]:
         names = _candidates(op, device)
         if not names:
@@ -476,12 +499,70 @@ def calibrate(device: torch.device, ops: Optional[Sequence[str]] = None,
         entry["load"] = _peak_load(load)
         _note_load(f"the {op} calibration", entry["load"])
         data["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    _loaded[device.type] = data
-    _refreshed.add(device.type)
     _decisions.clear()
+    generation += 1
     if save:
         _write(cache_path(device), data)
     return data
+
+
+# ------------------------------------------------------------------------------ reference plans
+# A reference's own machine-dependent choice (gram's CPU row slabs: how many, from how many
+# rows), measured once per machine like the backends and cached in the same file, under
+# "plans".  The op that owns the choice registers a measuring function returning a JSON-able
+# dict that includes the "grid" it measured; a cached plan of another grid is measured again.
+_PLANS: Dict[str, Tuple[str, object, object]] = {}   # name -> (device type, grid, measure())
+generation = 0   # counts the calibrations' changes in this process: a key for callers' memos
+
+
+def register_plan(name: str, device_type: str, grid, measure) -> None:
+    """Declare the plan ``name`` of ``device_type``: ``measure()`` times it on ``grid``."""
+    _PLANS[name] = (device_type, grid, measure)
+
+
+def reference_plan(name: str, device: torch.device) -> Optional[dict]:
+    """The measured plan ``name`` for ``device``: from the calibration in use, measured now
+    (``auto``, ``refresh``: once per machine, logged, cached) when it has none for the
+    registered grid; ``None`` with ``off`` or a fixture without it (the owner's default)."""
+    _device_type, grid, _measure = _PLANS[name]
+    m = mode()
+    if m == "off":
+        return None
+    data = current(device)
+    plan = (data or {}).get("plans", {}).get(name)
+    if plan is not None and plan.get("grid") == _as_json(grid):
+        return plan
+    if m not in ("auto", "refresh", ""):
+        return None
+    if data is None:
+        data = {"format": FORMAT, "device": device.type, "machine": machine_key(device), "ops": {}}
+        _loaded[device.type] = data
+        _refreshed.add(device.type)
+    _log.info("calibrating %s on %s (once per machine; %s=off disables)", name, device.type,
+              ENV_VAR)
+    return _measure_plan(name, device, data)
+
+
+def _measure_plan(name: str, device: torch.device, data: dict, save: bool = True) -> dict:
+    """Measure the plan ``name`` into the calibration ``data`` (the one in use); cache it."""
+    global generation
+    _device_type, grid, measure = _PLANS[name]
+    start, load = time.perf_counter(), load_average()
+    plan = dict(measure())
+    plan.update(grid=_as_json(grid), calibration_s=round(time.perf_counter() - start, 2),
+                load=_peak_load(load))
+    _note_load(f"the {name} plan", plan["load"])
+    data.setdefault("plans", {})[name] = plan
+    data["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    _decisions.clear()
+    generation += 1
+    if save:
+        _write(cache_path(device), data)
+    return plan
+
+
+def _as_json(value):
+    return json.loads(json.dumps(value))
 
 
 # ------------------------------------------------------------------------------ deciding
@@ -694,6 +775,8 @@ def describe(device: torch.device) -> Dict[str, object]:
             ops[op]["beyond"] = {cls: [_described(op, cls, p) for p in points]
                                  for cls, points in entry["beyond"].items()}
     out["ops"] = ops
+    if data.get("plans"):
+        out["plans"] = data["plans"]
     return out
 
 

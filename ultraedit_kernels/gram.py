@@ -17,11 +17,13 @@ Equivalent PyTorch::
 """
 from __future__ import annotations
 
+import math
+import statistics
 from typing import Dict, List, Optional
 
 import torch
 
-from . import _backends, _extension
+from . import _backends, _extension, calibration
 from ._validation import check_float_matrix, check_ridge
 
 OP = "gram"
@@ -85,13 +87,18 @@ def _mirrored(g: torch.Tensor) -> torch.Tensor:
 # tiles are the transposed copies.  The slab edges fall on multiples of 32 rows: MKL's kernels
 # run the tiles of aligned slabs 1.1-1.4x faster than the same split at unaligned edges (e.g.
 # three slabs of 42-43 rows took 1.4x the one product at m = 128, aligned ones 0.95x).
-# Measured on the 2-core EPYC (one thread, alternating rounds, experiments/gram_slabs.py):
-# against one GEMM, 2 slabs 1.03-1.12x at m = 100-160 of d >= 4096 (0.94-0.98x at 100-128 rows
-# of 1536: below 3e7 multiply-adds one product is faster, the smaller GEMMs lose efficiency),
-# 3-4 slabs 1.0-1.35x at m = 192-512, 6-8 slabs 1.6-2x at m = 1000-2000.  Every element is the
-# same dot product as in the whole product; whether the BLAS accumulates a tile's alike is its
-# choice: on the EPYC (MKL) slabs of >= 32 rows gave the lower triangle of ``X @ Xᵀ`` bit for bit
-# (m = 100-2000, d = 160-14336, one and two threads), on an Intel Xeon (the same torch build)
+# Whether slabs pay below ~600 rows depends on the CPU (experiments/gram_slabs.py, one thread,
+# alternating rounds, the same torch build): on a 2-core AMD EPYC (Zen 4) 2 slabs took
+# 0.89-0.97 of one GEMM's time at m = 100-160 of d >= 4096 and 3-4 slabs 0.74-1.0 at 192-512;
+# on a 2-core Intel Xeon the same plan took 1.04-1.25x one GEMM's time up to 320 rows, and only
+# 2 slabs paid there, from ~256-384 rows.  So below _MEASURED_MAX_ROWS the slabs are this
+# machine's measurement (_measure_slab_plan, cached with the dispatch calibration): the count
+# measured >= 5% faster than one GEMM at the nearest grid point, else one GEMM, which is also
+# the choice with ULTRAEDIT_CALIBRATION=off.  From _MEASURED_MAX_ROWS up, _SLAB_PLAN: 4-8 slabs
+# measured 1.15-1.4x faster than one GEMM at 1,000-2,000 rows on both CPUs.
+# Every element is the same dot product as in the whole product; whether the BLAS accumulates a
+# tile's alike is its choice: on the EPYC (MKL) slabs of >= 32 rows gave the lower triangle of
+# ``X @ Xᵀ`` bit for bit (m = 100-2000, d = 160-14336, one and two threads), on the Intel Xeon
 # 3 or more slabs from d = 800 differed from it in the last bit of some elements.
 # One GEMM (below the blocking threshold) is what the plain composition computes; MKL's X Xᵀ
 # measured bit-symmetric for every m > 8 tried (m = 9-2000, d = 8-14336) but not for m <= 8
@@ -99,30 +106,40 @@ def _mirrored(g: torch.Tensor) -> torch.Tensor:
 # µs there; ~5 µs, 4% of the product, at m = 50, where it is left out).
 _MIRROR_MAX = 16
 _BLOCK_MIN_WORK = 3e7        # m * m * d below which one product is used (one thread)
-_BLOCK_MIN_WORK_THREADED = 2.5e8   # the same with more threads
+_BLOCK_MIN_WORK_THREADED = 2.5e8   # the same with more threads (from _MEASURED_MAX_ROWS)
 # ... and below this reduction length: tiles of a short reduction (the primal Gram Kᵀ K of few
 # rows) measured 0.6-0.89x one product at 64-150 rows, ~1.0x at 200, 1.04-1.18x at 300
 _BLOCK_MIN_DEPTH = 256
 _SLAB_ALIGN = 32             # slab edges fall on multiples of this many rows
 _SLAB_PLAN = ((1600, 8), (800, 6), (320, 4), (192, 3), (100, 2))   # (from m rows per thread,
 #                                                                      slabs); fewer: one GEMM
+_SLAB_MIN_ROWS = 100         # fewer rows: one GEMM, unmeasured
+_MEASURED_MAX_ROWS = 640     # from here _SLAB_PLAN; below, this machine's measurement
+SLAB_GRID = {"m": [100, 128, 192, 256, 320, 384, 512], "d": [576, 1536, 4096],
+             "slabs": [2, 3, 4]}   # what _measure_slab_plan times: one GEMM and these counts
+_SLAB_MARGIN = 0.05          # slabs must measure this much faster than one GEMM
 
 
 def gram_blocks(m: int, d: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
     """How many row slabs the product of an ``m x d`` matrix is computed in (1: one GEMM).
 
     float32 only: MKL's float64 product of X Xᵀ rounds differently from its tiles (measured at
-    every size tried), so float64 keeps the one GEMM and its exact plain-product bits."""
+    every size tried), so float64 keeps the one GEMM and its exact plain-product bits.  Below
+    640 rows the count is this machine's measurement (``ULTRAEDIT_CALIBRATION``; with ``off``,
+    one GEMM there)."""
     return _cpu_blocks(m, d, dtype) if device.type == "cpu" else 1
 
 
 def _cpu_blocks(m: int, d: int, dtype: torch.dtype) -> int:
-    if dtype != torch.float32 or d < _BLOCK_MIN_DEPTH or m * m * d < _BLOCK_MIN_WORK:
+    if (dtype != torch.float32 or d < _BLOCK_MIN_DEPTH or m * m * d < _BLOCK_MIN_WORK
+            or m < _SLAB_MIN_ROWS):
         return 1
+    threads = torch.get_num_threads()
+    if m < _MEASURED_MAX_ROWS:
+        return _measured_blocks(m, d, threads)
     # with t threads MKL splits each tile's product t ways: the plan is read at m / t rows,
     # above a larger threshold (2 threads: ~100-row slabs measured 0.87-0.97x one product,
     # 2 or 3 slabs of 150-300 rows below 2.5e8 multiply-adds 0.8-1.0x, above it 1.1-1.2x)
-    threads = torch.get_num_threads()
     if threads > 1 and m * m * d < _BLOCK_MIN_WORK_THREADED:
         return 1
     rows_per_thread = m // max(1, threads)
@@ -130,6 +147,64 @@ def _cpu_blocks(m: int, d: int, dtype: torch.dtype) -> int:
         if rows_per_thread >= rows:
             return max(1, min(blocks, m // _SLAB_ALIGN))
     return 1
+
+
+_calibration_env = _backends.env_reader(calibration.ENV_VAR)
+_MEASURED: Dict[tuple, int] = {}   # (m, d, threads, setting, calibration generation) -> slabs
+
+
+def _measured_blocks(m: int, d: int, threads: int) -> int:
+    """The slab count this machine's plan gives ``m x d`` (1 where none is measured)."""
+    key = (m, d, threads, _calibration_env(), calibration.generation)
+    blocks = _MEASURED.get(key)
+    if blocks is None:
+        plan = calibration.reference_plan("gram_slabs", torch.device("cpu"))
+        blocks = planned_blocks(plan, m, d) if plan is not None else 1
+        if len(_MEASURED) > 1024:
+            _MEASURED.clear()
+        _MEASURED[key] = blocks
+    return blocks
+
+
+def planned_blocks(plan: dict, m: int, d: int) -> int:
+    """The slab count of the grid point of ``plan`` nearest ``(m, d)`` (in log), at most one
+    slab per ``_SLAB_ALIGN`` rows."""
+    best, best_distance = 1, math.inf
+    for point in plan.get("points", ()):
+        pm, pd = point["point"]
+        distance = abs(math.log(m / pm)) + abs(math.log(d / pd))
+        if distance < best_distance:
+            best, best_distance = int(point.get("slabs", 1)), distance
+    return max(1, min(best, m // _SLAB_ALIGN))
+
+
+def _measure_slab_plan() -> dict:
+    """Time one GEMM and each slab count of :data:`SLAB_GRID` at every grid point (the
+    calibration's alternating rounds, on this process's threads); per point the count measured
+    at least ``_SLAB_MARGIN`` faster than one GEMM (the fastest such), else 1."""
+    from . import calibration as cal
+    cpu = torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    points = []
+    for m in SLAB_GRID["m"]:
+        for d in SLAB_GRID["d"]:
+            x = torch.randn(m, d, generator=gen)
+            calls = {"1": lambda x=x: _one_gemm(x, 1.0)}
+            for b in SLAB_GRID["slabs"]:
+                if b <= m // _SLAB_ALIGN:
+                    calls[str(b)] = lambda x=x, b=b: _slabbed(x, b, 1.0)
+            for fn in calls.values():   # warm-up
+                fn()
+            times = {name: [] for name in calls}
+            cal.time_alternating(calls, times, cal.loops_per_round(calls["1"], cpu), cal.ROUNDS,
+                                 cpu)
+            ratios = {name: statistics.median(cal.pair_ratios(times, "1", name))
+                      for name in calls if name != "1"}
+            fastest = min(ratios, key=ratios.get)
+            slabs = int(fastest) if ratios[fastest] < 1.0 - _SLAB_MARGIN else 1
+            points.append({"point": [m, d], "slabs": slabs,
+                           "vs_one_gemm": {k: round(v, 3) for k, v in ratios.items()}})
+    return {"points": points}
 
 
 def slab_edges(m: int, blocks: int) -> List[int]:
@@ -174,17 +249,26 @@ def gram_reference(x: torch.Tensor, ridge: float, rows: bool) -> torch.Tensor:
     m = xf.shape[0]
     if m == 1:   # 1 x 1: one addmm onto a cached [[λ]] (bit-identical to mm + add_, measured)
         return torch.addmm(_ridge_identity(1, ridge, xf.dtype, xf.device), xf, xf.T)
-    cpu = xf.is_cpu   # a tensor flag: device.type costs ~0.3 µs, a tenth of a small call's checks
-    blocks = _cpu_blocks(m, xf.shape[1], dtype) if cpu else 1
-    if blocks == 1 and m <= _EYE_MAX and dtype == torch.float32 and cpu:
-        g = torch.addmm(_ridge_identity(m, ridge, dtype, xf.device), xf, xf.T)
+    blocks = _cpu_blocks(m, xf.shape[1], dtype) if xf.is_cpu else 1
+    # (is_cpu: a tensor flag; device.type costs ~0.3 µs, a tenth of a small call's checks)
+    return _slabbed(xf, blocks, ridge) if blocks > 1 else _one_gemm(xf, ridge)
+
+
+def _one_gemm(xf: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``xf xfᵀ + λI`` as one product (``xf`` in its compute dtype)."""
+    m = xf.shape[0]
+    if m <= _EYE_MAX and xf.dtype == torch.float32 and xf.is_cpu:
+        g = torch.addmm(_ridge_identity(m, ridge, xf.dtype, xf.device), xf, xf.T)
         return _mirrored(g) if m <= _MIRROR_MAX else g
-    if blocks > 1:
-        g = _gram_blocked(xf, blocks)
-    else:
-        g = xf @ xf.T
-        if m <= _MIRROR_MAX:
-            g = _mirrored(g)
+    g = xf @ xf.T
+    if m <= _MIRROR_MAX:
+        g = _mirrored(g)
+    g.diagonal().add_(ridge)
+    return g
+
+
+def _slabbed(xf: torch.Tensor, blocks: int, ridge: float) -> torch.Tensor:
+    g = _gram_blocked(xf, blocks)
     g.diagonal().add_(ridge)
     return g
 
@@ -209,6 +293,7 @@ def _(x, ridge, rows):
 
 
 _backends.register_impl(OP, "torch", gram_reference)
+calibration.register_plan("gram_slabs", "cpu", SLAB_GRID, _measure_slab_plan)
 
 
 # --- compiled implementation (csrc/: torch.ops.ultraedit_C.gram, CPU) -------------------------

@@ -40,6 +40,10 @@ def collect() -> Dict[str, Any]:
     dispatch = {}
     for dev in devices:
         dispatch[dev] = _backends.dispatch_table(torch.device(dev))
+    native_entry = getattr(_extension.extension(), "add_shift", None) is not None
+    if native_entry and requested.strip().lower() in ("auto", "cpp", "") and "apply_shift" in \
+            dispatch["cpu"]:
+        dispatch["cpu"]["apply_shift"] += " (float32/float64: entered natively, add_shift)"
     return {
         "ultraedit_kernels": __version__,
         "python": platform.python_version(),
@@ -111,6 +115,10 @@ def _print_text(info: Dict[str, Any]) -> None:
                     + (f" (load {r['load']:.2f})" if "load" in r else "")
                     for r in rows)
                 print(f"    {cls:8s} {cells}")
+        for name, plan in cal.get("plans", {}).items():
+            print(f"  the reference's {name} (measured in {plan.get('calibration_s')} s): "
+                  + "  ".join(",".join(map(str, p["point"])) + f": {p.get('slabs')}"
+                              for p in plan.get("points", ())))
 
 
 def main(argv=None) -> int:
