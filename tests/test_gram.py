@@ -24,6 +24,7 @@ def block_small_products(monkeypatch):
     monkeypatch.setattr(gram_mod, "_SLAB_PLAN", ((8, 4),))
     monkeypatch.setattr(gram_mod, "_SLAB_MIN_ROWS", 0)
     monkeypatch.setattr(gram_mod, "_MEASURED_MAX_ROWS", 0)   # the fixed plan at every size
+    monkeypatch.setattr(gram_mod, "_ROUTES", {})   # no call decided under the shipped plan
 
 
 def measured_plan(tmp_path, monkeypatch, slabs):
@@ -110,12 +111,12 @@ def test_below_640_rows_the_slabs_are_the_machines_measurement(tmp_path, monkeyp
     CPU products only; the decision follows a change of calibration."""
     threads(1)
     cpu = torch.device("cpu")
-    measured_plan(tmp_path, monkeypatch, {(384, 4096): 2, (512, 1536): 4, (100, 4096): 4,
-                                          (128, 576): 2})
+    measured_plan(tmp_path, monkeypatch, {(400, 4096): 2, (500, 1536): 4, (100, 4096): 4,
+                                          (150, 576): 2})
     assert gram_mod.gram_blocks(400, 4096, cpu) == 2
     assert gram_mod.gram_blocks(400, 14336, cpu) == 2           # past the grid's d: its edge
-    assert gram_mod.gram_blocks(500, 1536, cpu) == 4
-    assert gram_mod.gram_blocks(256, 4096, cpu) == 1
+    assert gram_mod.gram_blocks(480, 1536, cpu) == 4
+    assert gram_mod.gram_blocks(256, 4096, cpu) == 1            # nearest: 300 x 4096
     assert gram_mod.gram_blocks(100, 4096, cpu) == 3            # 100 // 32
     assert gram_mod.gram_blocks(128, 576, cpu) == 1             # too little work to measure
     assert gram_mod.gram_blocks(400, 4096, cpu, torch.float64) == 1
@@ -227,7 +228,7 @@ def test_slabs_are_the_tile_products_mirrored(m, d, threads, tmp_path, monkeypat
     choice: MKL's did at every shape measured on an AMD Zen 4, not from 3 slabs of d >= 800 on
     an Intel Xeon, a last-bit difference.)"""
     threads(1)
-    measured_plan(tmp_path, monkeypatch, {(100, 4096): 2, (192, 576): 3, (320, 576): 4})
+    measured_plan(tmp_path, monkeypatch, {(100, 4096): 2, (200, 576): 3, (300, 576): 4})
     keys, _ = realistic_features(m, d, 1, seed=m + d)
     blocks = gram_mod.gram_blocks(m, d, keys.device)
     assert blocks == {100: 2, 200: 3, 333: 4, 900: 6}[m]
@@ -248,3 +249,28 @@ def test_default_slabs_of_the_primal_gram_are_the_tile_products_mirrored(threads
     tiles = _slab_tiles(keys.T, 6)   # the view the reference multiplies
     assert torch.equal(got, got.T) and torch.equal(got.tril(-1), tiles.tril(-1))
     assert rel_err(got, ref) <= bound("gram", torch.float32, rel_err(plain, ref))
+
+
+def test_a_call_like_an_earlier_one_takes_its_decided_route(monkeypatch):
+    """The second call of a shape skips the checks and the dispatch (its route), with the same
+    bits; a bad ridge is still refused, and a change of backend or calibration decides anew."""
+    monkeypatch.setattr(gram_mod, "_ROUTES", {})
+    keys, _ = realistic_features(37, 300, 1, seed=8)
+    first = uk.gram(keys, 0.5)
+    assert len(gram_mod._ROUTES) == 1
+    selected = []
+    real_select = gram_mod._backends.select
+    monkeypatch.setattr(gram_mod._backends, "select",
+                        lambda *a: selected.append(a[0]) or real_select(*a))
+    assert torch.equal(uk.gram(keys, 0.5), first) and selected == []
+    assert torch.equal(uk.gram(keys, 0.5, rows=False),
+                       gram_mod.gram_reference(keys, 0.5, False)) and selected == ["gram"]
+    for bad in (float("nan"), 0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="ridge"):
+            uk.gram(keys, bad)
+    monkeypatch.setenv("ULTRAEDIT_BACKEND", "torch")
+    uk.gram(keys, 0.5)
+    assert selected == ["gram", "gram"]
+    calibration.reset()
+    uk.gram(keys, 0.5)
+    assert selected == ["gram", "gram", "gram"]

@@ -43,6 +43,25 @@ def env_reader(name: str) -> Callable[[], object]:
 _backend_env = env_reader(ENV_VAR)
 
 
+class _EnvironView:
+    """``get(name)``: ``os.environ.get(name)`` (where ``os.environ`` keeps no ``_data`` dict)."""
+
+    @staticmethod
+    def get(name):
+        return os.environ.get(name)
+
+
+def environ_mapping(*names: str):
+    """``(mapping, key_1, ..., key_n)`` such that ``mapping.get(key_i)`` is the current raw value
+    of the environment variable ``names[i]`` (or ``None``): ``os.environ``'s own dict and the
+    encoded names where it has one (see :func:`env_reader`), else a view and the names."""
+    data = getattr(os.environ, "_data", None)
+    encode = getattr(os.environ, "encodekey", None)
+    if isinstance(data, dict) and callable(encode):
+        return (data,) + tuple(encode(n) for n in names)
+    return (_EnvironView,) + names
+
+
 @dataclass(frozen=True)
 class Impl:
     """One implementation of an op.

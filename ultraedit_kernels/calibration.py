@@ -673,6 +673,7 @@ def measure_beyond(data: dict, op: str, cls: str, point: Sequence[int], device: 
                    save: bool = True) -> dict:
     """Measure one :func:`beyond_point` of ``op`` on ``device``, add it to the calibration
     ``data`` (the one in use) and cache it; returns ``data``."""
+    global generation
     entry = data["ops"][op]
     start = time.perf_counter()
     load = load_average()
@@ -680,6 +681,7 @@ def measure_beyond(data: dict, op: str, cls: str, point: Sequence[int], device: 
     measured["load"] = _peak_load(load)
     _note_load(f"the {op} point {tuple(point)} past the grid", measured["load"])
     entry.setdefault("beyond", {}).setdefault(cls, []).append(measured)
+    generation += 1
     entry["calibration_s"] = round(entry.get("calibration_s", 0.0)
                                    + time.perf_counter() - start, 2)
     if save:
