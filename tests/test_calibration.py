@@ -204,6 +204,9 @@ def test_auto_dispatch_uses_the_calibration(fixture_grid, monkeypatch):
     monkeypatch.setenv(_backends.ENV_VAR, "auto")
     assert _backends.select("spd_solve", CPU, *_system(64, 300))[0] == "cpp"
     assert _backends.select("spd_solve", CPU, *_system(1024, 300))[0] == "torch"
+    # a single 1 x 1 system is the reference's one division, which no grid point measured
+    assert _backends.select("spd_solve", CPU, *_system(1, 300))[0] == "torch"
+    assert _backends.select("spd_solve", CPU, *_system(2, 300))[0] == "cpp"
 
 
 def test_off_means_the_reference(monkeypatch):

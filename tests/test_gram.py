@@ -274,3 +274,23 @@ def test_a_call_like_an_earlier_one_takes_its_decided_route(monkeypatch):
     calibration.reset()
     uk.gram(keys, 0.5)
     assert selected == ["gram", "gram", "gram"]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["gram_one", "python"])
+def test_the_one_gemm_route_is_the_plain_composition_bit_for_bit(native, monkeypatch):
+    """Past the cached λI's 256 rows a float32 product routed to one GEMM is ``X @ X.T`` plus
+    the ridge on its diagonal, with the extension's ``gram_one`` or without it."""
+    if not native:
+        monkeypatch.setattr(gram_mod._extension, "extension", lambda: None)
+    elif not hasattr(gram_mod._extension.extension(), "gram_one"):
+        pytest.skip("host build not available")
+    monkeypatch.setattr(gram_mod, "_ROUTES", {})
+    keys, _ = realistic_features(263, 71, 1, seed=13)
+    assert gram_mod.gram_blocks(263, 71, keys.device) == 1
+    for _ in range(2):   # deciding, then the route
+        got = uk.gram(keys, 0.25)
+        plain = keys @ keys.T
+        plain.diagonal().add_(0.25)
+        assert torch.equal(got, plain)
+    (_, fn), = gram_mod._ROUTES.values()
+    assert fn.__name__ == ("one_gemm_native" if native else "one_gemm")

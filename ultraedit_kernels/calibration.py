@@ -16,6 +16,9 @@ otherwise the reference (past the grid: :data:`BEYOND`).  Shape features per op:
 ``stats_update*``   n (rows), d (columns)
 ==================  =====================================================================
 
+A reference's own machine-dependent choice is measured and cached the same way, once per
+machine, under ``plans`` (:func:`reference_plan`): ``gram``'s CPU row slabs below 640 rows.
+
 Results are cached as JSON in ``$XDG_CACHE_HOME/ultraedit_kernels/`` (``~/.cache`` when unset),
 one file per machine key (CPU model and count, torch threads, torch / Triton versions, the
 extension's build, the GPU name, and a hash of the grids, so that a version measuring other

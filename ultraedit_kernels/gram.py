@@ -90,8 +90,8 @@ def _mirrored(g: torch.Tensor) -> torch.Tensor:
 # Whether slabs pay below ~600 rows depends on the CPU (experiments/gram_slabs.py, one thread,
 # alternating rounds, the same torch build): on a 2-core AMD EPYC (Zen 4) 2 slabs took
 # 0.89-0.97 of one GEMM's time at m = 100-160 of d >= 4096 and 3-4 slabs 0.74-1.0 at 192-512;
-# on a 2-core Intel Xeon the same plan took 1.04-1.25x one GEMM's time up to 320 rows, and only
-# 2 slabs paid there, from ~256-384 rows.  So below _MEASURED_MAX_ROWS the slabs are this
+# on a 2-core Intel Xeon the same plan took 1.04-1.25x one GEMM's time up to 320 rows, and
+# 2-3 slabs paid there only from ~300-400 rows.  So below _MEASURED_MAX_ROWS the slabs are this
 # machine's measurement (_measure_slab_plan, cached with the dispatch calibration): the count
 # measured >= 5% faster than one GEMM at the nearest grid point, else one GEMM, which is also
 # the choice with ULTRAEDIT_CALIBRATION=off.  From _MEASURED_MAX_ROWS up, _SLAB_PLAN: 4-8 slabs
@@ -184,7 +184,7 @@ def _measure_slab_plan() -> dict:
     """Time one GEMM and each slab count of :data:`SLAB_GRID` at every grid point (the
     calibration's alternating rounds, on this process's threads); per point the count measured
     at least ``_SLAB_MARGIN`` faster than one GEMM (the fastest such), else 1."""
-    from . import calibration as cal
+    cal = calibration
     cpu = torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
     points = []
@@ -340,6 +340,13 @@ def _reference_route(x: torch.Tensor, rows: bool):
                 eye = _ridge_identity(m, ridge, torch.float32, x.device)
             return torch.addmm(eye, x, x.T)
         return onto_ridge
+
+    module = _extension.extension()
+    host_one = getattr(module, "gram_one", None) if module is not None else None
+    if host_one is not None:   # the same two ATen calls made from C++ (csrc/ops.cpp)
+        def one_gemm_native(x, ridge, rows):
+            return host_one(x, ridge)
+        return one_gemm_native
 
     def one_gemm(x, ridge, rows):
         g = x @ x.T
