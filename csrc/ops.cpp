@@ -295,16 +295,17 @@ bool add_shift(at::Tensor weight, const at::Tensor& keys, const at::Tensor& fact
   return true;
 }
 
-// gram_one(x, ridge): x xᵀ + ridge I as the plain composition computes it, one GEMM and a
-// diagonal add, made from C++: one Python call instead of three (the product, the diagonal
-// view, the add), whose argument parsing runs cold after each product.  The same ATen calls,
-// so the same bits as `g = x @ x.T; g.diagonal().add_(ridge)`.  x: 2-D, float32 or float64
-// (gram.py's route checks it; anything else is refused here too).
-at::Tensor gram_one(const at::Tensor& x, double ridge) {
+// gram_one(x, ridge, rows): x xᵀ + ridge I (rows) or xᵀ x + ridge I as the plain composition
+// computes it, one GEMM and a diagonal add, made from C++: one Python call instead of three
+// (the product, the diagonal view, the add), whose argument parsing runs cold after each
+// product.  The same ATen calls, so the same bits as `g = x @ x.T; g.diagonal().add_(ridge)`.
+// x: 2-D, float32 or float64 (gram.py routes only such calls here; others are refused).
+at::Tensor gram_one(const at::Tensor& x, double ridge, bool rows) {
   TORCH_CHECK(x.dim() == 2, "gram_one: a 2-D tensor expected");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "gram_one: float32 or float64 expected");
-  at::Tensor g = at::mm(x, x.t());
+  const at::Tensor xf = rows ? x : x.t();
+  at::Tensor g = at::mm(xf, xf.t());
   g.diagonal().add_(ridge);
   return g;
 }
@@ -374,7 +375,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>(),
         "apply_shift_'s reference entered natively: W += A^T K (linear) or K^T A as one addmm_; "
         "False (nothing done) unless every argument is one the Python path takes unchanged");
-  m.def("gram_one", &gram_one, pybind11::arg("x"), pybind11::arg("ridge"),
+  m.def("gram_one", &gram_one, pybind11::arg("x"), pybind11::arg("ridge"), pybind11::arg("rows"),
         pybind11::call_guard<pybind11::gil_scoped_release>(),
         "x x^T + ridge I as one GEMM and a diagonal add (the plain composition's own calls)");
   m.def("host_gemm", &host_gemm, pybind11::arg("which") = "",

@@ -293,4 +293,4 @@ def test_the_one_gemm_route_is_the_plain_composition_bit_for_bit(native, monkeyp
         plain.diagonal().add_(0.25)
         assert torch.equal(got, plain)
     (_, fn), = gram_mod._ROUTES.values()
-    assert fn.__name__ == ("one_gemm_native" if native else "one_gemm")
+    assert fn.__name__ == ("gram_one" if native else "one_gemm")
