@@ -475,7 +475,6 @@ def calibrate(device: torch.device, ops: Optional[Sequence[str]] = None,
               classes: Optional[Sequence[str]] = None) -> dict:
     """Measure every graded op that has a native backend on ``device`` (or ``ops``, and of
     those only the shape ``classes`` given); cache and return the calibration."""
-    global generation
     from . import _backends
     device = torch.device(device)
     data = _loaded.get(device.type) or _read(cache_path(device)) or {
@@ -501,12 +500,19 @@ def calibrate(device: torch.device, ops: Optional[Sequence[str]] = None,
                                        + time.perf_counter() - start, 2)
         entry["load"] = _peak_load(load)
         _note_load(f"the {op} calibration", entry["load"])
-        data["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    _record_change(device, data, save)
+    return data
+
+
+def _record_change(device: torch.device, data: dict, save: bool = True) -> None:
+    """A measurement went into ``data`` (the calibration in use): stamp it, forget the
+    decisions made before it and cache it."""
+    global generation
+    data["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     _decisions.clear()
     generation += 1
     if save:
         _write(cache_path(device), data)
-    return data
 
 
 # ------------------------------------------------------------------------------ reference plans
@@ -548,7 +554,6 @@ def reference_plan(name: str, device: torch.device) -> Optional[dict]:
 
 def _measure_plan(name: str, device: torch.device, data: dict, save: bool = True) -> dict:
     """Measure the plan ``name`` into the calibration ``data`` (the one in use); cache it."""
-    global generation
     _device_type, grid, measure = _PLANS[name]
     start, load = time.perf_counter(), load_average()
     plan = dict(measure())
@@ -556,11 +561,7 @@ def _measure_plan(name: str, device: torch.device, data: dict, save: bool = True
                 load=_peak_load(load))
     _note_load(f"the {name} plan", plan["load"])
     data.setdefault("plans", {})[name] = plan
-    data["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    _decisions.clear()
-    generation += 1
-    if save:
-        _write(cache_path(device), data)
+    _record_change(device, data, save)
     return plan
 
 
@@ -676,7 +677,6 @@ def measure_beyond(data: dict, op: str, cls: str, point: Sequence[int], device: 
                    save: bool = True) -> dict:
     """Measure one :func:`beyond_point` of ``op`` on ``device``, add it to the calibration
     ``data`` (the one in use) and cache it; returns ``data``."""
-    global generation
     entry = data["ops"][op]
     start = time.perf_counter()
     load = load_average()
@@ -684,11 +684,9 @@ def measure_beyond(data: dict, op: str, cls: str, point: Sequence[int], device: 
     measured["load"] = _peak_load(load)
     _note_load(f"the {op} point {tuple(point)} past the grid", measured["load"])
     entry.setdefault("beyond", {}).setdefault(cls, []).append(measured)
-    generation += 1
     entry["calibration_s"] = round(entry.get("calibration_s", 0.0)
                                    + time.perf_counter() - start, 2)
-    if save:
-        _write(cache_path(device), data)
+    _record_change(device, data, save)
     return data
 
 
