@@ -156,7 +156,9 @@ def test_the_slab_measurement_times_every_grid_point(monkeypatch):
     """The real measurement on a reduced grid: one GEMM against each slab count that fits."""
     monkeypatch.setattr(gram_mod, "SLAB_GRID", {"m": [100, 128], "d": [300], "slabs": [2, 4]})
     monkeypatch.setattr(calibration, "ROUNDS", 2)
+    monkeypatch.setattr(calibration, "EXTRA_ROUNDS", 2)   # near the margin: more rounds
     plan = gram_mod._measure_slab_plan()
+    assert all(p["rounds"] in (2, 4) for p in plan["points"])
     assert [p["point"] for p in plan["points"]] == [[100, 300], [128, 300]]
     assert set(plan["points"][0]["vs_one_gemm"]) == {"2"}          # 4 slabs need 128 rows
     assert set(plan["points"][1]["vs_one_gemm"]) == {"2", "4"}
