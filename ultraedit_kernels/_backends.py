@@ -26,23 +26,6 @@ BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 ENV_VAR = "ULTRAEDIT_BACKEND"
 
 
-def env_reader(name: str) -> Callable[[], object]:
-    """A function returning the current raw value of the environment variable ``name`` (or
-    ``None``), for use as a cache key on every call: ``os.environ.get`` of an unset variable
-    costs ~1.7 µs (it raises and catches a KeyError inside); a lookup in the mapping's own
-    dict, which every write through ``os.environ`` (and ``monkeypatch.setenv``) updates,
-    costs ~0.05 µs.  Falls back to ``os.environ.get`` where that dict is not there."""
-    data = getattr(os.environ, "_data", None)
-    encode = getattr(os.environ, "encodekey", None)
-    if isinstance(data, dict) and callable(encode):
-        key = encode(name)
-        return lambda: data.get(key)
-    return lambda: os.environ.get(name)
-
-
-_backend_env = env_reader(ENV_VAR)
-
-
 class _EnvironView:
     """``get(name)``: ``os.environ.get(name)`` (where ``os.environ`` keeps no ``_data`` dict)."""
 
@@ -53,13 +36,26 @@ class _EnvironView:
 
 def environ_mapping(*names: str):
     """``(mapping, key_1, ..., key_n)`` such that ``mapping.get(key_i)`` is the current raw value
-    of the environment variable ``names[i]`` (or ``None``): ``os.environ``'s own dict and the
-    encoded names where it has one (see :func:`env_reader`), else a view and the names."""
+    of the environment variable ``names[i]`` (or ``None``), for use as a cache key on every
+    call: ``os.environ``'s own dict, which every write through ``os.environ`` (and
+    ``monkeypatch.setenv``) updates, and the encoded names (a lookup there costs ~0.05 µs;
+    ``os.environ.get`` of an unset variable ~1.7 µs: it raises and catches a KeyError inside);
+    where ``os.environ`` has no such dict, a view that calls ``os.environ.get`` and the names."""
     data = getattr(os.environ, "_data", None)
     encode = getattr(os.environ, "encodekey", None)
     if isinstance(data, dict) and callable(encode):
         return (data,) + tuple(encode(n) for n in names)
     return (_EnvironView,) + names
+
+
+def env_reader(name: str) -> Callable[[], object]:
+    """A function returning the current raw value of the environment variable ``name`` (or
+    ``None``) through :func:`environ_mapping`."""
+    mapping, key = environ_mapping(name)
+    return lambda: mapping.get(key)
+
+
+_backend_env = env_reader(ENV_VAR)
 
 
 @dataclass(frozen=True)

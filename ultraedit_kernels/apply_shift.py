@@ -151,7 +151,7 @@ def apply_shift_(weight, keys: torch.Tensor, factors: torch.Tensor,
 # they made ``apply_shift_(check=False)`` 2-4% slower than the bare ``addmm_``.  Not used under
 # ``ULTRAEDIT_BACKEND=torch`` (the reference without the extension) or while compiling.
 _host_add_shift = False   # not looked up yet; then the extension's add_shift, or None
-_backend_env = _backends.env_reader(_backends.ENV_VAR)
+_backend_env = _backends._backend_env   # ULTRAEDIT_BACKEND's raw value
 _HOST_ENTRY_BACKENDS = frozenset((None, "", "auto", "cpp"))
 
 

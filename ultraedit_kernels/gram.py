@@ -151,13 +151,16 @@ def _cpu_blocks(m: int, d: int, dtype: torch.dtype) -> int:
     return 1
 
 
-_calibration_env = _backends.env_reader(calibration.ENV_VAR)
+# the two variables' raw values, read from os.environ's own mapping in the keys themselves (not
+# through _backends.env_reader's function: one frame less each)
+_ENVIRON, _BACKEND_KEY, _CALIBRATION_KEY = _backends.environ_mapping(_backends.ENV_VAR,
+                                                                     calibration.ENV_VAR)
 _MEASURED: Dict[tuple, int] = {}   # (m, d, threads, setting, calibration generation) -> slabs
 
 
 def _measured_blocks(m: int, d: int, threads: int) -> int:
     """The slab count this machine's plan gives ``m x d`` (1 where none is measured)."""
-    key = (m, d, threads, _calibration_env(), calibration.generation)
+    key = (m, d, threads, _ENVIRON.get(_CALIBRATION_KEY), calibration.generation)
     blocks = _MEASURED.get(key)
     if blocks is None:
         plan = calibration.reference_plan("gram_slabs", torch.device("cpu"))
@@ -306,12 +309,6 @@ def _route_key(x: torch.Tensor, rows: bool) -> tuple:
     return (x.shape, x.dtype, rows, _ENVIRON.get(_BACKEND_KEY), _ENVIRON.get(_CALIBRATION_KEY),
             calibration.generation, torch.get_num_threads())
 
-
-# the two variables' raw values, read from os.environ's own mapping in the key itself (not
-# through _backends.env_reader's function: one frame less each); a stand-in mapping where
-# os.environ has no such dict (then every call reads os.environ, as env_reader does)
-_ENVIRON, _BACKEND_KEY, _CALIBRATION_KEY = _backends.environ_mapping(_backends.ENV_VAR,
-                                                                     calibration.ENV_VAR)
 
 
 def _route(x: torch.Tensor, rows: bool):

@@ -36,7 +36,7 @@ def spd_solve_reference(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor,
     promises) without the copy that ``cholesky_solve(...).contiguous()`` makes (measured as
     fast as ``cholesky_solve`` alone, which returns a column-major X).
     """
-    if a.shape == (1, 1) and b.dim() == 2:
+    if _one_by_one(a, b):
         # a 1 x 1 system is one division: LAPACK's three calls cost ~40 µs of argument handling
         # for it (0.64x the plain cholesky + cholesky_solve with 4,096 right-hand sides on a
         # 2-core Intel Xeon); info is 1 where cholesky_ex's would be (a <= 0 or NaN)
@@ -49,6 +49,11 @@ def spd_solve_reference(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor,
     y = torch.linalg.solve_triangular(factor.mT, b.mT, upper=True, left=False)
     x = torch.linalg.solve_triangular(factor, y, upper=False, left=False).mT
     return (x if x.is_contiguous() else x.contiguous()), info
+
+
+def _one_by_one(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """A single 1 x 1 system (no batch): the reference's one division."""
+    return a.shape == (1, 1) and b.dim() == 2
 
 
 def _spd_solve_body(a, b):
@@ -101,7 +106,7 @@ def spd_solve_native(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, to
 # (its smallest system has 16 rows; from there `auto` took the host build for one row of 4,096
 # right-hand sides, 1.9x slower than the division on an Intel Xeon).
 def _auto_ok(a, b) -> bool:
-    return not (a.shape == (1, 1) and b.dim() == 2)
+    return not _one_by_one(a, b)
 
 
 _backends.register_impl(OP, "cpp", spd_solve_native, available=_cpp_available, auto_ok=_auto_ok)
