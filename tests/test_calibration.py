@@ -204,9 +204,37 @@ def test_auto_dispatch_uses_the_calibration(fixture_grid, monkeypatch):
     monkeypatch.setenv(_backends.ENV_VAR, "auto")
     assert _backends.select("spd_solve", CPU, *_system(64, 300))[0] == "cpp"
     assert _backends.select("spd_solve", CPU, *_system(1024, 300))[0] == "torch"
-    # a single 1 x 1 system is the reference's one division, which no grid point measured
+    # a single 1 x 1 system is a class of its own, which this fixture does not hold
     assert _backends.select("spd_solve", CPU, *_system(1, 300))[0] == "torch"
     assert _backends.select("spd_solve", CPU, *_system(2, 300))[0] == "cpp"
+
+
+@needs_host
+def test_one_by_one_systems_follow_their_own_class(tmp_path, monkeypatch):
+    """A single 1 x 1 system is decided by its own class (by the right-hand sides), not by the
+    n >= 16 grid of the others: here the division measured faster in the host build with
+    4,096 right-hand sides and slower with 256."""
+    points = [{"point": [1, 256], "seconds": {"torch": 1.0, "cpp": 1.2}},
+              {"point": [1, 4096], "seconds": {"torch": 1.0, "cpp": 0.4}}]
+    data = {"format": calibration.FORMAT, "device": "cpu", "machine": {},
+            "ops": {"spd_solve": {"backends": ["cpp"], "grid": {"one": points}}}}
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.setitem(calibration.GRIDS, "spd_solve",
+                        {"one": (("n", "k"), ((1,), (256, 4096)))})
+    monkeypatch.setenv(calibration.ENV_VAR, str(path))
+    monkeypatch.setenv(_backends.ENV_VAR, "auto")
+    calibration.reset()
+    try:
+        assert calibration.features("spd_solve", _system(1, 300)) == ("one", (1, 300))
+        assert _backends.select("spd_solve", CPU, *_system(1, 4096))[0] == "cpp"
+        assert _backends.select("spd_solve", CPU, *_system(1, 256))[0] == "torch"
+        # a batch of 1 x 1 systems and a 2 x 2 system are not this class
+        assert calibration.features("spd_solve", (torch.ones(3, 1, 1), torch.ones(3, 1, 8)))[0] \
+            == "batched"
+        assert _backends.select("spd_solve", CPU, *_system(2, 4096))[0] == "torch"
+    finally:
+        calibration.reset()
 
 
 def test_off_means_the_reference(monkeypatch):

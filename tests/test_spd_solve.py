@@ -93,6 +93,25 @@ def test_host_n1000(host_gemm, dtype, k):
 
 
 @needs_host
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("k", [1, 7, 4096])
+def test_host_one_by_one_system_is_the_reference_division(dtype, k):
+    """A single 1 x 1 system: the host build's division gives the reference's bits and info."""
+    from ultraedit_kernels.spd_solve import spd_solve_reference
+
+    a, b = _spd(1, k, (), dtype)
+    for pivot in (a, torch.tensor([[-1.0]], dtype=dtype), torch.tensor([[0.0]], dtype=dtype),
+                  torch.tensor([[float("nan")]], dtype=dtype)):
+        x, info = torch.ops.ultraedit_C.spd_solve(pivot, b)
+        x_ref, info_ref = spd_solve_reference(pivot, b)
+        assert x.is_contiguous() and torch.equal(x.nan_to_num(), x_ref.nan_to_num())
+        assert info.dtype == torch.int32 and info.shape == () and int(info) == int(info_ref)
+    strided = torch.randn(k, 1, dtype=dtype).T   # one row of a column-major matrix
+    x, _ = torch.ops.ultraedit_C.spd_solve(a, strided)
+    assert x.is_contiguous() and torch.equal(x, spd_solve_reference(a, strided)[0])
+
+
+@needs_host
 def test_batch_of_twelve_small_systems_runs_per_system():
     a, b = _spd(100, 64, (12,), torch.float32)
     _check_against_torch(a, b, *torch.ops.ultraedit_C.spd_solve(a, b))

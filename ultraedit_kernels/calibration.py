@@ -10,7 +10,7 @@ backend whose ratio, interpolated (log-log) at the call's shape, is below ``1 - 
 otherwise the reference (past the grid: :data:`BEYOND`).  Shape features per op:
 
 ==================  =====================================================================
-``spd_solve``       n (system size), k (right-hand sides), batched or single
+``spd_solve``       n (system size), k (right-hand sides); batched, single, or one 1 x 1 system
 ``gram``            m (output size), r (reduction length)
 ``pseudo_values``   n (rows), d (d_in + d_out)
 ``stats_update*``   n (rows), d (columns)
@@ -85,6 +85,9 @@ GRIDS: Dict[str, Dict[str, Tuple[Tuple[str, ...], Tuple[Tuple[int, ...], ...]]]]
     "spd_solve": {
         "single": (("n", "k"), ((16, 64, 256, 384, 512, 1024), (256, 1024, 4096))),
         "batched": (("n", "k"), ((16, 64, 256), (256, 1024))),
+        # a single 1 x 1 system: one division in the reference and in the host build, where
+        # the argument handling around it is the whole cost (none of the classes above)
+        "one": (("n", "k"), ((1,), (256, 4096, 16384))),
     },
     # The reference's time jumps where its blocked product takes one more slab (gram_blocks:
     # at 100, 192, 320, 800 and 1,600 rows per thread): grid points at 100, 192 and 320 (one
@@ -121,6 +124,8 @@ def features(op: str, args: Sequence) -> Optional[Tuple[str, Tuple[float, ...]]]
     if op == "spd_solve":
         a, b = args[0], args[1]
         batch = a.numel() // max(1, a.shape[-1] * a.shape[-2]) if a.dim() > 2 else 1
+        if a.dim() == 2 and a.shape[-1] == 1:
+            return "one", (1, b.shape[-1])
         return ("batched" if batch > 1 else "single"), (a.shape[-1], b.shape[-1])
     if op == "gram":
         x = args[0]

@@ -8,7 +8,7 @@ dimension solves one system per module of a turn.  Only the lower triangle of ``
 Returns ``(X, info)``: ``info`` (..., ) int32 is 0 for a successful factorization and ``j > 0``
 when the leading minor of order ``j`` is not positive definite (or holds NaN), as
 ``torch.linalg.cholesky_ex`` reports; ``X`` is then undefined and must not be used.  The
-reference solves a single 1 x 1 system as ``X = B / A``.
+reference and the host build solve a single 1 x 1 system as ``X = B / A`` (the same bits).
 
 Equivalent PyTorch (the reference computes the same with right-side triangular solves, which
 return X row-major without a copy)::
@@ -101,17 +101,11 @@ def spd_solve_native(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, to
 
 
 # `auto` uses either build only where this machine's calibration measured it faster than
-# torch.linalg (LAPACK / cuSOLVER) and agreeing with it (ultraedit_kernels/calibration.py),
-# never for a single 1 x 1 system: the reference's one division is not what the grid measured
-# (its smallest system has 16 rows; from there `auto` took the host build for one row of 4,096
-# right-hand sides, 1.9x slower than the division on an Intel Xeon).
-def _auto_ok(a, b) -> bool:
-    return not _one_by_one(a, b)
-
-
-_backends.register_impl(OP, "cpp", spd_solve_native, available=_cpp_available, auto_ok=_auto_ok)
-_backends.register_impl(OP, "cuda", spd_solve_native, available=_cuda_available,
-                        auto_ok=_auto_ok)
+# torch.linalg (LAPACK / cuSOLVER) and agreeing with it (ultraedit_kernels/calibration.py); a
+# single 1 x 1 system, one division in the reference and in the host build, has a class of its
+# own there (by the number of right-hand sides).
+_backends.register_impl(OP, "cpp", spd_solve_native, available=_cpp_available)
+_backends.register_impl(OP, "cuda", spd_solve_native, available=_cuda_available)
 
 
 def spd_solve(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
