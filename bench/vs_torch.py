@@ -12,7 +12,9 @@ rate measured at the start of the same run.
 
 Timing: a call shorter than 5 ms is timed as a loop of calls per round (the same count for
 the op and the plain code, enough for the faster one to last >= 20 ms; the time reported is
-the loop's mean per call); a case shorter than 100 ms runs 3x the rounds asked for; the order
+the loop's mean per call); a case shorter than 100 ms runs 3x the rounds asked for; a case the
+rounds leave unresolved (an op whose verdict is not ``faster``, a backend choice outside the
+calibration's margin) gets a second pass of as many rounds, and all of them decide; the order
 within a round alternates (op, plain / plain, op) and the rounds are rounded up to an even
 number, so that each side runs first and second equally often (some calls here alternate
 slow / fast by their position in the sequence of calls, whatever the function).
@@ -20,8 +22,10 @@ slow / fast by their position in the sequence of calls, whatever the function).
 JSON fields per ``ops`` row: ``op_s`` / ``plain_s`` (medians over rounds of the per-call
 seconds), ``speed`` (``plain_s / op_s``, the ratio of the medians), ``speed_paired`` (the median
 over pairs of rounds (op, plain / plain, op) of plain / op within the pair: a load spike that
-hits a pair hits both of its sides), ``loops`` (calls per timed round) and ``rounds``, ``op_times_s`` /
-``plain_times_s`` / ``control_times_s`` (per-call seconds of every round), ``pair_ratios`` (plain
+hits a pair hits both of its sides), ``loops`` (calls per timed round), ``rounds`` (of both
+passes) and ``passes`` (2 where the first pass's verdict, ``first_pass_verdict`` /
+``first_pass_speed_paired``, was not ``faster``), ``op_times_s`` / ``plain_times_s`` /
+``control_times_s`` (per-call seconds of every round), ``pair_ratios`` (plain
 / op per pair) and ``control_pair_ratios`` (plain / control per pair), ``control_paired`` (their
 median), ``verdict`` (``faster``: ``speed_paired`` >= 1; ``within noise``: below 1 but not below
 every control ratio, or within 1% of 1; ``slower``: otherwise), cost and roofline fields.
@@ -33,9 +37,11 @@ each op at one row, 64 -> 64, where the arithmetic is negligible: ``op_us``, ``p
 than the calibration's margin slower than the fastest by both statistics) and
 ``calibration_disagrees_medians`` (by the ratio of medians alone), ``ops_slower_beyond_noise``
 and ``ops_within_noise`` (by ``verdict``), ``calibration_misses_beyond_noise`` (rows whose
-``misses_beyond_noise``), ``loadavg_1m_end``.  Per ``backends`` row: ``chosen_vs_fastest``
+``misses_beyond_noise``), ``second_looks`` (the cases given a second pass: first and final
+ratio and verdict), ``loadavg_1m_end``.  Per ``backends`` row: ``chosen_vs_fastest``
 (ratio of medians), ``chosen_vs_fastest_paired``, ``agrees_medians``, ``agrees_paired``,
-``agrees`` (either within the margin), ``pair_ratios`` (chosen / fastest per pair) and
+``agrees`` (either within the margin; a row that does not after its rounds gets a second pass,
+``passes`` 2), ``pair_ratios`` (chosen / fastest per pair) and
 ``misses_beyond_noise`` (the chosen backend more than the margin slower in every pair).
 
 Also in the same run:
@@ -142,6 +148,27 @@ def alternate(fns: Dict[str, Callable[[], object]], rounds: int,
             for _ in range(loops):
                 fn()
             times[name].append((time.perf_counter() - start) / loops)
+    return times
+
+
+def alternate_settled(fns: Dict[str, Callable[[], object]], rounds: int,
+                      settled: Callable[[Dict[str, List[float]]], bool],
+                      info: Optional[Dict[str, int]] = None) -> Dict[str, List[float]]:
+    """:func:`alternate`, and where ``settled(times)`` is false a second pass of as many rounds
+    whose times are appended to the first's (``info["passes"]`` 2).  A case whose first
+    rounds leave it unresolved (an op below its plain code, a backend choice outside the
+    margin) is decided by twice the rounds, all of them; the first pass's verdict is kept in
+    the results beside the final one."""
+    first: Dict[str, int] = {}
+    times = alternate(fns, rounds, first)
+    passes = 1
+    if not settled(times):
+        more = alternate(fns, rounds)
+        times = {name: times[name] + more[name] for name in fns}
+        passes = 2
+    if info is not None:
+        info.update(loops=first["loops"], rounds=len(next(iter(times.values()))), passes=passes,
+                    first_rounds=first["rounds"])
     return times
 
 
@@ -300,8 +327,16 @@ def run_ops(shapes, rounds, ops=None, rates=None):
             # the control: the same plain code as a third arm (its own callable), timed in the
             # same rounds at the op's positions (first / last), so its spread against `plain`
             # is what this run can resolve between two identical functions
-            t = alternate({"op": ours, "plain": plain, "control": lambda p=plain: p()},
-                          rounds, info)
+            first_pass = {}
+
+            def settled(times):
+                first_pass["pairs"] = pair_ratios(times, "op", "plain")
+                first_pass["verdict"] = verdict(first_pass["pairs"],
+                                                pair_ratios(times, "control", "plain"))
+                return first_pass["verdict"] == "faster"
+
+            t = alternate_settled({"op": ours, "plain": plain, "control": lambda p=plain: p()},
+                                  rounds, settled, info)
             c = cost(key, n, d_in, d_out)
             op_pairs = pair_ratios(t, "op", "plain")
             control_pairs = pair_ratios(t, "control", "plain")
@@ -312,7 +347,9 @@ def run_ops(shapes, rounds, ops=None, rates=None):
                    "pair_ratios": op_pairs, "control_pair_ratios": control_pairs,
                    "control_paired": statistics.median(control_pairs),
                    "verdict": verdict(op_pairs, control_pairs),
-                   "loops": info["loops"], "rounds": info["rounds"],
+                   "loops": info["loops"], "rounds": info["rounds"], "passes": info["passes"],
+                   "first_pass_verdict": first_pass["verdict"],
+                   "first_pass_speed_paired": statistics.median(first_pass["pairs"]),
                    "flops": c["flops"], "bytes": c["bytes_moved"],
                    "op_times_s": t["op"], "plain_times_s": t["plain"],
                    "control_times_s": t["control"]}
@@ -359,6 +396,17 @@ def run_overhead(rounds):
 
 
 # ---------------------------------------------------------------------------- backends
+def _agrees(times: Dict[str, List[float]], chosen: str) -> bool:
+    """``auto``'s backend within the calibration's margin of the fastest, by the ratio of the
+    medians or by the median pair ratio (the row's ``agrees``)."""
+    med = {b: median(v) for b, v in times.items()}
+    fastest = min(med, key=med.get)
+    if chosen == fastest:
+        return True
+    limit = 1 + calibration.MARGIN
+    return med[chosen] / med[fastest] <= limit or paired_speed(times, fastest, chosen) <= limit
+
+
 def run_backends(shapes, rounds):
     """Every op with two or more backends available on the CPU: each forced, vs calibration."""
     rows = []
@@ -374,10 +422,10 @@ def run_backends(shapes, rounds):
                 continue
             fns = {b: (lambda b=b: _backends.implementations(op)[b].fn(*args)) for b in names}
             info = {}
-            t = alternate(fns, rounds, info)
+            chosen = _backends.select(op, device, *args)[0]
+            t = alternate_settled(fns, rounds, lambda times: _agrees(times, chosen), info)
             med = {b: median(v) for b, v in t.items()}
             fastest = min(med, key=med.get)
-            chosen = _backends.select(op, device, *args)[0]
             # the chosen backend's time over the fastest's: ratio of medians, and the median of
             # the per-round ratios (a load spike hits both sides of a round)
             ratio = med[chosen] / med[fastest]
@@ -390,7 +438,7 @@ def run_backends(shapes, rounds):
                          "pair_ratios": pairs,
                          "misses_beyond_noise": bool(pairs) and min(pairs) > limit,
                          "loops": info["loops"], "rounds": info["rounds"],
-                         "auto": chosen, "chosen_vs_fastest": ratio,
+                         "passes": info["passes"], "auto": chosen, "chosen_vs_fastest": ratio,
                          "chosen_vs_fastest_paired": paired,
                          "agrees_medians": ratio <= limit, "agrees_paired": paired <= limit,
                          "agrees": ratio <= limit or paired <= limit})
@@ -489,6 +537,12 @@ def main(argv=None) -> int:
                          "calibration_disagrees_medians": disagree_medians,
                          "min_speed_paired": min((r["speed_paired"] for r in result["ops"]),
                                                  default=None),
+                         # the cases the first rounds left unresolved, decided by twice the
+                         # rounds: their first-pass verdicts
+                         "second_looks": [
+                             f"{r['op']}@{r['shape']} first {r['first_pass_speed_paired']:.3f}x "
+                             f"({r['first_pass_verdict']}), all {r['speed_paired']:.3f}x "
+                             f"({r['verdict']})" for r in result["ops"] if r["passes"] == 2],
                          "loadavg_1m_end": os.getloadavg()[0]}
     print(f"slower than plain torch: {slow or 'none'} (paired: {slow_paired or 'none'}); "
           f"beyond the control's spread: {result['summary']['ops_slower_beyond_noise'] or 'none'}; "
