@@ -42,3 +42,27 @@ def test_the_guarded_plain_update_checks_the_bound(vs_torch):
         vs_torch.plain_guarded_update(w, k, a * 1e37)
     with pytest.raises(ValueError, match="overflow"):
         vs_torch.plain_guarded_update(w, k.clone().fill_(float("nan")), a)
+
+
+def test_an_unresolved_case_gets_a_second_pass_of_as_many_rounds(vs_torch, monkeypatch):
+    passes = iter([{"op": [2.0, 2.0], "plain": [1.0, 1.0]}, {"op": [1.0, 1.0], "plain": [3.0, 3.0]}])
+
+    def fake_alternate(fns, rounds, info=None):
+        if info is not None:
+            info.update(loops=7, rounds=2)
+        return next(passes)
+
+    monkeypatch.setattr(vs_torch, "alternate", fake_alternate)
+    fns = {"op": None, "plain": None}
+    seen = []
+    info = {}
+    times = vs_torch.alternate_settled(fns, 1, lambda t: seen.append(t) or False, info)
+    assert times == {"op": [2.0, 2.0, 1.0, 1.0], "plain": [1.0, 1.0, 3.0, 3.0]}
+    assert info == {"loops": 7, "rounds": 4, "passes": 2, "first_rounds": 2}
+    assert seen == [{"op": [2.0, 2.0], "plain": [1.0, 1.0]}]   # judged on the first pass only
+
+    passes = iter([{"op": [1.0, 1.0], "plain": [2.0, 2.0]}])
+    info = {}
+    assert vs_torch.alternate_settled(fns, 1, lambda t: True, info) == \
+        {"op": [1.0, 1.0], "plain": [2.0, 2.0]}
+    assert info["passes"] == 1 and info["rounds"] == 2
