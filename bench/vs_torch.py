@@ -317,6 +317,11 @@ def cost(key, n, d_in, d_out):
     return op_cost(key, n, d_in, d_out)
 
 
+def _verdict(times: Dict[str, List[float]]) -> str:
+    """:func:`verdict` of the op's pairs of rounds against the control's."""
+    return verdict(pair_ratios(times, "op", "plain"), pair_ratios(times, "control", "plain"))
+
+
 def run_ops(shapes, rounds, ops=None, rates=None):
     rows = []
     for label, n, d_in, d_out in shapes:
@@ -327,16 +332,9 @@ def run_ops(shapes, rounds, ops=None, rates=None):
             # the control: the same plain code as a third arm (its own callable), timed in the
             # same rounds at the op's positions (first / last), so its spread against `plain`
             # is what this run can resolve between two identical functions
-            first_pass = {}
-
-            def settled(times):
-                first_pass["pairs"] = pair_ratios(times, "op", "plain")
-                first_pass["verdict"] = verdict(first_pass["pairs"],
-                                                pair_ratios(times, "control", "plain"))
-                return first_pass["verdict"] == "faster"
-
             t = alternate_settled({"op": ours, "plain": plain, "control": lambda p=plain: p()},
-                                  rounds, settled, info)
+                                  rounds, lambda times: _verdict(times) == "faster", info)
+            first = {name: v[:info["first_rounds"]] for name, v in t.items()}
             c = cost(key, n, d_in, d_out)
             op_pairs = pair_ratios(t, "op", "plain")
             control_pairs = pair_ratios(t, "control", "plain")
@@ -348,8 +346,8 @@ def run_ops(shapes, rounds, ops=None, rates=None):
                    "control_paired": statistics.median(control_pairs),
                    "verdict": verdict(op_pairs, control_pairs),
                    "loops": info["loops"], "rounds": info["rounds"], "passes": info["passes"],
-                   "first_pass_verdict": first_pass["verdict"],
-                   "first_pass_speed_paired": statistics.median(first_pass["pairs"]),
+                   "first_pass_verdict": _verdict(first),
+                   "first_pass_speed_paired": paired_speed(first, "op", "plain"),
                    "flops": c["flops"], "bytes": c["bytes_moved"],
                    "op_times_s": t["op"], "plain_times_s": t["plain"],
                    "control_times_s": t["control"]}
@@ -441,7 +439,7 @@ def run_backends(shapes, rounds):
                          "passes": info["passes"], "auto": chosen, "chosen_vs_fastest": ratio,
                          "chosen_vs_fastest_paired": paired,
                          "agrees_medians": ratio <= limit, "agrees_paired": paired <= limit,
-                         "agrees": ratio <= limit or paired <= limit})
+                         "agrees": _agrees(t, chosen)})
             print(f"{op:12s} {label:26s} " + "  ".join(f"{b} {s * 1e3:8.2f} ms" for b, s in med.items())
                   + f"  fastest {fastest}, auto -> {chosen}", flush=True)
     return rows

@@ -124,8 +124,8 @@ std::tuple<at::Tensor, at::Tensor> finish(const Prepared& p, const at::Tensor& a
 // without the two copies, the factorization and the two substitutions of the blocked path,
 // which cost more than the division itself for a few thousand right-hand sides.
 bool is_single_one_by_one(const at::Tensor& a, const at::Tensor& b) {
-  return b.device().is_cpu() && a.dim() == 2 && b.dim() == 2 && a.size(0) == 1 && a.size(1) == 1 && b.size(0) == 1 &&
-         a.scalar_type() == b.scalar_type() &&
+  return b.device().is_cpu() && a.dim() == 2 && b.dim() == 2 && a.size(0) == 1 &&
+         a.size(1) == 1 && b.size(0) == 1 && a.scalar_type() == b.scalar_type() &&
          (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble);
 }
 

@@ -123,9 +123,9 @@ def features(op: str, args: Sequence) -> Optional[Tuple[str, Tuple[float, ...]]]
     """``(class, feature values)`` of a call of ``op`` with ``args``, or ``None`` if not graded."""
     if op == "spd_solve":
         a, b = args[0], args[1]
-        batch = a.numel() // max(1, a.shape[-1] * a.shape[-2]) if a.dim() > 2 else 1
         if a.dim() == 2 and a.shape[-1] == 1:
             return "one", (1, b.shape[-1])
+        batch = a.numel() // max(1, a.shape[-1] * a.shape[-2]) if a.dim() > 2 else 1
         return ("batched" if batch > 1 else "single"), (a.shape[-1], b.shape[-1])
     if op == "gram":
         x = args[0]

@@ -310,7 +310,6 @@ def _route_key(x: torch.Tensor, rows: bool) -> tuple:
             calibration.generation, torch.get_num_threads())
 
 
-
 def _route(x: torch.Tensor, rows: bool):
     """The decided ``fn(x, ridge, rows)`` of a CPU call like this one, or ``None``."""
     hit = _ROUTES.get(_route_key(x, rows))
@@ -426,7 +425,8 @@ _backends.register_impl(OP, "cpp", gram_native, available=_cpp_available, auto_o
 def gram(x: torch.Tensor, ridge: float = 1.0, rows: bool = True) -> torch.Tensor:
     """``K Kᵀ + λI`` (``rows=True``) or ``Kᵀ K + λI`` (``rows=False``); see the module docstring."""
     if type(x) is torch.Tensor and x.is_cpu and type(ridge) is float and 0.0 < ridge < _INF:
-        # a call of a shape already checked and decided: its route (one lookup, no frames)
+        # a call of a shape already checked and decided: its route (one lookup, no frames:
+        # _route's lookup with _route_key's key written out)
         hit = _ROUTES.get((x.shape, x.dtype, rows, _ENVIRON.get(_BACKEND_KEY),
                            _ENVIRON.get(_CALIBRATION_KEY), calibration.generation,
                            torch.get_num_threads()))
