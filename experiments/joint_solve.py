@@ -21,7 +21,7 @@ WILD-style, after the last turn):
     gunzip -c experiments/results/run_offline_records.jsonl.gz > records.jsonl
     PYTHONPATH=python python experiments/joint_solve.py --records records.jsonl --turns 10 \\
         --edits 100 [--modules 'model.layers.[1-9].mlp.down_proj,model.layers.10.mlp.down_proj'] \\
-        [--lr 2.5e-5] [--independent] --json OUT
+        [--lr 2.5e-5] [--independent] [--cosines] --json OUT
 """
 import argparse
 
@@ -35,7 +35,10 @@ from ultraedit_kernels import EPS, pseudo_values_op
 
 
 class JointEditor(editor_mod.UltraEditor):
-    """``_solve`` replaced by the joint solve of the module docstring (one device, float64)."""
+    """``_solve`` replaced by the joint solve of the module docstring (one device, float64).
+    ``cosines``: each step appends ``{module: mean over rows of cos(V_l, V̄)}`` (unheld rows)."""
+
+    cosines = None
 
     def _solve(self, keys, grads, hold, priors, subjects):
         cfg = self.config
@@ -43,7 +46,7 @@ class JointEditor(editor_mod.UltraEditor):
             raise ValueError("the joint prototype has no mean-key row (protect_mean=0)")
         whiteners = (step_whiteners(self.state.whitening, keys, self.stats_key, cfg.whiten)
                      if cfg.whiten > 0 else {})
-        ys, inner, target = {}, None, None
+        ys, vs, inner, target = {}, {}, None, None
         for name, k in keys.items():
             self._solve_module_prior(name, priors, subjects)
             st = self.state.stats[self.stats_key(name)]
@@ -55,9 +58,11 @@ class JointEditor(editor_mod.UltraEditor):
                 v = v.masked_fill(hold.to(v.device)[:, None], 0.0)
             kd = k.double()
             y = priors[name].solve(kd.T) if priors[name] is not None else kd.T / cfg.ridge
-            ys[name] = y
+            ys[name], vs[name] = y, v.double()
             inner = kd @ y if inner is None else inner + kd @ y
             target = v.double() if target is None else target + v.double()
+        if self.cosines is not None:
+            self.cosines.append({name: self._mean_cosine(vs[name], target, hold) for name in vs})
         inner.diagonal().add_(1.0)
         a = _spd_solve(inner, target, "joint update")
         out = {name: Update("dual", a.to(keys[name].dtype if keys[name].dtype == torch.float64
@@ -65,6 +70,11 @@ class JointEditor(editor_mod.UltraEditor):
                             y.T.to(keys[name].dtype).contiguous()) for name, y in ys.items()}
         check_updates(out, cfg.lr, cfg.ridge)
         return out
+
+    @staticmethod
+    def _mean_cosine(v, target, hold):
+        cos = torch.nn.functional.cosine_similarity(v, target, dim=1)
+        return float(cos.mean() if hold is None else cos[~hold.to(cos.device)].mean())
 
     def _solve_module_prior(self, name, priors, subjects):
         """The module's prior as ``_solve_module`` builds it (cached per turn in ``priors``)."""
@@ -87,6 +97,8 @@ def main():
     ap.add_argument("--lr", type=float)
     ap.add_argument("--independent", action="store_true",
                     help="the shipped per-module solve (the comparison run)")
+    ap.add_argument("--cosines", action="store_true",
+                    help="print and save each step's mean cos(V_l, sum of V) per module")
     args = ap.parse_args()
     from ultraedit import EditConfig
 
@@ -98,8 +110,11 @@ def main():
         overrides["modules"] = tuple(args.modules.split(","))
     cls = editor_mod.UltraEditor if args.independent else JointEditor
     ed = cls(model, tok, config=EditConfig.for_model(model, **overrides))
+    if args.cosines:
+        ed.cosines = []
     print(vars(args), flush=True)
-    _common.score_and_save(model, tok, records, ed, args)
+    _common.score_and_save(model, tok, records, ed, args,
+                           post=(lambda: {"cosines": ed.cosines}) if args.cosines else None)
 
 
 if __name__ == "__main__":
