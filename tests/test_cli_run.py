@@ -432,6 +432,19 @@ def test_a_cached_preserved_capture_is_not_announced_as_a_capture(model_dir, tmp
     assert "preserved subjects' keys read from the cache in" in errs[1]
 
 
+def test_no_progress_silences_a_long_preserved_capture(model_dir, tmp_path, capsys):
+    """More than 256 preserved subjects show a capture bar, except under --no-progress."""
+    data = _write(tmp_path / "counterfact.json", COUNTERFACT)
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"Name{i:03d}" for i in range(300)) + "\n")
+    args = _base(model_dir, data, tmp_path, "--format", "counterfact", "--positions", "subject",
+                 "--preserve", "1", "--preserve-subjects", f"@{names}")
+    for quiet in (True, False):
+        assert main(args if quiet else [a for a in args if a != "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        assert ("preserved subject keys" in err) is not quiet, err[-500:]
+
+
 def test_preset_and_the_recorded_config_reproduce_a_run(model_dir, tmp_path, capsys):
     """The run JSON records EditConfig.to_dict() (modules resolved); given back as --preset FILE
     it edits the same way. An unknown preset is a one-line error."""

@@ -369,15 +369,20 @@ _ANNOUNCE: contextvars.ContextVar = contextvars.ContextVar("ultraedit_preserve_a
                                                           default=None)
 
 
+_BARS: contextvars.ContextVar = contextvars.ContextVar("ultraedit_preserve_bars", default=True)
+
+
 @contextlib.contextmanager
-def announce_capture(callback):
+def announce_capture(callback, bars: bool = True):
     """Within the block, ``callback(n_subjects)`` is called when preserved keys are about to be
     captured from the model (seconds to minutes), not when they are read from the cache: a
-    command line's "this takes a while" line. ``None`` announces nothing."""
-    token = _ANNOUNCE.set(callback)
+    command line's "this takes a while" line. ``None`` announces nothing. ``bars=False``: no
+    progress bar for a long capture either (a command line's ``--no-progress``)."""
+    token, bars_token = _ANNOUNCE.set(callback), _BARS.set(bool(bars))
     try:
         yield
     finally:
+        _BARS.reset(bars_token)
         _ANNOUNCE.reset(token)
 
 
@@ -413,7 +418,7 @@ def capture_preserved(editor, config) -> Tuple[Dict[str, "PreservedKeys"], float
         announce(len(subjects))
     rows, index, owners = encode_subject_texts(editor.tokenizer, subjects, contexts)
     keys = _capture_rows(editor.model, editor.tokenizer, editor.modules, rows, index, owners,
-                         progress=len(subjects) > 256)
+                         progress=len(subjects) > 256 and _BARS.get())
     if folder is not None:
         _write_cached(folder / digest, keys, owners)
     return keys, time.perf_counter() - t0

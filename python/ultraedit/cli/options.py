@@ -140,7 +140,7 @@ def build_editor(model, tokenizer, config: EditConfig, progress: bool = True):
 
     t0 = time.perf_counter()
     try:
-        with announce_capture(announce if progress else None):
+        with announce_capture(announce if progress else None, bars=progress):
             editor = UltraEditor(model, tokenizer, config)
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
