@@ -48,7 +48,7 @@ class JointEditor(editor_mod.UltraEditor):
                      if cfg.whiten > 0 else {})
         ys, vs, inner, target = {}, {}, None, None
         for name, k in keys.items():
-            self._solve_module_prior(name, priors, subjects)
+            prior = self._prior(name, priors, subjects)
             st = self.state.stats[self.stats_key(name)]
             if name in whiteners:
                 v = whitened_pseudo_values(k, grads[name], st, whiteners[name], cfg.lr, EPS)
@@ -57,7 +57,7 @@ class JointEditor(editor_mod.UltraEditor):
             if hold is not None:
                 v = v.masked_fill(hold.to(v.device)[:, None], 0.0)
             kd = k.double()
-            y = priors[name].solve(kd.T) if priors[name] is not None else kd.T / cfg.ridge
+            y = prior.solve(kd.T) if prior is not None else kd.T / cfg.ridge
             ys[name], vs[name] = y, v.double()
             inner = kd @ y if inner is None else inner + kd @ y
             target = v.double() if target is None else target + v.double()
@@ -75,19 +75,6 @@ class JointEditor(editor_mod.UltraEditor):
     def _mean_cosine(v, target, hold):
         cos = torch.nn.functional.cosine_similarity(v, target, dim=1)
         return float(cos.mean() if hold is None else cos[~hold.to(cos.device)].mean())
-
-    def _solve_module_prior(self, name, priors, subjects):
-        """The module's prior as ``_solve_module`` builds it (cached per turn in ``priors``)."""
-        from ultraedit.solver import Prior
-
-        if name in priors:
-            return
-        cfg = self.config
-        memory = self.state.memory.get(name) if cfg.memory > 0 else None
-        pk = self.state.preserved.get(name) if cfg.preserve > 0 else None
-        terms = [(None if memory is None else memory.gram, cfg.memory),
-                 (None if pk is None else pk.gram_without(subjects), cfg.preserve)]
-        priors[name] = Prior(terms, cfg.ridge) if memory or pk else None
 
 
 def main():

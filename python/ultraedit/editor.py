@@ -256,14 +256,22 @@ class UltraEditor:
         st = self.state.stats[self.stats_key(name)]
         if st.device != k.device:  # modules of one shape on several devices
             st = st.clone().to(k.device)
+        return solve(k, g, st, lr=cfg.lr, ridge=cfg.ridge, hold=hold,
+                     protect_mean=cfg.protect_mean, prior=self._prior(name, priors, subjects),
+                     whitener=whitener)
+
+    def _prior(self, name, priors, subjects) -> Optional[Prior]:
+        """The module's ``νM + μK_pᵀK_p + λI`` (:class:`ultraedit.solver.Prior`, None without key
+        memory and preserved keys), built once per turn into ``priors``; the preserved keys
+        leave out this turn's ``subjects``."""
         if name not in priors:
+            cfg = self.config
             memory = self.state.memory.get(name) if cfg.memory > 0 else None
             pk = self.state.preserved.get(name) if cfg.preserve > 0 else None
             terms = [(None if memory is None else memory.gram, cfg.memory),
                      (None if pk is None else pk.gram_without(subjects), cfg.preserve)]
             priors[name] = Prior(terms, cfg.ridge) if memory or pk else None
-        return solve(k, g, st, lr=cfg.lr, ridge=cfg.ridge, hold=hold,
-                     protect_mean=cfg.protect_mean, prior=priors[name], whitener=whitener)
+        return priors[name]
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
