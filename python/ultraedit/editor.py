@@ -45,7 +45,7 @@ from .low_precision import product_weights
 from .modules import module_dims, module_layout, resolve_modules
 from .packing import capture_group, pack_turn
 from .placement import weight_slots
-from .solver import Prior, Update, check_updates, first_non_finite, solve
+from .solver import Prior, Update, check_updates, first_non_finite, module_prior, solve
 from .state import EditorState, KeyMemory, TurnJournal
 from .whitening import add_gradients, step_whiteners
 from .turn import (EditRequest, TurnMeter, TurnReport, capture_mask, context_length,
@@ -249,28 +249,18 @@ class UltraEditor:
         return out
 
     def _solve_module(self, name, k, g, hold, priors, subjects, whitener=None) -> Update:
-        """One module's update (``ultraedit.solver.solve``); ``priors`` caches the module's
-        ``νM + μK_pᵀK_p + λI`` (without this turn's ``subjects``), constant during a turn;
+        """One module's update (``ultraedit.solver.solve``) with its prior (:meth:`_prior`);
         ``whitener``: the statistics key's ``ultraedit.whitening.Whitener`` (``whiten > 0``)."""
-        cfg = self.config
-        st = self.state.stats[self.stats_key(name)]
+        cfg, st = self.config, self.state.stats[self.stats_key(name)]
         if st.device != k.device:  # modules of one shape on several devices
             st = st.clone().to(k.device)
-        return solve(k, g, st, lr=cfg.lr, ridge=cfg.ridge, hold=hold,
-                     protect_mean=cfg.protect_mean, prior=self._prior(name, priors, subjects),
-                     whitener=whitener)
+        return solve(k, g, st, lr=cfg.lr, ridge=cfg.ridge, hold=hold, whitener=whitener,
+                     protect_mean=cfg.protect_mean, prior=self._prior(name, priors, subjects))
 
     def _prior(self, name, priors, subjects) -> Optional[Prior]:
-        """The module's ``νM + μK_pᵀK_p + λI`` (:class:`ultraedit.solver.Prior`, None without key
-        memory and preserved keys), built once per turn into ``priors``; the preserved keys
-        leave out this turn's ``subjects``."""
+        """The module's prior (``ultraedit.solver.module_prior``), built once per turn."""
         if name not in priors:
-            cfg = self.config
-            memory = self.state.memory.get(name) if cfg.memory > 0 else None
-            pk = self.state.preserved.get(name) if cfg.preserve > 0 else None
-            terms = [(None if memory is None else memory.gram, cfg.memory),
-                     (None if pk is None else pk.gram_without(subjects), cfg.preserve)]
-            priors[name] = Prior(terms, cfg.ridge) if memory or pk else None
+            priors[name] = module_prior(self.state, name, self.config, subjects)
         return priors[name]
 
     # ------------------------------------------------------------------ state

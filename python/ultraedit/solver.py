@@ -50,7 +50,7 @@ from ultraedit_kernels import (EPS, SolveError, choose_method, gram, pseudo_valu
 
 from .whitening import Whitener, whitened_pseudo_values
 
-__all__ = ["Update", "Prior", "solve", "check_updates", "first_non_finite", "SolveError"]
+__all__ = ["Update", "Prior", "module_prior", "solve", "check_updates", "first_non_finite", "SolveError"]
 
 _log = logging.getLogger("ultraedit")
 
@@ -91,6 +91,17 @@ class Prior:
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """``P⁻¹ rhs`` (float64)."""
         return spd_solve_factored(self.factor, rhs)
+
+
+def module_prior(state, name: str, config, subjects) -> Optional[Prior]:
+    """The prior ``P = νM + μK_pᵀK_p + λI`` of module ``name`` in a turn that edits ``subjects``:
+    ``state``'s key memory ``M`` (``ν = config.memory``) and preserved keys ``K_p`` without those
+    subjects' (``μ = config.preserve``), ``λ = config.ridge``; None without either (``P = λI``)."""
+    memory = state.memory.get(name) if config.memory > 0 else None
+    pk = state.preserved.get(name) if config.preserve > 0 else None
+    terms = [(None if memory is None else memory.gram, config.memory),
+             (None if pk is None else pk.gram_without(subjects), config.preserve)]
+    return Prior(terms, config.ridge) if memory or pk else None
 
 
 def _spd_solve(system: torch.Tensor, rhs: torch.Tensor, what: str) -> torch.Tensor:
