@@ -29,9 +29,8 @@ import _common  # puts the repository on sys.path; the stream and its scores
 import torch
 
 import ultraedit.editor as editor_mod
-from ultraedit.solver import Update, _spd_solve, check_updates
-from ultraedit.whitening import step_whiteners, whitened_pseudo_values
-from ultraedit_kernels import EPS, pseudo_values_op
+from ultraedit.solver import Update, _spd_solve, check_updates, step_values
+from ultraedit.whitening import step_whiteners
 
 
 class JointEditor(editor_mod.UltraEditor):
@@ -46,28 +45,22 @@ class JointEditor(editor_mod.UltraEditor):
             raise ValueError("the joint prototype has no mean-key row (protect_mean=0)")
         whiteners = (step_whiteners(self.state.whitening, keys, self.stats_key, cfg.whiten)
                      if cfg.whiten > 0 else {})
-        ys, vs, inner, target = {}, {}, None, None
+        ys, vs, inner, target = {}, {}, 0, 0
         for name, k in keys.items():
             prior = self._prior(name, priors, subjects)
-            st = self.state.stats[self.stats_key(name)]
-            if name in whiteners:
-                v = whitened_pseudo_values(k, grads[name], st, whiteners[name], cfg.lr, EPS)
-            else:
-                v = pseudo_values_op(k, grads[name], st.mean, st.std, float(cfg.lr), EPS)
-            if hold is not None:
-                v = v.masked_fill(hold.to(v.device)[:, None], 0.0)
+            v = step_values(k, grads[name], self.state.stats[self.stats_key(name)], lr=cfg.lr,
+                            hold=hold, whitener=whiteners.get(name)).double()
             kd = k.double()
             y = prior.solve(kd.T) if prior is not None else kd.T / cfg.ridge
-            ys[name], vs[name] = y, v.double()
-            inner = kd @ y if inner is None else inner + kd @ y
-            target = v.double() if target is None else target + v.double()
+            ys[name], vs[name] = y, v
+            inner, target = inner + kd @ y, target + v
         if self.cosines is not None:
             self.cosines.append({name: self._mean_cosine(vs[name], target, hold) for name in vs})
         inner.diagonal().add_(1.0)
         a = _spd_solve(inner, target, "joint update")
-        out = {name: Update("dual", a.to(keys[name].dtype if keys[name].dtype == torch.float64
-                                         else torch.float32),
-                            y.T.to(keys[name].dtype).contiguous()) for name, y in ys.items()}
+        c = torch.float64 if next(iter(keys.values())).dtype == torch.float64 else torch.float32
+        out = {name: Update("dual", a.to(c), y.T.to(keys[name].dtype).contiguous())
+               for name, y in ys.items()}
         check_updates(out, cfg.lr, cfg.ridge)
         return out
 

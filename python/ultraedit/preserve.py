@@ -367,8 +367,6 @@ def mined_subjects(model, tokenizer) -> List[str]:
 
 _ANNOUNCE: contextvars.ContextVar = contextvars.ContextVar("ultraedit_preserve_announce",
                                                           default=None)
-
-
 _BARS: contextvars.ContextVar = contextvars.ContextVar("ultraedit_preserve_bars", default=True)
 
 

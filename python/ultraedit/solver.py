@@ -50,7 +50,8 @@ from ultraedit_kernels import (EPS, SolveError, choose_method, gram, pseudo_valu
 
 from .whitening import Whitener, whitened_pseudo_values
 
-__all__ = ["Update", "Prior", "module_prior", "solve", "check_updates", "first_non_finite", "SolveError"]
+__all__ = ["Update", "Prior", "module_prior", "step_values", "solve", "check_updates",
+           "first_non_finite", "SolveError"]
 
 _log = logging.getLogger("ultraedit")
 
@@ -119,6 +120,22 @@ def _spd_solve(system: torch.Tensor, rhs: torch.Tensor, what: str) -> torch.Tens
     return solution64.to(rhs.dtype)
 
 
+def step_values(keys: torch.Tensor, grads: torch.Tensor, stats, *, lr: float,
+                hold: Optional[torch.Tensor] = None,
+                whitener: Optional[Whitener] = None) -> torch.Tensor:
+    """The step's pseudo-values ``V`` (N x d_out; float32, float64 for float64 keys):
+    ``-lr ||k̂||² ĝ`` with the paper's per-coordinate ``ĝ`` or, given ``whitener``, the whitened
+    one; the rows of ``hold`` (N bool, requests already predicted) are 0."""
+    c = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    if whitener is None:
+        v = pseudo_values_op(keys, grads, stats.mean, stats.std, float(lr), EPS).to(c)
+    else:
+        v = whitened_pseudo_values(keys, grads, stats, whitener, float(lr), EPS)
+    if hold is not None:
+        v = v.masked_fill(hold.to(v.device)[:, None], 0.0)
+    return v
+
+
 def solve(keys: torch.Tensor, grads: torch.Tensor, stats, *, lr: float, ridge: float,
           hold: Optional[torch.Tensor] = None, protect_mean: float = 0.0,
           prior: Optional[Prior] = None, whitener: Optional[Whitener] = None) -> Update:
@@ -131,12 +148,7 @@ def solve(keys: torch.Tensor, grads: torch.Tensor, stats, *, lr: float, ridge: f
     """
     n, d_in = keys.shape
     c = torch.float64 if keys.dtype == torch.float64 else torch.float32
-    if whitener is None:
-        v = pseudo_values_op(keys, grads, stats.mean, stats.std, float(lr), EPS).to(c)
-    else:
-        v = whitened_pseudo_values(keys, grads, stats, whitener, float(lr), EPS)
-    if hold is not None:
-        v = v.masked_fill(hold.to(v.device)[:, None], 0.0)
+    v = step_values(keys, grads, stats, lr=lr, hold=hold, whitener=whitener)
     k1, v1 = keys, v
     if protect_mean > 0:
         mu = stats.mean[:d_in].to(device=keys.device, dtype=c)
