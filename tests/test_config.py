@@ -28,9 +28,10 @@ def test_presets():
     assert EditConfig.official().compat == "official" and EditConfig.official().beyond_paper() == {}
     assert "smollm2-135m" in preset_names()
     smol = EditConfig.from_preset("smollm2-135m")
-    assert smol.beyond_paper() == {"steps": 12, "hold_done": True, "positions": "subject",
-                                   "memory": 4.0, "preserve": 0.3, "whiten": 1e-3}
-    assert smol.lr == 5e-5
+    assert smol.beyond_paper() == {"steps": 12, "hold_done": True, "hold_margin": 1.0,
+                                   "positions": "subject", "memory": 4.0, "preserve": 0.3,
+                                   "whiten": 1e-3}
+    assert smol.lr == 3.5e-5
     assert EditConfig.from_preset("paper") == paper
     assert EditConfig.from_preset("official", lr=1e-3).lr == 1e-3
     with pytest.raises(ValueError, match="no preset 'nope'.*smollm2-135m"):
@@ -49,7 +50,7 @@ def test_for_model_matches_the_whole_fingerprint():
 def test_official_without_a_config_turns_the_options_beyond_the_paper_off():
     cfg = resolve_config(fake_model(**SMOLLM2), None, {"compat": "official"})
     assert cfg.compat == "official" and cfg.beyond_paper() == {}
-    assert cfg.lr == 5e-5  # the model's measured lr stays
+    assert cfg.lr == 3.5e-5  # the model's measured lr stays
     assert set(BEYOND_PAPER) <= set(EditConfig.field_names())
 
 
@@ -93,6 +94,17 @@ def test_bad_values_are_refused_once_with_the_field_named(bad, match):
 def test_options_that_cancel_out_warn():
     with pytest.warns(UserWarning, match="preserve_subjects/preserve_contexts have no effect"):
         EditConfig(preserve_subjects=["France"])
+    with pytest.warns(UserWarning, match="hold_margin has no effect without hold_done"):
+        EditConfig(hold_margin=1.0)
+
+
+def test_turning_holding_off_takes_a_presets_margin_with_it(recwarn):
+    smol = EditConfig.from_preset("smollm2-135m")
+    off = smol.replace(hold_done=False)
+    assert (off.hold_done, off.hold_margin) == (False, 0.0) and not recwarn.list
+    assert resolve_config(fake_model(**SMOLLM2), None, {"hold_done": False}).hold_margin == 0.0
+    with pytest.warns(UserWarning, match="hold_margin has no effect"):   # asked for: warned
+        smol.replace(hold_done=False, hold_margin=2.0)
 
 
 def test_editor_takes_a_config_and_overrides(ue_tokenizer):

@@ -320,11 +320,15 @@ class EditConfig:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     def replace(self, **changes) -> "EditConfig":
-        """A copy with ``changes`` (validated); unknown names are an error naming them."""
+        """A copy with ``changes`` (validated); unknown names are an error naming them.
+        ``hold_done=False`` without a ``hold_margin`` also sets the margin to 0: a margin is
+        part of holding (a preset's margin is not the caller's to warn about)."""
         unknown = sorted(set(changes) - set(self.field_names()))
         if unknown:
             raise TypeError(f"unknown editor option(s) {unknown}; the options are "
                             f"{list(self.field_names())}")
+        if changes.get("hold_done") is False and "hold_margin" not in changes:
+            changes["hold_margin"] = 0.0
         return dataclasses.replace(self, **changes)
 
     def beyond_paper(self) -> Dict[str, Any]:
