@@ -61,8 +61,11 @@ def test_search_runs_the_schedule_and_records_it(searched):
     assert 0 in [r["candidate"] for r in kept]
     assert t["space"]["lr"] == GRID["lr"] and t["space"]["n_layers"] == 3
     assert t["space"]["whiten"] == [0.0, 0.001]   # not in GRID: the default values
+    assert t["space"]["hold_margin"] == [0.0, 1.0]
     for row in t["candidates"]:
         assert row["config"]["whiten"] in (0.0, 0.001)
+        assert row["config"]["hold_margin"] in (0.0, 1.0)
+        assert row["config"]["hold_done"] or not row["config"]["hold_margin"]
     assert t["rule"].startswith("the highest teacher-forced ES") and "0.5" in t["rule"]
     assert lines[0].startswith("rule (fixed before the search)")
     assert sum(ln.startswith("[round") for ln in lines) == 9

@@ -7,7 +7,8 @@
 What it searches (:func:`search_space`, derived from the model): the edited modules (a module
 family, by default the MLP output projection, over four layer windows of about a sixth of the
 depth each: two early, one middle, one late), the capture positions (``subject``, ``answer``),
-``lr``, ``steps``, ``hold_done``, ``memory``, ``preserve``, ``protect_mean`` and ``whiten``.
+``lr``, ``steps``, ``hold_done`` with its ``hold_margin``, ``memory``, ``preserve``,
+``protect_mean`` and ``whiten``.
 Candidates are drawn from that grid without repetition (``random.Random(seed)``); the model's current config
 (:meth:`EditConfig.for_model`: its preset, else the paper's) is always candidate 0.
 
@@ -77,11 +78,12 @@ MEMORY_GRID = (0.0, 1.0, 4.0)
 PRESERVE_GRID = (0.0, 0.3, 1.0)
 PROTECT_GRID = (0.0, 4.0)
 WHITEN_GRID = (0.0, 1e-3)   # 1e-3 beat 1e-2 and 1e-4 over 1,000 edits (experiments/locality.md)
+HOLD_MARGIN_GRID = (0.0, 1.0)   # with hold_done only; 1 raised ES, GS and LS over 1,000 edits
 POSITIONS = ("subject", "answer")
 # first layer of each window, as a fraction of the depth: two early, one middle, one late
 WINDOW_STARTS = (0.07, 0.14, 0.4, 0.8)
-SEARCHED = ("modules", "positions", "lr", "steps", "hold_done", "memory", "preserve",
-            "protect_mean", "whiten")
+SEARCHED = ("modules", "positions", "lr", "steps", "hold_done", "hold_margin", "memory",
+            "preserve", "protect_mean", "whiten")
 FILL = 0.85   # the share of the time left that the schedule is sized for
 KNOWN_SHARE = 0.25   # of the budget, at most, to look for tuning facts the model knows
 
@@ -132,7 +134,7 @@ def search_space(model, families: Optional[Sequence[str]] = None,
                  grid: Optional[Dict[str, Sequence[Any]]] = None) -> Dict[str, Any]:
     """The searched values for ``model`` (a JSON-able dict, recorded in the preset); ``grid``
     replaces the values of some fields (``lr``, ``steps``, ``positions``, ``hold_done``,
-    ``memory``, ``preserve``, ``protect_mean``, ``whiten``, ``windows``)."""
+    ``hold_margin``, ``memory``, ``preserve``, ``protect_mean``, ``whiten``, ``windows``)."""
     n = _n_layers(model)
     named = dict(model.named_modules())
     fams = module_families(model, families)
@@ -142,7 +144,8 @@ def search_space(model, families: Optional[Sequence[str]] = None,
                              f"{fam.format(i=0)!r}")
     space = {"n_layers": n, "families": fams, "windows": [list(w) for w in layer_windows(n)],
              "positions": list(POSITIONS), "lr": list(LR_GRID), "steps": list(STEPS_GRID),
-             "hold_done": [False, True], "memory": list(MEMORY_GRID),
+             "hold_done": [False, True], "hold_margin": list(HOLD_MARGIN_GRID),
+             "memory": list(MEMORY_GRID),
              "preserve": list(PRESERVE_GRID), "protect_mean": list(PROTECT_GRID),
              "whiten": list(WHITEN_GRID)}
     for key, values in (grid or {}).items():
@@ -157,17 +160,19 @@ def search_space(model, families: Optional[Sequence[str]] = None,
 
 
 def _grid(space: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Every point of ``space`` (``hold_done`` only with more than one step)."""
+    """Every point of ``space`` (``hold_done`` only with more than one step, a nonzero
+    ``hold_margin`` only with ``hold_done``)."""
     out = []
-    for fam, win, pos, lr, steps, hold, mem, pres, prot, white in itertools.product(
+    for fam, win, pos, lr, steps, hold, margin, mem, pres, prot, white in itertools.product(
             space["families"], space["windows"], space["positions"], space["lr"],
-            space["steps"], space["hold_done"], space["memory"], space["preserve"],
-            space["protect_mean"], space.get("whiten", [0.0])):
-        if hold and steps == 1:
+            space["steps"], space["hold_done"], space.get("hold_margin", [0.0]),
+            space["memory"], space["preserve"], space["protect_mean"],
+            space.get("whiten", [0.0])):
+        if (hold and steps == 1) or (margin and not hold):
             continue
         out.append({"family": fam, "window": list(win), "positions": pos, "lr": lr,
-                    "steps": steps, "hold_done": hold, "memory": mem, "preserve": pres,
-                    "protect_mean": prot, "whiten": white})
+                    "steps": steps, "hold_done": hold, "hold_margin": margin, "memory": mem,
+                    "preserve": pres, "protect_mean": prot, "whiten": white})
     return out
 
 
@@ -175,7 +180,8 @@ def _config_of(point: Dict[str, Any]) -> EditConfig:
     a, b = point["window"]
     mods = [point["family"].format(i=i) for i in range(a, b + 1)]
     return EditConfig(modules=tuple(mods), lr=point["lr"], steps=point["steps"],
-                      hold_done=point["hold_done"], positions=point["positions"],
+                      hold_done=point["hold_done"],
+                      hold_margin=point.get("hold_margin", 0.0), positions=point["positions"],
                       memory=point["memory"], preserve=point["preserve"],
                       protect_mean=point["protect_mean"], whiten=point.get("whiten", 0.0))
 
@@ -193,8 +199,9 @@ def label(config: EditConfig) -> str:
         f"{fam} {ls[0]}-{ls[-1]}" if len(ls) > 1 else f"{fam} {ls[0]}".rstrip()
         for fam, ls in groups.items())
     return (f"{where} @{config.positions} lr {config.lr:g} steps {config.steps}"
-            f"{' hold' if config.hold_done else ''} mem {config.memory:g} "
-            f"pres {config.preserve:g} prot {config.protect_mean:g}"
+            f"{' hold' if config.hold_done else ''}"
+            f"{f' margin {config.hold_margin:g}' if config.hold_margin else ''}"
+            f" mem {config.memory:g} pres {config.preserve:g} prot {config.protect_mean:g}"
             + (f" whiten {config.whiten:g}" if config.whiten else ""))
 
 
