@@ -28,10 +28,13 @@ def test_presets():
     assert EditConfig.official().compat == "official" and EditConfig.official().beyond_paper() == {}
     assert "smollm2-135m" in preset_names()
     smol = EditConfig.from_preset("smollm2-135m")
-    assert smol.beyond_paper() == {"steps": 12, "hold_done": True, "hold_margin": 1.0,
-                                   "positions": "subject", "memory": 4.0, "preserve": 0.3,
-                                   "whiten": 1e-3}
-    assert smol.lr == 3.5e-5
+    assert smol.beyond_paper() == {"steps": 12, "hold_done": True, "positions": "subject",
+                                   "memory": 4.0, "preserve": 0.3, "whiten": 1e-3}
+    assert smol.lr == 5e-5
+    # the same with a logit margin and a smaller step, for long streams; by name only
+    assert "smollm2-135m-lifelong" in preset_names()
+    assert EditConfig.from_preset("smollm2-135m-lifelong") == smol.replace(hold_margin=1.0,
+                                                                           lr=3.5e-5)
     assert EditConfig.from_preset("paper") == paper
     assert EditConfig.from_preset("official", lr=1e-3).lr == 1e-3
     with pytest.raises(ValueError, match="no preset 'nope'.*smollm2-135m"):
@@ -50,7 +53,7 @@ def test_for_model_matches_the_whole_fingerprint():
 def test_official_without_a_config_turns_the_options_beyond_the_paper_off():
     cfg = resolve_config(fake_model(**SMOLLM2), None, {"compat": "official"})
     assert cfg.compat == "official" and cfg.beyond_paper() == {}
-    assert cfg.lr == 3.5e-5  # the model's measured lr stays
+    assert cfg.lr == 5e-5  # the model's measured lr stays
     assert set(BEYOND_PAPER) <= set(EditConfig.field_names())
 
 
@@ -99,10 +102,11 @@ def test_options_that_cancel_out_warn():
 
 
 def test_turning_holding_off_takes_a_presets_margin_with_it(recwarn):
-    smol = EditConfig.from_preset("smollm2-135m")
+    smol = EditConfig.from_preset("smollm2-135m-lifelong")
     off = smol.replace(hold_done=False)
     assert (off.hold_done, off.hold_margin) == (False, 0.0) and not recwarn.list
-    assert resolve_config(fake_model(**SMOLLM2), None, {"hold_done": False}).hold_margin == 0.0
+    assert resolve_config(fake_model(**SMOLLM2), "smollm2-135m-lifelong",
+                          {"hold_done": False}).hold_margin == 0.0
     with pytest.warns(UserWarning, match="hold_margin has no effect"):   # asked for: warned
         smol.replace(hold_done=False, hold_margin=2.0)
 

@@ -48,8 +48,8 @@ def test_default_subject_edits_stick_and_unrelated_facts_stay(ue_embedded, ue_re
     model, tok = ue_embedded
     unrelated_before = next_token_predictions(model, tok, UNRELATED)
     ed = UltraEditor(model, tok)                     # the measured defaults
-    assert (ed.positions, ed.lr, ed.steps, ed.hold_done, ed.hold_margin, ed.memory,
-            ed.preserve) == ("subject", 3.5e-5, 12, True, 1.0, 4.0, 0.3)
+    assert (ed.positions, ed.lr, ed.steps, ed.hold_done, ed.memory, ed.preserve) == (
+        "subject", 5e-5, 12, True, 4.0, 0.3)
     owners = ed.preserved[next(iter(ed.modules))].owners   # default: mined, none from the tables
     assert owners and "France" not in owners and "Paris" not in owners
     assert list(ed.modules) == [f"model.layers.{i}.mlp.down_proj" for i in range(2, 7)]
