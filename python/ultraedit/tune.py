@@ -78,7 +78,7 @@ MEMORY_GRID = (0.0, 1.0, 4.0)
 PRESERVE_GRID = (0.0, 0.3, 1.0)
 PROTECT_GRID = (0.0, 4.0)
 WHITEN_GRID = (0.0, 1e-3)   # 1e-3 beat 1e-2 and 1e-4 over 1,000 edits (experiments/locality.md)
-HOLD_MARGIN_GRID = (0.0, 1.0)   # with hold_done only; 1 raised ES, GS and LS over 1,000 edits
+HOLD_MARGIN_GRID = (0.0, 1.0)   # with hold_done only (1: the embedded model's lifelong preset)
 POSITIONS = ("subject", "answer")
 # first layer of each window, as a fraction of the depth: two early, one middle, one late
 WINDOW_STARTS = (0.07, 0.14, 0.4, 0.8)
