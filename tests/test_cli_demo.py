@@ -117,3 +117,15 @@ def test_demo_small_run(tmp_path, ue_embedded, capsys):
     assert all(0.0 <= wild[k] <= 1.0 for k in ("es", "gs", "ls", "es_contains", "gs_contains"))
     assert wild["examples"][0]["prompt"].startswith("Q: ") and data["timing"]["wild_s"] > 0
     assert "WILD-style exact" in out
+
+
+def test_the_summary_line_names_a_hold_margin():
+    from ultraedit.cli.demo import settings_line
+    from ultraedit.config import EditConfig
+
+    cfg = EditConfig.from_preset("smollm2-135m", modules=["m.2", "m.3"]).to_dict()
+    assert settings_line(cfg) == ("lr=5e-05, 12 steps, subject positions, memory=4, preserve=0.3, "
+                                  "whiten=0.001, 2 modules (m.2 ...)")
+    cfg = EditConfig.from_preset("smollm2-135m-lifelong", modules=["m.2"]).to_dict()
+    assert settings_line(cfg).startswith("lr=3.5e-05, 12 steps held to a logit margin of 1, ")
+

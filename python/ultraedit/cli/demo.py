@@ -155,14 +155,19 @@ def demo_result(run: Dict[str, Any], editor) -> Dict[str, Any]:
     }
 
 
+def settings_line(s: Dict[str, Any]) -> str:
+    """The demo's one-line summary of a run's recorded ``edit_config``."""
+    return (f"lr={s['lr']:g}, {s['steps']} steps"
+            + (f" held to a logit margin of {s['hold_margin']:g}" if s.get("hold_margin") else "")
+            + f", {s['positions']} positions, memory={s['memory']:g}, preserve={s['preserve']:g}"
+            + (f", whiten={s['whiten']:g}" if s.get("whiten") else "")
+            + f", {len(s['modules'])} modules ({s['modules'][0]} ...)")
+
+
 def print_demo(result: Dict[str, Any], turns: int, edits_per_turn: int) -> None:
     b, a = result["metrics"]["before"], result["metrics"]["after"]
     s = result["edit_config"]
-    print(f"\n{result['edits']} edits in {turns} turns of {edits_per_turn}; lr={s['lr']:g}, "
-          f"{s['steps']} steps, {s['positions']} positions, memory={s['memory']:g}, "
-          f"preserve={s['preserve']:g}"
-          + (f", whiten={s['whiten']:g}" if s.get("whiten") else "")
-          + f", {len(s['modules'])} modules ({s['modules'][0]} ...)")
+    print(f"\n{result['edits']} edits in {turns} turns of {edits_per_turn}; {settings_line(s)}")
     if s["preserve"] > 0:
         print(f"preserved subjects' keys captured once, before the first turn, in "
               f"{result['timing']['preserve_s']:.1f}s")
