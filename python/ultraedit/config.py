@@ -280,7 +280,7 @@ class EditConfig:
         values = data.get("config", data) if isinstance(data, dict) else None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: a preset is a JSON object with a 'config' object")
-        return cls.from_dict({**values, **overrides})
+        return cls.from_dict({**values, **_holding_follows(overrides)})
 
     @classmethod
     def for_model(cls, model, presets: Optional[Sequence[Union[str, Path]]] = None,
@@ -295,7 +295,7 @@ class EditConfig:
             want = data.get("fingerprint", {}) if isinstance(data, dict) else None
             if want and isinstance(data.get("config"), dict) and all(
                     fp.get(k) == v for k, v in want.items()):
-                return cls.from_dict({**data["config"], **overrides})
+                return cls.from_dict({**data["config"], **_holding_follows(overrides)})
         return cls.paper(**overrides)
 
     # ------------------------------------------------------------------ (de)serialization
@@ -321,20 +321,26 @@ class EditConfig:
 
     def replace(self, **changes) -> "EditConfig":
         """A copy with ``changes`` (validated); unknown names are an error naming them.
-        ``hold_done=False`` without a ``hold_margin`` also sets the margin to 0: a margin is
-        part of holding (a preset's margin is not the caller's to warn about)."""
+        ``hold_done=False`` also turns the margin off (:func:`_holding_follows`)."""
         unknown = sorted(set(changes) - set(self.field_names()))
         if unknown:
             raise TypeError(f"unknown editor option(s) {unknown}; the options are "
                             f"{list(self.field_names())}")
-        if changes.get("hold_done") is False and "hold_margin" not in changes:
-            changes["hold_margin"] = 0.0
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **_holding_follows(changes))
 
     def beyond_paper(self) -> Dict[str, Any]:
         """The options that differ from the paper's method (empty for the paper's config)."""
         paper = EditConfig()
         return {k: getattr(self, k) for k in BEYOND_PAPER if getattr(self, k) != getattr(paper, k)}
+
+
+def _holding_follows(changes: Dict[str, Any]) -> Dict[str, Any]:
+    """``changes`` laid over a config (a preset's, or another config's): ``hold_done=False``
+    without a ``hold_margin`` also sets the margin to 0, since a margin is part of holding and a
+    preset's margin is not the caller's to be warned about."""
+    if changes.get("hold_done") is False and "hold_margin" not in changes:
+        return {**changes, "hold_margin": 0.0}
+    return changes
 
 
 def resolve_config(model, config=None, overrides: Optional[Dict[str, Any]] = None) -> EditConfig:
