@@ -155,13 +155,19 @@ def demo_result(run: Dict[str, Any], editor) -> Dict[str, Any]:
     }
 
 
+def _count(n: int, noun: str) -> str:
+    """``"1 step"``, ``"12 steps"``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def settings_line(s: Dict[str, Any]) -> str:
     """The demo's one-line summary of a run's recorded ``edit_config``."""
-    return (f"lr={s['lr']:g}, {s['steps']} steps"
+    modules = s["modules"]
+    return (f"lr={s['lr']:g}, {_count(s['steps'], 'step')}"
             + (f" held to a logit margin of {s['hold_margin']:g}" if s.get("hold_margin") else "")
             + f", {s['positions']} positions, memory={s['memory']:g}, preserve={s['preserve']:g}"
             + (f", whiten={s['whiten']:g}" if s.get("whiten") else "")
-            + f", {len(s['modules'])} modules ({s['modules'][0]} ...)")
+            + f", {_count(len(modules), 'module')} ({modules[0]}{' ...' if len(modules) > 1 else ''})")
 
 
 def print_demo(result: Dict[str, Any], turns: int, edits_per_turn: int) -> None:
