@@ -163,11 +163,12 @@ def _count(n: int, noun: str) -> str:
 def settings_line(s: Dict[str, Any]) -> str:
     """The demo's one-line summary of a run's recorded ``edit_config``."""
     modules = s["modules"]
+    shown = modules[0] + (" ..." if len(modules) > 1 else "")
     return (f"lr={s['lr']:g}, {_count(s['steps'], 'step')}"
             + (f" held to a logit margin of {s['hold_margin']:g}" if s.get("hold_margin") else "")
             + f", {s['positions']} positions, memory={s['memory']:g}, preserve={s['preserve']:g}"
             + (f", whiten={s['whiten']:g}" if s.get("whiten") else "")
-            + f", {_count(len(modules), 'module')} ({modules[0]}{' ...' if len(modules) > 1 else ''})")
+            + f", {_count(len(modules), 'module')} ({shown})")
 
 
 def print_demo(result: Dict[str, Any], turns: int, edits_per_turn: int) -> None:
