@@ -127,7 +127,8 @@ def test_the_summary_line_names_a_hold_margin():
     assert settings_line(cfg) == ("lr=5e-05, 12 steps, subject positions, memory=4, preserve=0.3, "
                                   "whiten=0.001, 2 modules (m.2 ...)")
     cfg = EditConfig.from_preset("smollm2-135m-lifelong", modules=["m.2"]).to_dict()
-    assert settings_line(cfg).startswith("lr=3.5e-05, 12 steps held to a logit margin of 1, ")
+    assert settings_line(cfg).startswith("lr=3.5e-05, 12 steps held to a logit margin of 1, "
+                                         "held ones re-checked every 4, subject positions, ")
     assert settings_line(cfg).endswith(", 1 module (m.2)")
     cfg = EditConfig.from_preset("paper", modules=["m.2"]).to_dict()
     assert settings_line(cfg).startswith("lr=1e-06, 1 step, answer positions, ")

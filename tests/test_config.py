@@ -34,7 +34,7 @@ def test_presets():
     # the same with a logit margin and a smaller step, for long streams; by name only
     assert "smollm2-135m-lifelong" in preset_names()
     assert EditConfig.from_preset("smollm2-135m-lifelong") == smol.replace(hold_margin=1.0,
-                                                                           lr=3.5e-5)
+                                                                           lr=3.5e-5, recheck=4)
     assert EditConfig.from_preset("paper") == paper
     assert EditConfig.from_preset("official", lr=1e-3).lr == 1e-3
     with pytest.raises(ValueError, match="no preset 'nope'.*smollm2-135m"):
@@ -101,14 +101,26 @@ def test_options_that_cancel_out_warn():
         EditConfig(hold_margin=1.0)
 
 
-def test_turning_holding_off_takes_a_presets_margin_with_it(recwarn):
+def test_turning_holding_off_takes_a_presets_margin_and_recheck_with_it(recwarn):
     smol = EditConfig.from_preset("smollm2-135m-lifelong")
     off = smol.replace(hold_done=False)
-    assert (off.hold_done, off.hold_margin) == (False, 0.0) and not recwarn.list
-    assert resolve_config(fake_model(**SMOLLM2), "smollm2-135m-lifelong",
-                          {"hold_done": False}).hold_margin == 0.0
+    assert (off.hold_done, off.hold_margin, off.recheck) == (False, 0.0, 0) and not recwarn.list
+    resolved = resolve_config(fake_model(**SMOLLM2), "smollm2-135m-lifelong", {"hold_done": False})
+    assert (resolved.hold_margin, resolved.recheck) == (0.0, 0)
     with pytest.warns(UserWarning, match="hold_margin has no effect"):   # asked for: warned
         smol.replace(hold_done=False, hold_margin=2.0)
+    with pytest.warns(UserWarning, match="recheck has no effect"):
+        smol.replace(hold_done=False, recheck=4)
+
+
+@pytest.mark.parametrize("change", [{"positions": "answer"},
+                                    {"compat": "official", "positions": "answer"},
+                                    {"key_contexts": 4}])
+def test_options_recheck_cannot_act_on_take_a_presets_recheck_with_them(change, recwarn):
+    cfg = EditConfig.from_preset("smollm2-135m-lifelong", **change)
+    assert cfg.recheck == 0 and cfg.hold_margin == 1.0 and not recwarn.list
+    assert EditConfig.from_preset("smollm2-135m-lifelong").replace(**change).recheck == 0
+    assert EditConfig.from_preset("smollm2-135m-lifelong", key_contexts=0).recheck_every == 4
 
 
 def test_editor_takes_a_config_and_overrides(ue_tokenizer):

@@ -321,7 +321,8 @@ class EditConfig:
 
     def replace(self, **changes) -> "EditConfig":
         """A copy with ``changes`` (validated); unknown names are an error naming them.
-        ``hold_done=False`` also turns the margin off (:func:`_holding_follows`)."""
+        ``hold_done=False`` also turns the margin off, and ``recheck`` where it would have
+        nothing to act on (:func:`_holding_follows`)."""
         unknown = sorted(set(changes) - set(self.field_names()))
         if unknown:
             raise TypeError(f"unknown editor option(s) {unknown}; the options are "
@@ -335,12 +336,19 @@ class EditConfig:
 
 
 def _holding_follows(changes: Dict[str, Any]) -> Dict[str, Any]:
-    """``changes`` laid over a config (a preset's, or another config's): ``hold_done=False``
-    without a ``hold_margin`` also sets the margin to 0, since a margin is part of holding and a
-    preset's margin is not the caller's to be warned about."""
+    """``changes`` laid over a config (a preset's, or another config's). ``hold_done=False``
+    without a ``hold_margin`` also sets the margin to 0, and changes that leave ``recheck``
+    nothing to act on (``hold_done=False``, ``positions="answer"``, ``compat="official"``,
+    ``key_contexts``) without a ``recheck`` also set it to 0: both are part of holding, and a
+    preset's value of them is not the caller's to be warned about."""
+    out = dict(changes)
     if changes.get("hold_done") is False and "hold_margin" not in changes:
-        return {**changes, "hold_margin": 0.0}
-    return changes
+        out["hold_margin"] = 0.0
+    stops_recheck = (changes.get("hold_done") is False or changes.get("positions") == "answer"
+                     or changes.get("compat") == "official" or bool(changes.get("key_contexts")))
+    if stops_recheck and "recheck" not in changes:
+        out["recheck"] = 0
+    return out
 
 
 def resolve_config(model, config=None, overrides: Optional[Dict[str, Any]] = None) -> EditConfig:

@@ -166,6 +166,7 @@ def settings_line(s: Dict[str, Any]) -> str:
     shown = modules[0] + (" ..." if len(modules) > 1 else "")
     return (f"lr={s['lr']:g}, {_count(s['steps'], 'step')}"
             + (f" held to a logit margin of {s['hold_margin']:g}" if s.get("hold_margin") else "")
+            + (f", held ones re-checked every {s['recheck']}" if s.get("recheck", 0) > 1 else "")
             + f", {s['positions']} positions, memory={s['memory']:g}, preserve={s['preserve']:g}"
             + (f", whiten={s['whiten']:g}" if s.get("whiten") else "")
             + f", {_count(len(modules), 'module')} ({shown})")
