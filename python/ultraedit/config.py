@@ -248,9 +248,7 @@ class EditConfig:
         """``recheck`` where it applies (``hold_done``, ``positions="subject"``,
         ``compat="fixed"``, no ``key_contexts``, and ``recheck >= 2``), else 0
         (``ultraedit.held``)."""
-        applies = (self.recheck > 1 and self.hold_done and self.positions == "subject"
-                   and self.compat == "fixed" and not self.key_contexts)
-        return self.recheck if applies else 0
+        return self.recheck if self.recheck > 1 and _recheck_can_act(vars(self)) else 0
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -280,7 +278,7 @@ class EditConfig:
         values = data.get("config", data) if isinstance(data, dict) else None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: a preset is a JSON object with a 'config' object")
-        return cls.from_dict({**values, **_holding_follows(overrides)})
+        return cls.from_dict({**values, **_holding_follows(values, overrides)})
 
     @classmethod
     def for_model(cls, model, presets: Optional[Sequence[Union[str, Path]]] = None,
@@ -295,7 +293,8 @@ class EditConfig:
             want = data.get("fingerprint", {}) if isinstance(data, dict) else None
             if want and isinstance(data.get("config"), dict) and all(
                     fp.get(k) == v for k, v in want.items()):
-                return cls.from_dict({**data["config"], **_holding_follows(overrides)})
+                values = data["config"]
+                return cls.from_dict({**values, **_holding_follows(values, overrides)})
         return cls.paper(**overrides)
 
     # ------------------------------------------------------------------ (de)serialization
@@ -327,7 +326,7 @@ class EditConfig:
         if unknown:
             raise TypeError(f"unknown editor option(s) {unknown}; the options are "
                             f"{list(self.field_names())}")
-        return dataclasses.replace(self, **_holding_follows(changes))
+        return dataclasses.replace(self, **_holding_follows(vars(self), changes))
 
     def beyond_paper(self) -> Dict[str, Any]:
         """The options that differ from the paper's method (empty for the paper's config)."""
@@ -335,18 +334,25 @@ class EditConfig:
         return {k: getattr(self, k) for k in BEYOND_PAPER if getattr(self, k) != getattr(paper, k)}
 
 
-def _holding_follows(changes: Dict[str, Any]) -> Dict[str, Any]:
-    """``changes`` laid over a config (a preset's, or another config's). ``hold_done=False``
-    without a ``hold_margin`` also sets the margin to 0, and changes that leave ``recheck``
-    nothing to act on (``hold_done=False``, ``positions="answer"``, ``compat="official"``,
-    ``key_contexts``) without a ``recheck`` also set it to 0: both are part of holding, and a
-    preset's value of them is not the caller's to be warned about."""
+def _recheck_can_act(values: Dict[str, Any]) -> bool:
+    """Whether ``recheck`` has rows to skip in a config's ``values`` (missing: the defaults):
+    held edits with keys at the subject, the fixed numerics and no ``key_contexts``."""
+    get = lambda k: values.get(k, getattr(EditConfig, k))  # noqa: E731 (the field's default)
+    return (bool(get("hold_done")) and get("positions") == "subject"
+            and get("compat") == "fixed" and not get("key_contexts"))
+
+
+def _holding_follows(base: Dict[str, Any], changes: Dict[str, Any]) -> Dict[str, Any]:
+    """``changes`` laid over a config's values ``base`` (a preset's, or another config's).
+    ``hold_done=False`` without a ``hold_margin`` also sets the margin to 0, and changes that
+    leave ``recheck`` nothing to act on (:func:`_recheck_can_act`) without a ``recheck`` also set
+    it to 0: both are part of holding, and a preset's value of them is not the caller's to be
+    warned about."""
     out = dict(changes)
     if changes.get("hold_done") is False and "hold_margin" not in changes:
         out["hold_margin"] = 0.0
-    stops_recheck = (changes.get("hold_done") is False or changes.get("positions") == "answer"
-                     or changes.get("compat") == "official" or bool(changes.get("key_contexts")))
-    if stops_recheck and "recheck" not in changes:
+    if ("recheck" not in changes and _recheck_can_act(base)
+            and not _recheck_can_act({**base, **changes})):
         out["recheck"] = 0
     return out
 
