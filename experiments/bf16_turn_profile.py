@@ -1,0 +1,107 @@
+"""One lifelong-preset turn alone, float32 against bfloat16 products: alternating rounds and one
+``torch.profiler`` profile of each, summed by kind of op.
+
+Each round edits the same 100 requests (the first turn of the README's 1,000 records) with
+``smollm2-135m-lifelong`` and rolls the turn back, so every round starts from the same weights
+and state; the products' dtype is switched between rounds (``EditConfig.matmul_dtype``). The
+profile sums each op's self CPU time into: linear products (``mm``/``addmm``/``linear``/...,
+the oneDNN bfloat16 ones included), casts (``to``/``copy_``), attention, and the rest.
+
+    gunzip -c experiments/results/run_offline_records.jsonl.gz > records.jsonl
+    python experiments/bf16_turn_profile.py --records records.jsonl --threads 1 \\
+        --json experiments/results/bf16_turn_profile_xeon.json
+"""
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+
+import _common  # noqa: F401  (the repository on sys.path)
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul",
+            "mkldnn::_linear_pointwise", "aten::_mkldnn_linear", "aten::mkldnn_linear")
+CASTS = ("aten::to", "aten::_to_copy", "aten::copy_")
+
+
+def kind(name: str) -> str:
+    if name in PRODUCTS or "linear" in name or name.endswith("::mm"):
+        return "products"
+    if name in CASTS:
+        return "casts"
+    if "attention" in name or "sdpa" in name or "softmax" in name:
+        return "attention and softmax"
+    return "the rest"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--records", required=True)
+    p.add_argument("--edits", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from ultraedit import EditConfig, UltraEditor
+    from ultraedit.data import load_records
+    from ultraedit.models import load_model
+
+    model, tok = load_model("default")
+    records = load_records(args.records, format="records", limit=args.edits)
+    requests = [r.as_request() for r in records]
+    editor = UltraEditor(model, tok, EditConfig.from_preset("smollm2-135m-lifelong"))
+    base = editor.config
+
+    def turn(dtype: str):
+        editor.config = dataclasses.replace(base, matmul_dtype=dtype)
+        report = editor.edit(requests)
+        editor.rollback()
+        return report
+
+    for dtype in ("model", "bfloat16"):   # warm-up: allocator, oneDNN's first bfloat16 calls
+        turn(dtype)
+    rounds = {"model": [], "bfloat16": []}
+    for r in range(args.rounds):
+        for dtype in (("model", "bfloat16") if r % 2 == 0 else ("bfloat16", "model")):
+            rep = turn(dtype)
+            rounds[dtype].append({"turn_s": rep.turn_s, "fwd_bwd_s": rep.fwd_bwd_s,
+                                  "steps_run": rep.steps_run, "n_predicted": rep.n_predicted})
+            print(f"round {r} {dtype}: turn {rep.turn_s:.2f} s, forward+backward "
+                  f"{rep.fwd_bwd_s:.2f} s", file=sys.stderr)
+
+    profiles = {}
+    for dtype in ("model", "bfloat16"):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            turn(dtype)
+            wall = time.perf_counter() - t0
+        by_kind, top = {}, []
+        for ev in prof.key_averages():
+            by_kind[kind(ev.key)] = by_kind.get(kind(ev.key), 0.0) + ev.self_cpu_time_total / 1e6
+            top.append((ev.self_cpu_time_total / 1e6, ev.key, ev.count))
+        top.sort(reverse=True)
+        profiles[dtype] = {"wall_s": wall, "self_s_by_kind": by_kind,
+                           "top_ops": [{"op": k, "self_s": s, "calls": c} for s, k, c in top[:15]]}
+        print(dtype, {k: round(v, 2) for k, v in by_kind.items()}, file=sys.stderr)
+
+    med = {d: {k: statistics.median(x[k] for x in rows) for k in ("turn_s", "fwd_bwd_s")}
+           for d, rows in rounds.items()}
+    out = {"command": " ".join(sys.argv), "threads": args.threads, "edits": len(requests),
+           "rounds": rounds, "median": med,
+           "speedup": {k: med["model"][k] / med["bfloat16"][k] for k in ("turn_s", "fwd_bwd_s")},
+           "profiles": profiles}
+    print(json.dumps({"median": med, "speedup": out["speedup"]}, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
