@@ -101,13 +101,14 @@ def _packed_attention(module, query, key, value, attention_mask, **kwargs):
     order = layout.order.to(query.device)
     q, k, v = (t[0].index_select(1, order) for t in (query, key, value))
     kwargs.pop("is_causal", None)
-    out, start = [], 0
-    for length, n in layout.blocks:
-        span = slice(start, start + n * length)
-        block = [t[:, span].unflatten(1, (n, length)).transpose(0, 1) for t in (q, k, v)]
+    # one split, not a slice per block: a slice's backward writes its gradient into zeros of the
+    # whole sequence and autograd adds those up; a split's backward is one concatenation
+    sizes = [n * length for length, n in layout.blocks]
+    out = []
+    for (length, n), *parts in zip(layout.blocks, *(t.split(sizes, 1) for t in (q, k, v))):
+        block = [t.unflatten(1, (n, length)).transpose(0, 1) for t in parts]
         o, _ = sdpa_attention_forward(module, *block, None, is_causal=True, **kwargs)
         out.append(o.reshape(n * length, *o.shape[2:]))        # (n L, heads, d)
-        start += n * length
     return torch.cat(out).index_select(0, layout.restore.to(query.device))[None], None
 
 

@@ -1,0 +1,148 @@
+"""A turn's backward without the zero-filled copies: before/after, alternating rounds.
+
+Two changes to a packed turn's backward, both leaving every product as it was:
+
+* packed attention (``ultraedit.packing``) cuts the sequence into its blocks of equal-length
+  requests with one ``split`` instead of a slice per block (a slice's backward writes its
+  gradient into zeros of the whole sequence, and autograd adds those up per block);
+* the row-restricted input gradient (``ultraedit.backward_rows``) takes a slice of the output
+  gradient when its rows are one run, as a packed sequence's always are, instead of
+  ``index_select`` into a copy and ``index_copy_`` into zeros.
+
+"before" runs the previous code (kept here, patched in); "after" the package's. Each round edits
+the same 100 requests (the first turn of the README's 1,000 records) with
+``smollm2-135m-lifelong`` and rolls the turn back; the edited weights of the two variants are
+compared with ``torch.equal``.
+
+    gunzip -c experiments/results/run_offline_records.jsonl.gz > records.jsonl
+    python experiments/backward_overhead.py --records records.jsonl --threads 1 \\
+        [--matmul-dtype bfloat16] --json experiments/results/backward_overhead_xeon.json
+"""
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+
+import _common  # noqa: F401  (the repository on sys.path)
+
+import torch
+import torch.nn.functional as F
+
+
+def _packed_attention_before(module, query, key, value, attention_mask, **kwargs):
+    """``ultraedit.packing._packed_attention`` before the change: one slice per block."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    import ultraedit.packing as packing
+
+    layout = packing._ACTIVE[-1]
+    layout.calls += 1
+    order = layout.order.to(query.device)
+    q, k, v = (t[0].index_select(1, order) for t in (query, key, value))
+    kwargs.pop("is_causal", None)
+    out, start = [], 0
+    for length, n in layout.blocks:
+        span = slice(start, start + n * length)
+        block = [t[:, span].unflatten(1, (n, length)).transpose(0, 1) for t in (q, k, v)]
+        o, _ = sdpa_attention_forward(module, *block, None, is_causal=True, **kwargs)
+        out.append(o.reshape(n * length, *o.shape[2:]))
+        start += n * length
+    return torch.cat(out).index_select(0, layout.restore.to(query.device))[None], None
+
+
+class _LinearRowsBefore(torch.autograd.Function):
+    """``ultraedit.backward_rows._LinearRows`` before the change: gather, product, scatter."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, index, bounds, low):
+        ctx.save_for_backward(weight, index)
+        ctx.x_shape, ctx.low = x.shape, low
+        if low:
+            return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, index = ctx.saved_tensors
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_in = rows.new_zeros(rows.shape[0], weight.shape[1])
+        picked = rows.index_select(0, index)
+        if ctx.low:
+            picked = picked.to(weight.dtype).mm(weight).to(rows.dtype)
+        else:
+            picked = picked.mm(weight.to(rows.dtype))
+        grad_in.index_copy_(0, index, picked)
+        return grad_in.view(ctx.x_shape), None, None, None, None, None
+
+
+@contextlib.contextmanager
+def before():
+    import ultraedit.backward_rows as rows
+    import ultraedit.packing as packing
+
+    saved = packing._packed_attention, rows._LinearRows
+    packing._packed_attention, rows._LinearRows = _packed_attention_before, _LinearRowsBefore
+    try:
+        yield
+    finally:
+        packing._packed_attention, rows._LinearRows = saved
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--records", required=True)
+    p.add_argument("--edits", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--matmul-dtype", default="model", choices=("model", "bfloat16"))
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from ultraedit import EditConfig, UltraEditor
+    from ultraedit.data import load_records
+    from ultraedit.models import load_model
+
+    model, tok = load_model("default")
+    requests = [r.as_request() for r in load_records(args.records, format="records",
+                                                     limit=args.edits)]
+    editor = UltraEditor(model, tok, EditConfig.from_preset(
+        "smollm2-135m-lifelong", matmul_dtype=args.matmul_dtype))
+    variants = {"before": before, "after": contextlib.nullcontext}
+    weights = {}
+
+    def turn(name):
+        with variants[name]():
+            report = editor.edit(requests)
+        if name not in weights:
+            weights[name] = {n: m.weight.detach().clone() for n, m in editor.modules.items()}
+        editor.rollback()
+        return report
+
+    for name in variants:   # warm-up (and the weights each variant leaves)
+        turn(name)
+    rounds = {name: [] for name in variants}
+    for r in range(args.rounds):
+        for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
+            rep = turn(name)
+            rounds[name].append({"turn_s": rep.turn_s, "fwd_bwd_s": rep.fwd_bwd_s,
+                                 "steps_run": rep.steps_run})
+            print(f"round {r} {name}: turn {rep.turn_s:.2f} s, forward+backward "
+                  f"{rep.fwd_bwd_s:.2f} s", file=sys.stderr)
+    equal = all(torch.equal(weights["before"][n], weights["after"][n]) for n in weights["after"])
+    med = {v: {k: statistics.median(x[k] for x in rows) for k in ("turn_s", "fwd_bwd_s")}
+           for v, rows in rounds.items()}
+    out = {"command": " ".join(sys.argv), "threads": args.threads, "edits": len(requests),
+           "matmul_dtype": args.matmul_dtype, "rounds": rounds, "median": med,
+           "speedup": {k: med["before"][k] / med["after"][k] for k in ("turn_s", "fwd_bwd_s")},
+           "weights_bit_identical": equal}
+    print(json.dumps({k: out[k] for k in ("median", "speedup", "weights_bit_identical")}, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0 if equal else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
