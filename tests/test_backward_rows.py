@@ -7,7 +7,7 @@ import torch.nn as nn
 from _autograd_reference import lm_loss
 from conftest import ue_tiny_model
 from tolerances import F64, bound, rel_err
-from ultraedit.backward_rows import LinearRowsBackward, MaskRows, _LinearRows, backward_span
+from ultraedit.backward_rows import LinearRowsBackward, backward_span
 from ultraedit.hooks import CaptureSession
 from ultraedit.tokenization import encode_edit_batch
 
@@ -103,26 +103,3 @@ def test_weights_that_require_grad_keep_the_plain_backward():
         rows.set_span(torch.tensor([[0, 0, 1, 1], [0, 1, 1, 0]]).bool())
         lin(x).sum().backward()
     assert lin.weight.grad is not None and (x.grad != 0).all()
-
-
-@pytest.mark.parametrize("rows, bounds", [
-    ([0, 1, 2, 3, 4, 5, 6], (0, 7)),        # every row: the product is the gradient
-    ([2, 3, 4], (2, 5)),                     # one run inside: a slice, zeros around it
-    ([0, 2, 3, 6], None),                    # several runs: gather and scatter
-])
-def test_input_gradient_of_one_run_of_rows_and_of_scattered_rows(rows, bounds):
-    gen = torch.Generator().manual_seed(3)
-    mask = torch.zeros(1, 7, dtype=torch.bool)
-    mask[0, rows] = True
-    span = MaskRows(mask)
-    assert span.bounds == bounds and span.count == len(rows)
-    x = torch.randn(1, 7, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(3, 5, generator=gen, dtype=torch.float64)
-    dy = torch.randn(1, 7, 3, generator=gen, dtype=torch.float64)
-    out = _LinearRows.apply(x, weight, None, span.on(x.device), span.bounds, False)
-    assert torch.equal(out, torch.nn.functional.linear(x, weight))
-    (dx,) = torch.autograd.grad(out, x, dy)
-    want = torch.zeros(7, 5, dtype=torch.float64)
-    want[rows] = dy[0, rows] @ weight
-    assert rel_err(dx[0], want) <= bound("reorder", F64)
-    assert not dx[0, [i for i in range(7) if i not in rows]].any()

@@ -17,8 +17,7 @@ gradient only on the rows of that span:
     dx = zeros(B*L, d_in);  dx[S] = dy[S] @ W        (instead of dx = dy @ W)
 
 which is what ``torch.nn.functional.linear(x, W, b)`` back-propagates, restricted to ``S``
-(``index_select`` + ``mm`` + ``index_copy_``: the same products row by row; where ``S`` is one
-run of rows, as in a packed sequence, a slice of ``dy`` and no zeros inside it). The captured
+(``index_select`` + ``mm`` + ``index_copy_``: the same products row by row). The captured
 ``G`` are unchanged, to the bit on the machines measured (``experiments/turn_speed.md``). The
 forward is untouched: ``F.linear(x, W, b)``. No weight gradient is computed (the editor's
 parameters have ``requires_grad=False`` during a capture; a module whose weight requires grad
@@ -66,13 +65,6 @@ class MaskRows:
         self._flat = mask.reshape(-1).nonzero().squeeze(1)
         self.count = int(self._flat.numel())
         self._index = {mask.device: self._flat}
-        # ``(first, end)`` when the rows are one run (a packed sequence's span always is): the
-        # backward then takes a slice instead of gathering and scattering rows
-        self.bounds: Optional[Tuple[int, int]] = None
-        if self.count:
-            first, last = (int(i) for i in self._flat[[0, -1]].tolist())
-            if last - first + 1 == self.count:
-                self.bounds = (first, last + 1)
 
     def on(self, device: torch.device) -> torch.Tensor:
         idx = self._index.get(device)
@@ -84,14 +76,13 @@ class MaskRows:
 class _LinearRows(torch.autograd.Function):
     """``F.linear(x, weight, bias)``; backward: the input gradient on the rows ``index`` of the
     flattened ``(B*L, d_out)`` output gradient, zero elsewhere; no weight or bias gradient.
-    ``bounds``: ``(first, end)`` when ``index`` is that one run of rows (a slice, no gather).
     ``low``: the products run in the (low-precision) weight's dtype, the results cast back to
     the activations' (``ultraedit.low_precision``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, index, bounds, low):
+    def forward(ctx, x, weight, bias, index, low):
         ctx.save_for_backward(weight, index)
-        ctx.x_shape, ctx.bounds, ctx.low = x.shape, bounds, low
+        ctx.x_shape, ctx.low = x.shape, low
         if low:
             return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
         return F.linear(x, weight, bias)
@@ -100,24 +91,14 @@ class _LinearRows(torch.autograd.Function):
     def backward(ctx, grad_out):
         weight, index = ctx.saved_tensors
         rows = grad_out.reshape(-1, grad_out.shape[-1])
-        n = rows.shape[0]
-        picked = rows.index_select(0, index) if ctx.bounds is None else rows[slice(*ctx.bounds)]
+        grad_in = rows.new_zeros(rows.shape[0], weight.shape[1])
+        picked = rows.index_select(0, index)
         if ctx.low:
             picked = picked.to(weight.dtype).mm(weight).to(rows.dtype)
         else:
             picked = picked.mm(weight.to(rows.dtype))
-        if ctx.bounds == (0, n):
-            grad_in = picked
-        elif ctx.bounds is not None:
-            first, end = ctx.bounds
-            grad_in = rows.new_empty(n, weight.shape[1])
-            grad_in[:first].zero_()
-            grad_in[end:].zero_()
-            grad_in[first:end] = picked
-        else:
-            grad_in = rows.new_zeros(n, weight.shape[1])
-            grad_in.index_copy_(0, index, picked)
-        return grad_in.view(ctx.x_shape), None, None, None, None, None
+        grad_in.index_copy_(0, index, picked)
+        return grad_in.view(ctx.x_shape), None, None, None, None
 
 
 def switchable(module: nn.Module, exclude: Tuple[nn.Module, ...] = ()) -> bool:
@@ -180,5 +161,5 @@ class LinearRowsBackward:
                 if low:
                     return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
                 return F.linear(x, weight, bias)
-            return _LinearRows.apply(x, weight, bias, span.on(x.device), span.bounds, low)
+            return _LinearRows.apply(x, weight, bias, span.on(x.device), low)
         return forward
