@@ -1,13 +1,9 @@
-"""A turn's backward without the zero-filled copies: before/after, alternating rounds.
+"""A packed turn's attention blocks by one split, not a slice each: before/after, alternating rounds.
 
-Two changes to a packed turn's backward, both leaving every product as it was:
-
-* packed attention (``ultraedit.packing``) cuts the sequence into its blocks of equal-length
-  requests with one ``split`` instead of a slice per block (a slice's backward writes its
-  gradient into zeros of the whole sequence, and autograd adds those up per block);
-* the row-restricted input gradient (``ultraedit.backward_rows``) takes a slice of the output
-  gradient when its rows are one run, as a packed sequence's always are, instead of
-  ``index_select`` into a copy and ``index_copy_`` into zeros.
+Packed attention (``ultraedit.packing``) cuts the packed queries, keys and values into blocks
+of equal-length requests. It took one slice per block; a slice's backward writes its gradient
+into zeros of the whole sequence, and autograd adds those up, per block, layer and step. It now
+takes one ``split``, whose backward is one concatenation; every product is the same.
 
 "before" runs the previous code (kept here, patched in); "after" the package's. Each round edits
 the same 100 requests (the first turn of the README's 1,000 records) with
@@ -27,7 +23,6 @@ import sys
 import _common  # noqa: F401  (the repository on sys.path)
 
 import torch
-import torch.nn.functional as F
 
 
 def _packed_attention_before(module, query, key, value, attention_mask, **kwargs):
@@ -51,42 +46,16 @@ def _packed_attention_before(module, query, key, value, attention_mask, **kwargs
     return torch.cat(out).index_select(0, layout.restore.to(query.device))[None], None
 
 
-class _LinearRowsBefore(torch.autograd.Function):
-    """``ultraedit.backward_rows._LinearRows`` before the change: gather, product, scatter."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, index, bounds, low):
-        ctx.save_for_backward(weight, index)
-        ctx.x_shape, ctx.low = x.shape, low
-        if low:
-            return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        weight, index = ctx.saved_tensors
-        rows = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_in = rows.new_zeros(rows.shape[0], weight.shape[1])
-        picked = rows.index_select(0, index)
-        if ctx.low:
-            picked = picked.to(weight.dtype).mm(weight).to(rows.dtype)
-        else:
-            picked = picked.mm(weight.to(rows.dtype))
-        grad_in.index_copy_(0, index, picked)
-        return grad_in.view(ctx.x_shape), None, None, None, None, None
-
-
 @contextlib.contextmanager
 def before():
-    import ultraedit.backward_rows as rows
     import ultraedit.packing as packing
 
-    saved = packing._packed_attention, rows._LinearRows
-    packing._packed_attention, rows._LinearRows = _packed_attention_before, _LinearRowsBefore
+    saved = packing._packed_attention
+    packing._packed_attention = _packed_attention_before
     try:
         yield
     finally:
-        packing._packed_attention, rows._LinearRows = saved
+        packing._packed_attention = saved
 
 
 def main(argv=None) -> int:
