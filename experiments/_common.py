@@ -219,3 +219,30 @@ def edit_reach(direction, keys, paraphrase_keys, owner):
     cross = ((direction @ keys.T) / own[:, None]).abs()
     return (float(same.mean()), float(cross.masked_fill(~off, -1).max(1).values.mean()),
             float(cross[off].mean()))
+
+
+def rounds_parser(doc):
+    """The options of the scripts that time one lifelong-preset turn of the README's records in
+    alternating rounds (``bf16_turn_profile.py``, ``backward_overhead.py``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--records", required=True)
+    p.add_argument("--edits", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json")
+    return p
+
+
+def lifelong_turn(args, **overrides):
+    """``(editor, requests)``: the embedded model with ``smollm2-135m-lifelong`` (and
+    ``overrides``) and the first ``args.edits`` records of ``args.records`` as requests."""
+    from ultraedit import EditConfig, UltraEditor
+    from ultraedit.data import load_records
+    from ultraedit.models import load_model
+
+    model, tok = load_model("default")
+    records = load_records(args.records, format="records", limit=args.edits)
+    editor = UltraEditor(model, tok, EditConfig.from_preset("smollm2-135m-lifelong", **overrides))
+    return editor, [r.as_request() for r in records]

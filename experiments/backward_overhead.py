@@ -14,13 +14,12 @@ compared with ``torch.equal``.
     python experiments/backward_overhead.py --records records.jsonl --threads 1 \\
         [--matmul-dtype bfloat16] --json experiments/results/backward_overhead_xeon.json
 """
-import argparse
 import contextlib
 import json
 import statistics
 import sys
 
-import _common  # noqa: F401  (the repository on sys.path)
+import _common
 
 import torch
 
@@ -59,25 +58,11 @@ def before():
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--records", required=True)
-    p.add_argument("--edits", type=int, default=100)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
+    p = _common.rounds_parser(__doc__)
     p.add_argument("--matmul-dtype", default="model", choices=("model", "bfloat16"))
-    p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    from ultraedit import EditConfig, UltraEditor
-    from ultraedit.data import load_records
-    from ultraedit.models import load_model
-
-    model, tok = load_model("default")
-    requests = [r.as_request() for r in load_records(args.records, format="records",
-                                                     limit=args.edits)]
-    editor = UltraEditor(model, tok, EditConfig.from_preset(
-        "smollm2-135m-lifelong", matmul_dtype=args.matmul_dtype))
+    editor, requests = _common.lifelong_turn(args, matmul_dtype=args.matmul_dtype)
     variants = {"before": before, "after": contextlib.nullcontext}
     weights = {}
 

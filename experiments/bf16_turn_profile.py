@@ -11,14 +11,13 @@ the oneDNN bfloat16 ones included), casts (``to``/``copy_``), attention, and the
     python experiments/bf16_turn_profile.py --records records.jsonl --threads 1 \\
         --json experiments/results/bf16_turn_profile_xeon.json
 """
-import argparse
 import dataclasses
 import json
 import statistics
 import sys
 import time
 
-import _common  # noqa: F401  (the repository on sys.path)
+import _common
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -39,23 +38,9 @@ def kind(name: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--records", required=True)
-    p.add_argument("--edits", type=int, default=100)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json")
-    args = p.parse_args(argv)
+    args = _common.rounds_parser(__doc__).parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    from ultraedit import EditConfig, UltraEditor
-    from ultraedit.data import load_records
-    from ultraedit.models import load_model
-
-    model, tok = load_model("default")
-    records = load_records(args.records, format="records", limit=args.edits)
-    requests = [r.as_request() for r in records]
-    editor = UltraEditor(model, tok, EditConfig.from_preset("smollm2-135m-lifelong"))
+    editor, requests = _common.lifelong_turn(args)
     base = editor.config
 
     def turn(dtype: str):
