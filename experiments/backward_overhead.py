@@ -1,9 +1,15 @@
-"""A packed turn's attention blocks by one split, not a slice each: before/after, alternating rounds.
+"""Packed attention's backward without zero-filled copies: before/after, alternating rounds.
 
-Packed attention (``ultraedit.packing``) cuts the packed queries, keys and values into blocks
-of equal-length requests. It took one slice per block; a slice's backward writes its gradient
-into zeros of the whole sequence, and autograd adds those up, per block, layer and step. It now
-takes one ``split``, whose backward is one concatenation; every product is the same.
+Packed attention (``ultraedit.packing``) gathers the packed queries, keys and values into runs
+of equal-length requests and cuts them into blocks; every product is the same before and after,
+only the backward's copies differ:
+
+* it cut the blocks with one slice each; a slice's backward writes its gradient into zeros of
+  the whole sequence, and autograd adds those up, per block, layer and step. Now one ``split``,
+  whose backward is one concatenation;
+* it took ``query[0]`` (a select's backward copies into zeros of the whole input) and gathered
+  with ``index_select`` (whose backward adds into zeros). Now ``squeeze(0)`` and a gather whose
+  backward is the gather by the inverse permutation; the same for the output's reordering.
 
 "before" runs the previous code (kept here, patched in); "after" the package's. Each round edits
 the same 100 requests (the first turn of the README's 1,000 records) with

@@ -8,7 +8,8 @@ import torch
 from _same_turns import assert_same, fact_requests, recording
 from conftest import ue_tiny_model
 from ultraedit import EditConfig, UltraEditor
-from ultraedit.packing import PACKED_ATTENTION, PackedLayout, packed, probe, sliding_window
+from ultraedit.packing import (PACKED_ATTENTION, PackedLayout, _Reorder, packed, probe,
+                               sliding_window)
 from ultraedit.tokenization import encode_edit_batch
 
 MODULES = {"llama": ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.up_proj"],
@@ -180,3 +181,17 @@ def test_teacher_forced_predictions_packed_equal_padded(ue_tokenizer, monkeypatc
     monkeypatch.setattr(probing, "on_cpu", lambda m: False)
     want = probing._teacher_forced(model, ue_tokenizer, prompts, targets, batch_size=3)
     assert got == want and len(calls) == 3
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_reorder_is_index_select_with_the_inverse_gather_as_backward(dim):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 7, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    order = torch.randperm(x.shape[dim], generator=gen)
+    restore = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
+    dy = torch.randn(x.index_select(dim, order).shape, generator=gen, dtype=torch.float64)
+    y = _Reorder.apply(x, order, restore, dim)
+    assert torch.equal(y, x.index_select(dim, order))
+    (got,) = torch.autograd.grad(y, x, dy)
+    (want,) = torch.autograd.grad(x.index_select(dim, order), x, dy)
+    assert torch.equal(got, want)           # a permutation: every row is written once

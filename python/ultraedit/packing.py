@@ -87,6 +87,21 @@ class PackedLayout:
         return torch.cat([t[r.to(t.device)] for t, r in zip(tensors, self.real)])[None]
 
 
+class _Reorder(torch.autograd.Function):
+    """``x.index_select(dim, order)`` for a permutation ``order`` whose inverse is ``restore``;
+    backward: ``grad.index_select(dim, restore)`` (a gather, where ``index_select``'s own
+    backward adds the gradient into zeros)."""
+
+    @staticmethod
+    def forward(ctx, x, order, restore, dim):
+        ctx.restore, ctx.dim = restore, dim
+        return x.index_select(dim, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.index_select(ctx.dim, ctx.restore), None, None, None
+
+
 def _packed_attention(module, query, key, value, attention_mask, **kwargs):
     """Attention of the active :class:`PackedLayout`: causal within each request, none across;
     transformers' ``sdpa`` attention on each run of equal-length requests. ``query``, ``key``,
@@ -98,8 +113,9 @@ def _packed_attention(module, query, key, value, attention_mask, **kwargs):
         raise RuntimeError(f"packed attention got queries {tuple(query.shape)} and keys "
                            f"{tuple(key.shape)} for a packed sequence of {layout.tokens} tokens")
     layout.calls += 1
-    order = layout.order.to(query.device)
-    q, k, v = (t[0].index_select(1, order) for t in (query, key, value))
+    order, restore = layout.order.to(query.device), layout.restore.to(query.device)
+    # squeeze, not [0]: a select's backward copies into zeros of the whole input
+    q, k, v = (_Reorder.apply(t.squeeze(0), order, restore, 1) for t in (query, key, value))
     kwargs.pop("is_causal", None)
     # one split, not a slice per block: a slice's backward writes its gradient into zeros of the
     # whole sequence and autograd adds those up; a split's backward is one concatenation
@@ -109,7 +125,7 @@ def _packed_attention(module, query, key, value, attention_mask, **kwargs):
         block = [t.unflatten(1, (n, length)).transpose(0, 1) for t in parts]
         o, _ = sdpa_attention_forward(module, *block, None, is_causal=True, **kwargs)
         out.append(o.reshape(n * length, *o.shape[2:]))        # (n L, heads, d)
-    return torch.cat(out).index_select(0, layout.restore.to(query.device))[None], None
+    return _Reorder.apply(torch.cat(out), restore, order, 0)[None], None
 
 
 def batches_in_forward() -> int:
