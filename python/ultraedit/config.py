@@ -278,7 +278,7 @@ class EditConfig:
         values = data.get("config", data) if isinstance(data, dict) else None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: a preset is a JSON object with a 'config' object")
-        return cls.from_dict({**values, **_holding_follows(values, overrides)})
+        return cls.from_dict(_over_preset(values, overrides))
 
     @classmethod
     def for_model(cls, model, presets: Optional[Sequence[Union[str, Path]]] = None,
@@ -293,8 +293,7 @@ class EditConfig:
             want = data.get("fingerprint", {}) if isinstance(data, dict) else None
             if want and isinstance(data.get("config"), dict) and all(
                     fp.get(k) == v for k, v in want.items()):
-                values = data["config"]
-                return cls.from_dict({**values, **_holding_follows(values, overrides)})
+                return cls.from_dict(_over_preset(data["config"], overrides))
         return cls.paper(**overrides)
 
     # ------------------------------------------------------------------ (de)serialization
@@ -355,6 +354,11 @@ def _holding_follows(base: Dict[str, Any], changes: Dict[str, Any]) -> Dict[str,
             and not _recheck_can_act({**base, **changes})):
         out["recheck"] = 0
     return out
+
+
+def _over_preset(values: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """A preset's config ``values`` with ``overrides`` laid over them (:func:`_holding_follows`)."""
+    return {**values, **_holding_follows(values, overrides)}
 
 
 def resolve_config(model, config=None, overrides: Optional[Dict[str, Any]] = None) -> EditConfig:
