@@ -223,7 +223,8 @@ def edit_reach(direction, keys, paraphrase_keys, owner):
 
 def rounds_parser(doc):
     """The options of the scripts that time one lifelong-preset turn of the README's records in
-    alternating rounds (``bf16_turn_profile.py``, ``backward_overhead.py``)."""
+    alternating rounds (``bf16_turn_profile.py``, ``backward_overhead.py``,
+    ``loss_overhead.py``)."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
@@ -246,3 +247,44 @@ def lifelong_turn(args, **overrides):
     records = load_records(args.records, format="records", limit=args.edits)
     editor = UltraEditor(model, tok, EditConfig.from_preset("smollm2-135m-lifelong", **overrides))
     return editor, [r.as_request() for r in records]
+
+
+def before_after_rounds(args, variants, **overrides):
+    """Time one lifelong-preset turn (:func:`lifelong_turn`) under each of two code variants in
+    alternating rounds: ``variants`` maps ``"before"`` and ``"after"`` to context managers that
+    patch the code in. Each round edits the same requests and rolls the turn back; the edited
+    weights the variants leave are compared with ``torch.equal``. Returns the JSON-ready result
+    (rounds, medians, ``speedup`` before/after, ``weights_bit_identical``)."""
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    editor, requests = lifelong_turn(args, **overrides)
+    weights = {}
+
+    def turn(name):
+        with variants[name]():
+            report = editor.edit(requests)
+        if name not in weights:
+            weights[name] = {n: m.weight.detach().clone() for n, m in editor.modules.items()}
+        editor.rollback()
+        return report
+
+    for name in variants:   # warm-up (and the weights each variant leaves)
+        turn(name)
+    rounds = {name: [] for name in variants}
+    for r in range(args.rounds):
+        for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
+            rep = turn(name)
+            rounds[name].append({"turn_s": rep.turn_s, "fwd_bwd_s": rep.fwd_bwd_s,
+                                 "steps_run": rep.steps_run})
+            print(f"round {r} {name}: turn {rep.turn_s:.2f} s, forward+backward "
+                  f"{rep.fwd_bwd_s:.2f} s", file=sys.stderr)
+    equal = all(torch.equal(weights["before"][n], weights["after"][n]) for n in weights["after"])
+    med = {v: {k: statistics.median(x[k] for x in rows) for k in ("turn_s", "fwd_bwd_s")}
+           for v, rows in rounds.items()}
+    return {"command": " ".join(sys.argv), "threads": args.threads, "edits": len(requests),
+            **{k: str(v) for k, v in overrides.items()}, "rounds": rounds, "median": med,
+            "speedup": {k: med["before"][k] / med["after"][k] for k in ("turn_s", "fwd_bwd_s")},
+            "weights_bit_identical": equal}

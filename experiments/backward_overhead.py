@@ -22,7 +22,6 @@ compared with ``torch.equal``.
 """
 import contextlib
 import json
-import statistics
 import sys
 
 import _common
@@ -67,41 +66,13 @@ def main(argv=None) -> int:
     p = _common.rounds_parser(__doc__)
     p.add_argument("--matmul-dtype", default="model", choices=("model", "bfloat16"))
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    editor, requests = _common.lifelong_turn(args, matmul_dtype=args.matmul_dtype)
-    variants = {"before": before, "after": contextlib.nullcontext}
-    weights = {}
-
-    def turn(name):
-        with variants[name]():
-            report = editor.edit(requests)
-        if name not in weights:
-            weights[name] = {n: m.weight.detach().clone() for n, m in editor.modules.items()}
-        editor.rollback()
-        return report
-
-    for name in variants:   # warm-up (and the weights each variant leaves)
-        turn(name)
-    rounds = {name: [] for name in variants}
-    for r in range(args.rounds):
-        for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
-            rep = turn(name)
-            rounds[name].append({"turn_s": rep.turn_s, "fwd_bwd_s": rep.fwd_bwd_s,
-                                 "steps_run": rep.steps_run})
-            print(f"round {r} {name}: turn {rep.turn_s:.2f} s, forward+backward "
-                  f"{rep.fwd_bwd_s:.2f} s", file=sys.stderr)
-    equal = all(torch.equal(weights["before"][n], weights["after"][n]) for n in weights["after"])
-    med = {v: {k: statistics.median(x[k] for x in rows) for k in ("turn_s", "fwd_bwd_s")}
-           for v, rows in rounds.items()}
-    out = {"command": " ".join(sys.argv), "threads": args.threads, "edits": len(requests),
-           "matmul_dtype": args.matmul_dtype, "rounds": rounds, "median": med,
-           "speedup": {k: med["before"][k] / med["after"][k] for k in ("turn_s", "fwd_bwd_s")},
-           "weights_bit_identical": equal}
+    out = _common.before_after_rounds(args, {"before": before, "after": contextlib.nullcontext},
+                                      matmul_dtype=args.matmul_dtype)
     print(json.dumps({k: out[k] for k in ("median", "speedup", "weights_bit_identical")}, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
-    return 0 if equal else 1
+    return 0 if out["weights_bit_identical"] else 1
 
 
 if __name__ == "__main__":

@@ -252,3 +252,53 @@ def test_predicted_with_a_margin():
     assert _predicted(rows, target, mask, 0.5).tolist() == [True, True]
     assert _predicted(rows, target, mask, 0.75).tolist() == [False, True]
     assert _predicted(rows, target, mask, 1.5).tolist() == [False, False]
+
+
+def test_backward_by_batch_gives_each_batch_its_paper_loss():
+    """One cross-entropy over the answer rows of three micro-batches of odd sizes: each batch's
+    loss is its mean cross-entropy, the rows' gradient that of the sum, and the predictions the
+    argmax's (against the float64 per-batch formula)."""
+    from ultraedit.batching import backward_by_batch
+
+    g = torch.Generator().manual_seed(0)
+    batches, masks = [], []
+    for b, length in ((3, 7), (2, 5), (4, 9)):
+        labels = torch.randint(0, 37, (b, length), generator=g)
+        labels[:, : length // 2] = -100
+        labels[0, -1] = -100
+        batches.append({"labels": labels})
+        masks.append(labels != -100)
+    n = sum(int(m.sum()) for m in masks)
+    rows = torch.randn(n, 37, dtype=torch.float64, generator=g, requires_grad=True)
+    results = backward_by_batch(rows, batches, masks)
+
+    ref_rows = rows.detach().clone().requires_grad_()
+    ref = [torch.nn.functional.cross_entropy(part, batch["labels"][mask])
+           for part, batch, mask in zip(ref_rows.split([int(m.sum()) for m in masks]),
+                                        batches, masks)]
+    sum(ref).backward()
+    for (loss, predicted), want, part, batch, mask in zip(
+            results, ref, ref_rows.detach().split([int(m.sum()) for m in masks]), batches, masks):
+        torch.testing.assert_close(loss, want.detach(), rtol=1e-13, atol=0)
+        wrong = (part.argmax(-1) != batch["labels"][mask]).double()
+        owner = mask.nonzero()[:, 0]
+        assert predicted.tolist() == (torch.zeros(mask.shape[0], dtype=torch.float64)
+                                      .index_add_(0, owner, wrong) == 0).tolist()
+    torch.testing.assert_close(rows.grad, ref_rows.grad, rtol=1e-13, atol=0)
+
+
+def test_answer_logits_is_a_view_of_the_projection(ue_tokenizer):
+    """The answer rows come out of the projection as a view (no select, whose backward would
+    write the gradient into zeros of the whole projection)."""
+    from ultraedit.batching import answer_logits
+
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=1)
+    reqs = _requests(3)
+    batch = encode_edit_batch(ue_tokenizer, [r["prompt"] for r in reqs],
+                              [r["target"] for r in reqs])
+    mask = batch["labels"] != -100
+    with torch.enable_grad():
+        rows = answer_logits(model, batch, mask)
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert type(rows.grad_fn).__name__.startswith("SqueezeBackward")
+    torch.testing.assert_close(rows, full[mask], rtol=1e-5, atol=1e-5)

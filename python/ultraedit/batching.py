@@ -68,13 +68,18 @@ def _answer_loss(rows: torch.Tensor, batch: Dict[str, torch.Tensor], mask: torch
     ``mask``): ``L = Σ_r w_r Σ_{t∈r} CE_t`` with ``batch["loss_weight"]``, else the paper's
     mean (:func:`_column_mean`); ``predicted`` as :func:`_predicted`."""
     target = batch["labels"][mask].to(rows.device)
-    ce = F.cross_entropy(rows, target, reduction="none")
+    return _loss_of_ce(F.cross_entropy(rows, target, reduction="none"), batch, mask), \
+        _predicted(rows, target, mask, margin)
+
+
+def _loss_of_ce(ce: torch.Tensor, batch: Dict[str, torch.Tensor], mask: torch.Tensor):
+    """A batch's loss from the cross-entropies ``ce`` (n) of its answer rows (row-major in
+    ``mask``): ``Σ_r w_r Σ_{t∈r} CE_t`` with ``batch["loss_weight"]``, else the paper's mean
+    (:func:`_column_mean`)."""
     if "loss_weight" in batch:
         owner = mask.nonzero()[:, 0].to(ce.device)          # the request of each answer row
-        loss = (ce * batch["loss_weight"].to(ce)[owner]).sum()
-    else:
-        loss = _column_mean(ce, mask)
-    return loss, _predicted(rows, target, mask, margin)
+        return (ce * batch["loss_weight"].to(ce)[owner]).sum()
+    return _column_mean(ce, mask)
 
 
 def float_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -127,7 +132,8 @@ def answer_logits(model, batch: Dict[str, torch.Tensor], mask: torch.Tensor) -> 
     finally:
         if handle is not None:
             handle.remove()
-    return float_rows(logits[0] if gathered else logits[mask.to(logits.device)])
+    # squeeze, not [0]: a select's backward copies into zeros of the whole (1, n, V) input
+    return float_rows(logits.squeeze(0) if gathered else logits[mask.to(logits.device)])
 
 
 def _predicted(rows: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
@@ -239,11 +245,16 @@ def backward_by_batch(rows: torch.Tensor, batches: List[Dict[str, torch.Tensor]]
     batch's loss and predictions (:func:`_answer_loss`) from the answer rows of all ``batches``
     (``rows``: ``(Σ n_b) x V``, batch after batch, each in row-major order of its answer
     ``mask``)."""
-    # the cross-entropy batch by batch on a split of the rows: cache-sized pieces, and the
-    # split's backward concatenates their gradients (a slice's would zero-fill all rows)
+    # one cross-entropy over all rows, split per batch as n numbers: a split of the (n x V)
+    # rows would concatenate their gradients in its backward, one more pass over all of them
+    # (each row's cross-entropy is computed alone, so its bits do not depend on the others)
     sizes = [int(mask.sum()) for mask in masks]
-    losses, predicted = zip(*(_answer_loss(part, batch, mask, margin)
-                              for batch, mask, part in zip(batches, masks, rows.split(sizes))))
+    targets = [b["labels"][mask].to(rows.device) for b, mask in zip(batches, masks)]
+    ce = F.cross_entropy(rows, torch.cat(targets), reduction="none")
+    losses = [_loss_of_ce(part, batch, mask)
+              for batch, mask, part in zip(batches, masks, ce.split(sizes))]
+    predicted = [_predicted(part, target, mask, margin) for part, target, mask
+                 in zip(rows.detach().split(sizes), targets, masks)]
     total = losses[0]
     for loss in losses[1:]:
         total = total + loss.to(total.device)
