@@ -29,7 +29,9 @@ e.g. accelerate's offload hooks, and never the output embedding), and only for i
 leading shape is the captured mask's ``(B, L)`` (batch-first activations, as the capture itself
 assumes); every other call is the plain ``F.linear``. With ``products``
 (``ultraedit.low_precision``) the switched modules' products run in bfloat16, forward and
-backward, on every call.
+backward, on every call, and a span of at least :data:`LOW_PRECISION_DENSE_SHARE` of the rows
+back-propagates over all of them (the plain ``F.linear`` backward: the same captured ``G`` up
+to the products' rounding, as the rows before a span never reach a captured row).
 """
 
 from __future__ import annotations
@@ -40,7 +42,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LinearRowsBackward", "MaskRows", "backward_span", "switchable"]
+__all__ = ["LinearRowsBackward", "MaskRows", "backward_span", "switchable",
+           "LOW_PRECISION_DENSE_SHARE"]
+
+# With bfloat16 products a span holding this share of the rows or more back-propagates over all
+# rows: the products are cheap there, and the gather, zeros and scatter cost more than the rows
+# they skip (a lifelong-preset turn, spans of 60-70%: 1.065x faster dense; the paper's settings,
+# 20%: even). Float32 products keep the span at any share (dense: 0.947x and 0.92x). Measured
+# on a 2-core Intel Xeon with AMX, one thread (the project's experiments/turn_speed.md).
+LOW_PRECISION_DENSE_SHARE = 0.5
 
 
 def backward_span(captured: torch.Tensor, loss: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -57,13 +67,15 @@ def backward_span(captured: torch.Tensor, loss: Optional[torch.Tensor] = None) -
 
 class MaskRows:
     """The rows of a ``(B x L bool)`` mask in a flattened ``(B*L, d)`` activation: ``shape``
-    (``(B, L)``), ``count`` and ``on(device)``, the row index on that device (moved once per
-    device: the modules of a model spread over devices each gather on their own)."""
+    (``(B, L)``), ``count``, ``share`` (``count / (B*L)``) and ``on(device)``, the row index on
+    that device (moved once per device: the modules of a model spread over devices each gather
+    on their own)."""
 
     def __init__(self, mask: torch.Tensor):
         self.shape = tuple(mask.shape)
         self._flat = mask.reshape(-1).nonzero().squeeze(1)
         self.count = int(self._flat.numel())
+        self.share = self.count / max(1, mask.numel())
         self._index = {mask.device: self._flat}
 
     def on(self, device: torch.device) -> torch.Tensor:
@@ -157,7 +169,8 @@ class LinearRowsBackward:
             weight, bias = (module.weight, module.bias) if products is None else products.of(module)
             low = weight.dtype != module.weight.dtype
             if (span is None or not x.requires_grad or not torch.is_grad_enabled()
-                    or tuple(x.shape[:-1]) != span.shape):
+                    or tuple(x.shape[:-1]) != span.shape
+                    or (low and span.share >= LOW_PRECISION_DENSE_SHARE)):
                 if low:
                     return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
                 return F.linear(x, weight, bias)
