@@ -114,3 +114,47 @@ def test_the_option_is_checked():
         EditConfig(matmul_dtype="float16")
     assert EditConfig.from_dict(EditConfig(matmul_dtype="bfloat16").to_dict()).matmul_dtype \
         == "bfloat16"
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_a_wide_span_back_propagates_over_all_rows(dense, ue_tokenizer, monkeypatch):
+    """With bfloat16 products a span of at least ``LOW_PRECISION_DENSE_SHARE`` of the rows
+    back-propagates over every row (the rows before it get gradients that never reach a
+    captured row), a narrower one over its own rows only; K and G are the same either way up
+    to the products' rounding."""
+    from ultraedit import backward_rows
+    from ultraedit.backward_rows import backward_span
+
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=12)
+    batch = encode_edit_batch(ue_tokenizer, PROMPTS, TARGETS)
+    mask = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    mask[torch.arange(3), torch.tensor([3, 1, 5])] = True           # inside each prompt
+    span = backward_span(mask, batch["labels"] != -100)
+    share = int(span.sum()) / span.numel()
+    monkeypatch.setattr(backward_rows, "LOW_PRECISION_DENSE_SHARE",
+                        share if dense else share + 1e-3)
+    mods = {n: dict(model.named_modules())[n] for n in EDITED}
+    want = _capture_at(copy.deepcopy(model).double(), batch, mask)
+    seen = {}
+
+    def pre_hook(module, args):   # the gradient of layer 2's attention input: q, k and v's
+        args[0].register_hook(lambda g: seen.setdefault("g", g.detach()))
+
+    handle = model.model.layers[2].self_attn.q_proj.register_forward_pre_hook(pre_hook)
+    try:
+        got = _capture_at(model, batch, mask, product_weights("bfloat16", mods.values()))
+    finally:
+        handle.remove()
+    assert seen["g"][~span].abs().sum() > 0 if dense else not seen["g"][~span].any()
+    for name in EDITED:
+        for i in (0, 1):
+            assert_within(got[name][i], want[name][i], "bf16_products", BF16)
+
+
+def _capture_at(model, batch, mask, products=None):
+    mods = {n: dict(model.named_modules())[n] for n in EDITED}
+    with CaptureSession(model, mods, products=products) as cap:
+        cap.set_mask(mask, batch["labels"] != -100)
+        with torch.enable_grad():
+            lm_loss(model, batch).backward()
+        return cap.pop()
