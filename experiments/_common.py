@@ -236,23 +236,23 @@ def rounds_parser(doc):
     return p
 
 
-def lifelong_turn(args, **overrides):
-    """``(editor, requests)``: the embedded model with ``smollm2-135m-lifelong`` (and
-    ``overrides``) and the first ``args.edits`` records of ``args.records`` as requests."""
+def lifelong_turn(args, preset="smollm2-135m-lifelong", **overrides):
+    """``(editor, requests)``: the embedded model with ``preset`` (and ``overrides``) and the
+    first ``args.edits`` records of ``args.records`` as requests."""
     from ultraedit import EditConfig, UltraEditor
     from ultraedit.data import load_records
     from ultraedit.models import load_model
 
     model, tok = load_model("default")
     records = load_records(args.records, format="records", limit=args.edits)
-    editor = UltraEditor(model, tok, EditConfig.from_preset("smollm2-135m-lifelong", **overrides))
+    editor = UltraEditor(model, tok, EditConfig.from_preset(preset, **overrides))
     return editor, [r.as_request() for r in records]
 
 
-def before_after_rounds(args, variants, **overrides):
-    """Time one lifelong-preset turn (:func:`lifelong_turn`) under each of two code variants in
-    alternating rounds: ``variants`` maps ``"before"`` and ``"after"`` to context managers that
-    patch the code in. Each round edits the same requests and rolls the turn back; the edited
+def before_after_rounds(args, variants, preset="smollm2-135m-lifelong", **overrides):
+    """Time one turn (:func:`lifelong_turn`: the lifelong preset unless ``preset``) under each
+    of two code variants in alternating rounds: ``variants`` maps ``"before"`` and ``"after"``
+    to context managers that patch the code in. Each round edits the same requests and rolls the turn back; the edited
     weights the variants leave are compared with ``torch.equal``. Returns the JSON-ready result
     (rounds, medians, ``speedup`` before/after, ``weights_bit_identical``)."""
     import statistics
@@ -260,7 +260,7 @@ def before_after_rounds(args, variants, **overrides):
     import torch
 
     torch.set_num_threads(args.threads)
-    editor, requests = lifelong_turn(args, **overrides)
+    editor, requests = lifelong_turn(args, preset, **overrides)
     weights = {}
 
     def turn(name):
@@ -285,6 +285,7 @@ def before_after_rounds(args, variants, **overrides):
     med = {v: {k: statistics.median(x[k] for x in rows) for k in ("turn_s", "fwd_bwd_s")}
            for v, rows in rounds.items()}
     return {"command": " ".join(sys.argv), "threads": args.threads, "edits": len(requests),
-            **{k: str(v) for k, v in overrides.items()}, "rounds": rounds, "median": med,
+            "preset": preset, **{k: str(v) for k, v in overrides.items()}, "rounds": rounds,
+            "median": med,
             "speedup": {k: med["before"][k] / med["after"][k] for k in ("turn_s", "fwd_bwd_s")},
             "weights_bit_identical": equal}

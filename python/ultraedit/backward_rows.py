@@ -47,9 +47,9 @@ __all__ = ["LinearRowsBackward", "MaskRows", "backward_span", "switchable",
 
 # With bfloat16 products a span holding this share of the rows or more back-propagates over all
 # rows: the products are cheap there, and the gather, zeros and scatter cost more than the rows
-# they skip (a lifelong-preset turn, spans of 60-70%: 1.065x faster dense; the paper's settings,
-# 20%: even). Float32 products keep the span at any share (dense: 0.947x and 0.92x). Measured
-# on a 2-core Intel Xeon with AMX, one thread (the project's experiments/turn_speed.md).
+# they skip (a lifelong-preset turn, spans of 60-70%: 1.058x faster dense; the paper's settings,
+# 20%: 0.981x). Float32 products keep the span at any share (dense: 0.953x and 0.947x).
+# Measured on a 2-core Intel Xeon with AMX, one thread (the project's experiments/turn_speed.md).
 LOW_PRECISION_DENSE_SHARE = 0.5
 
 
