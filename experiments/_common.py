@@ -289,3 +289,29 @@ def before_after_rounds(args, variants, preset="smollm2-135m-lifelong", **overri
             "median": med,
             "speedup": {k: med["before"][k] / med["after"][k] for k in ("turn_s", "fwd_bwd_s")},
             "weights_bit_identical": equal}
+
+
+def report(out, path, keys=("median", "speedup", "weights_bit_identical")):
+    """Print ``out``'s ``keys`` and write all of ``out`` to ``path`` as JSON (if given)."""
+    import json
+
+    print(json.dumps({k: out[k] for k in keys}, indent=1))
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def before_after_main(doc, before, argv=None) -> int:
+    """The command of a script that times the previous code (``before``: a context manager
+    that patches it in) against the package's in :func:`before_after_rounds`:
+    :func:`rounds_parser`'s options and ``--matmul-dtype``; exit status 1 when the edited
+    weights differ."""
+    import contextlib
+
+    p = rounds_parser(doc)
+    p.add_argument("--matmul-dtype", default="model", choices=("model", "bfloat16"))
+    args = p.parse_args(argv)
+    out = before_after_rounds(args, {"before": before, "after": contextlib.nullcontext},
+                              matmul_dtype=args.matmul_dtype)
+    report(out, args.json)
+    return 0 if out["weights_bit_identical"] else 1

@@ -12,7 +12,6 @@ the oneDNN bfloat16 ones included), casts (``to``/``copy_``), attention, and the
         --json experiments/results/bf16_turn_profile_xeon.json
 """
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -80,10 +79,7 @@ def main(argv=None) -> int:
            "rounds": rounds, "median": med,
            "speedup": {k: med["model"][k] / med["bfloat16"][k] for k in ("turn_s", "fwd_bwd_s")},
            "profiles": profiles}
-    print(json.dumps({"median": med, "speedup": out["speedup"]}, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    _common.report(out, args.json, ("median", "speedup"))
     return 0
 
 

@@ -20,7 +20,6 @@ compared with ``torch.equal``.
         [--preset paper] [--matmul-dtype bfloat16] --json experiments/results/dense_backward_<...>.json
 """
 import contextlib
-import json
 import sys
 
 import _common
@@ -57,11 +56,7 @@ def main(argv=None) -> int:
         args, {"before": lambda: _span(False), "after": lambda: _span(True)},
         preset=args.preset, matmul_dtype=args.matmul_dtype)
     out["span_share"] = [min(SHARES), max(SHARES)]
-    print(json.dumps({k: out[k] for k in ("median", "speedup", "weights_bit_identical",
-                                          "span_share")}, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    _common.report(out, args.json, ("median", "speedup", "weights_bit_identical", "span_share"))
     return 0
 
 

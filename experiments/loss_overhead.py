@@ -20,7 +20,6 @@ compared with ``torch.equal``.
         [--matmul-dtype bfloat16] --json experiments/results/loss_overhead_xeon.json
 """
 import contextlib
-import json
 import sys
 
 import _common
@@ -84,16 +83,7 @@ def before():
 
 
 def main(argv=None) -> int:
-    p = _common.rounds_parser(__doc__)
-    p.add_argument("--matmul-dtype", default="model", choices=("model", "bfloat16"))
-    args = p.parse_args(argv)
-    out = _common.before_after_rounds(args, {"before": before, "after": contextlib.nullcontext},
-                                      matmul_dtype=args.matmul_dtype)
-    print(json.dumps({k: out[k] for k in ("median", "speedup", "weights_bit_identical")}, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-    return 0 if out["weights_bit_identical"] else 1
+    return _common.before_after_main(__doc__, before, argv)
 
 
 if __name__ == "__main__":

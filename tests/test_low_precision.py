@@ -35,10 +35,11 @@ def _plain_bf16_linears(model):
     return model
 
 
-def _capture(model, batch, products=None):
+def _capture(model, batch, products=None, mask=None):
+    """``{name: (K, G)}`` of the EDITED modules at ``mask`` (default: the answer positions)."""
     mods = {n: dict(model.named_modules())[n] for n in EDITED}
     with CaptureSession(model, mods, products=products) as cap:
-        cap.set_mask(batch["labels"] != -100, batch["labels"] != -100)
+        cap.set_mask(batch["labels"] != -100 if mask is None else mask, batch["labels"] != -100)
         with torch.enable_grad():
             lm_loss(model, batch).backward()
         return cap.pop()
@@ -134,7 +135,7 @@ def test_a_wide_span_back_propagates_over_all_rows(dense, ue_tokenizer, monkeypa
     monkeypatch.setattr(backward_rows, "LOW_PRECISION_DENSE_SHARE",
                         share if dense else share + 1e-3)
     mods = {n: dict(model.named_modules())[n] for n in EDITED}
-    want = _capture_at(copy.deepcopy(model).double(), batch, mask)
+    want = _capture(copy.deepcopy(model).double(), batch, mask=mask)
     seen = {}
 
     def pre_hook(module, args):   # the gradient of layer 2's attention input: q, k and v's
@@ -142,7 +143,7 @@ def test_a_wide_span_back_propagates_over_all_rows(dense, ue_tokenizer, monkeypa
 
     handle = model.model.layers[2].self_attn.q_proj.register_forward_pre_hook(pre_hook)
     try:
-        got = _capture_at(model, batch, mask, product_weights("bfloat16", mods.values()))
+        got = _capture(model, batch, product_weights("bfloat16", mods.values()), mask)
     finally:
         handle.remove()
     assert seen["g"][~span].abs().sum() > 0 if dense else not seen["g"][~span].any()
@@ -150,11 +151,3 @@ def test_a_wide_span_back_propagates_over_all_rows(dense, ue_tokenizer, monkeypa
         for i in (0, 1):
             assert_within(got[name][i], want[name][i], "bf16_products", BF16)
 
-
-def _capture_at(model, batch, mask, products=None):
-    mods = {n: dict(model.named_modules())[n] for n in EDITED}
-    with CaptureSession(model, mods, products=products) as cap:
-        cap.set_mask(mask, batch["labels"] != -100)
-        with torch.enable_grad():
-            lm_loss(model, batch).backward()
-        return cap.pop()
