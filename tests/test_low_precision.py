@@ -150,4 +150,3 @@ def test_a_wide_span_back_propagates_over_all_rows(dense, ue_tokenizer, monkeypa
     for name in EDITED:
         for i in (0, 1):
             assert_within(got[name][i], want[name][i], "bf16_products", BF16)
-

@@ -248,8 +248,8 @@ def backward_by_batch(rows: torch.Tensor, batches: List[Dict[str, torch.Tensor]]
     # one cross-entropy over all rows, split per batch as n numbers: a split of the (n x V)
     # rows would concatenate their gradients in its backward, one more pass over all of them
     # (each row's cross-entropy is computed alone, so its bits do not depend on the others)
-    sizes = [int(mask.sum()) for mask in masks]
     targets = [b["labels"][mask].to(rows.device) for b, mask in zip(batches, masks)]
+    sizes = [t.numel() for t in targets]
     ce = F.cross_entropy(rows, torch.cat(targets), reduction="none")
     losses = [_loss_of_ce(part, batch, mask)
               for batch, mask, part in zip(batches, masks, ce.split(sizes))]
