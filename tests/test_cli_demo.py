@@ -105,7 +105,7 @@ def test_demo_small_run(tmp_path, ue_embedded, capsys):
     assert true["n"] == 6 and true["es"] == 1.0 and 0.0 <= true["gs"] <= 1.0   # facts it knows
     assert 0 <= true["known_paraphrases"] and 0.0 <= true["wild_es_contains"] <= 1.0
     assert after["es"] >= before["es"] + 0.3
-    assert data["edits"] == 6
+    assert data["edits"] == 6 and data["machine"]["threads"] == 1
     assert len(data["timing"]["turn_s"]) == len(data["timing"]["fwd_bwd_s"]) == 2
     assert data["memory"]["peak_bytes"] > 0
     assert data["edit_config"]["preserve"] == 0.3 and data["timing"]["preserve_s"] > 0

@@ -96,6 +96,8 @@ def test_zsre_file_runs_with_json_and_plot(model_dir, tmp_path, capsys):
                       "model.layers.1.mlp.down_proj,model.layers.2.mlp.down_proj")) == 0
     out = json.loads((tmp_path / "r.json").read_text())
     assert out["status"] == "done" and out["edits"] == 4
+    allocator = out["machine"]["host_allocator"]   # ultraedit.host_allocator, or why not
+    assert allocator.startswith("kept freed memory") or allocator.startswith("not applied: ")
     assert out["config"]["format"] == "auto" and out["edit_config"]["compat"] == "fixed"
     assert out["edit_config"]["modules"] == ["model.layers.1.mlp.down_proj",
                                         "model.layers.2.mlp.down_proj"]

@@ -91,10 +91,19 @@ def check_threads(threads: Optional[int]) -> None:
         raise UsageError(f"--threads must be at least 1, got {threads}")
 
 
-def set_threads(threads: Optional[int]) -> int:
-    """Apply ``--threads`` (or :func:`default_threads`); returns torch's thread count."""
+_host_allocator: Optional[str] = None   # what prepare_machine's keep_freed_memory said
+
+
+def prepare_machine(threads: Optional[int]) -> int:
+    """Set a long-running subcommand's process up: keep freed host memory
+    (:func:`ultraedit.host_allocator.keep_freed_memory`, recorded by :func:`machine`) and apply
+    ``--threads`` (or :func:`default_threads`); returns torch's thread count."""
+    global _host_allocator
     import torch
 
+    from ..host_allocator import keep_freed_memory
+
+    _host_allocator = keep_freed_memory()
     threads = threads or default_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -102,14 +111,16 @@ def set_threads(threads: Optional[int]) -> int:
 
 
 def machine() -> Dict[str, Any]:
-    """Platform, Python, torch, CPU, threads, GPU and load average, for result files."""
+    """Platform, Python, torch, CPU, threads, GPU, host allocator and load average, for result
+    files."""
     import torch
 
     info: Dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "torch": torch.__version__, "cpu_count": os.cpu_count(),
                             "threads": torch.get_num_threads(),
                             "cuda": torch.cuda.get_device_name(0)
-                            if torch.cuda.is_available() else None}
+                            if torch.cuda.is_available() else None,
+                            "host_allocator": _host_allocator or "the system's"}
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:

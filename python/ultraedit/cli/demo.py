@@ -19,7 +19,8 @@ import time
 from typing import Any, Dict
 
 from ._common import (EXIT_INTERRUPTED, UsageError, add_machine_options, check_output_paths,
-                      check_threads, error, fmt, peak_rss_bytes, set_threads, split_csv, write_json)
+                      check_threads, error, fmt, machine, peak_rss_bytes, prepare_machine,
+                      split_csv, write_json)
 from .options import add_method_options, build_editor, check_preset, resolve, resolved_config
 
 DEMO_RELATIONS = ("capital", "language")   # = ultraedit.eval.DEMO_RELATIONS, without importing it
@@ -78,7 +79,7 @@ def _demo(args: argparse.Namespace) -> int:
     from ..eval import demo_records, lifelong_run
     from ..models import load_model
 
-    threads = set_threads(args.threads)
+    threads = prepare_machine(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     try:
@@ -109,7 +110,7 @@ def _demo(args: argparse.Namespace) -> int:
              "tuning" if set(relations) <= set(TUNING_RELATIONS) else "all")
     result.update({"model": args.model or "default", "preset": args.preset, "seed": args.seed,
                    "split": split,
-                   "relations": relations, "threads": threads})
+                   "relations": relations, "threads": threads, "machine": machine()})
     result["timing"].update({"load_s": load_s, "facts_s": facts_s})
     result["memory"]["process_peak_rss_bytes"] = peak_rss_bytes()
     print_demo(result, args.turns, args.edits_per_turn)

@@ -37,8 +37,8 @@ import time
 from typing import Any, Dict, List
 
 from ._common import (EXIT_INTERRUPTED, UsageError, add_machine_options, check_output_paths,
-                      check_threads, error, fmt, machine, peak_rss_bytes, set_threads, split_csv,
-                      write_json)
+                      check_threads, error, fmt, machine, peak_rss_bytes, prepare_machine,
+                      split_csv, write_json)
 from .options import add_method_options, build_editor, check_preset, resolve, resolved_config
 
 DATA_FORMATS = ("auto", "zsre", "counterfact", "fever", "wikibigedit", "ultraeditbench",
@@ -195,7 +195,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..eval import lifelong_run, offline_records
     from ..models import load_model
 
-    set_threads(args.threads)
+    prepare_machine(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     try:

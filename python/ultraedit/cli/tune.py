@@ -21,7 +21,7 @@ import os
 import sys
 
 from ._common import EXIT_INTERRUPTED, UsageError, add_machine_options, check_output_paths, \
-    check_threads, error, set_threads, split_csv
+    check_threads, error, prepare_machine, split_csv
 
 DEFAULT_LS_TARGET = 0.85   # = ultraedit.tune.DEFAULT_LS_TARGET (--help without torch)
 
@@ -96,7 +96,7 @@ def _tune(args: argparse.Namespace) -> int:
     from ..models import load_model
     from ..tune import default_log, tune, write_preset
 
-    set_threads(args.threads)
+    prepare_machine(args.threads)
     torch.manual_seed(args.seed)
     try:
         model, tok = load_model(args.model)
