@@ -14,6 +14,14 @@ _ue_os.environ.setdefault("ULTRAEDIT_PRESERVED_CACHE", "off")
 # Backend: the tests never measure the machine; `auto` uses the PyTorch reference unless a
 # test loads a calibration fixture (tests/test_calibration.py) or forces a backend.
 _ue_os.environ.setdefault("ULTRAEDIT_CALIBRATION", "off")
+# transformers gives its logger a handler on the sys.stderr of the moment it is first used; made
+# inside a test that captures stderr (capsys), it would write to a closed stream in later tests
+try:
+    from transformers.utils import logging as _ue_hf_logging
+
+    _ue_hf_logging.get_logger("transformers")
+except ImportError:   # the kernels without the editor's dependencies
+    pass
 _UE_ROOT = _ue_os.path.dirname(_ue_os.path.dirname(_ue_os.path.abspath(__file__)))
 for _ue_p in (_UE_ROOT, _ue_os.path.join(_UE_ROOT, "python")):
     if _ue_p not in _ue_sys.path:
