@@ -14,7 +14,8 @@ next step:
     mallopt(M_TRIM_THRESHOLD, 2**31 - 1)     # do not give the heap's free top back
 
 which is what ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`` in the environment does
-at start-up. Measured on a 2-core Intel Xeon (the project's ``experiments/host_allocator.py``,
+at start-up. Both are needed: setting the trim threshold alone also freezes glibc's mmap
+threshold at 128 KiB (it no longer grows as blocks are freed), and a turn then faults about 15x more. Measured on a 2-core Intel Xeon (the project's ``experiments/host_allocator.py``,
 one thread): a lifelong-preset turn with bfloat16 products 1.058x faster, in float32 and in
 decoding the same within the noise; the same edited weights and answers to the bit, the same
 peak resident size. The cost: the process keeps the freed memory
