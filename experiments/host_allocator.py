@@ -14,8 +14,9 @@ are the same in every child.
 
     gunzip -c experiments/results/run_offline_records.jsonl.gz > records.jsonl
     python experiments/host_allocator.py --records records.jsonl --threads 1 \\
-        [--matmul-dtype bfloat16] --json experiments/results/host_allocator_xeon.json
+        [--matmul-dtype bfloat16] --json experiments/results/host_allocator_{fp32,bf16}_xeon.json
 """
+import argparse
 import hashlib
 import json
 import os
@@ -79,13 +80,13 @@ def main(argv=None) -> int:
     p.add_argument("--turns", type=int, default=2, help="timed turns per child")
     p.add_argument("--prompts", type=int, default=300, help="records whose prompts are decoded")
     p.add_argument("--matmul-dtype", default="model", choices=("model", "bfloat16"))
-    p.add_argument("--child", choices=VARIANTS, help=argparse_hidden())
+    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)   # one variant's process
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args)))
         return 0
     rounds = {v: [] for v in VARIANTS}
-    passed = [a for a in (argv if argv is not None else sys.argv[1:])]
+    passed = list(argv if argv is not None else sys.argv[1:])
     for r in range(args.rounds):
         for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
             with tempfile.TemporaryFile("w+") as out:
@@ -109,12 +110,6 @@ def main(argv=None) -> int:
     _common.report(out, args.json, ("median", "speedup", "weights_bit_identical",
                                     "answers_identical"))
     return 0 if out["weights_bit_identical"] and out["answers_identical"] else 1
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -15,13 +15,14 @@ next step:
 
 which is what ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`` in the environment does
 at start-up. Both are needed: setting the trim threshold alone also freezes glibc's mmap
-threshold at 128 KiB (it no longer grows as blocks are freed), and a turn then faults about 15x more. Measured on a 2-core Intel Xeon (the project's ``experiments/host_allocator.py``,
-one thread): a lifelong-preset turn with bfloat16 products 1.058x faster, in float32 and in
-decoding the same within the noise; the same edited weights and answers to the bit, the same
-peak resident size. The cost: the process keeps the freed memory
-instead of returning it, so its resident size stays near its peak until it exits.
+threshold at 128 KiB (it no longer grows as blocks are freed), and a turn then faults about 15x
+more. Measured on a 2-core Intel Xeon (the project's ``experiments/host_allocator.py``, one
+thread): a lifelong-preset turn with bfloat16 products 1.058x faster, in float32 and in decoding
+the same within the noise; the same edited weights and answers to the bit, the same peak
+resident size. The cost: the process keeps the freed memory instead of returning it, so its
+resident size stays near its peak until it exits.
 
-The ``ultraedit`` command applies it to ``demo``, ``run`` and ``tune`` (its result files record
+The ``ultraedit`` command applies it to ``demo``, ``run`` and ``tune`` (the demo's and the run's JSON record
 the outcome under ``machine.host_allocator``); a library caller opts in by calling it. It does
 nothing where it would override a choice already made or cannot apply:
 
