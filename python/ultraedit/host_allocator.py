@@ -22,9 +22,9 @@ the same within the noise; the same edited weights and answers to the bit, the s
 resident size. The cost: the process keeps the freed memory instead of returning it, so its
 resident size stays near its peak until it exits.
 
-The ``ultraedit`` command applies it to ``demo``, ``run`` and ``tune`` (the demo's and the run's JSON record
-the outcome under ``machine.host_allocator``); a library caller opts in by calling it. It does
-nothing where it would override a choice already made or cannot apply:
+The ``ultraedit`` command applies it to ``demo``, ``run`` and ``tune`` (the demo's and the
+run's JSON record the outcome under ``machine.host_allocator``); a library caller opts in by
+calling it. It does nothing where it would override a choice already made or cannot apply:
 
 - ``ULTRAEDIT_KEEP_FREED_MEMORY=0`` in the environment;
 - the user set glibc's own malloc settings (``MALLOC_MMAP_MAX_``, ``MALLOC_MMAP_THRESHOLD_``,
