@@ -41,6 +41,7 @@ def child(args) -> dict:
     import torch
     from ultraedit.data import load_records
     from ultraedit.eval.wild import decode_answers, wild_prompt
+    from ultraedit.serialization import tensor_sha256
 
     torch.set_num_threads(args.threads)
     editor, requests = _common.lifelong_turn(args, matmul_dtype=args.matmul_dtype)
@@ -51,12 +52,9 @@ def child(args) -> dict:
         before = resource.getrusage(resource.RUSAGE_SELF)
         report = editor.edit(requests)
         after = resource.getrusage(resource.RUSAGE_SELF)
-        if t == 0:
-            h = hashlib.sha256()
-            for name, p in editor.model.named_parameters():
-                h.update(name.encode())
-                h.update(p.detach().cpu().numpy().tobytes())
-            digest = h.hexdigest()
+        if t == 0:   # one digest of every parameter's
+            digest = hashlib.sha256("".join(
+                tensor_sha256(p) for p in editor.model.parameters()).encode()).hexdigest()
         editor.rollback()
         turns.append({"turn_s": report.turn_s, "fwd_bwd_s": report.fwd_bwd_s,
                       "minor_faults": after.ru_minflt - before.ru_minflt,

@@ -71,15 +71,14 @@ def _reason_to_skip(environ) -> Optional[str]:
     return None
 
 
-def _glibc():
-    """The process's C library when it is glibc, else None."""
+def _glibc_version(libc) -> Optional[str]:
+    """``gnu_get_libc_version()`` of ``libc``, or None where it is not glibc."""
     try:
-        libc = ctypes.CDLL(None)
         version = libc.gnu_get_libc_version
-    except (OSError, AttributeError):
+    except AttributeError:
         return None
     version.restype = ctypes.c_char_p
-    return libc if version() else None
+    return version().decode()
 
 
 def keep_freed_memory(environ=None, libc=None) -> str:
@@ -91,11 +90,14 @@ def keep_freed_memory(environ=None, libc=None) -> str:
     reason = _reason_to_skip(environ)
     if reason is not None:
         return reason
-    libc = _glibc() if libc is None else libc
     if libc is None:
+        try:
+            libc = ctypes.CDLL(None)
+        except OSError:
+            return "not applied: the C library cannot be loaded"
+    version = _glibc_version(libc)
+    if version is None:
         return "not applied: the C library is not glibc"
-    libc.gnu_get_libc_version.restype = ctypes.c_char_p
-    version = libc.gnu_get_libc_version().decode()
     ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD,
                                                             _TRIM_THRESHOLD) == 1
     return (f"kept freed memory (glibc {version})" if ok
