@@ -46,6 +46,7 @@ DATA_FORMATS = ("auto", "zsre", "counterfact", "fever", "wikibigedit", "ultraedi
 # = ultraedit.eval.RUN_RELATIONS, spelled here so that --help does not import torch
 RUN_RELATIONS = ("capital", "language", "currency", "continent", "region", "city_country")
 SPLITS = ("all", "tuning", "report")    # = ultraedit.data.SPLITS
+EDIT_WORDINGS = ("prompt", "question", "both")   # = ultraedit.eval.EDIT_WORDINGS
 
 
 def add_parser(sub) -> None:
@@ -102,6 +103,10 @@ def add_parser(sub) -> None:
     p.add_argument("--export-rank", type=int, default=None,
                    help="peft: truncate the adapter to this rank (the error is reported); "
                         "default exact")
+    p.add_argument("--edit-wordings", choices=EDIT_WORDINGS, default="prompt",
+                   help="what each record gives the editor: its rewrite prompt (prompt, the "
+                        "default), that prompt asked as the WILD-style scores ask it "
+                        "(question: 'Q: <question>\\nA:' where the record has one), or both")
     p.add_argument("--seed", type=int, default=0, help="fact selection / torch seed (0)")
     add_machine_options(p)
     p.set_defaults(func=main)
@@ -256,7 +261,8 @@ def _run(args: argparse.Namespace) -> int:
                               generation=args.generation, turn_generation=args.turn_generation,
                               progress=progress, result=result, wild=args.wild,
                               turn_wild=args.turn_wild, true_facts=args.true_facts,
-                              on_update=lambda r: write_json(r, args.json))
+                              on_update=lambda r: write_json(r, args.json),
+                              wordings=args.edit_wordings)
     except ValueError as err:   # a request the editor refuses: its own message, nothing changed
         raise UsageError(str(err)) from None
     try:

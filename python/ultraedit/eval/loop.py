@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 from .locality import locality_reference, locality_work
 from .scores import (evaluate_records, evaluation_work, true_fact_scores, true_fact_work,
                      wild_evaluation, wild_work)
+from .wild import EDIT_WORDINGS, edit_requests
 
 __all__ = ["lifelong_run", "teacher_forced_scores", "generation_scores_of", "wild_scores_of"]
 
@@ -155,10 +156,14 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                  eval_end: bool = True, generation: bool = False, turn_generation: bool = False,
                  progress: bool = True, result: Optional[Dict[str, Any]] = None,
                  wild: bool = False, turn_wild: bool = False, true_facts: bool = False,
-                 on_update: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+                 on_update: Optional[Callable[[Dict[str, Any]], None]] = None,
+                 wordings: str = "prompt") -> Dict[str, Any]:
     """Edit ``records`` with ``editor`` in lifelong turns and evaluate (see the module
-    docstring); returns the result dict, ``result``'s keys kept."""
+    docstring); returns the result dict, ``result``'s keys kept. ``wordings`` chooses the
+    requests each record gives the editor (:func:`~ultraedit.eval.edit_requests`)."""
     records = list(records)
+    if wordings not in EDIT_WORDINGS:
+        raise ValueError(f"wordings must be one of {', '.join(EDIT_WORDINGS)}; got {wordings!r}")
     notify = on_update or (lambda r: None)
     result = dict(result or {})
     result.update({"edits": len(records), "status": "running", "turns": [], "before": None,
@@ -208,17 +213,19 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
 
         chunks = [records[t * edits_per_turn:(t + 1) * edits_per_turn] for t in range(turns)]
         chunks = [c for c in chunks if c]
-        batches = [math.ceil(len(c) / micro_batch) for c in chunks]
+        requests = [[q for r in c for q in edit_requests(r, wordings)] for c in chunks]
+        batches = [math.ceil(len(q) / micro_batch) for q in requests]
         bar = _bar(progress, steps * sum(batches), "editing", "micro-batch")
         edited = 0
         try:
             for turn, (chunk, n_batches) in enumerate(zip(chunks, batches), 1):
                 watcher = _TurnProgress(bar, model, turn, len(chunks), n_batches, steps)
                 with watcher.watch():
-                    rep = editor.edit([r.as_request() for r in chunk])
+                    rep = editor.edit(requests[turn - 1])
                 edited += len(chunk)
                 row: Dict[str, Any] = {
                     "turn": turn, "edits": len(chunk), "edits_total": edited,
+                    "requests": len(requests[turn - 1]),
                     "tokens": rep.n_tokens, "loss": rep.loss, "fwd_bwd_s": rep.fwd_bwd_s,
                     "editor_s": rep.editor_s, "turn_s": rep.turn_s, "peak_bytes": rep.peak_bytes,
                     "peak_source": rep.peak_source, "capture_bytes": rep.capture_bytes,

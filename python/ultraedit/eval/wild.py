@@ -39,7 +39,7 @@ from .probing import (Progress, _cache_of, _device, _eval, _keep_rows, _prefill,
                       _stepper, _tick, rows_per_batch)
 
 __all__ = ["QA_TEMPLATE", "STOP_STRINGS", "MAX_NEW_TOKENS", "normalize_answer", "answer_exact",
-           "answer_contains", "wild_prompt", "decode_answers", "decode_batch_size",
+           "answer_contains", "wild_prompt", "EDIT_WORDINGS", "edit_requests", "decode_answers", "decode_batch_size",
            "wild_judgements"]
 
 QA_TEMPLATE = "Q: {question}\nA:"
@@ -76,6 +76,30 @@ def wild_prompt(prompt: str, questions: Optional[dict] = None) -> str:
     ``questions[prompt]`` when the record has that question, else ``prompt`` itself."""
     question = (questions or {}).get(prompt)
     return prompt if question is None else QA_TEMPLATE.format(question=question)
+
+
+# Which wordings of a record's fact the editor is given (``edit_requests``).
+EDIT_WORDINGS = ("prompt", "question", "both")
+
+
+def edit_requests(record, wordings: str = "prompt") -> List[dict]:
+    """The edit requests of one record, in the wordings a user asks the model in.
+
+    ``"prompt"``: ``record.as_request()`` (the rewrite prompt as the data gives it).
+    ``"question"``: the same request with its prompt asked the way the WILD-style scores ask it,
+    ``wild_prompt(record.prompt, record.questions)`` (``"Q: What is the capital of France?\nA:"``;
+    the rewrite prompt itself when the record has no question for it). ``"both"``: the two, the
+    question only when it differs from the prompt. Target and subject are the record's in every
+    request; a paraphrase's question is never used."""
+    if wordings not in EDIT_WORDINGS:
+        raise ValueError(f"wordings must be one of {', '.join(EDIT_WORDINGS)}; got {wordings!r}")
+    request = dict(record.as_request())
+    if wordings == "prompt":
+        return [request]
+    asked = dict(request, prompt=wild_prompt(record.prompt, getattr(record, "questions", None)))
+    if wordings == "question":
+        return [asked]
+    return [request] if asked["prompt"] == request["prompt"] else [request, asked]
 
 
 def _eos_ids(model, tokenizer) -> Set[int]:
