@@ -141,6 +141,13 @@ def test_wild_per_turn_and_off(model_dir, tmp_path):
         assert w["edits"] == 2 and all(_in01(w[k]) for k in ("es", "gs", "ls"))
         assert t["wild_eval_s"] > 0 and t["eval_s"] >= t["wild_eval_s"]
     assert out["final"]["wild"]["edits"] == 4
+    assert out["config"]["edit_wordings"] == "prompt"
+    assert [t["requests"] for t in out["turns"]] == [2, 2]
+    assert main(_base(model_dir, data, tmp_path, "--no-wild", "--eval", "end",
+                      "--edit-wordings", "both")) == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["config"]["edit_wordings"] == "both"
+    assert [t["requests"] for t in out["turns"]] == [4, 4]     # zsRE: every src is a question
     assert main(_base(model_dir, data, tmp_path, "--no-wild", "--eval", "end")) == 0
     out = json.loads((tmp_path / "r.json").read_text())
     assert out["final"]["wild"] is None and out["config"]["wild"] is False

@@ -368,3 +368,47 @@ def test_lifelong_run_scores_the_true_facts_before_the_first_edit(ue_tokenizer):
                            progress=False)
     assert plain["true_facts"] is None and "true_facts_s" not in plain["timing"]
     assert "gs_known" not in plain["final"]["teacher_forced"]
+
+
+def test_edit_requests_hand_the_editor_the_chosen_wordings():
+    record = EditRecord("The capital of France is", "Rome", subject="France",
+                        paraphrases=["France's capital is"],
+                        questions={"The capital of France is": "What is the capital of France?",
+                                   "France's capital is": "What is France's capital?"})
+    cloze = {"prompt": "The capital of France is", "target": "Rome", "subject": "France"}
+    asked = dict(cloze, prompt="Q: What is the capital of France?\nA:")
+    assert M.edit_requests(record) == [cloze] == [record.as_request()]
+    assert M.edit_requests(record, "question") == [asked]
+    assert M.edit_requests(record, "both") == [cloze, asked]
+    bare = EditRecord("Paris is in", "Italy")          # no question: the prompt in every wording
+    for wordings in M.EDIT_WORDINGS:
+        assert M.edit_requests(bare, wordings) == [{"prompt": "Paris is in", "target": "Italy"}]
+    with pytest.raises(ValueError, match="wordings must be one of prompt, question, both"):
+        M.edit_requests(record, "paraphrases")
+
+
+def test_lifelong_run_edits_through_the_chosen_wordings(ue_tokenizer):
+    import types
+
+    seen = []
+
+    class RecordingEditor:
+        steps, micro_batch = 1, 10
+
+        def edit(self, requests):
+            seen.append([r["prompt"] for r in requests])
+            return types.SimpleNamespace(
+                n_tokens=1, loss=0.0, fwd_bwd_s=0.0, editor_s=0.0, turn_s=1.0, peak_bytes=0,
+                peak_source="estimate", capture_bytes=0, steps_run=1, n_predicted=1)
+
+    tok = ue_tokenizer
+    model = ScriptedLM(tok, _true_fact_script())
+    records = _true_fact_records()
+    run = M.lifelong_run(model, tok, records, RecordingEditor(), turns=1, edits_per_turn=2,
+                         eval_end=False, progress=False, wordings="both")
+    assert seen == [["The capital of France is", "Q: What is the capital of France?\nA:",
+                     "The capital of Italy is"]]    # the second record has no question
+    assert run["turns"][0]["edits"] == 2 and run["turns"][0]["requests"] == len(seen[0])
+    with pytest.raises(ValueError, match="wordings must be one of"):
+        M.lifelong_run(model, tok, records, RecordingEditor(), turns=1, edits_per_turn=2,
+                       progress=False, wordings="cloze")
