@@ -5,7 +5,7 @@
 - :mod:`~ultraedit.eval.locality`: the unedited model's reference on locality prompts;
 - :mod:`~ultraedit.eval.fluency`: ROME/MEMIT n-gram-entropy fluency;
 - :mod:`~ultraedit.eval.wild`: WILD-style answers (a question, greedy decoding to a stop string)
-  and their normalized judgement;
+  and their normalized judgement, and the wordings a record's edit requests are made in;
 - :mod:`~ultraedit.eval.scores`: ES/GS/LS/PT (teacher-forced, generation, WILD-style) of records,
   and the unedited model's scores on their true answers;
 - :mod:`~ultraedit.eval.facts`: keep the facts the unedited model knows;
@@ -32,7 +32,8 @@ __all__ = [
     "offline_records", "DEMO_RELATIONS", "RUN_RELATIONS", "lifelong_run", "plot_run",
     "wild_evaluation", "wild_work", "true_fact_scores", "true_fact_work", "decode_answers",
     "decode_batch_size", "normalize_answer", "answer_exact",
-    "answer_contains", "wild_prompt", "edit_requests", "EDIT_WORDINGS", "QA_TEMPLATE", "STOP_STRINGS", "MAX_NEW_TOKENS",
+    "answer_contains", "wild_prompt", "edit_requests", "EDIT_WORDINGS", "QA_TEMPLATE",
+    "STOP_STRINGS", "MAX_NEW_TOKENS",
 ]
 
 

@@ -24,6 +24,9 @@ WILD protocol (Yang et al., 2025, "The Mirage of Model Editing"):
 
 A ``"."`` stop cuts answers with abbreviations ("Washington, D.C." -> "Washington, D"), as WILD
 does; ``contains`` still credits such answers when the target precedes the cut.
+
+:func:`edit_requests` makes a record's edit requests in the wording a user asks the model in:
+the rewrite prompt, the same prompt asked as a question (as above), or both.
 """
 
 from __future__ import annotations
