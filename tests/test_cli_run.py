@@ -576,3 +576,26 @@ def test_a_request_the_editor_refuses_is_a_one_line_error(model_dir, tmp_path, c
         out = json.loads((tmp_path / "r.json").read_text())
         assert len(out["turns"]) == turns and out["status"] == "running"
         assert out["error"].startswith("ValueError")
+
+
+def test_subject_positions_are_checked_in_the_wordings_the_editor_gets(model_dir, tmp_path,
+                                                                       capsys):
+    """A record whose question does not name its subject can be edited at the subject through
+    its cloze prompt, not through its question: the run switches to answer positions first."""
+    from ultraedit.config import EditConfig
+
+    rows = [{"prompt": f"The capital of {c} is", "target": t, "subject": c,
+             "questions": {f"The capital of {c} is": f"Which city is seat {i} of government?"}}
+            for i, (c, t) in enumerate((("France", "Rome"), ("Spain", "Oslo"), ("Peru", "Lima"),
+                                        ("Chad", "Bern")))]
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = EditConfig(positions="subject", modules=("model.layers.1.mlp.down_proj",)).to_dict()
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    for wordings, positions in (("prompt", "subject"), ("question", "answer")):
+        assert main(_base(model_dir, str(data), tmp_path, "--format", "records", "--preset",
+                          str(tmp_path / "cfg.json"), "--eval", "end", "--no-generation",
+                          "--no-wild", "--no-true-facts", "--edit-wordings", wordings)) == 0
+        out = json.loads((tmp_path / "r.json").read_text())
+        assert out["edit_config"]["positions"] == positions, wordings
+        assert ("no subject in their prompt" in capsys.readouterr().err) is (positions == "answer")

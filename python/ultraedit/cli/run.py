@@ -197,7 +197,7 @@ def _run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..eval import lifelong_run, offline_records
+    from ..eval import edit_requests, lifelong_run, offline_records
     from ..models import load_model
 
     prepare_machine(args.threads)
@@ -223,8 +223,10 @@ def _run(args: argparse.Namespace) -> int:
         from ..data import save_records
 
         save_records(records, args.records_out)
+    requests = [q for r in records for q in edit_requests(r, args.edit_wordings)]
     if (config.positions == "subject" and args.config_positions is None
-            and any(r.subject is None or r.subject not in r.prompt for r in records)):
+            and any(q.get("subject") is None or q["subject"] not in q["prompt"]
+                    for q in requests)):
         config = resolve(args, model, positions="answer")
         print("note: some records have no subject in their prompt; capturing at the answer "
               "positions (--positions answer)", file=sys.stderr)
