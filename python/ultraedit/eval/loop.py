@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 from .locality import locality_reference, locality_work
 from .scores import (evaluate_records, evaluation_work, true_fact_scores, true_fact_work,
                      wild_evaluation, wild_work)
-from .wild import EDIT_WORDINGS, edit_requests
+from .wild import check_wordings, edit_requests
 
 __all__ = ["lifelong_run", "teacher_forced_scores", "generation_scores_of", "wild_scores_of"]
 
@@ -162,8 +162,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
     docstring); returns the result dict, ``result``'s keys kept. ``wordings`` chooses the
     requests each record gives the editor (:func:`~ultraedit.eval.edit_requests`)."""
     records = list(records)
-    if wordings not in EDIT_WORDINGS:
-        raise ValueError(f"wordings must be one of {', '.join(EDIT_WORDINGS)}; got {wordings!r}")
+    check_wordings(wordings)      # before the long unedited reference, not at the first turn
     notify = on_update or (lambda r: None)
     result = dict(result or {})
     result.update({"edits": len(records), "status": "running", "turns": [], "before": None,

@@ -42,8 +42,8 @@ from .probing import (Progress, _cache_of, _device, _eval, _keep_rows, _prefill,
                       _stepper, _tick, rows_per_batch)
 
 __all__ = ["QA_TEMPLATE", "STOP_STRINGS", "MAX_NEW_TOKENS", "normalize_answer", "answer_exact",
-           "answer_contains", "wild_prompt", "EDIT_WORDINGS", "edit_requests", "decode_answers", "decode_batch_size",
-           "wild_judgements"]
+           "answer_contains", "wild_prompt", "EDIT_WORDINGS", "check_wordings", "edit_requests",
+           "decode_answers", "decode_batch_size", "wild_judgements"]
 
 QA_TEMPLATE = "Q: {question}\nA:"
 STOP_STRINGS: Tuple[str, ...] = (".", "\n")
@@ -85,17 +85,22 @@ def wild_prompt(prompt: str, questions: Optional[dict] = None) -> str:
 EDIT_WORDINGS = ("prompt", "question", "both")
 
 
+def check_wordings(wordings: str) -> None:
+    """Raise ``ValueError`` naming the choices unless ``wordings`` is one of ``EDIT_WORDINGS``."""
+    if wordings not in EDIT_WORDINGS:
+        raise ValueError(f"wordings must be one of {', '.join(EDIT_WORDINGS)}; got {wordings!r}")
+
+
 def edit_requests(record, wordings: str = "prompt") -> List[dict]:
     """The edit requests of one record, in the wordings a user asks the model in.
 
     ``"prompt"``: ``record.as_request()`` (the rewrite prompt as the data gives it).
     ``"question"``: the same request with its prompt asked the way the WILD-style scores ask it,
-    ``wild_prompt(record.prompt, record.questions)`` (``"Q: What is the capital of France?\nA:"``;
+    ``wild_prompt(record.prompt, record.questions)`` (``"Q: What is the capital of France?\\nA:"``;
     the rewrite prompt itself when the record has no question for it). ``"both"``: the two, the
     question only when it differs from the prompt. Target and subject are the record's in every
     request; a paraphrase's question is never used."""
-    if wordings not in EDIT_WORDINGS:
-        raise ValueError(f"wordings must be one of {', '.join(EDIT_WORDINGS)}; got {wordings!r}")
+    check_wordings(wordings)
     request = dict(record.as_request())
     if wordings == "prompt":
         return [request]
