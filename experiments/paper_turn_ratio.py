@@ -12,6 +12,11 @@ and with bfloat16 products. Each round runs the three in a rotated order on the 
     gunzip -c experiments/results/run_offline_records.jsonl.gz > records.jsonl
     python experiments/paper_turn_ratio.py --records records.jsonl --threads 1 \\
         --json experiments/results/paper_turn_ratio_xeon.json
+
+``--edit-wordings question`` hands every editor the records' rewrite prompts asked as questions
+(``ultraedit.eval.edit_requests``; the records need questions, e.g. the report split's saved by
+``ultraedit run --data offline --split report --records-out FILE``), and ``--editors`` keeps
+some of the three.
 """
 import statistics
 import sys
@@ -20,7 +25,10 @@ import _common
 
 
 def main(argv=None) -> int:
-    args = _common.rounds_parser(__doc__).parse_args(argv)
+    parser = _common.rounds_parser(__doc__)
+    parser.add_argument("--edit-wordings", default="prompt", choices=("prompt", "question", "both"))
+    parser.add_argument("--editors", default="paper,lifelong,lifelong_bf16")
+    args = parser.parse_args(argv)
     from ultraedit.host_allocator import keep_freed_memory
 
     allocator = keep_freed_memory()
@@ -32,15 +40,20 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     model, tok = load_model("default")
-    requests = [r.as_request() for r in load_records(args.records, format="records",
-                                                     limit=args.edits)]
-    editors = {
-        "paper": UltraEditor(model, tok, EditConfig.official(modules=paper_module_names(model))),
-        "lifelong": UltraEditor(model, tok, EditConfig.from_preset("smollm2-135m-lifelong")),
-        "lifelong_bf16": UltraEditor(model, tok, EditConfig.from_preset(
-            "smollm2-135m-lifelong", matmul_dtype="bfloat16")),
+    from ultraedit.eval import edit_requests
+
+    requests = [q for r in load_records(args.records, format="records", limit=args.edits)
+                for q in edit_requests(r, args.edit_wordings)]
+    configs = {
+        "paper": lambda: EditConfig.official(modules=paper_module_names(model)),
+        "lifelong": lambda: EditConfig.from_preset("smollm2-135m-lifelong"),
+        "lifelong_bf16": lambda: EditConfig.from_preset("smollm2-135m-lifelong",
+                                                        matmul_dtype="bfloat16"),
     }
-    names = list(editors)
+    names = [name for name in configs if name in args.editors.split(",")]
+    if not names or names[0] != "paper":
+        parser.error("--editors must keep paper: the ratios are against its turn")
+    editors = {name: UltraEditor(model, tok, configs[name]()) for name in names}
 
     def turn(name):
         report = editors[name].edit(requests)
@@ -58,6 +71,7 @@ def main(argv=None) -> int:
     median = {name: statistics.median(row["turn_s"] for row in rounds[name]) for name in names}
     out = {"command": "experiments/paper_turn_ratio.py " + " ".join(argv or sys.argv[1:]),
            "threads": args.threads, "edits": len(requests), "host_allocator": allocator,
+           "edit_wordings": args.edit_wordings,
            "paper_modules": paper_module_names(model), "rounds": rounds, "median": median,
            "over_paper": {name: median[name] / median["paper"] for name in names[1:]}}
     _common.report(out, args.json, ("median", "over_paper"))
