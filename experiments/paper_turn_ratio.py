@@ -29,19 +29,22 @@ def main(argv=None) -> int:
     parser.add_argument("--edit-wordings", default="prompt", choices=("prompt", "question", "both"))
     parser.add_argument("--editors", default="paper,lifelong,lifelong_bf16")
     args = parser.parse_args(argv)
+    names = [name for name in ("paper", "lifelong", "lifelong_bf16")
+             if name in args.editors.split(",")]
+    if not names or names[0] != "paper":     # checked before the model loads
+        parser.error("--editors must keep paper: the ratios are against its turn")
     from ultraedit.host_allocator import keep_freed_memory
 
     allocator = keep_freed_memory()
     import torch
     from ultraedit import EditConfig, UltraEditor
     from ultraedit.data import load_records
+    from ultraedit.eval import edit_requests
     from ultraedit.models import load_model
     from ultraedit.modules import paper_module_names
 
     torch.set_num_threads(args.threads)
     model, tok = load_model("default")
-    from ultraedit.eval import edit_requests
-
     requests = [q for r in load_records(args.records, format="records", limit=args.edits)
                 for q in edit_requests(r, args.edit_wordings)]
     configs = {
@@ -50,9 +53,6 @@ def main(argv=None) -> int:
         "lifelong_bf16": lambda: EditConfig.from_preset("smollm2-135m-lifelong",
                                                         matmul_dtype="bfloat16"),
     }
-    names = [name for name in configs if name in args.editors.split(",")]
-    if not names or names[0] != "paper":
-        parser.error("--editors must keep paper: the ratios are against its turn")
     editors = {name: UltraEditor(model, tok, configs[name]()) for name in names}
 
     def turn(name):
