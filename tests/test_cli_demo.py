@@ -119,6 +119,16 @@ def test_demo_small_run(tmp_path, ue_embedded, capsys):
     assert "WILD-style exact" in out
 
 
+def test_demo_edits_through_the_questions(tmp_path, ue_embedded):
+    path = tmp_path / "out.json"
+    assert main(["demo", "--turns", "1", "--edits-per-turn", "2", "--json", str(path),
+                 "--no-progress", "--threads", "1", "--no-true-facts", "--no-wild",
+                 "--edit-wordings", "question"]) == 0
+    data = json.loads(path.read_text())
+    assert data["edit_wordings"] == "question" and data["edits"] == 2
+    assert build_parser().parse_args(["demo"]).edit_wordings == "prompt"
+
+
 def test_the_summary_line_names_a_hold_margin():
     from ultraedit.cli.demo import settings_line
     from ultraedit.config import EditConfig

@@ -387,6 +387,12 @@ def test_edit_requests_hand_the_editor_the_chosen_wordings():
         M.edit_requests(record, "paraphrases")
 
 
+def test_the_commands_offer_the_wordings_the_loop_accepts():
+    from ultraedit.cli._common import EDIT_WORDINGS   # spelled there so --help skips torch
+
+    assert EDIT_WORDINGS == M.EDIT_WORDINGS
+
+
 def test_lifelong_run_edits_through_the_chosen_wordings(ue_tokenizer):
     import types
 

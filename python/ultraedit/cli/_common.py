@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 EXIT_USAGE = 2          # a bad argument, path or input: one line on stderr, nothing done
 EXIT_INTERRUPTED = 130  # Ctrl-C
+# = ultraedit.eval.EDIT_WORDINGS, spelled here so that --help does not import torch
+EDIT_WORDINGS = ("prompt", "question", "both")
 
 
 class UsageError(Exception):

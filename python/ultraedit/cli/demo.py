@@ -18,9 +18,9 @@ import sys
 import time
 from typing import Any, Dict
 
-from ._common import (EXIT_INTERRUPTED, UsageError, add_machine_options, check_output_paths,
-                      check_threads, error, fmt, machine, peak_rss_bytes, prepare_machine,
-                      split_csv, write_json)
+from ._common import (EDIT_WORDINGS, EXIT_INTERRUPTED, UsageError, add_machine_options,
+                      check_output_paths, check_threads, error, fmt, machine, peak_rss_bytes,
+                      prepare_machine, split_csv, write_json)
 from .options import add_method_options, build_editor, check_preset, resolve, resolved_config
 
 DEMO_RELATIONS = ("capital", "language")   # = ultraedit.eval.DEMO_RELATIONS, without importing it
@@ -45,6 +45,10 @@ def add_parser(sub) -> None:
     p.add_argument("--true-facts", action=argparse.BooleanOptionalAction, default=True,
                    help="before editing, score the unedited model against the facts' TRUE "
                         "answers (ES/GS; WILD-style too with --wild): the yardstick for GS")
+    p.add_argument("--edit-wordings", choices=EDIT_WORDINGS, default="prompt",
+                   help="edit through each fact's cloze prompt (prompt, the default), through "
+                        "the same prompt asked as a question as the WILD-style scores ask it "
+                        "(question), or both")
     add_method_options(p)
     add_machine_options(p)
     p.set_defaults(func=main)
@@ -102,14 +106,15 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         run = lifelong_run(model, tok, records, editor, args.turns, args.edits_per_turn,
                            eval_before=True, eval_end=True, progress=not args.no_progress,
-                           wild=args.wild, true_facts=args.true_facts)
+                           wild=args.wild, true_facts=args.true_facts,
+                           wordings=args.edit_wordings)
     except ValueError as err:   # a request the editor refuses: its own message
         raise UsageError(str(err)) from None
     result = demo_result(run, editor)
     split = ("report" if set(relations) <= set(REPORT_RELATIONS) else
              "tuning" if set(relations) <= set(TUNING_RELATIONS) else "all")
     result.update({"model": args.model or "default", "preset": args.preset, "seed": args.seed,
-                   "split": split,
+                   "split": split, "edit_wordings": args.edit_wordings,
                    "relations": relations, "threads": threads, "machine": machine()})
     result["timing"].update({"load_s": load_s, "facts_s": facts_s})
     result["memory"]["process_peak_rss_bytes"] = peak_rss_bytes()

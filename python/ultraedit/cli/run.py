@@ -36,9 +36,9 @@ import sys
 import time
 from typing import Any, Dict, List
 
-from ._common import (EXIT_INTERRUPTED, UsageError, add_machine_options, check_output_paths,
-                      check_threads, error, fmt, machine, peak_rss_bytes, prepare_machine,
-                      split_csv, write_json)
+from ._common import (EDIT_WORDINGS, EXIT_INTERRUPTED, UsageError, add_machine_options,
+                      check_output_paths, check_threads, error, fmt, machine, peak_rss_bytes,
+                      prepare_machine, split_csv, write_json)
 from .options import add_method_options, build_editor, check_preset, resolve, resolved_config
 
 DATA_FORMATS = ("auto", "zsre", "counterfact", "fever", "wikibigedit", "ultraeditbench",
@@ -46,7 +46,6 @@ DATA_FORMATS = ("auto", "zsre", "counterfact", "fever", "wikibigedit", "ultraedi
 # = ultraedit.eval.RUN_RELATIONS, spelled here so that --help does not import torch
 RUN_RELATIONS = ("capital", "language", "currency", "continent", "region", "city_country")
 SPLITS = ("all", "tuning", "report")    # = ultraedit.data.SPLITS
-EDIT_WORDINGS = ("prompt", "question", "both")   # = ultraedit.eval.EDIT_WORDINGS
 
 
 def add_parser(sub) -> None:
