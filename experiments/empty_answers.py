@@ -3,7 +3,8 @@
 WILD-style locality counts a locality question as kept when the edited model's normalized
 answer equals the unedited model's. This script splits the changed answers into kinds: an empty
 answer (the model stops at once: its first token is a newline or a ``.``), an answer that now
-names an edited target, and any other change; and the same for the edited facts' own questions.
+names an edited target, and any other change; and the same for the edited facts' own questions
+(``locality_erosion.py`` asks the same of cloze edits, by key distance, without the empty kind).
 One process: the report relations' first ``--edits`` offline records (the selection of
 ``ultraedit run --data offline --split report``), the unedited answers, ``--turns`` lifelong
 turns of the lifelong preset with bfloat16 products through ``--edit-wordings``
@@ -22,7 +23,7 @@ import _common  # noqa: F401  (the repository on sys.path)
 
 def kinds(before, after, targets):
     """Counts of the kinds of change from ``before`` to ``after`` answers (normalized)."""
-    from ultraedit.eval import normalize_answer
+    from ultraedit.eval import answer_contains, normalize_answer
 
     out = {"n": len(after), "unchanged": 0, "empty": 0, "empty_before": 0, "names_a_target": 0,
            "other": 0}
@@ -33,7 +34,7 @@ def kinds(before, after, targets):
             out["unchanged"] += 1
         elif a == "":
             out["empty"] += 1
-        elif any(f" {t} " in f" {a} " for t in targets):
+        elif any(answer_contains(a, t) for t in targets):
             out["names_a_target"] += 1
         else:
             out["other"] += 1
@@ -54,8 +55,8 @@ def main(argv=None) -> int:
     import torch
     from ultraedit import EditConfig, UltraEditor
     from ultraedit.data import REPORT_RELATIONS
-    from ultraedit.eval import decode_answers, edit_requests, normalize_answer, offline_records
-    from ultraedit.eval import wild_prompt
+    from ultraedit.eval import (answer_exact, decode_answers, edit_requests, normalize_answer,
+                                offline_records, wild_prompt)
     from ultraedit.models import load_model
 
     torch.manual_seed(0)
@@ -79,8 +80,7 @@ def main(argv=None) -> int:
     targets = sorted({normalize_answer(r.target) for r in records} - {""})
     loc = kinds(before_loc, after_loc, targets)
     own = kinds(before_edit, after_edit, targets)
-    own["target_exact"] = sum(normalize_answer(a) == normalize_answer(r.target)
-                              for a, r in zip(after_edit, records))
+    own["target_exact"] = sum(answer_exact(a, r.target) for a, r in zip(after_edit, records))
     examples = [{"question": q, "before": b, "after": a}
                 for q, b, a in zip(loc_q, before_loc, after_loc) if b != a][:20]
     out = {"command": "experiments/empty_answers.py " + " ".join(argv or sys.argv[1:]),

@@ -222,10 +222,9 @@ def _run(args: argparse.Namespace) -> int:
         from ..data import save_records
 
         save_records(records, args.records_out)
-    requests = [q for r in records for q in edit_requests(r, args.edit_wordings)]
     if (config.positions == "subject" and args.config_positions is None
             and any(q.get("subject") is None or q["subject"] not in q["prompt"]
-                    for q in requests)):
+                    for r in records for q in edit_requests(r, args.edit_wordings))):
         config = resolve(args, model, positions="answer")
         print("note: some records have no subject in their prompt; capturing at the answer "
               "positions (--positions answer)", file=sys.stderr)
