@@ -387,6 +387,37 @@ def test_edit_requests_hand_the_editor_the_chosen_wordings():
         M.edit_requests(record, "paraphrases")
 
 
+def test_a_record_asked_as_questions_scores_its_questions():
+    record = EditRecord("The capital of France is", "Rome", subject="France",
+                        paraphrases=["France's capital is", "Paris is the capital of"],
+                        locality=[("The capital of Spain is", "Madrid"), "Berlin is in"],
+                        portability=[("The capital of France's currency zone is", "Rome")],
+                        questions={"The capital of France is": "What is the capital of France?",
+                                   "France's capital is": "What is France's capital?",
+                                   "The capital of Spain is": "What is the capital of Spain?"})
+    before = record.to_dict()
+    asked = M.asked_as_questions(record)
+    assert asked.prompt == "Q: What is the capital of France?\nA:"
+    assert asked.paraphrases == ["Q: What is France's capital?\nA:", "Paris is the capital of"]
+    assert [(x.prompt, x.answer) for x in asked.locality] == [
+        ("Q: What is the capital of Spain?\nA:", "Madrid"), ("Berlin is in", None)]
+    assert asked.portability == record.portability      # no question: asked as it is
+    assert asked.questions == {} and (asked.target, asked.subject) == ("Rome", "France")
+    assert [asked.as_request()] == M.edit_requests(record, "question")
+    # the WILD-style scores of the copy decode from the same prompts as the original's
+    for prompt, original in [(asked.prompt, record.prompt),
+                             (asked.locality[1].prompt, record.locality[1].prompt)]:
+        assert W.wild_prompt(prompt, asked.questions) == W.wild_prompt(original, record.questions)
+    assert record.to_dict() == before                   # the original is untouched
+    bare = EditRecord("Paris is in", "Italy", locality=["Rome is in"])
+    assert M.asked_as_questions(bare).to_dict() == bare.to_dict()
+    assert M.scored_records([record, bare]) == [record, bare]
+    assert M.scored_records([record], "question") == [asked]
+    assert M.scored_records([record], "both") == [record, asked]
+    with pytest.raises(ValueError, match="wordings must be one of"):
+        M.scored_records([record], "questions")
+
+
 def test_the_commands_offer_the_wordings_the_loop_accepts():
     from ultraedit.cli._common import EDIT_WORDINGS   # spelled there so --help skips torch
 

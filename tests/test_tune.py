@@ -255,6 +255,59 @@ def test_weights_are_restored_between_candidates(tiny, facts):
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("wordings", ["question", "both"])
+def test_a_search_in_another_wording_edits_and_scores_through_it(tiny, facts, monkeypatch,
+                                                                  tmp_path, wordings):
+    import ultraedit.eval as ev
+    from ultraedit.cli.options import preset_edit_wordings
+    from ultraedit.editor import UltraEditor
+    from ultraedit.tune import tune, write_preset
+
+    model, tok = tiny
+    edited, scored = [], []
+    real_edit, real_evaluate = UltraEditor.edit, ev.evaluate_records
+
+    def edit(self, requests, *args, **kwargs):
+        edited.append([r["prompt"] for r in requests])
+        return real_edit(self, requests, *args, **kwargs)
+
+    def evaluate(model, tokenizer, records, **kwargs):
+        scored.append([r.prompt for r in records])
+        return real_evaluate(model, tokenizer, records, **kwargs)
+
+    monkeypatch.setattr(UltraEditor, "edit", edit)
+    monkeypatch.setattr(ev, "evaluate_records", evaluate)
+    result = tune(model, tok, budget_s=60, turns=1, edits_per_turn=2, rounds=1, candidates=2,
+                  records=facts, grid=GRID, wordings=wordings)
+    asked = [f"Q: {r.questions[r.prompt]}\nA:" for r in facts[:2]]
+    cloze = [r.prompt for r in facts[:2]]
+    want_edit = asked if wordings == "question" else [p for pair in zip(cloze, asked) for p in pair]
+    want_scored = asked if wordings == "question" else cloze + asked
+    assert edited == [want_edit] * 2 and scored == [want_scored] * 2   # two candidates
+    t = result.preset["tuning"]
+    assert t["edit_wordings"] == wordings and "questions" in t["rule"]
+    assert "questions" in result.preset["description"]
+    path = tmp_path / "q.json"
+    write_preset(result.preset, path)
+    assert preset_edit_wordings(str(path)) == wordings
+    assert preset_edit_wordings("smollm2-135m") is None
+
+
+def test_a_search_through_questions_needs_records_that_ask_them(tiny):
+    from ultraedit.data import EditRecord
+    from ultraedit.tune import tune
+
+    model, tok = tiny
+    bare = [EditRecord(f"The capital of land {i} is", "Rome", subject=f"land {i}",
+                       relation="capital", locality=["Berlin is in"]) for i in range(2)]
+    with pytest.raises(ValueError, match="none of the 2 records asks its rewrite prompt"):
+        tune(model, tok, budget_s=5, turns=1, edits_per_turn=2, records=bare, grid=GRID,
+             wordings="question")
+    with pytest.raises(ValueError, match="wordings must be one of"):
+        tune(model, tok, budget_s=5, turns=1, edits_per_turn=2, records=bare, grid=GRID,
+             wordings="cloze")
+
+
 def test_bad_output_path_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     import ultraedit.models
     from ultraedit.cli import main

@@ -19,7 +19,9 @@ round uses the full protocol (by default 2 turns of 50, as the hand tuning in
 experiments/tuning.md). Every candidate of a round edits the same facts, from the unedited
 model (weights restored between candidates), and is scored teacher-forced (ES, GS, LS
 against the unedited model's predictions, :func:`ultraedit.eval.evaluate_records`) over all
-its edits after its last turn.
+its edits after its last turn. With ``wordings="question"`` every candidate edits through the
+facts asked as questions and is scored teacher-forced on them
+(:func:`ultraedit.eval.scored_records`).
 
 The rule (:data:`DEFAULT_RULE`, fixed before the search and recorded in the preset): the highest
 ES among the candidates with LS >= ``ls_target``; ties go to the cheaper turn (fewer
@@ -63,6 +65,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .config import EditConfig, model_fingerprint
 
 __all__ = ["tune", "search_space", "plan_schedule", "rank_key", "choose", "trade_offs",
+           "WORDING_RULE", "WORDING_NOTE",
            "survivors",
            "TuneResult", "DEFAULT_RULE", "DEFAULT_LS_TARGET", "WEAK_GAIN", "write_preset"]
 
@@ -84,6 +87,12 @@ POSITIONS = ("subject", "answer")
 WINDOW_STARTS = (0.07, 0.14, 0.4, 0.8)
 SEARCHED = ("modules", "positions", "lr", "steps", "hold_done", "hold_margin", "memory",
             "preserve", "protect_mean", "whiten")
+# what the rule and the preset's description add for a search in another wording than the prompt
+WORDING_RULE = {"prompt": "",
+                "question": "; edits and scores through the facts asked as questions",
+                "both": "; edits through the prompts and their questions, scores the mean of both"}
+WORDING_NOTE = {"prompt": "", "question": ", edited and scored through their questions",
+                "both": ", edited and scored through their prompts and questions"}
 FILL = 0.85   # the share of the time left that the schedule is sized for
 KNOWN_SHARE = 0.25   # of the budget, at most, to look for tuning facts the model knows
 
@@ -347,13 +356,14 @@ class _Weights:
 
 
 def _score(model, tokenizer, records, ref, config: EditConfig, turns: int, per_turn: int,
-           weights: _Weights, seed: int) -> Dict[str, Any]:
-    """Edit ``records`` (``turns`` x ``per_turn``) from the unedited model with ``config`` and
-    score them; the weights are restored afterwards."""
+           weights: _Weights, seed: int, wordings: str = "prompt") -> Dict[str, Any]:
+    """Edit ``records`` (``turns`` x ``per_turn``) from the unedited model with ``config``, each
+    in ``wordings`` (:func:`ultraedit.eval.edit_requests`), and score them teacher-forced in the
+    same wordings (:func:`ultraedit.eval.scored_records`); the weights are restored afterwards."""
     import torch
 
     from .editor import UltraEditor
-    from .eval import evaluate_records
+    from .eval import edit_requests, evaluate_records, scored_records
 
     torch.manual_seed(seed)
     t0 = time.perf_counter()
@@ -368,14 +378,15 @@ def _score(model, tokenizer, records, ref, config: EditConfig, turns: int, per_t
         try:
             for t in range(turns):
                 chunk = records[t * per_turn:(t + 1) * per_turn]
-                rep = editor.edit([r.as_request() for r in chunk])
+                rep = editor.edit([q for r in chunk for q in edit_requests(r, wordings)])
                 steps_run += rep.steps_run
                 # forward+backward passes: one capture per step run, plus the check that ended
                 # the turn early (held edits)
                 passes += rep.steps_run + (1 if rep.steps_run < config.steps else 0)
                 turn_s += rep.turn_s
             te = time.perf_counter()
-            res = evaluate_records(model, tokenizer, records[:turns * per_turn],
+            res = evaluate_records(model, tokenizer,
+                                   scored_records(records[:turns * per_turn], wordings),
                                    locality_reference=ref, portability=False)
             eval_s = time.perf_counter() - te
         finally:
@@ -438,7 +449,8 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
          families: Optional[Sequence[str]] = None, known: bool = True,
          name: str = "tuned", log: Callable[[str], None] = lambda s: None,
          model_name: Optional[str] = None, records: Optional[Sequence[Any]] = None,
-         grid: Optional[Dict[str, Sequence[Any]]] = None) -> TuneResult:
+         grid: Optional[Dict[str, Sequence[Any]]] = None,
+         wordings: str = "prompt") -> TuneResult:
     """Search a preset for ``model`` within ``budget_s`` seconds (see the module docstring).
 
     ``candidates``: round-0 candidates (default: as many as the budget allows, sized after the
@@ -446,8 +458,18 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
     returned ``preset`` is in the format of ``ultraedit/presets`` plus a ``tuning`` record.
     ``records``: the tuning facts (default :func:`tuning_records`); at least ``turns x
     edits_per_turn``, every one of a tuning relation (else ValueError). ``grid``: see
-    :func:`search_space`."""
+    :func:`search_space`. ``wordings``: the wording every candidate edits through and is scored
+    in (:data:`ultraedit.eval.EDIT_WORDINGS`): ``"prompt"``, the rewrite prompts; ``"question"``,
+    the same facts asked as the WILD-style scores ask them (ES on ``"Q: <question>\\nA:"``, GS on
+    the paraphrases' questions, LS on the locality questions); ``"both"``, the two, each score
+    the mean over both. A search in a question wording needs records with questions (the
+    offline facts have them; else ValueError)."""
     import torch
+
+    from .eval import scored_records
+    from .eval.wild import check_wordings
+
+    check_wordings(wordings)
 
     if not 0 <= ls_target <= 1:
         raise ValueError(f"ls_target must be in 0..1, got {ls_target!r}")
@@ -458,7 +480,7 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
     t_start = time.perf_counter()
     deadline = t_start + budget_s
     space = search_space(model, families, grid)
-    rule = DEFAULT_RULE.format(target=ls_target)
+    rule = DEFAULT_RULE.format(target=ls_target) + WORDING_RULE[wordings]
     log(f"rule (fixed before the search): {rule}")
     from .data import REPORT_RELATIONS, TUNING_RELATIONS
     from .eval import locality_reference
@@ -476,7 +498,11 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
         if len(records) < need:
             raise ValueError(f"tune: {len(records)} records; {turns} turns x {edits_per_turn} "
                              f"edits need {need}")
-    ref = locality_reference(model, tokenizer, records)
+    if wordings != "prompt" and not any(r.questions.get(r.prompt) for r in records):
+        raise ValueError(f"tune: wordings={wordings!r} edits through the records' questions, "
+                         f"and none of the {len(records)} records asks its rewrite prompt as a "
+                         f"question; use wordings='prompt'")
+    ref = locality_reference(model, tokenizer, scored_records(records, wordings))
     prep_s = time.perf_counter() - t_start
     log(f"{len(records)} tuning facts ({', '.join(TUNING_RELATIONS)}) and their unedited "
         f"locality predictions in {prep_s:.0f}s")
@@ -509,7 +535,7 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
                "turns": turns, "edits_per_turn": per, "edits": turns * per}
         try:
             row.update(_score(model, tokenizer, records, ref, config, turns, per, weights,
-                              seed))
+                              seed, wordings))
         except (ValueError, RuntimeError, FloatingPointError) as err:  # a setting that fails
             weights.restore()
             row.update({"es": None, "gs": None, "ls": None, "steps_run": 0, "passes": 0,
@@ -583,7 +609,8 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
         "name": name,
         "description": (
             f"Tuned by `ultraedit tune` on the tuning relations ({', '.join(TUNING_RELATIONS)}; "
-            f"offline facts, seed {seed}): {label(config)}. Teacher-forced on the last round's "
+            f"offline facts, seed {seed}){WORDING_NOTE[wordings]}: {label(config)}. "
+            f"Teacher-forced on the last round's "
             f"{chosen['edits']} edits ({turns} lifelong turns): ES {chosen['es']:.3f}, GS "
             f"{_f(chosen['gs'])}, LS {chosen['ls']:.3f}"
             + ("" if feasible else f" (no candidate reached LS {ls_target}: the highest LS)")
@@ -595,6 +622,7 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
             "split": "tuning", "relations": list(TUNING_RELATIONS),
             "report_relations_used": False, "report_relations": list(REPORT_RELATIONS),
             "facts": len(records), "known_only": known, "seed": seed,
+            "edit_wordings": wordings,
             "model": model_name, "budget_s": budget_s, "wall_s": wall, "stopped": stopped,
             "prepare_s": prep_s, "eta": eta, "rounds": rounds, "turns": turns,
             "edits_per_turn": edits_per_turn, "schedule": schedule, "resized": resized,

@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import sys
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from ..config import EditConfig
 from ._common import UsageError
@@ -121,6 +121,22 @@ def check_preset(args: argparse.Namespace) -> None:
         EditConfig.from_preset(args.preset)
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
+
+
+def preset_edit_wordings(name_or_path) -> Optional[str]:
+    """The wording a preset file was tuned through (``tuning.edit_wordings``, written by
+    ``ultraedit tune``), else None (a shipped preset, a config file, an older tuned preset)."""
+    import json
+
+    if not name_or_path or not str(name_or_path).endswith(".json"):
+        return None
+    try:
+        with open(name_or_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    tuning = data.get("tuning") if isinstance(data, dict) else None
+    return tuning.get("edit_wordings") if isinstance(tuning, dict) else None
 
 
 def build_editor(model, tokenizer, config: EditConfig, progress: bool = True):

@@ -39,7 +39,8 @@ from typing import Any, Dict, List
 from ._common import (EDIT_WORDINGS, EXIT_INTERRUPTED, UsageError, add_machine_options,
                       check_output_paths, check_threads, error, fmt, machine, peak_rss_bytes,
                       prepare_machine, split_csv, write_json)
-from .options import add_method_options, build_editor, check_preset, resolve, resolved_config
+from .options import add_method_options, build_editor, check_preset, preset_edit_wordings, \
+    resolve, resolved_config
 
 DATA_FORMATS = ("auto", "zsre", "counterfact", "fever", "wikibigedit", "ultraeditbench",
                 "easyedit", "records")
@@ -160,6 +161,10 @@ def _run(args: argparse.Namespace) -> int:
                         ("--records-out", args.records_out)])
     _check_export(args)
     check_preset(args)
+    tuned_through = preset_edit_wordings(args.preset)
+    if tuned_through is not None and tuned_through != args.edit_wordings:
+        print(f"note: the preset {args.preset} was tuned through --edit-wordings "
+              f"{tuned_through}; this run edits through {args.edit_wordings}", file=sys.stderr)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot needs matplotlib: pip install matplotlib")
     offline = args.data == "offline"

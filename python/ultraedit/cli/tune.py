@@ -9,7 +9,8 @@ Successive halving: many candidates (module family over early/middle/late layer 
 capture positions, lr, steps, held edits, key memory, preserved subjects, mean-key protection)
 on few edits, the best third on three times more, and so on to the full protocol (2 lifelong
 turns of 50 by default). The rule is fixed before the search and recorded: the highest
-teacher-forced ES with LS >= --ls-target, ties to the cheaper turn. The output path is checked
+teacher-forced ES with LS >= --ls-target, ties to the cheaper turn. With --edit-wordings question
+every candidate edits, and is scored, through the facts asked as questions. The output path is checked
 before any work; the file is written atomically once the search ends (or the budget runs out,
 or Ctrl-C: then with the best so far).
 """
@@ -20,8 +21,8 @@ import argparse
 import os
 import sys
 
-from ._common import EXIT_INTERRUPTED, UsageError, add_machine_options, check_output_paths, \
-    check_threads, error, prepare_machine, split_csv
+from ._common import EDIT_WORDINGS, EXIT_INTERRUPTED, UsageError, add_machine_options, \
+    check_output_paths, check_threads, error, prepare_machine, split_csv
 
 DEFAULT_LS_TARGET = 0.85   # = ultraedit.tune.DEFAULT_LS_TARGET (--help without torch)
 
@@ -64,6 +65,11 @@ def add_parser(sub) -> None:
                         "--no-known takes the first tuning facts (a model that knows none)")
     p.add_argument("--seed", type=int, default=0,
                    help="fact selection, candidate order and torch seed (0)")
+    p.add_argument("--edit-wordings", choices=EDIT_WORDINGS, default="prompt",
+                   help="the wording every candidate edits through and is scored in: 'prompt' "
+                        "(the rewrite prompts, default), 'question' (the facts asked as the "
+                        "WILD-style scores ask them, 'Q: <question>\\nA:'), 'both' (each score "
+                        "the mean of the two); match it with `ultraedit run --edit-wordings`")
     add_machine_options(p)
     p.set_defaults(func=main)
 
@@ -109,7 +115,8 @@ def _tune(args: argparse.Namespace) -> int:
                       ls_target=args.ls_target, turns=args.turns,
                       edits_per_turn=args.edits_per_turn, eta=args.eta, rounds=args.rounds,
                       candidates=args.candidates, families=split_csv(args.families),
-                      known=args.known, name=name, log=log, model_name=args.model)
+                      known=args.known, name=name, log=log, model_name=args.model,
+                      wordings=args.edit_wordings)
     except ValueError as err:
         raise UsageError(str(err)) from None
     result.preset["tuning"]["command"] = " ".join(["ultraedit"] + sys.argv[1:])

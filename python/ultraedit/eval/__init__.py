@@ -22,8 +22,8 @@ from .probing import (generation_scores, greedy_continuations, next_token_predic
 from .scores import (evaluate_records, evaluation_work, true_fact_scores, true_fact_work,
                      wild_evaluation, wild_work)
 from .wild import (MAX_NEW_TOKENS, QA_TEMPLATE, STOP_STRINGS, answer_contains, answer_exact,
-                   EDIT_WORDINGS, decode_answers, decode_batch_size, edit_requests,
-                   normalize_answer, wild_prompt)
+                   EDIT_WORDINGS, asked_as_questions, decode_answers, decode_batch_size,
+                   edit_requests, normalize_answer, scored_records, wild_prompt)
 
 __all__ = [
     "token_accuracy", "next_token_predictions", "greedy_continuations", "generation_scores",
@@ -32,7 +32,8 @@ __all__ = [
     "offline_records", "DEMO_RELATIONS", "RUN_RELATIONS", "lifelong_run", "plot_run",
     "wild_evaluation", "wild_work", "true_fact_scores", "true_fact_work", "decode_answers",
     "decode_batch_size", "normalize_answer", "answer_exact",
-    "answer_contains", "wild_prompt", "edit_requests", "EDIT_WORDINGS", "QA_TEMPLATE",
+    "answer_contains", "wild_prompt", "edit_requests", "EDIT_WORDINGS",
+    "asked_as_questions", "scored_records", "QA_TEMPLATE",
     "STOP_STRINGS", "MAX_NEW_TOKENS",
 ]
 

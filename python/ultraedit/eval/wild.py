@@ -110,6 +110,44 @@ def edit_requests(record, wordings: str = "prompt") -> List[dict]:
     return [request] if asked["prompt"] == request["prompt"] else [request, asked]
 
 
+def asked_as_questions(record):
+    """A copy of ``record`` with every prompt that it also asks as a question replaced by the
+    prompt the WILD-style scores decode from, ``wild_prompt(prompt, record.questions)``: the
+    rewrite prompt, the paraphrases, the locality and portability prompts (``questions``
+    becomes empty, so the WILD-style scores of the copy ask the same prompts as the original's).
+
+    Teacher-forced scores of the copy (:func:`ultraedit.eval.evaluate_records`) are then scores
+    on the questions: ES on ``"Q: <question>\\nA:"`` -> `` target``, and so on. The copy's
+    ``as_request()`` is ``edit_requests(record, "question")[0]``. A record without questions
+    comes back as an equal copy."""
+    from dataclasses import replace
+
+    from ..data.records import LocalityPrompt
+
+    questions = getattr(record, "questions", None) or {}
+
+    def ask(prompt: str) -> str:
+        return wild_prompt(prompt, questions)
+
+    return replace(record, prompt=ask(record.prompt),
+                   paraphrases=[ask(p) for p in record.paraphrases],
+                   locality=[LocalityPrompt(ask(x.prompt), x.answer) for x in record.locality],
+                   portability=[(ask(p), a) for p, a in record.portability],
+                   questions={}, extra=dict(record.extra))
+
+
+def scored_records(records, wordings: str = "prompt") -> list:
+    """The records whose teacher-forced scores judge edits made in ``wordings``: ``records``
+    themselves (``"prompt"``), :func:`asked_as_questions` of each (``"question"``), or both
+    lists one after the other (``"both"``, so each score is the mean over the two wordings)."""
+    check_wordings(wordings)
+    records = list(records)
+    if wordings == "prompt":
+        return records
+    asked = [asked_as_questions(r) for r in records]
+    return asked if wordings == "question" else records + asked
+
+
 def _eos_ids(model, tokenizer) -> Set[int]:
     """Tokens that end an answer: the tokenizer's and the model's EOS, and every other special
     token (a chat model's ``<|endoftext|>`` or ``<|im_start|>`` is not part of an answer)."""
