@@ -149,7 +149,16 @@ def test_the_record_has_each_rounds_trade_offs(searched):
     weak = bool(base) and result.chosen["candidate"] != 0 and \
         result.chosen["es"] - base[0]["es"] < WEAK_GAIN
     assert t["weak_pick"] == weak
-    assert any(ln.startswith("note: the pick edits barely") for ln in lines) == weak
+    assert any(ln.startswith("note: the pick edits") for ln in lines) == weak
+
+
+def test_the_weak_pick_note_says_whether_the_pick_edits_more_or_less():
+    from ultraedit.tune import weak_pick_note
+
+    base = {"es": 0.889, "ls": 0.735}
+    assert weak_pick_note(0.9, base, 0.85).startswith(
+        "note: the pick edits barely more than the current config (#0, ES 0.889 LS 0.735)")
+    assert weak_pick_note(0.519, base, 0.85).startswith("note: the pick edits less than")
 
 
 def test_preset_loads_by_file_and_by_fingerprint(searched, tiny, tmp_path, monkeypatch):

@@ -31,7 +31,7 @@ next round, half go to a round's best candidates by the rule, one to candidate 0
 its ES/LS trade-offs (:func:`survivors`). The pick comes from the last round that scored a candidate (the most
 edits). Beside it the preset records, and the log prints, each round's
 ES/LS trade-offs (:func:`trade_offs`: the candidates no other beats on both), and says when the
-pick edits barely more than the current config (ES within :data:`WEAK_GAIN`): on a model where
+pick edits barely more than the current config, or less (ES within :data:`WEAK_GAIN` or below): on a model where
 only near no-ops keep LS >= ``ls_target``, those trade-offs say what a lower target buys.
 
 The budget (``budget_s``): the first candidate (the current config) is timed, a cost model
@@ -67,7 +67,8 @@ from .config import EditConfig, model_fingerprint
 __all__ = ["tune", "search_space", "plan_schedule", "rank_key", "choose", "trade_offs",
            "WORDING_RULE", "WORDING_NOTE",
            "survivors",
-           "TuneResult", "DEFAULT_RULE", "DEFAULT_LS_TARGET", "WEAK_GAIN", "write_preset"]
+           "TuneResult", "DEFAULT_RULE", "DEFAULT_LS_TARGET", "WEAK_GAIN", "weak_pick_note",
+           "write_preset"]
 
 DEFAULT_LS_TARGET = 0.85
 DEFAULT_RULE = ("the highest teacher-forced ES among the candidates with LS >= {target}; ties: "
@@ -643,10 +644,18 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
             + "; ".join(f"#{r['candidate']} ES {r['es']:.3f} LS {r['ls']:.3f}"
                         for r in front["rows"]))
     if weak:
-        log(f"note: the pick edits barely more than the current config (#0, ES "
-            f"{baseline['es']:.3f}): no searched setting met LS >= {ls_target} with stronger "
-            f"edits on this model; the trade-offs above say what a lower --ls-target buys")
+        log(weak_pick_note(chosen["es"], baseline, ls_target)
+            + "; the trade-offs above say what a lower --ls-target buys")
     return TuneResult(preset=preset, rows=rows, chosen=chosen, stopped=stopped)
+
+
+def weak_pick_note(chosen_es: float, baseline: Dict[str, Any], ls_target: float) -> str:
+    """What the log and the command say when the pick's ES is within :data:`WEAK_GAIN` of the
+    current config's (``baseline``, candidate 0's row of the same round) or below it."""
+    how = "barely more than" if chosen_es >= baseline["es"] else "less than"
+    ls = "" if baseline.get("ls") is None else f" LS {baseline['ls']:.3f}"
+    return (f"note: the pick edits {how} the current config (#0, ES {baseline['es']:.3f}{ls}): "
+            f"no searched setting met LS >= {ls_target} with stronger edits on this model")
 
 
 def _fits(cost: _Cost, config: EditConfig, edits: int, deadline: float, idx: int,

@@ -100,7 +100,7 @@ def _tune(args: argparse.Namespace) -> int:
     import torch
 
     from ..models import load_model
-    from ..tune import default_log, tune, write_preset
+    from ..tune import default_log, tune, weak_pick_note, write_preset
 
     prepare_machine(args.threads)
     torch.manual_seed(args.seed)
@@ -126,9 +126,11 @@ def _tune(args: argparse.Namespace) -> int:
           f"{c['edits']} tuning edits; {len(result.rows)} candidates scored in "
           f"{result.preset['tuning']['wall_s'] / 60:.1f} min ({result.stopped})")
     if result.preset["tuning"]["weak_pick"]:
-        print(f"note: the pick edits barely more than the model's current config; no searched "
-              f"setting met LS >= {args.ls_target} with stronger edits. The ES/LS trade-offs "
-              f"of every round are in the file (tuning.trade_offs): rerun with a lower "
-              f"--ls-target to choose among them")
+        t = result.preset["tuning"]
+        base = next(r for r in t["candidates"]
+                    if r["round"] == t["chosen_round"] and r["candidate"] == 0)
+        print(f"{weak_pick_note(c['es'], base, args.ls_target)}. The ES/LS trade-offs of every "
+              f"round are in the file (tuning.trade_offs): rerun with a lower --ls-target to "
+              f"choose among them")
     print(f"wrote {args.out}")
     return EXIT_INTERRUPTED if result.stopped == "interrupted" else 0
