@@ -15,8 +15,9 @@ and with bfloat16 products. Each round runs the three in a rotated order on the 
 
 ``--edit-wordings question`` hands every editor the records' rewrite prompts asked as questions
 (``ultraedit.eval.edit_requests``; the records need questions, e.g. the report split's saved by
-``ultraedit run --data offline --split report --records-out FILE``), and ``--editors`` keeps
-some of the three.
+``ultraedit run --data offline --split report --records-out FILE``), ``--editors`` keeps
+some of the three, and ``--presets A.json,B.json`` adds an editor per preset file (named by the
+file, with bfloat16 products), e.g. the output of ``ultraedit tune``.
 """
 import statistics
 import sys
@@ -28,11 +29,20 @@ def main(argv=None) -> int:
     parser = _common.rounds_parser(__doc__)
     parser.add_argument("--edit-wordings", default="prompt", choices=("prompt", "question", "both"))
     parser.add_argument("--editors", default="paper,lifelong,lifelong_bf16")
+    parser.add_argument("--presets", default="", metavar="A.json,B.json")
     args = parser.parse_args(argv)
     names = [name for name in ("paper", "lifelong", "lifelong_bf16")
              if name in args.editors.split(",")]
     if not names or names[0] != "paper":     # checked before the model loads
         parser.error("--editors must keep paper: the ratios are against its turn")
+    import os
+
+    files = {os.path.splitext(os.path.basename(f))[0] + "_bf16": f
+             for f in args.presets.split(",") if f}
+    missing = [f for f in files.values() if not os.path.isfile(f)]
+    if missing:
+        parser.error(f"--presets: no such file {missing}")
+    names += list(files)
     from ultraedit.host_allocator import keep_freed_memory
 
     allocator = keep_freed_memory()
@@ -53,6 +63,8 @@ def main(argv=None) -> int:
         "lifelong_bf16": lambda: EditConfig.from_preset("smollm2-135m-lifelong",
                                                         matmul_dtype="bfloat16"),
     }
+    for name, path in files.items():
+        configs[name] = (lambda path=path: EditConfig.from_preset(path, matmul_dtype="bfloat16"))
     editors = {name: UltraEditor(model, tok, configs[name]()) for name in names}
 
     def turn(name):
