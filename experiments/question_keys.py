@@ -20,7 +20,8 @@ subject's last word (prompts whose question lacks that word are left out).
 wording and at the same position. Printed (and ``--json``): mean |cos| between ``N`` and ``E``
 and the crosstalk, per layer and key.
 
-    PYTHONPATH=python python experiments/question_keys.py --json experiments/results/question_keys.json
+    PYTHONPATH=python python experiments/question_keys.py --threads 2 \\
+        --json experiments/results/question_keys.json
 """
 from __future__ import annotations
 

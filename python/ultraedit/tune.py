@@ -31,8 +31,9 @@ next round, half go to a round's best candidates by the rule, one to candidate 0
 its ES/LS trade-offs (:func:`survivors`). The pick comes from the last round that scored a candidate (the most
 edits). Beside it the preset records, and the log prints, each round's
 ES/LS trade-offs (:func:`trade_offs`: the candidates no other beats on both), and says when the
-pick edits barely more than the current config, or less (ES within :data:`WEAK_GAIN` or below): on a model where
-only near no-ops keep LS >= ``ls_target``, those trade-offs say what a lower target buys.
+pick edits barely more than the current config, or less (ES within :data:`WEAK_GAIN`, or below):
+on a model where only near no-ops keep LS >= ``ls_target``, those trade-offs say what a lower
+target buys.
 
 The budget (``budget_s``): the first candidate (the current config) is timed, a cost model
 (seconds per edit and step, seconds of evaluation per edit, preserved-key capture per layer
@@ -65,7 +66,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .config import EditConfig, model_fingerprint
 
 __all__ = ["tune", "search_space", "plan_schedule", "rank_key", "choose", "trade_offs",
-           "WORDING_RULE", "WORDING_NOTE",
            "survivors",
            "TuneResult", "DEFAULT_RULE", "DEFAULT_LS_TARGET", "WEAK_GAIN", "weak_pick_note",
            "write_preset"]

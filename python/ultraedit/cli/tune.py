@@ -9,10 +9,10 @@ Successive halving: many candidates (module family over early/middle/late layer 
 capture positions, lr, steps, held edits, key memory, preserved subjects, mean-key protection)
 on few edits, the best third on three times more, and so on to the full protocol (2 lifelong
 turns of 50 by default). The rule is fixed before the search and recorded: the highest
-teacher-forced ES with LS >= --ls-target, ties to the cheaper turn. With --edit-wordings question
-every candidate edits, and is scored, through the facts asked as questions. The output path is checked
-before any work; the file is written atomically once the search ends (or the budget runs out,
-or Ctrl-C: then with the best so far).
+teacher-forced ES with LS >= --ls-target, ties to the cheaper turn. With --edit-wordings
+question every candidate edits, and is scored, through the facts asked as questions. The output
+path is checked before any work; the file is written atomically once the search ends (or the
+budget runs out, or Ctrl-C: then with the best so far).
 """
 
 from __future__ import annotations
