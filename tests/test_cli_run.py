@@ -373,6 +373,29 @@ def test_a_preset_that_does_not_exist_is_refused_before_the_model_loads(model_di
     assert "\n" not in err and "Traceback" not in err
 
 
+def test_a_preset_tuned_through_another_wording_is_noted(model_dir, tmp_path, capsys,
+                                                        monkeypatch):
+    import json
+
+    import ultraedit.models
+
+    def stop(*a, **k):
+        raise OSError("stopped after the checks")
+
+    monkeypatch.setattr(ultraedit.models, "load_model", stop)
+    preset = tmp_path / "tuned.json"
+    preset.write_text(json.dumps({"name": "tuned", "config": {"lr": 1e-4},
+                                  "tuning": {"edit_wordings": "question"}}))
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    args = ["run", "--model", model_dir, "--data", data, "--turns", "1", "--edits-per-turn", "2",
+            "--no-progress", "--threads", "1", "--preset", str(preset)]
+    assert main(args) == 2
+    assert (f"note: the preset {preset} was tuned through --edit-wordings question; this run "
+            f"edits through prompt") in capsys.readouterr().err
+    assert main(args + ["--edit-wordings", "question"]) == 2
+    assert "note: the preset" not in capsys.readouterr().err
+
+
 def test_same_file_for_two_outputs_is_refused(model_dir, tmp_path, capsys):
     data = _write(tmp_path / "zsre.json", ZSRE)
     assert main(_base(model_dir, data, tmp_path, "--plot", str(tmp_path / "r.json"))) == 2
