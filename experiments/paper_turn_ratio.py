@@ -19,6 +19,7 @@ and with bfloat16 products. Each round runs the three in a rotated order on the 
 some of the three, and ``--presets A.json,B.json`` adds an editor per preset file (named by the
 file, with bfloat16 products), e.g. the output of ``ultraedit tune``.
 """
+import os
 import statistics
 import sys
 
@@ -35,8 +36,6 @@ def main(argv=None) -> int:
              if name in args.editors.split(",")]
     if not names or names[0] != "paper":     # checked before the model loads
         parser.error("--editors must keep paper: the ratios are against its turn")
-    import os
-
     files = {os.path.splitext(os.path.basename(f))[0] + "_bf16": f
              for f in args.presets.split(",") if f}
     missing = [f for f in files.values() if not os.path.isfile(f)]

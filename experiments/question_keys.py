@@ -68,6 +68,8 @@ def main(argv=None) -> int:
         text = prompt if kind.startswith("cloze") else wild_prompt(prompt, questions)
         if kind.startswith("question") and text == prompt:
             return None                     # no question for this prompt
+        if subject is not None and subject not in text:
+            return None                     # a locality question without its cloze's subject
         at = token_index(tok, text, None if kind.endswith("@answer") else subject)
         ids = tok(text, add_special_tokens=False)["input_ids"]
         return keys_of(ids)[:, at]          # L x d
@@ -79,17 +81,11 @@ def main(argv=None) -> int:
                  if w[:1].isupper() and not (i == 0 and w == "The")]
         return words[-1] if words else None
 
-    def located(prompt, subject, questions, kind):
-        text = prompt if kind.startswith("cloze") else wild_prompt(prompt, questions)
-        if subject is not None and subject not in text:
-            return None
-        return key(prompt, subject, questions, kind)
-
     out = {"records": len(records), "edits": args.edits, "layers": layers, "kinds": {}}
     try:
         for kind in KINDS:
             edited = [key(r.prompt, r.subject, r.questions, kind) for r in records[:args.edits]]
-            others = [located(x.prompt, subject_of(x.prompt), r.questions, kind)
+            others = [key(x.prompt, subject_of(x.prompt), r.questions, kind)
                       for r in records for x in r.locality]
             e = torch.stack([k for k in edited if k is not None], 1)    # L x n x d
             o = torch.stack([k for k in others if k is not None], 1)

@@ -328,12 +328,14 @@ def tuning_records(model, tokenizer, n: int, seed: int = 0, known: bool = True,
 @dataclass
 class TuneResult:
     """What :func:`tune` returns: ``preset`` (the file's contents), ``rows`` (every scored
-    candidate), ``chosen`` (the rule's pick) and ``stopped`` (``done``, ``budget``,
-    ``interrupted``)."""
+    candidate), ``chosen`` (the rule's pick), ``stopped`` (``done``, ``budget``,
+    ``interrupted``) and ``weak_note`` (:func:`weak_pick_note` when the pick edits barely more
+    than the current config, or less; else None)."""
     preset: Dict[str, Any]
     rows: List[Dict[str, Any]] = field(default_factory=list)
     chosen: Optional[Dict[str, Any]] = None
     stopped: str = "done"
+    weak_note: Optional[str] = None
 
 
 class _Weights:
@@ -643,10 +645,10 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
         log(f"ES/LS trade-offs of round {front['round']} ({front['edits']} edits): "
             + "; ".join(f"#{r['candidate']} ES {r['es']:.3f} LS {r['ls']:.3f}"
                         for r in front["rows"]))
-    if weak:
-        log(weak_pick_note(chosen["es"], baseline, ls_target)
-            + "; the trade-offs above say what a lower --ls-target buys")
-    return TuneResult(preset=preset, rows=rows, chosen=chosen, stopped=stopped)
+    note = weak_pick_note(chosen["es"], baseline, ls_target) if weak else None
+    if note:
+        log(note + "; the trade-offs above say what a lower --ls-target buys")
+    return TuneResult(preset=preset, rows=rows, chosen=chosen, stopped=stopped, weak_note=note)
 
 
 def weak_pick_note(chosen_es: float, baseline: Dict[str, Any], ls_target: float) -> str:

@@ -126,14 +126,13 @@ def check_preset(args: argparse.Namespace) -> None:
 def preset_edit_wordings(name_or_path) -> Optional[str]:
     """The wording a preset file was tuned through (``tuning.edit_wordings``, written by
     ``ultraedit tune``), else None (a shipped preset, a config file, an older tuned preset)."""
-    import json
+    from ..config import _read_json
 
     if not name_or_path or not str(name_or_path).endswith(".json"):
         return None
     try:
-        with open(name_or_path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
+        data = _read_json(name_or_path)
+    except ValueError:
         return None
     tuning = data.get("tuning") if isinstance(data, dict) else None
     return tuning.get("edit_wordings") if isinstance(tuning, dict) else None

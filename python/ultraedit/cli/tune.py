@@ -100,7 +100,7 @@ def _tune(args: argparse.Namespace) -> int:
     import torch
 
     from ..models import load_model
-    from ..tune import default_log, tune, weak_pick_note, write_preset
+    from ..tune import default_log, tune, write_preset
 
     prepare_machine(args.threads)
     torch.manual_seed(args.seed)
@@ -125,12 +125,8 @@ def _tune(args: argparse.Namespace) -> int:
     print(f"chosen: {c['label']} | ES {c['es']:.3f} GS {c['gs'] or 0:.3f} LS {c['ls']:.3f} on "
           f"{c['edits']} tuning edits; {len(result.rows)} candidates scored in "
           f"{result.preset['tuning']['wall_s'] / 60:.1f} min ({result.stopped})")
-    if result.preset["tuning"]["weak_pick"]:
-        t = result.preset["tuning"]
-        base = next(r for r in t["candidates"]
-                    if r["round"] == t["chosen_round"] and r["candidate"] == 0)
-        print(f"{weak_pick_note(c['es'], base, args.ls_target)}. The ES/LS trade-offs of every "
-              f"round are in the file (tuning.trade_offs): rerun with a lower --ls-target to "
-              f"choose among them")
+    if result.weak_note:
+        print(f"{result.weak_note}. The ES/LS trade-offs of every round are in the file "
+              f"(tuning.trade_offs): rerun with a lower --ls-target to choose among them")
     print(f"wrote {args.out}")
     return EXIT_INTERRUPTED if result.stopped == "interrupted" else 0
