@@ -343,3 +343,52 @@ def test_schedule_halves_and_keeps_two_finalists():
     assert [s["candidates"] for s in plan_schedule(15, 50, 3, 3)] == [15, 5, 2]
     assert [s["candidates"] for s in plan_schedule(9, 50, 3, 3)] == [9, 3, 2]
     assert [s["candidates"] for s in plan_schedule(1, 4, 2, 3)] == [1, 1, 1]
+
+
+def test_the_check_on_a_longer_stream_picks_from_its_own_round(tiny, facts, monkeypatch):
+    from ultraedit.editor import UltraEditor
+    from ultraedit.tune import choose, survivors, tune
+
+    model, tok = tiny
+    turns_edited = []
+    real_edit = UltraEditor.edit
+
+    def edit(self, requests, *args, **kwargs):
+        turns_edited.append([r["prompt"] for r in requests])
+        return real_edit(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(UltraEditor, "edit", edit)
+    lines = []
+    result = tune(model, tok, budget_s=120, seed=3, ls_target=0.5, turns=1, edits_per_turn=4,
+                  eta=2, rounds=2, candidates=6, records=facts, grid=GRID, check_turns=2,
+                  check_candidates=2, log=lines.append)
+    t = result.preset["tuning"]
+    assert t["check_turns"] == 2 and t["check_candidates"] == 2
+    assert t["schedule"][-1] == {"candidates": 2, "edits_per_turn": 4, "turns": 2}
+    rows = [[r for r in t["candidates"] if r["round"] == k] for k in (0, 1, 2)]
+    assert [len(r) for r in rows] == [6, 3, 2]
+    assert [r["candidate"] for r in rows[2]] == [r["candidate"] for r in survivors(rows[1], 2, 0.5)]
+    assert {r["turns"] for r in rows[2]} == {2} and {r["edits"] for r in rows[2]} == {8}
+    assert 0 in {r["candidate"] for r in rows[2]}
+    # the check's stream: the schedule's last facts first, then the next ones
+    prompts = [r.prompt for r in facts]
+    assert turns_edited[-2:] == [prompts[:4], prompts[4:8]]
+    assert result.chosen == choose(rows[2], 0.5) and t["chosen_round"] == 2
+    assert "(2 lifelong turns)" in result.preset["description"]
+    assert any(line.startswith("check: 2 candidates") for line in lines)
+    assert any(line.startswith("[check 1/2]") for line in lines)
+
+
+def test_the_check_needs_its_facts_and_sane_values(tiny, facts, tmp_path, capsys):
+    from ultraedit.cli import main
+    from ultraedit.tune import tune
+
+    model, tok = tiny
+    with pytest.raises(ValueError, match=r"8 records; 3 turns x 4 edits need 12"):
+        tune(model, tok, budget_s=5, turns=1, edits_per_turn=4, records=facts, grid=GRID,
+             check_turns=3)
+    with pytest.raises(ValueError, match="check_turns must be >= 0"):
+        tune(model, tok, budget_s=5, turns=1, edits_per_turn=4, records=facts, grid=GRID,
+             check_turns=-1)
+    assert main(["tune", "--out", str(tmp_path / "p.json"), "--check-turns", "-1"]) == 2
+    assert "--check-turns" in capsys.readouterr().err

@@ -23,6 +23,15 @@ its edits after its last turn. With ``wordings="question"`` every candidate edit
 facts asked as questions and is scored teacher-forced on them
 (:func:`ultraedit.eval.scored_records`).
 
+The check on a longer stream (``check_turns``, off by default): a search on 100 edits prefers
+settings whose cost shows only over a longer stream (a key memory costs ES at first and keeps
+locality later; large steps edit well at first and erode the model turn after turn). With
+``check_turns=K`` a last round follows the schedule: :data:`CHECK_CANDIDATES` of its last
+round (:func:`survivors`: the best by the rule, candidate 0, the trade-offs) each edit ``K``
+lifelong turns of ``edits_per_turn`` facts (the first ones the schedule's last round edited,
+then more tuning facts), and the pick comes from that round. Its time is set aside before
+round 0 is sized.
+
 The rule (:data:`DEFAULT_RULE`, fixed before the search and recorded in the preset): the highest
 ES among the candidates with LS >= ``ls_target``; ties go to the cheaper turn (fewer
 forward+backward passes run), then to the earlier candidate. If no candidate meets the target,
@@ -38,7 +47,7 @@ target buys.
 The budget (``budget_s``): the first candidate (the current config) is timed, a cost model
 (seconds per edit and step, seconds of evaluation per edit, preserved-key capture per layer
 window) is fitted to it, and the number of round-0 candidates is the largest whose schedule is
-predicted to fit in 85% of what is left (at least ``eta ** (rounds - 1)``, so that every round
+predicted to fit in 85% of what is left after the check's predicted time (at least ``eta ** (rounds - 1)``, so that every round
 halves), re-sized (never down) after every round-0 candidate. Before each candidate the
 prediction is checked against the time left; a candidate that would not finish is not started,
 the search stops cleanly and the best so far is chosen. Times observed correct the predictions
@@ -67,7 +76,7 @@ from .config import EditConfig, model_fingerprint
 
 __all__ = ["tune", "search_space", "plan_schedule", "rank_key", "choose", "trade_offs",
            "survivors",
-           "TuneResult", "DEFAULT_RULE", "DEFAULT_LS_TARGET", "WEAK_GAIN", "weak_pick_note",
+           "TuneResult", "CHECK_CANDIDATES", "DEFAULT_RULE", "DEFAULT_LS_TARGET", "WEAK_GAIN", "weak_pick_note",
            "write_preset"]
 
 DEFAULT_LS_TARGET = 0.85
@@ -94,6 +103,7 @@ WORDING_RULE = {"prompt": "",
                 "both": "; edits through the prompts and their questions, scores the mean of both"}
 WORDING_NOTE = {"prompt": "", "question": ", edited and scored through their questions",
                 "both": ", edited and scored through their prompts and questions"}
+CHECK_CANDIDATES = 4   # candidates of the check on a longer stream (with check_turns > 0)
 FILL = 0.85   # the share of the time left that the schedule is sized for
 KNOWN_SHARE = 0.25   # of the budget, at most, to look for tuning facts the model knows
 
@@ -453,7 +463,8 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
          name: str = "tuned", log: Callable[[str], None] = lambda s: None,
          model_name: Optional[str] = None, records: Optional[Sequence[Any]] = None,
          grid: Optional[Dict[str, Sequence[Any]]] = None,
-         wordings: str = "prompt") -> TuneResult:
+         wordings: str = "prompt", check_turns: int = 0,
+         check_candidates: int = CHECK_CANDIDATES) -> TuneResult:
     """Search a preset for ``model`` within ``budget_s`` seconds (see the module docstring).
 
     ``candidates``: round-0 candidates (default: as many as the budget allows, sized after the
@@ -466,7 +477,10 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
     the same facts asked as the WILD-style scores ask them (ES on ``"Q: <question>\\nA:"``, GS on
     the paraphrases' questions, LS on the locality questions); ``"both"``, the two, each score
     the mean over both. A search in a question wording needs records with questions (the
-    offline facts have them; else ValueError)."""
+    offline facts have them; else ValueError). ``check_turns``: when > 0, a last round on a
+    longer lifelong stream: ``check_candidates`` of the schedule's last round
+    (:func:`survivors`) each edit ``check_turns`` turns of ``edits_per_turn`` facts, and the
+    pick comes from it (0: no check, the pick comes from the schedule's last round)."""
     import torch
 
     from .eval import scored_records
@@ -480,6 +494,9 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
         raise ValueError("turns and edits_per_turn must be >= 1, eta >= 2 and rounds >= 1")
     if candidates is not None and candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
+    if check_turns < 0 or (check_turns and check_candidates < 1):
+        raise ValueError(f"check_turns must be >= 0 and check_candidates >= 1, got "
+                         f"{check_turns} and {check_candidates}")
     t_start = time.perf_counter()
     deadline = t_start + budget_s
     space = search_space(model, families, grid)
@@ -488,7 +505,7 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
     from .data import REPORT_RELATIONS, TUNING_RELATIONS
     from .eval import locality_reference
 
-    need = turns * edits_per_turn
+    need = max(turns, check_turns) * edits_per_turn
     if records is None:   # looking for known facts may take a quarter of the budget
         records = tuning_records(model, tokenizer, need, seed=seed, known=known,
                                  deadline=t_start + KNOWN_SHARE * budget_s)
@@ -499,8 +516,8 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
             raise ValueError(f"tune: records of relations {outside} are not tuning relations "
                              f"{list(TUNING_RELATIONS)}; a preset is chosen on those only")
         if len(records) < need:
-            raise ValueError(f"tune: {len(records)} records; {turns} turns x {edits_per_turn} "
-                             f"edits need {need}")
+            raise ValueError(f"tune: {len(records)} records; {max(turns, check_turns)} turns x "
+                             f"{edits_per_turn} edits need {need}")
     if wordings != "prompt" and not any(r.questions.get(r.prompt) for r in records):
         raise ValueError(f"tune: wordings={wordings!r} edits through the records' questions, "
                          f"and none of the {len(records)} records asks its rewrite prompt as a "
@@ -522,6 +539,9 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
                                      if _config_of(p) != current]
 
     sizes = round_sizes(edits_per_turn, eta, rounds)
+    # the turns of each round: the schedule's rounds, then the check on the longer stream
+    round_turns = [turns] * rounds + ([check_turns] if check_turns else [])
+    sizes_all = sizes + ([edits_per_turn] if check_turns else [])
     weights = _Weights(model)
     cost = _Cost()
     rows: List[Dict[str, Any]] = []
@@ -532,12 +552,12 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
     resized: List[Dict[str, Any]] = []   # round 0's size as the cost model learned
 
     def run_one(r: int, idx: int, source: str, config: EditConfig, total: int, k: int):
-        per = sizes[r]
+        per, n_turns = sizes_all[r], round_turns[r]
         row = {"candidate": idx, "round": r, "source": source, "label": label(config),
                "config": {f: _json(getattr(config, f)) for f in SEARCHED},
-               "turns": turns, "edits_per_turn": per, "edits": turns * per}
+               "turns": n_turns, "edits_per_turn": per, "edits": n_turns * per}
         try:
-            row.update(_score(model, tokenizer, records, ref, config, turns, per, weights,
+            row.update(_score(model, tokenizer, records, ref, config, n_turns, per, weights,
                               seed, wordings))
         except (ValueError, RuntimeError, FloatingPointError) as err:  # a setting that fails
             weights.restore()
@@ -548,12 +568,12 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
             round_rows[r].append(row)
             log(f"[round {r} {k}/{total}] #{idx} {row['label']} | failed: {row['error']}")
             return row
-        row["predicted_s"] = cost.predict(config, turns * per) if cost.per_step else None
-        cost.observe(config, turns * per, row)
+        row["predicted_s"] = cost.predict(config, n_turns * per) if cost.per_step else None
+        cost.observe(config, n_turns * per, row)
         rows.append(row)
         round_rows[r].append(row)
         left = deadline - time.perf_counter()
-        log(f"[round {r} {k}/{total}] #{idx} {row['label']} | ES {row['es']:.3f} GS "
+        log(f"[{'check' if r == rounds else f'round {r}'} {k}/{total}] #{idx} {row['label']} | ES {row['es']:.3f} GS "
             f"{_f(row['gs'])} LS {row['ls']:.3f} | {row['passes']} passes {row['wall_s']:.0f}s "
             f"| {max(0.0, left) / 60:.1f} min left")
         return row
@@ -562,8 +582,10 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
         for r in range(rounds):
             round_rows.append([])
             if r == 0:
+                check_s = (lambda: check_candidates * cost.predict(
+                    current, check_turns * edits_per_turn)) if check_turns else (lambda: 0.0)
                 n0 = _round0(run_one, cost, pool, sizes, turns, eta, rounds, candidates,
-                             deadline, edits_per_turn, log, resized)
+                             deadline, edits_per_turn, log, resized, reserve=check_s)
                 schedule = plan_schedule(n0, edits_per_turn, eta, rounds)
                 if resized and resized[-1]["stopped"]:
                     stopped = "budget"
@@ -582,6 +604,21 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
                 run_one(r, idx, src, cfg, len(entrants), k)
             if stopped != "done":
                 break
+        if check_turns and stopped == "done":
+            round_rows.append([])
+            by_idx = {i: (src, cfg) for i, src, cfg in entrants}
+            entrants = [(row["candidate"],) + by_idx[row["candidate"]]
+                        for row in survivors(round_rows[rounds - 1], check_candidates,
+                                             ls_target)]
+            schedule.append({"candidates": len(entrants), "edits_per_turn": edits_per_turn,
+                             "turns": check_turns})
+            log(f"check: {len(entrants)} candidates on a longer stream, {check_turns} turns of "
+                f"{edits_per_turn} edits")
+            for k, (idx, src, cfg) in enumerate(entrants, 1):
+                if not _fits(cost, cfg, check_turns * edits_per_turn, deadline, idx, log):
+                    stopped = "budget"
+                    break
+                run_one(rounds, idx, src, cfg, len(entrants), k)
     except KeyboardInterrupt:
         stopped = "interrupted"
         log("interrupted: choosing among the candidates scored so far")
@@ -614,7 +651,7 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
             f"Tuned by `ultraedit tune` on the tuning relations ({', '.join(TUNING_RELATIONS)}; "
             f"offline facts, seed {seed}){WORDING_NOTE[wordings]}: {label(config)}. "
             f"Teacher-forced on the last round's "
-            f"{chosen['edits']} edits ({turns} lifelong turns): ES {chosen['es']:.3f}, GS "
+            f"{chosen['edits']} edits ({chosen['turns']} lifelong turns): ES {chosen['es']:.3f}, GS "
             f"{_f(chosen['gs'])}, LS {chosen['ls']:.3f}"
             + ("" if feasible else f" (no candidate reached LS {ls_target}: the highest LS)")
             + "."),
@@ -628,6 +665,8 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
             "edit_wordings": wordings,
             "model": model_name, "budget_s": budget_s, "wall_s": wall, "stopped": stopped,
             "prepare_s": prep_s, "eta": eta, "rounds": rounds, "turns": turns,
+            "check_turns": check_turns,
+            "check_candidates": check_candidates if check_turns else 0,
             "edits_per_turn": edits_per_turn, "schedule": schedule, "resized": resized,
             "space": space,
             "grid_size": len(pool) - 1, "chosen": chosen["candidate"],
@@ -673,10 +712,12 @@ def _fits(cost: _Cost, config: EditConfig, edits: int, deadline: float, idx: int
 
 def _round0(run_one, cost: _Cost, pool, sizes: List[int], turns: int, eta: int, rounds: int,
             candidates: Optional[int], deadline: float, edits_per_turn: int,
-            log: Callable[[str], None], resized: List[Dict[str, Any]]) -> int:
+            log: Callable[[str], None], resized: List[Dict[str, Any]],
+            reserve: Callable[[], float] = lambda: 0.0) -> int:
     """Score round 0 and return its size: ``candidates``, else sized after the first candidate
     and grown (never shrunk) after every later one while the predicted schedule still fits
-    ``FILL`` of the time left. ``resized`` records each size with the time left."""
+    ``FILL`` of the time left less ``reserve()`` (the predicted seconds of the check on the
+    longer stream). ``resized`` records each size with the time left."""
     n0 = candidates or 1
     i = 0
     while i < n0:
@@ -692,7 +733,7 @@ def _round0(run_one, cost: _Cost, pool, sizes: List[int], turns: int, eta: int, 
             # the prediction says is too short, the budget check then ends the search in an
             # earlier round with the best so far rather than scoring one candidate throughout
             fit = max(eta ** (rounds - 1),
-                      _fit_n0(cost, pool, sizes, turns, eta, FILL * left, done=i,
+                      _fit_n0(cost, pool, sizes, turns, eta, FILL * left - reserve(), done=i,
                               max_n=len(pool)) if cost.per_step else 0)
             if fit > n0:
                 n0 = fit

@@ -8,7 +8,8 @@ relations only, and write it as a preset file (:mod:`ultraedit.tune`).
 Successive halving: many candidates (module family over early/middle/late layer windows,
 capture positions, lr, steps, held edits, key memory, preserved subjects, mean-key protection)
 on few edits, the best third on three times more, and so on to the full protocol (2 lifelong
-turns of 50 by default). The rule is fixed before the search and recorded: the highest
+turns of 50 by default), then, with --check-turns K, the best few on a longer stream of K turns.
+The rule is fixed before the search and recorded: the highest
 teacher-forced ES with LS >= --ls-target, ties to the cheaper turn. With --edit-wordings
 question every candidate edits, and is scored, through the facts asked as questions. The output
 path is checked before any work; the file is written atomically once the search ends (or the
@@ -65,6 +66,11 @@ def add_parser(sub) -> None:
                         "--no-known takes the first tuning facts (a model that knows none)")
     p.add_argument("--seed", type=int, default=0,
                    help="fact selection, candidate order and torch seed (0)")
+    p.add_argument("--check-turns", type=int, default=0, metavar="K",
+                   help="after the schedule, its best candidates, the current config and a "
+                        "trade-off (4) edit a longer lifelong stream of K turns of "
+                        "--edits-per-turn and the pick comes from it; its time comes out of the "
+                        "budget (0: no check; K x --edits-per-turn known tuning facts needed)")
     p.add_argument("--edit-wordings", choices=EDIT_WORDINGS, default="prompt",
                    help="the wording every candidate edits through and is scored in: 'prompt' "
                         "(the rewrite prompts, default), 'question' (the facts asked as the "
@@ -93,6 +99,8 @@ def _tune(args: argparse.Namespace) -> int:
                          "least 2")
     if args.candidates is not None and args.candidates < 1:
         raise UsageError(f"--candidates must be at least 1, got {args.candidates}")
+    if args.check_turns < 0:
+        raise UsageError(f"--check-turns must be 0 (no check) or more, got {args.check_turns}")
     if not args.out.endswith(".json"):
         raise UsageError(f"--out {args.out!r}: a preset file name ends in .json")
     check_output_paths([("--out", args.out)])
@@ -116,7 +124,7 @@ def _tune(args: argparse.Namespace) -> int:
                       edits_per_turn=args.edits_per_turn, eta=args.eta, rounds=args.rounds,
                       candidates=args.candidates, families=split_csv(args.families),
                       known=args.known, name=name, log=log, model_name=args.model,
-                      wordings=args.edit_wordings)
+                      wordings=args.edit_wordings, check_turns=args.check_turns)
     except ValueError as err:
         raise UsageError(str(err)) from None
     result.preset["tuning"]["command"] = " ".join(["ultraedit"] + sys.argv[1:])
