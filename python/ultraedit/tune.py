@@ -47,8 +47,8 @@ target buys.
 The budget (``budget_s``): the first candidate (the current config) is timed, a cost model
 (seconds per edit and step, seconds of evaluation per edit, preserved-key capture per layer
 window) is fitted to it, and the number of round-0 candidates is the largest whose schedule is
-predicted to fit in 85% of what is left after the check's predicted time (at least ``eta ** (rounds - 1)``, so that every round
-halves), re-sized (never down) after every round-0 candidate. Before each candidate the
+predicted to fit in 85% of what is left after the check's predicted time (at least
+``eta ** (rounds - 1)``, so that every round halves), re-sized (never down) after every round-0 candidate. Before each candidate the
 prediction is checked against the time left; a candidate that would not finish is not started,
 the search stops cleanly and the best so far is chosen. Times observed correct the predictions
 as the search goes.
@@ -76,7 +76,8 @@ from .config import EditConfig, model_fingerprint
 
 __all__ = ["tune", "search_space", "plan_schedule", "rank_key", "choose", "trade_offs",
            "survivors",
-           "TuneResult", "CHECK_CANDIDATES", "DEFAULT_RULE", "DEFAULT_LS_TARGET", "WEAK_GAIN", "weak_pick_note",
+           "TuneResult", "CHECK_CANDIDATES", "DEFAULT_RULE", "DEFAULT_LS_TARGET", "WEAK_GAIN",
+           "weak_pick_note",
            "write_preset"]
 
 DEFAULT_LS_TARGET = 0.85
@@ -505,7 +506,8 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
     from .data import REPORT_RELATIONS, TUNING_RELATIONS
     from .eval import locality_reference
 
-    need = max(turns, check_turns) * edits_per_turn
+    longest = max(turns, check_turns)
+    need = longest * edits_per_turn
     if records is None:   # looking for known facts may take a quarter of the budget
         records = tuning_records(model, tokenizer, need, seed=seed, known=known,
                                  deadline=t_start + KNOWN_SHARE * budget_s)
@@ -516,7 +518,7 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
             raise ValueError(f"tune: records of relations {outside} are not tuning relations "
                              f"{list(TUNING_RELATIONS)}; a preset is chosen on those only")
         if len(records) < need:
-            raise ValueError(f"tune: {len(records)} records; {max(turns, check_turns)} turns x "
+            raise ValueError(f"tune: {len(records)} records; {longest} turns x "
                              f"{edits_per_turn} edits need {need}")
     if wordings != "prompt" and not any(r.questions.get(r.prompt) for r in records):
         raise ValueError(f"tune: wordings={wordings!r} edits through the records' questions, "
@@ -553,6 +555,7 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
 
     def run_one(r: int, idx: int, source: str, config: EditConfig, total: int, k: int):
         per, n_turns = sizes_all[r], round_turns[r]
+        where = "check" if r == rounds else f"round {r}"
         row = {"candidate": idx, "round": r, "source": source, "label": label(config),
                "config": {f: _json(getattr(config, f)) for f in SEARCHED},
                "turns": n_turns, "edits_per_turn": per, "edits": n_turns * per}
@@ -566,14 +569,14 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
                         "error": f"{type(err).__name__}: {err}"})
             rows.append(row)
             round_rows[r].append(row)
-            log(f"[round {r} {k}/{total}] #{idx} {row['label']} | failed: {row['error']}")
+            log(f"[{where} {k}/{total}] #{idx} {row['label']} | failed: {row['error']}")
             return row
         row["predicted_s"] = cost.predict(config, n_turns * per) if cost.per_step else None
         cost.observe(config, n_turns * per, row)
         rows.append(row)
         round_rows[r].append(row)
         left = deadline - time.perf_counter()
-        log(f"[{'check' if r == rounds else f'round {r}'} {k}/{total}] #{idx} {row['label']} | ES {row['es']:.3f} GS "
+        log(f"[{where} {k}/{total}] #{idx} {row['label']} | ES {row['es']:.3f} GS "
             f"{_f(row['gs'])} LS {row['ls']:.3f} | {row['passes']} passes {row['wall_s']:.0f}s "
             f"| {max(0.0, left) / 60:.1f} min left")
         return row
