@@ -71,3 +71,31 @@ def test_opcheck_with_triton_selected(monkeypatch, rows):
     keys, _ = odd_features(11, 19, 1, seed=2)
     assert _backends.select("gram", DEVICE, keys)[0] == "triton"
     torch.library.opcheck(uk.gram_op, (keys, 1.0, rows))
+
+
+@pytest.mark.parametrize("rows", [True, False], ids=["rows", "cols"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_k_matches_fp64_and_stays_symmetric(monkeypatch, dtype, rows):
+    """A small Gram matrix over a long reduction is split over k (as on a many-SM GPU)."""
+    mod = _mod()
+    monkeypatch.setattr(mod, "_multiprocessors", lambda device: 64)
+    n, d = (37, 1100) if rows else (1100, 37)
+    assert mod.choose_split(37, 1100, 64, 32, 64) == (2, 576)   # the second split is masked
+    keys, _ = odd_features(n, d, 1, seed=5, dtype=dtype)
+    got = mod.gram_triton(keys, 0.3, rows)
+    ref, torch32 = _references(keys, 0.3, rows)
+    assert got.shape == (37, 37)
+    assert rel_err(got.cpu(), ref) <= bound("gram", dtype, rel_err(torch32, ref))
+    assert torch.equal(got, got.T)
+
+
+@pytest.mark.parametrize("m,k,block_m", [(100, 4096, 64), (100, 14336, 64), (400, 14336, 64),
+                                         (2000, 14336, 128), (14336, 100, 128), (3, 0, 64),
+                                         (100, 1023, 64), (1, 100000, 64)])
+def test_choose_split_covers_k_without_empty_splits(m, k, block_m):
+    splits, per = _mod().choose_split(m, k, block_m, 32, 132)
+    assert splits >= 1 and per % 32 == 0 and per >= 32
+    assert splits * per >= k and (splits - 1) * per < max(k, 1)   # every split has work
+    tiles = -(-m // block_m)
+    assert splits == 1 or per >= _mod().MIN_K_PER_SPLIT           # long enough runs
+    assert splits <= max(1, -(-2 * 132 // (tiles * (tiles + 1) // 2)))

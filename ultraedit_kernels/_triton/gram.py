@@ -9,6 +9,13 @@ triangle: half the work of a general matmul, and the full matrix the op promises
 symmetric by construction (``spd_solve`` reads only the lower triangle).  Programs with
 ``j > i`` exit.
 
+Split-K: a turn's Gram matrix is small (N = 100-400 keys) over a long reduction (d = 4096-14336),
+so the lower tiles alone are a handful of programs on a GPU of 100+ multiprocessors (3 programs
+for N = 100: 0.05-0.5x torch on an H200).  Program ``(i, j, s)`` then reduces only the ``s``-th
+of ``SPLIT`` equal runs of ``k`` into its own ``m x m`` slice of a float32 buffer, and the slices
+are summed in a fixed order (``buffer.sum(0)``): deterministic, and still exactly symmetric
+(element ``(a, b)`` and ``(b, a)`` are the same sums in the same order).  λ is added by split 0.
+
 Under ``TRITON_INTERPRET=1`` bf16/fp16 tiles are cast to float32 before ``tl.dot`` (the
 interpreter's dot is NumPy's).  Float64 input goes to the reference (float64 result).
 """
@@ -27,23 +34,28 @@ _op = importlib.import_module("ultraedit_kernels.gram")
 
 
 @triton.jit
-def _gram_kernel(x_ptr, c_ptr, m_size, k_size, stride_m, stride_k, stride_c, ridge,
+def _gram_kernel(x_ptr, c_ptr, m_size, k_size, k_per_split, stride_m, stride_k, stride_c, ridge,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                  IEEE: tl.constexpr):
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
+    pid_s = tl.program_id(2)
     if pid_j > pid_i:
         return
+    k_start = pid_s * k_per_split          # k_per_split is a multiple of BLOCK_K
+    k_end = tl.minimum(k_start + k_per_split, k_size)
     offs_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j = pid_j * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     mask_i = offs_i < m_size
     mask_j = offs_j < m_size
-    a_ptrs = x_ptr + offs_i.to(tl.int64)[:, None] * stride_m + offs_k[None, :] * stride_k
-    b_ptrs = x_ptr + offs_j.to(tl.int64)[None, :] * stride_m + offs_k[:, None] * stride_k
+    a_ptrs = (x_ptr + offs_i.to(tl.int64)[:, None] * stride_m
+              + (k_start + offs_k).to(tl.int64)[None, :] * stride_k)
+    b_ptrs = (x_ptr + offs_j.to(tl.int64)[None, :] * stride_m
+              + (k_start + offs_k).to(tl.int64)[:, None] * stride_k)
     acc = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, k_size, BLOCK_K):
-        kmask = (k0 + offs_k) < k_size
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kmask = (k0 + offs_k) < k_end
         a = tl.load(a_ptrs, mask=mask_i[:, None] & kmask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=kmask[:, None] & mask_j[None, :], other=0.0)
         if UPCAST:
@@ -55,8 +67,9 @@ def _gram_kernel(x_ptr, c_ptr, m_size, k_size, stride_m, stride_k, stride_c, rid
             acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K * stride_k
         b_ptrs += BLOCK_K * stride_k
-    acc += tl.where(offs_i[:, None] == offs_j[None, :], ridge, 0.0)
+    acc += tl.where((offs_i[:, None] == offs_j[None, :]) & (pid_s == 0), ridge, 0.0)
     mask = mask_i[:, None] & mask_j[None, :]
+    c_ptr += pid_s.to(tl.int64) * m_size * stride_c     # this split's slice of the buffer
     ci = offs_i.to(tl.int64)
     cj = offs_j.to(tl.int64)
     # Only the lower triangle is stored as computed; the upper triangle is its mirror, so the
@@ -81,6 +94,36 @@ def choose_config(m_size: int) -> str:
     return "large" if m_size >= LARGE_OUTPUT else "small"
 
 
+PROGRAMS_PER_SM = 2      # split until the launch fills each multiprocessor about twice
+MIN_K_PER_SPLIT = 512    # and each program still reduces at least this much of k
+_SM_COUNTS: dict = {}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda" or INTERPRET:
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _SM_COUNTS.get(index)
+    if count is None:
+        count = _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
+
+
+def choose_split(m_size: int, k_size: int, block_m: int, block_k: int, multiprocessors: int):
+    """``(splits, k_per_split)``: how many runs of ``k`` the lower tiles are reduced in.
+
+    One split when the lower tiles already fill the device or ``k`` is short; otherwise enough
+    to launch about ``PROGRAMS_PER_SM`` programs per multiprocessor, each over at least
+    ``MIN_K_PER_SPLIT`` of ``k`` (``k_per_split`` a multiple of ``block_k``; no split is empty).
+    """
+    tiles = triton.cdiv(m_size, block_m)
+    lower_tiles = tiles * (tiles + 1) // 2
+    wanted = triton.cdiv(PROGRAMS_PER_SM * multiprocessors, max(lower_tiles, 1))
+    splits = max(1, min(wanted, k_size // MIN_K_PER_SPLIT))
+    k_per_split = max(triton.cdiv(triton.cdiv(k_size, splits), block_k) * block_k, block_k)
+    return triton.cdiv(max(k_size, 1), k_per_split), k_per_split
+
+
 def gram_triton(x, ridge: float, rows: bool):
     """Launcher with the signature of the op's implementations (see ``gram.py``)."""
     if x.dtype not in SUPPORTED_DTYPES:
@@ -91,14 +134,16 @@ def gram_triton(x, ridge: float, rows: bool):
     else:
         k_size, m_size = x.shape
         stride_m, stride_k = x.stride(1), x.stride(0)
-    out = torch.empty((m_size, m_size), dtype=torch.float32, device=x.device)
     block_m, block_k, warps, stages = CONFIGS[choose_config(m_size)]
+    splits, k_per_split = choose_split(m_size, k_size, block_m, block_k,
+                                       _multiprocessors(x.device))
+    out = torch.empty((splits, m_size, m_size), dtype=torch.float32, device=x.device)
     tiles = triton.cdiv(m_size, block_m)
-    _gram_kernel[(tiles, tiles)](
-        x, out, m_size, k_size, stride_m, stride_k, out.stride(0), float(ridge),
+    _gram_kernel[(tiles, tiles, splits)](
+        x, out, m_size, k_size, k_per_split, stride_m, stride_k, m_size, float(ridge),
         BLOCK_M=block_m, BLOCK_K=block_k, UPCAST=INTERPRET and x.dtype != torch.float32,
         IEEE=x.dtype == torch.float32 or INTERPRET, num_warps=warps, num_stages=stages)
-    return out
+    return out[0] if splits == 1 else out.sum(0)
 
 
 def aot_specs():
@@ -112,12 +157,13 @@ def aot_specs():
                 specs.append(AotSpec(
                     name=f"gram[{t},{cfg},{layout}]", kernel=_gram_kernel,
                     signature={"x_ptr": f"*{t}", "c_ptr": "*fp32", "m_size": "i32",
-                               "k_size": "i32", other: "i32", "stride_c": "i32",
+                               "k_size": "i32", "k_per_split": "i32", other: "i32",
+                               "stride_c": "i32",
                                "ridge": "fp32"},
                     constexprs={unit: 1, "BLOCK_M": block_m, "BLOCK_K": block_k,
                                 "UPCAST": False, "IEEE": dtype == torch.float32},
                     num_warps=warps, num_stages=stages,
-                    divisible=("x_ptr", "c_ptr", other, "stride_c")))
+                    divisible=("x_ptr", "c_ptr", "k_per_split", other, "stride_c")))
     return specs
 
 
