@@ -79,8 +79,10 @@ def test_split_k_matches_fp64_and_stays_symmetric(monkeypatch, dtype, rows):
     """A small Gram matrix over a long reduction is split over k (as on a many-SM GPU)."""
     mod = _mod()
     monkeypatch.setattr(mod, "_multiprocessors", lambda device: 64)
-    n, d = (37, 1100) if rows else (1100, 37)
-    assert mod.choose_split(37, 1100, 64, 32, 64) == (2, 576)   # the second split is masked
+    n, d = (37, 2100) if rows else (2100, 37)
+    # the last split is masked: bf16/fp16 2 x 1056, float32 4 x 544
+    assert mod.choose_split(37, 2100, 64, 32, 64, dtype) == ((4, 544) if dtype == torch.float32
+                                                            else (2, 1056))
     keys, _ = odd_features(n, d, 1, seed=5, dtype=dtype)
     got = mod.gram_triton(keys, 0.3, rows)
     ref, torch32 = _references(keys, 0.3, rows)
@@ -92,10 +94,13 @@ def test_split_k_matches_fp64_and_stays_symmetric(monkeypatch, dtype, rows):
 @pytest.mark.parametrize("m,k,block_m", [(100, 4096, 64), (100, 14336, 64), (400, 14336, 64),
                                          (2000, 14336, 128), (14336, 100, 128), (3, 0, 64),
                                          (100, 1023, 64), (1, 100000, 64)])
-def test_choose_split_covers_k_without_empty_splits(m, k, block_m):
-    splits, per = _mod().choose_split(m, k, block_m, 32, 132)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_choose_split_covers_k_without_empty_splits(m, k, block_m, dtype):
+    mod = _mod()
+    splits, per = mod.choose_split(m, k, block_m, 32, 132, dtype)
     assert splits >= 1 and per % 32 == 0 and per >= 32
     assert splits * per >= k and (splits - 1) * per < max(k, 1)   # every split has work
     tiles = -(-m // block_m)
-    assert splits == 1 or per >= _mod().MIN_K_PER_SPLIT           # long enough runs
-    assert splits <= max(1, -(-2 * 132 // (tiles * (tiles + 1) // 2)))
+    min_k = mod.MIN_K_PER_SPLIT.get(dtype, mod.DEFAULT_MIN_K_PER_SPLIT)
+    assert splits == 1 or per >= min_k                            # long enough runs
+    assert splits <= max(1, -(-mod.PROGRAMS_PER_SM * 132 // (tiles * (tiles + 1) // 2)))
