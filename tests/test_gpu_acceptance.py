@@ -107,9 +107,12 @@ def test_cpu_smoke_turns_against_the_paper_path(tmp_path):
         assert g["backward_group"] == -(-t["edits"] // 10) and g["rounds"] == 2, (t["step"], g)
         for f in ("turn_s", "fwd_bwd_s", "throughput_gain_vs_10", "peak_ratio_vs_10"):
             assert _finite(g[f]) and g[f] > 0, (t["step"], f)
+        d = t["defaults"]   # backward_group and pack at "auto": on the CPU, grouped and packed
+        assert d["backward_group"] > 1 and d["packed"] and d["rounds"] == 2, (t["step"], d)
     md = (tmp_path / "acceptance.md").read_text()
     assert "## One lifelong turn" in md and 'micro_batch="auto" beside' in md
     assert "One backward for the turn's micro-batches" in md
+    assert "### The defaults beside the 10-request turn" in md
 
 
 def test_failed_and_overrunning_steps_are_recorded(tmp_path):

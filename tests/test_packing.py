@@ -195,3 +195,24 @@ def test_reorder_is_index_select_with_the_inverse_gather_as_backward(dim):
     (got,) = torch.autograd.grad(y, x, dy)
     (want,) = torch.autograd.grad(x.index_select(dim, order), x, dy)
     assert torch.equal(got, want)           # a permutation: every row is written once
+
+
+@pytest.mark.parametrize("where,settings,group,packs", [
+    ("cpu", {}, 4, True),                           # the CPU: grouped and packed
+    ("cuda", {}, 4, True),                          # CUDA: grouped because the turn packs
+    ("cuda", {"pack": "off"}, 1, False),            # a padded group measured no faster there
+    ("cuda", {"backward_group": 1}, 1, False),      # one micro-batch packed alone: not measured
+    ("cuda", {"backward_group": 2, "pack": "on"}, 2, True),
+    (None, {}, 1, False),                           # spread over devices: the paper's loop
+])
+def test_auto_layout_by_device(where, settings, group, packs, ue_tokenizer, monkeypatch):
+    """backward_group='auto' and pack='auto' by where the model's parameters are (the device
+    type is stubbed: the turn itself runs on the CPU)."""
+    import ultraedit.batching as batching
+
+    monkeypatch.setattr(batching, "device_type", lambda model: where)
+    model = ue_tiny_model("llama", len(ue_tokenizer), seed=3, attn="sdpa").double()
+    editor = UltraEditor(model, ue_tokenizer, modules=MODULES["llama"], lr=1e-3, micro_batch=3,
+                         **settings)
+    report = editor.edit(fact_requests(11))
+    assert (report.backward_group, report.packed) == (group, packs)

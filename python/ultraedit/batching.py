@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .config import PAPER_MICRO_BATCH
 
 __all__ = ["MicroBatchSizer", "memory_budget", "forward_backward", "weighted_forward_backward",
-           "grouped_forward_backward", "backward_by_batch", "float_rows", "backward_group_size", "answer_logits", "group_parts", "joined", "request_order",
+           "grouped_forward_backward", "backward_by_batch", "float_rows", "backward_group_size", "device_type", "answer_logits", "group_parts", "joined", "request_order",
            "FREE_SHARE", "CPU_FALLBACK_BYTES"]
 
 GiB = 1 << 30
@@ -277,19 +277,28 @@ def _one_by_one(model, batches, begin, start: int, margin: float = 0.0):
     return out
 
 
-def backward_group_size(editor, reqs, batches: List[Dict[str, torch.Tensor]]) -> int:
+def device_type(model) -> Optional[str]:
+    """The one device type that holds every parameter of ``model`` (``"cpu"``, ``"cuda"``, ...),
+    ``None`` when they are spread over several types (an offloaded model)."""
+    kinds = {p.device.type for p in model.parameters()}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def backward_group_size(editor, reqs, batches: List[Dict[str, torch.Tensor]],
+                        devices: Tuple[str, ...] = ("cpu",)) -> int:
     """The micro-batches per backward of a turn (:func:`grouped_forward_backward`):
     ``config.backward_group`` when it is a number; with ``"auto"``, on a model whose parameters
-    are all on the CPU, the largest of the turn's forwards, half of them, a quarter, ... whose
-    activations are predicted to fit the memory budget (:func:`ultraedit.plan.plan_turn` with
-    that ``backward_group``; it pads every forward to the longest request; planned once per
-    shape of turn and budget), else 1. On
-    other devices 1: the gain is the CPU's (a vocabulary projection of 17 rows runs at half the
-    FLOP rate of one of 170, ``experiments/turn_speed.md``), a GPU's was not measured."""
+    are all on one device type of ``devices``, the largest of the turn's forwards, half of them,
+    a quarter, ... whose activations are predicted to fit the memory budget
+    (:func:`ultraedit.plan.plan_turn` with that ``backward_group``; it pads every forward to the
+    longest request; planned once per shape of turn and budget), else 1. The CPU is always
+    among them: its gain is the shared vocabulary projection (one of 17 rows runs at half the
+    FLOP rate of one of 170, ``experiments/turn_speed.md``); on an H200 a padded group measured
+    0.95-1.14x, so CUDA joins only for a turn that packs (:func:`ultraedit.packing.turn_layout`)."""
     group = editor.config.backward_group
     if group != "auto":
         return group
-    if len(batches) < 2 or any(p.device.type != "cpu" for p in editor.model.parameters()):
+    if len(batches) < 2 or device_type(editor.model) not in devices:
         return 1
     from .plan import request_shape
 

@@ -36,14 +36,14 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from ultraedit_kernels._profiling import nvtx_range
 
-from .batching import MicroBatchSizer, backward_group_size, group_parts, joined, request_order
+from .batching import MicroBatchSizer, group_parts, joined, request_order
 from .config import PAPER_MICRO_BATCH, EditConfig, resolve_config
 from .fact_keys import fact_keys
 from .held import HeldRows
 from .hooks import CaptureSession, check_editable
 from .low_precision import product_weights
 from .modules import module_dims, module_layout, resolve_modules
-from .packing import capture_group, pack_turn
+from .packing import capture_group, turn_layout
 from .placement import weight_slots
 from .solver import Prior, Update, check_updates, first_non_finite, module_prior, solve
 from .state import EditorState, KeyMemory, TurnJournal
@@ -125,7 +125,7 @@ class UltraEditor:
         priors: Dict[str, Optional[Prior]] = {}
         steps_run = n_predicted = capture_bytes = 0
         keys = applied = {}   # {name: K} of the last step / of the last step that applied
-        group, pack = backward_group_size(self, reqs, batches), pack_turn(self, batches)
+        group, pack = turn_layout(self, reqs, batches)
         held = HeldRows(len(reqs), cfg.recheck_every)  # recheck (ultraedit.held); 0: off
         products = product_weights(cfg.matmul_dtype, self.modules.values())  # per turn, or None
         with self.journal.transaction(self.state):
