@@ -571,7 +571,7 @@ def step_turn(args, deadline: Deadline, step: str) -> Dict[str, Any]:
     # 0.95-1.14x on an H200)
     out["grouped"] = _variant_turns(model, tok, modules, requests, device, deadline, r, measured,
                                     micro_batch=MICRO_BATCH,
-                                    backward_group=-(-edits // MICRO_BATCH))
+                                    backward_group=-(-edits // MICRO_BATCH), pack="off")
     # ... and those micro-batches as one packed sequence of their tokens (pack="on")
     out["packed"] = _variant_turns(model, tok, modules, requests, device, deadline, r, measured,
                                    micro_batch=MICRO_BATCH,

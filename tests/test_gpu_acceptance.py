@@ -105,6 +105,7 @@ def test_cpu_smoke_turns_against_the_paper_path(tmp_path):
             assert _finite(a[f]) and a[f] > 0, (t["step"], f)
         g = t["grouped"]    # one backward for the turn's micro-batches of 10
         assert g["backward_group"] == -(-t["edits"] // 10) and g["rounds"] == 2, (t["step"], g)
+        assert not g["packed"] and t["packed"]["packed"], t["step"]
         for f in ("turn_s", "fwd_bwd_s", "throughput_gain_vs_10", "peak_ratio_vs_10"):
             assert _finite(g[f]) and g[f] > 0, (t["step"], f)
         d = t["defaults"]   # backward_group and pack at "auto": on the CPU, grouped and packed
