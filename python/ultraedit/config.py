@@ -89,12 +89,13 @@ class EditConfig:
     backward_group: Union[int, str] = _opt(
         "auto", "micro-batches whose answer rows share one vocabulary projection and one "
                 "backward (1: each alone, the paper's loop; the same gradients either way, the "
-                "group's activations held at once), or 'auto': on the CPU as many as the memory "
-                "budget fits, elsewhere 1 (ultraedit.batching)")
+                "group's activations held at once), or 'auto': as many as the memory budget "
+                "fits on the CPU, and on CUDA for a turn that packs, else 1 (ultraedit.batching)")
     pack: str = _opt(
         "auto", "forward each backward group's requests as one sequence of their tokens, no "
                 "padding, attention per request (the same gradients up to rounding): 'auto' on "
-                "the CPU when the model passes a check, 'on' anywhere (refused if it fails), "
+                "the CPU, and on CUDA when a backward group holds several micro-batches, when "
+                "the model passes a check, 'on' anywhere (refused if it fails), "
                 "'off' (ultraedit.packing)", choices=("auto", "on", "off"))
     matmul_dtype: str = _opt(
         "model", "dtype of the model's linear products while a turn captures (its forwards and "

@@ -8,8 +8,9 @@ One turn (``UltraEditor.edit(requests)``), for requests ``(prompt, target)``:
    weights keep the given order's groups, the captured rows are put back in its order).
 2. **Capture**: per micro-batch a forward and the mean cross-entropy over its answer tokens (the
    paper's loss; ``"auto"``: ``ultraedit.batching``), a backward per ``backward_group`` of
-   micro-batches (the same gradients: ``ultraedit.batching``), on the CPU packed into one sequence
-   (``ultraedit.packing``; ``matmul_dtype``: bfloat16 products, ``ultraedit.low_precision``).
+   micro-batches (the same gradients: ``ultraedit.batching``), packed into one sequence
+   (``ultraedit.packing``: on the CPU, and on CUDA for groups of several micro-batches;
+   ``matmul_dtype``: bfloat16 products, ``ultraedit.low_precision``).
    Hooks take, for every edited module ``m`` (d_in -> d_out), its inputs ``K_m`` (n x d_in) and
    the loss's gradients w.r.t. its outputs ``G_m`` (n x d_out) at the answer positions (or the
    subject's last token, ``positions="subject"``); no weight gradient is computed.

@@ -17,8 +17,9 @@ every request's activations are those of its padded forward up to rounding (meas
 relative on the embedded model), and the loss, captured keys and gradients are the group's
 (:func:`packed_forward_backward`).
 
-When: ``EditConfig.pack``. ``"auto"`` packs a model whose parameters are all on the CPU (the
-measured case) whose attention is transformers' ``sdpa`` and which passes :func:`probe` (a packed
+When: ``EditConfig.pack``. ``"auto"`` packs a model whose parameters are all on the CPU, or
+all on CUDA devices in a turn whose backward groups hold several micro-batches
+(:func:`auto_packs`: the measured cases), whose attention is transformers' ``sdpa`` and which passes :func:`probe` (a packed
 and a padded forward of two short random sequences agree; once per model), in a turn whose
 requests all fit the model's sliding window if it has one; ``"on"`` packs on any device and
 refuses what ``"auto"`` would not pack; ``"off"`` never packs.
