@@ -581,10 +581,25 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
             f"| {max(0.0, left) / 60:.1f} min left")
         return row
 
+    def promote(r: int, keep: int) -> List[Tuple[int, str, EditConfig]]:
+        """The entrants of the round after ``r``: its ``keep`` survivors (:func:`survivors`)."""
+        by_idx = {i: (src, cfg) for i, src, cfg in entrants}
+        return [(row["candidate"],) + by_idx[row["candidate"]]
+                for row in survivors(round_rows[r], keep, ls_target)]
+
+    def run_round(r: int, n_turns: int, per: int) -> bool:
+        """Score round ``r``'s entrants; False when the budget stopped it before one."""
+        round_rows.append([])
+        for k, (idx, src, cfg) in enumerate(entrants, 1):
+            if not _fits(cost, cfg, n_turns * per, deadline, idx, log):
+                return False
+            run_one(r, idx, src, cfg, len(entrants), k)
+        return True
+
     try:
         for r in range(rounds):
-            round_rows.append([])
             if r == 0:
+                round_rows.append([])
                 check_s = (lambda: check_candidates * cost.predict(
                     current, check_turns * edits_per_turn)) if check_turns else (lambda: 0.0)
                 n0 = _round0(run_one, cost, pool, sizes, turns, eta, rounds, candidates,
@@ -595,33 +610,19 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
                     break
                 entrants = [(i, src, cfg) for i, (src, cfg) in enumerate(pool[:n0])]
                 continue
-            keep = schedule[r]["candidates"]
-            by_idx = {i: (src, cfg) for i, src, cfg in entrants}
-            entrants = [(row["candidate"],) + by_idx[row["candidate"]]
-                        for row in survivors(round_rows[r - 1], keep, ls_target)]
+            entrants = promote(r - 1, schedule[r]["candidates"])
             log(f"round {r}: {len(entrants)} survivors on {turns} turns of {sizes[r]} edits")
-            for k, (idx, src, cfg) in enumerate(entrants, 1):
-                if not _fits(cost, cfg, turns * sizes[r], deadline, idx, log):
-                    stopped = "budget"
-                    break
-                run_one(r, idx, src, cfg, len(entrants), k)
-            if stopped != "done":
+            if not run_round(r, turns, sizes[r]):
+                stopped = "budget"
                 break
         if check_turns and stopped == "done":
-            round_rows.append([])
-            by_idx = {i: (src, cfg) for i, src, cfg in entrants}
-            entrants = [(row["candidate"],) + by_idx[row["candidate"]]
-                        for row in survivors(round_rows[rounds - 1], check_candidates,
-                                             ls_target)]
+            entrants = promote(rounds - 1, check_candidates)
             schedule.append({"candidates": len(entrants), "edits_per_turn": edits_per_turn,
                              "turns": check_turns})
             log(f"check: {len(entrants)} candidates on a longer stream, {check_turns} turns of "
                 f"{edits_per_turn} edits")
-            for k, (idx, src, cfg) in enumerate(entrants, 1):
-                if not _fits(cost, cfg, check_turns * edits_per_turn, deadline, idx, log):
-                    stopped = "budget"
-                    break
-                run_one(rounds, idx, src, cfg, len(entrants), k)
+            if not run_round(rounds, check_turns, edits_per_turn):
+                stopped = "budget"
     except KeyboardInterrupt:
         stopped = "interrupted"
         log("interrupted: choosing among the candidates scored so far")
