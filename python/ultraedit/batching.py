@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from .config import PAPER_MICRO_BATCH
 
 __all__ = ["MicroBatchSizer", "memory_budget", "forward_backward", "weighted_forward_backward",
-           "grouped_forward_backward", "backward_by_batch", "float_rows", "backward_group_size", "device_type", "answer_logits", "group_parts", "joined", "request_order",
+           "grouped_forward_backward", "backward_by_batch", "float_rows", "backward_group_size",
+           "device_type", "answer_logits", "group_parts", "joined", "request_order",
            "FREE_SHARE", "CPU_FALLBACK_BYTES"]
 
 GiB = 1 << 30

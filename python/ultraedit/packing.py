@@ -19,10 +19,10 @@ relative on the embedded model), and the loss, captured keys and gradients are t
 
 When: ``EditConfig.pack``. ``"auto"`` packs a model whose parameters are all on the CPU, or
 all on CUDA devices in a turn whose backward groups hold several micro-batches
-(:func:`auto_packs`: the measured cases), whose attention is transformers' ``sdpa`` and which passes :func:`probe` (a packed
-and a padded forward of two short random sequences agree; once per model), in a turn whose
-requests all fit the model's sliding window if it has one; ``"on"`` packs on any device and
-refuses what ``"auto"`` would not pack; ``"off"`` never packs.
+(:func:`auto_packs`: the measured cases), whose attention is transformers' ``sdpa`` and which
+passes :func:`probe` (a packed and a padded forward of two short random sequences agree; once
+per model), in a turn whose requests all fit the model's sliding window if it has one; ``"on"``
+packs on any device and refuses what ``"auto"`` would not pack; ``"off"`` never packs.
 """
 
 from __future__ import annotations
@@ -288,7 +288,8 @@ def auto_packs(model, group: int) -> bool:
     holds several micro-batches. On an H200 (torch 2.11, bf16, the paper's settings, 100 edits
     in micro-batches of 10) one packed sequence per group of ten ran a turn 2.35x (Mistral-7B
     config), 5.16x (Llama-3-8B) and 4.84x (the embedded model's shape) faster than the padded
-    loop, where the group alone gave 0.95-1.14x (``bench/results/gpu/``); one micro-batch
+    loop (3.4-4.0x on the 7B configs in a second run), where the group alone gave 0.95-1.14x
+    (``bench/results/gpu/``); one micro-batch
     packed alone, and models spread over devices, were not measured."""
     kind = batching.device_type(model)
     return kind == "cpu" or (kind == "cuda" and group > 1)
