@@ -81,8 +81,11 @@ def test_the_pick_follows_the_rule(searched):
     if feasible:
         assert chosen["ls"] >= 0.5 and t["met_target"] is True
         assert chosen["es"] == max(r["es"] for r in feasible)
-    else:
-        assert chosen["ls"] == max(r["ls"] for r in last) and t["met_target"] is False
+    else:   # none meets it: candidate 0 unless rows beat it on both ES and LS
+        from ultraedit.tune import beats
+        better = [r for r in last if beats(r, next(c for c in last if c["candidate"] == 0))]
+        assert t["met_target"] is False
+        assert chosen["ls"] == max(r["ls"] for r in better) if better else chosen["candidate"] == 0
     assert result.preset["config"] == {k: v for k, v in chosen["config"].items()}
 
 
@@ -95,8 +98,20 @@ def test_rule_ties_and_infeasible_rows():
             {"candidate": 3, "es": 0.6, "ls": 0.99, "passes": 1}]
     assert choose(rows, 0.85)["candidate"] == 2          # highest ES with LS >= 0.85, cheaper
     assert choose(rows, 0.5)["candidate"] == 0
-    assert choose(rows, 0.999)["candidate"] == 3         # none meets it: the highest LS
+    assert choose(rows, 0.999)["candidate"] == 0         # none meets it, none beats candidate 0
     assert choose([], 0.85) is None
+    # none meets the target: of the rows that beat candidate 0 on both, the highest LS
+    rows = [{"candidate": 0, "es": 0.5, "ls": 0.60, "passes": 2},
+            {"candidate": 1, "es": 0.9, "ls": 0.40, "passes": 2},    # more ES, less LS
+            {"candidate": 2, "es": 0.6, "ls": 0.70, "passes": 2},    # beats 0
+            {"candidate": 3, "es": 0.5, "ls": 0.75, "passes": 2},    # beats 0 (equal ES)
+            {"candidate": 4, "es": 0.1, "ls": 0.80, "passes": 2}]    # the highest LS: a no-op
+    assert choose(rows, 0.85)["candidate"] == 3
+    assert choose(rows[:2] + rows[4:], 0.85)["candidate"] == 0
+    # without candidate 0 (or with it failed): the highest LS, as rank_key orders
+    assert choose(rows[1:], 0.85)["candidate"] == 4
+    failed0 = [dict(rows[0], error="ValueError: x", es=None, ls=None)] + rows[1:]
+    assert choose(failed0, 0.85)["candidate"] == 4
 
 
 def test_trade_offs_are_the_rows_nothing_beats_on_both():
