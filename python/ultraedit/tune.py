@@ -263,8 +263,8 @@ def choose(rows: Sequence[Dict[str, Any]], ls_target: float) -> Optional[Dict[st
     :func:`rank_key` when it meets the LS target (or failed: every row did). When none meets
     it, candidate 0 (the current config) unless rows beat it on both ES and LS (:func:`beats`),
     then the best of those by :func:`rank_key` (the highest LS, then ES). Why not simply the
-    highest LS: on the embedded model the highest-LS candidates of three searches were near
-    no-ops over 100-300 edits that broke the model over 1,000 (``experiments/tuning.md``)."""
+    highest LS: on the embedded model that pick edited less than the current config over 300
+    edits and broke the model over 1,000 (``experiments/tuning.md``, fifteenth measurement)."""
     if not rows:
         return None
     best = min(rows, key=lambda r: rank_key(r, ls_target))
