@@ -344,3 +344,16 @@ def test_fixture_decision_reaches_shift_factors(fixture_grid, monkeypatch):
     grads = torch.randn(9, 6, generator=gen) * 1e-3
     stats = uk.RunningStats(26).update(torch.cat([keys, grads], 1))
     assert uk.shift_factors(keys, grads, stats).shape == (9, 6)
+
+
+def test_gram_keys_of_half_precision_are_their_own_class():
+    """bf16/fp16 keys are measured apart from float32 ones (their kernels rank differently)."""
+    x = torch.randn(100, 576)
+    assert calibration.features("gram", (x, 1.0, True)) == ("rows", (100, 576))
+    assert calibration.features("gram", (x.double(), 1.0, False)) == ("rows", (576, 100))
+    for dtype in (torch.bfloat16, torch.float16):
+        assert calibration.features("gram", (x.to(dtype), 1.0, True)) == ("rows_half", (100, 576))
+    keys, ridge, rows = calibration.grid_args("gram", "rows_half", (64, 512), CPU)
+    assert keys.dtype == torch.bfloat16 and keys.shape == (64, 512) and rows is True
+    assert calibration.grid_args("gram", "rows", (64, 512), CPU)[0].dtype == torch.float32
+    assert calibration.GRIDS["gram"]["rows_half"] == calibration.GRIDS["gram"]["rows"]

@@ -11,7 +11,8 @@ otherwise the reference (past the grid: :data:`BEYOND`).  Shape features per op:
 
 ==================  =====================================================================
 ``spd_solve``       n (system size), k (right-hand sides); batched, single, or one 1 x 1 system
-``gram``            m (output size), r (reduction length)
+``gram``            m (output size), r (reduction length); float32/float64 keys, or bf16/fp16
+                    (``rows_half``, measured in bfloat16)
 ``pseudo_values``   n (rows), d (d_in + d_out)
 ``stats_update*``   n (rows), d (columns)
 ==================  =====================================================================
@@ -95,8 +96,11 @@ GRIDS: Dict[str, Dict[str, Tuple[Tuple[str, ...], Tuple[Tuple[int, ...], ...]]]]
     # alone it predicted the host build 1.04x the reference's time at 100 x 4096, where it took
     # 0.82x); r = 1536, the embedded model's down_proj width, where the host build's ratio lies
     # between its 512 and 4096 values (0.72-0.88 and 1.07-1.48 of the reference)
-    "gram": {"rows": (("m", "r"), ((64, 100, 128, 192, 256, 320, 384, 512, 1024),
-                                   (512, 1536, 4096, 14336)))},
+    # "rows_half": bf16/fp16 keys, measured apart: on an H200 the Triton kernel ran 2.3x the
+    # reference on bf16 keys and 0.3-0.7x on float32 ones (IEEE products), so one float32
+    # measurement sent bf16 calls to the slower path (experiments/gram_split_sweep.py)
+    "gram": {cls: (("m", "r"), ((64, 100, 128, 192, 256, 320, 384, 512, 1024),
+                                (512, 1536, 4096, 14336))) for cls in ("rows", "rows_half")},
     "pseudo_values": {"all": (("n", "d"), ((64, 512, 4096), (2048, 16384)))},
     # at most 1,024 rows: the CPU reference merges 1,024 x 16,384 in ~0.12 s and is timed six
     # times per point (with 4,096 rows the statistics' CPU calibration took ~9 s; with 1,024,
@@ -119,6 +123,9 @@ BEYOND_SLACK = 1.25
 
 
 # ------------------------------------------------------------------------------ shapes
+HALF_DTYPES = (torch.bfloat16, torch.float16)   # measured as bfloat16 (class "rows_half")
+
+
 def features(op: str, args: Sequence) -> Optional[Tuple[str, Tuple[float, ...]]]:
     """``(class, feature values)`` of a call of ``op`` with ``args``, or ``None`` if not graded."""
     if op == "spd_solve":
@@ -131,7 +138,7 @@ def features(op: str, args: Sequence) -> Optional[Tuple[str, Tuple[float, ...]]]
         x = args[0]
         rows = bool(args[2]) if len(args) > 2 else True
         m, r = (x.shape[0], x.shape[1]) if rows else (x.shape[1], x.shape[0])
-        return "rows", (m, r)
+        return ("rows_half" if x.dtype in HALF_DTYPES else "rows"), (m, r)
     if op == "pseudo_values":
         return "all", (args[0].shape[0], args[0].shape[1] + args[1].shape[1])
     if op == "stats_update":
@@ -172,13 +179,15 @@ def _feature_args(op, n, d_in, d_out, device):
 
 
 def grid_args(op: str, cls: str, point: Sequence[int], device: torch.device):
-    """Synthetic float32 inputs of ``op`` at one grid point."""
+    """Synthetic inputs of ``op`` at one grid point (float32; bfloat16 keys in ``gram``'s
+    ``rows_half`` class)."""
     if op == "spd_solve":
         n, k = point
         return _spd_args(n, k, BATCH if cls == "batched" else 1, device)
     if op == "gram":
         m, r = point
-        return _feature_args("gram", m, r, 1, device)
+        keys, ridge, rows = _feature_args("gram", m, r, 1, device)
+        return (keys.to(torch.bfloat16) if cls == "rows_half" else keys), ridge, rows
     n, d = point
     return _feature_args(op, n, d // 4, d - d // 4, device)
 
