@@ -98,7 +98,7 @@ GRIDS: Dict[str, Dict[str, Tuple[Tuple[str, ...], Tuple[Tuple[int, ...], ...]]]]
     # between its 512 and 4096 values (0.72-0.88 and 1.07-1.48 of the reference)
     # "rows_half": bf16/fp16 keys, measured apart: on an H200 the Triton kernel ran 2.3x the
     # reference on bf16 keys and 0.3-0.7x on float32 ones (IEEE products), so one float32
-    # measurement sent bf16 calls to the slower path (experiments/gram_split_sweep.py)
+    # measurement would send bf16 calls to the slower path (experiments/gram_split_sweep.py)
     "gram": {cls: (("m", "r"), ((64, 100, 128, 192, 256, 320, 384, 512, 1024),
                                 (512, 1536, 4096, 14336))) for cls in ("rows", "rows_half")},
     "pseudo_values": {"all": (("n", "d"), ((64, 512, 4096), (2048, 16384)))},
