@@ -564,8 +564,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edits", type=int, default=100, help="requests per turn (default 100)")
     p.add_argument("--micro-batch", type=int, default=10, help="requests per forward/backward")
     p.add_argument("--backward-group", type=int, default=1,
-                   help="micro-batches per backward (EditConfig.backward_group; 'auto' uses all "
-                        "of a turn's that fit on a CPU, 1 elsewhere; default 1)")
+                   help="micro-batches per backward (EditConfig.backward_group, whose 'auto' "
+                        "groups all of a turn's that fit on a CPU, and on CUDA when the turn "
+                        "packs, else 1; default 1)")
     p.add_argument("--budget-gib", type=float, default=24.0, help="memory budget (default 24)")
     p.add_argument("--answer-tokens", type=float, default=4, help="answer tokens per request")
     p.add_argument("--seq-len", type=int, default=32, help="padded tokens per request")
