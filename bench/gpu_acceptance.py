@@ -589,6 +589,10 @@ def step_turn(args, deadline: Deadline, step: str) -> Dict[str, Any]:
     # the defaults (backward_group="auto", pack="auto"): what a user's turn does on this device
     out["defaults"] = _variant_turns(model, tok, modules, requests, device, deadline, r,
                                      measured, micro_batch=MICRO_BATCH)
+    # micro_batch="auto"'s one forward packed (pack="on"): whether "auto" should pack a single
+    # micro-batch on a GPU too (it does not: not measured)
+    out["auto_packed"] = _variant_turns(model, tok, modules, requests, device, deadline, r,
+                                        measured, micro_batch="auto", pack="on")
     return out
 
 
@@ -929,6 +933,12 @@ def markdown(rep: Dict[str, Any]) -> str:
                   "| model | group | packed | turn s (10) | throughput gain | fwd+bwd gain | "
                   "peak GiB (10) |", "|---|---|---|---|---|---|---|"]
         lines += _beside_rows(rep, "defaults", _default_cells, 7)
+        lines += ["", "### micro_batch=\"auto\" packed beside the 10-request turn", "",
+                  "`micro_batch=\"auto\"` with `pack=\"on\"`: its forwards' requests as one "
+                  "sequence each, no padding (`auto` does not pack a lone micro-batch yet).", "",
+                  "| model | group | packed | turn s (10) | throughput gain | fwd+bwd gain | "
+                  "peak GiB (10) |", "|---|---|---|---|---|---|---|"]
+        lines += _beside_rows(rep, "auto_packed", _default_cells, 7)
     return "\n".join(lines) + "\n"
 
 

@@ -110,10 +110,13 @@ def test_cpu_smoke_turns_against_the_paper_path(tmp_path):
             assert _finite(g[f]) and g[f] > 0, (t["step"], f)
         d = t["defaults"]   # backward_group and pack at "auto": on the CPU, grouped and packed
         assert d["backward_group"] > 1 and d["packed"] and d["rounds"] == 2, (t["step"], d)
+        ap = t["auto_packed"]   # micro_batch="auto" packed
+        assert ap["micro_batch"] == t["edits"] and ap["packed"], (t["step"], ap)
     md = (tmp_path / "acceptance.md").read_text()
     assert "## One lifelong turn" in md and 'micro_batch="auto" beside' in md
     assert "One backward for the turn's micro-batches" in md
     assert "### The defaults beside the 10-request turn" in md
+    assert 'micro_batch="auto" packed beside' in md
 
 
 def test_failed_and_overrunning_steps_are_recorded(tmp_path):
