@@ -935,7 +935,8 @@ def markdown(rep: Dict[str, Any]) -> str:
         lines += _beside_rows(rep, "defaults", _default_cells, 7)
         lines += ["", "### micro_batch=\"auto\" packed beside the 10-request turn", "",
                   "`micro_batch=\"auto\"` with `pack=\"on\"`: its forwards' requests as one "
-                  "sequence each, no padding (on a GPU `auto` does not pack a lone micro-batch yet).", "",
+                  "sequence each, no padding (on a GPU `auto` does not pack a lone micro-batch "
+                  "yet).", "",
                   "| model | group | packed | turn s (10) | throughput gain | fwd+bwd gain | "
                   "peak GiB (10) |", "|---|---|---|---|---|---|---|"]
         lines += _beside_rows(rep, "auto_packed", _default_cells, 7)
