@@ -508,6 +508,10 @@ def step_turn(args, deadline: Deadline, step: str) -> Dict[str, Any]:
                                   [r["target"] for r in requests[i:i + MICRO_BATCH]], device=device)
                 for i in range(0, len(requests), MICRO_BATCH)]
 
+    # --- dispatch calibration first: the first auto dispatch of an op measures its grid once per
+    # machine (cached), and inside a turn that transient would count as the turn's peak
+    out["calibration"] = _calibrate_dispatch(device, PeakMemory)
+
     # --- the paper's path first (it leaves .grad on the edited weights: cleared after)
     paper_runs = []
     baseline = paper.PaperTurn(model, modules, lr=PAPER_SETTINGS["lr"], lam=1.0)
@@ -594,6 +598,30 @@ def step_turn(args, deadline: Deadline, step: str) -> Dict[str, Any]:
     out["auto_packed"] = _variant_turns(model, tok, modules, requests, device, deadline, r,
                                         measured, micro_batch="auto", pack="on")
     return out
+
+
+def _calibrate_dispatch(device, peak_memory) -> Dict[str, Any]:
+    """Measure the dispatch calibration of ``device``'s ops not cached yet (nothing when
+    ``ULTRAEDIT_CALIBRATION`` is not ``auto``/``refresh``): its seconds and its own peak bytes,
+    the once-per-machine cost a user's first turn pays."""
+    from ultraedit_kernels import _backends, calibration
+    if calibration.mode() not in ("auto", "refresh", ""):
+        return {"skipped": f"ULTRAEDIT_CALIBRATION={calibration.mode()}"}
+    data = calibration.current(device) or {}
+
+    def contested(op):   # a backend besides the reference that auto may pick on this device
+        return any(name != "torch" and impl.auto_priority >= 0 and impl.available(device) is None
+                   for name, impl in _backends.implementations(op).items())
+
+    ops = [op for op in calibration.GRIDS if op in _backends.registered_ops() and contested(op)
+           and set(calibration.GRIDS[op]) - set(data.get("ops", {}).get(op, {}).get("grid", {}))]
+    if not ops:
+        return {"ops": [], "seconds": 0.0, "peak_bytes": 0, "cached": True}
+    t0 = time.perf_counter()
+    with peak_memory(device) as pm:
+        calibration.calibrate(device, ops)
+    return {"ops": ops, "seconds": time.perf_counter() - t0, "peak_bytes": pm.peak_bytes,
+            "cached": False}
 
 
 def _phase_peak(device, pm) -> List[int]:

@@ -110,6 +110,7 @@ def test_cpu_smoke_turns_against_the_paper_path(tmp_path):
             assert _finite(g[f]) and g[f] > 0, (t["step"], f)
         d = t["defaults"]   # backward_group and pack at "auto": on the CPU, grouped and packed
         assert d["backward_group"] > 1 and d["packed"] and d["rounds"] == 2, (t["step"], d)
+        assert "skipped" in t["calibration"]   # the suite runs with ULTRAEDIT_CALIBRATION=off
         ap = t["auto_packed"]   # micro_batch="auto" packed
         assert ap["micro_batch"] == t["edits"] and ap["packed"], (t["step"], ap)
     md = (tmp_path / "acceptance.md").read_text()
