@@ -196,3 +196,35 @@ def test_a_save_interrupted_between_renames_keeps_the_editor_state(tok, tmp_path
     for n, m in back.modules.items():
         assert torch.equal(m.weight, weights[n])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["st"]
+
+
+@pytest.mark.parametrize("where", ["creating", "writing", "renaming"])
+def test_json_write_interrupted_anywhere_leaves_no_temporary_file(tmp_path, monkeypatch, where):
+    """A KeyboardInterrupt (Ctrl-C) inside the call that creates the temporary file, while it is
+    written, or at the rename: the old file stays whole and nothing else stays behind."""
+    import ultraedit.serialization as ser
+
+    out = tmp_path / "r.json"
+    ser.write_json_atomic({"old": 1}, out)
+    real_open, real_replace, real_dump = os.open, os.replace, json.dump
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def open_then_interrupt(*args, **kwargs):
+        real_open(*args, **kwargs)          # the file exists, its descriptor is never returned
+        raise KeyboardInterrupt
+
+    if where == "creating":
+        monkeypatch.setattr(ser.os, "open", open_then_interrupt)
+    elif where == "writing":
+        monkeypatch.setattr(ser.json, "dump", interrupted)
+    else:
+        monkeypatch.setattr(ser.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ser.write_json_atomic({"new": 2}, out)
+    monkeypatch.setattr(ser.os, "open", real_open)
+    monkeypatch.setattr(ser.os, "replace", real_replace)
+    monkeypatch.setattr(ser.json, "dump", real_dump)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    assert json.loads(out.read_text()) == {"old": 1}

@@ -32,8 +32,8 @@ import hashlib
 import json
 import os
 import platform
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -194,8 +194,12 @@ def write_json_atomic(obj: Any, path, indent: int = 1) -> None:
     over the path (the temporary file never stays behind); the file gets the permissions the
     user's umask gives a new file, not the temporary file's private ones."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    # the name is chosen before the file exists, so that an interrupt anywhere, even inside the
+    # call that creates it (where tempfile.mkstemp would not yet have returned its name), leaves
+    # nothing behind: the handler removes the file by name
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=indent)
             fh.write("\n")
