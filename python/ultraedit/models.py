@@ -38,6 +38,7 @@ import contextlib
 import copy
 import hashlib
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -224,8 +225,10 @@ def _write_checked(dest: Path, name: str, sources, check) -> Path:
     ``dest/name`` atomically; ``check(sha256 hash object)`` raises to refuse the result, which
     then never replaces ``dest/name``."""
     dest.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=name + ".tmp-", dir=str(dest))
+    # named before it exists: Ctrl-C inside the creating call still leaves nothing behind
+    tmp = str(dest / f"{name}.tmp-{secrets.token_hex(6)}")
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as out:
             for open_source in sources:
