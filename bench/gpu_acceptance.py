@@ -847,6 +847,17 @@ def _group_cells(r: Dict[str, Any], g: Dict[str, Any]) -> str:
             f"{g['peak_bytes'] / gib:.3f} ({r['editor']['peak_bytes'] / gib:.3f})")
 
 
+def _phase_cells(r: Dict[str, Any]) -> str:
+    """Cells of a turn step: the editor's peak per phase, the calibration's seconds and peak."""
+    gib = 1 << 30
+    phases = r["editor"].get("phase_peak_bytes")
+    cal = r.get("calibration") or {}
+    peaks = " / ".join(f"{b / gib:.3f}" for b in phases) if phases else "–"
+    seconds = _f(cal["seconds"], "{:.1f}") if "seconds" in cal else cal.get("skipped", "–")
+    peak = _f(cal["peak_bytes"] / gib, "{:.3f}") if cal.get("peak_bytes") is not None else "–"
+    return f"{peaks} | {seconds} | {peak}"
+
+
 def _default_cells(r: Dict[str, Any], g: Dict[str, Any]) -> str:
     """The cells of the variant with ``backward_group`` and ``pack`` at their defaults."""
     group, rest = _group_cells(r, g).split(" | ", 1)
@@ -926,6 +937,12 @@ def markdown(rep: Dict[str, Any]) -> str:
                 f"{e['peak_bytes'] / gib:.3f} ({p['peak_bytes'] / gib:.3f}) | "
                 f"{_x(q['peak_ratio_vs_paper'])} | {r['plan']['total_bytes'] / gib:.3f} | "
                 f"{_x(q['plan_vs_measured'])} |")
+        lines += ["", "Where the editor's peak falls (CUDA: the peak of each phase apart) and the "
+                  "dispatch calibration measured before the turns (once per machine: a user's "
+                  "first turn pays it).", "",
+                  "| model | peak GiB: construction / first turn / second turn | calibration s | "
+                  "calibration peak GiB |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} ({r['dtype']}) | {_phase_cells(r)} |" for r in rep["turns"]]
         lines += ["", "### micro_batch=\"auto\" beside the 10-request turn", "",
                   "The same editor settings with `micro_batch=\"auto\"`: as many requests per "
                   "forward as the memory budget allows (by `ultraedit.plan`), each request's loss "

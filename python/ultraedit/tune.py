@@ -36,10 +36,10 @@ The rule (:data:`DEFAULT_RULE`, fixed before the search and recorded in the pres
 ES among the candidates with LS >= ``ls_target``; ties go to the cheaper turn (fewer
 forward+backward passes run), then to the earlier candidate. If no candidate meets the target,
 the current config (candidate 0) is kept unless candidates beat it on both ES and LS, and then
-the one of those with the highest LS (then ES) is chosen; the record says which. Of the places in the
-next round, half go to a round's best candidates by the rule, one to candidate 0 and the rest to
-its ES/LS trade-offs (:func:`survivors`). The pick comes from the last round that scored a candidate (the most
-edits). Beside it the preset records, and the log prints, each round's
+the one of those with the highest LS (then ES) is chosen; the record says which. Of the places
+in the next round, half go to a round's best candidates by the rule, one to candidate 0 and the
+rest to its ES/LS trade-offs (:func:`survivors`). The pick comes from the last round that scored
+a candidate (the most edits). Beside it the preset records, and the log prints, each round's
 ES/LS trade-offs (:func:`trade_offs`: the candidates no other beats on both), and says when the
 pick edits barely more than the current config, or less (ES within :data:`WEAK_GAIN`, or below):
 on a model where only near no-ops keep LS >= ``ls_target``, those trade-offs say what a lower
