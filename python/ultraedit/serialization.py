@@ -32,12 +32,13 @@ import hashlib
 import json
 import os
 import platform
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import torch
+
+from .temporary import temporary_file
 
 __all__ = ["StateError", "write_json_atomic", "write_dir", "read_dir", "recover", "tensor_sha256", "file_sha256",
            "dtype_name", "model_info", "check_model", "field", "FORMAT", "FORMAT_VERSION",
@@ -194,12 +195,7 @@ def write_json_atomic(obj: Any, path, indent: int = 1) -> None:
     over the path (the temporary file never stays behind); the file gets the permissions the
     user's umask gives a new file, not the temporary file's private ones."""
     folder = os.path.dirname(os.path.abspath(path))
-    # the name is chosen before the file exists, so that an interrupt anywhere, even inside the
-    # call that creates it (where tempfile.mkstemp would not yet have returned its name), leaves
-    # nothing behind: the handler removes the file by name
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with temporary_file(folder, f".{os.path.basename(path)}.", ".tmp") as (fd, tmp):
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=indent)
             fh.write("\n")
@@ -207,12 +203,6 @@ def write_json_atomic(obj: Any, path, indent: int = 1) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def write_dir(path, files: Dict[str, Dict[str, torch.Tensor]], manifest: Dict[str, Any]) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import platform
-import secrets
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from ..temporary import temporary_file
 
 EXIT_USAGE = 2          # a bad argument, path or input: one line on stderr, nothing done
 EXIT_INTERRUPTED = 130  # Ctrl-C
@@ -50,15 +51,9 @@ def check_output_paths(paths: Sequence[Tuple[str, Optional[str]]]) -> None:
         if not os.path.isdir(folder):
             what = "is not a folder" if os.path.exists(folder) else "does not exist"
             raise UsageError(f"{flag} {path!r}: {folder!r} {what}")
-        # the way the file will be written: a new file in that folder, then a rename (named
-        # before it exists, so that Ctrl-C inside the creating call leaves nothing behind)
-        probe = os.path.join(folder, f".ultraedit-check-{secrets.token_hex(6)}")
-        try:
-            try:
-                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            finally:
-                if os.path.exists(probe):
-                    os.unlink(probe)
+        try:   # the way the file will be written: a new file in that folder, then a rename
+            with temporary_file(folder, ".ultraedit-check-") as (fd, _):
+                os.close(fd)
         except OSError as err:
             raise UsageError(f"{flag} {path!r}: cannot write to {folder!r} "
                              f"({err.strerror or err})") from None
