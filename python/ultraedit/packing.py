@@ -289,8 +289,8 @@ def auto_packs(model, group: int) -> bool:
     in micro-batches of 10) one packed sequence per group of ten ran a turn 2.35x (Mistral-7B
     config), 5.16x (Llama-3-8B) and 4.84x (the embedded model's shape) faster than the padded
     loop (3.4-4.0x on the 7B configs in a second run), where the group alone gave 0.95-1.14x
-    (``bench/results/gpu/``); one micro-batch
-    packed alone, and models spread over devices, were not measured."""
+    (``bench/results/gpu/``); one micro-batch packed alone, and models spread over devices,
+    were not measured."""
     kind = batching.device_type(model)
     return kind == "cpu" or (kind == "cuda" and group > 1)
 
@@ -299,22 +299,25 @@ def turn_layout(editor, reqs, batches) -> Tuple[int, bool]:
     """``(backward group, packed)`` of a turn: :func:`ultraedit.batching.backward_group_size`
     and :func:`pack_turn`. ``backward_group="auto"`` groups a turn on a CUDA model only when the
     turn can pack (``pack`` not ``"off"`` and the model passes the check): there the group is
-    what packing needs; a padded group measured no faster on a GPU."""
-    packs_on_gpu = (batching.device_type(editor.model) == "cuda" and editor.config.pack != "off"
-                    and unpackable(editor.model, batches) is None)
-    group = backward_group_size(editor, reqs, batches,
-                                devices=("cpu", "cuda") if packs_on_gpu else ("cpu",))
-    return group, pack_turn(editor, batches, group)
+    what packing needs; a padded group measured no faster on a GPU. The check (:func:`unpackable`:
+    for a model with a sliding window a host sync per micro-batch) runs at most once a turn."""
+    mode, kind = editor.config.pack, batching.device_type(editor.model)
+    if mode == "off" or (mode == "auto" and kind not in ("cpu", "cuda")):
+        return backward_group_size(editor, reqs, batches), False
+    reason = unpackable(editor.model, batches)
+    devices = ("cpu", "cuda") if kind == "cuda" and reason is None else ("cpu",)
+    group = backward_group_size(editor, reqs, batches, devices=devices)
+    return group, pack_turn(editor, group, reason)
 
 
-def pack_turn(editor, batches, group: int = 1) -> bool:
-    """Whether a turn's capture runs packed (``EditConfig.pack``): ``"off"`` never; ``"auto"``
-    when :func:`auto_packs` and not :func:`unpackable`; ``"on"`` when not :func:`unpackable`,
-    else a ValueError naming why."""
+def pack_turn(editor, group: int, reason: Optional[str]) -> bool:
+    """Whether a turn of backward groups of ``group`` micro-batches runs packed
+    (``EditConfig.pack``), given ``reason``, :func:`unpackable`'s answer for its batches:
+    ``"off"`` never; ``"auto"`` when :func:`auto_packs` and ``reason`` is None; ``"on"`` when
+    ``reason`` is None, else a ValueError naming it."""
     mode = editor.config.pack
     if mode == "off" or (mode == "auto" and not auto_packs(editor.model, group)):
         return False
-    reason = unpackable(editor.model, batches)
     if reason is not None and mode == "on":
         raise ValueError(f"pack='on', but {type(editor.model).__name__} cannot run packed "
                          f"forwards: {reason}; use pack='auto' or 'off'")
