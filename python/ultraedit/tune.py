@@ -75,7 +75,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .config import EditConfig, model_fingerprint
 
-__all__ = ["tune", "search_space", "plan_schedule", "rank_key", "choose", "beats", "trade_offs",
+__all__ = ["tune", "search_space", "plan_schedule", "rank_key", "pick", "choose", "beats", "trade_offs",
            "survivors",
            "TuneResult", "CHECK_CANDIDATES", "DEFAULT_RULE", "DEFAULT_LS_TARGET", "WEAK_GAIN",
            "weak_pick_note",
@@ -258,23 +258,33 @@ def rank_key(row: Dict[str, Any], ls_target: float) -> Tuple:
     return (1, -ls, -es, row["passes"], row["candidate"])
 
 
-def choose(rows: Sequence[Dict[str, Any]], ls_target: float) -> Optional[Dict[str, Any]]:
-    """The rule's pick among ``rows`` of ONE round (None when empty): the best by
-    :func:`rank_key` when it meets the LS target (or failed: every row did). When none meets
-    it, candidate 0 (the current config) unless rows beat it on both ES and LS (:func:`beats`),
-    then the best of those by :func:`rank_key` (the highest LS, then ES). Why not simply the
-    highest LS: on the embedded model that pick edited less than the current config over 300
-    edits and broke the model over 1,000 (``experiments/tuning.md``, fifteenth measurement)."""
+def pick(rows: Sequence[Dict[str, Any]], ls_target: float
+         ) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """The rule's pick among ``rows`` of ONE round (None when empty) and how it was made when
+    no row met the LS target (None when one did, or when every row failed). The best by
+    :func:`rank_key` when it meets the target. When none does, candidate 0 (the current config,
+    ``"current config"``) unless rows beat it on both ES and LS (:func:`beats`), then the best
+    of those by :func:`rank_key`, the highest LS, then ES (``"beats current config"``); without
+    a scored candidate 0, the highest LS (``"highest LS"``). Why not simply the highest LS: on
+    the embedded model that pick edited less than the current config over 300 edits and broke
+    the model over 1,000 (``experiments/tuning.md``, fifteenth measurement)."""
     if not rows:
-        return None
+        return None, None
     best = min(rows, key=lambda r: rank_key(r, ls_target))
     if best.get("error") or (best["ls"] is not None and best["ls"] >= ls_target):
-        return best
+        return best, None
     current = next((r for r in rows if r["candidate"] == 0 and not r.get("error")), None)
     if current is None:
-        return best
+        return best, "highest LS"
     better = [r for r in rows if beats(r, current)]
-    return min(better, key=lambda r: rank_key(r, ls_target)) if better else current
+    if not better:
+        return current, "current config"
+    return min(better, key=lambda r: rank_key(r, ls_target)), "beats current config"
+
+
+def choose(rows: Sequence[Dict[str, Any]], ls_target: float) -> Optional[Dict[str, Any]]:
+    """The rule's pick among ``rows`` of ONE round (None when empty): :func:`pick`'s row."""
+    return pick(rows, ls_target)[0]
 
 
 def beats(row: Dict[str, Any], other: Dict[str, Any]) -> bool:
@@ -653,13 +663,13 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
         weights.restore()
 
     last = next((rr for rr in reversed(round_rows) if rr), [])
-    chosen = choose(last, ls_target)
+    chosen, fallback = pick(last, ls_target)
     if chosen is None:
         raise RuntimeError("no candidate was scored within the budget; give a larger budget")
     if chosen.get("error"):
         raise RuntimeError(f"every candidate of the last round failed, e.g. {chosen['error']}")
     config = pool[chosen["candidate"]][1]
-    feasible = chosen["ls"] is not None and chosen["ls"] >= ls_target
+    feasible = fallback is None
     fronts = [{"round": r, "edits": rr[0]["edits"],
                "rows": [{k: row[k] for k in ("candidate", "label", "es", "gs", "ls", "passes")}
                         for row in trade_offs(rr)]}
@@ -668,9 +678,6 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
                      and not row.get("error")), None)
     weak = (baseline is not None and chosen["candidate"] != 0
             and chosen["es"] - baseline["es"] < WEAK_GAIN)
-    # how the pick was made when no candidate met the target (None when one did)
-    fallback = (None if feasible else "highest LS" if baseline is None
-                else "current config" if chosen["candidate"] == 0 else "beats current config")
     fallback_text = {
         None: "",
         "highest LS": f" (no candidate reached LS {ls_target}: the highest LS)",
