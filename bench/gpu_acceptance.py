@@ -608,12 +608,8 @@ def _calibrate_dispatch(device, peak_memory) -> Dict[str, Any]:
     if calibration.mode() not in ("auto", "refresh", ""):
         return {"skipped": f"ULTRAEDIT_CALIBRATION={calibration.mode()}"}
     data = calibration.current(device) or {}
-
-    def contested(op):   # a backend besides the reference that auto may pick on this device
-        return any(name != "torch" and impl.auto_priority >= 0 and impl.available(device) is None
-                   for name, impl in _backends.implementations(op).items())
-
-    ops = [op for op in calibration.GRIDS if op in _backends.registered_ops() and contested(op)
+    ops = [op for op in calibration.GRIDS
+           if op in _backends.registered_ops() and calibration.candidates(op, device)
            and set(calibration.GRIDS[op]) - set(data.get("ops", {}).get(op, {}).get("grid", {}))]
     if not ops:
         return {"ops": [], "seconds": 0.0, "peak_bytes": 0, "cached": True}

@@ -147,7 +147,7 @@ def test_a_calibration_measured_under_load_is_flagged(tmp_path, monkeypatch, cap
     monkeypatch.setattr(calibration, "measure_point", lambda op, cls, point, device, backends,
                         rounds=calibration.ROUNDS: {"point": list(point), "rounds": 2,
                                                     "seconds": {"torch": 1.0, "cpp": 0.5}})
-    monkeypatch.setattr(calibration, "_candidates", lambda op, device: ["cpp"])
+    monkeypatch.setattr(calibration, "candidates", lambda op, device: ["cpp"])
     load = {"now": 8.0 * (os.cpu_count() or 1)}
     monkeypatch.setattr(calibration, "load_average", lambda: load["now"])
     from ultraedit_kernels import info

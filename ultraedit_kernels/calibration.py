@@ -478,7 +478,9 @@ def calibrate_op(op: str, device: torch.device, backends: Sequence[str],
     return result
 
 
-def _candidates(op: str, device: torch.device) -> List[str]:
+def candidates(op: str, device: torch.device) -> List[str]:
+    """The backends besides the reference that ``auto`` may choose for ``op`` on ``device``
+    (available there, not opted out): what a calibration measures."""
     from . import _backends
     return [b for b, impl in _backends.implementations(op).items()
             if b != "torch" and impl.auto_priority >= 0 and impl.available(device) is None]
@@ -500,7 +502,7 @@ def calibrate(device: torch.device, ops: Optional[Sequence[str]] = None,
             if device_type == device.type:
                 _measure_plan(name, device, data, save=False)
     for op in ops or [o for o in GRIDS if o in _backends.registered_ops()]:
-        names = _candidates(op, device)
+        names = candidates(op, device)
         if not names:
             continue
         start, load = time.perf_counter(), load_average()
