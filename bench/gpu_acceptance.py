@@ -547,7 +547,7 @@ def step_turn(args, deadline: Deadline, step: str) -> Dict[str, Any]:
 
     # --- the editor: construction + two turns (the first warms up and fills the history)
     reports = []
-    phase_peaks: List[int] = []   # CUDA: construction's peak, then each turn's (bytes above base)
+    phase_peaks: List[Optional[int]] = []   # CUDA: construction's peak, then each turn's
     with PeakMemory(device) as pm:
         base = _allocated(device, model)
         editor = UltraEditor(model, tok, modules=modules, micro_batch=MICRO_BATCH,
@@ -556,11 +556,12 @@ def step_turn(args, deadline: Deadline, step: str) -> Dict[str, Any]:
             if rnd and not deadline.allows(3 * max(reports[0].turn_s, 1.0)):
                 out["editor_skipped"] = "the second (timed) turn does not fit in the step's budget"
                 break
-            phase_peaks += _phase_peak(device, pm)
+            phase_peaks.append(pm.phase_peak())
             reports.append(editor.edit(requests))
-        phase_peaks += _phase_peak(device, pm)
+        phase_peaks.append(pm.phase_peak())
     r = reports[-1]
     # CUDA: the largest phase's peak (the stats are reset between phases); CPU: PeakMemory's
+    phase_peaks = [p for p in phase_peaks if p is not None]
     measured = base + (max(phase_peaks) if phase_peaks else pm.peak_bytes)
     out["editor"] = {"turn_s": r.turn_s, "fwd_bwd_s": r.fwd_bwd_s, "editor_s": r.editor_s,
                      "editor_share": _ratio(r.editor_s, r.turn_s), "n_tokens": r.n_tokens,
@@ -618,18 +619,6 @@ def _calibrate_dispatch(device, peak_memory) -> Dict[str, Any]:
         calibration.calibrate(device, ops)
     return {"ops": ops, "seconds": time.perf_counter() - t0, "peak_bytes": pm.peak_bytes,
             "cached": False}
-
-
-def _phase_peak(device, pm) -> List[int]:
-    """CUDA: the peak allocated bytes above ``pm``'s entry since the last reset, then a reset
-    (so the next phase's peak is its own); elsewhere nothing."""
-    import torch
-    if device.type != "cuda":
-        return []
-    torch.cuda.synchronize(device)
-    peak = int(torch.cuda.max_memory_allocated(device) - pm._base)
-    torch.cuda.reset_peak_memory_stats(device)
-    return [peak]
 
 
 def _variant_turns(model, tok, modules, requests, device, deadline, r10, peak10, **settings):

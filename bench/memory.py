@@ -84,6 +84,17 @@ class PeakMemory:
         self._prof = None
         return False
 
+    def phase_peak(self) -> Optional[int]:
+        """CUDA, inside the block: the peak extra bytes since entry or the last call, then a
+        reset, so that the next phase's peak is its own (the block's own ``peak_bytes`` then
+        covers only the last phase); ``None`` elsewhere."""
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.synchronize(self.device)
+        peak = int(torch.cuda.max_memory_allocated(self.device) - self._base)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return peak
+
 
 def measure_peak(fn: Callable[[], object], device="cpu") -> Tuple[int, str]:
     """Run ``fn()`` once and return ``(peak extra bytes, method)``; the result is dropped."""
