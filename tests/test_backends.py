@@ -73,13 +73,23 @@ def _opcheck_cases():
     keys, grads = realistic_features(11, 19, 7, seed=2)
     stats = uk.RunningStats(26).update(torch.cat([keys, grads], 1))
     spd = keys @ keys.T + torch.eye(11)
+    # Column-major copies: a fake must report the strides every implementation returns.
+    keys_t, grads_t = keys.T.contiguous().T, grads.T.contiguous().T
     return {
         "stats_update": (uk.stats_update_op, (torch.cat([keys, grads], 1), stats.count_tensor,
                                               stats.mean, stats.m2, False)),
+        "stats_update2": (uk.stats_update2_op, (keys, grads, stats.count_tensor, stats.mean,
+                                                stats.m2, False)),
+        "stats_update2_column_major": (uk.stats_update2_op, (keys_t, grads_t, stats.count_tensor,
+                                                             stats.mean, stats.m2, False)),
         "pseudo_values": (uk.pseudo_values_op, (keys, grads, stats.mean, stats.std, 1e-3, uk.EPS)),
+        "pseudo_values_column_major": (uk.pseudo_values_op, (keys_t, grads_t, stats.mean,
+                                                             stats.std, 1e-3, uk.EPS)),
         "gram_rows": (uk.gram_op, (keys, 1.0, True)),
         "gram_cols": (uk.gram_op, (keys, 1.0, False)),
+        "gram_rows_column_major": (uk.gram_op, (keys_t, 1.0, True)),
         "spd_solve": (uk.spd_solve_op, (spd, torch.randn(11, 5))),
+        "spd_solve_column_major": (uk.spd_solve_op, (spd, torch.randn(5, 11).T)),
         "apply_shift": (uk.apply_shift_op, (torch.randn(7, 19), keys, torch.randn(11, 7), True)),
     }
 

@@ -84,7 +84,10 @@ def pseudo_values_torch(keys, values_grad, mean, std, lr: float, eps: float, che
     rows = _slab_rows(n, keys.shape[1], values_grad.shape[1], torch.finfo(dtype).bits // 8)
     if rows >= n:
         coeff = torch.sub(keys, shift_k).mul_(scale_k).square_().sum(1, keepdim=True)
-        values = torch.sub(values_grad, shift_g).mul_(scale_g).mul_(coeff)
+        # Into a row-major buffer: the op promises (and its fake reports) a contiguous result,
+        # where torch.sub would keep a column-major ``values_grad``'s layout.
+        values = torch.empty(values_grad.shape, dtype=dtype, device=values_grad.device)
+        torch.sub(values_grad, shift_g, out=values).mul_(scale_g).mul_(coeff)
         return values, (all_finite(values) if check else None)
     values = torch.empty(values_grad.shape, dtype=dtype, device=values_grad.device)
     k_hat = torch.empty((rows, keys.shape[1]), dtype=dtype, device=keys.device)
