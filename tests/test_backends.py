@@ -143,3 +143,26 @@ def test_pseudo_values_slabs_are_bit_identical_to_one_pass(monkeypatch, threads)
             uk.pseudo_values(keys, bad, stats, 1e-3)
     finally:
         torch.set_num_threads(saved)
+
+
+def test_results_never_require_grad():
+    """The ops are not differentiable on any backend: inputs still in a graph give results
+    (and running statistics) outside it."""
+    keys, grads = realistic_features(13, 21, 9, seed=3)
+    keys.requires_grad_()
+    grads.requires_grad_()
+    stats = uk.RunningStats(30).update(torch.cat([keys, grads], 1))
+    pair = uk.RunningStats(30).update_pair(keys, grads)
+    spd = keys.detach() @ keys.detach().T + torch.eye(13)
+    results = {
+        "stats.mean": stats.mean, "stats.m2": stats.m2, "pair.m2": pair.m2,
+        "pseudo_values": uk.pseudo_values(keys, grads, stats),
+        "gram": uk.gram(keys), "gram_cols": uk.gram(keys, rows=False),
+        "spd_solve": uk.spd_solve(spd.requires_grad_(), grads)[0],
+        "spd_factor": uk.spd_factor(spd)[0],
+        "shift_factors": uk.shift_factors(keys, grads, stats),
+        "param_shift": uk.param_shift(keys, grads, stats, lr=1e-3),
+    }
+    assert [name for name, t in results.items() if t.requires_grad] == []
+    assert torch.equal(stats.m2, uk.RunningStats(30).update(
+        torch.cat([keys, grads], 1).detach()).m2)

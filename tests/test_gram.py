@@ -128,6 +128,28 @@ def test_below_640_rows_the_slabs_are_the_machines_measurement(tmp_path, monkeyp
     assert gram_mod.gram_blocks(400, 4096, cpu) == 1
 
 
+def test_the_torch_backend_keeps_one_gemm_and_measures_nothing(tmp_path, monkeypatch, threads):
+    """``ULTRAEDIT_BACKEND=torch`` is the plain PyTorch product: below 640 rows it neither
+    reads a measured slab plan nor measures one."""
+    threads(1)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv(calibration.ENV_VAR, "auto")
+    monkeypatch.setenv("ULTRAEDIT_BACKEND", "torch")
+    calibration.reset()
+
+    def measure():
+        raise AssertionError("the torch backend measured a slab plan")
+
+    monkeypatch.setitem(calibration._PLANS, "gram_slabs", ("cpu", gram_mod.SLAB_GRID, measure))
+    assert gram_mod.gram_blocks(400, 4096, torch.device("cpu")) == 1
+    keys, _ = realistic_features(300, 1536, 1, seed=5)
+    got = uk.gram(keys, 1.0)
+    ref, plain = gram_references(keys, 1.0, True)
+    assert rel_err(got, ref) <= bound("gram", torch.float32, rel_err(plain, ref))
+    assert torch.equal(got.tril(-1), plain.tril(-1))
+    assert not (tmp_path / "ultraedit_kernels").exists()
+
+
 def test_the_slab_plan_is_measured_once_and_cached(tmp_path, monkeypatch, threads):
     """``auto``: the first product that needs the plan measures it (here a stand-in
     measurement), writes it to the machine's calibration file, and a new process reads it."""

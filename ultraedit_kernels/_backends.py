@@ -218,10 +218,18 @@ def eager(op, body: Callable) -> Callable:
     which the small ops of a turn pay several times; in eager mode the returned function calls
     ``body`` (the op's backend selection and kernel) directly, and while ``torch.compile`` traces
     it calls ``op`` so the graph sees the registered op and its fake.
+
+    The ops are not differentiable (no autograd formula is registered; the native kernels have
+    none): the body runs without grad, so the result never requires grad whichever backend
+    computes it, and a grad-requiring input (a running statistic fed an activation that is part
+    of a graph) never chains the graph into the op's outputs.
     """
     def call(*args):
         if torch.compiler.is_compiling():
             return op(*args)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return body(*args)
         return body(*args)
     call.__name__ = getattr(body, "__name__", "call")
     call.__doc__ = body.__doc__

@@ -1,6 +1,7 @@
 """Input checks shared by the ops: clear errors that name the argument and the problem."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,6 +24,23 @@ def check_float_matrix(name: str, x, *, allow_empty: bool = False) -> None:
         raise ValueError(f"{name} has no rows (N = 0): there is nothing to edit")
     if shape[1] == 0:
         raise ValueError(f"{name} has zero columns, shape {tuple(shape)}")
+
+
+def without_grad(fn):
+    """``fn`` run without grad when grad mode is on (a public op's entry point).
+
+    The ops are not differentiable: no autograd formula is registered and the native kernels
+    have none, so whichever backend computes a call, its result never requires grad (and a
+    grad-requiring input, e.g. an activation still in its graph, never chains that graph into
+    the result or into running statistics).
+    """
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return call
 
 
 class serial:

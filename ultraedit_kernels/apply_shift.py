@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from . import _backends, _extension
-from ._validation import check_finite, check_float_matrix, serial
+from ._validation import check_finite, check_float_matrix, serial, without_grad
 
 OP = "apply_shift"
 LAYOUTS = ("linear", "conv1d")
@@ -84,6 +84,7 @@ def layout_of(module: torch.nn.Module) -> str:
         f"can only edit nn.Linear or GPT-2 Conv1D modules, got {type(module).__name__}")
 
 
+@without_grad
 def apply_shift_(weight, keys: torch.Tensor, factors: torch.Tensor,
                  layout: Optional[str] = None, *, check: bool = True) -> None:
     """In place: add ``ΔW = keysᵀ factors`` to ``weight`` (a tensor, or a Linear/Conv1D module).

@@ -128,7 +128,7 @@ def gram_blocks(m: int, d: int, device: torch.device, dtype: torch.dtype = torch
     float32 only: MKL's float64 product of X Xᵀ rounds differently from its tiles (measured at
     every size tried), so float64 keeps the one GEMM and its exact plain-product bits.  Below
     640 rows the count is this machine's measurement (``ULTRAEDIT_CALIBRATION``; with ``off``,
-    one GEMM there)."""
+    or with ``ULTRAEDIT_BACKEND=torch``, one GEMM there)."""
     return _cpu_blocks(m, d, dtype) if device.type == "cpu" else 1
 
 
@@ -160,10 +160,13 @@ _MEASURED: Dict[tuple, int] = {}   # (m, d, threads, setting, calibration genera
 
 def _measured_blocks(m: int, d: int, threads: int) -> int:
     """The slab count this machine's plan gives ``m x d`` (1 where none is measured)."""
-    key = (m, d, threads, _ENVIRON.get(_CALIBRATION_KEY), calibration.generation)
+    key = (m, d, threads, _ENVIRON.get(_CALIBRATION_KEY), _ENVIRON.get(_BACKEND_KEY),
+           calibration.generation)
     blocks = _MEASURED.get(key)
     if blocks is None:
-        plan = calibration.reference_plan("gram_slabs", torch.device("cpu"))
+        # ULTRAEDIT_BACKEND=torch asks for the plain PyTorch products: one GEMM, nothing measured
+        plan = (None if _backends.requested_backend() == "torch"
+                else calibration.reference_plan("gram_slabs", torch.device("cpu")))
         blocks = planned_blocks(plan, m, d) if plan is not None else 1
         if len(_MEASURED) > 1024:
             _MEASURED.clear()
@@ -424,14 +427,16 @@ _backends.register_impl(OP, "cpp", gram_native, available=_cpp_available, auto_o
 
 def gram(x: torch.Tensor, ridge: float = 1.0, rows: bool = True) -> torch.Tensor:
     """``K Kᵀ + λI`` (``rows=True``) or ``Kᵀ K + λI`` (``rows=False``); see the module docstring."""
-    if type(x) is torch.Tensor and x.is_cpu and type(ridge) is float and 0.0 < ridge < _INF:
+    if (type(x) is torch.Tensor and x.is_cpu and not x.requires_grad and type(ridge) is float
+            and 0.0 < ridge < _INF and not torch.compiler.is_compiling()):
         # a call of a shape already checked and decided: its route (one lookup, no frames:
-        # _route's lookup with _route_key's key written out)
+        # _route's lookup with _route_key's key written out).  Not while torch.compile traces
+        # (it sees the registered op), nor for an input in a graph (gram_call runs it without
+        # grad, as every backend computes it).
         hit = _ROUTES.get((x.shape, x.dtype, rows, _ENVIRON.get(_BACKEND_KEY),
                            _ENVIRON.get(_CALIBRATION_KEY), calibration.generation,
                            torch.get_num_threads()))
-        if (hit is not None and hit[0] is _backends._REGISTRY.get(OP)
-                and not torch.compiler.is_compiling()):
+        if hit is not None and hit[0] is _backends._REGISTRY.get(OP):
             return hit[1](x, ridge, rows)
     check_float_matrix("x", x)
     check_ridge(ridge)

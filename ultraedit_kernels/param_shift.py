@@ -24,7 +24,7 @@ import logging
 import torch
 
 from ._profiling import nvtx_range
-from ._validation import check_keys_grads, check_lr, check_ridge, compute_dtype
+from ._validation import check_keys_grads, check_lr, check_ridge, compute_dtype, without_grad
 from .gram import gram_call
 from .pseudo_values import check_result, check_stats_for, pseudo_values, pseudo_values_call
 from .running_stats import EPS, RunningStats
@@ -86,6 +86,7 @@ def _factors(keys, values_grad, stats, lr, ridge):
     return factors
 
 
+@without_grad
 def shift_factors(keys: torch.Tensor, values_grad: torch.Tensor, stats,
                   lr: float = 1e-6, ridge: float = 1.0) -> torch.Tensor:
     """Dual factor ``A = (KKᵀ + λI)⁻¹ V`` (N x d_out) with ``ΔW = keysᵀ A``.
@@ -105,6 +106,7 @@ def shift_factors(keys: torch.Tensor, values_grad: torch.Tensor, stats,
     return _factors(keys, values_grad, stats, lr, ridge)
 
 
+@without_grad
 def param_shift(keys: torch.Tensor, values_grad: torch.Tensor, stats,
                 lr: float = 1e-6, ridge: float = 1.0, method: str = "auto") -> torch.Tensor:
     """Dense UltraEdit parameter shift ``ΔW`` (d_in x d_out; float32, float64 for float64 input).

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import _backends
-from ._validation import all_finite, check_keys_grads, check_lr, compute_dtype
+from ._validation import all_finite, check_keys_grads, check_lr, compute_dtype, without_grad
 from .running_stats import EPS, FrozenStats, RunningStats
 
 OP = "pseudo_values"
@@ -154,6 +154,7 @@ def check_stats_for(keys: torch.Tensor, values_grad: torch.Tensor, stats) -> Non
             "update is NaN after a one-row block); use compat='fixed' or larger blocks")
 
 
+@without_grad
 def pseudo_values(keys: torch.Tensor, values_grad: torch.Tensor, stats,
                   lr: float = 1e-6) -> torch.Tensor:
     """UltraEdit pseudo-values ``V`` (N x d_out, float32; float64 for float64 inputs); see the

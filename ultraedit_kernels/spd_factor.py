@@ -26,6 +26,7 @@ from typing import Tuple
 import torch
 
 from . import _backends
+from ._validation import without_grad
 
 __all__ = ["spd_factor", "spd_solve_factored", "spd_factor_op", "spd_solve_factored_op"]
 
@@ -73,6 +74,7 @@ def _check_matrix(name: str, t) -> None:
         raise ValueError(f"{name} must have at least 2 dimensions, got shape {tuple(t.shape)}")
 
 
+@without_grad
 def spd_factor(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cholesky factor of SPD ``a``: ``(L, info)`` with ``a = L Lᵀ`` (see the module docstring)."""
     _check_matrix("a", a)
@@ -81,6 +83,7 @@ def spd_factor(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return _factor_call(a)
 
 
+@without_grad
 def spd_solve_factored(factor: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``X`` with ``(L Lᵀ) X = b`` for a factor ``L`` from :func:`spd_factor`."""
     _check_matrix("factor", factor)

@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _backends, _extension
+from ._validation import without_grad
 
 
 OP = "spd_solve"
@@ -108,6 +109,7 @@ _backends.register_impl(OP, "cpp", spd_solve_native, available=_cpp_available)
 _backends.register_impl(OP, "cuda", spd_solve_native, available=_cuda_available)
 
 
+@without_grad
 def spd_solve(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cholesky solve of SPD ``a @ x = b``; returns ``(x, info)`` (see the module docstring)."""
     for name, t in (("a", a), ("b", b)):
