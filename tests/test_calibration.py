@@ -254,6 +254,65 @@ def test_missing_fixture_file_is_a_clear_error(monkeypatch, tmp_path):
     calibration.reset()
 
 
+def test_a_mistyped_setting_is_named_in_info_not_a_traceback(monkeypatch):
+    monkeypatch.setenv(calibration.ENV_VAR, "false")
+    calibration.reset()
+    with pytest.raises(ValueError, match="set it to off"):
+        calibration.current(CPU)
+    assert calibration.describe(CPU)["status"].startswith("error: ULTRAEDIT_CALIBRATION='false'")
+    calibration.reset()
+
+
+def test_float64_calls_are_left_to_the_reference(fixture_grid):
+    """The grids are measured in float32: a float64 call is not decided from them."""
+    a, b = _system(64, 300)
+    assert calibration.choose("spd_solve", CPU, ["cpp"], (a, b)) == "cpp"
+    assert calibration.features("spd_solve", (a.double(), b.double())) is None
+    assert calibration.choose("spd_solve", CPU, ["cpp"], (a.double(), b.double())) == "torch"
+    assert calibration.features("gram", (torch.ones(70, 9, dtype=torch.float64), 1.0, True)) is None
+
+
+def test_each_thread_count_keeps_its_own_calibration(tmp_path, monkeypatch):
+    """The cache file is per thread count, and so is the calibration held in memory: after
+    ``torch.set_num_threads`` the other count's measurements are neither used nor rewritten."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv(calibration.ENV_VAR, "auto")
+    before = torch.get_num_threads()
+    calibration.reset()
+    try:
+        torch.set_num_threads(1)
+        one = {"format": calibration.FORMAT, "device": "cpu", "ops": {"gram": {"grid": {}}}}
+        calibration._write(calibration.cache_path(CPU), one)
+        assert calibration.current(CPU)["ops"] == {"gram": {"grid": {}}}
+        torch.set_num_threads(2)
+        assert calibration.current(CPU) is None
+        torch.set_num_threads(1)
+        assert calibration.current(CPU)["ops"] == {"gram": {"grid": {}}}
+    finally:
+        torch.set_num_threads(before)
+        calibration.reset()
+
+
+def test_two_processes_writing_one_cache_keep_both_measurements(tmp_path):
+    """A write merges what another process measured into the same file since it was read
+    (its own measurements win); it never drops the other's."""
+    path = str(tmp_path / "calibration.json")
+    first = {"format": calibration.FORMAT, "device": "cpu",
+             "ops": {"spd_solve": {"backends": ["cpp"], "grid": {"single": [1]}}}}
+    second = {"format": calibration.FORMAT, "device": "cpu",
+              "ops": {"stats_update": {"backends": ["cpp"], "grid": {"all": [2]}},
+                      "spd_solve": {"backends": ["cpp"], "grid": {"one": [3], "single": [4]}}},
+              "plans": {"gram_slabs": {"points": []}}}
+    calibration._write(path, first)
+    calibration._write(path, second)
+    saved = json.load(open(path))
+    assert saved["ops"]["stats_update"]["grid"] == {"all": [2]}
+    assert saved["ops"]["spd_solve"]["grid"] == {"one": [3], "single": [4]}   # its own win
+    calibration._write(path, {"format": calibration.FORMAT, "device": "cpu", "ops": {}})
+    saved = json.load(open(path))
+    assert set(saved["ops"]) == {"spd_solve", "stats_update"} and "gram_slabs" in saved["plans"]
+
+
 def test_a_backend_that_disagrees_is_never_chosen(monkeypatch):
     impls = dict(_backends._REGISTRY["spd_solve"])
 
@@ -350,7 +409,7 @@ def test_gram_keys_of_half_precision_are_their_own_class():
     """bf16/fp16 keys are measured apart from float32 ones (their kernels rank differently)."""
     x = torch.randn(100, 576)
     assert calibration.features("gram", (x, 1.0, True)) == ("rows", (100, 576))
-    assert calibration.features("gram", (x.double(), 1.0, False)) == ("rows", (576, 100))
+    assert calibration.features("gram", (x, 1.0, False)) == ("rows", (576, 100))
     for dtype in (torch.bfloat16, torch.float16):
         assert calibration.features("gram", (x.to(dtype), 1.0, True)) == ("rows_half", (100, 576))
     keys, ridge, rows = calibration.grid_args("gram", "rows_half", (64, 512), CPU)

@@ -373,6 +373,42 @@ def test_a_preset_that_does_not_exist_is_refused_before_the_model_loads(model_di
     assert "\n" not in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["run", "demo"])
+@pytest.mark.parametrize("flag", [["--lr", "-1"], ["--key-contexts", "99"], ["--steps", "0"]],
+                         ids=lambda f: f[0])
+def test_an_editing_value_out_of_range_is_refused_before_the_model_loads(
+        model_dir, tmp_path, capsys, monkeypatch, command, flag):
+    import ultraedit.models
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded before the editing values were checked")
+
+    monkeypatch.setattr(ultraedit.models, "load_model", no_work)
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    args = [command, "--model", model_dir, "--turns", "1", "--edits-per-turn", "2",
+            "--no-progress", "--threads", "1"] + flag
+    if command == "run":
+        args += ["--data", data]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ultraedit {command}: error: {flag[0][2:].replace('-', '_')}")
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_modules_that_match_nothing_write_no_records(model_dir, tmp_path, capsys):
+    """A module list the model refuses fails once the model is there, before the records are
+    selected and written."""
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    out = tmp_path / "recs.jsonl"
+    args = ["run", "--model", model_dir, "--data", data, "--turns", "1", "--edits-per-turn",
+            "2", "--no-progress", "--threads", "1", "--modules", "nosuch",
+            "--records-out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no module" in err and "nosuch" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_a_preset_tuned_through_another_wording_is_noted(model_dir, tmp_path, capsys,
                                                         monkeypatch):
     import json

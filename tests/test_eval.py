@@ -211,3 +211,15 @@ def test_progress_counts_every_prompt_batch_by_batch(tiny, generation):
     assert sum(calls) == M.evaluation_work(records, ref, generation, ["The capital of", "Paris"])
     assert len(calls) > 3 and max(calls) <= 2
     assert out == M.evaluate_records(model, tok, records, **kwargs)
+
+
+def test_next_token_predictions_reports_progress(tiny):
+    """With and without targets, every prompt is counted once; the predictions do not change."""
+    model, tok = tiny
+    prompts = ["The capital of France is", "Paris is in", "The sky is"]
+    targets = [" Paris", None, " blue"]
+    calls = []
+    got = M.next_token_predictions(model, tok, prompts, targets, batch_size=1,
+                                   progress=calls.append)
+    assert sum(calls) == len(prompts)
+    assert got == M.next_token_predictions(model, tok, prompts, targets)

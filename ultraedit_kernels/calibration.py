@@ -127,7 +127,15 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)   # measured as bfloat16 (class "r
 
 
 def features(op: str, args: Sequence) -> Optional[Tuple[str, Tuple[float, ...]]]:
-    """``(class, feature values)`` of a call of ``op`` with ``args``, or ``None`` if not graded."""
+    """``(class, feature values)`` of a call of ``op`` with ``args``, or ``None`` if not graded.
+
+    float64 inputs are not graded: the grids are measured in float32 (and bf16 keys), and a
+    native kernel's ratio there says little about its float64 path (the host Cholesky measured
+    about 1.04x LAPACK's time in float32 and 1.28x in float64 at n = k = 1024), so ``auto``
+    leaves float64 calls, the oracle's precision, to the reference."""
+    data = args[:1] if op in ("gram", "stats_update") else args[:2]
+    if any(getattr(t, "dtype", None) == torch.float64 for t in data):
+        return None
     if op == "spd_solve":
         a, b = args[0], args[1]
         if a.dim() == 2 and a.shape[-1] == 1:
@@ -258,8 +266,19 @@ def mode() -> str:
     return value.lower() if value.lower() in ("auto", "off", "refresh", "") else value
 
 
-_loaded: Dict[str, dict] = {}        # device type -> calibration data in use
-_refreshed: set = set()              # device types measured again in this process
+# The calibration in use is kept per device and thread count (the cache file's name hashes the
+# GPU's name and the threads too): two GPU models in one process, or a process that changes
+# torch's thread count, each get their own measurements.
+_loaded: Dict[tuple, dict] = {}      # state key (or a fixture's path) -> calibration data in use
+_refreshed: set = set()              # state keys measured again in this process
+
+
+def state_key(device: torch.device) -> tuple:
+    """``(type, index, threads)``: what the calibration in use for ``device`` is kept under."""
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    return device.type, index, torch.get_num_threads()
 
 
 def _read(path: str) -> Optional[dict]:
@@ -277,13 +296,58 @@ def _read(path: str) -> Optional[dict]:
     return data
 
 
+def _merge_from_disk(data: dict, on_disk: Optional[dict]) -> None:
+    """Add to ``data`` what another process measured into the same file since ``data`` was read:
+    the ops, shape classes and plans that ``data`` lacks (``data``'s own measurements win)."""
+    if not on_disk or on_disk is data:
+        return
+    ops = data.setdefault("ops", {})
+    for op, entry in on_disk.get("ops", {}).items():
+        mine = ops.get(op)
+        if mine is None:
+            ops[op] = entry
+        elif mine.get("backends") == entry.get("backends"):
+            for cls, points in entry.get("grid", {}).items():
+                mine.setdefault("grid", {}).setdefault(cls, points)
+            # (points past the grid are not merged: this process may have dropped them on
+            # purpose, measuring their class again; at worst one is measured once more)
+    for name, plan in on_disk.get("plans", {}).items():
+        data.setdefault("plans", {}).setdefault(name, plan)
+
+
+class _FileLock:
+    """An exclusive advisory lock on ``path + '.lock'`` (POSIX ``flock``; a no-op elsewhere):
+    two processes calibrating at once each merge the other's measurements instead of one
+    overwriting the other's."""
+
+    def __init__(self, path: str):
+        self._path, self._fh = path + ".lock", None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self._fh = open(self._path, "a")
+        fcntl.flock(self._fh, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self._fh is not None:
+            self._fh.close()   # closing releases the lock
+        return False
+
+
 def _write(path: str, data: dict) -> None:
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=1)
-        os.replace(tmp, path)
+        with _FileLock(path):
+            if os.path.exists(path):
+                _merge_from_disk(data, _read(path))
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as fh:
+                json.dump(data, fh, indent=1)
+            os.replace(tmp, path)
     except OSError as err:  # a read-only home must not break editing
         _log.warning("could not write the calibration cache %s (%s)", path, err)
 
@@ -328,17 +392,21 @@ def current(device: torch.device) -> Optional[dict]:
         if m not in _loaded:
             data = _read(m)
             if data is None:
+                hint = (" (to disable the calibration, set it to off)"
+                        if m.lower() in ("0", "false", "no", "none", "disable", "disabled")
+                        else "")
                 raise ValueError(f"{ENV_VAR}={m!r}: no calibration file there (expected auto, off, "
-                                 f"refresh or the path of a calibration JSON file)")
+                                 f"refresh or the path of a calibration JSON file){hint}")
             _loaded[m] = data
         return _loaded[m]
-    if device.type not in _loaded:
-        if m == "refresh" and device.type not in _refreshed:
+    key = state_key(device)
+    if key not in _loaded:
+        if m == "refresh" and key not in _refreshed:
             return None
         data = _read(cache_path(device))
         if data is not None:
-            _loaded[device.type] = data
-    return _loaded.get(device.type)
+            _loaded[key] = data
+    return _loaded.get(key)
 
 
 def reset() -> None:
@@ -493,10 +561,11 @@ def calibrate(device: torch.device, ops: Optional[Sequence[str]] = None,
     those only the shape ``classes`` given); cache and return the calibration."""
     from . import _backends
     device = torch.device(device)
-    data = _loaded.get(device.type) or _read(cache_path(device)) or {
+    key = state_key(device)
+    data = _loaded.get(key) or _read(cache_path(device)) or {
         "format": FORMAT, "device": device.type, "machine": machine_key(device), "ops": {}}
-    _loaded[device.type] = data   # a plan measured during the ops' timing lands in it
-    _refreshed.add(device.type)
+    _loaded[key] = data   # a plan measured during the ops' timing lands in it
+    _refreshed.add(key)
     if ops is None:   # the references' plans first: the backends are timed against them
         for name, (device_type, _grid, _measure) in _PLANS.items():
             if device_type == device.type:
@@ -561,8 +630,8 @@ def reference_plan(name: str, device: torch.device) -> Optional[dict]:
         return None
     if data is None:
         data = {"format": FORMAT, "device": device.type, "machine": machine_key(device), "ops": {}}
-        _loaded[device.type] = data
-        _refreshed.add(device.type)
+        _loaded[state_key(device)] = data
+        _refreshed.add(state_key(device))
     _log.info("calibrating %s on %s (once per machine; %s=off disables)", name, device.type,
               ENV_VAR)
     return _measure_plan(name, device, data)
@@ -706,7 +775,7 @@ def measure_beyond(data: dict, op: str, cls: str, point: Sequence[int], device: 
     return data
 
 
-_decisions: Dict[tuple, str] = {}   # (op, device, class, features, candidates, data) -> backend
+_decisions: Dict[tuple, str] = {}   # (op, device, features, candidates, data / setting) -> backend
 _calibration_env = None   # reads ULTRAEDIT_CALIBRATION's raw value (set below)
 
 
@@ -719,14 +788,14 @@ def choose(op: str, device: torch.device, candidates: Sequence[str], args: Seque
     feat = features(op, args)
     # fast path: the decision made for this op, device, shape, candidates and calibration
     # setting since the calibration in use last changed (calibrate() and reset() forget them)
-    fast_key = (op, device.type, feat, tuple(candidates), _calibration_env())
+    fast_key = (op, device, feat, tuple(candidates), _calibration_env(), torch.get_num_threads())
     hit = _decisions.get(fast_key)
     if hit is not None:
         return hit
-    if not candidates or op not in GRIDS or mode() == "off":
+    if feat is None or not candidates or op not in GRIDS or mode() == "off":
         return "torch"
     data = current(device)
-    memo_key = (op, device.type, feat, tuple(candidates), id(data))
+    memo_key = (op, device, feat, tuple(candidates), id(data))
     if data is not None and memo_key in _decisions:
         _decisions[fast_key] = _decisions[memo_key]
         return _decisions[memo_key]
@@ -758,7 +827,7 @@ def choose(op: str, device: torch.device, candidates: Sequence[str], args: Seque
             best, best_ratio = b, ratio
     if len(_decisions) > 4096:   # shapes vary with every turn's row count: stay bounded
         _decisions.clear()
-    _decisions[(op, device.type, feat, tuple(candidates), id(data))] = best
+    _decisions[(op, device, feat, tuple(candidates), id(data))] = best   # data may be new
     _decisions[fast_key] = best
     return best
 
@@ -778,7 +847,11 @@ def describe(device: torch.device) -> Dict[str, object]:
     if m == "off":
         return out
     out["file"] = m if m not in ("auto", "refresh", "") else cache_path(device)
-    data = current(device)
+    try:
+        data = current(device)
+    except ValueError as err:   # a mistyped setting: info shows it rather than a traceback
+        out["status"] = f"error: {err}"
+        return out
     if data is None:
         out["status"] = "not measured yet (runs at the first auto dispatch that needs it)"
         return out

@@ -21,7 +21,8 @@ from typing import Any, Dict
 from ._common import (EDIT_WORDINGS, EXIT_INTERRUPTED, UsageError, add_machine_options,
                       check_output_paths, check_threads, error, fmt, machine, peak_rss_bytes,
                       prepare_machine, split_csv, write_json)
-from .options import add_method_options, build_editor, check_preset, resolve, resolved_config
+from .options import add_method_options, build_editor, check_method_options, resolve, \
+    resolved_config
 
 DEMO_RELATIONS = ("capital", "language")   # = ultraedit.eval.DEMO_RELATIONS, without importing it
 
@@ -70,7 +71,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise UsageError("--turns and --edits-per-turn must be at least 1")
     check_threads(args.threads)
     check_output_paths([("--json", args.json)])
-    check_preset(args)
+    check_method_options(args)
     relations = split_csv(args.relations) or list(DEMO_RELATIONS)
     from ..data import OFFLINE_RELATIONS, REPORT_RELATIONS, TUNING_RELATIONS
 

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import sys
 import time
+import warnings
 from typing import Any, Callable, Dict, List, Optional
 
 from ..config import EditConfig
@@ -103,22 +104,33 @@ def resolve(args: argparse.Namespace, model, **changes) -> EditConfig:
     from ..config import resolve_config
     from ..modules import paper_module_names
 
+    from ..modules import resolve_modules
+
     given = {**given_options(args), **changes}
     try:
         if given.get("modules") == ["paper"]:
             given["modules"] = paper_module_names(model)
-        return resolve_config(model, args.preset, given)
+        config = resolve_config(model, args.preset, given)
+        # modules that match nothing (or are not Linear) fail here, before any data is selected
+        resolve_modules(model, config.modules, config.positions)
+        return config
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
 
 
-def check_preset(args: argparse.Namespace) -> None:
-    """A ``--preset`` that names no preset (or a file that is not one) is a :class:`UsageError`
-    before the model loads; the flags are checked against it once the model is there."""
-    if getattr(args, "preset", None) is None:
-        return
+def check_method_options(args: argparse.Namespace) -> None:
+    """Before the model loads: a ``--preset`` that names no preset (or a file that is not one),
+    or an editing flag whose value no config accepts (``--lr -1``, ``--key-contexts 99``), is a
+    :class:`UsageError`. What depends on the model (its modules, the preset's other fields
+    combined with the flags) is checked by :func:`resolve` once the model is there."""
     try:
-        EditConfig.from_preset(args.preset)
+        if getattr(args, "preset", None) is not None:
+            EditConfig.from_preset(args.preset)
+        with warnings.catch_warnings():   # a flag's warning depends on the fields beside it
+            warnings.simplefilter("ignore")
+            for name, value in given_options(args).items():
+                if name != "modules":
+                    EditConfig.paper(**{name: value})
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
 

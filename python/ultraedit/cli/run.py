@@ -39,8 +39,8 @@ from typing import Any, Dict, List
 from ._common import (EDIT_WORDINGS, EXIT_INTERRUPTED, UsageError, add_machine_options,
                       check_output_paths, check_threads, error, fmt, machine, peak_rss_bytes,
                       prepare_machine, split_csv, write_json)
-from .options import add_method_options, build_editor, check_preset, preset_edit_wordings, \
-    resolve, resolved_config
+from .options import add_method_options, build_editor, check_method_options, \
+    preset_edit_wordings, resolve, resolved_config
 
 DATA_FORMATS = ("auto", "zsre", "counterfact", "fever", "wikibigedit", "ultraeditbench",
                 "easyedit", "records")
@@ -160,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
     check_output_paths([("--json", args.json), ("--plot", args.plot),
                         ("--records-out", args.records_out)])
     _check_export(args)
-    check_preset(args)
+    check_method_options(args)
     tuned_through = preset_edit_wordings(args.preset)
     if tuned_through is not None and tuned_through != args.edit_wordings:
         print(f"note: the preset {args.preset} was tuned through --edit-wordings "
@@ -223,10 +223,6 @@ def _run(args: argparse.Namespace) -> int:
     else:
         records = drop_edited_locality(records)
     data_s = time.perf_counter() - t1
-    if args.records_out:
-        from ..data import save_records
-
-        save_records(records, args.records_out)
     if (config.positions == "subject" and args.config_positions is None
             and any(q.get("subject") is None or q["subject"] not in q["prompt"]
                     for r in records for q in edit_requests(r, args.edit_wordings))):
@@ -241,6 +237,10 @@ def _run(args: argparse.Namespace) -> int:
           f"{args.data} ({data_s:.1f}s): {rel_count}", file=sys.stderr)
     progress = not args.no_progress
     editor = build_editor(model, tok, config, progress=progress)
+    if args.records_out:   # after the editor accepted the settings: a refused run writes nothing
+        from ..data import save_records
+
+        save_records(records, args.records_out)
     at_end = args.eval_mode in ("end", "both")
     result: Dict[str, Any] = {
         "command": " ".join(["ultraedit"] + sys.argv[1:]),

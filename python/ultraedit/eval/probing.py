@@ -190,12 +190,14 @@ def _prompt_ids(tokenizer, prompt: str, prefix) -> List[int]:
 
 def next_token_predictions(model, tokenizer, prompts: Sequence[str],
                            targets: Optional[Sequence[Optional[str]]] = None,
-                           batch_size: int = 32) -> List[List[int]]:
+                           batch_size: int = 32,
+                           progress: Progress = None) -> List[List[int]]:
     """The model's argmax token ids, per prompt.
 
     With ``targets[i]`` given: the argmax at each of that target's answer positions under teacher
     forcing (as many ids as target tokens). With no target (``targets`` None, or an item None):
-    ``[argmax of the next token after the prompt]``.
+    ``[argmax of the next token after the prompt]``. ``progress`` receives the number of
+    prompts of each finished batch.
     """
     prompts = list(prompts)
     targets = [None] * len(prompts) if targets is None else list(targets)
@@ -203,14 +205,15 @@ def next_token_predictions(model, tokenizer, prompts: Sequence[str],
     out: List = [None] * len(prompts)
     given = [i for i, t in enumerate(targets) if t is not None]
     for i, (pred, _) in zip(given, _teacher_forced(model, tokenizer, [prompts[i] for i in given],
-                                                   [targets[i] for i in given], batch_size)):
+                                                   [targets[i] for i in given], batch_size,
+                                                   progress)):
         out[i] = pred
     free = [i for i, t in enumerate(targets) if t is None]
     if free:
         prefix = special_prefix(tokenizer)
         gens = greedy_continuations(model, tokenizer,
                                     [_prompt_ids(tokenizer, prompts[i], prefix) for i in free],
-                                    1, batch_size)
+                                    1, batch_size, progress)
         for i, g in zip(free, gens):
             out[i] = g
     return out
