@@ -416,3 +416,14 @@ def test_gram_keys_of_half_precision_are_their_own_class():
     assert keys.dtype == torch.bfloat16 and keys.shape == (64, 512) and rows is True
     assert calibration.grid_args("gram", "rows", (64, 512), CPU)[0].dtype == torch.float32
     assert calibration.GRIDS["gram"]["rows_half"] == calibration.GRIDS["gram"]["rows"]
+
+
+def test_an_implementation_auto_never_uses_is_not_measured(monkeypatch):
+    """(e.g. Triton under its interpreter): calibrating it would time kernels auto refuses."""
+    impls = dict(_backends._REGISTRY["spd_solve"])
+    monkeypatch.setitem(_backends._REGISTRY, "spd_solve", impls)
+    ref = impls["torch"].fn
+    impls["triton"] = _backends.Impl("triton", ref, lambda d: None, 10, lambda *a: False)
+    impls["cuda"] = _backends.Impl("cuda", ref, lambda d: None, 10, lambda *a: True)
+    names = calibration.candidates("spd_solve", CPU)
+    assert "triton" not in names and "cuda" in names

@@ -101,6 +101,9 @@ def test_zsre_file_runs_with_json_and_plot(model_dir, tmp_path, capsys):
     assert out["config"]["format"] == "auto" and out["edit_config"]["compat"] == "fixed"
     assert out["edit_config"]["modules"] == ["model.layers.1.mlp.down_proj",
                                         "model.layers.2.mlp.down_proj"]
+    # the run's JSON given back as a preset is the config it edited with
+    from ultraedit import EditConfig
+    assert EditConfig.from_preset(tmp_path / "r.json").to_dict() == out["edit_config"]
     assert [t["turn"] for t in out["turns"]] == [1, 2]
     for t in out["turns"]:
         for k in ("edits", "fwd_bwd_s", "editor_s", "turn_s", "peak_bytes", "eval_s"):

@@ -189,6 +189,15 @@ def test_builtin_configs_and_cli(capsys, tmp_path):
     assert main(["--config", "no-such-model"]) == 2
     assert "neither a built-in name" in capsys.readouterr().err
     assert main(["--config", "mistral-7b", "--modules", "nope.layer"]) == 2
+    capsys.readouterr()
+    # --modules as the editing commands take it: comma-separated, @FILE, 'paper'
+    two = ["model.layers.3.mlp.down_proj", "model.layers.4.mlp.down_proj"]
+    (tmp_path / "modules.txt").write_text("\n".join(two) + "\n")
+    for given in (two, [",".join(two)], ["@" + str(tmp_path / "modules.txt")]):
+        assert main(["--config", "mistral-7b", "--json", "--modules", *given]) == 0
+        assert json.loads(capsys.readouterr().out)["modules"] == two
+    assert main(["--config", "mistral-7b", "--json", "--modules", "paper"]) == 0
+    assert json.loads(capsys.readouterr().out)["modules"] == plan.modules
 
 
 def test_a_shared_backward_counts_the_groups_activations(capsys):

@@ -1,7 +1,7 @@
 """Registration of the optional backends (Triton kernels, the compiled extension).
 
-Kept apart from the op files so that importing an op never imports Triton: each optional
-module registers its implementations on import, and a failed import only leaves the op
+Kept apart from the op files, which never import Triton: each optional module registers its
+implementations when the package imports it here, and a failed import only leaves the op
 with fewer backends.  Nothing here touches CUDA.
 """
 from __future__ import annotations

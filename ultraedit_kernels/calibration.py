@@ -550,8 +550,16 @@ def candidates(op: str, device: torch.device) -> List[str]:
     """The backends besides the reference that ``auto`` may choose for ``op`` on ``device``
     (available there, not opted out): what a calibration measures."""
     from . import _backends
-    return [b for b, impl in _backends.implementations(op).items()
-            if b != "torch" and impl.auto_priority >= 0 and impl.available(device) is None]
+    names = [b for b, impl in _backends.implementations(op).items()
+             if b != "torch" and impl.auto_priority >= 0 and impl.available(device) is None]
+    impls = _backends.implementations(op)
+    if op in GRIDS and any(impls[b].auto_ok is not None for b in names):
+        # an implementation auto never sends these calls to (the Triton interpreter) is not
+        # worth measuring: ask its auto_ok about the grid's first point
+        cls, (_axes, values) = next(iter(GRIDS[op].items()))
+        args = grid_args(op, cls, [v[0] for v in values], device)
+        names = [b for b in names if impls[b].auto_ok is None or impls[b].auto_ok(*args)]
+    return names
 
 
 def calibrate(device: torch.device, ops: Optional[Sequence[str]] = None,

@@ -266,7 +266,9 @@ class EditConfig:
     @classmethod
     def from_preset(cls, name_or_path: Union[str, Path], **overrides) -> "EditConfig":
         """``"paper"``, ``"official"``, a preset name of ``ultraedit/presets`` (see
-        :func:`preset_names`) or the path of a preset / config JSON file."""
+        :func:`preset_names`) or the path of a JSON file: a preset (its ``config``), a plain
+        :meth:`to_dict`, or an ``ultraedit run`` / ``demo`` result (its ``edit_config``: the
+        config it edited with)."""
         if name_or_path in ("paper", "official"):
             return getattr(cls, str(name_or_path))(**overrides)
         path = Path(name_or_path)
@@ -276,7 +278,9 @@ class EditConfig:
             raise ValueError(f"no preset {str(name_or_path)!r}: give 'paper', 'official', one of "
                              f"{preset_names()} or the path of a preset JSON file")
         data = _read_json(path)
-        values = data.get("config", data) if isinstance(data, dict) else None
+        values = None
+        if isinstance(data, dict):
+            values = data["edit_config"] if "edit_config" in data else data.get("config", data)
         if not isinstance(values, dict):
             raise ValueError(f"{path}: a preset is a JSON object with a 'config' object")
         return cls.from_dict(_over_preset(values, overrides))

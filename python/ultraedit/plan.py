@@ -558,9 +558,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``ultraedit plan`` (shared by this module's ``main`` and the CLI)."""
     p.add_argument("--config", required=True, help="built-in name (" + ", ".join(
         sorted(BUILTIN_CONFIGS)) + ") or a config.json / model folder")
-    p.add_argument("--dtype", default="bf16", help="weights' dtype: bf16, fp16, fp32 (default bf16)")
-    p.add_argument("--modules", nargs="+", default=None,
-                   help="edited modules (names, globs, re:...); default: the paper's")
+    p.add_argument("--dtype", default="bf16",
+                   help="weights' dtype: bf16, fp16, fp32, fp64 (default bf16)")
+    p.add_argument("--modules", nargs="+", default=None, metavar="A,B,...|@FILE|paper",
+                   help="edited modules (names, globs, re:...; comma- or space-separated, or "
+                        "@FILE with one per line, as the editing commands take them); default "
+                        "and 'paper': the paper's")
     p.add_argument("--edits", type=int, default=100, help="requests per turn (default 100)")
     p.add_argument("--micro-batch", type=int, default=10, help="requests per forward/backward")
     p.add_argument("--backward-group", type=int, default=1,
@@ -590,10 +593,28 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "ultraedit plan") -> 
     return run(build_parser(prog).parse_args(argv), prog)
 
 
+def module_spec(values: Optional[Sequence[str]]) -> Optional[List[str]]:
+    """``--modules`` values as one list: each value comma-separated or ``@FILE`` (one per line);
+    ``None`` (the paper's modules) for no value or ``paper``."""
+    if not values:
+        return None
+    items: List[str] = []
+    for value in values:
+        if value.startswith("@"):
+            try:
+                with open(value[1:], encoding="utf-8") as fh:
+                    items += [ln.strip() for ln in fh if ln.strip()]
+            except OSError as err:
+                raise ValueError(f"--modules: cannot read {value[1:]!r}: {err.strerror}") from None
+        else:
+            items += [x.strip() for x in value.split(",") if x.strip()]
+    return None if items == ["paper"] else items
+
+
 def run(args: argparse.Namespace, prog: str = "ultraedit plan") -> int:
     """Plan from parsed :func:`add_arguments` options; print the table (or JSON)."""
     try:
-        plan = plan_turn(args.config, args.dtype, args.modules, edits=args.edits,
+        plan = plan_turn(args.config, args.dtype, module_spec(args.modules), edits=args.edits,
                          micro_batch=args.micro_batch, budget_bytes=int(args.budget_gib * GiB),
                          answer_tokens=args.answer_tokens, seq_len=args.seq_len,
                          history=args.history, memory=args.memory, preserve=args.preserve,
