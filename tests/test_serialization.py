@@ -91,6 +91,25 @@ def test_a_foreign_folder_with_a_manifest_is_not_replaced(foreign, tmp_path, tok
     assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]  # nothing left beside it
 
 
+def test_a_state_and_an_export_never_replace_each_other(saved_state, tmp_path, tok):
+    """A saved state is the only way to resume: an export to its folder is refused (every
+    format), and so is a save over an export."""
+    state = _copy(saved_state, tmp_path / "st")
+    before = {p.name: p.read_bytes() for p in state.iterdir()}
+    ed = UltraEditor(tiny_llama(len(tok)), tok, modules=MODULES)
+    for fmt in ("delta", "peft", "merged"):
+        with pytest.raises(StateError, match="refusing to overwrite"):
+            ed.export_delta(state, format=fmt)
+    assert {p.name: p.read_bytes() for p in state.iterdir()} == before
+    export = tmp_path / "delta"
+    ed.export_delta(export)
+    exported = {p.name: p.read_bytes() for p in export.iterdir()}
+    with pytest.raises(StateError, match="not a 'state'"):
+        ed.save_state(export)
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == exported
+    ed.export_delta(export)   # an export over our export is still replaced
+
+
 def test_our_state_with_a_users_file_in_it_is_not_replaced(saved_state, tmp_path, tok):
     path = _copy(saved_state, tmp_path / "st")
     (path / "notes.txt").write_text("mine")

@@ -349,7 +349,7 @@ def check_export_target(path: Path) -> None:
     if not path.is_dir():
         raise StateError(f"{path} exists and is not a directory; refusing to overwrite it")
     entries = {p.name for p in path.iterdir()}
-    if not entries or (MANIFEST in entries and _is_ours(path)[0]):
+    if not entries or (MANIFEST in entries and _is_ours(path, "delta")[0]):
         return
     listed = None
     if EXPORT_SUMMARY in entries:

@@ -34,7 +34,7 @@ import os
 import platform
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -143,8 +143,10 @@ def _parse_manifest(mpath: Path) -> Dict[str, Any]:
     return manifest
 
 
-def _is_ours(path: Path) -> Tuple[bool, str]:
-    """Whether ``path`` may be replaced: empty, or our manifest and only the files it lists."""
+def _is_ours(path: Path, kind: Optional[str] = None) -> Tuple[bool, str]:
+    """Whether ``path`` may be replaced: empty, or our manifest (of ``kind`` when given: a saved
+    state is never replaced by an export, nor an export by a state) and only the files it
+    lists."""
     if not path.is_dir():
         return False, "it is not a directory"
     entries = {p.name for p in path.iterdir()}
@@ -156,6 +158,8 @@ def _is_ours(path: Path) -> Tuple[bool, str]:
         manifest = _parse_manifest(path / MANIFEST)
     except StateError as exc:
         return False, str(exc)
+    if kind is not None and manifest.get("kind") != kind:
+        return False, f"it holds a {manifest.get('kind')!r}, not a {kind!r}"
     extra = sorted(entries - {MANIFEST} - set(manifest["files"]))
     if extra:
         return False, f"it holds files the state does not list: {extra[:5]}"
@@ -213,7 +217,7 @@ def write_dir(path, files: Dict[str, Dict[str, torch.Tensor]], manifest: Dict[st
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
     if path.exists():
-        ours, why = _is_ours(path)
+        ours, why = _is_ours(path, manifest.get("kind"))
         if not ours:
             raise StateError(f"{path} exists and is not an ultraedit state directory ({why}); "
                              f"refusing to overwrite it")
