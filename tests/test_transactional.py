@@ -86,6 +86,27 @@ def test_nan_or_inf_gradients(tok, dtype, value):
                    arm=lambda: ed.model.model.norm.register_forward_hook(poison))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_a_shift_that_overflows_the_weights_dtype(tok, dtype):
+    """A finite shift whose sum with the weight is not finite in the weight's dtype is refused
+    and every module of the turn is put back."""
+    from ultraedit.solver import Update
+
+    ed = _editor(tok, dtype)
+    ed.edit(turn_requests(0))
+    before = snapshot(ed)
+    name = MODULES[0]
+    d_out, d_in = ed.modules[name].weight.shape
+    keys = torch.zeros(1, d_in)
+    # the dtype's largest value: finite, and twice it is not
+    big = torch.full((d_in, d_out), torch.finfo(dtype).max, dtype=torch.float32)
+    with pytest.raises(FloatingPointError, match=f"module '{name}'.*overflows"):
+        with ed.journal.transaction(ed.state):
+            ed.journal.apply({name: Update("primal", big, keys)})
+            ed.journal.apply({name: Update("primal", big, keys)})
+    assert_same(before, snapshot(ed))
+
+
 def test_nan_features(tok):
     ed = _editor(tok)
     mod = ed.modules[MODULES[0]]

@@ -293,11 +293,22 @@ class TurnJournal:
         (primal); accumulating, the same is added to Δ and ``W = round(W0 + Δ)`` is written.
         Only inside :meth:`transaction`, which undoes a partial application.
         """
-        with torch.no_grad():
-            for name, upd in updates.items():
-                self._apply_module(name, upd.keys, upd.kind, upd.tensor)
+        from .solver import first_non_finite
 
-    def _apply_module(self, name: str, k: torch.Tensor, method: str, u: torch.Tensor) -> None:
+        with torch.no_grad():
+            written = {name: self._apply_module(name, upd.keys, upd.kind, upd.tensor)
+                       for name, upd in updates.items()}
+        # A finite shift can still overflow the weight's dtype (float16 tops out at 65504): such
+        # a step is refused like a non-finite shift, and the transaction puts every module back.
+        bad = first_non_finite(written)
+        if bad is not None:
+            raise FloatingPointError(
+                f"module {bad!r}: the edited weight overflows {written[bad].dtype} (is lr too "
+                f"large?); nothing was changed")
+
+    def _apply_module(self, name: str, k: torch.Tensor, method: str,
+                      u: torch.Tensor) -> torch.Tensor:
+        """Add one module's update in place; returns its weight as written."""
         from ultraedit_kernels import apply_shift_op
 
         slot = self.slots[name]
@@ -311,7 +322,7 @@ class TurnJournal:
                 weight.add_((u.T if linear else u).to(device=dev, dtype=weight.dtype))
             if not slot.live:
                 slot.write(weight)
-            return
+            return weight
         dev = self._dev(name)
         c = _acc_dtype(weight.dtype)
         d = self.delta[name]
@@ -330,6 +341,7 @@ class TurnJournal:
         reconstruct(self.base[name], d, weight.dtype, out=weight)
         if not slot.live:
             slot.write(weight)
+        return weight
 
     def _write_from(self, name: str, saved: Optional[torch.Tensor]) -> None:
         slot = self.slots[name]
