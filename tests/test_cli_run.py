@@ -398,6 +398,39 @@ def test_an_editing_value_out_of_range_is_refused_before_the_model_loads(
     assert "\n" not in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("case", ["json over data", "records over data", "export over data",
+                                  "json in export", "export beside json", "plot suffix",
+                                  "export under a file"])
+def test_outputs_that_would_replace_inputs_or_each_other_are_refused_before_loading(
+        model_dir, tmp_path, capsys, monkeypatch, case):
+    import ultraedit.models
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded before the output paths were checked")
+
+    monkeypatch.setattr(ultraedit.models, "load_model", no_work)
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    before = open(data).read()
+    out = tmp_path / "out"
+    out.mkdir()
+    flags = {"json over data": ["--json", data],
+             "records over data": ["--records-out", data],
+             "export over data": ["--export-delta", str(tmp_path)],
+             "json in export": ["--export-delta", str(out / "ed"), "--json",
+                                str(out / "ed" / "run.json")],
+             "export beside json": ["--export-delta", str(out / "x"), "--json", str(out / "x")],
+             "plot suffix": ["--plot", str(out / "p.xyz")],
+             "export under a file": ["--export-delta", data + "/d"]}[case]
+    if case == "plot suffix":
+        pytest.importorskip("matplotlib")
+    args = ["run", "--model", model_dir, "--data", data, "--turns", "1", "--edits-per-turn",
+            "2", "--no-progress", "--threads", "1", *flags]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ultraedit run: error:") and "Traceback" not in err
+    assert open(data).read() == before and list(out.iterdir()) == []
+
+
 def test_modules_that_match_nothing_write_no_records(model_dir, tmp_path, capsys):
     """A module list the model refuses fails once the model is there, before the records are
     selected and written."""

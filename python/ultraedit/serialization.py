@@ -38,7 +38,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .temporary import temporary_file
+from .temporary import atomic_write
 
 __all__ = ["StateError", "write_json_atomic", "write_dir", "read_dir", "recover", "tensor_sha256", "file_sha256",
            "dtype_name", "model_info", "check_model", "field", "FORMAT", "FORMAT_VERSION",
@@ -198,15 +198,9 @@ def write_json_atomic(obj: Any, path, indent: int = 1) -> None:
     """Write ``obj`` as JSON to ``path`` atomically: a temporary file in the same folder, renamed
     over the path (the temporary file never stays behind); the file gets the permissions the
     user's umask gives a new file, not the temporary file's private ones."""
-    folder = os.path.dirname(os.path.abspath(path))
-    with temporary_file(folder, f".{os.path.basename(path)}.", ".tmp") as (fd, tmp):
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=indent)
-            fh.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+    with atomic_write(path) as fh:
+        json.dump(obj, fh, indent=indent)
+        fh.write("\n")
 
 
 def write_dir(path, files: Dict[str, Dict[str, torch.Tensor]], manifest: Dict[str, Any]) -> None:

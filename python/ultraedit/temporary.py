@@ -7,7 +7,7 @@ import os
 import secrets
 from typing import Iterator, Tuple
 
-__all__ = ["temporary_file"]
+__all__ = ["atomic_write", "temporary_file"]
 
 
 @contextlib.contextmanager
@@ -32,3 +32,20 @@ def temporary_file(folder, prefix: str, suffix: str = "") -> Iterator[Tuple[int,
         if ours:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+
+@contextlib.contextmanager
+def atomic_write(path, binary: bool = False, encoding: str = "utf-8") -> Iterator:
+    """A file object whose contents replace ``path`` only when the block ends without an error:
+    written to a temporary file in the same folder, then renamed over ``path`` (a reader never
+    sees half a file, a failed write leaves the previous file as it was and nothing beside it).
+    The file gets the permissions the user's umask gives a new file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    with temporary_file(folder, f".{os.path.basename(path)}.", ".tmp") as (fd, tmp):
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding=encoding)) as fh:
+            yield fh
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)

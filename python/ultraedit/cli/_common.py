@@ -33,11 +33,34 @@ def split_csv(text: Optional[str]) -> Optional[List[str]]:
     return items or None
 
 
-def check_output_paths(paths: Sequence[Tuple[str, Optional[str]]]) -> None:
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output_paths(paths: Sequence[Tuple[str, Optional[str]]],
+                       inputs: Sequence[Tuple[str, Optional[str]]] = (),
+                       folder: Optional[Tuple[str, Optional[str]]] = None) -> None:
     """Check, before any work, that every ``(flag, path)`` given can be written: not an existing
-    folder, its folder exists and accepts a new file, no two flags name the same file. Raises
+    folder, its folder exists and accepts a new file, no two flags name the same file, and no
+    output replaces an input (``inputs``: the data file, an existing file in the model's
+    folder). ``folder``: a ``(flag, path)`` written as a folder (an export): no other output lies
+    in it, no input either, and its nearest existing parent is a writable folder. Raises
     :class:`UsageError` naming the flag and the path."""
     seen: Dict[str, str] = {}
+    given_inputs = [(flag, os.path.realpath(p)) for flag, p in inputs if p]
+    out_folder = None
+    if folder is not None and folder[1]:
+        out_folder = os.path.realpath(folder[1])
+        for flag, inp in given_inputs:
+            if _within(inp, out_folder) or _within(out_folder, inp):
+                raise UsageError(f"{folder[0]} {folder[1]!r} would overwrite {flag} {inp!r}")
+        parent = out_folder
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise UsageError(f"{folder[0]} {folder[1]!r}: {parent!r} is not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"{folder[0]} {folder[1]!r}: cannot write to {parent!r}")
     for flag, path in paths:
         if not path:
             continue
@@ -45,6 +68,13 @@ def check_output_paths(paths: Sequence[Tuple[str, Optional[str]]]) -> None:
         if full in seen:
             raise UsageError(f"{seen[full]} and {flag} both name {path!r}; give different files")
         seen[full] = flag
+        real = os.path.realpath(full)
+        for in_flag, inp in given_inputs:
+            if real == inp or (os.path.isdir(inp) and _within(real, inp) and os.path.exists(real)):
+                raise UsageError(f"{flag} {path!r} would overwrite {in_flag} {inp!r}")
+        if out_folder is not None and _within(real, out_folder):
+            raise UsageError(f"{flag} {path!r} lies in {folder[0]} {folder[1]!r}; give a path "
+                             f"outside the export")
         if os.path.isdir(full):
             raise UsageError(f"{flag} {path!r} is a folder; give a file name")
         folder = os.path.dirname(full)

@@ -152,21 +152,38 @@ def _check_export(args: argparse.Namespace) -> None:
         raise UsageError(f"--export-delta: {err}") from None
 
 
+def check_plot_format(path) -> None:
+    """A ``--plot`` whose suffix matplotlib cannot write is a :class:`UsageError` before any
+    work (it needs matplotlib: checked here too)."""
+    if not path:
+        return
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib")
+    from ..eval.plot import plot_format
+
+    try:
+        plot_format(path)
+    except ValueError as err:
+        raise UsageError(f"--plot {path!r}: {err}") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.turns < 1 or args.edits_per_turn < 1:
         raise UsageError("--turns and --edits-per-turn must be at least 1")
     check_threads(args.threads)
     check_output_paths([("--json", args.json), ("--plot", args.plot),
-                        ("--records-out", args.records_out)])
+                        ("--records-out", args.records_out)],
+                       inputs=[("--data", None if args.data == "offline" else args.data),
+                               ("--model", args.model if os.path.isdir(args.model) else None)],
+                       folder=("--export-delta", args.export_delta))
+    check_plot_format(args.plot)
     _check_export(args)
     check_method_options(args)
     tuned_through = preset_edit_wordings(args.preset)
     if tuned_through is not None and tuned_through != args.edit_wordings:
         print(f"note: the preset {args.preset} was tuned through --edit-wordings "
               f"{tuned_through}; this run edits through {args.edit_wordings}", file=sys.stderr)
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise UsageError("--plot needs matplotlib: pip install matplotlib")
     offline = args.data == "offline"
     if not offline and not os.path.isfile(args.data):
         raise UsageError(f"data file not found: {args.data!r} (or use --data offline)")

@@ -515,9 +515,11 @@ def load_records(path: str, format: str = "auto", limit: Optional[int] = None) -
 def save_records(records: Sequence[EditRecord], path: str) -> None:
     """Write records as ``.jsonl`` (one ``EditRecord.to_dict()`` per line) or, for any other
     suffix, one ``.json`` list; ``load_records(path)`` reads them back (format ``records``)."""
+    from ..temporary import atomic_write
+
     path = os.fspath(path)
     rows = [r.to_dict() for r in records]
-    with open(path, "w", encoding="utf-8") as fh:
+    with atomic_write(path) as fh:   # a failed write leaves no half file (nor a truncated old one)
         if path.endswith(".jsonl"):
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict
 
-__all__ = ["plot_run"]
+__all__ = ["plot_format", "plot_run"]
 
 _KIND = {"teacher_forced": "teacher-forced", "generation": "generation", "wild": "WILD-style"}
 
@@ -71,5 +71,20 @@ def plot_run(result: Dict[str, Any], path: str) -> None:
     fig.tight_layout()
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    from ..temporary import atomic_write
+
+    with atomic_write(path, binary=True) as fh:
+        fig.savefig(fh, dpi=100, format=plot_format(path))
     plt.close(fig)
+
+
+def plot_format(path: str) -> str:
+    """The image format of ``path``'s suffix; ``ValueError`` naming the ones matplotlib writes."""
+    from matplotlib.figure import Figure
+
+    supported = Figure().canvas.get_supported_filetypes()
+    fmt = os.path.splitext(path)[1].lstrip(".").lower()
+    if fmt not in supported:
+        raise ValueError(f"cannot write a plot as {fmt or 'a file without a suffix'!r}: give a "
+                         f"file ending in one of {', '.join('.' + f for f in sorted(supported))}")
+    return fmt
