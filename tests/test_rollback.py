@@ -119,3 +119,29 @@ def test_multi_application_turn_is_one_rollback_entry_and_atomic(tok):
     assert not torch.equal(ed.modules[names[0]].weight, before["model"][names[0] + ".weight"])
     ed.rollback()
     assert_same(before, snapshot(ed))
+
+
+def test_a_rollback_that_fails_keeps_its_entry(tok, monkeypatch):
+    """A restore that raises (e.g. out of memory) leaves the history entry for another try."""
+    ed = _editor(tok)
+    ed.edit(turn_requests(0))
+    before = snapshot(ed)
+    ed.edit(turn_requests(1))
+    real = ed.journal._write_from
+
+    def fail_once(*args):
+        monkeypatch.setattr(ed.journal, "_write_from", real)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(ed.journal, "_write_from", fail_once)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        ed.rollback()
+    assert ed.journal.rollback_available == 1
+    ed.rollback()
+    assert_same(before, snapshot(ed))
+
+
+@pytest.mark.parametrize("device, match", [("bogus", "is not a device"), ("meta", "no values")])
+def test_a_delta_device_that_cannot_hold_the_history_is_refused(tok, device, match):
+    with pytest.raises(ValueError, match=f"delta_device.*{match}"):
+        _editor(tok, delta_device=device)

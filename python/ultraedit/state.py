@@ -212,6 +212,24 @@ class TurnRecord:
     saved: Dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
 
 
+def _storage_device(device) -> torch.device:
+    """``delta_device`` as a device that can hold the base copy, Δ and the history; a
+    ``ValueError`` naming the problem otherwise (before any copy is made)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"delta_device={device!r} is not a device ({err})") from None
+    if dev.type == "meta":
+        raise ValueError("delta_device='meta' holds no values: the base copy, Δ and the "
+                         "rollback history need a real device (e.g. 'cpu')")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"delta_device={device!r}: CUDA is not available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"delta_device={device!r}: there are {torch.cuda.device_count()} CUDA "
+                         f"devices")
+    return dev
+
+
 class TurnJournal:
     """Applies updates to the edited modules; keeps base, fp32 Δ and the rollback history.
 
@@ -240,7 +258,7 @@ class TurnJournal:
         if accumulate == "auto":
             accumulate = any(s.dtype in _ACCUMULATE_AUTO for s in self.slots.values())
         self.accumulate = bool(accumulate)
-        self.device = None if device is None else torch.device(device)
+        self.device = None if device is None else _storage_device(device)
         self.history = int(history)
         self._records: "collections.deque[TurnRecord]" = collections.deque(maxlen=self.history)
         self.base: Dict[str, torch.Tensor] = {n: self._copy(self.weight(n)) for n in
@@ -373,7 +391,9 @@ class TurnJournal:
                 f"cannot roll back {turns} turn(s): the history holds {len(self._records)} "
                 f"(history={self.history}; pass UltraEditor(..., history=n) to keep more)")
         for _ in range(int(turns)):
-            self._restore(self._records.pop(), state)
+            # restored, then dropped: a restore that fails keeps its entry for another try
+            self._restore(self._records[-1], state)
+            self._records.pop()
 
     def clear_history(self) -> None:
         self._records.clear()
