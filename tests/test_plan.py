@@ -215,3 +215,16 @@ def test_a_shared_backward_counts_the_groups_activations(capsys):
     assert activations("--backward-group", "50") == ten
     assert main(["--config", "smollm2-135m", "--backward-group", "0"]) == 2
     assert "backward_group must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [["--history", "-1"], ["--answer-tokens", "-5"],
+                                  ["--memory", "-1"], ["--whiten", "-1"],
+                                  ["--preserved-rows", "-10"], ["--seq-len", "0"],
+                                  ["--delta-device", "gpu"], ["--budget-gib", "-1"],
+                                  ["--budget-gib", "nan"], ["--answer-tokens", "nan"]],
+                         ids=lambda f: " ".join(f))
+def test_values_out_of_range_are_usage_errors(flag, capsys):
+    """No verdict from nonsense: exit 2 and a line naming the value."""
+    assert main(["--config", "mistral-7b", *flag]) == 2
+    err = capsys.readouterr().err
+    assert flag[0].lstrip("-").replace("-", "_") in err.replace("--budget-gib", "budget_gib")

@@ -265,6 +265,29 @@ def request_shape(tokenizer, requests, micro_batch: int = 10,
 
 
 # ------------------------------------------------------------------------------ the plan
+# argument -> (must be an integer, smallest value allowed, whether that value is allowed)
+_PLAN_NUMBERS = {"budget_bytes": (False, 0, False), "answer_tokens": (False, 0, False),
+                 "seq_len": (True, 1, True), "history": (True, 0, True),
+                 "memory": (False, 0, True), "preserve": (False, 0, True),
+                 "preserved_rows": (True, 0, True), "steps": (True, 1, True),
+                 "whiten": (False, 0, True), "logit_columns": (True, 1, True)}
+
+
+def _check_plan_numbers(**values) -> None:
+    """A ``ValueError`` naming the first argument that is not a finite number in its range."""
+    for name, value in values.items():
+        if value is None and name == "logit_columns":
+            continue
+        integer, low, inclusive = _PLAN_NUMBERS[name]
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value) and (value >= low if inclusive else value > low)
+              and (not integer or int(value) == value))
+        if not ok:
+            kind = "an integer" if integer else "a number"
+            bound = f">= {low}" if inclusive else f"> {low}"
+            raise ValueError(f"{name} must be {kind} {bound}, got {value!r}")
+
+
 def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[str]]] = None,
               edits: int = 100, micro_batch: int = 10, budget_bytes: int = 24 * GiB,
               answer_tokens: float = 4, seq_len: int = 32, positions: str = "answer",
@@ -316,6 +339,12 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
         raise ValueError(f"matmul_dtype must be 'model' or 'bfloat16', got {matmul_dtype!r}")
     if int(backward_group) != backward_group or backward_group < 1:
         raise ValueError(f"backward_group must be a positive integer, got {backward_group!r}")
+    _check_plan_numbers(budget_bytes=budget_bytes, answer_tokens=answer_tokens, seq_len=seq_len,
+                        history=history, memory=memory, preserve=preserve,
+                        preserved_rows=preserved_rows, steps=steps, whiten=whiten,
+                        logit_columns=logit_columns)
+    if delta_device not in (None, "cpu") and not str(delta_device).startswith("cuda"):
+        raise ValueError(f"delta_device must be 'cpu' or a CUDA device, got {delta_device!r}")
     cfg = load_config(config)
     dname = _dtype_name(dtype)
     aname = _dtype_name(act_dtype) if act_dtype is not None else dname
@@ -614,6 +643,8 @@ def module_spec(values: Optional[Sequence[str]]) -> Optional[List[str]]:
 def run(args: argparse.Namespace, prog: str = "ultraedit plan") -> int:
     """Plan from parsed :func:`add_arguments` options; print the table (or JSON)."""
     try:
+        if not (math.isfinite(args.budget_gib) and args.budget_gib > 0):
+            raise ValueError(f"--budget-gib must be a positive number, got {args.budget_gib!r}")
         plan = plan_turn(args.config, args.dtype, module_spec(args.modules), edits=args.edits,
                          micro_batch=args.micro_batch, budget_bytes=int(args.budget_gib * GiB),
                          answer_tokens=args.answer_tokens, seq_len=args.seq_len,
