@@ -659,18 +659,19 @@ def test_plot_without_matplotlib_fails_before_any_work(model_dir, tmp_path, caps
 
 
 def test_a_request_the_editor_refuses_is_a_one_line_error(model_dir, tmp_path, capsys):
-    """A record too long for the model's context: exit 2 with the message naming it, and the
-    JSON keeps the finished turns with the error. The true-fact scores see the record before
-    the first turn; without them the editor refuses it in the second turn."""
+    """A record too long for the model's context, in the second turn: exit 2 with the message
+    naming it before the first turn (every turn's requests are checked first), and the JSON
+    says so."""
     rows = [dict(r) for r in ZSRE]
     rows[2]["src"] = "What is the capital of Italy, " + "the country, " * 200 + "?"
     data = _write(tmp_path / "long.json", rows)
-    for flag, turns in (("--true-facts", 0), ("--no-true-facts", 1)):
+    for flag in ("--true-facts", "--no-true-facts"):
         assert main(_base(model_dir, data, tmp_path, "--eval", "end", flag)) == 2
         _one_line_error(capsys, "longer than the model's context")
         out = json.loads((tmp_path / "r.json").read_text())
-        assert len(out["turns"]) == turns and out["status"] == "running"
+        assert out["turns"] == [] and out["status"] == "running"
         assert out["error"].startswith("ValueError")
+        assert "locality_reference_s" not in out["timing"]   # nothing ran
 
 
 def test_subject_positions_are_checked_in_the_wordings_the_editor_gets(model_dir, tmp_path,

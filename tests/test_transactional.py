@@ -68,6 +68,19 @@ def test_bad_requests(tok, bad, match):
     _check_refused(_editor(tok), [REQUESTS[0], bad], ValueError, match)
 
 
+@pytest.mark.parametrize("bad, match", [
+    (("", "Rome"), "empty prompt"),
+    (("The capital of France is " * 20, "Rome"), "longer than the model's context of 64"),
+])
+def test_check_requests_raises_what_edit_would_and_runs_nothing(tok, bad, match):
+    ed = _editor(tok)
+    before = snapshot(ed)
+    with pytest.raises(ValueError, match=match):
+        ed.check_requests([REQUESTS[0], bad])
+    ed.check_requests(turn_requests(1))
+    assert_same(before, snapshot(ed))
+
+
 def test_target_that_tokenizes_to_nothing(tok):
     ed = _editor(tok, tokenizer=_DroppingTokenizer(tok, " \u00a4"))
     _check_refused(ed, [REQUESTS[0], ("The capital of Italy is", "\u00a4")], ValueError,

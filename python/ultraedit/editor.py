@@ -32,6 +32,7 @@ zeroes the pseudo-values of requests the model already predicts and ends the tur
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -115,6 +116,17 @@ class UltraEditor:
         return f"shape:{d_in}x{d_out}"
 
     # ------------------------------------------------------------------ the turn
+    def check_requests(self, requests: Iterable[Any]) -> None:
+        """Raise the ``ValueError`` :meth:`edit` would raise for these requests as one turn (an
+        empty prompt or target, a target that tokenizes to nothing, a subject missing from its
+        prompt, a request longer than the model's context), without running the model: they
+        are only tokenized. Lets a stream check its later turns before editing the first."""
+        with warnings.catch_warnings():   # edit() warns about these requests when it runs them
+            warnings.simplefilter("ignore")
+            whole_turn = (lambda tokenizer, reqs: len(reqs)) if self.sizer else None  # no plan
+            prepare_turn(self.tokenizer, list(requests), self.config, torch.device("cpu"),
+                         self._max_length, whole_turn)
+
     def edit(self, requests: Iterable[Any]) -> TurnReport:
         """Apply one turn of edits in place and return its :class:`TurnReport`."""
         cfg = self.config

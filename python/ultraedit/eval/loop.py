@@ -163,6 +163,9 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
     requests each record gives the editor (:func:`~ultraedit.eval.edit_requests`)."""
     records = list(records)
     check_wordings(wordings)      # before the long unedited reference, not at the first turn
+    chunks = [records[t * edits_per_turn:(t + 1) * edits_per_turn] for t in range(turns)]
+    chunks = [c for c in chunks if c]
+    requests = [[q for r in c for q in edit_requests(r, wordings)] for c in chunks]
     notify = on_update or (lambda r: None)
     result = dict(result or {})
     result.update({"edits": len(records), "status": "running", "turns": [], "before": None,
@@ -174,6 +177,10 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
     micro_batch = max(1, edits_per_turn) if micro_batch == "auto" else int(micro_batch)
     known = None   # the paraphrases the unedited model completes with the true answer
     try:
+        check = getattr(editor, "check_requests", None)
+        if check is not None:     # every turn's requests, before any work: a bad record in the
+            for turn_requests in requests:   # last turn must not stop the run after the first
+                check(turn_requests)
         t0 = time.perf_counter()
         ref_generation = (generation and eval_end) or turn_generation
         with _measured(progress, locality_work(records, ref_generation),
@@ -210,9 +217,6 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
             result["status"] = "running"
         notify(result)
 
-        chunks = [records[t * edits_per_turn:(t + 1) * edits_per_turn] for t in range(turns)]
-        chunks = [c for c in chunks if c]
-        requests = [[q for r in c for q in edit_requests(r, wordings)] for c in chunks]
         batches = [math.ceil(len(q) / micro_batch) for q in requests]
         bar = _bar(progress, steps * sum(batches), "editing", "micro-batch")
         edited = 0
