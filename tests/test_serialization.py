@@ -247,3 +247,39 @@ def test_json_write_interrupted_anywhere_leaves_no_temporary_file(tmp_path, monk
     monkeypatch.setattr(ser.json, "dump", real_dump)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
     assert json.loads(out.read_text()) == {"old": 1}
+
+
+def test_a_symlinked_state_folder_is_saved_through_the_link(tmp_path, tok):
+    """The state lands in the link's target, the link stays, and a second save works."""
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    ed = UltraEditor(tiny_llama(len(tok)), tok, modules=MODULES)
+    ed.save_state(link)
+    ed.save_state(link)
+    assert link.is_symlink() and (real / MANIFEST).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_json_through_a_symlink_and_to_a_fifo(tmp_path):
+    """A symlinked JSON file's target is replaced (the link stays); a FIFO is written in place."""
+    import os
+    import threading
+
+    from ultraedit.serialization import write_json_atomic
+
+    target = tmp_path / "target.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    write_json_atomic({"a": 1}, link)
+    assert link.is_symlink() and json.loads(target.read_text()) == {"a": 1}
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()))
+    reader.start()
+    write_json_atomic({"b": 2}, fifo)
+    reader.join(10)
+    assert json.loads(got[0]) == {"b": 2} and fifo.exists() and not fifo.is_file()

@@ -208,6 +208,8 @@ def write_dir(path, files: Dict[str, Dict[str, torch.Tensor]], manifest: Dict[st
     from safetensors.torch import save_file
 
     path = Path(path)
+    if path.is_symlink():   # a link to a folder: the folder it names is the state's (the link stays)
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
     if path.exists():

@@ -39,9 +39,16 @@ def atomic_write(path, binary: bool = False, encoding: str = "utf-8") -> Iterato
     """A file object whose contents replace ``path`` only when the block ends without an error:
     written to a temporary file in the same folder, then renamed over ``path`` (a reader never
     sees half a file, a failed write leaves the previous file as it was and nothing beside it).
-    The file gets the permissions the user's umask gives a new file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    The file gets the permissions the user's umask gives a new file. A symbolic link's target
+    is replaced, not the link; a FIFO or a device (``/dev/stdout``) is written in place."""
+    # a symbolic link: its target is replaced (the link stays); a FIFO or a device such as
+    # /dev/stdout: written in place (renaming over it would replace the node itself)
+    path = os.path.realpath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        with open(path, "wb" if binary else "w", **({} if binary else {"encoding": encoding})) as fh:
+            yield fh
+        return
+    folder = os.path.dirname(path)
     with temporary_file(folder, f".{os.path.basename(path)}.", ".tmp") as (fd, tmp):
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding=encoding)) as fh:
             yield fh

@@ -39,28 +39,28 @@ def _within(path: str, folder: str) -> bool:
 
 def check_output_paths(paths: Sequence[Tuple[str, Optional[str]]],
                        inputs: Sequence[Tuple[str, Optional[str]]] = (),
-                       folder: Optional[Tuple[str, Optional[str]]] = None) -> None:
+                       out_dir: Optional[Tuple[str, Optional[str]]] = None) -> None:
     """Check, before any work, that every ``(flag, path)`` given can be written: not an existing
     folder, its folder exists and accepts a new file, no two flags name the same file, and no
     output replaces an input (``inputs``: the data file, an existing file in the model's
-    folder). ``folder``: a ``(flag, path)`` written as a folder (an export): no other output lies
+    folder). ``out_dir``: a ``(flag, path)`` written as a folder (an export): no other output lies
     in it, no input either, and its nearest existing parent is a writable folder. Raises
     :class:`UsageError` naming the flag and the path."""
     seen: Dict[str, str] = {}
     given_inputs = [(flag, os.path.realpath(p)) for flag, p in inputs if p]
     out_folder = None
-    if folder is not None and folder[1]:
-        out_folder = os.path.realpath(folder[1])
+    if out_dir is not None and out_dir[1]:
+        out_folder = os.path.realpath(out_dir[1])
         for flag, inp in given_inputs:
             if _within(inp, out_folder) or _within(out_folder, inp):
-                raise UsageError(f"{folder[0]} {folder[1]!r} would overwrite {flag} {inp!r}")
+                raise UsageError(f"{out_dir[0]} {out_dir[1]!r} would overwrite {flag} {inp!r}")
         parent = out_folder
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent):
-            raise UsageError(f"{folder[0]} {folder[1]!r}: {parent!r} is not a folder")
+            raise UsageError(f"{out_dir[0]} {out_dir[1]!r}: {parent!r} is not a folder")
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise UsageError(f"{folder[0]} {folder[1]!r}: cannot write to {parent!r}")
+            raise UsageError(f"{out_dir[0]} {out_dir[1]!r}: cannot write to {parent!r}")
     for flag, path in paths:
         if not path:
             continue
@@ -73,11 +73,15 @@ def check_output_paths(paths: Sequence[Tuple[str, Optional[str]]],
             if real == inp or (os.path.isdir(inp) and _within(real, inp) and os.path.exists(real)):
                 raise UsageError(f"{flag} {path!r} would overwrite {in_flag} {inp!r}")
         if out_folder is not None and _within(real, out_folder):
-            raise UsageError(f"{flag} {path!r} lies in {folder[0]} {folder[1]!r}; give a path "
+            raise UsageError(f"{flag} {path!r} lies in {out_dir[0]} {out_dir[1]!r}; give a path "
                              f"outside the export")
         if os.path.isdir(full):
             raise UsageError(f"{flag} {path!r} is a folder; give a file name")
-        folder = os.path.dirname(full)
+        if os.path.exists(real) and not os.path.isfile(real):   # a FIFO or /dev/stdout
+            if not os.access(real, os.W_OK):
+                raise UsageError(f"{flag} {path!r} cannot be written")
+            continue
+        folder = os.path.dirname(real)
         if not os.path.isdir(folder):
             what = "is not a folder" if os.path.exists(folder) else "does not exist"
             raise UsageError(f"{flag} {path!r}: {folder!r} {what}")

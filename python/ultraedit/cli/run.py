@@ -176,7 +176,7 @@ def _run(args: argparse.Namespace) -> int:
                         ("--records-out", args.records_out)],
                        inputs=[("--data", None if args.data == "offline" else args.data),
                                ("--model", args.model if os.path.isdir(args.model) else None)],
-                       folder=("--export-delta", args.export_delta))
+                       out_dir=("--export-delta", args.export_delta))
     check_plot_format(args.plot)
     _check_export(args)
     check_method_options(args)
