@@ -431,6 +431,20 @@ def test_outputs_that_would_replace_inputs_or_each_other_are_refused_before_load
     assert open(data).read() == before and list(out.iterdir()) == []
 
 
+def test_a_damaged_model_file_is_a_one_line_error(model_dir, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    assert main(["run", "--model", str(broken), "--data", data, "--turns", "1",
+                 "--edits-per-turn", "2", "--no-progress", "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ultraedit run: error: cannot load model") and "Traceback" not in err
+
+
 def test_modules_that_match_nothing_write_no_records(model_dir, tmp_path, capsys):
     """A module list the model refuses fails once the model is there, before the records are
     selected and written."""

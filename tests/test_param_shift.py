@@ -153,3 +153,7 @@ def test_frozen_stats_equal_running_stats():
         param_shift(keys[:, :100], grads, frozen)
     with pytest.raises(ValueError, match="same, non-zero length"):
         uk.FrozenStats(torch.zeros(3), torch.ones(4))
+    with pytest.raises(ValueError, match="non-negative"):
+        uk.FrozenStats(torch.zeros(3), torch.tensor([1.0, -1.0, 1.0]))
+    with pytest.raises(ValueError, match="finite"):
+        uk.FrozenStats(torch.tensor([0.0, float("nan"), 0.0]), torch.ones(3))

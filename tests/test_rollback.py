@@ -145,3 +145,25 @@ def test_a_rollback_that_fails_keeps_its_entry(tok, monkeypatch):
 def test_a_delta_device_that_cannot_hold_the_history_is_refused(tok, device, match):
     with pytest.raises(ValueError, match=f"delta_device.*{match}"):
         _editor(tok, delta_device=device)
+
+
+def test_an_accumulating_editor_refuses_weights_changed_behind_its_back(tok):
+    """bf16 weights are kept as base + float32 delta: a change made outside the editor would be
+    overwritten by the next turn, so the turn is refused and nothing changes."""
+    ed = _editor(tok, torch.bfloat16)
+    assert ed.journal.accumulate
+    ed.edit(turn_requests(0))
+    with torch.no_grad():
+        ed.modules[MODULES[0]].weight[0, 0] += 1.0
+    before = snapshot(ed)
+    with pytest.raises(ValueError, match=f"module '{MODULES[0]}'.*changed outside the editor"):
+        ed.edit(turn_requests(1))
+    assert_same(before, snapshot(ed))
+
+
+def test_an_accumulating_editor_refuses_modules_that_share_a_weight(tok):
+    model = tiny_llama(len(tok), torch.bfloat16)
+    first, second = (model.get_submodule(m) for m in (MODULES[0], MODULES[2]))   # both down_proj
+    second.weight = first.weight
+    with pytest.raises(ValueError, match="share one weight tensor"):
+        UltraEditor(model, tok, modules=MODULES, lr=1e-2)

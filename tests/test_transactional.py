@@ -230,3 +230,21 @@ def test_out_of_memory_while_applying(tok, dtype, monkeypatch):
     monkeypatch.undo()
     ed.edit(turn_requests(1))                           # and the editor works on, exactly
     assert_same(snapshot(ref), snapshot(ed))
+
+
+def test_one_request_alone_a_string_and_inference_mode(tok):
+    """One request need not be wrapped in a list; a bare string and inference_mode are named."""
+    from ultraedit import EditConfig, EditRequest
+
+    ed = _editor(tok)
+    assert ed.edit(EditRequest(*REQUESTS[0])).n_edits == 1
+    assert ed.edit({"prompt": REQUESTS[0][0], "target": REQUESTS[0][1]}).n_edits == 1
+    before = snapshot(ed)
+    with pytest.raises(TypeError, match="takes a list of requests"):
+        ed.edit("The capital of France is")
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="inference_mode"):
+            ed.edit(turn_requests(1))
+    assert_same(before, snapshot(ed))
+    with pytest.raises(ValueError, match="modules must be a module name"):
+        EditConfig(modules=5)

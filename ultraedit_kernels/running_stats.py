@@ -239,6 +239,10 @@ class FrozenStats:
                              f"non-zero length")
         if mean.device != std.device:
             raise ValueError(f"mean is on {mean.device} but std is on {std.device}")
+        if not bool(torch.isfinite(mean).all()) or not bool(torch.isfinite(std).all()):
+            raise ValueError("mean and std must be finite")
+        if bool((std < 0).any()):   # a negative std would flip the direction of the update
+            raise ValueError("std must be non-negative (a standard deviation)")
         self._mean = mean.to(torch.float64)
         self._std = std.to(torch.float64)
         self.dim = mean.numel()

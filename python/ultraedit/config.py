@@ -155,8 +155,15 @@ class EditConfig:
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         if self.modules is not None:
-            set_("modules", (self.modules,) if isinstance(self.modules, str)
-                 else tuple(self.modules))
+            mods = self.modules
+            if isinstance(mods, str):
+                mods = (mods,)
+            elif isinstance(mods, (list, tuple)) and all(isinstance(m, str) for m in mods):
+                mods = tuple(mods)
+            else:
+                raise ValueError(f"modules must be a module name or pattern, or a list of them, "
+                                 f"got {mods!r}")
+            set_("modules", mods)
         if self.compat not in ("fixed", "official"):
             raise ValueError(f"compat must be 'fixed' or 'official', got {self.compat!r}")
         if self.positions not in ("answer", "subject"):

@@ -32,7 +32,6 @@ zeroes the pseudo-values of requests the model already predicts and ends the tur
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -50,8 +49,8 @@ from .placement import weight_slots
 from .solver import Prior, Update, check_updates, first_non_finite, module_prior, solve
 from .state import EditorState, KeyMemory, TurnJournal
 from .whitening import add_gradients, step_whiteners
-from .turn import (EditRequest, TurnMeter, TurnReport, capture_mask, context_length,
-                   input_device, nbytes, prepare_turn)
+from .turn import (EditRequest, TurnMeter, TurnReport, capture_mask, check_requests,
+                   context_length, input_device, nbytes, prepare_turn)
 
 __all__ = ["UltraEditor", "EditRequest", "TurnReport", "EditConfig"]
 
@@ -104,7 +103,6 @@ class UltraEditor:
     # ------------------------------------------------------------------ state views
     stats = property(lambda self: self.state.stats, doc="``state.stats``: the normalizers.")
     preserved = property(lambda self: self.state.preserved, doc="``state.preserved``.")
-
     turns = property(lambda self: self.state.turns, lambda self, value: setattr(
         self.state, "turns", int(value)), doc="Committed turns (``state.turns``).")
 
@@ -112,20 +110,12 @@ class UltraEditor:
         """The statistics a module uses: ``"shape:<d_in>x<d_out>"`` or ``"module:<name>"``."""
         if self.config.normalizer == "module":
             return f"module:{name}"
-        d_in, d_out = self._dims[name]
-        return f"shape:{d_in}x{d_out}"
+        return "shape:{}x{}".format(*self._dims[name])
 
     # ------------------------------------------------------------------ the turn
     def check_requests(self, requests: Iterable[Any]) -> None:
-        """Raise the ``ValueError`` :meth:`edit` would raise for these requests as one turn (an
-        empty prompt or target, a target that tokenizes to nothing, a subject missing from its
-        prompt, a request longer than the model's context), without running the model: they
-        are only tokenized. Lets a stream check its later turns before editing the first."""
-        with warnings.catch_warnings():   # edit() warns about these requests when it runs them
-            warnings.simplefilter("ignore")
-            whole_turn = (lambda tokenizer, reqs: len(reqs)) if self.sizer else None  # no plan
-            prepare_turn(self.tokenizer, list(requests), self.config, torch.device("cpu"),
-                         self._max_length, whole_turn)
+        """The ValueError :meth:`edit` would raise, nothing run (:func:`.turn.check_requests`)."""
+        check_requests(self.tokenizer, requests, self.config, self._max_length)
 
     def edit(self, requests: Iterable[Any]) -> TurnReport:
         """Apply one turn of edits in place and return its :class:`TurnReport`."""
@@ -299,9 +289,8 @@ class UltraEditor:
 
     def export_delta(self, path, format: str = "delta", rank: Optional[int] = None,
                      max_shard_size="5GB") -> str:
-        """Write the edit: ``"delta"`` (ΔW per module, ``ultraedit.apply_delta``), ``"peft"`` (a
-        LoRA adapter; ``rank`` truncates) or ``"merged"`` (a full checkpoint); see
-        ``ultraedit.checkpoint.export_delta``."""
+        """Write the edit: ``"delta"`` (ΔW per module, ``apply_delta``), ``"peft"`` (a LoRA
+        adapter; ``rank`` truncates) or ``"merged"`` (``ultraedit.checkpoint.export_delta``)."""
         from .checkpoint import export_delta
         return export_delta(self, path, format=format, rank=rank, max_shard_size=max_shard_size)
 

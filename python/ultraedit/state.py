@@ -258,6 +258,16 @@ class TurnJournal:
         if accumulate == "auto":
             accumulate = any(s.dtype in _ACCUMULATE_AUTO for s in self.slots.values())
         self.accumulate = bool(accumulate)
+        if self.accumulate:   # each module's W = round(W0 + Δ) would overwrite the other's
+            owners: Dict[Any, str] = {}
+            for name, slot in self.slots.items():
+                if not slot.live:
+                    continue
+                ptr = slot.read().data_ptr()
+                if ptr in owners:
+                    raise ValueError(f"modules {owners[ptr]!r} and {name!r} share one weight "
+                                     f"tensor; edit one of them")
+                owners[ptr] = name
         self.device = None if device is None else _storage_device(device)
         self.history = int(history)
         self._records: "collections.deque[TurnRecord]" = collections.deque(maxlen=self.history)
@@ -288,6 +298,8 @@ class TurnJournal:
     def transaction(self, state: EditorState) -> Iterator[TurnRecord]:
         """Snapshot ``state`` and every module; restore both if the block raises, else keep the
         snapshot as the turn's rollback entry."""
+        if self.accumulate:
+            self._check_untouched()
         record = TurnRecord(state=state.snapshot(),
                             saved={n: self._snapshot(n) for n in self.modules})
         try:
@@ -297,6 +309,26 @@ class TurnJournal:
             raise
         if self.history:
             self._records.append(record)
+
+    def _check_untouched(self) -> None:
+        """Accumulating, a turn writes ``W = round(W0 + Δ)``: a weight changed outside the editor
+        since the editor last wrote it would be silently overwritten. Refuse instead (compared in
+        row blocks, no full-size temporary)."""
+        for name in self.modules:
+            weight = self.weight(name).detach()
+            base, d = self.base[name], self.delta[name]
+            rows = max(1, _BLOCK_BYTES // (8 * max(1, base.shape[-1])))
+            for start in range(0, base.shape[0], rows):
+                part = base[start:start + rows]
+                if d is not None:
+                    part = reconstruct(part, d[start:start + rows], weight.dtype)
+                if not torch.equal(weight[start:start + rows],
+                                   part.to(device=weight.device, dtype=weight.dtype)):
+                    raise ValueError(
+                        f"module {name!r}: its weight changed outside the editor since the "
+                        f"editor last wrote it; this editor keeps {weight.dtype} weights as the "
+                        f"base plus a float32 delta and would overwrite that change. Build a new "
+                        f"editor on the changed model")
 
     def _snapshot(self, name: str) -> Optional[torch.Tensor]:
         if self.accumulate:

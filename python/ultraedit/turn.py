@@ -100,6 +100,17 @@ class TurnReport:
         return dataclasses.asdict(self)
 
 
+def check_requests(tokenizer, requests, config, max_length) -> None:
+    """Raise the ``ValueError`` :func:`prepare_turn` (and so ``UltraEditor.edit``) raises for
+    ``requests`` as one turn: an empty prompt or target, a target that tokenizes to nothing, a
+    subject missing from its prompt, a request longer than the model's context. Nothing runs:
+    the requests are only tokenized, so a stream can check its later turns before the first."""
+    with warnings.catch_warnings():   # edit() warns about these requests when it runs them
+        warnings.simplefilter("ignore")
+        whole_turn = (lambda tok, reqs: len(reqs)) if config.micro_batch == "auto" else None
+        prepare_turn(tokenizer, requests, config, torch.device("cpu"), max_length, whole_turn)
+
+
 def prepare_turn(tokenizer, requests, config, device, max_length, sizer=None):
     """``(requests, micro-batches)`` of a turn: each request coerced (:meth:`EditRequest.coerce`),
     in the reference code's order with ``compat="official"``, tokenized once
@@ -111,6 +122,14 @@ def prepare_turn(tokenizer, requests, config, device, max_length, sizer=None):
     (``ultraedit.batching.request_order`` puts the captured rows back in that order). Warns
     about subjects that are not used (``positions="answer"``) and about a prompt given two
     targets in one turn."""
+    if isinstance(requests, (EditRequest, dict)) or hasattr(requests, "as_request"):
+        requests = [requests]   # one request given alone: a turn of one
+    elif isinstance(requests, (str, bytes)):
+        raise TypeError(f"edit() takes a list of requests (EditRequest, {{'prompt', 'target'}} "
+                        f"dicts or (prompt, target) pairs), got the string {shown(repr(requests))}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("edit() needs gradients, which torch.inference_mode() turns off: call "
+                           "it outside that block")
     reqs = [EditRequest.coerce(r) for r in requests]
     if not reqs:
         raise ValueError("edit() needs at least one request")

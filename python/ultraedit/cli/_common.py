@@ -95,6 +95,23 @@ def check_output_paths(paths: Sequence[Tuple[str, Optional[str]]],
             raise UsageError(f"{flag} {path!r} exists and is read-only")
 
 
+def load_cli_model(name: str):
+    """``ultraedit.models.load_model(name)``; a model that cannot be loaded (no such folder, a
+    damaged weights file, a config that is not JSON) is a :class:`UsageError` naming it."""
+    from ..models import load_model
+
+    errors: Tuple[type, ...] = (FileNotFoundError, OSError, ValueError)
+    try:
+        from safetensors import SafetensorError
+        errors += (SafetensorError,)
+    except ImportError:
+        pass
+    try:
+        return load_model(name)
+    except errors as err:
+        raise UsageError(f"cannot load model {name!r}: {type(err).__name__}: {err}") from None
+
+
 def write_json(result: Dict[str, Any], path: Optional[str], indent: int = 1) -> None:
     """Write ``result`` to ``path`` atomically (:func:`ultraedit.serialization.write_json_atomic`);
     nothing when no path was given."""

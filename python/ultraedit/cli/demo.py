@@ -19,8 +19,8 @@ import time
 from typing import Any, Dict
 
 from ._common import (EDIT_WORDINGS, EXIT_INTERRUPTED, UsageError, add_machine_options,
-                      check_output_paths, check_threads, error, fmt, machine, peak_rss_bytes,
-                      prepare_machine, split_csv, write_json)
+                      check_output_paths, check_threads, error, fmt, load_cli_model, machine,
+                      peak_rss_bytes, prepare_machine, split_csv, write_json)
 from .options import add_method_options, build_editor, check_method_options, resolve, \
     resolved_config
 
@@ -82,15 +82,11 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
 
     from ..eval import demo_records, lifelong_run
-    from ..models import load_model
 
     threads = prepare_machine(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    try:
-        model, tok = load_model(args.model or "default")
-    except (FileNotFoundError, OSError, ValueError) as err:
-        raise UsageError(f"cannot load model {args.model or 'default'!r}: {err}") from None
+    model, tok = load_cli_model(args.model or "default")
     load_s = time.perf_counter() - t0
     config = resolve(args, model)
     n = args.turns * args.edits_per_turn

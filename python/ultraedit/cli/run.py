@@ -37,8 +37,8 @@ import time
 from typing import Any, Dict, List
 
 from ._common import (EDIT_WORDINGS, EXIT_INTERRUPTED, UsageError, add_machine_options,
-                      check_output_paths, check_threads, error, fmt, machine, peak_rss_bytes,
-                      prepare_machine, split_csv, write_json)
+                      check_output_paths, check_threads, error, fmt, load_cli_model, machine,
+                      peak_rss_bytes, prepare_machine, split_csv, write_json)
 from .options import add_method_options, build_editor, check_method_options, \
     preset_edit_wordings, resolve, resolved_config
 
@@ -219,15 +219,11 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from ..eval import edit_requests, lifelong_run, offline_records
-    from ..models import load_model
 
     prepare_machine(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    try:
-        model, tok = load_model(args.model)
-    except (FileNotFoundError, OSError, ValueError) as err:
-        raise UsageError(f"cannot load model {args.model!r}: {err}") from None
+    model, tok = load_cli_model(args.model)
     load_s = time.perf_counter() - t0
     config = resolve(args, model)
     t1 = time.perf_counter()

@@ -23,7 +23,7 @@ import os
 import sys
 
 from ._common import EDIT_WORDINGS, EXIT_INTERRUPTED, UsageError, add_machine_options, \
-    check_output_paths, check_threads, error, prepare_machine, split_csv
+    check_output_paths, check_threads, error, load_cli_model, prepare_machine, split_csv
 
 DEFAULT_LS_TARGET = 0.85   # = ultraedit.tune.DEFAULT_LS_TARGET (--help without torch)
 
@@ -103,19 +103,16 @@ def _tune(args: argparse.Namespace) -> int:
         raise UsageError(f"--check-turns must be 0 (no check) or more, got {args.check_turns}")
     if not args.out.endswith(".json"):
         raise UsageError(f"--out {args.out!r}: a preset file name ends in .json")
-    check_output_paths([("--out", args.out)])
+    check_output_paths([("--out", args.out)],
+                       inputs=[("--model", args.model if os.path.isdir(args.model) else None)])
 
     import torch
 
-    from ..models import load_model
     from ..tune import default_log, tune, write_preset
 
     prepare_machine(args.threads)
     torch.manual_seed(args.seed)
-    try:
-        model, tok = load_model(args.model)
-    except (FileNotFoundError, OSError, ValueError) as err:
-        raise UsageError(f"cannot load model {args.model!r}: {err}") from None
+    model, tok = load_cli_model(args.model)
     name = args.name or os.path.splitext(os.path.basename(args.out))[0]
     log = default_log if not args.no_progress else (lambda s: None)
     try:
