@@ -90,6 +90,8 @@ def _opcheck_cases():
         "gram_rows_column_major": (uk.gram_op, (keys_t, 1.0, True)),
         "spd_solve": (uk.spd_solve_op, (spd, torch.randn(11, 5))),
         "spd_solve_column_major": (uk.spd_solve_op, (spd, torch.randn(5, 11).T)),
+        "spd_solve_mixed_dtypes": (uk.spd_solve_op, (spd, torch.randn(11, 5).double())),
+        "gram_no_rows": (uk.gram_op, (keys[:0], 1.0, True)),
         "apply_shift": (uk.apply_shift_op, (torch.randn(7, 19), keys, torch.randn(11, 7), True)),
     }
 
@@ -166,3 +168,19 @@ def test_results_never_require_grad():
     assert [name for name, t in results.items() if t.requires_grad] == []
     assert torch.equal(stats.m2, uk.RunningStats(30).update(
         torch.cat([keys, grads], 1).detach()).m2)
+
+
+def test_raw_statistics_ops_refuse_a_float32_state():
+    keys, grads = realistic_features(5, 7, 3, seed=6)
+    stats = uk.RunningStats(10).update(torch.cat([keys, grads], 1))
+    state = (stats.count_tensor.float(), stats.mean.float(), stats.m2.float())
+    with pytest.raises(TypeError, match="must be float64"):
+        uk.stats_update_op(torch.cat([keys, grads], 1), *state, False)
+    with pytest.raises(TypeError, match="must be float64"):
+        uk.stats_update2_op(keys, grads, *state, False)
+
+
+def test_public_gram_compiles_in_one_graph():
+    keys, _ = realistic_features(20, 30, 1, seed=8)
+    compiled = torch.compile(lambda k: uk.gram(k, 0.5) * 2, fullgraph=True)
+    assert torch.equal(compiled(keys), uk.gram(keys, 0.5) * 2)   # one op, an exact doubling

@@ -364,6 +364,9 @@ def _reference_route(x: torch.Tensor, rows: bool):
 
 
 def _gram_body(x, ridge, rows):
+    m = x.shape[0] if rows else x.shape[1]
+    if m == 0:   # no keys: the empty product (the public gram refuses it; the raw op returns it)
+        return x.new_empty((0, 0), dtype=_compute_dtype(x))
     fn = (_route(x, rows) if x.is_cpu else None) or _decide(x, ridge, rows)
     return fn(x, ridge, rows)
 

@@ -58,6 +58,8 @@ def _one_by_one(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _spd_solve_body(a, b):
+    if a.dtype != b.dtype:   # float32 with float64: solved in float64, as the fake says
+        a, b = a.double(), b.double()
     _, fn = _backends.select(OP, a.device, a, b)
     return fn(a, b)
 
@@ -72,7 +74,8 @@ spd_solve_call = _backends.eager(spd_solve_op, _spd_solve_body)
 
 @spd_solve_op.register_fake
 def _(a, b):
-    return b.new_empty(b.shape), a.new_empty(a.shape[:-2], dtype=torch.int32)
+    return (b.new_empty(b.shape, dtype=torch.promote_types(a.dtype, b.dtype)),
+            a.new_empty(a.shape[:-2], dtype=torch.int32))
 
 
 _backends.register_impl(OP, "torch", spd_solve_reference)

@@ -81,7 +81,17 @@ def stats_update_reference(x, count, mean, m2, official: bool):
     return chan_merge(count, mean, m2, x.shape[0], block_mean, block_m2)
 
 
+def check_state_dtypes(count, mean, m2) -> None:
+    """The running statistics are float64 (count a 0-d tensor, mean and M2 vectors): what every
+    implementation reads and returns (a float32 state would come back float64 from one
+    backend and be refused by another)."""
+    for name, t in (("count", count), ("mean", mean), ("m2", m2)):
+        if t.dtype != torch.float64:
+            raise TypeError(f"the statistics' {name} must be float64, got {t.dtype}")
+
+
 def _stats_update_body(x, count, mean, m2, official):
+    check_state_dtypes(count, mean, m2)
     _, fn = _backends.select(OP, x.device, x)
     new_count, new_mean, new_m2 = fn(x, count, mean, m2, official)
     return new_count.clone() if new_count is count else new_count, new_mean, new_m2

@@ -40,6 +40,7 @@ def stats_update2_reference(keys, grads, count, mean, m2, official: bool):
 
 
 def _stats_update2_body(keys, grads, count, mean, m2, official):
+    _stats.check_state_dtypes(count, mean, m2)
     _, fn = _backends.select(OP, keys.device, keys, grads)
     new_count, new_mean, new_m2 = fn(keys, grads, count, mean, m2, official)
     return new_count.clone() if new_count is count else new_count, new_mean, new_m2
