@@ -33,7 +33,11 @@ from memory import measure_peak
 KNOWN_OPS = ("stats_update", "stats_update2", "pseudo_values", "gram", "spd_solve", "apply_shift")
 # every registered op this suite knows how to feed (a new op without a builder is reported below)
 OPS = tuple(op for op in KNOWN_OPS if op in _backends.registered_ops())
-UNBENCHED_OPS = tuple(op for op in _backends.registered_ops() if op not in KNOWN_OPS)
+# ops with a suite of their own (factor once, solve many: against the plain torch composition)
+BENCHED_ELSEWHERE = {"spd_factor": "bench_spd_factor.py",
+                     "spd_solve_factored": "bench_spd_factor.py"}
+UNBENCHED_OPS = tuple(op for op in _backends.registered_ops()
+                      if op not in KNOWN_OPS and op not in BENCHED_ELSEWHERE)
 
 SHAPES = []
 for _d_in, _d_out in ((4096, 14336), (14336, 4096)):

@@ -89,8 +89,10 @@ def apply_shift_(weight, keys: torch.Tensor, factors: torch.Tensor,
                  layout: Optional[str] = None, *, check: bool = True) -> None:
     """In place: add ``ΔW = keysᵀ factors`` to ``weight`` (a tensor, or a Linear/Conv1D module).
 
-    ``layout`` is ``"linear"`` (weight d_out x d_in) or ``"conv1d"`` (weight d_in x d_out);
-    it is inferred when a module is passed.  See the module docstring for the formula.
+    ``keys`` (N, d_in), ``factors`` (N, d_out); ``layout`` is ``"linear"`` (weight
+    d_out x d_in: ``W += factorsᵀ keys``) or ``"conv1d"`` (weight d_in x d_out:
+    ``W += keysᵀ factors``), inferred when a module is passed.  Equivalent PyTorch (linear):
+    ``W += (factors.T @ keys.float()).to(W.dtype)`` (a bf16/fp16 weight rounded once).
 
     ``check=False`` skips the guard that keeps NaN/Inf out of the weight (one read of the keys
     and factors, 1-4% of the product at the 576 x 1536 shapes of the embedded model on a

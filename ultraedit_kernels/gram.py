@@ -429,7 +429,11 @@ _backends.register_impl(OP, "cpp", gram_native, available=_cpp_available, auto_o
 
 
 def gram(x: torch.Tensor, ridge: float = 1.0, rows: bool = True) -> torch.Tensor:
-    """``K Kᵀ + λI`` (``rows=True``) or ``Kᵀ K + λI`` (``rows=False``); see the module docstring."""
+    """``X Xᵀ + λI`` with ``X = x`` (``rows=True``: keys N x d -> N x N) or ``X = xᵀ``
+    (``rows=False``: d x d), float32 (float64 for float64 input), exactly symmetric.
+
+    Equivalent PyTorch: ``x.float() @ x.float().T + ridge * torch.eye(N)`` (rows); see the
+    module docstring for how each backend computes it."""
     if (type(x) is torch.Tensor and x.is_cpu and not x.requires_grad and type(ridge) is float
             and 0.0 < ridge < _INF and not torch.compiler.is_compiling()):
         # a call of a shape already checked and decided: its route (one lookup, no frames:

@@ -90,7 +90,7 @@ def _print_text(info: Dict[str, Any]) -> None:
     print(f"dispatch with ULTRAEDIT_BACKEND={info['requested_backend']}:")
     for dev, table in info["dispatch"].items():
         for op, backend in table.items():
-            print(f"  {dev:5s} {op:14s} -> {backend}")
+            print(f"  {dev:5s} {op:18s} -> {backend}")
     for dev, cal in info["calibration"].items():
         print(f"calibration ({dev}): {calibration.ENV_VAR}={cal['mode']}"
               + (f", {cal['file']}" if cal.get("file") else ""))

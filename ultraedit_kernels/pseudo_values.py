@@ -157,8 +157,10 @@ def check_stats_for(keys: torch.Tensor, values_grad: torch.Tensor, stats) -> Non
 @without_grad
 def pseudo_values(keys: torch.Tensor, values_grad: torch.Tensor, stats,
                   lr: float = 1e-6) -> torch.Tensor:
-    """UltraEdit pseudo-values ``V`` (N x d_out, float32; float64 for float64 inputs); see the
-    module docstring.
+    """UltraEdit pseudo-values ``V`` (N x d_out, float32; float64 for float64 inputs):
+    ``V = -lr · ||k̂||² · ĝ`` with ``k̂``, ``ĝ`` the keys (N x d_in) and output gradients
+    (N x d_out) normalized by ``stats`` (``(x - mean) / (std + eps)``, per column of
+    ``[keys ; values_grad]``); the module docstring gives the equivalent PyTorch.
 
     ``stats`` must already include this turn's rows (the paper updates before normalizing).
     Raises ``ValueError`` for NaN/Inf in the inputs or a result that overflows.

@@ -63,6 +63,9 @@ def _(factor, b):
 
 _factor_call = _backends.eager(spd_factor_op, spd_factor_reference)
 _solve_call = _backends.eager(spd_solve_factored_op, spd_solve_factored_reference)
+# the reference is the only implementation: registered so that `info` lists the two ops
+_backends.register_impl("spd_factor", "torch", spd_factor_reference)
+_backends.register_impl("spd_solve_factored", "torch", spd_solve_factored_reference)
 
 
 def _check_matrix(name: str, t) -> None:
@@ -76,7 +79,11 @@ def _check_matrix(name: str, t) -> None:
 
 @without_grad
 def spd_factor(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cholesky factor of SPD ``a``: ``(L, info)`` with ``a = L Lᵀ`` (see the module docstring)."""
+    """``(L, info)`` with ``a = L Lᵀ``, ``L`` lower triangular: factor once, then solve many
+    right-hand sides with :func:`spd_solve_factored`.
+
+    ``a`` (..., n, n) float32/float64; ``info`` as in :func:`spd_solve`. Equivalent PyTorch:
+    ``torch.linalg.cholesky_ex(a)``."""
     _check_matrix("a", a)
     if a.shape[-1] != a.shape[-2]:
         raise ValueError(f"a must be square in its last two dimensions, got {tuple(a.shape)}")
@@ -85,7 +92,10 @@ def spd_factor(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 @without_grad
 def spd_solve_factored(factor: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``X`` with ``(L Lᵀ) X = b`` for a factor ``L`` from :func:`spd_factor`."""
+    """``X`` with ``(L Lᵀ) X = b`` for a factor ``L`` from :func:`spd_factor`.
+
+    ``factor`` (..., n, n), ``b`` (..., n, k) of its dtype and device; ``X`` (..., n, k)
+    row-major. Equivalent PyTorch: ``torch.cholesky_solve(b, factor)``."""
     _check_matrix("factor", factor)
     _check_matrix("b", b)
     if factor.shape[-1] != factor.shape[-2]:

@@ -114,7 +114,14 @@ _backends.register_impl(OP, "cuda", spd_solve_native, available=_cuda_available)
 
 @without_grad
 def spd_solve(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cholesky solve of SPD ``a @ x = b``; returns ``(x, info)`` (see the module docstring)."""
+    """``(X, info)`` with ``A X = B`` for symmetric positive definite ``A``, by Cholesky.
+
+    ``a`` (..., n, n) (lower triangle read), ``b`` (..., n, k), float32/float64 (a mixed pair is
+    solved in float64); ``info`` (...) int32 is 0, or ``j > 0`` where the leading minor of
+    order ``j`` is not positive definite (``X`` is then undefined).
+
+    Equivalent PyTorch: ``L, info = torch.linalg.cholesky_ex(a); X = torch.cholesky_solve(b,
+    L)``."""
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

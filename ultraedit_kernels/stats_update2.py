@@ -75,10 +75,12 @@ _backends.register_impl(OP, "cpp", stats_update2_native, available=_stats.cpp_av
 
 def update_stats_pair(stats, keys: torch.Tensor, grads: torch.Tensor, *,
                       check_finite_values: bool = True):
-    """``stats.update(torch.cat([keys, grads], 1))`` without the concatenation.
+    """``stats.update(torch.cat([keys, grads], 1))`` without the concatenation: the running
+    count, mean and M2 (float64) of ``[keys ; grads]`` merged with this block (Chan et al.).
 
-    ``stats`` is a :class:`~ultraedit_kernels.RunningStats` with ``dim = d_in + d_out``; it is
-    updated in place and returned.  Rejected input leaves it unchanged.
+    ``keys`` (N, d_in), ``grads`` (N, d_out), any float dtype; ``stats`` is a
+    :class:`~ultraedit_kernels.RunningStats` with ``dim = d_in + d_out``, updated in place and
+    returned.  Rejected input leaves it unchanged.
     """
     check_keys_grads(keys, grads, finite=False)
     if keys.shape[1] + grads.shape[1] != stats.dim:
