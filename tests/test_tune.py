@@ -351,6 +351,26 @@ def test_bad_output_path_is_refused_before_any_work(tmp_path, monkeypatch, capsy
     assert "--budget-minutes" in capsys.readouterr().err
 
 
+def test_grid_options_replace_the_searched_values(tmp_path, capsys, monkeypatch):
+    """``--grid FIELD=V1,V2`` reaches the search as typed values; bad ones fail before loading."""
+    import ultraedit.models
+    from ultraedit.cli import main
+    from ultraedit.cli.tune import parse_grid
+
+    assert parse_grid(["positions=subject", "windows=2-6,24-28", "lr=5e-5,1e-4",
+                       "hold_done=true", "steps=1,12"]) == {
+        "positions": ["subject"], "windows": [[2, 6], [24, 28]], "lr": [5e-5, 1e-4],
+        "hold_done": [True], "steps": [1, 12]}
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded before --grid was checked")
+
+    monkeypatch.setattr(ultraedit.models, "load_model", no_work)
+    for bad in ("positions", "colour=red", "windows=6-2", "lr=fast", "hold_done=maybe"):
+        assert main(["tune", "--out", str(tmp_path / "p.json"), "--grid", bad]) == 2
+        assert "--grid" in capsys.readouterr().err
+
+
 def test_schedule_halves_and_keeps_two_finalists():
     from ultraedit.tune import plan_schedule, round_sizes
 

@@ -76,8 +76,47 @@ def add_parser(sub) -> None:
                         "(the rewrite prompts, default), 'question' (the facts asked as the "
                         "WILD-style scores ask them, 'Q: <question>\\nA:'), 'both' (each score "
                         "the mean of the two); match it with `ultraedit run --edit-wordings`")
+    p.add_argument("--grid", action="append", default=None, metavar="FIELD=V1,V2,...",
+                   help="replace the searched values of one field (repeatable): positions "
+                        "(subject, answer), windows (first-last layers, e.g. 2-6), lr, steps, "
+                        "hold_done, hold_margin, memory, preserve, protect_mean, whiten; e.g. "
+                        "--grid positions=subject --grid lr=5e-5,1e-4")
     add_machine_options(p)
     p.set_defaults(func=main)
+
+
+_GRID_TYPES = {"positions": str, "lr": float, "steps": int, "hold_margin": float,
+               "memory": float, "preserve": float, "protect_mean": float, "whiten": float}
+
+
+def parse_grid(items) -> dict:
+    """``--grid FIELD=V1,V2`` options as ``tune``'s ``grid`` (a :class:`UsageError` naming a bad
+    one)."""
+    grid = {}
+    for item in items or ():
+        field, sep, text = item.partition("=")
+        field = field.strip()
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        if not sep or not values:
+            raise UsageError(f"--grid {item!r}: expected FIELD=V1,V2,...")
+        try:
+            if field == "windows":
+                parsed = [[int(x) for x in v.split("-", 1)] for v in values]
+                if any(len(w) != 2 or w[0] > w[1] for w in parsed):
+                    raise ValueError("a window is FIRST-LAST")
+            elif field == "hold_done":
+                parsed = [{"true": True, "false": False}[v.lower()] for v in values]
+            elif field in _GRID_TYPES:
+                parsed = [_GRID_TYPES[field](v) for v in values]
+            else:
+                raise UsageError(f"--grid: unknown field {field!r}; give one of "
+                                 f"{['windows', 'hold_done', *_GRID_TYPES]}")
+        except (ValueError, KeyError) as err:
+            raise UsageError(f"--grid {item!r}: {err}") from None
+        if field in grid:
+            raise UsageError(f"--grid {field} given twice")
+        grid[field] = parsed
+    return grid
 
 
 def main(args: argparse.Namespace) -> int:
@@ -101,6 +140,7 @@ def _tune(args: argparse.Namespace) -> int:
         raise UsageError(f"--candidates must be at least 1, got {args.candidates}")
     if args.check_turns < 0:
         raise UsageError(f"--check-turns must be 0 (no check) or more, got {args.check_turns}")
+    grid = parse_grid(args.grid)
     if not args.out.endswith(".json"):
         raise UsageError(f"--out {args.out!r}: a preset file name ends in .json")
     check_output_paths([("--out", args.out)],
@@ -121,7 +161,8 @@ def _tune(args: argparse.Namespace) -> int:
                       edits_per_turn=args.edits_per_turn, eta=args.eta, rounds=args.rounds,
                       candidates=args.candidates, families=split_csv(args.families),
                       known=args.known, name=name, log=log, model_name=args.model,
-                      wordings=args.edit_wordings, check_turns=args.check_turns)
+                      wordings=args.edit_wordings, check_turns=args.check_turns,
+                      grid=grid or None)
     except ValueError as err:
         raise UsageError(str(err)) from None
     result.preset["tuning"]["command"] = " ".join(["ultraedit"] + sys.argv[1:])
