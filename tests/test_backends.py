@@ -43,6 +43,23 @@ def test_unavailable_backend_says_why_and_how(monkeypatch):
         uk.param_shift(keys, grads, stats)
 
 
+def test_a_cpu_only_process_never_imports_triton(tmp_path):
+    """Without the interpreter the Triton kernels cannot run on the CPU: the ops (dispatch,
+    calibration included) compute there without importing Triton."""
+    env = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}
+    env.update(XDG_CACHE_HOME=str(tmp_path), ULTRAEDIT_CALIBRATION="off")
+    code = ("import sys, torch, ultraedit_kernels as uk; "
+            "k = torch.randn(70, 50); g = torch.randn(70, 30) * 1e-3; "
+            "s = uk.RunningStats(80).update(torch.cat([k, g], 1)); "
+            "uk.apply_shift_(torch.nn.Linear(50, 30), k, uk.shift_factors(k, g, s)); "
+            "from ultraedit_kernels import _backends, calibration; "
+            "cpu = torch.device('cpu'); _backends.dispatch_table(cpu); calibration.cache_path(cpu); "
+            "print('triton' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
 def test_register_impl_rejects_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend"):
         _backends.register_impl("gram", "opencl", lambda *a: None)

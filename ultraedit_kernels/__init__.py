@@ -29,7 +29,7 @@ from .spd_solve import spd_solve, spd_solve_op
 from .spd_factor import spd_factor, spd_factor_op, spd_solve_factored, spd_solve_factored_op
 from .apply_shift import apply_shift_, apply_shift_op, layout_of
 from .param_shift import METHODS, SolveError, choose_method, param_shift, shift_factors
-from . import _optional_backends  # noqa: F401  (registers Triton / compiled implementations)
+from . import _optional_backends  # noqa: F401  (registers the Triton kernels, imported on first need)
 
 __version__ = "0.1.0"
 

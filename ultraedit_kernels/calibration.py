@@ -224,10 +224,10 @@ def machine_key(device: torch.device) -> Dict[str, object]:
     if mod is not None:
         info = getattr(mod, "build_info", lambda: {})()
         key["extension"] = {k: info.get(k) for k in ("compiler", "host_gemm_isa", "cuda_version")}
-    try:
-        import triton
-        key["triton"] = triton.__version__
-    except Exception:  # not installed or broken: no Triton backend either
+    try:   # the installed version, without importing Triton (a CPU-only process never does)
+        from importlib.metadata import version
+        key["triton"] = version("triton")
+    except Exception:  # not installed: no Triton backend either
         key["triton"] = None
     if device.type == "cuda":
         key["gpu"] = torch.cuda.get_device_name(device)

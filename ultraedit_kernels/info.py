@@ -61,7 +61,7 @@ def collect() -> Dict[str, Any]:
             "error": _extension.load_error(),
             "build_info": getattr(_extension.extension(), "build_info", lambda: None)(),
         },
-        "optional_modules_not_loaded": dict(_optional_backends.IMPORT_ERRORS),
+        "optional_modules_not_loaded": _optional_backends.load_all(),
         "requested_backend": requested,
         "backends": backends,
         "dispatch": dispatch,
