@@ -211,6 +211,10 @@ def test_file_level_errors(tmp_path):
         load_records(str(bad_lines))
     with pytest.raises(DataFormatError, match="cannot detect the format"):
         load_records(_write(tmp_path, "what.json", [{"question": "?"}]))
+    binary = tmp_path / "model.json"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(DataFormatError, match="model.json: not UTF-8 text"):
+        load_records(str(binary))
     with pytest.raises(DataFormatError, match="record 1: expected an object"):
         load_records(_write(tmp_path, "mixed.json", [ZSRE[0], "text"]), format="zsre")
     with pytest.raises(DataFormatError, match="expected a list"):

@@ -424,8 +424,12 @@ def read_raw(path: str) -> List[Any]:
     """The raw records of a ``.json`` (list, or object with a ``data``/``records`` list) or
     ``.jsonl`` file; DataFormatError naming the file (and line) when it cannot be parsed."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as err:
+        raise DataFormatError(path, None, None, f"not UTF-8 text (byte {err.start}: "
+                                                f"{err.reason}); a data file is JSON") from None
     if path.endswith(".jsonl"):
         rows = []
         for line_no, line in enumerate(text.splitlines(), 1):
