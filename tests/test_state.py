@@ -51,6 +51,10 @@ def test_save_load_roundtrip(tmp_path, tok, dtype):
     assert_same(snapshot(ed), snapshot(ed2))
     assert (ed2.lr, ed2.ridge, ed2.micro_batch, ed2.compat, ed2.normalizer) == \
         (ed.lr, ed.ridge, ed.micro_batch, ed.compat, ed.normalizer)
+    # a bad override is named as the caller's, not blamed on the saved file
+    with pytest.raises(ValueError, match="history must be a non-negative integer") as info:
+        UltraEditor.load_state(path, tiny_llama(len(tok), dtype), tok, history=-1)
+    assert "saved configuration" not in str(info.value)
     # onto the EDITED model (e.g. reloaded with from_pretrained): accepted as is
     edited = tiny_llama(len(tok), dtype)
     edited.load_state_dict(ed.model.state_dict())

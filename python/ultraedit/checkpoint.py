@@ -147,10 +147,10 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
     slots = weight_slots(model, {e["name"]: named[e["name"]] for e in entries})
     try:
         config = EditConfig.from_dict({**_OLD_DEFAULTS, **saved})
-        overrides = {"history": history, "delta_device": delta_device}
-        config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
     except (TypeError, ValueError) as exc:
         raise StateError(f"{path}: the saved configuration is invalid: {exc}") from None
+    overrides = {"history": history, "delta_device": delta_device}
+    config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
 
     # ---- weights: decide what to write, before anything is changed
     writes: Dict[str, torch.Tensor] = {}
