@@ -189,6 +189,8 @@ def test_builtin_configs_and_cli(capsys, tmp_path):
     assert main(["--config", "no-such-model"]) == 2
     assert "neither a built-in name" in capsys.readouterr().err
     assert main(["--config", "mistral-7b", "--modules", "nope.layer"]) == 2
+    assert main(["--config", "mistral-7b", "--modules", "lm_head"]) == 2   # the editor refuses it
+    assert "output embedding" in capsys.readouterr().err
     capsys.readouterr()
     # --modules as the editing commands take it: comma-separated, @FILE, 'paper'
     two = ["model.layers.3.mlp.down_proj", "model.layers.4.mlp.down_proj"]

@@ -195,15 +195,11 @@ class CaptureSession:
                        torch.cat([f[name][1] for f in frames])) for name in self.modules}
 
 
-def check_editable(model: nn.Module, modules: Dict[str, nn.Module], device) -> None:
-    """Refuse modules no turn can edit, before anything is changed (ValueError naming them):
-
-    * the output embedding (``model.get_output_embeddings()``, e.g. ``lm_head``): its input is
-      cut to the answer rows (``batching.answer_logits``) and its weight is the vocabulary
-      projection, often tied to the input embeddings;
-    * modules a forward pass does not call (found with one forward of one token in eval mode,
-      no gradient): no loss gradient reaches them.
-    """
+def refuse_output_embedding(model: nn.Module, modules: Dict[str, nn.Module]) -> None:
+    """ValueError if one of ``modules`` is the output embedding (``model.get_output_embeddings()``,
+    e.g. ``lm_head``): its input is cut to the answer rows and its weight is the vocabulary
+    projection, often tied to the input embeddings. Structural only (no forward): ``ultraedit
+    plan`` asks it of a model without weights."""
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
     for name, module in modules.items():
@@ -213,6 +209,18 @@ def check_editable(model: nn.Module, modules: Dict[str, nn.Module], device) -> N
                 f"is cut to the answer positions and its weight is often tied to the input "
                 f"embeddings): it cannot be edited; choose MLP projections, e.g. the "
                 f"architecture's default (modules=None)")
+
+
+def check_editable(model: nn.Module, modules: Dict[str, nn.Module], device) -> None:
+    """Refuse modules no turn can edit, before anything is changed (ValueError naming them):
+
+    * the output embedding (``model.get_output_embeddings()``, e.g. ``lm_head``): its input is
+      cut to the answer rows (``batching.answer_logits``) and its weight is the vocabulary
+      projection, often tied to the input embeddings;
+    * modules a forward pass does not call (found with one forward of one token in eval mode,
+      no gradient): no loss gradient reaches them.
+    """
+    refuse_output_embedding(model, modules)
     called = set()
     handles = [m.register_forward_hook(lambda mod, args, output, n=n: called.add(n))
                for n, m in modules.items()]

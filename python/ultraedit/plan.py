@@ -330,6 +330,7 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
             the turn's bfloat16 copies of the linear weights it does not edit (kept for the
             whole turn) and the cast of the largest edited one.
     """
+    from .hooks import refuse_output_embedding
     from .modules import module_dims, paper_module_names, resolve_modules
 
     if int(edits) != edits or edits < 1 or int(micro_batch) != micro_batch or micro_batch < 1:
@@ -353,6 +354,7 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
     if modules is None:
         modules = paper_module_names(model)
     resolved = resolve_modules(model, modules, positions)
+    refuse_output_embedding(model, dict(resolved))   # what the editor refuses is not planned
     names = [n for n, _ in resolved]
     dims = {n: module_dims(m) for n, m in resolved}
     numels = {n: m.weight.numel() for n, m in resolved}
