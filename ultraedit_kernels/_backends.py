@@ -127,7 +127,9 @@ def backend_status(backend: str, device: torch.device) -> Optional[str]:
 
 def _select_slow(op: str, impls: Dict[str, Impl], name: str, device: torch.device):
     """What :func:`select` decides without the call's arguments: ``(name, fn)`` when that is
-    final, or ``(None, candidates)`` (the native :class:`Impl` s ``auto`` considers)."""
+    final, or ``(None, candidates)`` (the names of the native implementations ``auto``
+    considers, looked up in the registry at each call: an implementation registered since,
+    e.g. a Triton launcher replacing its stand-in, is the one used)."""
     if name == "torch":
         return "torch", impls["torch"].fn
     if name != "auto":
@@ -141,8 +143,8 @@ def _select_slow(op: str, impls: Dict[str, Impl], name: str, device: torch.devic
             # The backend exists but does not implement this op (or not on this device):
             # the reference computes it.
             return "torch", impls["torch"].fn
-        return name, impl.fn
-    candidates = tuple(i for i in impls.values()
+        return name, impls[name].fn   # (re-read: the availability check may have registered it)
+    candidates = tuple(i.backend for i in list(impls.values())
                        if i.backend != "torch" and i.auto_priority >= 0
                        and i.available(device) is None)
     if not candidates:
@@ -176,7 +178,8 @@ def select(op: str, device: torch.device, *args) -> Tuple[str, Callable]:
         _SELECTED[key] = hit
     if hit[1] is not None:
         return hit[1], hit[2]
-    candidates = tuple(i.backend for i in hit[2] if i.auto_ok is None or i.auto_ok(*args))
+    candidates = tuple(b for b in hit[2]
+                       if impls[b].auto_ok is None or impls[b].auto_ok(*args))
     if not candidates:
         return "torch", impls["torch"].fn
     global _calibration

@@ -59,7 +59,7 @@ def _stand_in(module: str, op: str):
         """The module's registered implementation (after importing it), or None."""
         if load(module) is not None:
             return None
-        impl = _backends.implementations(op).get("triton")
+        impl = _backends._REGISTRY[op].get("triton")
         return None if impl is None or impl.fn is call else impl
 
     def available(device) -> Optional[str]:

@@ -550,9 +550,9 @@ def candidates(op: str, device: torch.device) -> List[str]:
     """The backends besides the reference that ``auto`` may choose for ``op`` on ``device``
     (available there, not opted out): what a calibration measures."""
     from . import _backends
-    names = [b for b, impl in _backends.implementations(op).items()
-             if b != "torch" and impl.auto_priority >= 0 and impl.available(device) is None]
     impls = _backends.implementations(op)
+    names = [b for b, impl in impls.items()
+             if b != "torch" and impl.auto_priority >= 0 and impl.available(device) is None]
     if op in GRIDS and any(impls[b].auto_ok is not None for b in names):
         # an implementation auto never sends these calls to (the Triton interpreter) is not
         # worth measuring: ask its auto_ok about the grid's first point

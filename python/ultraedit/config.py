@@ -62,6 +62,22 @@ def _check_number(name: str, value, positive: bool) -> float:
     return value
 
 
+def value_list(text: str) -> List[str]:
+    """A list-valued option as a command line gives it (the ``cli_type="list"`` fields, ``plan
+    --modules``): comma-separated values, or ``@FILE`` with one value per line. ``ValueError``
+    naming the problem."""
+    if text.startswith("@"):
+        try:
+            with open(text[1:], encoding="utf-8") as fh:
+                return [ln.strip() for ln in fh if ln.strip()]
+        except OSError as err:
+            raise ValueError(f"cannot read {text[1:]!r}: {err.strerror}") from None
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise ValueError(f"expected comma-separated values, got {text!r}")
+    return items
+
+
 def _check_names(name: str, value, what: str) -> Optional[Tuple[str, ...]]:
     if value is None:
         return None

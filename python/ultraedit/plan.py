@@ -627,18 +627,16 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "ultraedit plan") -> 
 def module_spec(values: Optional[Sequence[str]]) -> Optional[List[str]]:
     """``--modules`` values as one list: each value comma-separated or ``@FILE`` (one per line);
     ``None`` (the paper's modules) for no value or ``paper``."""
+    from .config import value_list
+
     if not values:
         return None
     items: List[str] = []
     for value in values:
-        if value.startswith("@"):
-            try:
-                with open(value[1:], encoding="utf-8") as fh:
-                    items += [ln.strip() for ln in fh if ln.strip()]
-            except OSError as err:
-                raise ValueError(f"--modules: cannot read {value[1:]!r}: {err.strerror}") from None
-        else:
-            items += [x.strip() for x in value.split(",") if x.strip()]
+        try:
+            items += value_list(value)
+        except ValueError as err:
+            raise ValueError(f"--modules: {err}") from None
     return None if items == ["paper"] else items
 
 

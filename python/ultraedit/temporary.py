@@ -35,11 +35,12 @@ def temporary_file(folder, prefix: str, suffix: str = "") -> Iterator[Tuple[int,
 
 
 @contextlib.contextmanager
-def atomic_write(path, binary: bool = False, encoding: str = "utf-8") -> Iterator:
+def atomic_write(path, binary: bool = False, encoding: str = "utf-8",
+                 mode: int = 0o666) -> Iterator:
     """A file object whose contents replace ``path`` only when the block ends without an error:
     written to a temporary file in the same folder, then renamed over ``path`` (a reader never
     sees half a file, a failed write leaves the previous file as it was and nothing beside it).
-    The file gets the permissions the user's umask gives a new file. A symbolic link's target
+    The file gets ``mode`` less the user's umask (the default: what a new file gets). A symbolic link's target
     is replaced, not the link; a FIFO or a device (``/dev/stdout``) is written in place."""
     # a symbolic link: its target is replaced (the link stays); a FIFO or a device such as
     # /dev/stdout: written in place (renaming over it would replace the node itself)
@@ -54,5 +55,5 @@ def atomic_write(path, binary: bool = False, encoding: str = "utf-8") -> Iterato
             yield fh
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, mode & ~umask)
         os.replace(tmp, path)

@@ -16,23 +16,17 @@ import time
 import warnings
 from typing import Any, Callable, Dict, List, Optional
 
-from ..config import EditConfig
+from ..config import EditConfig, value_list
 from ._common import UsageError
 
 _DEST = "config_"   # argparse dest prefix of the EditConfig fields
 
 
 def _list(text: str) -> List[str]:
-    if text.startswith("@"):
-        try:
-            with open(text[1:], encoding="utf-8") as fh:
-                return [ln.strip() for ln in fh if ln.strip()]
-        except OSError as err:
-            raise argparse.ArgumentTypeError(f"cannot read {text[1:]!r}: {err.strerror}")
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected comma-separated values, got {text!r}")
-    return items
+    try:
+        return value_list(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _str_or_bool(text: str):
