@@ -114,3 +114,89 @@ def test_export_refuses_a_folder_that_is_not_ours_before_any_work(tmp_path, ue_p
         editor.export_delta(tmp_path / "x", format="gguf")
     with pytest.raises(ValueError, match="rank"):
         editor.export_delta(tmp_path / "x", format="merged", rank=4)
+
+
+def _adapter_delta(path, name):
+    from safetensors.torch import load_file
+
+    t = load_file(str(path / ADAPTER_WEIGHTS))
+    prefix = f"base_model.model.{name}"
+    return t[f"{prefix}.lora_B.weight"].double() @ t[f"{prefix}.lora_A.weight"].double()
+
+
+def test_bf16_adapter_carries_an_edit_finer_than_the_weights_rounding(tmp_path,
+                                                                      ue_padded_tokenizer):
+    """bf16 weights keep a float32 record of Δ; an edit far below bf16's rounding of W is still
+    the edit, and the adapter must hold it (the floor is the record's rounding, not W's)."""
+    tok = ue_padded_tokenizer
+    model = ue_tiny_model("llama", len(tok), seed=3).to(torch.bfloat16)
+    editor = UltraEditor(model, tok, modules=MODULES, lr=1e-4, **PAPER)
+    editor.edit(TURNS[0])
+    out = tmp_path / "adapter"
+    editor.export_delta(out, format="peft")
+    summary = json.loads((out / EXPORT_SUMMARY).read_text())
+    assert summary["exact"]
+    for name in MODULES:
+        delta = editor.journal.current_delta(name).double()
+        w = editor.journal.weight(name).double()
+        assert delta.norm() < torch.finfo(torch.bfloat16).eps * w.norm()   # the case tested
+        assert rel_err(_adapter_delta(out, name), delta) < 1e-5
+
+
+def test_adapter_of_a_resumed_stats_only_state_says_what_it_holds(tmp_path, ue_padded_tokenizer):
+    tok = ue_padded_tokenizer
+    editor = _edited(tok)
+    editor.save_state(tmp_path / "st", include_delta=False)
+    edited = ue_tiny_model("llama", len(tok), seed=3)
+    edited.load_state_dict(editor.model.state_dict())
+    resumed = UltraEditor.load_state(tmp_path / "st", edited, tok)
+    resumed.edit(TURNS[1])
+    with pytest.warns(UserWarning, match="turns 3 to 3 only.*saved at turn 2"):
+        resumed.export_delta(tmp_path / "adapter", format="peft")
+    summary = json.loads((tmp_path / "adapter" / EXPORT_SUMMARY).read_text())
+    assert (summary["turns"], summary["base_turn"]) == (3, 2)
+
+
+@pytest.mark.parametrize("fmt", ["peft", "merged"])
+def test_an_export_killed_between_its_renames_is_recovered(tmp_path, ue_padded_tokenizer, fmt):
+    """A process killed after the old export was moved aside (before the new one was moved in)
+    leaves ``.<name>.ultraedit-old``; one killed while writing leaves a partial
+    ``.<name>.ultraedit-new``. The next export puts things right instead of refusing."""
+    tok = ue_padded_tokenizer
+    editor = _edited(tok)
+    out = tmp_path / "export"
+    editor.export_delta(out, format=fmt)
+    out.rename(tmp_path / ".export.ultraedit-old")
+    partial = tmp_path / ".export.ultraedit-new"
+    partial.mkdir()
+    (partial / EXPORT_SUMMARY).write_text(json.dumps({"format": fmt, "files": None}))
+    (partial / "adapter_model.safetensors").write_bytes(b"half")
+    editor.export_delta(out, format=fmt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert json.loads((out / EXPORT_SUMMARY).read_text())["format"] == fmt
+
+
+def test_export_through_a_symlink_writes_the_folder_it_names(tmp_path, ue_padded_tokenizer):
+    tok = ue_padded_tokenizer
+    editor = _edited(tok)
+    editor.export_delta(tmp_path / "v1", format="merged")
+    (tmp_path / "current").symlink_to(tmp_path / "v1", target_is_directory=True)
+    for fmt in ("peft", "peft", "delta"):
+        editor.export_delta(tmp_path / "current", format=fmt)
+        assert (tmp_path / "current").is_symlink()
+    assert (tmp_path / "v1" / "manifest.json").is_file()       # the last export, a delta
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v1"]
+
+
+def test_exports_of_every_format_replace_each_other(tmp_path, ue_padded_tokenizer):
+    from ultraedit import apply_delta
+
+    tok = ue_padded_tokenizer
+    editor = _edited(tok)
+    out = tmp_path / "out"
+    for fmt in ("peft", "delta", "merged", "delta", "peft"):
+        editor.export_delta(out, format=fmt)
+    editor.export_delta(out, format="delta")
+    fresh = apply_delta(ue_tiny_model("llama", len(tok), seed=3), out)
+    for name in MODULES:
+        assert torch.equal(fresh.get_submodule(name).weight, editor.model.get_submodule(name).weight)

@@ -167,3 +167,19 @@ def test_an_accumulating_editor_refuses_modules_that_share_a_weight(tok):
     second.weight = first.weight
     with pytest.raises(ValueError, match="share one weight tensor"):
         UltraEditor(model, tok, modules=MODULES, lr=1e-2)
+
+
+def test_rollback_after_a_resume_says_the_history_is_not_saved(tok, tmp_path):
+    ed = _editor(tok, history=2)
+    ed.edit(turn_requests(0))
+    ed.edit(turn_requests(1))
+    resumed = UltraEditor.load_state(ed.save_state(tmp_path / "st"), tiny_llama(len(tok)), tok)
+    with pytest.raises(RollbackError, match="holds 0 .*a saved state does not keep the history"):
+        resumed.rollback()
+    with pytest.raises(RollbackError, match=r"holds 2 \(history=2; pass"):
+        ed.rollback(3)
+
+
+def test_float64_weights_without_accumulation_are_warned_about(tok):
+    with pytest.warns(UserWarning, match="accumulate=False"):
+        _editor(tok, torch.float64, accumulate=False)

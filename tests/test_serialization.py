@@ -104,7 +104,7 @@ def test_a_state_and_an_export_never_replace_each_other(saved_state, tmp_path, t
     export = tmp_path / "delta"
     ed.export_delta(export)
     exported = {p.name: p.read_bytes() for p in export.iterdir()}
-    with pytest.raises(StateError, match="not a 'state'"):
+    with pytest.raises(StateError, match="holds an export, not a saved state"):
         ed.save_state(export)
     assert {p.name: p.read_bytes() for p in export.iterdir()} == exported
     ed.export_delta(export)   # an export over our export is still replaced

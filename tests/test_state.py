@@ -31,7 +31,7 @@ def _editor(tok, dtype=torch.float32, **kw):
     return UltraEditor(model, tok, modules=MODULES, **kw)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_save_load_roundtrip(tmp_path, tok, dtype):
     ed = _editor(tok, dtype)
     ed.edit(REQUESTS)                   # N > d_in for up_proj: the primal path is taken too
@@ -39,7 +39,7 @@ def test_save_load_roundtrip(tmp_path, tok, dtype):
     path = ed.save_state(tmp_path / "st")
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     assert manifest["turns"] == 2 and manifest["config"]["modules"] == MODULES
-    assert manifest["config"]["accumulate"] is (dtype == torch.bfloat16)
+    assert manifest["config"]["accumulate"] is (dtype != torch.float32)
     assert set(manifest["written_by"]) >= {"ultraedit_kernels", "torch", "transformers"}
     assert set(manifest["files"]) == {"stats.safetensors", "delta.safetensors"}
     assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())

@@ -31,16 +31,14 @@ load unchanged (same files; only the manifest checksum is new).
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from .placement import weight_slots
-from .serialization import (StateError, check_model, dtype_name, field, model_info, read_dir,
-                            tensor_sha256, write_dir)
+from .serialization import (EXPORT_SUMMARY, StateError, check_model, check_replaceable, dtype_name,
+                            field, model_info, read_dir, replace_dir, tensor_sha256, write_dir)
 from .state import reconstruct
 
 __all__ = ["save_state", "load_state", "export_delta", "apply_delta", "StateError",
@@ -130,6 +128,10 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
     ``model`` may hold the base weights (when the state includes deltas, the edited weights are
     written into it) or the edited weights (e.g. reloaded with ``from_pretrained``).
     ``history``/``delta_device`` override the saved settings (the history itself is not saved).
+    ``verify_weights`` (states saved with ``include_delta=False`` only): check that the model's
+    edited modules hold the weights the state was saved with (sha256); a state with deltas
+    always checks that they hold the base or the edited weights, since it must know which to
+    write.
     """
     from .config import EditConfig
 
@@ -277,52 +279,57 @@ def export_delta(editor, path, format: str = "delta", rank: Optional[int] = None
 def _export_folder(editor, path: Path, format: str, rank, max_shard_size) -> str:
     import json
 
-    from .lora import EXPORT_SUMMARY, write_peft_adapter
+    from .lora import write_peft_adapter
 
-    check_export_target(path)
     journal = editor.journal
-    new, old = path.parent / f".{path.name}.ultraedit-new", path.parent / f".{path.name}.ultraedit-old"
-    for stale in (new, old):
-        if stale.exists():
-            raise StateError(f"{stale} exists (an interrupted export?); move it away to export "
-                             f"to {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new.mkdir()
-    try:
+    summary: Dict[str, Any] = {}
+
+    def fill(new: Path) -> None:
+        # written first: a folder killed while being written is recognized as ours and cleared
+        (new / EXPORT_SUMMARY).write_text(json.dumps({"format": format, "files": None}) + "\n")
         if format == "peft":
             deltas = {n: journal.current_delta(n) for n in journal.modules}
             weights = {n: journal.weight(n) for n in journal.modules}
-            summary = write_peft_adapter(new, editor.model, deltas, journal.layouts, rank=rank,
-                                         weights=weights)
-            kind = "exact" if summary["exact"] else f"truncated to rank {summary['rank']}"
-            r = summary["rank"]
-            big = [n for n, w in weights.items() if r * sum(w.shape) >= w.numel()]
-            hint = (f"; at this rank the adapter holds more numbers than the {len(big)} "
-                    f"weight(s) it changes: format='merged' or 'delta' is smaller") if big else ""
-            print(f"LoRA adapter {path}: rank {r} ({kind}), largest relative error "
-                  f"||Δ - BA||/||Δ|| = {summary['max_rel_error']:.3e}{hint}")
+            summary.update(write_peft_adapter(
+                new, editor.model, deltas, journal.layouts, rank=rank, weights=weights,
+                delta_source="record" if journal.accumulate else "difference"))
         else:
             editor.model.save_pretrained(new, max_shard_size=max_shard_size,
                                          state_dict=_offloaded_state_dict(editor.model))
             if editor.tokenizer is not None:
                 editor.tokenizer.save_pretrained(new)
-            summary = {}
         files = sorted(p.name for p in new.iterdir() if p.name != EXPORT_SUMMARY)
-        summary = {"format": format, "turns": int(editor.turns), "model": model_info(editor.model),
-                   "modules": summary.get("modules", list(journal.modules)),
-                   **{k: v for k, v in summary.items() if k != "modules"}, "files": files}
-        (new / EXPORT_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(new, path)
-    except BaseException:
-        if old.exists() and not path.exists():
-            os.replace(old, path)
-        raise
-    finally:
-        shutil.rmtree(new, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+        record = {"format": format, "turns": int(editor.turns),
+                  "base_turn": int(journal.base_turn), "model": model_info(editor.model),
+                  "modules": summary.get("modules", list(journal.modules)),
+                  **{k: v for k, v in summary.items() if k != "modules"}, "files": files}
+        (new / EXPORT_SUMMARY).write_text(json.dumps(record, indent=2) + "\n")
+
+    written = replace_dir(path, "export", fill)
+    if format == "peft":
+        _report_adapter(editor, written, summary)
     return str(path)
+
+
+def _report_adapter(editor, path: Path, summary: Dict[str, Any]) -> None:
+    """Print the adapter's rank and error; warn when it does not hold every turn's edit."""
+    import warnings
+
+    journal = editor.journal
+    kind = "exact" if summary["exact"] else f"truncated to rank {summary['rank']}"
+    r = summary["rank"]
+    weights = {n: journal.weight(n) for n in journal.modules}
+    big = [n for n, w in weights.items() if r * sum(w.shape) >= w.numel()]
+    hint = (f"; at this rank the adapter holds more numbers than the {len(big)} "
+            f"weight(s) it changes: format='merged' or 'delta' is smaller") if big else ""
+    print(f"LoRA adapter {path}: rank {r} ({kind}), largest relative error "
+          f"||Δ - BA||/||Δ|| = {summary['max_rel_error']:.3e}{hint}")
+    if journal.base_turn:
+        warnings.warn(
+            f"the LoRA adapter {path} holds the edits of turns {journal.base_turn + 1} to "
+            f"{editor.turns} only: this editor was resumed from a state saved without deltas, so "
+            f"its base is the model saved at turn {journal.base_turn}; serve the adapter on that "
+            f"model, not on the original one (or export format='merged')", stacklevel=3)
 
 
 def _offloaded_state_dict(model) -> Optional[Dict[str, torch.Tensor]]:
@@ -337,30 +344,10 @@ def _offloaded_state_dict(model) -> Optional[Dict[str, torch.Tensor]]:
     return {k: tensor_values(model, k, t) for k, t in sd.items()}
 
 
-def check_export_target(path: Path) -> None:
-    """Refuse (StateError) an existing ``path`` that is not empty and not an export of ours."""
-    import json
-
-    from .lora import EXPORT_SUMMARY
-    from .serialization import MANIFEST, _is_ours
-
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise StateError(f"{path} exists and is not a directory; refusing to overwrite it")
-    entries = {p.name for p in path.iterdir()}
-    if not entries or (MANIFEST in entries and _is_ours(path, "delta")[0]):
-        return
-    listed = None
-    if EXPORT_SUMMARY in entries:
-        try:
-            listed = json.loads((path / EXPORT_SUMMARY).read_text()).get("files")
-        except (OSError, ValueError, AttributeError):
-            listed = None
-    if not isinstance(listed, list) or entries - {EXPORT_SUMMARY} - set(listed):
-        raise StateError(f"{path} exists, is not empty and is not an ultraedit export (files "
-                         f"{sorted(entries)[:5]}); refusing to overwrite it: choose a new or "
-                         f"empty directory")
+def check_export_target(path) -> None:
+    """Refuse (StateError) an existing ``path`` that is not empty and not an export of ours (of
+    any format); changes nothing."""
+    check_replaceable(path, "export")
 
 
 def _export_raw_delta(editor, path) -> str:

@@ -9,10 +9,11 @@ accumulated ``Δ = Σ_t ΔW_t`` of a module has rank ≤ Σ_t N_t. A LoRA adapte
 The factors come from the SVD of ``Δ`` in float64, ``Δ = U diag(s) Vᵀ``:
 ``B = U_r diag(√s_r)``, ``A = diag(√s_r) V_rᵀ``. With ``rank=None`` ``r`` is the numerical rank
 of ``Δ``: the smallest ``r`` whose left-out tail ``sqrt(Σ_{i>r} s_i²)`` is at most ``floor``
-(by default float32 rounding of ``Δ`` itself, ``eps32 · ||Δ||_F``; the exporter passes the
-rounding of the edited weight, ``eps(dtype) · ||W||_F``, because a delta read back as
-``W - W0`` carries that much rounding noise and no more information), so ``B A`` equals ``Δ``
-as exactly as the weights hold it; with ``rank=r`` the best rank-r approximation
+(by default float32 rounding of ``Δ`` itself, ``eps32 · ||Δ||_F``, the floor of an editor's
+float32 record of ``Δ`` (bfloat16/float16 weights); for a delta read back as ``W - W0`` the
+exporter passes the rounding of the edited weight, ``eps(dtype) · ||W||_F``, because such a
+delta carries that much rounding noise and no more information), so ``B A`` equals ``Δ`` as
+exactly as the edit holds it; with ``rank=r`` the best rank-r approximation
 (Eckart-Young) is written. Either way its relative error
 ``||Δ - B A||_F / ||Δ||_F = sqrt(Σ_{i>r} s_i²) / sqrt(Σ s_i²)`` is reported per module. All modules share one rank (the largest; smaller factors are padded
 with zeros, which changes nothing), because servers take one ``r`` per adapter.
@@ -32,12 +33,13 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
+from .serialization import EXPORT_SUMMARY  # ranks and truncation errors; servers ignore it
+
 __all__ = ["LoraFactors", "lora_factors", "write_peft_adapter", "ADAPTER_CONFIG",
            "ADAPTER_WEIGHTS", "EXPORT_SUMMARY"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-EXPORT_SUMMARY = "ultraedit_export.json"   # ranks and truncation errors; servers ignore it
 _RANK_EPS = float(torch.finfo(torch.float32).eps)
 
 
@@ -99,7 +101,8 @@ def lora_factors(delta: torch.Tensor, rank: Optional[int] = None,
 def write_peft_adapter(path, model, deltas: Mapping[str, torch.Tensor],
                        layouts: Mapping[str, str], rank: Optional[int] = None,
                        base_model_name_or_path: Optional[str] = None,
-                       weights: Optional[Mapping[str, torch.Tensor]] = None) -> Dict[str, object]:
+                       weights: Optional[Mapping[str, torch.Tensor]] = None,
+                       delta_source: str = "difference") -> Dict[str, object]:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for ``deltas`` to ``path``.
 
     ``deltas``: module name (as ``model.named_modules()`` names it) -> accumulated delta in the
@@ -107,12 +110,17 @@ def write_peft_adapter(path, model, deltas: Mapping[str, torch.Tensor],
     ``"conv1d"`` (GPT-2, weight d_in x d_out). Tensor names are PEFT's
     (``base_model.model.<module>.lora_A.weight``), ``lora_alpha = r`` so the scaling is 1.
     ``weights``: name -> the edited weight's values, when ``module.weight`` does not hold them
-    (an offloaded module's meta weight, ``ultraedit.placement``); they set the rounding floor.
+    (an offloaded module's meta weight, ``ultraedit.placement``). ``delta_source``:
+    ``"difference"`` (``Δ = W - W0`` read back from the weights: the numerical rank's floor is
+    the weight's rounding, ``eps(W.dtype) · ||W||_F``) or ``"record"`` (an accumulated float32
+    record of ``Δ``, finer than the weights: the floor is ``eps32 · ||Δ||_F``).
     Returns the summary that is also written to ``ultraedit_export.json`` beside them: the rank,
     and per module its rank, numerical rank and relative truncation error.
     """
     from safetensors.torch import save_file
 
+    if delta_source not in ("difference", "record"):
+        raise ValueError(f"delta_source must be 'difference' or 'record', got {delta_source!r}")
     names = list(deltas)
     if not names:
         raise ValueError("write_peft_adapter: there is no edited module to export")
@@ -129,8 +137,10 @@ def write_peft_adapter(path, model, deltas: Mapping[str, torch.Tensor],
                              f"{type(model).__name__}")
         d = deltas[name]
         weight = named[name].weight if weights is None else weights[name]
-        # a delta read back as W - W0 holds the weight's rounding noise and nothing finer
-        floor = torch.finfo(weight.dtype).eps * float(weight.detach().double().norm())
+        # a delta read back as W - W0 holds the weight's rounding noise and nothing finer; a
+        # float32 record of the updates is finer than the (bf16/fp16) weights it is added to
+        floor = (None if delta_source == "record" else
+                 torch.finfo(weight.dtype).eps * float(weight.detach().double().norm()))
         factors[name] = lora_factors(d.T if fan_in_fan_out else d, rank, floor=floor)
     r = max(1, max(f.rank for f in factors.values()))
     tensors: Dict[str, torch.Tensor] = {}

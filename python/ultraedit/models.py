@@ -44,7 +44,10 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
+
+if TYPE_CHECKING:   # annotations only: importing this module does not import torch
+    import torch
 
 from .temporary import atomic_write
 

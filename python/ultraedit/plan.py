@@ -498,9 +498,9 @@ def plan_turn(config: Any, dtype="bf16", modules: Optional[Union[str, Sequence[s
                  f"K (N x d_in) and G (N x d_out) in {aname}, N = {N}"
                  + (", per micro-batch and stacked" if n_mb > 1 else ""), "solve/apply"),
         PlanItem("solver", factors_A + one_solve + mem_turn + white_turn,
-                 f"A (N x d_out, float32; the dense ΔW when N > d_in) of every module, one "
-                 f"module's pseudo-values, Gram and "
-                 f"factor" + (", the memory/preserved system and factor" if mem_turn else "")
+                 "A (N x d_out, float32; the dense ΔW when N > d_in) of every module, one "
+                 "module's pseudo-values, Gram and "
+                 "factor" + (", the memory/preserved system and factor" if mem_turn else "")
                  + (", the whitening matrices and one eigh's copies" if white_turn else ""),
                  "solve/apply"),
         PlanItem("rollback history", turn_snap + stats_copy * (2 if steps > 1 else 1) + apply_tmp,

@@ -15,14 +15,17 @@ Guarantees:
   file's sha256 is in the manifest: a changed bit anywhere is a :class:`StateError` on reading,
   never a wrong value. Format version 1 (before the manifest checksum) is still read.
 * **Only our own directories are replaced.** An existing ``path`` is replaced only when it is
-  empty or holds one of our manifests and nothing besides the files that manifest lists;
-  anything else is refused and left as it is.
-* **Atomic replacement.** The new directory is written and flushed beside ``path`` as
-  ``.<name>.ultraedit-new``, the old one is renamed to ``.<name>.ultraedit-old``, the new one to
-  ``path``, then the old one is deleted. A process killed between the two renames leaves the
-  old state in ``.<name>.ultraedit-old``: the next :func:`write_dir` or :func:`read_dir` of
-  ``path`` puts it back (or installs the complete new one if there is no old one) and removes
-  what is left over.
+  empty or holds one of our directories (a manifest of ours, or an export's
+  ``ultraedit_export.json``) and nothing besides the files it lists, and only by its own kind: a
+  saved state by a state, an export (``delta``, or a PEFT adapter or merged checkpoint) by an
+  export. Anything else is refused and left as it is.
+* **Atomic replacement** (:func:`replace_dir`, for states and every export format). The new
+  directory is written and flushed beside ``path`` as ``.<name>.ultraedit-new``, the old one is
+  renamed to ``.<name>.ultraedit-old``, the new one to ``path``, then the old one is deleted. A
+  process killed between the two renames leaves the old directory in ``.<name>.ultraedit-old``:
+  the next write or read of ``path`` puts it back (or installs the complete new one if there is
+  no old one) and removes what is left over. A ``path`` that is a symbolic link to a folder
+  writes that folder (the link stays).
 """
 
 from __future__ import annotations
@@ -34,20 +37,25 @@ import os
 import platform
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
 from .temporary import atomic_write
 
-__all__ = ["StateError", "write_json_atomic", "write_dir", "read_dir", "recover", "tensor_sha256", "file_sha256",
-           "dtype_name", "model_info", "check_model", "field", "FORMAT", "FORMAT_VERSION",
-           "MANIFEST"]
+__all__ = ["StateError", "write_json_atomic", "write_dir", "replace_dir", "read_dir", "recover",
+           "check_replaceable", "tensor_sha256", "file_sha256", "dtype_name", "model_info",
+           "check_model", "field", "FORMAT", "FORMAT_VERSION", "MANIFEST", "EXPORT_SUMMARY"]
 
 FORMAT = "ultraedit-state"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+# a PEFT adapter's or merged checkpoint's record of ours (format, ranks, files); servers ignore it
+EXPORT_SUMMARY = "ultraedit_export.json"
+# which of our directories a write of each kind may replace: states only states, exports exports
+_REPLACES = {"state": ("state",), "delta": ("delta", "export"), "export": ("delta", "export")}
+_NOUNS = {"state": "saved state", "delta": "export", "export": "export"}
 CHECKSUM = "manifest_sha256"
 _NEW, _OLD = ".ultraedit-new", ".ultraedit-old"
 
@@ -143,32 +151,80 @@ def _parse_manifest(mpath: Path) -> Dict[str, Any]:
     return manifest
 
 
-def _is_ours(path: Path, kind: Optional[str] = None) -> Tuple[bool, str]:
-    """Whether ``path`` may be replaced: empty, or our manifest (of ``kind`` when given: a saved
-    state is never replaced by an export, nor an export by a state) and only the files it
-    lists."""
+def _folder_kind(path: Path) -> Tuple[Optional[str], str]:
+    """What ``path`` holds: ``("empty", "")``; ``(kind, "")`` for a directory of ours holding only
+    the files it lists (``"state"``/``"delta"`` from its manifest, ``"export"`` from an export's
+    summary); else ``(None, why)``."""
     if not path.is_dir():
-        return False, "it is not a directory"
+        return None, "it is not a directory"
     entries = {p.name for p in path.iterdir()}
     if not entries:
-        return True, ""
-    if MANIFEST not in entries:
-        return False, f"it has no {MANIFEST}"
-    try:
-        manifest = _parse_manifest(path / MANIFEST)
-    except StateError as exc:
-        return False, str(exc)
-    if kind is not None and manifest.get("kind") != kind:
-        return False, f"it holds a {manifest.get('kind')!r}, not a {kind!r}"
-    extra = sorted(entries - {MANIFEST} - set(manifest["files"]))
+        return "empty", ""
+    if MANIFEST in entries:
+        try:
+            manifest = _parse_manifest(path / MANIFEST)
+        except StateError as exc:
+            return None, str(exc)
+        kind, listed, own = manifest.get("kind"), set(manifest["files"]), MANIFEST
+    elif EXPORT_SUMMARY in entries:
+        listed = _export_listing(path)
+        if listed is None:
+            return None, f"its {EXPORT_SUMMARY} is unreadable or incomplete"
+        kind, own = "export", EXPORT_SUMMARY
+    else:
+        return None, f"it has no {MANIFEST}"
+    extra = sorted(entries - {own} - listed)
     if extra:
-        return False, f"it holds files the state does not list: {extra[:5]}"
-    return True, ""
+        return None, f"it holds files its {own} does not list: {extra[:5]}"
+    return kind, ""
+
+
+def _export_listing(path: Path) -> Optional[set]:
+    """The files an export's summary lists, or None (unreadable, or an export being written)."""
+    try:
+        listed = json.loads((path / EXPORT_SUMMARY).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(listed, list) or not all(isinstance(f, str) for f in listed):
+        return None
+    return set(listed)
+
+
+def _is_ours(path: Path, kind: Optional[str] = None) -> Tuple[bool, str]:
+    """Whether ``path`` may be replaced: empty, or a directory of ours (that a write of ``kind``
+    may replace, when given: a saved state is never replaced by an export, nor an export by a
+    state) holding only the files it lists."""
+    held, why = _folder_kind(path)
+    if held is None:
+        return False, why
+    if held == "empty" or kind is None or held in _REPLACES.get(kind, (kind,)):
+        return True, ""
+    return False, f"it holds {_a(held)}, not {_a(kind)}"
+
+
+def _a(kind: str) -> str:
+    noun = _NOUNS.get(kind, repr(kind))
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def check_replaceable(path, kind: str) -> Path:
+    """``path`` with a symbolic link to a folder resolved; StateError if a write of ``kind``
+    (``"state"``, ``"delta"`` or ``"export"``) may not replace what is there. Changes nothing."""
+    path = Path(path)
+    if path.is_symlink():   # a link to a folder: the folder it names is written (the link stays)
+        path = Path(os.path.realpath(path))
+    if path.exists():
+        ours, why = _is_ours(path, kind)
+        if not ours:
+            raise StateError(f"{path} exists and is not an ultraedit {_NOUNS.get(kind, kind)} "
+                             f"({why}); refusing to overwrite it: choose a new or "
+                             f"empty directory")
+    return path
 
 
 # ---------------------------------------------------------------------- recovery
 def recover(path) -> None:
-    """Finish or undo an interrupted :func:`write_dir` of ``path`` and remove what it left.
+    """Finish or undo an interrupted :func:`replace_dir` of ``path`` and remove what it left.
 
     ``path`` missing: the previous state (``.<name>.ultraedit-old``) is put back, or, without
     one, a complete new state (``.<name>.ultraedit-new`` with a valid manifest) is installed.
@@ -179,7 +235,7 @@ def recover(path) -> None:
     if not path.exists():
         if old.is_dir() and _is_ours(old)[0]:
             os.replace(old, path)
-        elif new.is_dir() and _is_ours(new)[0] and (new / MANIFEST).is_file():
+        elif new.is_dir() and _folder_kind(new)[0] not in (None, "empty"):
             os.replace(new, path)
         _fsync_dir(path.parent)
     for leftover in (old, new):
@@ -188,7 +244,10 @@ def recover(path) -> None:
 
 
 def _only_state_files(path: Path) -> bool:
-    """A half-written directory of ours: only .safetensors files and maybe a manifest."""
+    """A half-written directory of ours: only .safetensors files and maybe a manifest, or an
+    export being written (its summary is written first, listing no files yet)."""
+    if (path / EXPORT_SUMMARY).is_file():
+        return True
     return all(p.is_file() and (p.suffix == ".safetensors" or p.name == MANIFEST)
                for p in path.iterdir())
 
@@ -207,23 +266,7 @@ def write_dir(path, files: Dict[str, Dict[str, torch.Tensor]], manifest: Dict[st
     """Write ``files`` (file name -> tensors) and ``manifest.json`` atomically into ``path``."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if path.is_symlink():   # a link to a folder: the folder it names is the state's (the link stays)
-        path = Path(os.path.realpath(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover(path)
-    if path.exists():
-        ours, why = _is_ours(path, manifest.get("kind"))
-        if not ours:
-            raise StateError(f"{path} exists and is not an ultraedit state directory ({why}); "
-                             f"refusing to overwrite it")
-    new, old = _sibling(path, _NEW), _sibling(path, _OLD)
-    for stale in (new, old):
-        if stale.exists():
-            raise StateError(f"{stale} exists and is not ours; move it away to save {path}")
-    new.mkdir()
-    moved = False
-    try:
+    def fill(new: Path) -> None:
         listing = {}
         for fname, tensors in files.items():
             target = new / fname
@@ -239,6 +282,30 @@ def write_dir(path, files: Dict[str, Dict[str, torch.Tensor]], manifest: Dict[st
             f.write(_manifest_bytes(full))
             f.flush()
             os.fsync(f.fileno())
+
+    replace_dir(path, manifest.get("kind"), fill)
+
+
+def replace_dir(path, kind: str, fill: Callable[[Path], None]) -> Path:
+    """Make ``path`` a new directory that ``fill(folder)`` writes, atomically (module docstring):
+    an interrupted earlier write is recovered, what is there is checked
+    (:func:`check_replaceable`), ``fill`` writes ``.<name>.ultraedit-new``, which then replaces
+    ``path``. If ``fill`` or the swap fails, ``path`` is left as it was. Returns the path
+    written (a symbolic link resolved)."""
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
+    check_replaceable(path, kind)
+    new, old = _sibling(path, _NEW), _sibling(path, _OLD)
+    for stale in (new, old):
+        if stale.exists() or stale.is_symlink():
+            raise StateError(f"{stale} exists and is not ours; move it away to write {path}")
+    new.mkdir()
+    moved = False
+    try:
+        fill(new)
         _fsync_dir(new)
         if path.exists():
             os.replace(path, old)
@@ -247,12 +314,13 @@ def write_dir(path, files: Dict[str, Dict[str, torch.Tensor]], manifest: Dict[st
         _fsync_dir(path.parent)
     except BaseException:
         if moved and not path.exists():
-            os.replace(old, path)  # put the previous state back
+            os.replace(old, path)  # put the previous directory back
         raise
     finally:
         if new.exists():
             shutil.rmtree(new, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def _fsync(path: Path) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Optional, Union
 
@@ -258,6 +259,12 @@ class TurnJournal:
         if accumulate == "auto":
             accumulate = any(s.dtype in _ACCUMULATE_AUTO for s in self.slots.values())
         self.accumulate = bool(accumulate)
+        wide = [n for n, s in self.slots.items() if s.dtype == torch.float64]
+        if wide and not self.accumulate:
+            warnings.warn(f"float64 weights edited with accumulate=False ({wide[0]!r}): W - W0 "
+                          f"may not rebuild W exactly, so save_state and export_delta can fail; "
+                          f"accumulate='auto' (True) keeps a record that always does",
+                          stacklevel=3)
         if self.accumulate:   # each module's W = round(W0 + Δ) would overwrite the other's
             owners: Dict[Any, str] = {}
             for name, slot in self.slots.items():
@@ -419,9 +426,13 @@ class TurnJournal:
         if isinstance(turns, bool) or int(turns) != turns or turns < 1:
             raise ValueError(f"turns must be a positive integer, got {turns!r}")
         if turns > len(self._records):
-            raise RollbackError(
-                f"cannot roll back {turns} turn(s): the history holds {len(self._records)} "
-                f"(history={self.history}; pass UltraEditor(..., history=n) to keep more)")
+            held = len(self._records)
+            why = (f"history={self.history}; pass UltraEditor(..., history=n) to keep more"
+                   if held == self.history else
+                   "only that many turns were made since the editor was built, its state was "
+                   "loaded or its history cleared; a saved state does not keep the history")
+            raise RollbackError(f"cannot roll back {turns} turn(s): the history holds {held} "
+                                f"({why})")
         for _ in range(int(turns)):
             # restored, then dropped: a restore that fails keeps its entry for another try
             self._restore(self._records[-1], state)
@@ -458,7 +469,9 @@ class TurnJournal:
         for name in self.modules:
             self.base[name] = base[name].detach().to(self._dev(name), copy=True)
             d = delta.get(name)
+            # a copy: a tensor read from a file may sit at an address whose alignment changes
+            # the GEMM's summation order, and the resumed turns must equal uninterrupted ones
             self.delta[name] = None if (d is None or not self.accumulate) else \
-                d.to(device=self._dev(name), dtype=_acc_dtype(base[name].dtype))
+                d.to(device=self._dev(name), dtype=_acc_dtype(base[name].dtype), copy=True)
         self.base_turn = int(base_turn)
         self._records.clear()
