@@ -98,7 +98,8 @@ def test_zsre_file_runs_with_json_and_plot(model_dir, tmp_path, capsys):
     assert out["status"] == "done" and out["edits"] == 4
     allocator = out["machine"]["host_allocator"]   # ultraedit.host_allocator, or why not
     assert allocator.startswith("kept freed memory") or allocator.startswith("not applied: ")
-    assert out["config"]["format"] == "auto" and out["edit_config"]["compat"] == "fixed"
+    assert (out["config"]["format"], out["config"]["format_given"]) == ("zsre", "auto")
+    assert out["edit_config"]["compat"] == "fixed"
     assert out["edit_config"]["modules"] == ["model.layers.1.mlp.down_proj",
                                         "model.layers.2.mlp.down_proj"]
     # the run's JSON given back as a preset is the config it edited with
@@ -222,7 +223,8 @@ def test_json_written_after_every_turn(model_dir, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="interrupted"):
         main(_base(model_dir, data, tmp_path, "--eval", "end"))
     out = json.loads((tmp_path / "r.json").read_text())
-    assert out["status"] == "final evaluation" and len(out["turns"]) == 2
+    assert out["status"] == "failed in: final evaluation" and len(out["turns"]) == 2
+    assert out["error"] == "RuntimeError: interrupted"
     assert out["final"] is None and out["turns"][1]["turn_s"] > 0
 
 
@@ -400,7 +402,8 @@ def test_an_editing_value_out_of_range_is_refused_before_the_model_loads(
 
 @pytest.mark.parametrize("case", ["json over data", "records over data", "export over data",
                                   "json in export", "export beside json", "plot suffix",
-                                  "export under a file"])
+                                  "export under a file", "json over a modules file",
+                                  "records over the preset", "records over json by a link"])
 def test_outputs_that_would_replace_inputs_or_each_other_are_refused_before_loading(
         model_dir, tmp_path, capsys, monkeypatch, case):
     import ultraedit.models
@@ -413,7 +416,19 @@ def test_outputs_that_would_replace_inputs_or_each_other_are_refused_before_load
     before = open(data).read()
     out = tmp_path / "out"
     out.mkdir()
-    flags = {"json over data": ["--json", data],
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "mods.txt").write_text("model.layers.1.mlp.down_proj\n")
+    (inputs / "preset.json").write_text(json.dumps({"lr": 1e-4}))
+    (inputs / "link.json").symlink_to(tmp_path / "run.json")
+    kept = {p.name: p.read_bytes() for p in inputs.iterdir() if not p.is_symlink()}
+    flags = {"json over a modules file": ["--modules", f"@{inputs / 'mods.txt'}", "--json",
+                                          str(inputs / "mods.txt")],
+             "records over the preset": ["--preset", str(inputs / "preset.json"),
+                                         "--records-out", str(inputs / "preset.json")],
+             "records over json by a link": ["--json", str(tmp_path / "run.json"),
+                                             "--records-out", str(inputs / "link.json")],
+             "json over data": ["--json", data],
              "records over data": ["--records-out", data],
              "export over data": ["--export-delta", str(tmp_path)],
              "json in export": ["--export-delta", str(out / "ed"), "--json",
@@ -429,6 +444,8 @@ def test_outputs_that_would_replace_inputs_or_each_other_are_refused_before_load
     err = capsys.readouterr().err.strip()
     assert err.startswith("ultraedit run: error:") and "Traceback" not in err
     assert open(data).read() == before and list(out.iterdir()) == []
+    assert {p.name: p.read_bytes() for p in inputs.iterdir() if not p.is_symlink()} == kept
+    assert not (tmp_path / "run.json").exists()
 
 
 def test_a_damaged_model_file_is_a_one_line_error(model_dir, tmp_path, capsys):
@@ -591,9 +608,11 @@ def test_preset_and_the_recorded_config_reproduce_a_run(model_dir, tmp_path, cap
     _one_line_error(capsys, "steps")
 
 
-def test_sigint_leaves_an_interrupted_json(model_dir, tmp_path):
-    """A real SIGINT to a running ``ultraedit run``: exit 130, one line, and the JSON keeps the
-    finished turns with ``"status": "interrupted"``."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_leaves_an_interrupted_json(model_dir, tmp_path, sig):
+    """A real SIGINT (Ctrl-C) or SIGTERM (a scheduler, ``timeout``) to a running ``ultraedit
+    run``: exit 130, one line, and the JSON keeps the finished turns with ``"status":
+    "interrupted"``."""
     import signal
     import subprocess
     import sys
@@ -623,7 +642,7 @@ def test_sigint_leaves_an_interrupted_json(model_dir, tmp_path):
                 pass
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, sig))
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -674,18 +693,19 @@ def test_plot_without_matplotlib_fails_before_any_work(model_dir, tmp_path, caps
 
 def test_a_request_the_editor_refuses_is_a_one_line_error(model_dir, tmp_path, capsys):
     """A record too long for the model's context, in the second turn: exit 2 with the message
-    naming it before the first turn (every turn's requests are checked first), and the JSON
-    says so."""
+    naming the file and record before the first turn (every record's requests are checked
+    first), and the earlier results at --json and --records-out are left as they were."""
     rows = [dict(r) for r in ZSRE]
     rows[2]["src"] = "What is the capital of Italy, " + "the country, " * 200 + "?"
     data = _write(tmp_path / "long.json", rows)
+    (tmp_path / "r.json").write_text("earlier results")
+    (tmp_path / "recs.jsonl").write_text("earlier records")
     for flag in ("--true-facts", "--no-true-facts"):
-        assert main(_base(model_dir, data, tmp_path, "--eval", "end", flag)) == 2
-        _one_line_error(capsys, "longer than the model's context")
-        out = json.loads((tmp_path / "r.json").read_text())
-        assert out["turns"] == [] and out["status"] == "running"
-        assert out["error"].startswith("ValueError")
-        assert "locality_reference_s" not in out["timing"]   # nothing ran
+        assert main(_base(model_dir, data, tmp_path, "--eval", "end", flag,
+                          "--records-out", str(tmp_path / "recs.jsonl"))) == 2
+        _one_line_error(capsys, f"{data}: record 2 (turn 2): ", "longer than the model's context")
+        assert (tmp_path / "r.json").read_text() == "earlier results"
+        assert (tmp_path / "recs.jsonl").read_text() == "earlier records"
 
 
 def test_subject_positions_are_checked_in_the_wordings_the_editor_gets(model_dir, tmp_path,
@@ -709,3 +729,30 @@ def test_subject_positions_are_checked_in_the_wordings_the_editor_gets(model_dir
         out = json.loads((tmp_path / "r.json").read_text())
         assert out["edit_config"]["positions"] == positions, wordings
         assert ("no subject in their prompt" in capsys.readouterr().err) is (positions == "answer")
+
+
+def test_per_turn_options_without_a_per_turn_evaluation_are_refused(model_dir, tmp_path, capsys):
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    assert main(_base(model_dir, data, tmp_path, "--eval", "end", "--turn-wild")) == 2
+    _one_line_error(capsys, "--turn-wild and --turn-generation", "--eval every or both")
+
+
+def test_a_delta_device_that_cannot_exist_is_refused_before_the_model_loads(
+        model_dir, tmp_path, capsys, monkeypatch):
+    import ultraedit.models
+
+    monkeypatch.setattr(ultraedit.models, "load_model",
+                        lambda *a, **k: pytest.fail("the model was loaded"))
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    assert main(_base(model_dir, data, tmp_path, "--delta-device", "gpu9")) == 2
+    _one_line_error(capsys, "delta_device='gpu9' is not a device")
+
+
+def test_eval_every_prints_each_turns_scores_and_records_what_was_scored(model_dir, tmp_path,
+                                                                          capsys):
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    assert main(_base(model_dir, data, tmp_path, "--eval", "every")) == 0
+    printed = capsys.readouterr().out
+    assert "turn 1" in printed and "turn 2" in printed
+    config = json.loads((tmp_path / "r.json").read_text())["config"]
+    assert config["wild"] is False and config["generation"] is False

@@ -258,3 +258,24 @@ def test_prompts_that_are_questions_are_kept_as_questions():
                              "Who wrote Hamlet?": "Who wrote Hamlet?"}
     cf = map_record(COUNTERFACT[0], "counterfact")
     assert cf.questions == {}                          # cloze prompts: asked as they are
+
+
+def test_zsre_locality_under_easyedit_names_is_read_as_ultraeditbench(tmp_path):
+    """A file in EasyEdit's key names whose locality is zsRE's ("nq question: ...") asks that
+    locality question as zsre does, with ``--format auto`` as with ``ultraeditbench``."""
+    row = {"prompt": "What is the capital of Peru?", "target_new": "Quito",
+           "rephrase_prompt": "Which city is Peru's capital?",
+           "locality_prompt": "nq question: where is paris", "locality_ground_truth": "France"}
+    assert detect_format(row) == "ultraeditbench"
+    path = _write(tmp_path, "ub.json", [row])
+    auto, given = load_records(path), load_records(path, "ultraeditbench")
+    assert auto == given and auto[0].questions["nq question: where is paris"] == "where is paris"
+
+
+@pytest.mark.parametrize("name", ["rows.ndjson", "ROWS.JSONL"])
+def test_json_lines_by_any_usual_suffix(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("\n".join(json.dumps(r) for r in ZSRE[:2]) + "\n")
+    assert len(load_records(str(path))) == 2
+    save_records(load_records(str(path)), str(tmp_path / ("again." + name.split(".")[1])))
+    assert len((tmp_path / ("again." + name.split(".")[1])).read_text().splitlines()) == 2

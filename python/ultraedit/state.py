@@ -213,7 +213,7 @@ class TurnRecord:
     saved: Dict[str, Optional[torch.Tensor]] = field(default_factory=dict)
 
 
-def _storage_device(device) -> torch.device:
+def storage_device(device) -> torch.device:
     """``delta_device`` as a device that can hold the base copy, Δ and the history; a
     ``ValueError`` naming the problem otherwise (before any copy is made)."""
     try:
@@ -275,7 +275,7 @@ class TurnJournal:
                     raise ValueError(f"modules {owners[ptr]!r} and {name!r} share one weight "
                                      f"tensor; edit one of them")
                 owners[ptr] = name
-        self.device = None if device is None else _storage_device(device)
+        self.device = None if device is None else storage_device(device)
         self.history = int(history)
         self._records: "collections.deque[TurnRecord]" = collections.deque(maxlen=self.history)
         self.base: Dict[str, torch.Tensor] = {n: self._copy(self.weight(n)) for n in

@@ -10,7 +10,7 @@
   on the tuning relations, written as a preset file.
 
 Exit status: 0 done, 2 a bad argument, path or input (one line on stderr, nothing done), 130
-interrupted. Importing this package and ``--help`` load neither torch nor transformers.
+interrupted (Ctrl-C or SIGTERM). Importing this package and ``--help`` load neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import demo, plan, run, tune
+from ._common import EXIT_INTERRUPTED, terminate_as_interrupt
 
 __all__ = ["main", "build_parser"]
 
@@ -38,12 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if hasattr(args, "no_progress"):
-        # --no-progress also silences transformers' own bars (its weight loading bar)
-        from transformers.utils import logging as hf_logging
+    try:
+        with terminate_as_interrupt():     # SIGTERM stops a command as Ctrl-C does
+            if hasattr(args, "no_progress"):
+                # --no-progress also silences transformers' own bars (its weight loading bar)
+                from transformers.utils import logging as hf_logging
 
-        (hf_logging.disable_progress_bar if args.no_progress else hf_logging.enable_progress_bar)()
-    return int(args.func(args) or 0)
+                (hf_logging.disable_progress_bar if args.no_progress
+                 else hf_logging.enable_progress_bar)()
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt:    # before a command's own handler (e.g. importing transformers)
+        print(f"ultraedit {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

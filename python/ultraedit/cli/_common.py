@@ -3,21 +3,43 @@ JSON files, CPU threads and a description of the machine."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..temporary import temporary_file
 
 EXIT_USAGE = 2          # a bad argument, path or input: one line on stderr, nothing done
-EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
 # = ultraedit.eval.EDIT_WORDINGS, spelled here so that --help does not import torch
 EDIT_WORDINGS = ("prompt", "question", "both")
 
 
 class UsageError(Exception):
     """A bad argument, path or input: reported as one line, exit status 2."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM (a scheduler's stop, ``timeout``) raises ``KeyboardInterrupt``,
+    so a command stops as on Ctrl-C: its partial results kept and marked ``interrupted``."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def error(command: str, msg: str) -> int:
@@ -65,10 +87,10 @@ def check_output_paths(paths: Sequence[Tuple[str, Optional[str]]],
         if not path:
             continue
         full = os.path.abspath(path)
-        if full in seen:
-            raise UsageError(f"{seen[full]} and {flag} both name {path!r}; give different files")
-        seen[full] = flag
         real = os.path.realpath(full)
+        if real in seen:   # the same file, also through a symbolic link
+            raise UsageError(f"{seen[real]} and {flag} both name {path!r}; give different files")
+        seen[real] = flag
         for in_flag, inp in given_inputs:
             if real == inp or (os.path.isdir(inp) and _within(real, inp) and os.path.exists(real)):
                 raise UsageError(f"{flag} {path!r} would overwrite {in_flag} {inp!r}")

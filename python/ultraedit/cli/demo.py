@@ -21,8 +21,8 @@ from typing import Any, Dict
 from ._common import (EDIT_WORDINGS, EXIT_INTERRUPTED, UsageError, add_machine_options,
                       check_output_paths, check_threads, error, fmt, load_cli_model, machine,
                       peak_rss_bytes, prepare_machine, split_csv, write_json)
-from .options import add_method_options, build_editor, check_method_options, resolve, \
-    resolved_config
+from .options import add_method_options, build_editor, check_method_options, input_files, \
+    resolve, resolved_config
 
 DEMO_RELATIONS = ("capital", "language")   # = ultraedit.eval.DEMO_RELATIONS, without importing it
 
@@ -70,7 +70,9 @@ def _demo(args: argparse.Namespace) -> int:
     if args.turns < 1 or args.edits_per_turn < 1:
         raise UsageError("--turns and --edits-per-turn must be at least 1")
     check_threads(args.threads)
-    check_output_paths([("--json", args.json)])
+    check_output_paths([("--json", args.json)],
+                       inputs=[("--model", args.model if args.model and os.path.isdir(args.model)
+                                else None), *input_files(args)])
     check_method_options(args)
     relations = split_csv(args.relations) or list(DEMO_RELATIONS)
     from ..data import OFFLINE_RELATIONS, REPORT_RELATIONS, TUNING_RELATIONS

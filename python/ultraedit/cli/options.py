@@ -14,7 +14,7 @@ import dataclasses
 import sys
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..config import EditConfig, value_list
 from ._common import UsageError
@@ -22,11 +22,34 @@ from ._common import UsageError
 _DEST = "config_"   # argparse dest prefix of the EditConfig fields
 
 
+class _ReadFrom(list):
+    """A list option's values read from ``@FILE``; ``source`` is the file, an input that no
+    output of the command may replace."""
+    source = ""
+
+
 def _list(text: str) -> List[str]:
     try:
-        return value_list(text)
+        values = value_list(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+    if text.startswith("@"):
+        values = _ReadFrom(values)
+        values.source = text[1:]
+    return values
+
+
+def input_files(args: argparse.Namespace) -> List[Tuple[str, str]]:
+    """``(flag, path)`` of every file the editing options read: ``--preset FILE`` and each
+    ``--FIELD @FILE``; the outputs are checked against them before any work."""
+    import os
+
+    found = [("--preset", args.preset)] if args.preset and os.path.isfile(args.preset) else []
+    for f in dataclasses.fields(EditConfig):
+        value = getattr(args, _DEST + f.name, None)
+        if isinstance(value, _ReadFrom):
+            found.append((_flag(f.name), value.source))
+    return found
 
 
 def _str_or_bool(text: str):
@@ -88,8 +111,9 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
 
 def given_options(args: argparse.Namespace) -> Dict[str, Any]:
     """The EditConfig fields given on the command line."""
-    return {f.name: getattr(args, _DEST + f.name) for f in dataclasses.fields(EditConfig)
-            if getattr(args, _DEST + f.name, None) is not None}
+    given = {f.name: getattr(args, _DEST + f.name) for f in dataclasses.fields(EditConfig)
+             if getattr(args, _DEST + f.name, None) is not None}
+    return {k: list(v) if isinstance(v, _ReadFrom) else v for k, v in given.items()}
 
 
 def resolve(args: argparse.Namespace, model, **changes) -> EditConfig:
@@ -125,6 +149,10 @@ def check_method_options(args: argparse.Namespace) -> None:
             for name, value in given_options(args).items():
                 if name != "modules":
                     EditConfig.paper(**{name: value})
+        if getattr(args, _DEST + "delta_device", None) is not None:   # 'gpu9', 'cuda' on a CPU
+            from ..state import storage_device
+
+            storage_device(getattr(args, _DEST + "delta_device"))
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
 

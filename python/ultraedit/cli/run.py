@@ -39,7 +39,7 @@ from typing import Any, Dict, List
 from ._common import (EDIT_WORDINGS, EXIT_INTERRUPTED, UsageError, add_machine_options,
                       check_output_paths, check_threads, error, fmt, load_cli_model, machine,
                       peak_rss_bytes, prepare_machine, split_csv, write_json)
-from .options import add_method_options, build_editor, check_method_options, \
+from .options import add_method_options, build_editor, check_method_options, input_files, \
     preset_edit_wordings, resolve, resolved_config
 
 DATA_FORMATS = ("auto", "zsre", "counterfact", "fever", "wikibigedit", "ultraeditbench",
@@ -152,6 +152,19 @@ def _check_export(args: argparse.Namespace) -> None:
         raise UsageError(f"--export-delta: {err}") from None
 
 
+def _check_records(editor, records, wordings: str, source: str, per_turn: int) -> None:
+    """Every record's edit requests as the editor would refuse them (too long for the model's
+    context, a subject not in its prompt, ...): a :class:`UsageError` naming the record, before
+    any file is written or any work done."""
+    from ..eval import edit_requests
+
+    for i, record in enumerate(records):
+        try:
+            editor.check_requests(edit_requests(record, wordings))
+        except ValueError as err:
+            raise UsageError(f"{source}: record {i} (turn {i // per_turn + 1}): {err}") from None
+
+
 def check_plot_format(path) -> None:
     """A ``--plot`` whose suffix matplotlib cannot write is a :class:`UsageError` before any
     work (it needs matplotlib: checked here too)."""
@@ -172,10 +185,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.turns < 1 or args.edits_per_turn < 1:
         raise UsageError("--turns and --edits-per-turn must be at least 1")
     check_threads(args.threads)
+    if args.eval_mode == "end" and (args.turn_wild or args.turn_generation):
+        raise UsageError("--turn-wild and --turn-generation add to the per-turn evaluation: "
+                         "use them with --eval every or both")
     check_output_paths([("--json", args.json), ("--plot", args.plot),
                         ("--records-out", args.records_out)],
                        inputs=[("--data", None if args.data == "offline" else args.data),
-                               ("--model", args.model if os.path.isdir(args.model) else None)],
+                               ("--model", args.model if os.path.isdir(args.model) else None),
+                               ("--exclude-subjects", args.exclude_subjects),
+                               *input_files(args)],
                        out_dir=("--export-delta", args.export_delta))
     check_plot_format(args.plot)
     _check_export(args)
@@ -191,7 +209,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--relations, --split and --exclude-subjects apply to --data offline "
                          "only")
     n = args.turns * args.edits_per_turn
-    from ..data import (OFFLINE_RELATIONS, DataFormatError, drop_edited_locality, load_records,
+    from ..data import (OFFLINE_RELATIONS, DataFormatError, drop_edited_locality, read_records,
                         split_relations)
 
     split = args.split or "all"
@@ -206,10 +224,10 @@ def _run(args: argparse.Namespace) -> int:
         if outside:
             raise UsageError(f"relation(s) {outside} are not in the {split} split "
                              f"{list(split_relations(split))}")
-    records = None
+    records, data_format = None, "offline"
     if not offline:       # read the file before the model: bad files fail fast
         try:
-            records = load_records(args.data, args.format, limit=n)
+            records, data_format = read_records(args.data, args.format, limit=n)
         except (DataFormatError, ValueError) as err:
             raise UsageError(str(err)) from None
         if len(records) < n:
@@ -250,6 +268,8 @@ def _run(args: argparse.Namespace) -> int:
           f"{args.data} ({data_s:.1f}s): {rel_count}", file=sys.stderr)
     progress = not args.no_progress
     editor = build_editor(model, tok, config, progress=progress)
+    _check_records(editor, records, args.edit_wordings,
+                   "the offline facts" if offline else args.data, args.edits_per_turn)
     if args.records_out:   # after the editor accepted the settings: a refused run writes nothing
         from ..data import save_records
 
@@ -258,14 +278,14 @@ def _run(args: argparse.Namespace) -> int:
     result: Dict[str, Any] = {
         "command": " ".join(["ultraedit"] + sys.argv[1:]),
         "config": {"model": args.model, "data": args.data,
-                   "format": "offline" if offline else args.format,
+                   "format": data_format, "format_given": args.format,
                    "relations": relations if offline else None,
                    "split": split if offline else None, "seed": args.seed,
                    "excluded_subjects": len(excluded) if offline else None,
                    "threads": torch.get_num_threads(), "turns": args.turns,
                    "edits_per_turn": args.edits_per_turn, "preset": args.preset,
-                   "eval": args.eval_mode, "generation": args.generation,
-                   "turn_generation": args.turn_generation, "wild": args.wild,
+                   "eval": args.eval_mode, "generation": args.generation and at_end,
+                   "turn_generation": args.turn_generation, "wild": args.wild and at_end,
                    "turn_wild": args.turn_wild, "true_facts": args.true_facts,
                    "edit_wordings": args.edit_wordings},
         "edit_config": resolved_config(editor),
@@ -329,6 +349,12 @@ def _print_summary(result: Dict[str, Any], args) -> None:
                 ls = sc.get("ls" + suffix)
                 print(f"{name:22s} {fmt(sc['es' + suffix])}  {fmt(sc['gs' + suffix])}  "
                       f"{fmt(ls)}  {fmt(sc.get('pt' + suffix))}")
+    if not final:   # --eval every: each turn's scores on its own edits
+        print("per turn, over that turn's edits (teacher-forced)   ES     GS     LS")
+        for row in result["turns"]:
+            tf = (row.get("metrics") or {}).get("teacher_forced") or {}
+            print(f"turn {row['turn']:<4d} {row['edits']:>5d} edits{'':29s}{fmt(tf.get('es'))}  "
+                  f"{fmt(tf.get('gs'))}  {fmt(tf.get('ls'))}")
     true = result.get("true_facts")
     if true and true.get("n"):
         print(f"the unedited model on the TRUE answers of {true['n']} records (facts it knows)")
@@ -342,14 +368,13 @@ def _print_summary(result: Dict[str, Any], args) -> None:
             print(f"teacher-forced GS after editing over the {true['known_paraphrases']} "
                   f"paraphrases it completed with the true answer: {fmt(tf['gs_known'])}")
     t = result["timing"]
-    if args.wild or args.turn_wild:
+    if result["config"]["wild"] or args.turn_wild:
         wild_s = sum(t.get(k) or 0.0 for k in ("wild_reference_s", "wild_every_s", "wild_end_s"))
         print(f"WILD-style evaluation: {wild_s:.1f}s of the run (unedited answers "
               f"{t.get('wild_reference_s') or 0:.1f}s, per turn {t.get('wild_every_s') or 0:.1f}s, "
               f"final {t.get('wild_end_s') or 0:.1f}s)")
     print(f"time per turn {t['turn_s_mean']:.2f}s (forward+backward {t['fwd_bwd_s']:.1f}s, "
           f"editor {t['editor_s']:.1f}s in total); {t['edits_per_s'] or 0:.1f} edits/s")
-    if args.json:
-        print(f"wrote {args.json}")
-    if args.plot:
-        print(f"wrote {args.plot}")
+    for path in (args.json, args.plot, args.records_out):
+        if path:
+            print(f"wrote {path}")

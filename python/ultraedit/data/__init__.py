@@ -8,11 +8,11 @@
 """
 
 from .records import EditRecord, LocalityPrompt, RecordValidationError, drop_edited_locality
-from .formats import FORMATS, DataFormatError, load_records, save_records
+from .formats import FORMATS, DataFormatError, load_records, read_records, save_records
 from .offline import (OFFLINE_RELATIONS, REPORT_RELATIONS, SPLITS, TUNING_RELATIONS, offline_facts,
                       split_relations)
 
 __all__ = ["EditRecord", "LocalityPrompt", "RecordValidationError", "OFFLINE_RELATIONS",
            "TUNING_RELATIONS", "REPORT_RELATIONS", "SPLITS", "split_relations", "offline_facts",
-           "FORMATS", "DataFormatError", "load_records",
+           "FORMATS", "DataFormatError", "load_records", "read_records",
            "save_records", "drop_edited_locality"]

@@ -54,7 +54,9 @@ wikibigedit (Thede et al., 2025)::
 ultraeditbench (UltraEdit, Gu et al., 2025): the zsRE-style keys above (``src``/``alt``/
 ``rephrase``/``loc``/``loc_ans``, with ``prompt``/``target_new``/``rephrase_prompt``/
 ``locality_prompt``/``locality_ground_truth`` accepted as aliases), i.e. the zsre mapping with
-the easyedit aliases. Auto-detection reads such files as zsre (the same mapping).
+the easyedit aliases. Auto-detection reads such files as zsre (the same mapping), and a file
+under EasyEdit's names whose ``locality_prompt`` is a zsRE "nq question: ..." as ultraeditbench
+(so its locality questions are asked as in zsre).
 
 easyedit (EasyEdit's ``prompt``/``target_new`` files, incl. KnowEdit)::
 
@@ -84,8 +86,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .records import EditRecord, LocalityPrompt, RecordValidationError
 
-__all__ = ["FORMATS", "DataFormatError", "load_records", "save_records", "detect_format",
-           "read_raw", "map_record"]
+__all__ = ["FORMATS", "DataFormatError", "load_records", "read_records", "save_records",
+           "detect_format", "read_raw", "map_record"]
 
 
 class DataFormatError(ValueError):
@@ -414,10 +416,17 @@ def detect_format(record: dict) -> Optional[str]:
     if keys & {"alternatives", "filtered_rephrases"} or ("claim" in keys and "label" in keys):
         return "fever"
     if {"prompt", "target_new"} <= keys:
+        loc = record.get("locality_prompt")
+        if isinstance(loc, str) and loc.startswith("nq question:"):
+            return "ultraeditbench"   # zsRE's locality under EasyEdit's names: the zsre mapping
         return "easyedit"
     if {"prompt", "target"} <= keys:
         return "records"
     return None
+
+
+def _is_json_lines(path: str) -> bool:
+    return path.lower().endswith((".jsonl", ".ndjson"))
 
 
 def read_raw(path: str) -> List[Any]:
@@ -430,7 +439,7 @@ def read_raw(path: str) -> List[Any]:
     except UnicodeDecodeError as err:
         raise DataFormatError(path, None, None, f"not UTF-8 text (byte {err.start}: "
                                                 f"{err.reason}); a data file is JSON") from None
-    if path.endswith(".jsonl"):
+    if _is_json_lines(path):
         rows = []
         for line_no, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -490,7 +499,7 @@ def load_records(path: str, format: str = "auto", limit: Optional[int] = None) -
     """Load a data file as :class:`EditRecord` objects.
 
     Args:
-        path: a ``.json`` or ``.jsonl`` file.
+        path: a ``.json`` file, or a ``.jsonl``/``.ndjson`` file (one record per line).
         format: ``"auto"`` (detected from the first record's keys) or one of :data:`FORMATS`.
         limit: read at most this many records (from the start).
 
@@ -499,6 +508,13 @@ def load_records(path: str, format: str = "auto", limit: Optional[int] = None) -
             does not fit (the message names the file, record index and source field).
         FileNotFoundError: no such file.
     """
+    return read_records(path, format, limit)[0]
+
+
+def read_records(path: str, format: str = "auto",
+                 limit: Optional[int] = None) -> Tuple[List[EditRecord], Optional[str]]:
+    """``(load_records(path, format, limit), the format read)``: with ``"auto"`` the detected
+    one (None for an empty file)."""
     path = os.fspath(path)
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose 'auto' or one of {sorted(FORMATS)}")
@@ -507,13 +523,13 @@ def load_records(path: str, format: str = "auto", limit: Optional[int] = None) -
         raw = raw[:limit]
     if format == "auto":
         if not raw:
-            return []
+            return [], None
         format = detect_format(raw[0])
         if format is None:
             keys = sorted(raw[0])[:12] if isinstance(raw[0], dict) else type(raw[0]).__name__
             raise DataFormatError(path, 0, None, f"cannot detect the format from keys {keys}; "
                                                  f"pass format= one of {sorted(FORMATS)}")
-    return [map_record(r, format, path, i) for i, r in enumerate(raw)]
+    return [map_record(r, format, path, i) for i, r in enumerate(raw)], format
 
 
 def save_records(records: Sequence[EditRecord], path: str) -> None:
@@ -524,7 +540,7 @@ def save_records(records: Sequence[EditRecord], path: str) -> None:
     path = os.fspath(path)
     rows = [r.to_dict() for r in records]
     with atomic_write(path) as fh:   # a failed write leaves no half file (nor a truncated old one)
-        if path.endswith(".jsonl"):
+        if _is_json_lines(path):
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         else:

@@ -21,9 +21,12 @@
 
 It returns a result dict (``status``, ``edits``, ``turns`` with one row per turn, ``before``,
 ``final``, ``true_facts``, ``timing``, ``memory``) and hands it to ``on_update`` whenever it
-changes, so that a caller can keep a file of the partial results. An interrupted run (Ctrl-C)
-is marked ``"status": "interrupted"`` before the interrupt goes on; an error is recorded as
-``error`` (``status`` then names the stage it stopped in) before it goes on.
+changes, so that a caller can keep a file of the partial results. While it runs ``status``
+names the stage (``"turn 3 of 10"``, ``"final evaluation"``, ...); at the end it is ``"done"``.
+An interrupted run (Ctrl-C) is marked ``"status": "interrupted"`` before the interrupt goes on;
+an error is recorded as ``error``, with ``"status": "failed in: <stage>"``, before it goes on.
+Requests the editor would refuse (``check_requests``) raise before anything runs and before
+``on_update`` is first called.
 
 With ``progress``, bars on stderr show the locality reference and every evaluation batch, and
 the editing bar moves once per micro-batch forward of every step of a turn.
@@ -176,11 +179,17 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
     # "auto": as many as fit, the whole turn when it does (the bar counts forwards)
     micro_batch = max(1, edits_per_turn) if micro_batch == "auto" else int(micro_batch)
     known = None   # the paraphrases the unedited model completes with the true answer
+    check = getattr(editor, "check_requests", None)
+    if check is not None:     # every turn's requests, before any work or any file: a bad record
+        for turn_requests in requests:   # in the last turn must not stop the run after the first
+            check(turn_requests)
+    stage = "running"
+
+    def enter(name: str) -> None:     # the stage the JSON shows while it runs, or stopped in
+        nonlocal stage
+        stage = result["status"] = name
     try:
-        check = getattr(editor, "check_requests", None)
-        if check is not None:     # every turn's requests, before any work: a bad record in the
-            for turn_requests in requests:   # last turn must not stop the run after the first
-                check(turn_requests)
+        enter("unedited locality reference")
         t0 = time.perf_counter()
         ref_generation = (generation and eval_end) or turn_generation
         with _measured(progress, locality_work(records, ref_generation),
@@ -190,6 +199,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
         result["timing"]["locality_reference_s"] = time.perf_counter() - t0
         any_wild = (wild and eval_end) or (turn_wild and eval_every)
         if any_wild:   # timed apart: what WILD adds
+            enter("unedited answers (WILD-style)")
             t0 = time.perf_counter()
             with _measured(progress, locality_work(records, reference=ref, wild=True),
                            "unedited answers (WILD-style)") as tick:
@@ -197,6 +207,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                                    progress=tick)
             result["timing"]["wild_reference_s"] = time.perf_counter() - t0
         if true_facts:
+            enter("unedited model on the true answers")
             t0 = time.perf_counter()
             with _measured(progress, true_fact_work(records, any_wild),
                            "unedited model on the true answers") as tick:
@@ -206,7 +217,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
             result["true_facts"] = {**true, "known_paraphrases": len(known)}
             result["timing"]["true_facts_s"] = time.perf_counter() - t0
         if eval_before:
-            result["status"] = "evaluation before editing"
+            enter("evaluation before editing")
             t0 = time.perf_counter()
             with _measured(progress, evaluation_work(records, ref), "evaluation before editing",
                            leave=True) as tick:
@@ -214,7 +225,6 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                                        progress=tick, known_paraphrases=known)
             result["before"] = {"teacher_forced": teacher_forced_scores(res)}
             result["timing"]["eval_before_s"] = time.perf_counter() - t0
-            result["status"] = "running"
         notify(result)
 
         batches = [math.ceil(len(q) / micro_batch) for q in requests]
@@ -222,6 +232,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
         edited = 0
         try:
             for turn, (chunk, n_batches) in enumerate(zip(chunks, batches), 1):
+                enter(f"turn {turn} of {len(chunks)}")
                 watcher = _TurnProgress(bar, model, turn, len(chunks), n_batches, steps)
                 with watcher.watch():
                     rep = editor.edit(requests[turn - 1])
@@ -236,6 +247,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                     "micro_batch": getattr(rep, "micro_batch", None)}
                 post = {"edits/s": f"{len(chunk) / rep.turn_s:.1f}" if rep.turn_s > 0 else "inf"}
                 if eval_every:
+                    enter(f"evaluation of turn {turn}")
                     te = time.perf_counter()
                     with _measured(progress, evaluation_work(chunk, ref, turn_generation),
                                    f"evaluating turn {turn}") as tick:
@@ -276,7 +288,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                                 "peak_source": rows[0]["peak_source"],
                                 "capture_bytes": max(r["capture_bytes"] for r in rows)}
         if eval_end:
-            result["status"] = "final evaluation"
+            enter("final evaluation")
             notify(result)
             done = records[:edited]
             te = time.perf_counter()
@@ -300,7 +312,8 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
         result["status"] = "interrupted"
         notify(result)
         raise
-    except Exception as err:    # the status keeps the stage it stopped in
+    except Exception as err:    # the status names the stage it stopped in
+        result["status"] = f"failed in: {stage}"
         result["error"] = f"{type(err).__name__}: {err}"
         notify(result)
         raise

@@ -64,6 +64,9 @@ def plot_run(result: Dict[str, Any], path: str) -> None:
         ev = [r.get("eval_s") for r in rows]
         if any(v is not None for v in ev):
             ax2.plot(x, [v or 0 for v in ev], "s--", color="tab:blue", label="per-turn eval")
+    from matplotlib.ticker import MaxNLocator
+
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))   # turns are whole numbers
     ax2.set_xlabel("turn")
     ax2.set_ylabel("seconds")
     ax2.grid(alpha=0.3)
