@@ -756,3 +756,11 @@ def test_eval_every_prints_each_turns_scores_and_records_what_was_scored(model_d
     assert "turn 1" in printed and "turn 2" in printed
     config = json.loads((tmp_path / "r.json").read_text())["config"]
     assert config["wild"] is False and config["generation"] is False
+
+
+def test_a_model_without_a_measured_preset_is_told_so(model_dir, tmp_path, capsys):
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    assert main(_base(model_dir, data, tmp_path, "--eval", "end", "--no-wild")) == 0
+    assert "note: no measured preset for this llama model" in capsys.readouterr().err
+    assert main(_base(model_dir, data, tmp_path, "--eval", "end", "--no-wild", "--lr", "1e-3")) == 0
+    assert "no measured preset" not in capsys.readouterr().err

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["EditConfig", "resolve_config", "model_fingerprint", "preset_names", "PAPER_LR", "BEYOND_PAPER",
-           "FINGERPRINT_KEYS", "PAPER_MICRO_BATCH", "preset_files", "PRESETS_ENV"]
+__all__ = ["EditConfig", "resolve_config", "model_fingerprint", "measured_preset", "preset_names",
+           "PAPER_LR", "BEYOND_PAPER", "FINGERPRINT_KEYS", "PAPER_MICRO_BATCH", "preset_files",
+           "PRESETS_ENV"]
 
 PAPER_LR = 1e-6
 # the paper's micro-batch: its loss is the mean over each group of 10 requests' answer tokens
@@ -315,13 +316,9 @@ class EditConfig:
         paper's config. Searched in order: ``presets`` (preset files or folders of them), the
         folders or files of ``$ULTRAEDIT_PRESETS`` (separated by ``os.pathsep``; e.g. the output
         of ``ultraedit tune``), then the shipped presets; the first match wins."""
-        fp = model_fingerprint(model)
-        for path in preset_files(presets):
-            data = _read_json(path)
-            want = data.get("fingerprint", {}) if isinstance(data, dict) else None
-            if want and isinstance(data.get("config"), dict) and all(
-                    fp.get(k) == v for k, v in want.items()):
-                return cls.from_dict(_over_preset(data["config"], overrides))
+        path = measured_preset(model, presets)
+        if path is not None:
+            return cls.from_dict(_over_preset(_read_json(path)["config"], overrides))
         return cls.paper(**overrides)
 
     # ------------------------------------------------------------------ (de)serialization
@@ -387,6 +384,20 @@ def _holding_follows(base: Dict[str, Any], changes: Dict[str, Any]) -> Dict[str,
 def _over_preset(values: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
     """A preset's config ``values`` with ``overrides`` laid over them (:func:`_holding_follows`)."""
     return {**values, **_holding_follows(values, overrides)}
+
+
+def measured_preset(model, presets: Optional[Sequence[Union[str, Path]]] = None) -> Optional[Path]:
+    """The preset file :meth:`EditConfig.for_model` takes for ``model`` (the first whose
+    fingerprint equals ``model_fingerprint(model)``, searched as it searches), or None: then
+    it takes the paper's config."""
+    fp = model_fingerprint(model)
+    for path in preset_files(presets):
+        data = _read_json(path)
+        want = data.get("fingerprint", {}) if isinstance(data, dict) else None
+        if want and isinstance(data.get("config"), dict) and all(
+                fp.get(k) == v for k, v in want.items()):
+            return Path(path)
+    return None
 
 
 def resolve_config(model, config=None, overrides: Optional[Dict[str, Any]] = None) -> EditConfig:

@@ -135,9 +135,15 @@ class CaptureSession:
 
     @staticmethod
     def _rows(rows: MaskRows, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[:2]) != rows.shape:
+        batch, length = rows.shape
+        # B x L x d, or the B*L x d rows some models flatten their MLP input to (OPT, MoE
+        # shared experts): the same row order either way
+        flat = x.dim() == 2 and x.shape[0] == batch * length
+        if tuple(x.shape[:2]) != rows.shape and not flat:
             raise RuntimeError(f"activation of shape {tuple(x.shape)} does not match the answer "
-                               f"mask {rows.shape} (batch x length)")
+                               f"mask {rows.shape} (batch x length): an edited module must see "
+                               f"one row per token (a mixture-of-experts expert sees only the "
+                               f"tokens routed to it and cannot be edited)")
         # only the answer rows are copied: n x d, not B x L x d
         return x.reshape(-1, x.shape[-1]).index_select(0, rows.on(x.device))
 
@@ -153,15 +159,21 @@ class CaptureSession:
             x = inputs[0] if isinstance(inputs, tuple) else inputs
             frame.keys[name] = self._rows(frame.rows, x.detach())
             out = output[0] if isinstance(output, tuple) else output
+            replaced = None
             if not out.requires_grad:
                 # Earliest edited module: its output starts the graph (a leaf; no weight grads).
+                # The model gets a copy: some add to the module's output in place (Falcon's
+                # `mlp_output += attention_output`), which a leaf that requires grad forbids.
                 out.requires_grad_(True)
+                replaced = out.clone()
 
             def grad_hook(grad):
                 frame.grads[name] = self._rows(frame.rows, grad.detach())
 
             out.register_hook(grad_hook)
-            return None
+            if replaced is None:
+                return None
+            return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
 
         return forward_hook
 

@@ -20,6 +20,13 @@ gptj             28   mlp.fc_out 18-26                           (GPT-J-6B)
 gpt2             48   mlp.c_proj 36-45  (no paper choice; GPT-J's relative depth)
 =============  =====  ============================================================
 
+Any other architecture (OPT, GPT-NeoX, Falcon, BLOOM, StableLM, OLMo, GPTBigCode, a
+mixture-of-experts model's shared expert, ...) gets the MLP's output projection found by
+structure (:func:`mlp_output_template`: in the first decoder layer, the one Linear/Conv1D that maps
+a wider input to the hidden size), at GPT-J's relative depth (18-26 of 28) for answer positions.
+A model where no single such module exists (a mixture of experts without a shared expert) needs
+``modules=``.
+
 The embedded SmolLM2-135M-Instruct (llama, 30 layers, hidden 576, MLP 1536) has its own
 *measured* default (``EMBEDDED_SMOLLM2``), chosen by the measurement in experiments/tuning.md.
 
@@ -39,8 +46,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
-__all__ = ["resolve_modules", "default_module_names", "module_layout", "module_dims",
-           "ARCH_DEFAULTS", "EMBEDDED_SMOLLM2", "EMBEDDED_SMOLLM2_SUBJECT",
+__all__ = ["resolve_modules", "default_module_names", "paper_module_names", "mlp_output_template",
+           "module_layout", "module_dims", "ARCH_DEFAULTS", "EMBEDDED_SMOLLM2", "EMBEDDED_SMOLLM2_SUBJECT",
            "is_embedded_smollm2"]
 
 # model_type -> (reference depth, [(module template with {i}, first layer, last layer)])
@@ -98,6 +105,60 @@ MLP_OUT: Dict[str, str] = {
 }
 
 
+# where an architecture the tables above do not name gets its MLP output projections for answer
+# positions: GPT-J's choice (fc_out 18-26 of 28), the paper's one MLP-output choice of a
+# 28-layer model
+_GENERIC_ANSWER = (28, 18, 26)
+
+
+def _hidden_size(cfg) -> Optional[int]:
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def mlp_output_template(model: nn.Module) -> Optional[str]:
+    """``"<decoder layers>.{i}.<MLP output projection>"`` for ``model``: from ``MLP_OUT`` for the
+    architectures it names, else found by structure: the first ``nn.ModuleList`` with one entry
+    per layer holds the decoder layers, and in its first layer the one Linear/Conv1D whose input
+    is wider than the hidden size and whose output is the hidden size is the MLP's output
+    projection. None when there is no such single module."""
+    cfg = getattr(model, "config", None)
+    model_type = getattr(cfg, "model_type", None)
+    if model_type in MLP_OUT:
+        return MLP_OUT[model_type]
+    try:
+        n = _n_layers(cfg)
+    except ValueError:
+        return None
+    hidden = _hidden_size(cfg)
+    stacks = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, nn.ModuleList) and len(m) == n and name]
+    if hidden is None or not stacks:
+        return None
+    prefix, layers = stacks[0]
+    found = []
+    for rel, sub in layers[0].named_modules():
+        try:
+            d_in, d_out = module_dims(sub)
+        except (TypeError, AttributeError):
+            continue
+        if d_out == hidden and d_in > hidden:
+            found.append(rel)
+    return f"{prefix}.{{i}}.{found[0]}" if len(found) == 1 else None
+
+
+def _no_default(model: nn.Module) -> ValueError:
+    cfg = getattr(model, "config", None)
+    return ValueError(f"no default edited modules for model_type "
+                      f"{getattr(cfg, 'model_type', None)!r}: the tables name {sorted(MLP_OUT)} "
+                      f"and no single MLP output projection was found in its decoder layers (a "
+                      f"mixture of experts?); pass modules=[names or patterns] (--modules on the "
+                      f"command line)")
+
+
 def default_module_names(model: nn.Module, positions: str = "answer") -> List[str]:
     """The default edited module names for ``model`` (see the module docstring).
 
@@ -109,14 +170,12 @@ def default_module_names(model: nn.Module, positions: str = "answer") -> List[st
     if positions == "subject":
         if is_embedded_smollm2(model):
             return list(EMBEDDED_SMOLLM2_SUBJECT)
-        cfg = getattr(model, "config", None)
-        model_type = getattr(cfg, "model_type", None)
-        if model_type not in MLP_OUT:
-            raise ValueError(f"no default subject-position modules for model_type {model_type!r} "
-                             f"(known: {sorted(MLP_OUT)}); pass modules=[names or patterns]")
-        n = _n_layers(cfg)
+        template = mlp_output_template(model)
+        if template is None:
+            raise _no_default(model)
+        n = _n_layers(model.config)
         layers = sorted({min(n - 1, round(i * n / 30)) for i in range(4, 9)})
-        return _nested([MLP_OUT[model_type].format(i=i) for i in layers], model)
+        return _nested([template.format(i=i) for i in layers], model)
     if is_embedded_smollm2(model):
         return list(EMBEDDED_SMOLLM2)
     return paper_module_names(model)
@@ -124,13 +183,18 @@ def default_module_names(model: nn.Module, positions: str = "answer") -> List[st
 
 def paper_module_names(model: nn.Module) -> List[str]:
     """The paper's module choice for ``model``'s architecture, mapped to its depth
-    (``ARCH_DEFAULTS``); also for the embedded SmolLM2, whose editor default differs."""
+    (``ARCH_DEFAULTS``); also for the embedded SmolLM2, whose editor default differs. An
+    architecture the table does not name gets its MLP output projection
+    (:func:`mlp_output_template`) at GPT-J's relative depth."""
     cfg = getattr(model, "config", None)
     model_type = getattr(cfg, "model_type", None)
-    if model_type not in ARCH_DEFAULTS:
-        raise ValueError(f"no default edited modules for model_type {model_type!r} (known: "
-                         f"{sorted(ARCH_DEFAULTS)}); pass modules=[names or patterns]")
-    ref, groups = ARCH_DEFAULTS[model_type]
+    if model_type in ARCH_DEFAULTS:
+        ref, groups = ARCH_DEFAULTS[model_type]
+    else:
+        template = mlp_output_template(model)
+        if template is None:
+            raise _no_default(model)
+        ref, groups = _GENERIC_ANSWER[0], [(template, *_GENERIC_ANSWER[1:])]
     n = _n_layers(cfg)
     names: List[str] = []
     for template, first, last in groups:

@@ -129,11 +129,27 @@ def resolve(args: argparse.Namespace, model, **changes) -> EditConfig:
         if given.get("modules") == ["paper"]:
             given["modules"] = paper_module_names(model)
         config = resolve_config(model, args.preset, given)
+        if args.preset is None and not changes:
+            note_paper_fallback(model, given)
         # modules that match nothing (or are not Linear) fail here, before any data is selected
         resolve_modules(model, config.modules, config.positions)
         return config
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
+
+
+def note_paper_fallback(model, given: Dict[str, Any]) -> None:
+    """Say so on stderr when no measured preset fits ``model`` and the paper's settings are
+    used as they are (its lr of 1e-6 barely changes small models), with what to do about it."""
+    from ..config import measured_preset
+
+    if measured_preset(model) is not None or "lr" in given:
+        return
+    cfg = getattr(model, "config", None)
+    print(f"note: no measured preset for this {getattr(cfg, 'model_type', '?')} model: using the "
+          f"paper's settings (lr 1e-6, {'the given modules' if 'modules' in given else 'its modules'}"
+          f"), which barely change small models; `ultraedit tune --model DIR` searches a preset "
+          f"for it, or give --lr/--preset (docs/config.md)", file=sys.stderr)
 
 
 def check_method_options(args: argparse.Namespace) -> None:
