@@ -696,14 +696,14 @@ def test_a_request_the_editor_refuses_is_a_one_line_error(model_dir, tmp_path, c
     naming the file and record before the first turn (every record's requests are checked
     first), and the earlier results at --json and --records-out are left as they were."""
     rows = [dict(r) for r in ZSRE]
-    rows[2]["src"] = "What is the capital of Italy, " + "the country, " * 200 + "?"
-    data = _write(tmp_path / "long.json", rows)
+    rows[2]["subject"] = "Atlantis"     # not in its prompt: refused at subject positions
+    data = _write(tmp_path / "subject.json", rows)
     (tmp_path / "r.json").write_text("earlier results")
     (tmp_path / "recs.jsonl").write_text("earlier records")
     for flag in ("--true-facts", "--no-true-facts"):
-        assert main(_base(model_dir, data, tmp_path, "--eval", "end", flag,
-                          "--records-out", str(tmp_path / "recs.jsonl"))) == 2
-        _one_line_error(capsys, f"{data}: record 2 (turn 2): ", "longer than the model's context")
+        assert main(_base(model_dir, data, tmp_path, "--eval", "end", flag, "--positions",
+                          "subject", "--records-out", str(tmp_path / "recs.jsonl"))) == 2
+        _one_line_error(capsys, f"{data}: record 2 (turn 2): ", "Atlantis")
         assert (tmp_path / "r.json").read_text() == "earlier results"
         assert (tmp_path / "recs.jsonl").read_text() == "earlier records"
 
@@ -764,3 +764,12 @@ def test_a_model_without_a_measured_preset_is_told_so(model_dir, tmp_path, capsy
     assert "note: no measured preset for this llama model" in capsys.readouterr().err
     assert main(_base(model_dir, data, tmp_path, "--eval", "end", "--no-wild", "--lr", "1e-3")) == 0
     assert "no measured preset" not in capsys.readouterr().err
+
+
+def test_a_paraphrase_longer_than_the_model_is_named_before_any_work(model_dir, tmp_path, capsys):
+    rows = [dict(r) for r in ZSRE]
+    rows[1]["rephrase"] = "Which " + "big " * 80 + "city is the capital?"
+    data = _write(tmp_path / "long.json", rows)
+    assert main(_base(model_dir, data, tmp_path)) == 2
+    _one_line_error(capsys, f"{data}: record 1: its paraphrases[0]", "longer than the model's")
+    assert not (tmp_path / "r.json").exists()

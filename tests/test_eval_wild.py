@@ -449,3 +449,19 @@ def test_lifelong_run_edits_through_the_chosen_wordings(ue_tokenizer):
     with pytest.raises(ValueError, match="wordings must be one of"):
         M.lifelong_run(model, tok, records, RecordingEditor(), turns=1, edits_per_turn=2,
                        progress=False, wordings="cloze")
+
+
+def test_decoding_stops_where_the_models_context_ends(ue_tokenizer):
+    """A model with learned positions (GPT-2, 64 of them) cannot decode past its context: each
+    row ends there, and a prompt that fills the context is a ValueError naming it."""
+    tok = ue_tokenizer
+    model = ue_tiny_model("gpt2", len(tok), seed=3)
+    limit = model.config.n_positions
+    prompt = " ".join(["Berlin"] * 40)
+    n_prompt = len(tok(prompt)["input_ids"])
+    assert n_prompt + M.MAX_NEW_TOKENS > limit > n_prompt
+    answers, ids = M.decode_answers(model, tok, [prompt, "Paris is in"], stop_strings=(),
+                                    return_ids=True)
+    assert len(ids[0]) <= limit - n_prompt and len(ids[1]) <= M.MAX_NEW_TOKENS
+    with pytest.raises(ValueError, match="leaves no room to decode"):
+        M.decode_answers(model, tok, [" ".join(["Berlin"] * 80)])

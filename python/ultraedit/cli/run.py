@@ -253,6 +253,13 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(str(err)) from None
     else:
         records = drop_edited_locality(records)
+        from ..eval import check_record_lengths
+        from ..turn import context_length
+
+        try:   # what the evaluation scores must fit the model, like what the editor edits
+            check_record_lengths(tok, records, context_length(model))
+        except ValueError as err:
+            raise UsageError(f"{args.data}: {err}") from None
     data_s = time.perf_counter() - t1
     if (config.positions == "subject" and args.config_positions is None
             and any(q.get("subject") is None or q["subject"] not in q["prompt"]

@@ -19,8 +19,8 @@ from .locality import FREE_LOCALITY_TOKENS, LocalityReference, locality_referenc
 from .loop import lifelong_run
 from .probing import (generation_scores, greedy_continuations, next_token_predictions,
                       token_accuracy)
-from .scores import (evaluate_records, evaluation_work, true_fact_scores, true_fact_work,
-                     wild_evaluation, wild_work)
+from .scores import (check_record_lengths, evaluate_records, evaluation_work, true_fact_scores,
+                     true_fact_work, wild_evaluation, wild_work)
 from .wild import (MAX_NEW_TOKENS, QA_TEMPLATE, STOP_STRINGS, answer_contains, answer_exact,
                    EDIT_WORDINGS, asked_as_questions, decode_answers, decode_batch_size,
                    edit_requests, normalize_answer, scored_records, wild_prompt)
@@ -30,7 +30,7 @@ __all__ = [
     "ngram_entropy", "fluency", "DEFAULT_FLUENCY_PROMPTS", "locality_reference",
     "LocalityReference", "FREE_LOCALITY_TOKENS", "evaluate_records", "evaluation_work", "filter_known", "demo_records",
     "offline_records", "DEMO_RELATIONS", "RUN_RELATIONS", "lifelong_run", "plot_run",
-    "wild_evaluation", "wild_work", "true_fact_scores", "true_fact_work", "decode_answers",
+    "wild_evaluation", "wild_work", "check_record_lengths", "true_fact_scores", "true_fact_work", "decode_answers",
     "decode_batch_size", "normalize_answer", "answer_exact",
     "answer_contains", "wild_prompt", "edit_requests", "EDIT_WORDINGS",
     "asked_as_questions", "scored_records", "QA_TEMPLATE",

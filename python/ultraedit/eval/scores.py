@@ -46,7 +46,7 @@ from .probing import (Progress, _prefix_fraction, _teacher_forced_ids, generatio
 from .wild import answer_contains, answer_exact, decode_answers, wild_judgements, wild_prompt
 
 __all__ = ["evaluate_records", "evaluation_work", "wild_evaluation", "wild_work",
-           "true_fact_scores", "true_fact_work"]
+           "true_fact_scores", "true_fact_work", "check_record_lengths"]
 
 
 def _mean(values: List[float]) -> Optional[float]:
@@ -350,3 +350,34 @@ def true_fact_scores(model, tokenizer, records: Sequence[EditRecord], wild: bool
         for k in ("wild_es", "wild_gs", "wild_es_contains", "wild_gs_contains"):
             out[k] = res[k]
     return out
+
+
+def check_record_lengths(tokenizer, records: Sequence[EditRecord],
+                         max_length: Optional[int]) -> None:
+    """A ``ValueError`` naming the first record (0-based) and field whose prompt with its answer
+    does not fit ``max_length`` tokens (the model's context, ``turn.context_length``): the
+    rewrite prompt and paraphrases with the longer of the new and true target, each locality
+    and portability prompt with its answer, and each prompt's question in the WILD-style form.
+    The evaluation scores all of them, and a model with learned positions (GPT-2) cannot run a
+    longer sequence. Nothing runs: the prompts are only tokenized."""
+    if max_length is None:
+        return
+    from ..tokenization import shown
+
+    def size(text: Optional[str]) -> int:
+        return len(tokenizer(text)["input_ids"]) if text else 0
+
+    for i, r in enumerate(records):
+        answer = max(size(" " + r.target), size(" " + r.target_true if r.target_true else None))
+        fields = [("prompt", r.prompt, answer)]
+        fields += [(f"paraphrases[{j}]", p, answer) for j, p in enumerate(r.paraphrases)]
+        fields += [(f"locality[{j}]", lp.prompt, max(1, size(" " + lp.answer if lp.answer
+                                                             else None)))
+                   for j, lp in enumerate(r.locality)]
+        fields += [(f"portability[{j}]", p, size(" " + a)) for j, (p, a) in
+                   enumerate(r.portability)]
+        for field, text, extra in fields:
+            need = max(size(text), size(wild_prompt(text, r.questions))) + extra
+            if need > max_length:
+                raise ValueError(f"record {i}: its {field} {shown(text)} is {need} tokens with "
+                                 f"its answer, longer than the model's context of {max_length}")

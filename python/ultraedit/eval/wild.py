@@ -37,7 +37,7 @@ from typing import Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from ..tokenization import _pad_id, special_prefix
+from ..tokenization import _pad_id, shown, special_prefix
 from .probing import (Progress, _cache_of, _device, _eval, _keep_rows, _prefill, _prompt_ids,
                       _stepper, _tick, rows_per_batch)
 
@@ -213,13 +213,23 @@ def decode_answers(model, tokenizer, prompts: Sequence[str],
     Batched by prompt length with left padding and a KV cache; rows that have stopped leave the
     batch (their rows of the cache are dropped), and a batch ends when all of its rows have. Equal, row for row, to decoding each prompt alone (what
     ``model.generate(..., do_sample=False, stop_strings=..., max_new_tokens=...)`` returns,
-    decoded and cut at the stop string). ``batch_size``: prompts per batch; None sizes it by
-    the KV cache (:func:`decode_batch_size`)."""
+    decoded and cut at the stop string). A row also ends where the model's context
+    (``max_position_embeddings``) is full; a prompt that fills it is a ValueError naming it.
+    ``batch_size``: prompts per batch; None sizes it by the KV cache
+    (:func:`decode_batch_size`)."""
+    from ..turn import context_length
+
     prompts = list(prompts)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     prefix = special_prefix(tokenizer)
     rows = [_prompt_ids(tokenizer, p, prefix) for p in prompts]
+    limit = context_length(model)    # a row also stops where the model's positions end
+    if limit is not None:
+        for p, r in zip(prompts, rows):
+            if len(r) >= limit:
+                raise ValueError(f"the prompt {shown(p)} is {len(r)} tokens, which leaves no "
+                                 f"room to decode an answer in the model's context of {limit}")
     if batch_size is None:
         batch_size = decode_batch_size(model, max((len(r) for r in rows), default=0),
                                        max_new_tokens)
@@ -253,6 +263,8 @@ def decode_answers(model, tokenizer, prompts: Sequence[str],
                     if cut is not None:
                         answers[idx[b]] = cut
                         rows_now[r] = None
+                    elif limit is not None and len(rows[idx[b]]) + len(gen[b]) >= limit:
+                        rows_now[r] = None      # the context is full: the answer ends here
                     else:
                         keep.append(r)
                 if not keep or step == max_new_tokens - 1:
