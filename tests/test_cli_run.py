@@ -277,7 +277,7 @@ def test_offline_selection(monkeypatch):
 
     seen = []
 
-    def two_of_three(records, model, tokenizer, batch_size=32):
+    def two_of_three(records, model, tokenizer, batch_size=32, progress=None):
         records = list(records)
         seen.extend(records)
         return [r for i, r in enumerate(records) if i % 3 != 2]

@@ -246,11 +246,20 @@ def _run(args: argparse.Namespace) -> int:
     config = resolve(args, model)
     t1 = time.perf_counter()
     if offline:
+        from tqdm.auto import tqdm
+
+        print(f"finding {n} offline facts the model knows (the unedited model answers each "
+              f"candidate; minutes for 1,000 on a CPU) ...", file=sys.stderr, flush=True)
+        bar = tqdm(desc="candidate facts checked", unit="fact", disable=args.no_progress,
+                   file=sys.stderr, dynamic_ncols=True, leave=False)
         try:
             records = offline_records(model, tok, n, relations=relations, seed=args.seed,
-                                      exclude_subjects=excluded, split=split)
+                                      exclude_subjects=excluded, split=split,
+                                      progress=bar.update)
         except ValueError as err:
             raise UsageError(str(err)) from None
+        finally:
+            bar.close()
     else:
         records = drop_edited_locality(records)
         from ..eval import check_record_lengths

@@ -90,7 +90,8 @@ def demo_records(model, tokenizer, n: int, relations: Sequence[str] = DEMO_RELAT
 def offline_records(model, tokenizer, n: int, relations: Sequence[str] = RUN_RELATIONS,
                     seed: int = 0, exclude_subjects: Sequence[str] = (), n_locality: int = 3,
                     batch_size: int = 32, split: str = "all",
-                    deadline: Optional[float] = None) -> List[EditRecord]:
+                    deadline: Optional[float] = None,
+                    progress: Progress = None) -> List[EditRecord]:
     """``n`` counterfactual offline records whose TRUE answer the unedited model predicts
     (:func:`filter_known`), relations interleaved round-robin (the selection of
     ``ultraedit run --data offline``).
@@ -101,7 +102,8 @@ def offline_records(model, tokenizer, n: int, relations: Sequence[str] = RUN_REL
     (``"all"``, ``"tuning"``, ``"report"``; ``ultraedit.data.split_relations``) refuses relations
     outside it. Locality prompts that are themselves edited in the run are dropped. ValueError
     when fewer than ``n`` known facts exist, or when ``deadline`` (a ``time.perf_counter()``
-    value) passes before ``n`` are found."""
+    value) passes before ``n`` are found. ``progress(k)`` is called as ``k`` more candidates
+    have been checked."""
     excluded = set(exclude_subjects)
     streams = []
     for rel in relations:
@@ -120,7 +122,7 @@ def offline_records(model, tokenizer, n: int, relations: Sequence[str] = RUN_REL
                              f"time allowed")
         chunk = max(64, int(1.6 * (n - len(known))))
         known += filter_known(candidates[start:start + chunk], model, tokenizer,
-                              batch_size=batch_size)
+                              batch_size=batch_size, progress=progress)
         start += chunk
     if len(known) < n:
         raise _too_few(len(known), n, relations)

@@ -198,6 +198,22 @@ def decode_batch_size(model, prompt_tokens: int, max_new_tokens: int = MAX_NEW_T
     return max(low, min(high, DECODE_CACHE_BYTES // max(1, per_row)))
 
 
+# the position-embedding tables of models whose positions are learned (GPT-2 and GPT-J-like
+# ``wpe``, OPT's ``embed_positions``, BERT-like ``position_embeddings``)
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+
+
+def learned_position_limit(model) -> Optional[int]:
+    """The model's context (``turn.context_length``) when its positions are a learned table,
+    which has no row past it; None for rotary or ALiBi positions, which run on (past the
+    trained length, as the model's own ``generate`` does)."""
+    from ..turn import context_length
+
+    tables = [m for name, m in model.named_modules()
+              if name.rsplit(".", 1)[-1] in _POSITION_TABLES and isinstance(m, torch.nn.Embedding)]
+    return context_length(model) if tables else None
+
+
 def decode_answers(model, tokenizer, prompts: Sequence[str],
                    max_new_tokens: int = MAX_NEW_TOKENS,
                    stop_strings: Sequence[str] = STOP_STRINGS,
@@ -213,18 +229,17 @@ def decode_answers(model, tokenizer, prompts: Sequence[str],
     Batched by prompt length with left padding and a KV cache; rows that have stopped leave the
     batch (their rows of the cache are dropped), and a batch ends when all of its rows have. Equal, row for row, to decoding each prompt alone (what
     ``model.generate(..., do_sample=False, stop_strings=..., max_new_tokens=...)`` returns,
-    decoded and cut at the stop string). A row also ends where the model's context
-    (``max_position_embeddings``) is full; a prompt that fills it is a ValueError naming it.
+    decoded and cut at the stop string). On a model with learned absolute positions (GPT-2,
+    OPT: :func:`learned_position_limit`) a row also ends where they end, and a prompt that fills
+    them is a ValueError naming it.
     ``batch_size``: prompts per batch; None sizes it by the KV cache
     (:func:`decode_batch_size`)."""
-    from ..turn import context_length
-
     prompts = list(prompts)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     prefix = special_prefix(tokenizer)
     rows = [_prompt_ids(tokenizer, p, prefix) for p in prompts]
-    limit = context_length(model)    # a row also stops where the model's positions end
+    limit = learned_position_limit(model)    # a row also stops where the positions end
     if limit is not None:
         for p, r in zip(prompts, rows):
             if len(r) >= limit:
