@@ -773,3 +773,53 @@ def test_a_paraphrase_longer_than_the_model_is_named_before_any_work(model_dir, 
     assert main(_base(model_dir, data, tmp_path)) == 2
     _one_line_error(capsys, f"{data}: record 1: its paraphrases[0]", "longer than the model's")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_run_stopped_after_a_turn_resumes_to_the_same_edit(model_dir, tmp_path, capsys,
+                                                             monkeypatch):
+    """--save-state after every turn; Ctrl-C in turn 2; --resume continues with turn 2 and ends
+    with the same weights and final scores as the run that was never stopped."""
+    import torch
+
+    from ultraedit.editor import UltraEditor
+    from ultraedit.serialization import read_dir
+
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    common = ["--eval", "end", "--no-wild", "--lr", "1e-2"]
+    assert main(_base(model_dir, data, tmp_path, *common, "--export-delta",
+                      str(tmp_path / "whole"))) == 0
+    whole = json.loads((tmp_path / "r.json").read_text())
+    state = tmp_path / "state"
+    real_edit, calls = UltraEditor.edit, []
+
+    def edit(self, requests):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_edit(self, requests)
+
+    monkeypatch.setattr(UltraEditor, "edit", edit)
+    assert main(_base(model_dir, data, tmp_path, *common, "--save-state", str(state))) == 130
+    monkeypatch.setattr(UltraEditor, "edit", real_edit)
+    manifest, _ = read_dir(state, "state")
+    assert manifest["turns"] == 1 and manifest["meta"]["edits_per_turn"] == 2
+    capsys.readouterr()
+    # the editing options belong to the state now
+    assert main(_base(model_dir, data, tmp_path, *common, "--resume", str(state))) == 2
+    _one_line_error(capsys, "--resume continues with the saved state's editing settings",
+                    "--lr")
+    # other records are refused
+    other = _write(tmp_path / "other.json", ZSRE[::-1])
+    assert main(_base(model_dir, other, tmp_path, "--eval", "end", "--no-wild", "--resume",
+                      str(state))) == 2
+    _one_line_error(capsys, "saved by a run over other records")
+    assert main(_base(model_dir, data, tmp_path, "--eval", "end", "--no-wild", "--resume",
+                      str(state), "--save-state", str(state), "--export-delta",
+                      str(tmp_path / "resumed"))) == 0
+    resumed = json.loads((tmp_path / "r.json").read_text())
+    assert resumed["resumed"] == {"turns_done": 1, "edits_done": 2}
+    assert [r["turn"] for r in resumed["turns"]] == [2]
+    assert resumed["final"]["teacher_forced"] == whole["final"]["teacher_forced"]
+    a, b = (read_dir(tmp_path / d, "delta")[1]["delta.safetensors"] for d in ("whole", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_dir(state, "state")[0]["turns"] == 2

@@ -38,11 +38,12 @@ import torch
 
 from .placement import weight_slots
 from .serialization import (EXPORT_SUMMARY, StateError, check_model, check_replaceable, dtype_name,
-                            field, model_info, read_dir, replace_dir, tensor_sha256, write_dir)
+                            field, model_info, read_dir, read_manifest, replace_dir,
+                            tensor_sha256, write_dir)
 from .state import reconstruct
 
-__all__ = ["save_state", "load_state", "export_delta", "apply_delta", "StateError",
-           "EXPORT_FORMATS"]
+__all__ = ["save_state", "load_state", "read_state_manifest", "saved_config", "export_delta",
+           "apply_delta", "StateError", "EXPORT_FORMATS"]
 
 STATS_FILE = "stats.safetensors"
 DELTA_FILE = "delta.safetensors"
@@ -55,13 +56,23 @@ _OLD_DEFAULTS = {"protect_mean": 0.0, "steps": 1, "hold_done": False, "positions
 
 
 # ---------------------------------------------------------------------- state
-def save_state(editor, path, include_delta: bool = True) -> str:
+def save_state(editor, path, include_delta: bool = True,
+               meta: Optional[Dict[str, Any]] = None) -> str:
     """Write the editor's lifelong state to the directory ``path`` (see the module docstring).
 
     ``include_delta=False`` writes only statistics and configuration: the model must then be
     saved separately (e.g. ``save_pretrained``) and loaded with the state; when accumulating in
     fp32 the sub-rounding part of Δ is then not carried over (the resume is not bit-exact).
+    ``meta``: a JSON-able dict kept in the manifest as ``meta`` (what the caller needs to
+    resume, e.g. which records a run edits; :func:`read_state_manifest` reads it back).
     """
+    import json
+
+    if meta is not None:
+        try:
+            json.dumps(meta, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"meta must be a JSON-able dict: {exc}") from None
     journal, state = editor.journal, editor.state
     stats_t: Dict[str, torch.Tensor] = {}
     stats_meta = []
@@ -98,8 +109,28 @@ def save_state(editor, path, include_delta: bool = True) -> str:
                                     if state.preserved else None),
                 "turns": int(state.turns), "base_turn": int(journal.base_turn),
                 "include_delta": bool(include_delta), "modules": modules, "stats": stats_meta}
+    if meta is not None:
+        manifest["meta"] = meta
     write_dir(path, files, manifest)
     return str(path)
+
+
+def saved_config(manifest: Dict[str, Any], path="<state>"):
+    """The :class:`~ultraedit.config.EditConfig` a state's manifest records (options that
+    states older than them were made without take their old values); StateError if invalid."""
+    from .config import EditConfig
+
+    saved = field(manifest, path, "config", kind=dict)
+    try:
+        return EditConfig.from_dict({**_OLD_DEFAULTS, **saved})
+    except (TypeError, ValueError) as exc:
+        raise StateError(f"{path}: the saved configuration is invalid: {exc}") from None
+
+
+def read_state_manifest(path) -> Dict[str, Any]:
+    """The verified manifest of the saved state at ``path`` (its ``turns``, ``config``,
+    ``meta``, ...) without reading its tensors; StateError if ``path`` holds no state."""
+    return read_manifest(path, "state")
 
 
 def _check_modules(path, model, entries) -> Dict[str, torch.nn.Module]:
@@ -133,8 +164,6 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
     always checks that they hold the base or the edited weights, since it must know which to
     write.
     """
-    from .config import EditConfig
-
     manifest, files = read_dir(path, expect_kind="state")
     include_delta = bool(manifest.get("include_delta"))
     required = [STATS_FILE] + ([DELTA_FILE] if include_delta else [])
@@ -142,15 +171,11 @@ def load_state(cls, path, model, tokenizer, history: Optional[int] = None, delta
     if missing:
         raise StateError(f"{path}: incomplete state (missing {missing})")
     check_model(model, field(manifest, path, "model", kind=dict))
-    saved = field(manifest, path, "config", kind=dict)
+    config = saved_config(manifest, path)
     turns = field(manifest, path, "turns", kind=int)
     entries = field(manifest, path, "modules", kind=list)
     named = _check_modules(path, model, entries)
     slots = weight_slots(model, {e["name"]: named[e["name"]] for e in entries})
-    try:
-        config = EditConfig.from_dict({**_OLD_DEFAULTS, **saved})
-    except (TypeError, ValueError) as exc:
-        raise StateError(f"{path}: the saved configuration is invalid: {exc}") from None
     overrides = {"history": history, "delta_device": delta_device}
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
 

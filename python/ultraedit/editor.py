@@ -272,10 +272,10 @@ class UltraEditor:
         return {"config": self.config.to_dict(), "modules": list(self.modules),
                 **self.state.state_dict()}
 
-    def save_state(self, path, include_delta: bool = True) -> str:
+    def save_state(self, path, include_delta: bool = True, meta=None) -> str:
         """Save configuration, state (and deltas) to ``path`` (``ultraedit.checkpoint``)."""
         from .checkpoint import save_state
-        return save_state(self, path, include_delta=include_delta)
+        return save_state(self, path, include_delta=include_delta, meta=meta)
 
     @classmethod
     def load_state(cls, path, model, tokenizer, **kwargs) -> "UltraEditor":

@@ -43,7 +43,8 @@ import torch
 
 from .temporary import atomic_write
 
-__all__ = ["StateError", "write_json_atomic", "write_dir", "replace_dir", "read_dir", "recover",
+__all__ = ["StateError", "write_json_atomic", "write_dir", "replace_dir", "read_dir",
+           "read_manifest", "recover",
            "check_replaceable", "tensor_sha256", "file_sha256", "dtype_name", "model_info",
            "check_model", "field", "FORMAT", "FORMAT_VERSION", "MANIFEST", "EXPORT_SUMMARY"]
 
@@ -341,12 +342,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_dir(path, expect_kind: str) -> Tuple[Dict[str, Any], Dict[str, Dict[str, torch.Tensor]]]:
-    """Read and verify a directory written by :func:`write_dir`: manifest, checksums, tensors.
-
-    An interrupted save of ``path`` is recovered first (:func:`recover`)."""
-    from safetensors.torch import load_file
-
+def read_manifest(path, expect_kind: str) -> Dict[str, Any]:
+    """The verified manifest of the directory ``path`` of kind ``expect_kind``, without reading
+    its files (an interrupted save of ``path`` is recovered first); StateError otherwise."""
     path = Path(path)
     recover(path)
     mpath = path / MANIFEST
@@ -357,6 +355,17 @@ def read_dir(path, expect_kind: str) -> Tuple[Dict[str, Any], Dict[str, Dict[str
         use = "apply_delta" if manifest.get("kind") == "delta" else "load_state"
         raise StateError(f"{path} holds a {manifest.get('kind')!r}, not a {expect_kind!r} "
                          f"(use {use})")
+    return manifest
+
+
+def read_dir(path, expect_kind: str) -> Tuple[Dict[str, Any], Dict[str, Dict[str, torch.Tensor]]]:
+    """Read and verify a directory written by :func:`write_dir`: manifest, checksums, tensors.
+
+    An interrupted save of ``path`` is recovered first (:func:`recover`)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    manifest = read_manifest(path, expect_kind)
     tensors = {}
     for fname, meta in manifest["files"].items():
         fpath = path / fname

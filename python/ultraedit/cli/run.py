@@ -34,7 +34,7 @@ import importlib.util
 import os
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from ._common import (EDIT_WORDINGS, EXIT_INTERRUPTED, UsageError, add_machine_options,
                       check_output_paths, check_threads, error, fmt, load_cli_model, machine,
@@ -103,6 +103,14 @@ def add_parser(sub) -> None:
     p.add_argument("--export-rank", type=int, default=None,
                    help="peft: truncate the adapter to this rank (the error is reported); "
                         "default exact")
+    p.add_argument("--save-state", metavar="DIR", default=None,
+                   help="save the lifelong state to the folder DIR after every turn (atomic: "
+                        "a run stopped at any point resumes from its last finished turn)")
+    p.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the run whose --save-state wrote DIR, with the same data and "
+                        "--edits-per-turn and the state's editing settings (give no editing "
+                        "options); the unedited model is scored again, then the turns after "
+                        "the state's are edited")
     p.add_argument("--edit-wordings", choices=EDIT_WORDINGS, default="prompt",
                    help="what each record gives the editor: its rewrite prompt (prompt, the "
                         "default), that prompt asked as the WILD-style scores ask it "
@@ -152,17 +160,80 @@ def _check_export(args: argparse.Namespace) -> None:
         raise UsageError(f"--export-delta: {err}") from None
 
 
-def _check_records(editor, records, wordings: str, source: str, per_turn: int) -> None:
-    """Every record's edit requests as the editor would refuse them (too long for the model's
-    context, a subject not in its prompt, ...): a :class:`UsageError` naming the record, before
-    any file is written or any work done."""
+def _check_records(check, records, wordings: str, source: str, per_turn: int) -> None:
+    """Every record's edit requests as the editor would refuse them (``check``:
+    ``UltraEditor.check_requests``; too long for the model's context, a subject not in its
+    prompt, ...): a :class:`UsageError` naming the record, before any file is written or any
+    work done."""
     from ..eval import edit_requests
 
     for i, record in enumerate(records):
         try:
-            editor.check_requests(edit_requests(record, wordings))
+            check(edit_requests(record, wordings))
         except ValueError as err:
             raise UsageError(f"{source}: record {i} (turn {i // per_turn + 1}): {err}") from None
+
+
+def _check_state_options(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """``--save-state``/``--resume`` before any work: the folder to save to may hold only a
+    state, no output lies in it; the state to resume is one (its manifest, returned), saved
+    with deltas, and no editing option competes with its settings."""
+    from pathlib import Path
+
+    from ..checkpoint import read_state_manifest
+    from ..serialization import StateError, check_replaceable
+    from .options import given_options
+
+    if args.save_state:
+        try:
+            folder = check_replaceable(Path(args.save_state), "state")
+        except StateError as err:
+            raise UsageError(f"--save-state: {err}") from None
+        for flag, path in (("--json", args.json), ("--plot", args.plot),
+                           ("--records-out", args.records_out),
+                           ("--export-delta", args.export_delta)):
+            if path and os.path.realpath(path).startswith(str(folder) + os.sep):
+                raise UsageError(f"{flag} {path!r} lies in --save-state {args.save_state!r}; "
+                                 f"give a path outside the state's folder")
+    if not args.resume:
+        return None
+    try:
+        manifest = read_state_manifest(args.resume)
+    except StateError as err:
+        raise UsageError(f"--resume: {err}") from None
+    if not manifest.get("include_delta"):
+        raise UsageError(f"--resume {args.resume!r}: the state was saved without its deltas; "
+                         f"resume it from Python (UltraEditor.load_state onto the edited model)")
+    given = sorted(given_options(args)) + (["preset"] if args.preset else [])
+    if given:
+        raise UsageError(f"--resume continues with the saved state's editing settings; drop "
+                         f"{', '.join('--' + g.replace('_', '-') for g in given)}")
+    return manifest
+
+
+def _records_digest(records) -> str:
+    import hashlib
+    import json
+
+    text = json.dumps([r.to_dict() for r in records], sort_keys=True, ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_resumed_run(args, manifest: Dict[str, Any], records) -> None:
+    """The run to resume edited these records in turns of this size: else a UsageError."""
+    meta = manifest.get("meta") or {}
+    if meta.get("records_sha256") is None:
+        raise UsageError(f"--resume {args.resume!r}: the state was not saved by `ultraedit run "
+                         f"--save-state`, so its records are unknown")
+    if (meta.get("records_sha256"), meta.get("edits_per_turn"), meta.get("edit_wordings")) != \
+            (_records_digest(records), args.edits_per_turn, args.edit_wordings):
+        raise UsageError(f"--resume {args.resume!r}: the state was saved by a run over other "
+                         f"records, --edits-per-turn or --edit-wordings (its data: "
+                         f"{meta.get('data')!r}, {meta.get('edits_per_turn')} per turn, "
+                         f"wordings {meta.get('edit_wordings')!r}); give the same ones")
+    if manifest["turns"] > args.turns:
+        raise UsageError(f"--resume {args.resume!r}: the state has made {manifest['turns']} "
+                         f"turns, more than --turns {args.turns}")
 
 
 def check_plot_format(path) -> None:
@@ -198,6 +269,7 @@ def _run(args: argparse.Namespace) -> int:
     check_plot_format(args.plot)
     _check_export(args)
     check_method_options(args)
+    resume_manifest = _check_state_options(args)
     tuned_through = preset_edit_wordings(args.preset)
     if tuned_through is not None and tuned_through != args.edit_wordings:
         print(f"note: the preset {args.preset} was tuned through --edit-wordings "
@@ -243,7 +315,17 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, tok = load_cli_model(args.model)
     load_s = time.perf_counter() - t0
-    config = resolve(args, model)
+    if resume_manifest is not None:
+        from ..checkpoint import saved_config
+        from ..serialization import StateError, check_model
+
+        try:
+            check_model(model, resume_manifest.get("model") or {})
+            config = saved_config(resume_manifest, args.resume)
+        except StateError as err:
+            raise UsageError(f"--resume {args.resume!r}: {err}") from None
+    else:
+        config = resolve(args, model)
     t1 = time.perf_counter()
     if offline:
         from tqdm.auto import tqdm
@@ -270,7 +352,8 @@ def _run(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise UsageError(f"{args.data}: {err}") from None
     data_s = time.perf_counter() - t1
-    if (config.positions == "subject" and args.config_positions is None
+    if (resume_manifest is None and config.positions == "subject"
+            and args.config_positions is None
             and any(q.get("subject") is None or q["subject"] not in q["prompt"]
                     for r in records for q in edit_requests(r, args.edit_wordings))):
         config = resolve(args, model, positions="answer")
@@ -283,9 +366,29 @@ def _run(args: argparse.Namespace) -> int:
     print(f"model {args.model} loaded in {load_s:.1f}s; {len(records)} records from "
           f"{args.data} ({data_s:.1f}s): {rel_count}", file=sys.stderr)
     progress = not args.no_progress
-    editor = build_editor(model, tok, config, progress=progress)
-    _check_records(editor, records, args.edit_wordings,
-                   "the offline facts" if offline else args.data, args.edits_per_turn)
+    source = "the offline facts" if offline else args.data
+    resume, resumed = None, []
+    if resume_manifest is not None:   # the state's editor is built after the unedited scores
+        from ..editor import UltraEditor
+        from ..turn import check_requests, context_length
+
+        _check_resumed_run(args, resume_manifest, records)
+        editor = None
+        _check_records(lambda reqs: check_requests(tok, reqs, config, context_length(model)),
+                       records, args.edit_wordings, source, args.edits_per_turn)
+
+        def load_resumed():
+            try:
+                resumed.append(UltraEditor.load_state(args.resume, model, tok))
+            except ValueError as err:    # StateError: not this model's state
+                raise UsageError(f"--resume: {err}") from None
+            return resumed[0], resumed[0].turns
+
+        resume = load_resumed
+    else:
+        editor = build_editor(model, tok, config, progress=progress)
+        _check_records(editor.check_requests, records, args.edit_wordings, source,
+                       args.edits_per_turn)
     if args.records_out:   # after the editor accepted the settings: a refused run writes nothing
         from ..data import save_records
 
@@ -304,12 +407,27 @@ def _run(args: argparse.Namespace) -> int:
                    "turn_generation": args.turn_generation, "wild": args.wild and at_end,
                    "turn_wild": args.turn_wild, "true_facts": args.true_facts,
                    "edit_wordings": args.edit_wordings},
-        "edit_config": resolved_config(editor),
+        "edit_config": resolved_config(editor) if editor is not None else config.to_dict(),
         "machine": machine(),
         "data": {"records": len(records), "by_relation": rel_count, "load_model_s": load_s,
                  "prepare_s": data_s},
-        "timing": {"preserve_s": editor.preserve_s},
+        "timing": {"preserve_s": editor.preserve_s if editor is not None else 0.0},
     }
+    if args.resume:
+        result["config"]["resume"] = args.resume
+    on_turn = None
+    if args.save_state:
+        meta = {"records_sha256": _records_digest(records), "edits_per_turn": args.edits_per_turn,
+                "edit_wordings": args.edit_wordings, "data": args.data}
+
+        def save_turn(turn_editor, turn):
+            t = time.perf_counter()
+            turn_editor.save_state(args.save_state, meta=meta)
+            timing = result.setdefault("timing", {})
+            timing["save_state_s"] = timing.get("save_state_s", 0.0) + time.perf_counter() - t
+            result["state"] = {"path": args.save_state, "turns": turn}
+
+        on_turn = save_turn
     try:
         result = lifelong_run(model, tok, records, editor, args.turns, args.edits_per_turn,
                               eval_every=args.eval_mode in ("every", "both"), eval_end=at_end,
@@ -317,9 +435,12 @@ def _run(args: argparse.Namespace) -> int:
                               progress=progress, result=result, wild=args.wild,
                               turn_wild=args.turn_wild, true_facts=args.true_facts,
                               on_update=lambda r: write_json(r, args.json),
-                              wordings=args.edit_wordings)
+                              wordings=args.edit_wordings, on_turn=on_turn, resume=resume)
     except ValueError as err:   # a request the editor refuses: its own message, nothing changed
         raise UsageError(str(err)) from None
+    if resumed:
+        editor = resumed[0]
+        result["edit_config"] = resolved_config(editor)
     try:
         result["machine"]["loadavg_end"] = list(os.getloadavg())
     except (AttributeError, OSError):
@@ -351,8 +472,11 @@ def data_source(config: Dict[str, Any]) -> str:
 
 def _print_summary(result: Dict[str, Any], args) -> None:
     cfg = result["edit_config"]
-    print(f"{result['edits']} edits in {len(result['turns'])} turns; compat={cfg['compat']} "
-          f"lr={cfg['lr']:g} modules={len(cfg['modules'])} ({cfg['modules'][0]} ...)")
+    resumed = result.get("resumed")
+    after = f" (resumed after turn {resumed['turns_done']})" if resumed else ""
+    print(f"{result['edits']} edits in {len(result['turns'])} turns{after}; "
+          f"compat={cfg['compat']} lr={cfg['lr']:g} modules={len(cfg['modules'])} "
+          f"({cfg['modules'][0]} ...)")
     final = result.get("final") or {}
     if final:
         print(f"final over all edits, {data_source(result['config'])}")

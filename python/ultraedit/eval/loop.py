@@ -38,7 +38,7 @@ import math
 import sys
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 from .locality import locality_reference, locality_work
 from .scores import (evaluate_records, evaluation_work, true_fact_scores, true_fact_work,
@@ -148,6 +148,14 @@ def _editor_setting(editor, name: str, default):
     return getattr(editor, name, default)
 
 
+def _forwards_per_turn(editor, edits_per_turn: int) -> Tuple[int, int]:
+    """``(steps, requests per micro-batch)`` of ``editor``, for the editing bar ("auto": as many
+    as fit, the whole turn when it does)."""
+    steps = int(_editor_setting(editor, "steps", 1))
+    micro_batch = _editor_setting(editor, "micro_batch", 10)
+    return steps, max(1, edits_per_turn) if micro_batch == "auto" else int(micro_batch)
+
+
 def _wild_only(model, tokenizer, records, ref, progress: bool, desc: str) -> Dict[str, Any]:
     """The WILD-style scores of ``records`` (timed apart from the other scores)."""
     with _measured(progress, wild_work(records, ref), desc, leave=True) as tick:
@@ -160,10 +168,18 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                  progress: bool = True, result: Optional[Dict[str, Any]] = None,
                  wild: bool = False, turn_wild: bool = False, true_facts: bool = False,
                  on_update: Optional[Callable[[Dict[str, Any]], None]] = None,
-                 wordings: str = "prompt") -> Dict[str, Any]:
+                 wordings: str = "prompt",
+                 on_turn: Optional[Callable[[Any, int], None]] = None,
+                 resume: Optional[Callable[[], Tuple[Any, int]]] = None) -> Dict[str, Any]:
     """Edit ``records`` with ``editor`` in lifelong turns and evaluate (see the module
     docstring); returns the result dict, ``result``'s keys kept. ``wordings`` chooses the
-    requests each record gives the editor (:func:`~ultraedit.eval.edit_requests`)."""
+    requests each record gives the editor (:func:`~ultraedit.eval.edit_requests`).
+
+    ``on_turn(editor, turn)`` runs after each turn (e.g. to save the lifelong state).
+    ``resume()`` continues an earlier run: called once the unedited model has been scored and
+    before the first turn, it returns ``(editor, turns_done)`` (e.g. ``UltraEditor.load_state``
+    on this model and the state's turn count); ``editor`` may then be None, and the first
+    ``turns_done`` turns' records count as edited without being edited again."""
     records = list(records)
     check_wordings(wordings)      # before the long unedited reference, not at the first turn
     chunks = [records[t * edits_per_turn:(t + 1) * edits_per_turn] for t in range(turns)]
@@ -174,10 +190,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
     result.update({"edits": len(records), "status": "running", "turns": [], "before": None,
                    "final": None, "true_facts": None})
     result.setdefault("timing", {})
-    steps = int(_editor_setting(editor, "steps", 1))
-    micro_batch = _editor_setting(editor, "micro_batch", 10)
-    # "auto": as many as fit, the whole turn when it does (the bar counts forwards)
-    micro_batch = max(1, edits_per_turn) if micro_batch == "auto" else int(micro_batch)
+    steps, micro_batch = _forwards_per_turn(editor, edits_per_turn)
     known = None   # the paraphrases the unedited model completes with the true answer
     check = getattr(editor, "check_requests", None)
     if check is not None:     # every turn's requests, before any work or any file: a bad record
@@ -227,11 +240,22 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
             result["timing"]["eval_before_s"] = time.perf_counter() - t0
         notify(result)
 
+        done = 0
+        if resume is not None:
+            enter("resuming")
+            editor, done = resume()
+            if not 0 <= done <= len(chunks):
+                raise ValueError(f"the run to resume has made {done} turns; this one has "
+                                 f"{len(chunks)}")
+            result["resumed"] = {"turns_done": done, "edits_done": sum(map(len, chunks[:done]))}
+            steps, micro_batch = _forwards_per_turn(editor, edits_per_turn)
         batches = [math.ceil(len(q) / micro_batch) for q in requests]
-        bar = _bar(progress, steps * sum(batches), "editing", "micro-batch")
-        edited = 0
+        bar = _bar(progress, steps * sum(batches[done:]), "editing", "micro-batch")
+        edited = sum(len(c) for c in chunks[:done])
         try:
             for turn, (chunk, n_batches) in enumerate(zip(chunks, batches), 1):
+                if turn <= done:
+                    continue
                 enter(f"turn {turn} of {len(chunks)}")
                 watcher = _TurnProgress(bar, model, turn, len(chunks), n_batches, steps)
                 with watcher.watch():
@@ -270,6 +294,8 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                             post[k.upper()] = f"{tf[k]:.2f}"
                 bar.set_postfix(post)
                 result["turns"].append(row)
+                if on_turn is not None:
+                    on_turn(editor, turn)
                 notify(result)
         finally:
             bar.close()
@@ -282,7 +308,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
             "editor_s": sum(r["editor_s"] for r in rows),
             "eval_every_s": sum(r.get("eval_s", 0.0) for r in rows),
             "wild_every_s": sum(r.get("wild_eval_s", 0.0) for r in rows),
-            "edits_per_s": edited / edit_s if edit_s > 0 else None})
+            "edits_per_s": sum(r["edits"] for r in rows) / edit_s if edit_s > 0 else None})
         if rows:
             result["memory"] = {"peak_bytes": max(r["peak_bytes"] for r in rows),
                                 "peak_source": rows[0]["peak_source"],
