@@ -506,13 +506,11 @@ def test_same_file_for_two_outputs_is_refused(model_dir, tmp_path, capsys):
     assert not (tmp_path / "r.json").exists()
 
 
-def test_interrupt_marks_the_json_interrupted(model_dir, tmp_path, capsys, monkeypatch):
-    """Ctrl-C in the second turn: exit 130, one line, the JSON keeps turn 1 and says so."""
+def _interrupt_the_second_turn(monkeypatch) -> None:
+    """``UltraEditor.edit`` raises KeyboardInterrupt (Ctrl-C) on its second call."""
     from ultraedit.editor import UltraEditor
 
-    data = _write(tmp_path / "zsre.json", ZSRE)
-    real_edit = UltraEditor.edit
-    calls = []
+    real_edit, calls = UltraEditor.edit, []
 
     def edit(self, requests):
         calls.append(1)
@@ -521,6 +519,12 @@ def test_interrupt_marks_the_json_interrupted(model_dir, tmp_path, capsys, monke
         return real_edit(self, requests)
 
     monkeypatch.setattr(UltraEditor, "edit", edit)
+
+
+def test_interrupt_marks_the_json_interrupted(model_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the second turn: exit 130, one line, the JSON keeps turn 1 and says so."""
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    _interrupt_the_second_turn(monkeypatch)
     assert main(_base(model_dir, data, tmp_path)) == 130
     assert "interrupted" in capsys.readouterr().err
     out = json.loads((tmp_path / "r.json").read_text())
@@ -790,15 +794,8 @@ def test_a_run_stopped_after_a_turn_resumes_to_the_same_edit(model_dir, tmp_path
                       str(tmp_path / "whole"))) == 0
     whole = json.loads((tmp_path / "r.json").read_text())
     state = tmp_path / "state"
-    real_edit, calls = UltraEditor.edit, []
-
-    def edit(self, requests):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_edit(self, requests)
-
-    monkeypatch.setattr(UltraEditor, "edit", edit)
+    real_edit = UltraEditor.edit
+    _interrupt_the_second_turn(monkeypatch)
     assert main(_base(model_dir, data, tmp_path, *common, "--save-state", str(state))) == 130
     monkeypatch.setattr(UltraEditor, "edit", real_edit)
     manifest, _ = read_dir(state, "state")
