@@ -366,7 +366,8 @@ def test_grid_options_replace_the_searched_values(tmp_path, capsys, monkeypatch)
         raise AssertionError("the model was loaded before --grid was checked")
 
     monkeypatch.setattr(ultraedit.models, "load_model", no_work)
-    for bad in ("positions", "colour=red", "windows=6-2", "lr=fast", "hold_done=maybe"):
+    for bad in ("positions", "colour=red", "windows=6-2", "lr=fast", "hold_done=maybe",
+                "lr=-1", "lr=nan", "steps=0", "positions=middle", "memory=-1"):
         assert main(["tune", "--out", str(tmp_path / "p.json"), "--grid", bad]) == 2
         assert "--grid" in capsys.readouterr().err
 
@@ -427,3 +428,56 @@ def test_the_check_needs_its_facts_and_sane_values(tiny, facts, tmp_path, capsys
              check_turns=-1)
     assert main(["tune", "--out", str(tmp_path / "p.json"), "--check-turns", "-1"]) == 2
     assert "--check-turns" in capsys.readouterr().err
+
+
+def test_more_candidates_than_the_grid_holds_scores_the_grid(tiny, facts):
+    """``candidates`` beyond the search space (or a round 0 sized larger than it) scores what
+    there is instead of failing."""
+    from ultraedit.tune import tune
+
+    model, tok = tiny
+    lines = []
+    result = tune(model, tok, budget_s=60, turns=1, edits_per_turn=2, rounds=1, candidates=50,
+                  records=facts, grid={**GRID, "steps": [1], "lr": [1e-3]}, log=lines.append)
+    assert any("scoring those" in line for line in lines)
+    assert len(result.rows) == len({r["candidate"] for r in result.rows}) <= 50
+
+
+def test_a_family_or_window_the_model_cannot_edit_fails_before_the_facts(tiny, facts):
+    from ultraedit.tune import tune
+
+    model, tok = tiny
+    with pytest.raises(ValueError, match="can only edit nn.Linear"):
+        tune(model, tok, budget_s=60, records=facts, grid=GRID,
+             families=["model.layers.{i}.input_layernorm"])
+    with pytest.raises(ValueError, match="not within the model's layers"):
+        tune(model, tok, budget_s=60, records=facts, grid={**GRID, "windows": [[50, 60]]})
+
+
+def test_a_candidate_that_raises_anything_fails_alone(tiny, facts, monkeypatch):
+    import ultraedit.tune as T
+
+    model, tok = tiny
+    real = T._score
+
+    def flaky(model, tokenizer, records, ref, config, *a, **k):
+        if config.lr == 1e-3:
+            raise IndexError("index out of range in self")
+        return real(model, tokenizer, records, ref, config, *a, **k)
+
+    monkeypatch.setattr(T, "_score", flaky)
+    result = T.tune(model, tok, budget_s=60, turns=1, edits_per_turn=2, rounds=1, candidates=4,
+                    records=facts, grid={**GRID, "lr": [1e-3, 1e-2]})
+    failed = [r for r in result.rows if r.get("error")]
+    assert failed and all(r["error"].startswith("IndexError") for r in failed)
+
+
+def test_budget_and_interrupt_edge_cases_are_one_line(tmp_path, capsys, monkeypatch):
+    import ultraedit.models
+    from ultraedit.cli import main
+
+    monkeypatch.setattr(ultraedit.models, "load_model",
+                        lambda *a, **k: pytest.fail("the model was loaded"))
+    for budget in ("nan", "inf", "0"):
+        assert main(["tune", "--out", str(tmp_path / "p.json"), "--budget-minutes", budget]) == 2
+        assert "--budget-minutes must be a positive number" in capsys.readouterr().err

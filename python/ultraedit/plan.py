@@ -86,7 +86,8 @@ BUILTIN_CONFIGS: Dict[str, Dict[str, Any]] = {
 }
 ALIASES = {"mistral-7b-v0.3": "mistral-7b", "llama3-8b": "llama-3-8b",
            "llama-3-8b-instruct": "llama-3-8b", "smollm2": "smollm2-135m",
-           "smollm2-135m-instruct": "smollm2-135m", "embedded": "smollm2-135m"}
+           "smollm2-135m-instruct": "smollm2-135m", "embedded": "smollm2-135m",
+           "default": "smollm2-135m"}   # as the editing commands name the embedded model
 
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
            "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32",
@@ -165,9 +166,13 @@ def load_config(config: Any):
     path = name if not os.path.isdir(name) else os.path.join(name, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config {name!r} is neither a built-in name "
-                                f"({', '.join(sorted(BUILTIN_CONFIGS))}) nor a config.json")
-    with open(path) as fh:
-        data = json.load(fh)
+                                f"({', '.join(sorted([*BUILTIN_CONFIGS, *ALIASES]))}) nor a "
+                                f"config.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a JSON model config: {err}") from None
     if "model_type" not in data:
         raise ValueError(f"{path} has no model_type")
     return load_config(data)

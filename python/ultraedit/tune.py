@@ -121,10 +121,10 @@ def _n_layers(model) -> int:
 def module_families(model, families: Optional[Sequence[str]] = None) -> List[str]:
     """Module name templates with ``{i}`` for the layer: ``families`` as given (a suffix such as
     ``mlp.up_proj`` is put under the model's layer list), default the MLP output projection."""
-    from .modules import MLP_OUT
+    from .modules import mlp_output_template
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    base = MLP_OUT.get(model_type)
+    base = mlp_output_template(model)
     out = []
     for fam in families or ([base] if base else []):
         if "{i}" not in fam:
@@ -158,6 +158,8 @@ def search_space(model, families: Optional[Sequence[str]] = None,
     """The searched values for ``model`` (a JSON-able dict, recorded in the preset); ``grid``
     replaces the values of some fields (``lr``, ``steps``, ``positions``, ``hold_done``,
     ``hold_margin``, ``memory``, ``preserve``, ``protect_mean``, ``whiten``, ``windows``)."""
+    from .modules import module_layout
+
     n = _n_layers(model)
     named = dict(model.named_modules())
     fams = module_families(model, families)
@@ -165,6 +167,10 @@ def search_space(model, families: Optional[Sequence[str]] = None,
         if fam.format(i=0) not in named:
             raise ValueError(f"module family {fam!r}: the model has no module "
                              f"{fam.format(i=0)!r}")
+        try:
+            module_layout(named[fam.format(i=0)])
+        except TypeError as err:
+            raise ValueError(f"module family {fam!r}: {err}") from None
     space = {"n_layers": n, "families": fams, "windows": [list(w) for w in layer_windows(n)],
              "positions": list(POSITIONS), "lr": list(LR_GRID), "steps": list(STEPS_GRID),
              "hold_done": [False, True], "hold_margin": list(HOLD_MARGIN_GRID),
@@ -178,6 +184,11 @@ def search_space(model, families: Optional[Sequence[str]] = None,
         values = [list(v) if isinstance(v, (list, tuple)) else v for v in values]
         if not values:
             raise ValueError(f"grid: no values for {key!r}")
+        if key == "windows":
+            bad = [w for w in values if not 0 <= w[0] <= w[1] < n]
+            if bad:
+                raise ValueError(f"grid: windows {bad} are not within the model's layers "
+                                 f"0-{n - 1}")
         space[key] = values
     return space
 
@@ -535,6 +546,20 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
     t_start = time.perf_counter()
     deadline = t_start + budget_s
     space = search_space(model, families, grid)
+    # candidate 0: the config the model gets now; then the grid in a seeded random order (built
+    # before the facts are selected: a value no config takes fails here, in a second)
+    current = EditConfig.for_model(model)
+    if current.modules is None:
+        from .modules import default_module_names
+
+        current = current.replace(modules=tuple(default_module_names(model, current.positions)))
+    order = _grid(space)
+    random.Random(seed).shuffle(order)
+    pool = [("current", current)] + [("grid", _config_of(p)) for p in order
+                                     if _config_of(p) != current]
+    if candidates is not None and candidates > len(pool):
+        log(f"--candidates {candidates}: the search space holds {len(pool)}; scoring those")
+        candidates = len(pool)
     rule = DEFAULT_RULE.format(target=ls_target) + WORDING_RULE[wordings]
     log(f"rule (fixed before the search): {rule}")
     from .data import REPORT_RELATIONS, TUNING_RELATIONS
@@ -563,17 +588,6 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
     log(f"{len(records)} tuning facts ({', '.join(TUNING_RELATIONS)}) and their unedited "
         f"locality predictions in {prep_s:.0f}s")
 
-    # candidate 0: the config the model gets now; then the grid in a seeded random order
-    current = EditConfig.for_model(model)
-    if current.modules is None:
-        from .modules import default_module_names
-
-        current = current.replace(modules=tuple(default_module_names(model, current.positions)))
-    order = _grid(space)
-    random.Random(seed).shuffle(order)
-    pool = [("current", current)] + [("grid", _config_of(p)) for p in order
-                                     if _config_of(p) != current]
-
     sizes = round_sizes(edits_per_turn, eta, rounds)
     # the turns of each round: the schedule's rounds, then the check on the longer stream
     round_turns = [turns] * rounds + ([check_turns] if check_turns else [])
@@ -596,7 +610,7 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
         try:
             row.update(_score(model, tokenizer, records, ref, config, n_turns, per, weights,
                               seed, wordings))
-        except (ValueError, RuntimeError, FloatingPointError) as err:  # a setting that fails
+        except Exception as err:  # a setting that fails is a failed candidate, not the search
             weights.restore()
             row.update({"es": None, "gs": None, "ls": None, "steps_run": 0, "passes": 0,
                         "edit_s": 0.0, "eval_s": 0.0, "preserve_s": 0.0, "wall_s": 0.0,
@@ -661,10 +675,15 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
         stopped = "interrupted"
         log("interrupted: choosing among the candidates scored so far")
         weights.restore()
+        if schedule is None:    # stopped in round 0: the schedule planned so far
+            schedule = plan_schedule(max(1, len(round_rows[0]) if round_rows else 1),
+                                     edits_per_turn, eta, rounds)
 
     last = next((rr for rr in reversed(round_rows) if rr), [])
     chosen, fallback = pick(last, ls_target)
     if chosen is None:
+        if stopped == "interrupted":
+            raise RuntimeError("interrupted before a candidate finished")
         raise RuntimeError("no candidate was scored within the budget; give a larger budget")
     if chosen.get("error"):
         raise RuntimeError(f"every candidate of the last round failed, e.g. {chosen['error']}")
@@ -763,7 +782,7 @@ def _round0(run_one, cost: _Cost, pool, sizes: List[int], turns: int, eta: int, 
     and grown (never shrunk) after every later one while the predicted schedule still fits
     ``FILL`` of the time left less ``reserve()`` (the predicted seconds of the check on the
     longer stream). ``resized`` records each size with the time left."""
-    n0 = candidates or 1
+    n0 = min(candidates or 1, len(pool))
     i = 0
     while i < n0:
         src, cfg = pool[i]
@@ -777,9 +796,10 @@ def _round0(run_one, cost: _Cost, pool, sizes: List[int], turns: int, eta: int, 
             # at least eta^(rounds-1) candidates, so that every round halves: on a budget that
             # the prediction says is too short, the budget check then ends the search in an
             # earlier round with the best so far rather than scoring one candidate throughout
-            fit = max(eta ** (rounds - 1),
-                      _fit_n0(cost, pool, sizes, turns, eta, FILL * left - reserve(), done=i,
-                              max_n=len(pool)) if cost.per_step else 0)
+            fit = min(len(pool), max(
+                eta ** (rounds - 1),
+                _fit_n0(cost, pool, sizes, turns, eta, FILL * left - reserve(), done=i,
+                        max_n=len(pool)) if cost.per_step else 0))
             if fit > n0:
                 n0 = fit
                 resized.append({"after": i, "candidates": n0, "left_s": left,

@@ -19,6 +19,8 @@ budget runs out, or Ctrl-C: then with the best so far).
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import os
 import sys
 
@@ -31,7 +33,8 @@ DEFAULT_LS_TARGET = 0.85   # = ultraedit.tune.DEFAULT_LS_TARGET (--help without 
 def add_parser(sub) -> None:
     p = sub.add_parser("tune", help="search an editing preset for a model in a time budget (tuning "
                                     "relations only) and write it as a preset file",
-                       description=__doc__.split("\n\n")[0].replace("``", ""))
+                       description=re.sub(r":\w+:`([^`]+)`", r"\1",
+                                          __doc__.split("\n\n")[0].replace("``", "")))
     p.add_argument("--model", default="default",
                    help="'default' (embedded SmolLM2-135M-Instruct) or a local HF model directory")
     p.add_argument("--out", metavar="FILE.json", required=True,
@@ -111,8 +114,18 @@ def parse_grid(items) -> dict:
             else:
                 raise UsageError(f"--grid: unknown field {field!r}; give one of "
                                  f"{['windows', 'hold_done', *_GRID_TYPES]}")
-        except (ValueError, KeyError) as err:
+        except KeyError as err:
+            raise UsageError(f"--grid {item!r}: {err} is not true or false") from None
+        except ValueError as err:
             raise UsageError(f"--grid {item!r}: {err}") from None
+        if field not in ("windows",):   # each value as the editor would take it, before loading
+            from ..config import EditConfig
+
+            for value in parsed:
+                try:
+                    EditConfig.paper(**{field: value})
+                except (ValueError, TypeError) as err:
+                    raise UsageError(f"--grid {item!r}: {err}") from None
         if field in grid:
             raise UsageError(f"--grid {field} given twice")
         grid[field] = parsed
@@ -129,8 +142,9 @@ def main(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_threads(args.threads)
-    if args.budget_minutes <= 0:
-        raise UsageError(f"--budget-minutes must be positive, got {args.budget_minutes}")
+    if not (math.isfinite(args.budget_minutes) and args.budget_minutes > 0):
+        raise UsageError(f"--budget-minutes must be a positive number of minutes, got "
+                         f"{args.budget_minutes}")
     if not 0 <= args.ls_target <= 1:
         raise UsageError(f"--ls-target must be in 0..1, got {args.ls_target}")
     if args.turns < 1 or args.edits_per_turn < 1 or args.rounds < 1 or args.eta < 2:
@@ -163,8 +177,11 @@ def _tune(args: argparse.Namespace) -> int:
                       known=args.known, name=name, log=log, model_name=args.model,
                       wordings=args.edit_wordings, check_turns=args.check_turns,
                       grid=grid or None)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
+    except RuntimeError as err:   # nothing scored, or every candidate of the last round failed
+        print(f"ultraedit tune: {err}; nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED if "interrupted" in str(err) else 1
     result.preset["tuning"]["command"] = " ".join(["ultraedit"] + sys.argv[1:])
     write_preset(result.preset, args.out)
     c = result.chosen
