@@ -45,11 +45,17 @@ def spd_solve_reference(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor,
         info = torch.logical_not(pivot > 0).to(torch.int32)
         return b / pivot, info
     factor, info = torch.linalg.cholesky_ex(a)
+    return solve_with_factor(factor, b), info
+
+
+def solve_with_factor(factor: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``X = L⁻ᵀ (L⁻¹ B)`` for the lower Cholesky factor ``L`` of ``A`` (``A X = B``), row-major:
+    two triangular solves from the right on ``Bᵀ`` (see :func:`spd_solve_reference`)."""
     if b.numel() == 0:
-        return torch.empty_like(b, memory_format=torch.contiguous_format), info
+        return torch.empty_like(b, memory_format=torch.contiguous_format)
     y = torch.linalg.solve_triangular(factor.mT, b.mT, upper=True, left=False)
     x = torch.linalg.solve_triangular(factor, y, upper=False, left=False).mT
-    return (x if x.is_contiguous() else x.contiguous()), info
+    return x if x.is_contiguous() else x.contiguous()
 
 
 def _one_by_one(a: torch.Tensor, b: torch.Tensor) -> bool:
