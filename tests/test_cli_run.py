@@ -815,8 +815,23 @@ def test_a_run_stopped_after_a_turn_resumes_to_the_same_edit(model_dir, tmp_path
                       str(tmp_path / "resumed"))) == 0
     resumed = json.loads((tmp_path / "r.json").read_text())
     assert resumed["resumed"] == {"turns_done": 1, "edits_done": 2}
+    assert (resumed["state"]["path"], resumed["state"]["turns"]) == (str(state), 2)
     assert [r["turn"] for r in resumed["turns"]] == [2]
     assert resumed["final"]["teacher_forced"] == whole["final"]["teacher_forced"]
     a, b = (read_dir(tmp_path / d, "delta")[1]["delta.safetensors"] for d in ("whole", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert read_dir(state, "state")[0]["turns"] == 2
+
+
+def test_an_output_inside_the_state_folder_is_refused_before_loading(model_dir, tmp_path, capsys,
+                                                                     monkeypatch):
+    import ultraedit.models
+
+    monkeypatch.setattr(ultraedit.models, "load_model",
+                        lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.chdir(tmp_path)
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    args = ["run", "--model", model_dir, "--data", data, "--turns", "2", "--edits-per-turn", "2",
+            "--no-progress", "--save-state", "st", "--json", os.path.join("st", "r.json")]
+    assert main(args) == 2
+    _one_line_error(capsys, "lies in --save-state")

@@ -34,13 +34,14 @@ import importlib.util
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from ._common import (EDIT_WORDINGS, EXIT_INTERRUPTED, UsageError, add_machine_options,
                       check_output_paths, check_threads, error, fmt, load_cli_model, machine,
                       peak_rss_bytes, prepare_machine, split_csv, write_json)
 from .options import add_method_options, build_editor, check_method_options, input_files, \
     preset_edit_wordings, resolve, resolved_config
+from .resume import check_resumed_run, check_state_options, run_meta
 
 DATA_FORMATS = ("auto", "zsre", "counterfact", "fever", "wikibigedit", "ultraeditbench",
                 "easyedit", "records")
@@ -174,68 +175,6 @@ def _check_records(check, records, wordings: str, source: str, per_turn: int) ->
             raise UsageError(f"{source}: record {i} (turn {i // per_turn + 1}): {err}") from None
 
 
-def _check_state_options(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
-    """``--save-state``/``--resume`` before any work: the folder to save to may hold only a
-    state, no output lies in it; the state to resume is one (its manifest, returned), saved
-    with deltas, and no editing option competes with its settings."""
-    from pathlib import Path
-
-    from ..checkpoint import read_state_manifest
-    from ..serialization import StateError, check_replaceable
-    from .options import given_options
-
-    if args.save_state:
-        try:
-            folder = check_replaceable(Path(args.save_state), "state")
-        except StateError as err:
-            raise UsageError(f"--save-state: {err}") from None
-        for flag, path in (("--json", args.json), ("--plot", args.plot),
-                           ("--records-out", args.records_out),
-                           ("--export-delta", args.export_delta)):
-            if path and os.path.realpath(path).startswith(str(folder) + os.sep):
-                raise UsageError(f"{flag} {path!r} lies in --save-state {args.save_state!r}; "
-                                 f"give a path outside the state's folder")
-    if not args.resume:
-        return None
-    try:
-        manifest = read_state_manifest(args.resume)
-    except StateError as err:
-        raise UsageError(f"--resume: {err}") from None
-    if not manifest.get("include_delta"):
-        raise UsageError(f"--resume {args.resume!r}: the state was saved without its deltas; "
-                         f"resume it from Python (UltraEditor.load_state onto the edited model)")
-    given = sorted(given_options(args)) + (["preset"] if args.preset else [])
-    if given:
-        raise UsageError(f"--resume continues with the saved state's editing settings; drop "
-                         f"{', '.join('--' + g.replace('_', '-') for g in given)}")
-    return manifest
-
-
-def _records_digest(records) -> str:
-    import hashlib
-    import json
-
-    text = json.dumps([r.to_dict() for r in records], sort_keys=True, ensure_ascii=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _check_resumed_run(args, manifest: Dict[str, Any], records) -> None:
-    """The run to resume edited these records in turns of this size: else a UsageError."""
-    meta = manifest.get("meta") or {}
-    if meta.get("records_sha256") is None:
-        raise UsageError(f"--resume {args.resume!r}: the state was not saved by `ultraedit run "
-                         f"--save-state`, so its records are unknown")
-    if (meta.get("records_sha256"), meta.get("edits_per_turn"), meta.get("edit_wordings")) != \
-            (_records_digest(records), args.edits_per_turn, args.edit_wordings):
-        raise UsageError(f"--resume {args.resume!r}: the state was saved by a run over other "
-                         f"records, --edits-per-turn or --edit-wordings (its data: "
-                         f"{meta.get('data')!r}, {meta.get('edits_per_turn')} per turn, "
-                         f"wordings {meta.get('edit_wordings')!r}); give the same ones")
-    if manifest["turns"] > args.turns:
-        raise UsageError(f"--resume {args.resume!r}: the state has made {manifest['turns']} "
-                         f"turns, more than --turns {args.turns}")
-
-
 def check_plot_format(path) -> None:
     """A ``--plot`` whose suffix matplotlib cannot write is a :class:`UsageError` before any
     work (it needs matplotlib: checked here too)."""
@@ -269,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
     check_plot_format(args.plot)
     _check_export(args)
     check_method_options(args)
-    resume_manifest = _check_state_options(args)
+    resume_manifest = check_state_options(args)
     tuned_through = preset_edit_wordings(args.preset)
     if tuned_through is not None and tuned_through != args.edit_wordings:
         print(f"note: the preset {args.preset} was tuned through --edit-wordings "
@@ -372,7 +311,7 @@ def _run(args: argparse.Namespace) -> int:
         from ..editor import UltraEditor
         from ..turn import check_requests, context_length
 
-        _check_resumed_run(args, resume_manifest, records)
+        check_resumed_run(args, resume_manifest, records)
         editor = None
         _check_records(lambda reqs: check_requests(tok, reqs, config, context_length(model)),
                        records, args.edit_wordings, source, args.edits_per_turn)
@@ -415,17 +354,15 @@ def _run(args: argparse.Namespace) -> int:
     }
     if args.resume:
         result["config"]["resume"] = args.resume
-    on_turn = None
+    on_turn, saved = None, {}
     if args.save_state:
-        meta = {"records_sha256": _records_digest(records), "edits_per_turn": args.edits_per_turn,
-                "edit_wordings": args.edit_wordings, "data": args.data}
+        meta = run_meta(args, records)
 
         def save_turn(turn_editor, turn):
             t = time.perf_counter()
             turn_editor.save_state(args.save_state, meta=meta)
-            timing = result.setdefault("timing", {})
-            timing["save_state_s"] = timing.get("save_state_s", 0.0) + time.perf_counter() - t
-            result["state"] = {"path": args.save_state, "turns": turn}
+            saved.update(path=args.save_state, turns=turn,
+                         save_s=saved.get("save_s", 0.0) + time.perf_counter() - t)
 
         on_turn = save_turn
     try:
@@ -441,6 +378,8 @@ def _run(args: argparse.Namespace) -> int:
     if resumed:
         editor = resumed[0]
         result["edit_config"] = resolved_config(editor)
+    if saved:
+        result["state"] = saved
     try:
         result["machine"]["loadavg_end"] = list(os.getloadavg())
     except (AttributeError, OSError):
