@@ -830,6 +830,7 @@ def test_an_output_inside_the_state_folder_is_refused_before_loading(model_dir, 
     monkeypatch.setattr(ultraedit.models, "load_model",
                         lambda *a, **k: pytest.fail("the model was loaded"))
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "st").mkdir()     # empty: a state may be written there
     data = _write(tmp_path / "zsre.json", ZSRE)
     args = ["run", "--model", model_dir, "--data", data, "--turns", "2", "--edits-per-turn", "2",
             "--no-progress", "--save-state", "st", "--json", os.path.join("st", "r.json")]
