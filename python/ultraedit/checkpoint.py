@@ -37,8 +37,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from .placement import weight_slots
-from .serialization import (EXPORT_SUMMARY, StateError, check_model, check_replaceable, dtype_name,
-                            field, model_info, read_dir, read_manifest, replace_dir,
+from .serialization import (EXPORT_SUMMARY, StateError, check_model, dtype_name, field,
+                            model_info, read_dir, read_manifest, replace_dir,
                             tensor_sha256, write_dir)
 from .state import reconstruct
 
@@ -343,8 +343,9 @@ def _report_adapter(editor, path: Path, summary: Dict[str, Any]) -> None:
     journal = editor.journal
     kind = "exact" if summary["exact"] else f"truncated to rank {summary['rank']}"
     r = summary["rank"]
-    weights = {n: journal.weight(n) for n in journal.modules}
-    big = [n for n, w in weights.items() if r * sum(w.shape) >= w.numel()]
+    # shapes only: reading an offloaded weight's values again would load it from its hook
+    shapes = [journal.slots[n].shape for n in journal.modules]
+    big = [s for s in shapes if r * sum(s) >= s[0] * s[1]]
     hint = (f"; at this rank the adapter holds more numbers than the {len(big)} "
             f"weight(s) it changes: format='merged' or 'delta' is smaller") if big else ""
     print(f"LoRA adapter {path}: rank {r} ({kind}), largest relative error "
@@ -367,12 +368,6 @@ def _offloaded_state_dict(model) -> Optional[Dict[str, torch.Tensor]]:
     if getattr(model, "hf_device_map", None) or all(t.device.type != "meta" for t in sd.values()):
         return None
     return {k: tensor_values(model, k, t) for k, t in sd.items()}
-
-
-def check_export_target(path) -> None:
-    """Refuse (StateError) an existing ``path`` that is not empty and not an export of ours (of
-    any format); changes nothing."""
-    check_replaceable(path, "export")
 
 
 def _export_raw_delta(editor, path) -> str:

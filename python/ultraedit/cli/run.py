@@ -152,11 +152,10 @@ def _check_export(args: argparse.Namespace) -> None:
                          "--export-format peft only")
     from pathlib import Path
 
-    from ..checkpoint import check_export_target
-    from ..serialization import StateError
+    from ..serialization import StateError, check_replaceable
 
     try:
-        check_export_target(Path(args.export_delta))
+        check_replaceable(Path(args.export_delta), "export")
     except StateError as err:
         raise UsageError(f"--export-delta: {err}") from None
 

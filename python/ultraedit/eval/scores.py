@@ -377,7 +377,8 @@ def check_record_lengths(tokenizer, records: Sequence[EditRecord],
         fields += [(f"portability[{j}]", p, size(" " + a)) for j, (p, a) in
                    enumerate(r.portability)]
         for field, text, extra in fields:
-            need = max(size(text), size(wild_prompt(text, r.questions))) + extra
+            asked = wild_prompt(text, r.questions)    # the prompt itself unless it has a question
+            need = max(size(text), size(asked) if asked != text else 0) + extra
             if need > max_length:
                 raise ValueError(f"record {i}: its {field} {shown(text)} is {need} tokens with "
                                  f"its answer, longer than the model's context of {max_length}")
