@@ -61,28 +61,31 @@ def _within(path: str, folder: str) -> bool:
 
 def check_output_paths(paths: Sequence[Tuple[str, Optional[str]]],
                        inputs: Sequence[Tuple[str, Optional[str]]] = (),
-                       out_dir: Optional[Tuple[str, Optional[str]]] = None) -> None:
+                       out_dirs: Sequence[Tuple[str, Optional[str]]] = ()) -> None:
     """Check, before any work, that every ``(flag, path)`` given can be written: not an existing
     folder, its folder exists and accepts a new file, no two flags name the same file, and no
     output replaces an input (``inputs``: the data file, an existing file in the model's
-    folder). ``out_dir``: a ``(flag, path)`` written as a folder (an export): no other output lies
-    in it, no input either, and its nearest existing parent is a writable folder. Raises
-    :class:`UsageError` naming the flag and the path."""
+    folder). ``out_dirs``: ``(flag, path)`` written as folders (an export, a saved state): no
+    other output lies in one, no input or other such folder either, and the nearest existing
+    parent of each is a writable folder. Raises :class:`UsageError` naming the flag and the path."""
     seen: Dict[str, str] = {}
     given_inputs = [(flag, os.path.realpath(p)) for flag, p in inputs if p]
-    out_folder = None
-    if out_dir is not None and out_dir[1]:
-        out_folder = os.path.realpath(out_dir[1])
+    folders = [(flag, path, os.path.realpath(path)) for flag, path in out_dirs if path]
+    for i, (dir_flag, dir_path, out_folder) in enumerate(folders):
+        for flag, other, other_folder in folders[i + 1:]:
+            if _within(other_folder, out_folder) or _within(out_folder, other_folder):
+                raise UsageError(f"{flag} {other!r} and {dir_flag} {dir_path!r} overlap; give "
+                                 f"separate folders")
         for flag, inp in given_inputs:
             if _within(inp, out_folder) or _within(out_folder, inp):
-                raise UsageError(f"{out_dir[0]} {out_dir[1]!r} would overwrite {flag} {inp!r}")
+                raise UsageError(f"{dir_flag} {dir_path!r} would overwrite {flag} {inp!r}")
         parent = out_folder
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent):
-            raise UsageError(f"{out_dir[0]} {out_dir[1]!r}: {parent!r} is not a folder")
+            raise UsageError(f"{dir_flag} {dir_path!r}: {parent!r} is not a folder")
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise UsageError(f"{out_dir[0]} {out_dir[1]!r}: cannot write to {parent!r}")
+            raise UsageError(f"{dir_flag} {dir_path!r}: cannot write to {parent!r}")
     for flag, path in paths:
         if not path:
             continue
@@ -94,9 +97,10 @@ def check_output_paths(paths: Sequence[Tuple[str, Optional[str]]],
         for in_flag, inp in given_inputs:
             if real == inp or (os.path.isdir(inp) and _within(real, inp) and os.path.exists(real)):
                 raise UsageError(f"{flag} {path!r} would overwrite {in_flag} {inp!r}")
-        if out_folder is not None and _within(real, out_folder):
-            raise UsageError(f"{flag} {path!r} lies in {out_dir[0]} {out_dir[1]!r}; give a path "
-                             f"outside the export")
+        for dir_flag, dir_path, out_folder in folders:
+            if _within(real, out_folder):
+                raise UsageError(f"{flag} {path!r} lies in {dir_flag} {dir_path!r}; give a path "
+                                 f"outside it")
         if os.path.isdir(full):
             raise UsageError(f"{flag} {path!r} is a folder; give a file name")
         if os.path.exists(real) and not os.path.isfile(real):   # a FIFO or /dev/stdout
@@ -122,7 +126,7 @@ def load_cli_model(name: str):
     damaged weights file, a config that is not JSON) is a :class:`UsageError` naming it."""
     from ..models import load_model
 
-    errors: Tuple[type, ...] = (FileNotFoundError, OSError, ValueError)
+    errors: Tuple[type, ...] = (OSError, ValueError)
     try:
         from safetensors import SafetensorError
         errors += (SafetensorError,)

@@ -120,9 +120,7 @@ def resolve(args: argparse.Namespace, model, **changes) -> EditConfig:
     """The config of ``--preset`` with the given flags (and ``changes``) applied; a bad value is
     a :class:`UsageError` naming it."""
     from ..config import resolve_config
-    from ..modules import paper_module_names
-
-    from ..modules import resolve_modules
+    from ..modules import paper_module_names, resolve_modules
 
     given = {**given_options(args), **changes}
     try:
@@ -152,6 +150,14 @@ def note_paper_fallback(model, given: Dict[str, Any]) -> None:
           f"for it, or give --lr/--preset (docs/config.md)", file=sys.stderr)
 
 
+def check_field(name: str, value: Any) -> None:
+    """The ValueError/TypeError an :class:`EditConfig` with ``name=value`` raises (``lr=-1``),
+    with no warning: a field's warning depends on the fields beside it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        EditConfig.paper(**{name: value})
+
+
 def check_method_options(args: argparse.Namespace) -> None:
     """Before the model loads: a ``--preset`` that names no preset (or a file that is not one),
     or an editing flag whose value no config accepts (``--lr -1``, ``--key-contexts 99``), is a
@@ -160,11 +166,9 @@ def check_method_options(args: argparse.Namespace) -> None:
     try:
         if getattr(args, "preset", None) is not None:
             EditConfig.from_preset(args.preset)
-        with warnings.catch_warnings():   # a flag's warning depends on the fields beside it
-            warnings.simplefilter("ignore")
-            for name, value in given_options(args).items():
-                if name != "modules":
-                    EditConfig.paper(**{name: value})
+        for name, value in given_options(args).items():
+            if name != "modules":
+                check_field(name, value)
         if getattr(args, _DEST + "delta_device", None) is not None:   # 'gpu9', 'cuda' on a CPU
             from ..state import storage_device
 

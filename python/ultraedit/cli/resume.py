@@ -10,7 +10,6 @@ turns, and takes the state's editing settings.
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any, Dict, Optional
 
 from ._common import UsageError
@@ -20,7 +19,7 @@ __all__ = ["check_state_options", "records_digest", "check_resumed_run", "run_me
 
 def check_state_options(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     """``--save-state``/``--resume`` before any work: the folder to save to may hold only a
-    state, no output lies in it; the state to resume is one (its manifest, returned), saved
+    state; the state to resume is one (its manifest, returned), saved
     with deltas, and no editing option competes with its settings."""
     from pathlib import Path
 
@@ -28,17 +27,11 @@ def check_state_options(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     from ..serialization import StateError, check_replaceable
     from .options import given_options
 
-    if args.save_state:
+    if args.save_state:   # the outputs inside it: check_output_paths(out_dirs=)
         try:
-            folder = check_replaceable(Path(args.save_state), "state")
+            check_replaceable(Path(args.save_state), "state")
         except StateError as err:
             raise UsageError(f"--save-state: {err}") from None
-        for flag, path in (("--json", args.json), ("--plot", args.plot),
-                           ("--records-out", args.records_out),
-                           ("--export-delta", args.export_delta)):
-            if path and os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep):
-                raise UsageError(f"{flag} {path!r} lies in --save-state {args.save_state!r}; "
-                                 f"give a path outside the state's folder")
     if not args.resume:
         return None
     try:

@@ -203,7 +203,8 @@ def _run(args: argparse.Namespace) -> int:
                                ("--model", args.model if os.path.isdir(args.model) else None),
                                ("--exclude-subjects", args.exclude_subjects),
                                *input_files(args)],
-                       out_dir=("--export-delta", args.export_delta))
+                       out_dirs=[("--export-delta", args.export_delta),
+                                 ("--save-state", args.save_state)])
     check_plot_format(args.plot)
     _check_export(args)
     check_method_options(args)
@@ -371,7 +372,8 @@ def _run(args: argparse.Namespace) -> int:
                               progress=progress, result=result, wild=args.wild,
                               turn_wild=args.turn_wild, true_facts=args.true_facts,
                               on_update=lambda r: write_json(r, args.json),
-                              wordings=args.edit_wordings, on_turn=on_turn, resume=resume)
+                              wordings=args.edit_wordings, on_turn=on_turn, resume=resume,
+                              check_requests=False)   # every record checked above
     except ValueError as err:   # a request the editor refuses: its own message, nothing changed
         raise UsageError(str(err)) from None
     if resumed:

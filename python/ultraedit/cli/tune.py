@@ -99,7 +99,7 @@ def parse_grid(items) -> dict:
     for item in items or ():
         field, sep, text = item.partition("=")
         field = field.strip()
-        values = [v.strip() for v in text.split(",") if v.strip()]
+        values = split_csv(text)
         if not sep or not values:
             raise UsageError(f"--grid {item!r}: expected FIELD=V1,V2,...")
         try:
@@ -118,12 +118,12 @@ def parse_grid(items) -> dict:
             raise UsageError(f"--grid {item!r}: {err} is not true or false") from None
         except ValueError as err:
             raise UsageError(f"--grid {item!r}: {err}") from None
-        if field not in ("windows",):   # each value as the editor would take it, before loading
-            from ..config import EditConfig
+        if field != "windows":   # each value as the editor would take it, before loading
+            from .options import check_field
 
             for value in parsed:
                 try:
-                    EditConfig.paper(**{field: value})
+                    check_field(field, value)
                 except (ValueError, TypeError) as err:
                     raise UsageError(f"--grid {item!r}: {err}") from None
         if field in grid:

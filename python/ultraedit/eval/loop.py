@@ -170,7 +170,8 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
                  on_update: Optional[Callable[[Dict[str, Any]], None]] = None,
                  wordings: str = "prompt",
                  on_turn: Optional[Callable[[Any, int], None]] = None,
-                 resume: Optional[Callable[[], Tuple[Any, int]]] = None) -> Dict[str, Any]:
+                 resume: Optional[Callable[[], Tuple[Any, int]]] = None,
+                 check_requests: bool = True) -> Dict[str, Any]:
     """Edit ``records`` with ``editor`` in lifelong turns and evaluate (see the module
     docstring); returns the result dict, ``result``'s keys kept. ``wordings`` chooses the
     requests each record gives the editor (:func:`~ultraedit.eval.edit_requests`).
@@ -179,7 +180,9 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
     ``resume()`` continues an earlier run: called once the unedited model has been scored and
     before the first turn, it returns ``(editor, turns_done)`` (e.g. ``UltraEditor.load_state``
     on this model and the state's turn count); ``editor`` may then be None, and the first
-    ``turns_done`` turns' records count as edited without being edited again."""
+    ``turns_done`` turns' records count as edited without being edited again.
+    ``check_requests=False`` skips the check of every turn's requests before any work, for a
+    caller that has checked them itself."""
     records = list(records)
     check_wordings(wordings)      # before the long unedited reference, not at the first turn
     chunks = [records[t * edits_per_turn:(t + 1) * edits_per_turn] for t in range(turns)]
@@ -192,7 +195,7 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
     result.setdefault("timing", {})
     steps, micro_batch = _forwards_per_turn(editor, edits_per_turn)
     known = None   # the paraphrases the unedited model completes with the true answer
-    check = getattr(editor, "check_requests", None)
+    check = getattr(editor, "check_requests", None) if check_requests else None
     if check is not None:     # every turn's requests, before any work or any file: a bad record
         for turn_requests in requests:   # in the last turn must not stop the run after the first
             check(turn_requests)
