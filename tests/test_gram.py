@@ -318,3 +318,12 @@ def test_the_one_gemm_route_is_the_plain_composition_bit_for_bit(native, monkeyp
         assert torch.equal(got, plain)
     (_, fn), = gram_mod._ROUTES.values()
     assert fn.__name__ == ("gram_one" if native else "one_gemm")
+
+
+def test_compiled_gram_of_a_grad_requiring_input_does_not_require_grad():
+    """The ops are not differentiable: traced by torch.compile too, the result needs no grad."""
+    import ultraedit_kernels as uk
+
+    k = torch.randn(7, 5, requires_grad=True)
+    out = torch.compile(lambda k: uk.gram(k, 0.5) * 2, fullgraph=True)(k)
+    assert not out.requires_grad

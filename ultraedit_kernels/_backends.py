@@ -228,12 +228,11 @@ def eager(op, body: Callable) -> Callable:
     of a graph) never chains the graph into the op's outputs.
     """
     def call(*args):
-        if torch.compiler.is_compiling():
-            return op(*args)
-        if torch.is_grad_enabled():
+        run = op if torch.compiler.is_compiling() else body
+        if torch.is_grad_enabled():   # traced too: the compiled result does not require grad
             with torch.no_grad():
-                return body(*args)
-        return body(*args)
+                return run(*args)
+        return run(*args)
     call.__name__ = getattr(body, "__name__", "call")
     call.__doc__ = body.__doc__
     return call

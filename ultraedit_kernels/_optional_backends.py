@@ -27,6 +27,11 @@ NOT_ON_THIS_DEVICE_CPU = ("Triton kernels run on CUDA devices; on the CPU only t
                           "interpreter (export TRITON_INTERPRET=1 before Python starts)")
 
 
+def not_on_this_device(device_type: str) -> str:
+    """Why Triton kernels do not run on a ``device_type`` that is neither CPU nor CUDA."""
+    return f"no Triton kernels for {device_type} devices"
+
+
 def load(module: str) -> Optional[str]:
     """Import ``module`` once (it registers its launchers); ``None``, or why it failed."""
     if module not in _LOADED:
@@ -66,7 +71,7 @@ def _stand_in(module: str, op: str):
         if device.type == "cpu" and not _interpreting():
             return NOT_ON_THIS_DEVICE_CPU
         if device.type not in ("cpu", "cuda"):
-            return f"no Triton kernels for {device.type} devices"
+            return not_on_this_device(device.type)
         impl = real()
         if impl is None:
             return f"the Triton kernels could not be imported ({IMPORT_ERRORS.get(module)})"

@@ -625,10 +625,13 @@ def register_plan(name: str, device_type: str, grid, measure) -> None:
 def reference_plan(name: str, device: torch.device) -> Optional[dict]:
     """The measured plan ``name`` for ``device``: from the calibration in use, measured now
     (``auto``, ``refresh``: once per machine, logged, cached) when it has none for the
-    registered grid; ``None`` with ``off`` or a fixture without it (the owner's default)."""
+    registered grid; ``None`` with ``off``, a fixture without it, or ``ULTRAEDIT_BACKEND=torch``
+    (the plain PyTorch computation asked for: the owner's default, nothing measured)."""
+    from ._backends import requested_backend
+
     _device_type, grid, _measure = _PLANS[name]
     m = mode()
-    if m == "off":
+    if m == "off" or requested_backend() == "torch":
         return None
     data = current(device)
     plan = (data or {}).get("plans", {}).get(name)
@@ -794,20 +797,22 @@ def choose(op: str, device: torch.device, candidates: Sequence[str], args: Seque
         from ._backends import env_reader
         _calibration_env = env_reader(ENV_VAR)
     feat = features(op, args)
+    if feat is None or not candidates:   # not graded (float64): the reference, nothing to look up
+        return "torch"
     # fast path: the decision made for this op, device, shape, candidates and calibration
     # setting since the calibration in use last changed (calibrate() and reset() forget them)
     fast_key = (op, device, feat, tuple(candidates), _calibration_env(), torch.get_num_threads())
     hit = _decisions.get(fast_key)
     if hit is not None:
         return hit
-    if feat is None or not candidates or op not in GRIDS or mode() == "off":
+    if op not in GRIDS or mode() == "off":
         return "torch"
     data = current(device)
     memo_key = (op, device, feat, tuple(candidates), id(data))
     if data is not None and memo_key in _decisions:
         _decisions[fast_key] = _decisions[memo_key]
         return _decisions[memo_key]
-    cls = feat[0] if feat is not None else None
+    cls = feat[0]
     measured = data is not None and cls in data.get("ops", {}).get(op, {}).get("grid", {})
     if not measured:
         if mode() not in ("auto", "refresh", ""):
@@ -815,7 +820,7 @@ def choose(op: str, device: torch.device, candidates: Sequence[str], args: Seque
         # only the class this call needs (about a second on the 2-core CPU machine when idle)
         _log.info("calibrating %s (%s) on %s for ULTRAEDIT_BACKEND=auto (once per machine; "
                   "%s=off disables)", op, cls, device.type, ENV_VAR)
-        data = calibrate(device, [op], classes=[cls] if cls else None)
+        data = calibrate(device, [op], classes=[cls])
     point = beyond_point(op, cls, feat[1]) if cls in GRIDS[op] else None
     entry = data.get("ops", {}).get(op) if data is not None else None
     if (point is not None and point is not TOO_LARGE and entry is not None

@@ -164,9 +164,7 @@ def _measured_blocks(m: int, d: int, threads: int) -> int:
            calibration.generation)
     blocks = _MEASURED.get(key)
     if blocks is None:
-        # ULTRAEDIT_BACKEND=torch asks for the plain PyTorch products: one GEMM, nothing measured
-        plan = (None if _backends.requested_backend() == "torch"
-                else calibration.reference_plan("gram_slabs", torch.device("cpu")))
+        plan = calibration.reference_plan("gram_slabs", torch.device("cpu"))
         blocks = planned_blocks(plan, m, d) if plan is not None else 1
         if len(_MEASURED) > 1024:
             _MEASURED.clear()

@@ -6,7 +6,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ._validation import check_finite, check_float_matrix
+from ._validation import all_finite, check_finite, check_float_matrix
 from .stats_update import stats_update_call
 
 COMPAT_MODES = ("fixed", "official")
@@ -239,7 +239,7 @@ class FrozenStats:
                              f"non-zero length")
         if mean.device != std.device:
             raise ValueError(f"mean is on {mean.device} but std is on {std.device}")
-        if not bool(torch.isfinite(mean).all()) or not bool(torch.isfinite(std).all()):
+        if not (all_finite(mean) and all_finite(std)):
             raise ValueError("mean and std must be finite")
         if bool((std < 0).any()):   # a negative std would flip the direction of the update
             raise ValueError("std must be non-negative (a standard deviation)")

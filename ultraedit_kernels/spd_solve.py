@@ -135,8 +135,6 @@ def spd_solve(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
             raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
         if t.dim() < 2:
             raise ValueError(f"{name} must have at least 2 dimensions, got shape {tuple(t.shape)}")
-    if a.dtype != b.dtype:   # float32 with float64: solve in the oracle precision
-        a, b = a.double(), b.double()
     if a.shape[-1] != a.shape[-2]:
         raise ValueError(f"a must be square in its last two dimensions, got {tuple(a.shape)}")
     if b.shape[-2] != a.shape[-1] or b.shape[:-2] != a.shape[:-2]:

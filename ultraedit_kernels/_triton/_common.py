@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import triton
 import triton.language as tl  # noqa: F401  (re-exported for the kernel modules)
+from .._optional_backends import NOT_ON_THIS_DEVICE_CPU, not_on_this_device
 
 # triton.jit decides at decoration time whether it returns an interpreted function, so the
 # value at import is the one that matters (setting the variable later has no effect).
@@ -38,9 +39,8 @@ def available(device: torch.device) -> Optional[str]:
     if device.type == "cpu":
         if INTERPRET:
             return None
-        return ("Triton kernels run on CUDA devices; on the CPU only through the interpreter "
-                "(export TRITON_INTERPRET=1 before Python starts)")
-    return f"no Triton kernels for {device.type} devices"
+        return NOT_ON_THIS_DEVICE_CPU
+    return not_on_this_device(device.type)
 
 
 def auto_ok(*tensors: Any) -> bool:
