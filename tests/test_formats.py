@@ -200,6 +200,15 @@ def test_malformed_record_error_names_file_index_and_field(tmp_path, fmt, data, 
     assert path in str(err) and f"record {index}" in str(err) and repr(field) in str(err)
 
 
+def test_json_lines_record_error_names_its_line(tmp_path):
+    path = tmp_path / "stream.jsonl"
+    path.write_text(json.dumps(ZSRE[0]) + "\n\n" + json.dumps({**ZSRE[0], "src": ""}) + "\n")
+    with pytest.raises(DataFormatError) as info:
+        load_records(str(path), format="zsre")
+    assert (info.value.index, info.value.line) == (1, 3)
+    assert "record 1 (line 3)" in str(info.value)
+
+
 def test_file_level_errors(tmp_path):
     bad_json = tmp_path / "broken.json"
     bad_json.write_text("[{\"src\": 1,,}]")

@@ -92,13 +92,17 @@ __all__ = ["FORMATS", "DataFormatError", "load_records", "read_records", "save_r
 
 class DataFormatError(ValueError):
     """A record in a data file does not fit its format: ``path``, ``index`` (0-based record
-    index, None for file-level problems) and ``field`` (the source key) name where."""
+    index, None for file-level problems), ``field`` (the source key) and, in a JSON Lines
+    file, ``line`` (1-based, blank lines counted) name where."""
 
-    def __init__(self, path: str, index: Optional[int], field: Optional[str], message: str):
-        self.path, self.index, self.field = path, index, field
+    def __init__(self, path: str, index: Optional[int], field: Optional[str], message: str,
+                 line: Optional[int] = None):
+        self.path, self.index, self.field, self.line = path, index, field, line
         where = str(path)
         if index is not None:
             where += f": record {index}"
+            if line is not None:
+                where += f" (line {line})"
         if field is not None:
             where += f": field {field!r}"
         super().__init__(f"{where}: {message}")
@@ -432,6 +436,12 @@ def _is_json_lines(path: str) -> bool:
 def read_raw(path: str) -> List[Any]:
     """The raw records of a ``.json`` (list, or object with a ``data``/``records`` list) or
     ``.jsonl`` file; DataFormatError naming the file (and line) when it cannot be parsed."""
+    return _read_rows(path)[0]
+
+
+def _read_rows(path: str) -> Tuple[List[Any], Optional[List[int]]]:
+    """``(read_raw(path), each record's 1-based line)``; the lines are None for a ``.json``
+    file, whose records are not one per line."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as fh:
@@ -440,7 +450,7 @@ def read_raw(path: str) -> List[Any]:
         raise DataFormatError(path, None, None, f"not UTF-8 text (byte {err.start}: "
                                                 f"{err.reason}); a data file is JSON") from None
     if _is_json_lines(path):
-        rows = []
+        rows, lines = [], []
         for line_no, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -449,7 +459,8 @@ def read_raw(path: str) -> List[Any]:
             except json.JSONDecodeError as err:
                 raise DataFormatError(path, None, None,
                                       f"line {line_no}: invalid JSON: {err.msg}") from None
-        return rows
+            lines.append(line_no)
+        return rows, lines
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -458,13 +469,13 @@ def read_raw(path: str) -> List[Any]:
     if isinstance(data, dict):
         for key in ("data", "records"):
             if isinstance(data.get(key), list):
-                return data[key]
+                return data[key], None
         raise DataFormatError(path, None, None, "expected a list of records (or an object "
                                                 "with a 'data' or 'records' list)")
     if not isinstance(data, list):
         raise DataFormatError(path, None, None, f"expected a list of records, got "
                                                 f"{type(data).__name__}")
-    return data
+    return data, None
 
 
 def _asked(kwargs: dict) -> Dict[str, str]:
@@ -475,10 +486,13 @@ def _asked(kwargs: dict) -> Dict[str, str]:
     return {p: p for p in prompts if isinstance(p, str) and p.rstrip().endswith("?")}
 
 
-def map_record(raw: Any, format: str, path: str = "<memory>", index: int = 0) -> EditRecord:
-    """Map one raw record with ``FORMATS[format]``; DataFormatError naming path/index/field."""
+def map_record(raw: Any, format: str, path: str = "<memory>", index: int = 0,
+               line: Optional[int] = None) -> EditRecord:
+    """Map one raw record with ``FORMATS[format]``; DataFormatError naming path/index/field
+    (and ``line``, the record's line in a JSON Lines file, when given)."""
     if not isinstance(raw, dict):
-        raise DataFormatError(path, index, None, f"expected an object, got {type(raw).__name__}")
+        raise DataFormatError(path, index, None, f"expected an object, got {type(raw).__name__}",
+                              line)
     sources: Dict[str, str] = {}
     try:
         kwargs, sources = FORMATS[format](raw)
@@ -486,13 +500,13 @@ def map_record(raw: Any, format: str, path: str = "<memory>", index: int = 0) ->
             kwargs["questions"] = {**_asked(kwargs), **kwargs.get("questions", {})}
         return EditRecord(**kwargs)
     except _FieldError as err:
-        raise DataFormatError(path, index, err.field, err.message) from None
+        raise DataFormatError(path, index, err.field, err.message, line) from None
     except RecordValidationError as err:
         root = err.field.split("[")[0].split(".")[0]
         field = sources.get(root, root)
         detail = str(err).split(": ", 1)[1]
         raise DataFormatError(path, index, field,
-                              f"{detail} (EditRecord.{err.field})") from None
+                              f"{detail} (EditRecord.{err.field})", line) from None
 
 
 def load_records(path: str, format: str = "auto", limit: Optional[int] = None) -> List[EditRecord]:
@@ -518,7 +532,7 @@ def read_records(path: str, format: str = "auto",
     path = os.fspath(path)
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose 'auto' or one of {sorted(FORMATS)}")
-    raw = read_raw(path)
+    raw, lines = _read_rows(path)
     if limit is not None:
         raw = raw[:limit]
     if format == "auto":
@@ -528,8 +542,10 @@ def read_records(path: str, format: str = "auto",
         if format is None:
             keys = sorted(raw[0])[:12] if isinstance(raw[0], dict) else type(raw[0]).__name__
             raise DataFormatError(path, 0, None, f"cannot detect the format from keys {keys}; "
-                                                 f"pass format= one of {sorted(FORMATS)}")
-    return [map_record(r, format, path, i) for i, r in enumerate(raw)], format
+                                                 f"pass format= one of {sorted(FORMATS)}",
+                                  lines[0] if lines else None)
+    return [map_record(r, format, path, i, lines[i] if lines else None)
+            for i, r in enumerate(raw)], format
 
 
 def save_records(records: Sequence[EditRecord], path: str) -> None:
