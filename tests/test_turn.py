@@ -47,8 +47,12 @@ def test_a_subject_that_is_not_a_string_is_named_so(ue_tokenizer, setup):
 def test_a_subject_inside_a_word_warns(ue_tokenizer, setup):
     model, _ = setup
     ed = UltraEditor(model, ue_tokenizer, modules=MODS, lr=1e-3, positions="subject")
-    with pytest.warns(UserWarning, match="subject 'Fra' is part of a longer word"):
-        ed.edit([("The capital of France is", "Rome", "Fra")])
+    with pytest.warns(UserWarning, match="subject 'Fra' is part of a longer word") as caught:
+        ed.edit([("The capital of France is", "Rome", "Fra"),
+                 ("The capital of Germany is", "Oslo", "Germ"),
+                 ("The capital of Spain is", "Lima", "Spain")])
+    inside = [w for w in caught if "longer word" in str(w.message)]
+    assert len(inside) == 1 and "(and 1 more such requests)" in str(inside[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ed.edit([("The capital of France is", "Rome", "France")])
@@ -64,8 +68,11 @@ def test_subjects_with_answer_positions_warn(ue_tokenizer, setup):
 def test_two_targets_for_one_prompt_warn(ue_tokenizer, setup):
     model, _ = setup
     ed = UltraEditor(model, ue_tokenizer, modules=MODS, lr=1e-3)
-    with pytest.warns(UserWarning, match="has 2 targets in one turn"):
-        ed.edit([("The capital of France is", "Rome"), ("The capital of France is", "Lima")])
+    with pytest.warns(UserWarning, match="has 2 targets in one turn") as caught:
+        ed.edit([("The capital of France is", "Rome"), ("The capital of France is", "Lima"),
+                 ("The capital of Spain is", "Rome"), ("The capital of Spain is", "Oslo")])
+    conflicts = [w for w in caught if "targets in one turn" in str(w.message)]
+    assert len(conflicts) == 1 and "(and 1 more such prompts)" in str(conflicts[0].message)
 
 
 def test_an_exactly_zero_update_warns(ue_tokenizer, setup):

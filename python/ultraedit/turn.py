@@ -157,11 +157,13 @@ def prepare_turn(tokenizer, requests, config, device, max_length, sizer=None):
     targets: Dict[str, set] = {}
     for r in reqs:
         targets.setdefault(r.prompt, set()).add(r.target)
-    for prompt, ts in targets.items():
-        if len(ts) > 1:
-            warnings.warn(f"prompt {shown(prompt)} has {len(ts)} targets in one turn "
-                          f"({', '.join(sorted(map(shown, ts))[:3])}): their updates pull "
-                          f"against each other", stacklevel=3)
+    conflicts = [(prompt, ts) for prompt, ts in targets.items() if len(ts) > 1]
+    if conflicts:   # one warning per turn, however many: a long stream must not flood stderr
+        prompt, ts = conflicts[0]
+        more = f" (and {len(conflicts) - 1} more such prompts)" if len(conflicts) > 1 else ""
+        warnings.warn(f"prompt {shown(prompt)} has {len(ts)} targets in one turn "
+                      f"({', '.join(sorted(map(shown, ts))[:3])}){more}: their updates pull "
+                      f"against each other", stacklevel=3)
     return reqs, batches
 
 
@@ -261,7 +263,7 @@ def context_length(model) -> Optional[int]:
 def subject_indices(tokenizer, reqs: List[EditRequest]) -> List[int]:
     """Each request's subject token index (``positions="subject"``); errors name the request."""
     prefix = special_prefix(tokenizer)
-    out = []
+    out, inside_words = [], []
     for i, r in enumerate(reqs):
         if r.subject is None:
             raise ValueError(
@@ -277,9 +279,14 @@ def subject_indices(tokenizer, reqs: List[EditRequest]) -> List[int]:
         end = start + len(r.subject)
         if (start > 0 and r.prompt[start - 1].isalnum() and r.subject[0].isalnum()) or (
                 end < len(r.prompt) and r.prompt[end].isalnum() and r.subject[-1].isalnum()):
-            warnings.warn(f"edit request {i}: the subject {shown(r.subject)} is part of a longer "
-                          f"word in {shown(r.prompt)}; keys are captured at its last token, "
-                          f"which may not be the entity's", stacklevel=4)
+            inside_words.append(i)
+    if inside_words:   # one warning per turn, naming the first such request
+        i = inside_words[0]
+        more = (f" (and {len(inside_words) - 1} more such requests)" if len(inside_words) > 1
+                else "")
+        warnings.warn(f"edit request {i}: the subject {shown(reqs[i].subject)} is part of a "
+                      f"longer word in {shown(reqs[i].prompt)}{more}; keys are captured at its "
+                      f"last token, which may not be the entity's", stacklevel=4)
     return out
 
 
