@@ -429,8 +429,9 @@ class TurnJournal:
             held = len(self._records)
             why = (f"history={self.history}; pass UltraEditor(..., history=n) to keep more"
                    if held == self.history else
-                   "only that many turns were made since the editor was built, its state was "
-                   "loaded or its history cleared; a saved state does not keep the history")
+                   "it holds the turns made since the editor was built, its state was loaded "
+                   "or its history cleared, less those rolled back; a saved state does not keep "
+                   "the history")
             raise RollbackError(f"cannot roll back {turns} turn(s): the history holds {held} "
                                 f"({why})")
         for _ in range(int(turns)):
