@@ -836,3 +836,82 @@ def test_an_output_inside_the_state_folder_is_refused_before_loading(model_dir, 
             "--no-progress", "--save-state", "st", "--json", os.path.join("st", "r.json")]
     assert main(args) == 2
     _one_line_error(capsys, "lies in --save-state")
+
+
+def test_a_finished_run_continues_with_more_turns(model_dir, tmp_path, capsys):
+    """--resume with a larger --turns edits the records after the state's: the same edit as one
+    run over all the turns; a smaller --turns, or another turn size, is named."""
+    import torch
+
+    from ultraedit.serialization import read_dir
+
+    data = _write(tmp_path / "zsre.json", ZSRE)
+    common = ["--eval", "end", "--no-wild", "--edits-per-turn", "1"]
+    assert main(_base(model_dir, data, tmp_path, *common, "--lr", "1e-2", "--turns", "4",
+                      "--export-delta", str(tmp_path / "whole"))) == 0
+    whole = json.loads((tmp_path / "r.json").read_text())
+    state = str(tmp_path / "state")
+    assert main(_base(model_dir, data, tmp_path, *common, "--lr", "1e-2",
+                      "--save-state", state)) == 0
+    capsys.readouterr()
+    assert main(_base(model_dir, data, tmp_path, *common, "--turns", "1", "--resume", state)) == 2
+    _one_line_error(capsys, "the state has made 2 turns, more than --turns 1")
+    assert main(_base(model_dir, data, tmp_path, "--eval", "end", "--no-wild", "--resume",
+                      state)) == 2
+    _one_line_error(capsys, "saved by a run with --edits-per-turn 1; give the same")
+    assert main(_base(model_dir, data, tmp_path, *common, "--resume", state)) == 0
+    assert "no turn was left to edit" in capsys.readouterr().out
+    assert main(_base(model_dir, data, tmp_path, *common, "--turns", "4", "--resume", state,
+                      "--save-state", state, "--export-delta", str(tmp_path / "more"))) == 0
+    more = json.loads((tmp_path / "r.json").read_text())
+    assert [r["turn"] for r in more["turns"]] == [3, 4]
+    assert more["final"]["teacher_forced"] == whole["final"]["teacher_forced"]
+    a, b = (read_dir(tmp_path / d, "delta")[1]["delta.safetensors"] for d in ("whole", "more"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_dir(state, "state")[0]["meta"]["edited_records"] == 4
+
+
+def test_the_run_json_rewrites_after_turns_cost_a_bounded_share(tmp_path, monkeypatch):
+    """Stage changes are always written; per-turn rewrites wait 1/share times the last write's
+    cost (a JSON that grows with the turns was rewritten in full after each one)."""
+    from ultraedit.cli import _common
+
+    clock, written = [0.0], []
+
+    def write(result, path):
+        written.append(result["status"])
+        clock[0] += 1.0          # every write costs one second
+
+    monkeypatch.setattr(_common.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(_common, "write_json", write)
+    writer = _common.RunJsonWriter(str(tmp_path / "r.json"), share=0.1)
+    writer({"status": "unedited locality reference"})
+    for turn in range(1, 41):
+        clock[0] += 1.0          # a turn takes one second
+        writer({"status": f"turn {turn} of 40"})
+    writer({"status": "final evaluation"})
+    writer({"status": "done"})
+    turns = [s for s in written if s.startswith("turn ")]
+    assert written[0] == "unedited locality reference" and written[-2:] == ["final evaluation",
+                                                                          "done"]
+    assert 2 <= len(turns) <= 40 * 0.1 + 1     # about one in ten seconds, not one per turn
+    _common.RunJsonWriter(None)({"status": "done"})    # no --json: nothing
+    assert len(written) == len(turns) + 3
+
+
+def test_a_state_saved_with_the_whole_runs_digest_still_resumes_its_run():
+    """States saved before the digest covered the edited records hash the whole run's records:
+    the same records resume, others are refused."""
+    import argparse
+
+    from ultraedit.cli._common import UsageError
+    from ultraedit.cli.resume import _whole_run_digest, check_resumed_run
+    from ultraedit.data.formats import map_record
+
+    records = [map_record(r, "zsre") for r in ZSRE]
+    args = argparse.Namespace(resume="st", edits_per_turn=2, edit_wordings="prompt", turns=2)
+    manifest = {"turns": 1, "meta": {"records_sha256": _whole_run_digest(records),
+                                     "edits_per_turn": 2, "edit_wordings": "prompt"}}
+    check_resumed_run(args, manifest, records)
+    with pytest.raises(UsageError, match="over other records"):
+        check_resumed_run(args, manifest, records[::-1])

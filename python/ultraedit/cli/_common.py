@@ -7,6 +7,7 @@ import contextlib
 import os
 import platform
 import sys
+import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..temporary import temporary_file
@@ -145,6 +146,31 @@ def write_json(result: Dict[str, Any], path: Optional[str], indent: int = 1) -> 
         from ..serialization import write_json_atomic
 
         write_json_atomic(result, path, indent)
+
+
+class RunJsonWriter:
+    """``on_update`` for a run's JSON at ``path`` (None: writes nothing). Every change of stage
+    is written; the rewrites after each turn are skipped while the time since the last write is
+    under ``1 / share`` times that write's cost, so that rewriting a JSON that grows with the
+    turns costs at most about ``share`` of the run (it grew quadratically: 2,000 turns of a tiny
+    model spent longer writing the JSON than editing)."""
+
+    def __init__(self, path: Optional[str], share: float = 0.05):
+        self.path, self.share = path, share
+        self.cost = 0.0
+        self.done = float("-inf")
+
+    def __call__(self, result: Dict[str, Any]) -> None:
+        if not self.path:
+            return
+        status = str(result.get("status", ""))
+        if (status.startswith(("turn ", "evaluation of turn "))
+                and (time.perf_counter() - self.done) * self.share < self.cost):
+            return
+        start = time.perf_counter()
+        write_json(result, self.path)
+        self.done = time.perf_counter()
+        self.cost = self.done - start
 
 
 def default_threads() -> Optional[int]:

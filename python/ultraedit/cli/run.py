@@ -36,12 +36,13 @@ import sys
 import time
 from typing import Any, Dict, List
 
-from ._common import (EDIT_WORDINGS, EXIT_INTERRUPTED, UsageError, add_machine_options,
-                      check_output_paths, check_threads, error, fmt, load_cli_model, machine,
-                      peak_rss_bytes, prepare_machine, split_csv, write_json)
+from ._common import (EDIT_WORDINGS, EXIT_INTERRUPTED, RunJsonWriter, UsageError,
+                      add_machine_options, check_output_paths, check_threads, error, fmt,
+                      load_cli_model, machine, peak_rss_bytes, prepare_machine, split_csv,
+                      write_json)
 from .options import add_method_options, build_editor, check_method_options, input_files, \
     preset_edit_wordings, resolve, resolved_config
-from .resume import check_resumed_run, check_state_options, run_meta
+from .resume import RunMeta, check_resumed_run, check_state_options
 
 DATA_FORMATS = ("auto", "zsre", "counterfact", "fever", "wikibigedit", "ultraeditbench",
                 "easyedit", "records")
@@ -356,11 +357,11 @@ def _run(args: argparse.Namespace) -> int:
         result["config"]["resume"] = args.resume
     on_turn, saved = None, {}
     if args.save_state:
-        meta = run_meta(args, records)
+        meta = RunMeta(args, records)
 
         def save_turn(turn_editor, turn):
             t = time.perf_counter()
-            turn_editor.save_state(args.save_state, meta=meta)
+            turn_editor.save_state(args.save_state, meta=meta(turn))
             saved.update(path=args.save_state, turns=turn,
                          save_s=saved.get("save_s", 0.0) + time.perf_counter() - t)
 
@@ -371,7 +372,7 @@ def _run(args: argparse.Namespace) -> int:
                               generation=args.generation, turn_generation=args.turn_generation,
                               progress=progress, result=result, wild=args.wild,
                               turn_wild=args.turn_wild, true_facts=args.true_facts,
-                              on_update=lambda r: write_json(r, args.json),
+                              on_update=RunJsonWriter(args.json),
                               wordings=args.edit_wordings, on_turn=on_turn, resume=resume,
                               check_requests=False)   # every record checked above
     except ValueError as err:   # a request the editor refuses: its own message, nothing changed
@@ -453,8 +454,11 @@ def _print_summary(result: Dict[str, Any], args) -> None:
         print(f"WILD-style evaluation: {wild_s:.1f}s of the run (unedited answers "
               f"{t.get('wild_reference_s') or 0:.1f}s, per turn {t.get('wild_every_s') or 0:.1f}s, "
               f"final {t.get('wild_end_s') or 0:.1f}s)")
-    print(f"time per turn {t['turn_s_mean']:.2f}s (forward+backward {t['fwd_bwd_s']:.1f}s, "
-          f"editor {t['editor_s']:.1f}s in total); {t['edits_per_s'] or 0:.1f} edits/s")
+    if result["turns"]:
+        print(f"time per turn {t['turn_s_mean']:.2f}s (forward+backward {t['fwd_bwd_s']:.1f}s, "
+              f"editor {t['editor_s']:.1f}s in total); {t['edits_per_s'] or 0:.1f} edits/s")
+    else:
+        print("no turn was left to edit: the resumed state had made them all")
     for path in (args.json, args.plot, args.records_out):
         if path:
             print(f"wrote {path}")
