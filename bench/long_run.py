@@ -115,12 +115,13 @@ def main(argv=None):
                      steps=1, hold_done=False, memory=0.0, preserve=0.0)
     sums = _Sums()
 
-    class Recording(CaptureSession):
-        def pop(self):
-            out = super().pop()
-            for name, (k, g) in out.items():
-                sums.add(ed.stats_key(name), torch.cat([k.cpu(), g.cpu()], 1))
-            return out
+    class Recording(CaptureSession):   # every captured (K, G) frame, as the editor pops them
+        def pop_frames(self):
+            frames = super().pop_frames()
+            for frame in frames:
+                for name, (k, g) in frame.items():
+                    sums.add(ed.stats_key(name), torch.cat([k.cpu(), g.cpu()], 1))
+            return frames
 
     editor_mod.CaptureSession = Recording
     out = Path(args.out)
