@@ -53,6 +53,7 @@ def test_for_model_matches_the_whole_fingerprint():
 def test_official_without_a_config_turns_the_options_beyond_the_paper_off():
     cfg = resolve_config(fake_model(**SMOLLM2), None, {"compat": "official"})
     assert cfg.compat == "official" and cfg.beyond_paper() == {}
+    assert EditConfig.for_model(fake_model(**SMOLLM2), compat="official") == cfg
     assert cfg.lr == 5e-5  # the model's measured lr stays
     assert set(BEYOND_PAPER) <= set(EditConfig.field_names())
 

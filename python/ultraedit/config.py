@@ -315,10 +315,16 @@ class EditConfig:
         """The measured preset whose fingerprint equals ``model_fingerprint(model)``, else the
         paper's config. Searched in order: ``presets`` (preset files or folders of them), the
         folders or files of ``$ULTRAEDIT_PRESETS`` (separated by ``os.pathsep``; e.g. the output
-        of ``ultraedit tune``), then the shipped presets; the first match wins."""
+        of ``ultraedit tune``), then the shipped presets; the first match wins. ``overrides``
+        are laid over it; with ``compat="official"`` among them, the preset's options beyond the
+        paper are the paper's (the reference code has none)."""
         path = measured_preset(model, presets)
         if path is not None:
-            return cls.from_dict(_over_preset(_read_json(path)["config"], overrides))
+            values = _read_json(path)["config"]
+            if overrides.get("compat") == "official":
+                paper = cls().to_dict()
+                values = {**values, **{k: paper[k] for k in BEYOND_PAPER}}
+            return cls.from_dict(_over_preset(values, overrides))
         return cls.paper(**overrides)
 
     # ------------------------------------------------------------------ (de)serialization
@@ -414,11 +420,8 @@ def resolve_config(model, config=None, overrides: Optional[Dict[str, Any]] = Non
         raise TypeError(f"unknown editor option(s) {unknown}; the options are "
                         f"{list(EditConfig.field_names())}")
     if config is None:
-        config = EditConfig.for_model(model)
-        if given.get("compat") == "official":
-            paper = EditConfig()
-            config = dataclasses.replace(config, **{k: getattr(paper, k) for k in BEYOND_PAPER})
-    elif isinstance(config, dict):
+        return EditConfig.for_model(model, **given)
+    if isinstance(config, dict):
         config = EditConfig.from_dict(config)
     elif isinstance(config, (str, Path)):
         config = EditConfig.from_preset(config)
