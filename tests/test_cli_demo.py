@@ -106,6 +106,7 @@ def test_demo_small_run(tmp_path, ue_embedded, capsys):
     assert 0 <= true["known_paraphrases"] and 0.0 <= true["wild_es_contains"] <= 1.0
     assert after["es"] >= before["es"] + 0.3
     assert data["edits"] == 6 and data["machine"]["threads"] == 1
+    assert {"loadavg_start", "loadavg_end"} <= set(data["machine"])
     assert len(data["timing"]["turn_s"]) == len(data["timing"]["fwd_bwd_s"]) == 2
     assert data["memory"]["peak_bytes"] > 0
     assert data["edit_config"]["preserve"] == 0.3 and data["timing"]["preserve_s"] > 0
@@ -113,6 +114,8 @@ def test_demo_small_run(tmp_path, ue_embedded, capsys):
     out = capsys.readouterr().out
     assert "before" in out and "after" in out and "forward+backward" in out
     assert "TRUE answers, unedited" in out
+    how = "read from the cache" if data["timing"]["preserve_cached"] else "captured once"
+    assert f"preserved subjects' keys {how}" in out
     wild = data["wild"]["after"]                       # WILD-style, on by default
     assert all(0.0 <= wild[k] <= 1.0 for k in ("es", "gs", "ls", "es_contains", "gs_contains"))
     assert wild["examples"][0]["prompt"].startswith("Q: ") and data["timing"]["wild_s"] > 0

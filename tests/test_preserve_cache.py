@@ -36,6 +36,7 @@ def test_second_editor_loads_the_keys_bit_identical(tmp_path, ue_tokenizer, monk
     assert count.calls == 1 and len(list((tmp_path / "cache").iterdir())) == 1
     second = UltraEditor(model, ue_tokenizer, **OPTS)
     assert count.calls == 1                                  # from the cache
+    assert (first.preserve_cached, second.preserve_cached) == (False, True)
     monkeypatch.setenv(preserve.CACHE_ENV, "off")
     fresh = UltraEditor(model, ue_tokenizer, **OPTS)         # the cache disabled: captured
     assert count.calls == 2

@@ -94,11 +94,11 @@ class UltraEditor:
                                    device=cfg.delta_device, history=cfg.history, slots=slots)
         self._max_length = context_length(model)
         self.sizer = MicroBatchSizer(self) if cfg.micro_batch == "auto" else None
-        self.preserve_s = 0.0
+        self.preserve_s, self.preserve_cached = 0.0, False
         if cfg.preserve > 0:  # keys of the preserved subjects, from the model as it is now
             from .preserve import capture_preserved
 
-            self.state.preserved, self.preserve_s = capture_preserved(self, cfg)
+            self.state.preserved, self.preserve_s, self.preserve_cached = capture_preserved(self, cfg)
 
     # ------------------------------------------------------------------ state views
     stats = property(lambda self: self.state.stats, doc="``state.stats``: the normalizers.")

@@ -20,7 +20,8 @@ editors, restricted to entity keys instead of a covariance of generic text (whic
 to slide along the old efficacy/locality curve instead of moving it).
 
 Cost: one forward of the unedited model over ``len(subjects) x len(contexts)`` short texts,
-cut after the deepest edited module, at construction (``UltraEditor.preserve_s``); per edited
+cut after the deepest edited module, at construction (``UltraEditor.preserve_s``; none when
+read from the on-disk cache, ``UltraEditor.preserve_cached``); per edited
 module an ``n x d_in`` float32 key matrix and its ``d_in x d_in`` float64 Gram; per turn one
 ``d_in x d_in`` Cholesky that the key memory's factor shares (``ultraedit.solver.Prior``).
 
@@ -384,9 +385,10 @@ def announce_capture(callback, bars: bool = True):
         _ANNOUNCE.reset(token)
 
 
-def capture_preserved(editor, config) -> Tuple[Dict[str, "PreservedKeys"], float]:
+def capture_preserved(editor, config) -> Tuple[Dict[str, "PreservedKeys"], float, bool]:
     """The preserved keys of ``editor``'s modules for ``config`` (its subjects and contexts,
-    defaults where None), captured from the model as it is now, and the seconds it took.
+    defaults where None), captured from the model as it is now, the seconds it took, and
+    whether they were read from the cache.
 
     Read from the on-disk cache (:func:`preserved_cache_dir`) when an entry for the same model
     weights, modules, texts and tokenization exists; otherwise captured and stored there."""
@@ -410,7 +412,7 @@ def capture_preserved(editor, config) -> Tuple[Dict[str, "PreservedKeys"], float
         owners = [s for s in subjects for _ in contexts]
         keys = _read_cached(folder / digest, editor.modules, owners)
         if keys is not None:
-            return keys, time.perf_counter() - t0
+            return keys, time.perf_counter() - t0, True
     announce = _ANNOUNCE.get()
     if announce is not None:
         announce(len(subjects))
@@ -419,7 +421,7 @@ def capture_preserved(editor, config) -> Tuple[Dict[str, "PreservedKeys"], float
                          progress=len(subjects) > 256 and _BARS.get())
     if folder is not None:
         _write_cached(folder / digest, keys, owners)
-    return keys, time.perf_counter() - t0
+    return keys, time.perf_counter() - t0, False
 
 
 # ---------------------------------------------------------------------- the on-disk cache

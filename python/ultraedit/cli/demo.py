@@ -86,6 +86,7 @@ def _demo(args: argparse.Namespace) -> int:
     from ..eval import demo_records, lifelong_run
 
     threads = prepare_machine(args.threads)
+    host = machine()     # the load average before the work; loadavg_end after it
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model, tok = load_cli_model(args.model or "default")
@@ -114,7 +115,11 @@ def _demo(args: argparse.Namespace) -> int:
              "tuning" if set(relations) <= set(TUNING_RELATIONS) else "all")
     result.update({"model": args.model or "default", "preset": args.preset, "seed": args.seed,
                    "split": split, "edit_wordings": args.edit_wordings,
-                   "relations": relations, "threads": threads, "machine": machine()})
+                   "relations": relations, "threads": threads, "machine": host})
+    try:
+        host["loadavg_end"] = list(os.getloadavg())
+    except (AttributeError, OSError):
+        pass
     result["timing"].update({"load_s": load_s, "facts_s": facts_s})
     result["memory"]["process_peak_rss_bytes"] = peak_rss_bytes()
     print_demo(result, args.turns, args.edits_per_turn)
@@ -152,6 +157,7 @@ def demo_result(run: Dict[str, Any], editor) -> Dict[str, Any]:
                    "editor_overhead": sum(ed) / sum(fwd) if sum(fwd) > 0 else None,
                    "eval_before_s": t["locality_reference_s"] + t["eval_before_s"],
                    "eval_after_s": t["eval_end_s"], "preserve_s": editor.preserve_s,
+                   "preserve_cached": editor.preserve_cached,
                    "wild_s": sum(t.get(k, 0.0) for k in ("wild_reference_s", "wild_end_s")),
                    "wild_reference_s": t.get("wild_reference_s"),
                    "wild_end_s": t.get("wild_end_s"), "true_facts_s": t.get("true_facts_s")},
@@ -182,7 +188,9 @@ def print_demo(result: Dict[str, Any], turns: int, edits_per_turn: int) -> None:
     s = result["edit_config"]
     print(f"\n{result['edits']} edits in {turns} turns of {edits_per_turn}; {settings_line(s)}")
     if s["preserve"] > 0:
-        print(f"preserved subjects' keys captured once, before the first turn, in "
+        how = ("read from the cache" if result["timing"].get("preserve_cached") else
+               "captured once")
+        print(f"preserved subjects' keys {how}, before the first turn, in "
               f"{result['timing']['preserve_s']:.1f}s")
     split = result.get("split", "all")
     what = {"report": "report relations", "tuning": "tuning relations",

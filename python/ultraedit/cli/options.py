@@ -200,10 +200,7 @@ def build_editor(model, tokenizer, config: EditConfig, progress: bool = True):
     from ..editor import UltraEditor
     from ..preserve import announce_capture
 
-    captured = []
-
     def announce(n_subjects):
-        captured.append(n_subjects)
         print(f"capturing the preserved subjects' keys once ({n_subjects} subjects), before the "
               f"first turn ...", file=sys.stderr, flush=True)
 
@@ -214,7 +211,7 @@ def build_editor(model, tokenizer, config: EditConfig, progress: bool = True):
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
     if progress and config.preserve > 0:
-        how = "captured" if captured else "read from the cache"
+        how = "read from the cache" if editor.preserve_cached else "captured"
         print(f"preserved subjects' keys {how} in {time.perf_counter() - t0:.1f}s",
               file=sys.stderr, flush=True)
     return editor
