@@ -36,9 +36,8 @@ points calibrates afresh).  ``ULTRAEDIT_CALIBRATION`` chooses:
 a path to a JSON file
     use that calibration (same format, e.g. a fixture in the tests) and never measure.
 
-Importing never calibrates and never initializes CUDA; ``python -m ultraedit_kernels.calibration``
-(or ``python -m ultraedit_kernels.info --calibrate``) runs it for the CPU and, when one is
-usable, the first CUDA device.
+Importing never calibrates and never initializes CUDA; ``python -m ultraedit_kernels.info
+--calibrate`` runs it for the CPU and, when one is usable, the first CUDA device.
 """
 from __future__ import annotations
 
@@ -49,7 +48,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -883,25 +881,3 @@ def describe(device: torch.device) -> Dict[str, object]:
     if data.get("plans"):
         out["plans"] = data["plans"]
     return out
-
-
-def main(argv=None) -> int:
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m ultraedit_kernels.calibration",
-                                     description="Measure the dispatch calibration of this "
-                                                 "machine and cache it (replaces the cache).")
-    parser.add_argument("--device", action="append", default=None,
-                        help="cpu or cuda[:i] (default: cpu, and cuda when usable)")
-    parser.add_argument("--rounds", type=int, default=ROUNDS)
-    args = parser.parse_args(argv)
-    devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    import ultraedit_kernels  # noqa: F401  (registers every op and optional backend)
-    for dev in devices:
-        device = torch.device(dev)
-        calibrate(device, rounds=args.rounds)
-        print(json.dumps(describe(device), indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
