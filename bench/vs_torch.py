@@ -353,7 +353,8 @@ def run_ops(shapes, rounds, ops=None, rates=None):
                    "control_times_s": t["control"]}
             row["gflops"] = c["flops"] / row["op_s"] / 1e9
             row["gbps"] = c["bytes_moved"] / row["op_s"] / 1e9
-            if rates:   # the roofline: the time the op needs at the machine's GEMM rate or copy
+            if rates:   # the roofline: the time the op needs at the machine's GEMM rate or DRAM
+                # copy bandwidth; data that stays in the caches moves faster, so it can pass 100%
                 bound = max(c["flops"] / (rates["gemm_gflops"] * 1e9),   # bandwidth, whichever
                             c["bytes_moved"] / (rates["copy_gbps"] * 1e9))  # is the larger
                 row["roofline_s"] = bound
