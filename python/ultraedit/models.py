@@ -30,6 +30,9 @@ Other models, opt-in (never fetched by the default install):
   ``~/.cache/ultraedit/gemma-3-270m`` (with the NOTICE).
 * ``load_model("/path/to/model.gguf")``: any GGUF file transformers can read (llama, qwen2,
   gemma3, ...), converted once into ``~/.cache/ultraedit/gguf-models/<name>-<key>``.
+
+A conversion is kept per transformers version: another version converts again (with a warning),
+because transformers' GGUF tokenizer conversion changes between versions.
 """
 
 from __future__ import annotations
@@ -62,6 +65,30 @@ _WHEEL_VERSION = "0.1.2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FETCH_COMMAND = "python -m ultraedit.models fetch"
 _DONE_MARKER = "ultraedit_cache_complete_v2"  # v2: no GGUF quantization_config
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _cache_ready(cache: Path, warn: bool = True) -> bool:
+    """A GGUF conversion in ``cache`` is complete and was made by this transformers version: its
+    GGUF tokenizer conversion changes between versions (5.0-5.5 put ``<|im_start|>`` before every
+    prompt of the embedded model), so a cache from another version is converted again."""
+    marker = cache / _DONE_MARKER
+    if not marker.is_file():
+        return False
+    words = marker.read_text(encoding="utf-8", errors="replace").split()  # NAME via transformers V
+    made = words[3] if len(words) == 4 else "of an unrecorded version"
+    if made == _transformers_version():
+        return True
+    if warn:
+        import warnings
+        warnings.warn(f"{cache} was converted by transformers {made}; converting it again with "
+                      f"{_transformers_version()}", stacklevel=3)
+    return False
 
 # Gemma 3 270M (opt-in): one terms/notice wheel and four chunk wheels on PyPI
 GEMMA3_NAME = "gemma3-270m"
@@ -427,8 +454,9 @@ def _convert_gguf(gguf: Path, cache: Path, notice: Optional[str] = None) -> None
         tok.save_pretrained(str(tmp))
         if notice:
             (tmp / "NOTICE").write_text(notice + "\n", encoding="utf-8")
-        (tmp / _DONE_MARKER).write_text(f"{gguf.name} via transformers\n")
-        if (cache / _DONE_MARKER).is_file():  # another process finished first
+        (tmp / _DONE_MARKER).write_text(f"{gguf.name} via transformers "
+                                        f"{_transformers_version()}\n")
+        if _cache_ready(cache, warn=False):  # another process finished first
             return
         if cache.exists():
             shutil.rmtree(cache)  # an incomplete cache from an earlier interrupted run
@@ -445,12 +473,12 @@ def _convert_default(cache: Path) -> None:
 def _resolve(name_or_dir: str) -> Path:
     if name_or_dir == DEFAULT_NAME:
         cache = default_cache_dir()
-        if not (cache / _DONE_MARKER).is_file():
+        if not _cache_ready(cache):
             _convert_default(cache)
         return cache
     if name_or_dir == GEMMA3_NAME:
         cache = gemma3_cache_dir()
-        if not (cache / _DONE_MARKER).is_file():
+        if not _cache_ready(cache):
             gguf = gemma3_gguf_path()
             _convert_gguf(gguf, cache, notice=(
                 f"{GEMMA_NOTICE}\n\nModified: model.safetensors holds the weights of "
@@ -460,7 +488,7 @@ def _resolve(name_or_dir: str) -> Path:
     path = Path(name_or_dir).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
         cache = gguf_models_dir() / f"{path.stem}-{_gguf_key(path)}"
-        if not (cache / _DONE_MARKER).is_file():
+        if not _cache_ready(cache):
             _convert_gguf(path.resolve(), cache)
         return cache
     if not path.is_dir():
