@@ -126,13 +126,13 @@ def test_fever(tmp_path):
 def test_wikibigedit_personas_and_multihop(tmp_path):
     a, b = load_records(_write(tmp_path, "wiki_big_edit.json", {"data": WIKIBIGEDIT}))
     assert a.prompt == WIKIBIGEDIT[0]["update"] and a.target == "Jane Doe"
-    assert a.paraphrases == [WIKIBIGEDIT[0]["rephrase"], WIKIBIGEDIT[0]["personas"]]
-    assert a.extra["paraphrase_kinds"] == ["rephrase", "personas"]
+    assert a.paraphrases == [WIKIBIGEDIT[0]["rephrase"]]     # GS: the rephrase, as the paper
+    assert a.extra["personas"] == [WIKIBIGEDIT[0]["personas"]]
     assert a.portability == [(WIKIBIGEDIT[0]["mhop"], "British")]
     assert a.locality == [LocalityPrompt("Who wrote Hamlet?", "William Shakespeare")]
     assert a.relation == "chairperson" and a.subject == "Ada Lovelace Institute"
     assert b.paraphrases == ["Kigali lies in which country?"] and b.portability == []
-    assert b.extra["paraphrase_kinds"] == ["rephrase"]
+    assert b.extra["personas"] == []
 
 
 def test_ultraeditbench_and_aliases(tmp_path):
@@ -143,6 +143,19 @@ def test_ultraeditbench_and_aliases(tmp_path):
     assert (b.prompt, b.target) == ("Lima is the capital of", "Chile")
     assert b.paraphrases == ["Lima serves as the capital of"]
     assert b.locality == [LocalityPrompt("Big Ben is in", "London")]
+
+
+def test_ultraeditbench_in_its_reference_loaders_layout(tmp_path):
+    """prompt / rephrase_prompt / ans (the new target) / loc / loc_ans, detected as such."""
+    row = {"prompt": "The capital of Peru is", "rephrase_prompt": "Peru's capital city is",
+           "ans": "Quito", "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare"}
+    assert detect_format(row) == "ultraeditbench"
+    (r,) = load_records(_write(tmp_path, "ultraeditbench.json", [row]))
+    assert (r.prompt, r.target, r.paraphrases) == (row["prompt"], "Quito", [row["rephrase_prompt"]])
+    assert r.locality == [LocalityPrompt("nq question: who wrote hamlet", "Shakespeare")]
+    with pytest.raises(DataFormatError) as info:
+        load_records(_write(tmp_path, "bad.json", [{**row, "ans": ""}]), format="ultraeditbench")
+    assert info.value.field == "ans"
 
 
 def test_easyedit_knowedit_style(tmp_path):

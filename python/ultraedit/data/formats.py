@@ -45,18 +45,21 @@ wikibigedit (Thede et al., 2025)::
 
     update                    -> prompt
     ans                       -> target
-    rephrase                  -> paraphrases[0]
-    personas                  -> paraphrases[1]   (extra["paraphrase_kinds"] says which is which)
+    rephrase                  -> paraphrases      (GS, as the UltraEdit paper scores it)
+    personas                  -> extra["personas"] (the paper scores them apart from GS)
     loc, loc_ans              -> locality
     mhop, mhop_ans            -> portability      (when both are non-empty)
     subject, relation | tag   -> subject, relation; other keys -> extra
 
-ultraeditbench (UltraEdit, Gu et al., 2025): the zsRE-style keys above (``src``/``alt``/
-``rephrase``/``loc``/``loc_ans``, with ``prompt``/``target_new``/``rephrase_prompt``/
-``locality_prompt``/``locality_ground_truth`` accepted as aliases), i.e. the zsre mapping with
-the easyedit aliases. Auto-detection reads such files as zsre (the same mapping), and a file
-under EasyEdit's names whose ``locality_prompt`` is a zsRE "nq question: ..." as ultraeditbench
-(so its locality questions are asked as in zsre).
+ultraeditbench (UltraEdit, Gu et al., 2025; the layout its reference loader reads)::
+
+    prompt -> prompt; ans -> target; rephrase_prompt -> paraphrases; loc, loc_ans -> locality
+
+and the zsRE-style keys above (``src``/``alt``/``rephrase``), with EasyEdit's ``target_new``/
+``locality_prompt``/``locality_ground_truth`` accepted as aliases: the zsre mapping. Auto-
+detection reads ``prompt`` + ``ans`` as ultraeditbench, zsRE-keyed files as zsre (the same
+mapping), and a file under EasyEdit's names whose ``locality_prompt`` is a zsRE "nq question:
+..." as ultraeditbench (so its locality questions are asked as in zsre).
 
 easyedit (EasyEdit's ``prompt``/``target_new`` files, incl. KnowEdit)::
 
@@ -288,14 +291,23 @@ def _map_fever(rec: dict) -> Tuple[dict, Dict[str, str]]:
                     "paraphrases": r_key, "locality": loc_key, "extra": "extra"}
 
 
+def _map_ultraeditbench(rec: dict) -> Tuple[dict, Dict[str, str]]:
+    """The reference loader's layout (``ans``: the new target) or the zsre mapping's keys."""
+    if "ans" not in rec or rec.keys() & {"alt", "target_new"}:
+        return _map_zsre(rec)
+    renamed = {("target_new" if k == "ans" else k): v for k, v in rec.items()}
+    try:
+        kwargs, sources = _map_zsre(renamed)
+    except _FieldError as err:    # named as the file names it
+        raise _FieldError("ans" if err.field == "target_new" else err.field, err.message) from None
+    return kwargs, {k: ("ans" if v == "target_new" else v) for k, v in sources.items()}
+
+
 def _map_wikibigedit(rec: dict) -> Tuple[dict, Dict[str, str]]:
     _, prompt = _get(rec, "update", required=True)
     _, target = _get(rec, "ans", required=True)
-    paraphrases, kinds = [], []
-    for key in ("rephrase", "personas"):
-        for p in _str_list(key, rec.get(key)):
-            paraphrases.append(p)
-            kinds.append(key)
+    paraphrases = _str_list("rephrase", rec.get("rephrase"))
+    personas = _str_list("personas", rec.get("personas"))
     locality = []
     if rec.get("loc") is not None:
         locality.append(LocalityPrompt(_str("loc", rec["loc"]),
@@ -309,13 +321,13 @@ def _map_wikibigedit(rec: dict) -> Tuple[dict, Dict[str, str]]:
     rel_key, relation = _get(rec, "relation", "tag")
     extra = _extra(rec, ("update", "ans", "rephrase", "personas", "loc", "loc_ans", "mhop",
                          "mhop_ans", "subject", rel_key))
-    extra["paraphrase_kinds"] = kinds
+    extra["personas"] = personas
     kwargs = dict(prompt=_str("update", prompt), target=_first_answer("ans", target) or "",
                   paraphrases=paraphrases, locality=locality, portability=portability,
                   subject=rec.get("subject"),
                   relation=relation if isinstance(relation, str) and relation.strip() else None,
                   extra=extra)
-    return kwargs, {"prompt": "update", "target": "ans", "paraphrases": "rephrase | personas",
+    return kwargs, {"prompt": "update", "target": "ans", "paraphrases": "rephrase",
                     "locality": "loc", "portability": "mhop", "subject": "subject",
                     "relation": rel_key, "extra": "extra"}
 
@@ -400,7 +412,7 @@ FORMATS: Dict[str, Callable[[dict], Tuple[dict, Dict[str, str]]]] = {
     "counterfact": _map_counterfact,
     "fever": _map_fever,
     "wikibigedit": _map_wikibigedit,
-    "ultraeditbench": _map_zsre,      # zsRE-style keys, easyedit aliases accepted
+    "ultraeditbench": _map_ultraeditbench,
     "easyedit": _map_easyedit,
     "records": _map_records,
 }
@@ -419,6 +431,8 @@ def detect_format(record: dict) -> Optional[str]:
         return "zsre"
     if keys & {"alternatives", "filtered_rephrases"} or ("claim" in keys and "label" in keys):
         return "fever"
+    if {"prompt", "ans"} <= keys:
+        return "ultraeditbench"
     if {"prompt", "target_new"} <= keys:
         loc = record.get("locality_prompt")
         if isinstance(loc, str) and loc.startswith("nq question:"):
