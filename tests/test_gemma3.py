@@ -180,19 +180,25 @@ def test_gemma3_found_in_installed_chunk_packages(tmp_path, monkeypatch):
     assert models.GEMMA_NOTICE in (tmp_path / "gguf" / "NOTICE").read_text()
 
 
-def test_gguf_file_path_is_converted_once(tmp_path, monkeypatch, ue_tokenizer):
+def _fake_conversions(tmp_path, monkeypatch, tokenizer) -> list:
+    """``models._convert_gguf`` replaced by one that writes a tiny Gemma 3 (as this transformers
+    version's conversion); returns the list of GGUF files it was called with."""
     calls = []
 
     def convert(gguf, cache, notice=None):
         calls.append(gguf)
-        model = tiny_gemma3(len(ue_tokenizer), layers=2)
-        model.save_pretrained(cache)
-        ue_tokenizer.save_pretrained(cache)
+        tiny_gemma3(len(tokenizer), layers=2).save_pretrained(cache)
+        tokenizer.save_pretrained(cache)
         (cache / models._DONE_MARKER).write_text(f"{gguf.name} via transformers "
                                                  f"{models._transformers_version()}\n")
 
     monkeypatch.setattr(models, "_convert_gguf", convert)
     monkeypatch.setenv("ULTRAEDIT_GGUF_MODELS", str(tmp_path / "converted"))
+    return calls
+
+
+def test_gguf_file_path_is_converted_once(tmp_path, monkeypatch, ue_tokenizer):
+    calls = _fake_conversions(tmp_path, monkeypatch, ue_tokenizer)
     gguf = tmp_path / "some-model.Q4_K_M.gguf"
     gguf.write_bytes(b"GGUF" + b"\0" * 100)
     model, _ = models.load_model(str(gguf))
@@ -250,18 +256,7 @@ def test_a_conversion_by_another_transformers_version_is_converted_again(tmp_pat
                                                                           ue_tokenizer):
     """The GGUF tokenizer conversion changes between transformers versions, so a cache that
     another version converted is converted again, with a warning naming both."""
-    calls = []
-
-    def convert(gguf, cache, notice=None):
-        calls.append(gguf)
-        model = tiny_gemma3(len(ue_tokenizer), layers=2)
-        model.save_pretrained(cache)
-        ue_tokenizer.save_pretrained(cache)
-        (cache / models._DONE_MARKER).write_text(f"{gguf.name} via transformers "
-                                                 f"{models._transformers_version()}\n")
-
-    monkeypatch.setattr(models, "_convert_gguf", convert)
-    monkeypatch.setenv("ULTRAEDIT_GGUF_MODELS", str(tmp_path / "converted"))
+    calls = _fake_conversions(tmp_path, monkeypatch, ue_tokenizer)
     gguf = tmp_path / "other.Q4_K_M.gguf"
     gguf.write_bytes(b"GGUF" + b"\0" * 100)
     models.load_model(str(gguf))
