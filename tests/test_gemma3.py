@@ -189,8 +189,7 @@ def _fake_conversions(tmp_path, monkeypatch, tokenizer) -> list:
         calls.append(gguf)
         tiny_gemma3(len(tokenizer), layers=2).save_pretrained(cache)
         tokenizer.save_pretrained(cache)
-        (cache / models._DONE_MARKER).write_text(f"{gguf.name} via transformers "
-                                                 f"{models._transformers_version()}\n")
+        (cache / models._DONE_MARKER).write_text(models._marker_text(gguf.name))
 
     monkeypatch.setattr(models, "_convert_gguf", convert)
     monkeypatch.setenv("ULTRAEDIT_GGUF_MODELS", str(tmp_path / "converted"))

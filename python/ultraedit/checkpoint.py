@@ -314,7 +314,8 @@ def _export_folder(editor, path: Path, format: str, rank, max_shard_size) -> str
         (new / EXPORT_SUMMARY).write_text(json.dumps({"format": format, "files": None}) + "\n")
         if format == "peft":
             deltas = {n: journal.current_delta(n) for n in journal.modules}
-            weights = {n: journal.weight(n) for n in journal.modules}
+            weights = (None if journal.accumulate else   # a record of Δ needs no weight
+                       {n: journal.weight(n) for n in journal.modules})
             summary.update(write_peft_adapter(
                 new, editor.model, deltas, journal.layouts, rank=rank, weights=weights,
                 delta_source="record" if journal.accumulate else "difference"))

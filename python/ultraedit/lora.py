@@ -136,11 +136,12 @@ def write_peft_adapter(path, model, deltas: Mapping[str, torch.Tensor],
             raise ValueError(f"write_peft_adapter: module {name!r} is not in this "
                              f"{type(model).__name__}")
         d = deltas[name]
-        weight = named[name].weight if weights is None else weights[name]
         # a delta read back as W - W0 holds the weight's rounding noise and nothing finer; a
         # float32 record of the updates is finer than the (bf16/fp16) weights it is added to
-        floor = (None if delta_source == "record" else
-                 torch.finfo(weight.dtype).eps * float(weight.detach().double().norm()))
+        floor = None
+        if delta_source == "difference":   # the weight is read only where it sets the floor
+            weight = named[name].weight if weights is None else weights[name]
+            floor = torch.finfo(weight.dtype).eps * float(weight.detach().double().norm())
         factors[name] = lora_factors(d.T if fan_in_fan_out else d, rank, floor=floor)
     r = max(1, max(f.rank for f in factors.values()))
     tensors: Dict[str, torch.Tensor] = {}

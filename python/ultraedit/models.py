@@ -73,6 +73,11 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
+def _marker_text(gguf_name: str) -> str:
+    """What a finished conversion's marker says: the GGUF file and the transformers version."""
+    return f"{gguf_name} via transformers {_transformers_version()}\n"
+
+
 def _cache_ready(cache: Path, warn: bool = True) -> bool:
     """A GGUF conversion in ``cache`` is complete and was made by this transformers version: its
     GGUF tokenizer conversion changes between versions (5.0-5.5 put ``<|im_start|>`` before every
@@ -81,7 +86,7 @@ def _cache_ready(cache: Path, warn: bool = True) -> bool:
     if not marker.is_file():
         return False
     words = marker.read_text(encoding="utf-8", errors="replace").split()  # NAME via transformers V
-    made = words[3] if len(words) == 4 else "of an unrecorded version"
+    made = words[-1] if words[-3:-1] == ["via", "transformers"] else "of an unrecorded version"
     if made == _transformers_version():
         return True
     if warn:
@@ -454,8 +459,7 @@ def _convert_gguf(gguf: Path, cache: Path, notice: Optional[str] = None) -> None
         tok.save_pretrained(str(tmp))
         if notice:
             (tmp / "NOTICE").write_text(notice + "\n", encoding="utf-8")
-        (tmp / _DONE_MARKER).write_text(f"{gguf.name} via transformers "
-                                        f"{_transformers_version()}\n")
+        (tmp / _DONE_MARKER).write_text(_marker_text(gguf.name))
         if _cache_ready(cache, warn=False):  # another process finished first
             return
         if cache.exists():

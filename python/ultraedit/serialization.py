@@ -54,8 +54,9 @@ READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 # a PEFT adapter's or merged checkpoint's record of ours (format, ranks, files); servers ignore it
 EXPORT_SUMMARY = "ultraedit_export.json"
-# which of our directories a write of each kind may replace: states only states, exports exports
-_REPLACES = {"state": ("state",), "delta": ("delta", "export"), "export": ("delta", "export")}
+# a write may replace a directory of its own family: states states, exports (delta, PEFT, merged)
+# exports
+_FAMILY = {"delta": "export"}
 _NOUNS = {"state": "saved state", "delta": "export", "export": "export"}
 CHECKSUM = "manifest_sha256"
 _NEW, _OLD = ".ultraedit-new", ".ultraedit-old"
@@ -198,7 +199,7 @@ def _is_ours(path: Path, kind: Optional[str] = None) -> Tuple[bool, str]:
     held, why = _folder_kind(path)
     if held is None:
         return False, why
-    if held == "empty" or kind is None or held in _REPLACES.get(kind, (kind,)):
+    if held == "empty" or kind is None or _FAMILY.get(held, held) == _FAMILY.get(kind, kind):
         return True, ""
     return False, f"it holds {_a(held)}, not {_a(kind)}"
 
@@ -208,12 +209,17 @@ def _a(kind: str) -> str:
     return ("an " if noun[0] in "aeiou" else "a ") + noun
 
 
+def _link_target(path) -> Path:
+    """``path``, or the folder it names when it is a symbolic link: that folder is written (the
+    link stays)."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def check_replaceable(path, kind: str) -> Path:
     """``path`` with a symbolic link to a folder resolved; StateError if a write of ``kind``
     (``"state"``, ``"delta"`` or ``"export"``) may not replace what is there. Changes nothing."""
-    path = Path(path)
-    if path.is_symlink():   # a link to a folder: the folder it names is written (the link stays)
-        path = Path(os.path.realpath(path))
+    path = _link_target(path)
     if path.exists():
         ours, why = _is_ours(path, kind)
         if not ours:
@@ -293,9 +299,7 @@ def replace_dir(path, kind: str, fill: Callable[[Path], None]) -> Path:
     (:func:`check_replaceable`), ``fill`` writes ``.<name>.ultraedit-new``, which then replaces
     ``path``. If ``fill`` or the swap fails, ``path`` is left as it was. Returns the path
     written (a symbolic link resolved)."""
-    path = Path(path)
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
+    path = _link_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
     check_replaceable(path, kind)
