@@ -77,7 +77,7 @@ from .config import EditConfig, model_fingerprint
 
 __all__ = ["tune", "search_space", "plan_schedule", "rank_key", "pick", "choose", "beats", "trade_offs",
            "survivors",
-           "TuneResult", "CHECK_CANDIDATES", "DEFAULT_RULE", "DEFAULT_LS_TARGET", "WEAK_GAIN",
+           "TuneResult", "TuneInterrupted", "CHECK_CANDIDATES", "DEFAULT_RULE", "DEFAULT_LS_TARGET", "WEAK_GAIN",
            "weak_pick_note",
            "write_preset"]
 
@@ -381,6 +381,10 @@ def tuning_records(model, tokenizer, n: int, seed: int = 0, known: bool = True,
 
 
 # ---------------------------------------------------------------------- the search
+class TuneInterrupted(RuntimeError):
+    """The search was interrupted before any candidate finished: nothing to choose from."""
+
+
 @dataclass
 class TuneResult:
     """What :func:`tune` returns: ``preset`` (the file's contents), ``rows`` (every scored
@@ -555,8 +559,7 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
         current = current.replace(modules=tuple(default_module_names(model, current.positions)))
     order = _grid(space)
     random.Random(seed).shuffle(order)
-    pool = [("current", current)] + [("grid", _config_of(p)) for p in order
-                                     if _config_of(p) != current]
+    pool = [("current", current)] + [("grid", c) for c in map(_config_of, order) if c != current]
     if candidates is not None and candidates > len(pool):
         log(f"--candidates {candidates}: the search space holds {len(pool)}; scoring those")
         candidates = len(pool)
@@ -683,7 +686,7 @@ def tune(model, tokenizer, *, budget_s: float = 45 * 60, seed: int = 0,
     chosen, fallback = pick(last, ls_target)
     if chosen is None:
         if stopped == "interrupted":
-            raise RuntimeError("interrupted before a candidate finished")
+            raise TuneInterrupted("interrupted before a candidate finished")
         raise RuntimeError("no candidate was scored within the budget; give a larger budget")
     if chosen.get("error"):
         raise RuntimeError(f"every candidate of the last round failed, e.g. {chosen['error']}")
@@ -782,7 +785,7 @@ def _round0(run_one, cost: _Cost, pool, sizes: List[int], turns: int, eta: int, 
     and grown (never shrunk) after every later one while the predicted schedule still fits
     ``FILL`` of the time left less ``reserve()`` (the predicted seconds of the check on the
     longer stream). ``resized`` records each size with the time left."""
-    n0 = min(candidates or 1, len(pool))
+    n0 = candidates or 1     # tune() has clamped candidates to the pool
     i = 0
     while i < n0:
         src, cfg = pool[i]

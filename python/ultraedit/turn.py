@@ -160,11 +160,16 @@ def prepare_turn(tokenizer, requests, config, device, max_length, sizer=None):
     conflicts = [(prompt, ts) for prompt, ts in targets.items() if len(ts) > 1]
     if conflicts:   # one warning per turn, however many: a long stream must not flood stderr
         prompt, ts = conflicts[0]
-        more = f" (and {len(conflicts) - 1} more such prompts)" if len(conflicts) > 1 else ""
         warnings.warn(f"prompt {shown(prompt)} has {len(ts)} targets in one turn "
-                      f"({', '.join(sorted(map(shown, ts))[:3])}){more}: their updates pull "
+                      f"({', '.join(sorted(map(shown, ts))[:3])})"
+                      f"{_and_more(len(conflicts), 'prompts')}: their updates pull "
                       f"against each other", stacklevel=3)
     return reqs, batches
+
+
+def _and_more(count: int, noun: str) -> str:
+    """What a warning that names the first of ``count`` cases adds about the others."""
+    return f" (and {count - 1} more such {noun})" if count > 1 else ""
 
 
 def encode_turn(tokenizer, reqs: List[EditRequest], micro_batch: int, positions: str,
@@ -282,10 +287,9 @@ def subject_indices(tokenizer, reqs: List[EditRequest]) -> List[int]:
             inside_words.append(i)
     if inside_words:   # one warning per turn, naming the first such request
         i = inside_words[0]
-        more = (f" (and {len(inside_words) - 1} more such requests)" if len(inside_words) > 1
-                else "")
         warnings.warn(f"edit request {i}: the subject {shown(reqs[i].subject)} is part of a "
-                      f"longer word in {shown(reqs[i].prompt)}{more}; keys are captured at its "
+                      f"longer word in {shown(reqs[i].prompt)}"
+                      f"{_and_more(len(inside_words), 'requests')}; keys are captured at its "
                       f"last token, which may not be the entity's", stacklevel=4)
     return out
 

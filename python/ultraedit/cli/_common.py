@@ -234,11 +234,24 @@ def machine() -> Dict[str, Any]:
                     break
     except OSError:
         pass
+    note_loadavg(info, "loadavg_start")
+    return info
+
+
+def note_loadavg(info: Dict[str, Any], key: str) -> None:
+    """``info[key]`` = the 1-, 5- and 15-minute load averages, where the platform has them."""
     try:
-        info["loadavg_start"] = list(os.getloadavg())
+        info[key] = list(os.getloadavg())
     except (AttributeError, OSError):
         pass
-    return info
+
+
+def doc_description(doc: str) -> str:
+    """A command's ``--help`` description: its module docstring's first paragraph, without the
+    reST markup (double backticks, ``:role:`` references)."""
+    import re
+
+    return re.sub(r":\w+:`([^`]+)`", r"\1", doc.split("\n\n")[0].replace("``", ""))
 
 
 def peak_rss_bytes() -> Optional[int]:

@@ -18,9 +18,9 @@ import sys
 import time
 from typing import Any, Dict
 
-from ._common import (EDIT_WORDINGS, EXIT_INTERRUPTED, UsageError, add_machine_options,
-                      check_output_paths, check_threads, error, fmt, load_cli_model, machine,
-                      peak_rss_bytes, prepare_machine, split_csv, write_json)
+from ._common import (EDIT_WORDINGS, UsageError, add_machine_options, check_output_paths,
+                      check_threads, doc_description, error, fmt, load_cli_model, machine,
+                      note_loadavg, peak_rss_bytes, prepare_machine, split_csv, write_json)
 from .options import add_method_options, build_editor, check_method_options, input_files, \
     resolve, resolved_config
 
@@ -30,7 +30,7 @@ DEMO_RELATIONS = ("capital", "language")   # = ultraedit.eval.DEMO_RELATIONS, wi
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="counterfactual edits on the embedded model, with "
                                     "before/after ES/GS/LS and timings",
-                       description=__doc__.split("\n\n")[0].replace("``", ""))
+                       description=doc_description(__doc__))
     p.add_argument("--turns", type=int, default=2, help="number of lifelong turns (2)")
     p.add_argument("--edits-per-turn", type=int, default=50, help="edits per turn (50)")
     p.add_argument("--model", metavar="DIR", default=None,
@@ -58,11 +58,8 @@ def add_parser(sub) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         return _demo(args)
-    except UsageError as err:
+    except UsageError as err:   # Ctrl-C: the command line's handler says so (exit 130)
         return error("demo", str(err))
-    except KeyboardInterrupt:
-        print("ultraedit demo: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -116,10 +113,7 @@ def _demo(args: argparse.Namespace) -> int:
     result.update({"model": args.model or "default", "preset": args.preset, "seed": args.seed,
                    "split": split, "edit_wordings": args.edit_wordings,
                    "relations": relations, "threads": threads, "machine": host})
-    try:
-        host["loadavg_end"] = list(os.getloadavg())
-    except (AttributeError, OSError):
-        pass
+    note_loadavg(host, "loadavg_end")
     result["timing"].update({"load_s": load_s, "facts_s": facts_s})
     result["memory"]["process_peak_rss_bytes"] = peak_rss_bytes()
     print_demo(result, args.turns, args.edits_per_turn)

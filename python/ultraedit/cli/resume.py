@@ -27,7 +27,7 @@ def check_state_options(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
 
     from ..checkpoint import read_state_manifest
     from ..serialization import StateError, check_replaceable
-    from .options import given_options
+    from .options import _flag, given_options
 
     if args.save_state:   # the outputs inside it: check_output_paths(out_dirs=)
         try:
@@ -46,7 +46,7 @@ def check_state_options(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     given = sorted(given_options(args)) + (["preset"] if args.preset else [])
     if given:
         raise UsageError(f"--resume continues with the saved state's editing settings; drop "
-                         f"{', '.join('--' + g.replace('_', '-') for g in given)}")
+                         f"{', '.join(map(_flag, given))}")
     return manifest
 
 

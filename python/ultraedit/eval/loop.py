@@ -193,7 +193,6 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
     result.update({"edits": len(records), "status": "running", "turns": [], "before": None,
                    "final": None, "true_facts": None})
     result.setdefault("timing", {})
-    steps, micro_batch = _forwards_per_turn(editor, edits_per_turn)
     known = None   # the paraphrases the unedited model completes with the true answer
     check = getattr(editor, "check_requests", None) if check_requests else None
     if check is not None:     # every turn's requests, before any work or any file: a bad record
@@ -243,21 +242,22 @@ def lifelong_run(model, tokenizer, records: Sequence[Any], editor, turns: int,
             result["timing"]["eval_before_s"] = time.perf_counter() - t0
         notify(result)
 
-        done = 0
+        turns_done = 0
         if resume is not None:
             enter("resuming")
-            editor, done = resume()
-            if not 0 <= done <= len(chunks):
-                raise ValueError(f"the run to resume has made {done} turns; this one has "
+            editor, turns_done = resume()
+            if not 0 <= turns_done <= len(chunks):
+                raise ValueError(f"the run to resume has made {turns_done} turns; this one has "
                                  f"{len(chunks)}")
-            result["resumed"] = {"turns_done": done, "edits_done": sum(map(len, chunks[:done]))}
-            steps, micro_batch = _forwards_per_turn(editor, edits_per_turn)
+        edited = sum(len(c) for c in chunks[:turns_done])
+        if resume is not None:
+            result["resumed"] = {"turns_done": turns_done, "edits_done": edited}
+        steps, micro_batch = _forwards_per_turn(editor, edits_per_turn)
         batches = [math.ceil(len(q) / micro_batch) for q in requests]
-        bar = _bar(progress, steps * sum(batches[done:]), "editing", "micro-batch")
-        edited = sum(len(c) for c in chunks[:done])
+        bar = _bar(progress, steps * sum(batches[turns_done:]), "editing", "micro-batch")
         try:
             for turn, (chunk, n_batches) in enumerate(zip(chunks, batches), 1):
-                if turn <= done:
+                if turn <= turns_done:
                     continue
                 enter(f"turn {turn} of {len(chunks)}")
                 watcher = _TurnProgress(bar, model, turn, len(chunks), n_batches, steps)
