@@ -318,9 +318,9 @@ class EditConfig:
         of ``ultraedit tune``), then the shipped presets; the first match wins. ``overrides``
         are laid over it; with ``compat="official"`` among them, the preset's options beyond the
         paper are the paper's (the reference code has none)."""
-        path = measured_preset(model, presets)
-        if path is not None:
-            values = _read_json(path)["config"]
+        found = _find_preset(model, presets)
+        if found is not None:
+            values = found[1]["config"]
             if overrides.get("compat") == "official":
                 paper = cls().to_dict()
                 values = {**values, **{k: paper[k] for k in BEYOND_PAPER}}
@@ -396,13 +396,19 @@ def measured_preset(model, presets: Optional[Sequence[Union[str, Path]]] = None)
     """The preset file :meth:`EditConfig.for_model` takes for ``model`` (the first whose
     fingerprint equals ``model_fingerprint(model)``, searched as it searches), or None: then
     it takes the paper's config."""
+    found = _find_preset(model, presets)
+    return None if found is None else found[0]
+
+
+def _find_preset(model, presets) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """``(path, contents)`` of the preset :func:`measured_preset` names, read once, or None."""
     fp = model_fingerprint(model)
     for path in preset_files(presets):
         data = _read_json(path)
         want = data.get("fingerprint", {}) if isinstance(data, dict) else None
         if want and isinstance(data.get("config"), dict) and all(
                 fp.get(k) == v for k, v in want.items()):
-            return Path(path)
+            return Path(path), data
     return None
 
 

@@ -314,7 +314,8 @@ def _run(args: argparse.Namespace) -> int:
 
         check_resumed_run(args, resume_manifest, records)
         editor = None
-        _check_records(lambda reqs: check_requests(tok, reqs, config, context_length(model)),
+        limit = context_length(model)
+        _check_records(lambda reqs: check_requests(tok, reqs, config, limit),
                        records, args.edit_wordings, source, args.edits_per_turn)
 
         def load_resumed():
